@@ -1,0 +1,5 @@
+import sys
+
+from hwcompat.cli import main
+
+sys.exit(main())

@@ -1,0 +1,53 @@
+"""The ``hwcompat`` command line: one module per subcommand.
+
+This is the only place that catches ``HwcompatError``: it prints the
+message to stderr and exits with the error's code (2 for bad input).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from hwcompat import __version__
+from hwcompat.errors import HwcompatError
+
+#: subcommand -> module under hwcompat.cli; each has add_parser(subparsers) and run(args) -> int.
+COMMANDS = {
+    "detect": "detect",
+    "env": "env",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hwcompat",
+        description="Fine-tune an LLM on the GPU you already have.",
+    )
+    parser.add_argument("--version", action="version", version=f"hwcompat {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name, module in COMMANDS.items():
+        mod = importlib.import_module(f"hwcompat.cli.{module}")
+        mod.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except HwcompatError as exc:
+        print(f"hwcompat: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("hwcompat: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

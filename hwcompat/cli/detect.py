@@ -1,0 +1,80 @@
+"""``hwcompat detect``: what each device is, what it can do, how to train on it."""
+
+from __future__ import annotations
+
+import argparse
+
+from hwcompat.cli.common import add_device_options, gib, plan_from_args, print_json
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("detect", help="list devices and the profile each resolves to",
+                       description="List every device (GPUs first, the CPU last) with the profile hwcompat "
+                                   "would train with. Never imports torch.")
+    add_device_options(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--explain", action="store_true", help="show the reason behind every choice")
+    p.set_defaults(func=run)
+
+
+def _cap(d) -> str:
+    r = d.reading
+    if r.compute_capability:
+        return f"sm_{r.compute_capability.replace('.', '')}"
+    if r.gfx_target:
+        eff = f"→{r.gfx_target_effective}" if r.gfx_target_effective and r.gfx_target_effective != r.gfx_target else ""
+        return r.gfx_target + eff
+    return "cpu"
+
+
+def render_table(plan, explain: bool = False) -> str:
+    header = ["#", "NAME", "ARCH", "CAP", "MEMORY", "DTYPE", "ATTENTION", "COMPILE", "IMAGE", "STATUS"]
+    rows = []
+    for pos, d in enumerate(plan.devices):
+        p = d.profile
+        status = "ok" if d.supported and not d.problems else ("unsupported" if not d.supported else "warning")
+        if d.supported and p and p.evidence == "verified":
+            status += " (verified)"
+        rows.append([str(pos), d.reading.name, d.arch or "-", _cap(d), gib(d.reading.memory_bytes),
+                     p.dtype if p else "-", p.attention if p else "-", p.compile_backend if p else "-",
+                     p.image if p else "-", status])
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header] + rows]
+    for pos, d in enumerate(plan.devices):
+        notes = [f"  problem: {x}" for x in d.problems]
+        if explain and d.profile:
+            p = d.profile
+            notes.append(f"  env: {' '.join(f'{k}={v}' for k, v in p.env.items()) or '(none)'}")
+            notes.append(f"  quantization: {', '.join(p.quantization) or 'none'}; torch: {p.torch_build}"
+                         f"{' <= ' + p.torch_max_version if p.torch_max_version else ''}"
+                         f"{'; driver >= ' + p.driver_min_version if p.driver_min_version else ''}"
+                         f"; evidence: {p.evidence}")
+            notes += [f"  why {k}: {v}" for k, v in p.reasons.items()]
+            notes += [f"  caveat: {c}" for c in p.caveats]
+        if notes:
+            lines.append("")
+            lines.append(f"[{pos}] {d.reading.name}" + (" (emulated)" if d.reading.emulated else ""))
+            lines += notes
+    gpu_groups = [g for g in plan.groups if g["vendor"] != "cpu"]
+    if len(gpu_groups) > 1:
+        lines.append("")
+        lines.append("Devices of different families cannot share one training run; train each group on its own:")
+        for g in gpu_groups:
+            lines.append(f"  {g['profile']}: devices {', '.join(map(str, g['devices']))} → {g['image']}")
+    elif gpu_groups and gpu_groups[0]["can_train_together"]:
+        g = gpu_groups[0]
+        lines.append("")
+        lines.append(f"Devices {', '.join(map(str, g['devices']))} ({g['profile']}) can train together: "
+                     "hwcompat train --devices all")
+    for prob in plan.host.problems:
+        lines.append(f"host problem: {prob}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    plan = plan_from_args(args)
+    if args.json:
+        print_json(plan.to_dict())
+    else:
+        print(render_table(plan, explain=args.explain))
+    return 0

@@ -1,0 +1,48 @@
+"""The one registry of environment variables hwcompat reads or sets.
+
+Reading goes through :func:`get`, which refuses names not listed here, so a
+new variable cannot sneak in without a comment saying why it exists.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Mapping
+
+#: Variables hwcompat itself reads.
+READS: dict[str, str] = {
+    "HWCOMPAT_EMULATE": "comma list of catalog device names to emulate instead of probing (containers, CI)",
+    "HWCOMPAT_EMULATE_FILE": "path of a YAML list of raw device readings to emulate",
+    "HWCOMPAT_PROFILE": "force this profile family for every GPU (same as --profile)",
+    "HWCOMPAT_PROFILES_DIR": "load profiles from this folder instead of the packaged ones",
+    "HWCOMPAT_ALLOW_MISMATCH": "image entrypoint: run even when the device is not the image's family",
+    "HWCOMPAT_CACHE_DIR": "where converted demo models are cached (default ~/.cache/hwcompat)",
+    "HSA_OVERRIDE_GFX_VERSION": "ROCm: makes the runtime treat the GPU as another gfx target; read to report the effective target",
+    "CUDA_VISIBLE_DEVICES": "read by doctor: a user-set mask changes which devices torch sees",
+    "HIP_VISIBLE_DEVICES": "read by doctor: the ROCm counterpart of CUDA_VISIBLE_DEVICES",
+    "CUDA_DEVICE_ORDER": "read by doctor: must be PCI_BUS_ID so NVML and torch indices agree",
+    "PYTORCH_CUDA_ALLOC_CONF": "read by doctor: compared with the profile's allocator setting",
+    "PYTORCH_HIP_ALLOC_CONF": "read by doctor: ROCm allocator setting",
+}
+
+#: Variables a profile may set in the training process (validated by the profile schema).
+SETS: dict[str, str] = {
+    "PYTORCH_CUDA_ALLOC_CONF": "CUDA caching allocator options; expandable_segments avoids fragmentation OOMs",
+    "PYTORCH_HIP_ALLOC_CONF": "ROCm caching allocator options",
+    "CUDA_DEVICE_ORDER": "PCI_BUS_ID makes CUDA indices match NVML's (and nvidia-smi's)",
+    "CUDA_VISIBLE_DEVICES": "pin the training process to the chosen NVIDIA device(s)",
+    "HIP_VISIBLE_DEVICES": "pin the training process to the chosen AMD device(s)",
+    "TORCHDYNAMO_DISABLE": "1 turns torch.compile into a no-op; needed where Triton cannot run (CC < 7.0)",
+    "HSA_OVERRIDE_GFX_VERSION": "run a gfx target the ROCm wheels lack as a close one they have",
+    "TORCH_ROCM_AOTRITON_ENABLE_EXPERIMENTAL": "1 enables AOTriton flash/mem-efficient SDPA on RDNA3/4",
+    "OMP_NUM_THREADS": "CPU training: one thread per physical core",
+    "TOKENIZERS_PARALLELISM": "false silences the fork warning of HF tokenizers in data loaders",
+}
+
+
+def get(name: str, environ: Mapping[str, str] | None = None) -> str | None:
+    """Return a registered variable's value, or None when unset or empty."""
+    if name not in READS:
+        raise KeyError(f"{name} is not in hwcompat.envvars.READS; register it with a comment first")
+    value = (os.environ if environ is None else environ).get(name)
+    return value if value else None

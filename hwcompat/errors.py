@@ -1,0 +1,23 @@
+"""The one error family. Only the CLI catches it, prints it, and exits."""
+
+from __future__ import annotations
+
+
+class HwcompatError(Exception):
+    """A problem the user can fix; the message says what, where, and how.
+
+    ``exit_code`` 2 means bad input (a file, a flag, a value); 1 means the
+    request was valid but cannot be carried out on this host.
+    """
+
+    exit_code = 1
+
+
+class InputError(HwcompatError):
+    """Bad input: a malformed file, an unknown name, a value the hardware lacks."""
+
+    exit_code = 2
+
+
+class ProfileError(InputError):
+    """A profile YAML (or an override of one) breaks the schema."""

@@ -1,0 +1,84 @@
+"""Probes: ask the hardware (or the emulation catalog) what is there.
+
+Each probe returns ``(readings, problems)`` and decides nothing. Real GPU
+probes are skipped when devices are emulated, so a CI box without GPUs sees
+exactly the host it was told to pretend to be.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+from typing import Mapping
+
+from hwcompat import envvars
+from hwcompat.readings import DeviceReading, HostReading
+
+
+def probe_host(
+    emulate: list[str] | None = None,
+    emulate_file: str | None = None,
+    environ: Mapping[str, str] | None = None,
+    sys_root: str | Path = "/",
+) -> HostReading:
+    """Probe this host, or build an emulated one.
+
+    ``emulate`` / ``emulate_file`` win over ``HWCOMPAT_EMULATE`` /
+    ``HWCOMPAT_EMULATE_FILE``. The CPU is always the last device.
+    """
+    from hwcompat.probe import cpu, emulate as emu
+
+    env = os.environ if environ is None else environ
+    if emulate is None and emulate_file is None:
+        names = envvars.get("HWCOMPAT_EMULATE", env)
+        emulate = emu.split_names(names) if names else None
+        emulate_file = envvars.get("HWCOMPAT_EMULATE_FILE", env)
+
+    problems: list[str] = []
+    gpus: list[DeviceReading] = []
+    cpu_reading: DeviceReading | None = None
+    emulated = bool(emulate or emulate_file)
+    if emulated:
+        readings = []
+        if emulate:
+            readings += emu.from_catalog(emulate)
+        if emulate_file:
+            readings += emu.from_file(emulate_file)
+        gpus = [r for r in readings if r.vendor != "cpu"]
+        cpus = [r for r in readings if r.vendor == "cpu"]
+        cpu_reading = cpus[0] if cpus else None
+        gpus = _reindex(gpus)
+    else:
+        from hwcompat.probe import amd, nvidia
+
+        found, errs = nvidia.probe(sys_root=sys_root)
+        gpus += found
+        problems += errs
+        found, errs = amd.probe(sys_root=sys_root, environ=env)
+        gpus += found
+        problems += errs
+    if cpu_reading is None:
+        cpu_reading, errs = cpu.probe(sys_root=sys_root)
+        problems += errs
+    facts = {
+        "os": platform.system(),
+        "kernel": platform.release(),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+    }
+    return HostReading(devices=tuple(gpus) + (cpu_reading,), problems=tuple(problems),
+                       emulated=emulated, facts=facts)
+
+
+def _reindex(readings: list[DeviceReading]) -> list[DeviceReading]:
+    """Give emulated devices per-vendor indices in the order they were named."""
+    from dataclasses import replace
+
+    counters: dict[str, int] = {}
+    out = []
+    for r in sorted(readings, key=lambda r: 0 if r.vendor == "nvidia" else 1):
+        i = counters.get(r.vendor, 0)
+        counters[r.vendor] = i + 1
+        out.append(replace(r, index=i))
+    return out

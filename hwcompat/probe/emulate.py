@@ -1,0 +1,136 @@
+"""Emulated devices: catalog names or a YAML file of raw readings.
+
+They come in through the same door as probed ones (a ``DeviceReading``), so
+everything downstream behaves exactly as on the real card.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import fields
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hwcompat.datafiles import data_dir
+from hwcompat.errors import InputError
+from hwcompat.readings import VENDORS, DeviceReading, is_gfx_target, parse_cc
+
+REQUIRED = ("vendor", "name", "memory_bytes")
+_FIELDS = {f.name: f for f in fields(DeviceReading)}
+_INT_FIELDS = {"memory_bytes", "index", "pcie_generation", "pcie_width", "cpu_cores"}
+_FLOAT_FIELDS = {"power_limit_watts"}
+_STR_FIELDS = {"name", "compute_capability", "gfx_target", "gfx_target_effective", "pci_bus_id", "uuid",
+               "driver_version", "runtime_version"}
+_SETTABLE = sorted(set(_FIELDS) - {"source", "emulated"})
+
+
+def split_names(text: str) -> list[str]:
+    return [n.strip().lower() for n in text.split(",") if n.strip()]
+
+
+@lru_cache(maxsize=1)
+def catalog() -> dict[str, dict[str, Any]]:
+    """The known-device catalog (``catalog/devices.yaml``), validated once."""
+    path = data_dir("catalog") / "devices.yaml"
+    with open(path, encoding="utf-8") as fh:
+        raw = yaml.safe_load(fh)
+    for name, entry in raw.items():
+        parse_reading(entry, where=f"{path}: {name}")
+    return raw
+
+
+def from_catalog(names: list[str]) -> list[DeviceReading]:
+    cat = catalog()
+    out = []
+    for name in names:
+        key = name.strip().lower()
+        if key not in cat:
+            near = difflib.get_close_matches(key, cat, n=1)
+            hint = f" Did you mean {near[0]!r}?" if near else ""
+            raise InputError(f"unknown device {name!r} for --emulate.{hint} "
+                             f"Known: {', '.join(sorted(cat))}; or describe it in an --emulate-file")
+        out.append(parse_reading(cat[key], where=f"catalog: {key}", source=f"catalog:{key}"))
+    return out
+
+
+def from_file(path: str | Path) -> list[DeviceReading]:
+    """Readings from a YAML list; every error names the file, the entry and the field."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError(f"emulate file {p}: not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"emulate file {p}: cannot read it ({exc})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise InputError(f"emulate file {p}:{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(data, list) or not data:
+        raise InputError(f"emulate file {p}: expected a non-empty YAML list of devices "
+                         f"(- vendor: nvidia\n  name: ...), got {type(data).__name__}")
+    return [parse_reading(entry, where=f"emulate file {p}: entry {i}", source=f"file:{p}")
+            for i, entry in enumerate(data, start=1)]
+
+
+def parse_reading(entry: Any, where: str, source: str = "") -> DeviceReading:
+    """Validate one raw reading (a mapping) and build the dataclass."""
+    if not isinstance(entry, dict):
+        raise InputError(f"{where}: expected a mapping of reading fields, got {type(entry).__name__}")
+    for key in entry:
+        if key not in _SETTABLE:
+            near = difflib.get_close_matches(str(key), _SETTABLE, n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            raise InputError(f"{where}: field {key!r}: unknown field{hint}")
+    for key in REQUIRED:
+        if entry.get(key) in (None, ""):
+            raise InputError(f"{where}: field {key!r}: missing (required: {', '.join(REQUIRED)})")
+    vendor = entry["vendor"]
+    if vendor not in VENDORS:
+        raise InputError(f"{where}: field 'vendor': unknown vendor {vendor!r}; use one of {', '.join(VENDORS)}")
+    values: dict[str, Any] = {}
+    for key, value in entry.items():
+        if key in _INT_FIELDS:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise InputError(f"{where}: field {key!r}: expected an integer, got {value!r}")
+            if value < 0:
+                raise InputError(f"{where}: field {key!r}: must not be negative, got {value}")
+        elif key in _FLOAT_FIELDS:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise InputError(f"{where}: field {key!r}: expected a number, got {value!r}")
+            value = float(value)
+        elif key in _STR_FIELDS:
+            if not isinstance(value, str):
+                hint = f" (write it quoted: \"{value}\")" if key == "compute_capability" else ""
+                raise InputError(f"{where}: field {key!r}: expected a string, got {value!r}{hint}")
+        elif key == "cpu_flags":
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise InputError(f"{where}: field 'cpu_flags': expected a list of strings, got {value!r}")
+            value = tuple(value)
+        values[key] = value
+    if vendor == "nvidia":
+        cc = values.get("compute_capability")
+        if cc is None:
+            raise InputError(f"{where}: field 'compute_capability': missing (required for NVIDIA, e.g. \"6.1\")")
+        try:
+            parse_cc(cc)
+        except ValueError:
+            raise InputError(f"{where}: field 'compute_capability': expected \"major.minor\" like \"6.1\", "
+                             f"got {cc!r}") from None
+    if vendor == "amd":
+        gfx = values.get("gfx_target")
+        if gfx is None:
+            raise InputError(f"{where}: field 'gfx_target': missing (required for AMD, e.g. \"gfx1031\")")
+        for key in ("gfx_target", "gfx_target_effective"):
+            if key in values:
+                values[key] = values[key].lower()
+                if not is_gfx_target(values[key]):
+                    raise InputError(f"{where}: field {key!r}: expected a gfx target like \"gfx1031\", "
+                                     f"got {entry[key]!r}")
+    values.setdefault("index", 0)
+    return DeviceReading(**values, source=source, emulated=True)

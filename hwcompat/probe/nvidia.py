@@ -1,0 +1,115 @@
+"""NVIDIA probe through NVML (``nvidia-ml-py``, import name ``pynvml``).
+
+NVML answers without creating a CUDA context and ignores
+CUDA_VISIBLE_DEVICES, so probing never disturbs a training job and sees
+every card. All calls sit between nvmlInit and nvmlShutdown.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from hwcompat.readings import DeviceReading
+
+PCI_VENDOR_NVIDIA = "0x10de"
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def nvidia_on_pci_bus(sys_root: str | Path = "/") -> bool:
+    """True when the PCI bus has an NVIDIA display/3D controller (class 0x03xxxx)."""
+    base = Path(sys_root) / "sys/bus/pci/devices"
+    try:
+        for dev in base.iterdir():
+            try:
+                vendor = (dev / "vendor").read_text().strip().lower()
+                klass = (dev / "class").read_text().strip().lower()
+            except OSError:
+                continue
+            if vendor == PCI_VENDOR_NVIDIA and klass.startswith("0x03"):
+                return True
+    except OSError:
+        pass
+    return False
+
+
+def probe(nvml: ModuleType | None = None, sys_root: str | Path = "/") -> tuple[list[DeviceReading], list[str]]:
+    """Return NVIDIA readings and problems.
+
+    A missing NVML library on a host with no NVIDIA card on the PCI bus is
+    normal and silent; with a card present it is a problem the user must fix.
+    """
+    if nvml is None:
+        try:
+            import pynvml as nvml  # type: ignore[no-redef]
+        except ImportError:
+            if nvidia_on_pci_bus(sys_root):
+                return [], ["NVIDIA GPU on the PCI bus but nvidia-ml-py is not installed: pip install nvidia-ml-py"]
+            return [], []
+    try:
+        nvml.nvmlInit()
+    except Exception as exc:  # NVMLError subclasses are generated at run time
+        if nvidia_on_pci_bus(sys_root):
+            return [], [f"NVIDIA GPU on the PCI bus but NVML failed to start ({_text(exc)}): "
+                        "is the NVIDIA driver installed and loaded? (nvidia-smi should list the card)"]
+        return [], []
+    readings: list[DeviceReading] = []
+    problems: list[str] = []
+    try:
+        driver = _opt(nvml.nvmlSystemGetDriverVersion)
+        cuda = _opt(nvml.nvmlSystemGetCudaDriverVersion)
+        runtime = f"{cuda // 1000}.{(cuda % 1000) // 10}" if isinstance(cuda, int) else None
+        count = nvml.nvmlDeviceGetCount()
+        for i in range(count):
+            try:
+                readings.append(_reading(nvml, i, _text(driver) if driver else None, runtime))
+            except Exception as exc:
+                problems.append(f"NVIDIA device {i}: NVML could not read it ({_text(exc)}); "
+                                "a GPU that fell off the bus needs a reboot or `nvidia-smi -r`")
+    except Exception as exc:
+        problems.append(f"NVML failed while listing devices: {_text(exc)}")
+    finally:
+        try:
+            nvml.nvmlShutdown()
+        except Exception:  # shutting down a half-started NVML is best effort
+            pass
+    return readings, problems
+
+
+def _opt(fn, *args):
+    """Optional NVML field: many are NotSupported on old or passive cards."""
+    try:
+        return fn(*args)
+    except Exception:
+        return None
+
+
+def _reading(nvml: ModuleType, i: int, driver: str | None, runtime: str | None) -> DeviceReading:
+    h = nvml.nvmlDeviceGetHandleByIndex(i)
+    major, minor = nvml.nvmlDeviceGetCudaComputeCapability(h)
+    mem = nvml.nvmlDeviceGetMemoryInfo(h)
+    pci = _opt(nvml.nvmlDeviceGetPciInfo, h)
+    bus = _text(pci.busId).lower() if pci is not None else None
+    if bus and bus.count(":") == 2 and len(bus.split(":")[0]) == 8:
+        bus = bus[4:]  # NVML pads the domain to 8 digits; sysfs and torch use 4
+    power = _opt(nvml.nvmlDeviceGetPowerManagementLimit, h)
+    uuid = _opt(nvml.nvmlDeviceGetUUID, h)
+    return DeviceReading(
+        vendor="nvidia",
+        index=i,
+        name=_text(nvml.nvmlDeviceGetName(h)),
+        memory_bytes=int(mem.total),
+        compute_capability=f"{major}.{minor}",
+        pci_bus_id=bus,
+        uuid=_text(uuid) if uuid else None,
+        driver_version=driver,
+        runtime_version=runtime,
+        power_limit_watts=power / 1000.0 if isinstance(power, (int, float)) else None,
+        pcie_generation=_opt(nvml.nvmlDeviceGetCurrPcieLinkGeneration, h),
+        pcie_width=_opt(nvml.nvmlDeviceGetCurrPcieLinkWidth, h),
+        source="nvml",
+    )

@@ -1,0 +1,431 @@
+"""Profiles: one YAML per architecture family, one schema, one loader.
+
+A profile is data: which devices it matches, what their silicon can do
+(``hardware``), the choices hwcompat makes for them (dtype, attention,
+compile backend, environment, quantization, torch build, image), each with
+a reason and a source. Unknown keys are errors; vocabularies are closed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import enum
+from dataclasses import dataclass, field, replace
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hwcompat import envvars
+from hwcompat.datafiles import data_dir
+from hwcompat.errors import ProfileError
+from hwcompat.readings import VENDORS, is_gfx_target, parse_cc
+
+
+class Dtype(str, enum.Enum):
+    float32 = "float32"
+    float16 = "float16"
+    bfloat16 = "bfloat16"
+
+
+class Attention(str, enum.Enum):
+    eager = "eager"
+    sdpa = "sdpa"
+    flash_attention_2 = "flash_attention_2"
+
+
+class CompileBackend(str, enum.Enum):
+    eager = "eager"
+    inductor = "inductor"
+
+
+class Fp16Rate(str, enum.Enum):
+    fast = "fast"  # full or double rate vs fp32 (tensor cores, P100)
+    slow = "slow"  # runs, but far below fp32 (sm_52, sm_61: 1/64)
+    none = "none"
+
+
+class Evidence(str, enum.Enum):
+    emulated = "emulated"  # decisions checked on emulated devices only
+    verified = "verified"  # a committed selftest result on the real card backs it
+
+
+QUANT_KINDS = ("nf4", "int8")
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A value hwcompat picks, with why and where that fact comes from."""
+
+    value: str
+    reason: str
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class EnvVar:
+    name: str
+    value: str
+    reason: str
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """What the silicon can do; resolver checks overrides against these."""
+
+    bf16: bool
+    fp16: Fp16Rate
+    flash_attention_2: bool
+    triton: bool
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class Quant:
+    supported: bool
+    reason: str
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class TorchBuild:
+    build: str  # wheel family: cu126, cu130, rocm6.4, cpu
+    index_url: str  # pip --index-url for that family
+    max_version: str | None  # newest torch with kernels for this family (None = no cap known)
+    min_version: str | None
+    reason: str
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class Image:
+    tag: str
+    base: str  # production base image (a build argument; CI substitutes a local one)
+    family: str  # images/<family>/Dockerfile; families with an identical image share one
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class Caveat:
+    text: str
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class Match:
+    vendor: str
+    cc_min: tuple[int, int] | None = None
+    cc_max: tuple[int, int] | None = None
+    gfx_targets: tuple[str, ...] = ()
+
+    def covers(self, vendor: str, cc: str | None, gfx: str | None) -> bool:
+        if vendor != self.vendor:
+            return False
+        if vendor == "nvidia":
+            if cc is None or self.cc_min is None or self.cc_max is None:
+                return False
+            return self.cc_min <= parse_cc(cc) <= self.cc_max
+        if vendor == "amd":
+            return gfx is not None and gfx in self.gfx_targets
+        return True
+
+    def describe(self) -> str:
+        if self.vendor == "nvidia" and self.cc_min and self.cc_max:
+            return f"compute capability {self.cc_min[0]}.{self.cc_min[1]}–{self.cc_max[0]}.{self.cc_max[1]}"
+        if self.vendor == "amd":
+            return "gfx targets " + ", ".join(self.gfx_targets)
+        return self.vendor
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A narrower match inside a family whose facts differ (e.g. P100's fast fp16)."""
+
+    match: Match
+    note: str
+    fields: dict[str, Any]  # already-parsed replacements for Profile fields
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    vendor: str
+    title: str
+    match: Match
+    hardware: Hardware
+    dtype: Choice
+    attention: Choice
+    compile_backend: Choice
+    env: tuple[EnvVar, ...]
+    quantization: dict[str, Quant]
+    torch: TorchBuild
+    driver_min: Choice | None
+    image: Image
+    evidence: Evidence
+    peak_tflops: dict[str, float]
+    caveats: tuple[Caveat, ...] = ()
+    supported: Choice = field(default_factory=lambda: Choice("true", "a profile covers this device"))
+    variants: tuple[Variant, ...] = ()
+    path: str = ""
+    variant_note: str | None = None
+
+    def for_device(self, vendor: str, cc: str | None, gfx: str | None) -> "Profile":
+        """This profile with the first matching variant applied."""
+        for v in self.variants:
+            if v.match.covers(vendor, cc, gfx):
+                merged = dict(v.fields)
+                if "hardware" in merged:
+                    merged["hardware"] = replace(self.hardware, **merged["hardware"])
+                if "env" in merged:
+                    names = {e.name for e in merged["env"]}
+                    merged["env"] = tuple(e for e in self.env if e.name not in names) + merged["env"]
+                if "quantization" in merged:
+                    merged["quantization"] = {**self.quantization, **merged["quantization"]}
+                if "caveats" in merged:
+                    merged["caveats"] = self.caveats + merged["caveats"]
+                return replace(self, variants=(), variant_note=v.note, **merged)
+        return replace(self, variants=())
+
+
+# --- the schema -----------------------------------------------------------------
+
+_TOP_KEYS = {
+    "name": True, "vendor": True, "title": True, "match": True, "hardware": True, "dtype": True,
+    "attention": True, "compile_backend": True, "env": False, "quantization": True, "torch": True,
+    "driver": False, "image": True, "evidence": True, "peak_tflops": False, "caveats": False,
+    "supported": False, "variants": False,
+}
+_VARIANT_KEYS = {"match", "note", "hardware", "dtype", "attention", "compile_backend", "env",
+                 "quantization", "caveats", "supported"}
+
+
+class _Ctx:
+    def __init__(self, path: str):
+        self.path = path
+
+    def fail(self, where: str, msg: str) -> ProfileError:
+        return ProfileError(f"profile {self.path}: {where}: {msg}")
+
+
+def _keys(ctx: _Ctx, where: str, raw: Any, allowed: set[str] | dict[str, bool], required: set[str] = frozenset()):
+    if not isinstance(raw, dict):
+        raise ctx.fail(where, f"expected a mapping, got {type(raw).__name__}")
+    for key in raw:
+        if key not in allowed:
+            near = difflib.get_close_matches(str(key), list(allowed), n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            raise ctx.fail(f"{where}.{key}" if where else str(key), f"unknown key{hint}")
+    for key in required:
+        if key not in raw:
+            raise ctx.fail(where or "top level", f"missing required key {key!r}")
+    return raw
+
+
+def _str(ctx: _Ctx, where: str, value: Any, allow_none: bool = False) -> str | None:
+    if value is None and allow_none:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise ctx.fail(where, f"expected a non-empty string, got {value!r}")
+    return value
+
+
+def _bool(ctx: _Ctx, where: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ctx.fail(where, f"expected true or false, got {value!r}")
+    return value
+
+
+def _enum(ctx: _Ctx, where: str, value: Any, kind: type[enum.Enum]):
+    try:
+        return kind(value)
+    except ValueError:
+        allowed = ", ".join(m.value for m in kind)
+        raise ctx.fail(where, f"{value!r} is not one of: {allowed}") from None
+
+
+def _choice(ctx: _Ctx, where: str, raw: Any, kind: type[enum.Enum] | None) -> Choice:
+    _keys(ctx, where, raw, {"value", "reason", "source"}, {"value", "reason"})
+    value = raw["value"]
+    if kind is not None:
+        value = _enum(ctx, f"{where}.value", value, kind).value
+    else:
+        value = str(value).lower() if isinstance(value, bool) else _str(ctx, f"{where}.value", value)
+    return Choice(value, _str(ctx, f"{where}.reason", raw["reason"]), raw.get("source", "") or "")
+
+
+def _match(ctx: _Ctx, where: str, raw: Any, vendor: str) -> Match:
+    if vendor == "nvidia":
+        _keys(ctx, where, raw, {"compute_capability"}, {"compute_capability"})
+        cc = _keys(ctx, f"{where}.compute_capability", raw["compute_capability"], {"min", "max"}, {"min", "max"})
+        try:
+            lo, hi = parse_cc(cc["min"]), parse_cc(cc["max"])
+        except ValueError as exc:
+            raise ctx.fail(f"{where}.compute_capability", str(exc)) from None
+        if lo > hi:
+            raise ctx.fail(f"{where}.compute_capability", "min is above max")
+        return Match(vendor, cc_min=lo, cc_max=hi)
+    if vendor == "amd":
+        _keys(ctx, where, raw, {"gfx_targets"}, {"gfx_targets"})
+        targets = raw["gfx_targets"]
+        if not isinstance(targets, list) or not targets or not all(isinstance(t, str) and is_gfx_target(t)
+                                                                   for t in targets):
+            raise ctx.fail(f"{where}.gfx_targets", f"expected a list like [gfx1030, gfx1031], got {targets!r}")
+        return Match(vendor, gfx_targets=tuple(t.lower() for t in targets))
+    _keys(ctx, where, raw or {}, set())
+    return Match(vendor)
+
+
+def _hardware(ctx: _Ctx, where: str, raw: Any, partial: bool) -> Any:
+    allowed = {"bf16", "fp16", "flash_attention_2", "triton", "source"}
+    _keys(ctx, where, raw, allowed, set() if partial else allowed - {"source"})
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key == "fp16":
+            out[key] = _enum(ctx, f"{where}.fp16", value, Fp16Rate)
+        elif key == "source":
+            out[key] = _str(ctx, f"{where}.source", value)
+        else:
+            out[key] = _bool(ctx, f"{where}.{key}", value)
+    return out if partial else Hardware(**out)
+
+
+def _env(ctx: _Ctx, where: str, raw: Any) -> tuple[EnvVar, ...]:
+    if not isinstance(raw, list):
+        raise ctx.fail(where, f"expected a list of {{name, value, reason, source}}, got {type(raw).__name__}")
+    out = []
+    for i, item in enumerate(raw):
+        w = f"{where}[{i}]"
+        _keys(ctx, w, item, {"name", "value", "reason", "source"}, {"name", "value", "reason"})
+        name = _str(ctx, f"{w}.name", item["name"])
+        if name not in envvars.SETS:
+            raise ctx.fail(f"{w}.name", f"{name!r} is not in hwcompat.envvars.SETS; register it there first")
+        if not isinstance(item["value"], str):
+            raise ctx.fail(f"{w}.value", f"expected a string (quote it), got {item['value']!r}")
+        out.append(EnvVar(name, item["value"], _str(ctx, f"{w}.reason", item["reason"]), item.get("source", "")))
+    return tuple(out)
+
+
+def _quant(ctx: _Ctx, where: str, raw: Any, partial: bool) -> dict[str, Quant]:
+    _keys(ctx, where, raw, set(QUANT_KINDS), set() if partial else set(QUANT_KINDS))
+    out = {}
+    for key, item in raw.items():
+        w = f"{where}.{key}"
+        _keys(ctx, w, item, {"supported", "reason", "source"}, {"supported", "reason"})
+        out[key] = Quant(_bool(ctx, f"{w}.supported", item["supported"]), _str(ctx, f"{w}.reason", item["reason"]),
+                         item.get("source", ""))
+    return out
+
+
+def _caveats(ctx: _Ctx, where: str, raw: Any) -> tuple[Caveat, ...]:
+    if not isinstance(raw, list):
+        raise ctx.fail(where, "expected a list of {text, source}")
+    out = []
+    for i, item in enumerate(raw):
+        _keys(ctx, f"{where}[{i}]", item, {"text", "source"}, {"text"})
+        out.append(Caveat(_str(ctx, f"{where}[{i}].text", item["text"]), item.get("source", "")))
+    return tuple(out)
+
+
+def _supported(ctx: _Ctx, where: str, raw: Any) -> Choice:
+    c = _choice(ctx, where, raw, None)
+    if c.value not in ("true", "false"):
+        raise ctx.fail(f"{where}.value", f"expected true or false, got {raw['value']!r}")
+    return c
+
+
+def parse_profile(raw: Any, path: str) -> Profile:
+    """Validate one profile mapping; every error names the file and the key path."""
+    ctx = _Ctx(path)
+    _keys(ctx, "", raw, _TOP_KEYS, {k for k, req in _TOP_KEYS.items() if req})
+    name = _str(ctx, "name", raw["name"])
+    stem = Path(path).stem
+    if path and stem != name:
+        raise ctx.fail("name", f"{name!r} must equal the file name {stem!r}")
+    vendor = raw["vendor"]
+    if vendor not in VENDORS:
+        raise ctx.fail("vendor", f"{vendor!r} is not one of: {', '.join(VENDORS)}")
+    tb = _keys(ctx, "torch", raw["torch"], {"build", "index_url", "max_version", "min_version", "reason", "source"},
+               {"build", "index_url", "reason"})
+    img = _keys(ctx, "image", raw["image"], {"tag", "base", "family", "source"}, {"tag", "base", "family"})
+    drv = None
+    if raw.get("driver") is not None:
+        d = _keys(ctx, "driver", raw["driver"], {"min_version", "reason", "source"}, {"min_version", "reason"})
+        drv = Choice(_str(ctx, "driver.min_version", d["min_version"]), _str(ctx, "driver.reason", d["reason"]),
+                     d.get("source", ""))
+    peak = raw.get("peak_tflops") or {}
+    _keys(ctx, "peak_tflops", peak, {"float32", "float16", "bfloat16", "source"})
+    for k, v in peak.items():
+        if k != "source" and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise ctx.fail(f"peak_tflops.{k}", f"expected a number, got {v!r}")
+    variants = []
+    for i, vraw in enumerate(raw.get("variants") or []):
+        w = f"variants[{i}]"
+        _keys(ctx, w, vraw, _VARIANT_KEYS, {"match", "note"})
+        f: dict[str, Any] = {}
+        for key, value in vraw.items():
+            if key in ("dtype", "attention", "compile_backend"):
+                kind = {"dtype": Dtype, "attention": Attention, "compile_backend": CompileBackend}[key]
+                f[key] = _choice(ctx, f"{w}.{key}", value, kind)
+            elif key == "hardware":
+                f[key] = _hardware(ctx, f"{w}.hardware", value, partial=True)
+            elif key == "env":
+                f[key] = _env(ctx, f"{w}.env", value)
+            elif key == "quantization":
+                f[key] = _quant(ctx, f"{w}.quantization", value, partial=True)
+            elif key == "caveats":
+                f[key] = _caveats(ctx, f"{w}.caveats", value)
+            elif key == "supported":
+                f[key] = _supported(ctx, f"{w}.supported", value)
+        variants.append(Variant(_match(ctx, f"{w}.match", vraw["match"], vendor), _str(ctx, f"{w}.note", vraw["note"]), f))
+    return Profile(
+        name=name, vendor=vendor, title=_str(ctx, "title", raw["title"]),
+        match=_match(ctx, "match", raw["match"], vendor),
+        hardware=_hardware(ctx, "hardware", raw["hardware"], partial=False),
+        dtype=_choice(ctx, "dtype", raw["dtype"], Dtype),
+        attention=_choice(ctx, "attention", raw["attention"], Attention),
+        compile_backend=_choice(ctx, "compile_backend", raw["compile_backend"], CompileBackend),
+        env=_env(ctx, "env", raw.get("env") or []),
+        quantization=_quant(ctx, "quantization", raw["quantization"], partial=False),
+        torch=TorchBuild(_str(ctx, "torch.build", tb["build"]), _str(ctx, "torch.index_url", tb["index_url"]),
+                         _str(ctx, "torch.max_version", tb.get("max_version"), allow_none=True),
+                         _str(ctx, "torch.min_version", tb.get("min_version"), allow_none=True),
+                         _str(ctx, "torch.reason", tb["reason"]), tb.get("source", "")),
+        driver_min=drv,
+        image=Image(_str(ctx, "image.tag", img["tag"]), _str(ctx, "image.base", img["base"]),
+                    _str(ctx, "image.family", img["family"]), img.get("source", "")),
+        evidence=_enum(ctx, "evidence", raw["evidence"], Evidence),
+        peak_tflops={k: float(v) for k, v in peak.items() if k != "source"},
+        caveats=_caveats(ctx, "caveats", raw.get("caveats") or []),
+        supported=_supported(ctx, "supported", raw["supported"]) if "supported" in raw else Choice(
+            "true", "a profile covers this device"),
+        variants=tuple(variants), path=path,
+    )
+
+
+def load_profile(path: str | Path) -> Profile:
+    p = Path(path)
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        raise ProfileError(f"profile {p}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    except OSError as exc:
+        raise ProfileError(f"profile {p}: cannot read it ({exc})") from None
+    return parse_profile(raw, str(p))
+
+
+@lru_cache(maxsize=4)
+def _load_dir(directory: str) -> tuple[Profile, ...]:
+    files = sorted(Path(directory).glob("*.yaml"))
+    if not files:
+        raise ProfileError(f"no profiles (*.yaml) in {directory}")
+    return tuple(load_profile(f) for f in files)
+
+
+def load_profiles(directory: str | Path | None = None) -> dict[str, Profile]:
+    """All profiles by name, from ``directory``, ``HWCOMPAT_PROFILES_DIR`` or the packaged set."""
+    d = directory or envvars.get("HWCOMPAT_PROFILES_DIR") or data_dir("profiles")
+    return {p.name: p for p in _load_dir(str(Path(d).resolve()))}

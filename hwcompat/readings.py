@@ -1,0 +1,98 @@
+"""Device readings: plain facts as a probe saw them, with no decisions.
+
+Every probe (NVML, amdsmi, sysfs, cpuinfo, emulation) returns these, so the
+resolver cannot tell a real M40 from an emulated one except by ``emulated``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+VENDORS = ("nvidia", "amd", "cpu")
+
+
+@dataclass(frozen=True)
+class DeviceReading:
+    """One device as a probe reported it."""
+
+    vendor: str  # "nvidia" | "amd" | "cpu"
+    index: int  # the vendor's own index (NVML / amdsmi / kfd order); 0 for the CPU
+    name: str  # marketing name as the driver reports it, e.g. "Tesla M40 24GB"
+    memory_bytes: int  # total device memory; system RAM for the CPU
+    compute_capability: str | None = None  # NVIDIA only, "major.minor", e.g. "5.2"
+    gfx_target: str | None = None  # AMD only: the physical target, e.g. "gfx1032"
+    gfx_target_effective: str | None = None  # AMD: target the runtime uses (HSA_OVERRIDE_GFX_VERSION), else None
+    pci_bus_id: str | None = None  # "0000:01:00.0" (lower case); None for the CPU or when unknown
+    uuid: str | None = None  # "GPU-…" (NVIDIA) or the amdsmi UUID
+    driver_version: str | None = None  # kernel driver, e.g. "550.54.14"
+    runtime_version: str | None = None  # highest CUDA the driver supports ("12.4") / ROCm version
+    power_limit_watts: float | None = None  # enforced board power limit
+    pcie_generation: int | None = None  # current PCIe link generation
+    pcie_width: int | None = None  # current PCIe link width (lanes)
+    cpu_cores: int | None = None  # CPU only: logical cores this process may use
+    cpu_flags: tuple[str, ...] = ()  # CPU only: ISA flags that matter for training (avx2, avx512_bf16, amx_bf16 …)
+    source: str = ""  # which probe produced it: nvml | amdsmi | sysfs | cpuinfo | catalog:NAME | file:PATH
+    emulated: bool = False  # True when it came from --emulate / --emulate-file, not from hardware
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["cpu_flags"] = list(self.cpu_flags)
+        return d
+
+
+@dataclass(frozen=True)
+class HostReading:
+    """Everything the probes saw on one host, plus what went wrong while looking."""
+
+    devices: tuple[DeviceReading, ...]  # GPUs first (NVIDIA, then AMD), the CPU last
+    problems: tuple[str, ...] = ()  # probe failures worth telling the user; never swallowed
+    emulated: bool = False  # any device came from emulation
+    facts: dict[str, str] = field(default_factory=dict)  # os, kernel, python, hostname
+
+
+_CC = re.compile(r"^(\d+)\.(\d+)$")
+_GFX = re.compile(r"^gfx([0-9a-f]{3,4})$")
+
+
+def parse_cc(text: str) -> tuple[int, int]:
+    """"5.2" -> (5, 2); raises ValueError on anything else."""
+    m = _CC.match(str(text).strip())
+    if not m:
+        raise ValueError(f"compute capability must look like '6.1', got {text!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+def is_gfx_target(text: str) -> bool:
+    return bool(_GFX.match(str(text).strip().lower()))
+
+
+def gfx_from_kfd_version(value: int) -> str:
+    """KFD ``gfx_target_version`` (e.g. 100302, 90010) -> "gfx1032", "gfx90a".
+
+    The KFD packs major*10000 + minor*100 + stepping; the gfx name writes the
+    stepping as one hex digit (gfx90a = 9.0.10).
+    """
+    major, rest = divmod(int(value), 10000)
+    minor, step = divmod(rest, 100)
+    return f"gfx{major}{minor:x}{step:x}"
+
+
+def gfx_from_override(value: str) -> str:
+    """HSA_OVERRIDE_GFX_VERSION "10.3.0" -> "gfx1030"; "9.0.10" -> "gfx90a"."""
+    parts = value.strip().split(".")
+    if len(parts) != 3 or not all(p.isdigit() for p in parts):
+        raise ValueError(f"HSA_OVERRIDE_GFX_VERSION must look like '10.3.0', got {value!r}")
+    major, minor, step = (int(p) for p in parts)
+    return f"gfx{major}{minor:x}{step:x}"
+
+
+def override_from_gfx(target: str) -> str:
+    """"gfx1030" -> "10.3.0"; the inverse of :func:`gfx_from_override`."""
+    m = _GFX.match(target)
+    if not m:
+        raise ValueError(f"not a gfx target: {target!r}")
+    digits = m.group(1)
+    major, minor, step = digits[:-2], digits[-2], digits[-1]
+    return f"{int(major)}.{int(minor, 16)}.{int(step, 16)}"

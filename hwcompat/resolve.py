@@ -1,0 +1,338 @@
+"""The resolver: (readings, profiles, installed software, overrides) -> decisions.
+
+A pure function: no I/O, no environment reads. Every decision carries a
+reason a user can act on. Decisions follow from capabilities (compute
+capability, gfx target, the profile's hardware facts), never from product
+names, so a card missing from the catalog resolves like its siblings.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from hwcompat.errors import InputError
+from hwcompat.profiles import Attention, CompileBackend, Dtype, Fp16Rate, Profile
+from hwcompat.readings import DeviceReading, HostReading, parse_cc
+from hwcompat.software import Software
+
+#: CPU ISA flags that give PyTorch's CPU kernels native bf16 (oneDNN AVX512-BF16 / AMX paths).
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+#: Oldest compute capability any current PyTorch CUDA wheel carries (cu126: sm_50).
+MIN_CUDA_CC = (5, 0)
+
+SETTABLE = ("dtype", "attention", "compile_backend")  # plus env.NAME
+
+
+@dataclass(frozen=True)
+class Overrides:
+    """What the user asked for on top of the matched profile."""
+
+    profile: str | None = None  # --profile / HWCOMPAT_PROFILE
+    sets: dict[str, str] = field(default_factory=dict)  # --set key=value
+
+    @classmethod
+    def parse(cls, profile: str | None, sets: list[str] | None) -> "Overrides":
+        out: dict[str, str] = {}
+        for item in sets or []:
+            key, sep, value = item.partition("=")
+            key, value = key.strip(), value.strip()
+            if not sep or not key or not value:
+                raise InputError(f"--set {item!r}: expected KEY=VALUE, e.g. --set dtype=float32")
+            if key not in SETTABLE and not key.startswith("env."):
+                near = difflib.get_close_matches(key, SETTABLE, n=1)
+                hint = f" Did you mean {near[0]!r}?" if near else ""
+                raise InputError(f"--set {item!r}: unknown key {key!r}.{hint} "
+                                 f"Settable: {', '.join(SETTABLE)}, env.NAME")
+            out[key] = value
+        return cls(profile=profile, sets=out)
+
+
+@dataclass(frozen=True)
+class ResolvedProfile:
+    name: str
+    dtype: str
+    attention: str
+    compile_backend: str
+    env: dict[str, str]
+    quantization: list[str]  # supported kinds: "nf4", "int8"
+    torch_build: str
+    torch_index_url: str
+    torch_max_version: str | None
+    torch_min_version: str | None
+    driver_min_version: str | None
+    image: str
+    image_family: str
+    evidence: str  # "emulated" | "verified"
+    variant: str | None  # the note of the variant that applied, if any
+    caveats: list[str]
+    reasons: dict[str, str]
+    hardware: dict[str, Any]  # the hardware facts the choices were checked against
+
+
+@dataclass(frozen=True)
+class ResolvedDevice:
+    reading: DeviceReading
+    arch: str | None  # profile family name; None when no profile covers the device
+    supported: bool
+    problems: list[str]
+    profile: ResolvedProfile | None
+
+    def to_dict(self) -> dict[str, Any]:
+        r = self.reading
+        d = {"index": r.index, "vendor": r.vendor, "name": r.name, "arch": self.arch,
+             "compute_capability": r.compute_capability, "gfx_target": r.gfx_target,
+             "gfx_target_effective": r.gfx_target_effective, "memory_bytes": r.memory_bytes,
+             "supported": self.supported, "problems": list(self.problems),
+             "profile": asdict(self.profile) if self.profile else None, "reading": r.to_dict()}
+        return d
+
+
+@dataclass(frozen=True)
+class HostPlan:
+    host: HostReading
+    devices: list[ResolvedDevice]
+    groups: list[dict[str, Any]]  # devices that can train together (same profile family)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "host": {"problems": list(self.host.problems), "emulated": self.host.emulated,
+                     **self.host.facts, "groups": self.groups},
+            "devices": [d.to_dict() for d in self.devices],
+        }
+
+
+def _cc_text(cc: tuple[int, int]) -> str:
+    return f"{cc[0]}.{cc[1]}"
+
+
+def _device_label(r: DeviceReading) -> str:
+    arch = f"sm_{r.compute_capability.replace('.', '')}" if r.compute_capability else (r.gfx_target or r.vendor)
+    return f"{r.name} ({arch})"
+
+
+def match_profile(reading: DeviceReading, profiles: dict[str, Profile]) -> Profile | None:
+    """The profile whose match rule covers this reading's physical capability."""
+    for p in profiles.values():
+        if p.match.covers(reading.vendor, reading.compute_capability, reading.gfx_target):
+            return p
+    return None
+
+
+def _why_matched(r: DeviceReading, p: Profile) -> str:
+    if r.vendor == "nvidia":
+        return f"compute capability {r.compute_capability} is in {p.name}'s range ({p.match.describe()})"
+    if r.vendor == "amd":
+        return f"physical target {r.gfx_target} is one of {p.name}'s {p.match.describe()}"
+    return "the CPU profile covers every CPU"
+
+
+def _unsupported_reason(r: DeviceReading) -> str:
+    if r.vendor == "nvidia":
+        cc = parse_cc(r.compute_capability or "0.0")
+        if cc < MIN_CUDA_CC:
+            return (f"compute capability {r.compute_capability} is below {_cc_text(MIN_CUDA_CC)}: no current PyTorch "
+                    "wheel has kernels for it (Kepler support ended with the cu118 wheels, torch <= 2.6). "
+                    "Train on the CPU profile, use a newer card, or an old torch built from source")
+        return (f"compute capability {r.compute_capability} is newer than every known profile; "
+                "try the closest one with --profile blackwell and report the result")
+    if r.vendor == "amd":
+        return (f"gfx target {r.gfx_target} is not covered by any profile (no PyTorch ROCm wheel and no known "
+                "HSA_OVERRIDE_GFX_VERSION for it); train on the CPU profile, or force one with --profile "
+                "if you know its closest target")
+    return "no profile for this device"
+
+
+def _hardware_for(r: DeviceReading, p: Profile) -> dict[str, Any]:
+    hw = asdict(p.hardware)
+    hw["fp16"] = p.hardware.fp16.value
+    if r.vendor == "cpu":
+        hw["bf16"] = any(f in r.cpu_flags for f in CPU_BF16_FLAGS)
+    return hw
+
+
+def _check_dtype(value: str, hw: dict[str, Any], label: str, profile_choice: str) -> str:
+    try:
+        Dtype(value)
+    except ValueError:
+        raise InputError(f"--set dtype={value}: not a dtype; use one of {', '.join(d.value for d in Dtype)}") from None
+    if value == "bfloat16" and not hw["bf16"]:
+        raise InputError(f"--set dtype=bfloat16: {label} has no bf16 hardware "
+                         f"(torch may emulate it, far slower); use {profile_choice} (this profile's choice)"
+                         f"{' or float32' if profile_choice != 'float32' else ''}")
+    if value == "float16" and hw["fp16"] == Fp16Rate.none.value:
+        raise InputError(f"--set dtype=float16: {label} cannot train in fp16; use {profile_choice}")
+    if value == "float16" and hw["fp16"] == Fp16Rate.slow.value:
+        return f"set by the user; note: {label} runs fp16 far below its fp32 rate"
+    return "set by the user"
+
+
+def _check_attention(value: str, hw: dict[str, Any], sw: Software, label: str) -> str:
+    try:
+        Attention(value)
+    except ValueError:
+        raise InputError(f"--set attention={value}: use one of {', '.join(a.value for a in Attention)}") from None
+    if value == "flash_attention_2":
+        if not hw["flash_attention_2"]:
+            raise InputError(f"--set attention=flash_attention_2: {label} is not supported by flash-attention-2 "
+                             "(NVIDIA needs Ampere, sm_80+; AMD needs MI200/MI300 or RDNA3/4); use sdpa")
+        if not sw.flash_attn:
+            raise InputError("--set attention=flash_attention_2: the flash_attn package is not installed; "
+                             "pip install flash-attn --no-build-isolation, or use sdpa")
+    return "set by the user"
+
+
+def _check_compile(value: str, hw: dict[str, Any], label: str) -> str:
+    try:
+        CompileBackend(value)
+    except ValueError:
+        raise InputError(f"--set compile_backend={value}: use one of "
+                         f"{', '.join(c.value for c in CompileBackend)}") from None
+    if value == "inductor" and not hw["triton"]:
+        raise InputError(f"--set compile_backend=inductor: {label} cannot run Triton kernels "
+                         "(NVIDIA needs compute capability >= 7.0; torch raises GPUTooOldForTriton); use eager")
+    return "set by the user"
+
+
+def _torch_problems(r: DeviceReading, p: Profile, sw: Software) -> list[str]:
+    """Does the installed torch fit a real device? Emulated devices are not this host's hardware."""
+    if r.emulated or r.vendor == "cpu" or not sw.torch_version:
+        return []
+    fix = f"pip install 'torch{'<=' + p.torch.max_version + '.*' if p.torch.max_version else ''}' " \
+          f"--index-url {p.torch.index_url} (or use the {p.image.tag} image)"
+    build, release = sw.torch_build, sw.torch_release
+    problems = []
+    if build == "cpu":
+        problems.append(f"installed torch {sw.torch_version} is a CPU build and cannot use this GPU: {fix}")
+    elif build and r.vendor == "nvidia" and build.startswith("rocm") or build and r.vendor == "amd" and build.startswith("cu"):
+        problems.append(f"installed torch {sw.torch_version} is built for the other vendor: {fix}")
+    elif build and build.startswith("cu") and p.torch.build == "cu126" and build != "cu126" and release \
+            and release >= (2, 11):
+        problems.append(f"installed torch {sw.torch_version} has no kernels for {p.name} "
+                        f"('no kernel image is available'): {fix}")
+    if p.torch.max_version and release and release > tuple(int(x) for x in p.torch.max_version.split(".")):
+        problems.append(f"installed torch {sw.torch_version} is newer than {p.torch.max_version}, "
+                        f"the last release with {p.name} kernels: {fix}")
+    return problems
+
+
+def resolve_device(reading: DeviceReading, profiles: dict[str, Profile], software: Software,
+                   overrides: Overrides = Overrides(), apply_overrides: bool = True) -> ResolvedDevice:
+    """Resolve one device. Raises InputError for an override the hardware cannot honour."""
+    label = _device_label(reading)
+    problems: list[str] = []
+    reasons: dict[str, str] = {}
+    base = match_profile(reading, profiles)
+    forced = overrides.profile if apply_overrides else None
+    if forced:
+        if forced not in profiles:
+            near = difflib.get_close_matches(forced, profiles, n=1)
+            hint = f" Did you mean {near[0]!r}?" if near else ""
+            raise InputError(f"unknown profile {forced!r}.{hint} Known: {', '.join(sorted(profiles))}")
+        chosen = profiles[forced]
+        if chosen.vendor != reading.vendor:
+            raise InputError(f"--profile {forced}: that profile is for {chosen.vendor} devices, "
+                             f"but device {reading.index} is {reading.vendor} ({reading.name})")
+        reasons["profile"] = f"forced with --profile {forced}"
+        if base is None or base.name != forced:
+            problems.append(f"warning: forced profile {forced} does not match this device "
+                            f"({_why_matched(reading, base) if base else 'no profile matches it'}); "
+                            "its choices may not run here")
+    elif base is None:
+        return ResolvedDevice(reading, None, False, [_unsupported_reason(reading)], None)
+    else:
+        chosen = base
+        reasons["profile"] = _why_matched(reading, chosen)
+    p = chosen.for_device(reading.vendor, reading.compute_capability, reading.gfx_target)
+    if p.variant_note:
+        reasons["profile"] += f"; variant: {p.variant_note}"
+    hw = _hardware_for(reading, p)
+    supported = p.supported.value == "true"
+    reasons["supported"] = p.supported.reason + (f" ({p.supported.source})" if p.supported.source else "")
+    if not supported:
+        problems.append(p.supported.reason)
+
+    sets = overrides.sets if apply_overrides else {}
+    dtype = p.dtype.value
+    reasons["dtype"] = p.dtype.reason
+    if reading.vendor == "cpu" and hw["bf16"]:
+        reasons["dtype"] += "; this CPU has native bf16 (set dtype=bfloat16 to use it)"
+    if "dtype" in sets:
+        reasons["dtype"] = _check_dtype(sets["dtype"], hw, label, p.dtype.value)
+        dtype = sets["dtype"]
+
+    attention = p.attention.value
+    reasons["attention"] = p.attention.reason
+    if attention == "flash_attention_2" and not software.flash_attn:
+        attention = "sdpa"
+        reasons["attention"] = ("flash-attention-2 would be the choice here, but the flash_attn package is not "
+                                "installed (pip install flash-attn --no-build-isolation); using PyTorch SDPA")
+    if "attention" in sets:
+        reasons["attention"] = _check_attention(sets["attention"], hw, software, label)
+        attention = sets["attention"]
+
+    compile_backend = p.compile_backend.value
+    reasons["compile_backend"] = p.compile_backend.reason
+    if "compile_backend" in sets:
+        reasons["compile_backend"] = _check_compile(sets["compile_backend"], hw, label)
+        compile_backend = sets["compile_backend"]
+
+    env = {e.name: e.value for e in p.env}
+    for e in p.env:
+        reasons[f"env.{e.name}"] = e.reason
+    for key, value in sets.items():
+        if key.startswith("env."):
+            env[key[4:]] = value
+            reasons[key] = "set by the user"
+    if reading.vendor == "amd" and reading.gfx_target_effective:
+        wanted = env.get("HSA_OVERRIDE_GFX_VERSION")
+        from hwcompat.readings import override_from_gfx
+        have = override_from_gfx(reading.gfx_target_effective)
+        if wanted and have != wanted:
+            problems.append(f"HSA_OVERRIDE_GFX_VERSION={have} is set (runs {reading.gfx_target} as "
+                            f"{reading.gfx_target_effective}), but {reading.gfx_target} needs {wanted}: "
+                            f"export HSA_OVERRIDE_GFX_VERSION={wanted}")
+        elif not wanted and reading.gfx_target_effective != reading.gfx_target:
+            problems.append(f"HSA_OVERRIDE_GFX_VERSION={have} is set but {reading.gfx_target} is in the ROCm "
+                            "wheels and needs no override: unset HSA_OVERRIDE_GFX_VERSION")
+
+    quant = [k for k, q in p.quantization.items() if q.supported]
+    for k, q in p.quantization.items():
+        reasons[f"quantization.{k}"] = q.reason
+    reasons["torch_build"] = p.torch.reason
+    reasons["image"] = f"{p.image.tag} carries the {p.torch.build} torch build this family needs"
+    if p.driver_min:
+        reasons["driver"] = p.driver_min.reason
+    problems += _torch_problems(reading, p, software)
+
+    resolved = ResolvedProfile(
+        name=p.name, dtype=dtype, attention=attention, compile_backend=compile_backend, env=env,
+        quantization=quant, torch_build=p.torch.build, torch_index_url=p.torch.index_url,
+        torch_max_version=p.torch.max_version, torch_min_version=p.torch.min_version,
+        driver_min_version=p.driver_min.value if p.driver_min else None, image=p.image.tag,
+        image_family=p.image.family, evidence=p.evidence.value, variant=p.variant_note,
+        caveats=[c.text for c in p.caveats], reasons=reasons, hardware=hw,
+    )
+    return ResolvedDevice(reading, p.name, supported, problems, resolved)
+
+
+def resolve_host(host: HostReading, profiles: dict[str, Profile], software: Software,
+                 overrides: Overrides = Overrides()) -> HostPlan:
+    """Resolve every device. Overrides apply to the GPUs, or to the CPU when it is the only device."""
+    has_gpu = any(d.vendor != "cpu" for d in host.devices)
+    devices = [resolve_device(d, profiles, software, overrides,
+                              apply_overrides=(d.vendor != "cpu") or not has_gpu)
+               for d in host.devices]
+    groups: dict[str, dict[str, Any]] = {}
+    for pos, d in enumerate(devices):
+        if d.reading.vendor == "cpu" and has_gpu or not d.supported or d.profile is None:
+            continue
+        g = groups.setdefault(d.profile.name, {"profile": d.profile.name, "image": d.profile.image,
+                                               "vendor": d.reading.vendor, "devices": []})
+        g["devices"].append(pos)
+    out = list(groups.values())
+    for g in out:
+        g["can_train_together"] = len(g["devices"]) > 1
+    return HostPlan(host, devices, out)
