@@ -1,0 +1,70 @@
+"""Cold-process time of `hwcompat detect --json` vs what users run today.
+
+    python bench/detect.py [--runs 7] [--out bench/results/detect.json]
+
+Compares, side by side in one run, the median wall time of a fresh process for:
+  hwcompat detect --json, python -m torch.utils.collect_env, accelerate env.
+Prints a table and writes JSON. Goal: hwcompat at least 10x faster than both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+COMMANDS = {
+    "hwcompat detect --json": [sys.executable, "-m", "hwcompat", "detect", "--json"],
+    "python -m torch.utils.collect_env": [sys.executable, "-m", "torch.utils.collect_env"],
+    "accelerate env": [shutil.which("accelerate") or "accelerate", "env"],
+}
+
+
+def time_cmd(cmd: list[str], runs: int) -> dict:
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        times.append(time.perf_counter() - t0)
+        if res.returncode != 0:
+            return {"error": (res.stderr or res.stdout)[-500:], "runs": len(times)}
+    return {"median_s": statistics.median(times), "min_s": min(times), "runs": runs}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=7)
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "detect.json"))
+    args = ap.parse_args()
+    # One warm-up each so the page cache is equally warm for all of them.
+    for cmd in COMMANDS.values():
+        subprocess.run(cmd, capture_output=True)
+    results = {name: time_cmd(cmd, args.runs) for name, cmd in COMMANDS.items()}
+    base = results["hwcompat detect --json"].get("median_s")
+    for name, r in results.items():
+        if base and "median_s" in r:
+            r["ratio_vs_hwcompat"] = r["median_s"] / base
+    report = {"benchmark": "detect", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "machine": platform.machine(), "python": platform.python_version(), "cpus": __import__("os").cpu_count(),
+              "results": results}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"{'command':38} {'median':>9} {'min':>9} {'x hwcompat':>11}")
+    for name, r in results.items():
+        if "median_s" in r:
+            print(f"{name:38} {r['median_s']:8.3f}s {r['min_s']:8.3f}s {r.get('ratio_vs_hwcompat', 0):10.1f}x")
+        else:
+            print(f"{name:38} failed: {r['error'][:60]!r}")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

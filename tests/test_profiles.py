@@ -1,0 +1,106 @@
+"""Every packaged profile through the schema; the schema's errors; packaging."""
+
+import itertools
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+from hwcompat.datafiles import data_dir
+from hwcompat.errors import ProfileError
+from hwcompat.profiles import load_profile, load_profiles, parse_profile
+from hwcompat.readings import parse_cc
+
+FAMILIES = {"maxwell", "pascal", "volta", "turing", "ampere", "ada", "hopper", "blackwell", "rdna2", "rdna3",
+            "rdna4", "cdna1", "cdna2", "cdna3", "cpu"}
+
+
+def test_all_families_present():
+    assert set(load_profiles()) == FAMILIES
+
+
+@pytest.mark.parametrize("path", sorted(data_dir("profiles").glob("*.yaml")), ids=lambda p: p.stem)
+def test_profile_loads_and_every_choice_is_sourced(path):
+    p = load_profile(path)
+    for choice in (p.dtype, p.attention, p.compile_backend):
+        assert choice.reason and choice.source, path
+    assert all(e.reason and e.source for e in p.env)
+    assert all(q.source for q in p.quantization.values())
+    assert p.torch.source
+
+
+def test_no_two_profiles_cover_the_same_capability():
+    profiles = list(load_profiles().values())
+    nvidia = [p for p in profiles if p.vendor == "nvidia"]
+    for a, b in itertools.combinations(nvidia, 2):
+        assert a.match.cc_max < b.match.cc_min or b.match.cc_max < a.match.cc_min, (a.name, b.name)
+    amd = [p for p in profiles if p.vendor == "amd"]
+    for a, b in itertools.combinations(amd, 2):
+        assert not set(a.match.gfx_targets) & set(b.match.gfx_targets), (a.name, b.name)
+
+
+def test_nvidia_ranges_are_contiguous_from_maxwell():
+    ranges = sorted((p.match.cc_min, p.match.cc_max) for p in load_profiles().values() if p.vendor == "nvidia")
+    assert ranges[0][0] == parse_cc("5.0")
+
+
+def _raw():
+    import yaml
+    return yaml.safe_load((data_dir("profiles") / "volta.yaml").read_text())
+
+
+@pytest.mark.parametrize("mutate,message", [
+    (lambda r: r.update(dtyp=r.pop("dtype")), "dtyp: unknown key (did you mean 'dtype'?)"),
+    (lambda r: r["dtype"].update(value="fp8"), "dtype.value: 'fp8' is not one of: float32, float16, bfloat16"),
+    (lambda r: r["attention"].update(value="xformers"), "attention.value: 'xformers' is not one of: eager, sdpa"),
+    (lambda r: r["hardware"].update(bf16="yes"), "hardware.bf16: expected true or false, got 'yes'"),
+    (lambda r: r["env"].append({"name": "LD_PRELOAD", "value": "x", "reason": "r"}),
+     "env[2].name: 'LD_PRELOAD' is not in hwcompat.envvars.SETS"),
+    (lambda r: r["match"]["compute_capability"].update(min="8.0"), "match.compute_capability: min is above max"),
+    (lambda r: r.pop("torch"), "top level: missing required key 'torch'"),
+    (lambda r: r["env"][0].update(value=1), "env[0].value: expected a string (quote it), got 1"),
+])
+def test_schema_errors_name_the_key(mutate, message):
+    raw = _raw()
+    mutate(raw)
+    with pytest.raises(ProfileError) as e:
+        parse_profile(raw, "profiles/volta.yaml")
+    assert str(e.value).startswith("profile profiles/volta.yaml: ")
+    assert message in str(e.value)
+
+
+def test_name_must_match_file(tmp_path):
+    f = tmp_path / "other.yaml"
+    f.write_text((data_dir("profiles") / "volta.yaml").read_text())
+    with pytest.raises(ProfileError, match="'volta' must equal the file name 'other'"):
+        load_profile(f)
+
+
+def test_invalid_yaml_has_line(tmp_path):
+    f = tmp_path / "x.yaml"
+    f.write_text("name: x\n  bad: [\n")
+    with pytest.raises(ProfileError, match=r"x.yaml:2: not valid YAML"):
+        load_profile(f)
+
+
+@pytest.mark.slow
+def test_installed_wheel_carries_profiles_and_catalog(tmp_path):
+    """Build the wheel, install it into a bare target, and resolve from the packaged data there."""
+    import pathlib
+    root = pathlib.Path(__file__).resolve().parents[1]
+    out = tmp_path / "dist"
+    res = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(out),
+                          str(root)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    (wheel,) = out.glob("hwcompat-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "hwcompat/_data/profiles/maxwell.yaml" in names and "hwcompat/_data/catalog/devices.yaml" in names
+    target = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(target)
+    code = ("import hwcompat, json; from hwcompat.cli import main; "
+            "assert hwcompat.__file__.startswith(%r); main(['detect', '--json', '--emulate', 'p100'])" % str(target))
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                         env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"})
+    assert res.returncode == 0, res.stderr
+    assert '"arch": "pascal"' in res.stdout
