@@ -157,13 +157,13 @@ def _check_dtype(value: str, hw: dict[str, Any], label: str, profile_choice: str
     try:
         Dtype(value)
     except ValueError:
-        raise InputError(f"--set dtype={value}: not a dtype; use one of {', '.join(d.value for d in Dtype)}") from None
+        raise InputError(f"dtype={value}: not a dtype; use one of {', '.join(d.value for d in Dtype)}") from None
     if value == "bfloat16" and not hw["bf16"]:
-        raise InputError(f"--set dtype=bfloat16: {label} has no bf16 hardware "
+        raise InputError(f"dtype=bfloat16: {label} has no bf16 hardware "
                          f"(torch may emulate it, far slower); use {profile_choice} (this profile's choice)"
                          f"{' or float32' if profile_choice != 'float32' else ''}")
     if value == "float16" and hw["fp16"] == Fp16Rate.none.value:
-        raise InputError(f"--set dtype=float16: {label} cannot train in fp16; use {profile_choice}")
+        raise InputError(f"dtype=float16: {label} cannot train in fp16; use {profile_choice}")
     if value == "float16" and hw["fp16"] == Fp16Rate.slow.value:
         return f"set by the user; note: {label} runs fp16 far below its fp32 rate"
     return "set by the user"
@@ -173,13 +173,13 @@ def _check_attention(value: str, hw: dict[str, Any], sw: Software, label: str) -
     try:
         Attention(value)
     except ValueError:
-        raise InputError(f"--set attention={value}: use one of {', '.join(a.value for a in Attention)}") from None
+        raise InputError(f"attention={value}: use one of {', '.join(a.value for a in Attention)}") from None
     if value == "flash_attention_2":
         if not hw["flash_attention_2"]:
-            raise InputError(f"--set attention=flash_attention_2: {label} is not supported by flash-attention-2 "
+            raise InputError(f"attention=flash_attention_2: {label} is not supported by flash-attention-2 "
                              "(NVIDIA needs Ampere, sm_80+; AMD needs MI200/MI300 or RDNA3/4); use sdpa")
         if not sw.flash_attn:
-            raise InputError("--set attention=flash_attention_2: the flash_attn package is not installed; "
+            raise InputError("attention=flash_attention_2: the flash_attn package is not installed; "
                              "pip install flash-attn --no-build-isolation, or use sdpa")
     return "set by the user"
 
@@ -188,10 +188,10 @@ def _check_compile(value: str, hw: dict[str, Any], label: str) -> str:
     try:
         CompileBackend(value)
     except ValueError:
-        raise InputError(f"--set compile_backend={value}: use one of "
+        raise InputError(f"compile_backend={value}: use one of "
                          f"{', '.join(c.value for c in CompileBackend)}") from None
     if value == "inductor" and not hw["triton"]:
-        raise InputError(f"--set compile_backend=inductor: {label} cannot run Triton kernels "
+        raise InputError(f"compile_backend=inductor: {label} cannot run Triton kernels "
                          "(NVIDIA needs compute capability >= 7.0; torch raises GPUTooOldForTriton); use eager")
     return "set by the user"
 

@@ -133,7 +133,7 @@ def _resolve(name, *sets, profile=None, sw=NO_FA):
 def test_bf16_on_v100_is_refused_with_what_to_use():
     with pytest.raises(InputError) as e:
         _resolve("v100", "dtype=bfloat16")
-    assert str(e.value) == ("--set dtype=bfloat16: Tesla V100-SXM2-32GB (sm_70) has no bf16 hardware "
+    assert str(e.value) == ("dtype=bfloat16: Tesla V100-SXM2-32GB (sm_70) has no bf16 hardware "
                             "(torch may emulate it, far slower); use float16 (this profile's choice) or float32")
 
 

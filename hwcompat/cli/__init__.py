@@ -17,6 +17,9 @@ from hwcompat.errors import HwcompatError
 COMMANDS = {
     "detect": "detect",
     "env": "env",
+    "train": "train",
+    "data": "data",
+    "demo": "demo",
 }
 
 

@@ -1,0 +1,40 @@
+"""``hwcompat data check FILE…``: the trainer's data checks, alone."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from hwcompat.train.config import DATA_FORMATS
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("data", help="check training data (JSONL)")
+    dsub = p.add_subparsers(dest="data_command", metavar="check")
+    dsub.required = True
+    c = dsub.add_parser("check", help="check JSONL files: encoding, NUL bytes, JSON, fields, roles, duplicates",
+                        description="Exit 0 when the files can be trained on, 1 when any row has an error.")
+    c.add_argument("files", nargs="+", metavar="FILE")
+    c.add_argument("--eval", nargs="*", default=[], metavar="FILE", help="eval files (checked for leakage)")
+    c.add_argument("--format", choices=DATA_FORMATS, default="auto")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from hwcompat.train.data import Report, check_rows, read_jsonl
+
+    report = Report()
+    train = [e for f in args.files for e in read_jsonl(f, args.format, report)]
+    evals = [e for f in args.eval for e in read_jsonl(f, args.format, report)]
+    if not report.errors:
+        check_rows(train, evals, report)
+    if args.json:
+        from hwcompat.cli.common import print_json
+
+        print_json({"ok": report.ok, "errors": report.errors, "warnings": report.warnings, "rows": report.counts})
+    else:
+        print(report.render(), file=sys.stdout if report.ok else sys.stderr)
+        if report.ok:
+            print("ok: no errors")
+    return 0 if report.ok else 1

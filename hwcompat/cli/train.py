@@ -1,0 +1,88 @@
+"""``hwcompat train CONFIG [key=value …]``: LoRA-tune with the device profile applied."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from hwcompat.cli.common import plan_from_args
+from hwcompat.errors import InputError
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("train", help="LoRA fine-tune a model with the device's profile applied",
+                       description="Resolve the device profile, check the data, then train in a fresh process "
+                                   "with the profile's environment. Example: hwcompat train config.yaml "
+                                   "learning_rate=1e-4 max_steps=200")
+    p.add_argument("config", nargs="?", help="training config (YAML)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override config keys")
+    add_train_options(p)
+    p.set_defaults(func=run)
+
+
+def add_train_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config with each value's origin and exit (loads no model)")
+    p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run in output_dir")
+    p.add_argument("--devices", metavar="all|N", help="train on all identical devices (DDP via torchrun); "
+                                                      "on a CPU-only host N processes (gloo)")
+    p.add_argument("--device", metavar="N", help="device position from `hwcompat detect` (default: first GPU)")
+    g = p.add_argument_group("devices")
+    g.add_argument("--emulate", metavar="NAME[,NAME…]", help="resolve for an emulated device (with --print-config)")
+    g.add_argument("--emulate-file", metavar="FILE")
+    g.add_argument("--profile", metavar="NAME", help="force a profile family")
+    p.set_defaults(set=[])
+
+
+def _nproc(args, plan, pos, device) -> tuple[int, list[int] | None]:
+    if not args.devices:
+        return 1, None
+    group = next((g for g in plan.groups if pos in g["devices"]), None)
+    members = group["devices"] if group else [pos]
+    if args.devices == "all":
+        n = len(members)
+    elif args.devices.isdigit() and int(args.devices) > 0:
+        n = int(args.devices)
+        if device.reading.vendor != "cpu" and n > len(members):
+            raise InputError(f"--devices {n}: only {len(members)} identical {device.arch} device(s) here")
+    else:
+        raise InputError(f"--devices {args.devices}: use 'all' or a positive number")
+    if device.reading.vendor == "cpu":
+        return n, None
+    return n, [plan.devices[i].reading.index for i in members[:n]]
+
+
+def launch(args, loaded) -> int:
+    from hwcompat.profiles import load_profiles
+    from hwcompat.software import installed
+    from hwcompat.train import launch as L
+
+    plan = plan_from_args(args)
+    pos, device = L.training_device(plan, args.device)
+    profile, hw_origins, warnings = L.apply_profile(loaded, device, load_profiles(), installed(), args.profile)
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    if args.print_config:
+        print(L.render_config(loaded, profile, hw_origins, device))
+        return 0
+    if device.reading.emulated and device.reading.vendor != "cpu":
+        raise InputError(f"{device.reading.name} is emulated: there is no such card to train on. "
+                         "Use --print-config to see the resolved run, or drop --emulate")
+    print(L.check_data(loaded), file=sys.stderr)
+    nproc, group = _nproc(args, plan, pos, device)
+    run_dir = L.prepare_run_dir(loaded, profile, device, plan, args.resume, args.overwrite)
+    print(f"training on {device.reading.name} with profile {profile['name']} ({profile['dtype']}, "
+          f"{profile['attention']}, compile {profile['compile_backend']})"
+          f"{f' x{nproc} processes' if nproc > 1 else ''} → {run_dir}", file=sys.stderr)
+    L.exec_worker(run_dir, L.child_env(profile, device, group), args.resume, nproc)
+    return 0  # not reached: exec replaced this process
+
+
+def run(args: argparse.Namespace) -> int:
+    from hwcompat.train.config import load_config
+
+    if not args.config:
+        raise InputError("train: give a config file (hwcompat train config.yaml), or run `hwcompat demo`")
+    loaded = load_config(args.config, args.overrides)
+    return launch(args, loaded)

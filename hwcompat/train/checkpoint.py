@@ -1,0 +1,87 @@
+"""Checkpoints: everything needed to continue bit-for-bit, written atomically.
+
+A checkpoint folder holds the trainable (LoRA) weights as safetensors, the
+optimizer / scheduler / grad-scaler state and the RNG states (loaded back
+with ``weights_only=True``), and ``state.json`` (step, metrics so far). It
+is built in a temp folder and renamed into place, so an interrupt during
+the write never leaves a half checkpoint that ``--resume`` would trust.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+from hwcompat.fsutil import atomic_dir
+
+PREFIX = "step-"
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    return run_dir / "checkpoints"
+
+
+def latest(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint (temp folders start with a dot and are ignored)."""
+    d = checkpoint_dir(run_dir)
+    if not d.is_dir():
+        return None
+    done = sorted(p for p in d.iterdir() if p.name.startswith(PREFIX) and (p / "state.json").exists())
+    return done[-1] if done else None
+
+
+def save(run_dir: Path, step: int, model, optimizer, scheduler, scaler, state: dict[str, Any], keep: int) -> Path:
+    import torch
+    from safetensors.torch import save_file
+
+    target = checkpoint_dir(run_dir) / f"{PREFIX}{step:07d}"
+    with atomic_dir(target) as tmp:
+        trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+        save_file(trainable, str(tmp / "trainable.safetensors"))
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict() if scaler is not None else None}, tmp / "optim.pt")
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        torch.save(rng, tmp / "rng.pt")
+        py_state = random.getstate()
+        (tmp / "state.json").write_text(json.dumps({**state, "step": step,
+                                                    "python_random": [py_state[0], list(py_state[1]), py_state[2]]}))
+    done = sorted(p for p in checkpoint_dir(run_dir).iterdir() if p.name.startswith(PREFIX))
+    for old in done[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def load(path: Path, model, optimizer, scheduler, scaler) -> dict[str, Any]:
+    """Restore in place; returns state.json. Parameter names must match (same config)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from hwcompat.errors import InputError
+
+    weights = load_file(str(path / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    missing = [n for n in weights if n not in params]
+    if missing:
+        raise InputError(f"checkpoint {path} does not match this model/LoRA config (e.g. {missing[0]}); "
+                         "resume with the run's own config.yaml")
+    with torch.no_grad():
+        for n, t in weights.items():
+            params[n].copy_(t.to(params[n].device, params[n].dtype))
+    optim = torch.load(path / "optim.pt", weights_only=True)
+    optimizer.load_state_dict(optim["optimizer"])
+    scheduler.load_state_dict(optim["scheduler"])
+    if scaler is not None and optim["scaler"] is not None:
+        scaler.load_state_dict(optim["scaler"])
+    rng = torch.load(path / "rng.pt", weights_only=True)
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    state = json.loads((path / "state.json").read_text())
+    v, internal, gauss = state["python_random"]
+    random.setstate((v, tuple(internal), gauss))
+    return state

@@ -1,0 +1,249 @@
+"""Training config: one YAML file plus ``key=value`` overrides, with origins.
+
+Every value remembers where it came from (default, profile, config file,
+command line) so ``--print-config`` can explain the run before any model is
+loaded. Unknown keys are errors with the nearest valid key suggested.
+This module never imports torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+import yaml
+
+from hwcompat.errors import InputError
+
+DATA_FORMATS = ("auto", "prompt_completion", "messages", "alpaca")
+SCHEDULES = ("cosine", "linear", "constant")
+METRICS = ("auto", "exact", "json", "label", "none")
+OVERLONG = ("truncate", "drop")
+BATCHING = ("auto", "packed", "length_grouped", "padded")
+CHAT_TEMPLATE = ("auto", "true", "false")
+
+
+@dataclass
+class TrainConfig:
+    """All knobs of a run. Field comments are the user documentation (see --print-config)."""
+
+    # --- model -------------------------------------------------------------------------------
+    model: str = ""  # local model directory (a hub id only when you have network)
+    tokenizer: str | None = None  # defaults to the model directory
+    trust_remote_code: bool = False  # run code shipped with the model; off unless you trust it
+    # --- data --------------------------------------------------------------------------------
+    train_data: list[str] = field(default_factory=list)  # JSONL file(s)
+    eval_data: list[str] = field(default_factory=list)  # JSONL file(s); empty: split eval_fraction off train
+    eval_fraction: float = 0.1  # used only without eval_data; split with `seed`
+    data_format: str = "auto"  # auto | prompt_completion | messages | alpaca
+    chat_template: str = "auto"  # auto (use the tokenizer's if it has one) | true | false
+    system_prompt: str | None = None  # prepended as a system message when a row has none
+    max_seq_len: int = 1024  # tokens per example, prompt + response
+    overlong: str = "truncate"  # truncate | drop: what to do with longer rows (always reported)
+    # --- LoRA / QLoRA ------------------------------------------------------------------------
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])  # all linear projections
+    qlora: bool = False  # 4-bit NF4 base through bitsandbytes, where the profile allows it
+    # --- schedule ----------------------------------------------------------------------------
+    epochs: float = 1.0
+    max_steps: int = 0  # optimizer steps; > 0 overrides epochs
+    learning_rate: float = 2e-4
+    lr_schedule: str = "cosine"  # cosine | linear | constant
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    micro_batch_size: int = 4  # examples per forward pass
+    gradient_accumulation: int = 1
+    batching: str = "auto"  # auto | packed | length_grouped | padded (see batching.py)
+    gradient_checkpointing: bool = False
+    # --- eval / checkpoints ------------------------------------------------------------------
+    eval_every: int = 0  # optimizer steps between evals; 0: only at the end
+    eval_at_start: bool = True  # task metrics of the base model, for a before/after comparison
+    eval_metrics: str = "auto"  # auto | exact | json | label | none
+    eval_max_rows: int = 64  # rows generated for task metrics (eval loss uses all rows)
+    eval_max_new_tokens: int = 0  # 0: longest reference + 16
+    checkpoint_every: int = 0  # optimizer steps; 0: only on interrupt and at the end
+    keep_checkpoints: int = 2
+    seed: int = 42
+    output_dir: str = "runs/latest"
+    # --- hardware (default: the device profile; set only to override, validated) -------------
+    dtype: str | None = None  # float32 | float16 | bfloat16
+    attention: str | None = None  # eager | sdpa | flash_attention_2
+    compile_backend: str | None = None  # eager | inductor
+    num_threads: int = 0  # CPU threads; 0: all cores this process may use
+    force: bool = False  # run even when a setting contradicts the hardware or the plan
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+ORIGIN_DEFAULT = "default"
+ORIGIN_PROFILE = "profile"
+ORIGIN_FILE = "config file"
+ORIGIN_CLI = "command line"
+
+
+@dataclass
+class LoadedConfig:
+    config: TrainConfig
+    origins: dict[str, str]  # field -> where its value came from
+    path: Path | None
+
+
+def _fields() -> dict[str, Any]:
+    hints = get_type_hints(TrainConfig)
+    return {f.name: hints[f.name] for f in dataclasses.fields(TrainConfig)}
+
+
+CHOICES = {"data_format": DATA_FORMATS, "lr_schedule": SCHEDULES, "eval_metrics": METRICS, "overlong": OVERLONG,
+           "batching": BATCHING, "chat_template": CHAT_TEMPLATE,
+           "dtype": ("float32", "float16", "bfloat16"), "attention": ("eager", "sdpa", "flash_attention_2"),
+           "compile_backend": ("eager", "inductor")}
+
+
+def _coerce(key: str, value: Any, kind: Any, where: str, from_text: bool) -> Any:
+    """Convert and type-check one value; `from_text` values came from the command line."""
+    origin = get_origin(kind)
+    args = get_args(kind)
+    optional = origin is not None and type(None) in args
+    if optional:
+        if value is None or (from_text and str(value).lower() in ("none", "null", "")):
+            return None
+        kind = next(a for a in args if a is not type(None))
+        origin = get_origin(kind)
+    if origin is list:
+        if from_text:
+            value = [v.strip() for v in str(value).split(",") if v.strip()]
+        elif isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise InputError(f"{where}: {key}: expected a list of strings, got {value!r}")
+        return value
+    if kind is bool:
+        if from_text:
+            low = str(value).lower()
+            if low in ("true", "1", "yes", "on"):
+                return True
+            if low in ("false", "0", "no", "off"):
+                return False
+        if isinstance(value, bool):
+            return value
+        raise InputError(f"{where}: {key}: expected true or false, got {value!r}")
+    if kind is int:
+        try:
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value) if not isinstance(value, str) or value.strip().lstrip("-").isdigit() else int("x")
+        except ValueError:
+            raise InputError(f"{where}: {key}: expected an integer, got {value!r}") from None
+    if kind is float:
+        try:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        except (TypeError, ValueError):
+            raise InputError(f"{where}: {key}: expected a number, got {value!r}") from None
+    if kind is str:
+        if isinstance(value, (dict, list)) or value is None:
+            raise InputError(f"{where}: {key}: expected a string, got {value!r}")
+        value = str(value).lower() if isinstance(value, bool) else str(value)
+        if key in CHOICES and value not in CHOICES[key]:
+            raise InputError(f"{where}: {key}: {value!r} is not one of: {', '.join(CHOICES[key])}")
+        return value
+    return value
+
+
+def _unknown(key: str, where: str) -> InputError:
+    names = list(_fields())
+    near = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
+    hint = f"; did you mean {near[0]!r}?" if near else ""
+    return InputError(f"{where}: unknown key {key!r}{hint} (hwcompat train --print-config lists every key)")
+
+
+def _validate(cfg: TrainConfig, where: str) -> None:
+    checks = [
+        (cfg.lora_r > 0, "lora_r must be > 0"),
+        (cfg.lora_alpha > 0, "lora_alpha must be > 0"),
+        (0 <= cfg.lora_dropout < 1, "lora_dropout must be in [0, 1)"),
+        (cfg.micro_batch_size > 0, "micro_batch_size must be > 0"),
+        (cfg.gradient_accumulation > 0, "gradient_accumulation must be > 0"),
+        (cfg.max_seq_len >= 8, "max_seq_len must be >= 8"),
+        (cfg.learning_rate > 0, "learning_rate must be > 0"),
+        (cfg.epochs > 0 or cfg.max_steps > 0, "set epochs > 0 or max_steps > 0"),
+        (0 < cfg.eval_fraction < 1, "eval_fraction must be between 0 and 1"),
+        (0 <= cfg.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
+        (cfg.keep_checkpoints >= 1, "keep_checkpoints must be >= 1"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise InputError(f"{where}: {msg}")
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None,
+                base: dict[str, Any] | None = None) -> LoadedConfig:
+    """Defaults <- ``base`` (e.g. the demo's) <- the YAML file <- ``key=value`` overrides."""
+    kinds = _fields()
+    cfg = TrainConfig()
+    origins = {k: ORIGIN_DEFAULT for k in kinds}
+    raw_layers: list[tuple[dict[str, Any], str, str, bool]] = []
+    if base:
+        raw_layers.append((base, "demo config", "demo", False))
+    p = Path(path) if path else None
+    if p is not None:
+        try:
+            text = p.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise InputError(f"config {p}: not found") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InputError(f"config {p}: cannot read it ({exc})") from None
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            line = f":{mark.line + 1}" if mark is not None else ""
+            raise InputError(f"config {p}{line}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        if not isinstance(data, dict):
+            raise InputError(f"config {p}: expected a mapping of key: value, got {type(data).__name__}")
+        raw_layers.append((data, f"config {p}", ORIGIN_FILE, False))
+    cli: dict[str, Any] = {}
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise InputError(f"override {item!r}: expected key=value, e.g. learning_rate=1e-4")
+        cli[key.strip()] = value.strip()
+    raw_layers.append((cli, "command line", ORIGIN_CLI, True))
+    for data, where, origin, from_text in raw_layers:
+        for key, value in data.items():
+            if key not in kinds:
+                raise _unknown(str(key), where)
+            setattr(cfg, key, _coerce(key, value, kinds[key], where, from_text))
+            origins[key] = origin
+    # Paths in a config file are relative to that file, so a config travels with its data.
+    if p is not None:
+        for key in ("model", "tokenizer", "output_dir"):
+            val = getattr(cfg, key)
+            if origins[key] == ORIGIN_FILE and val and not Path(val).is_absolute() and (p.parent / val).exists():
+                setattr(cfg, key, str((p.parent / val).resolve()))
+        for key in ("train_data", "eval_data"):
+            if origins[key] == ORIGIN_FILE:
+                setattr(cfg, key, [str((p.parent / v).resolve()) if not Path(v).is_absolute() else v
+                                   for v in getattr(cfg, key)])
+    _validate(cfg, f"config {p}" if p else "config")
+    if not cfg.model:
+        raise InputError("config: model: missing; set model: /path/to/model in the YAML or model=PATH")
+    if not cfg.train_data:
+        raise InputError("config: train_data: missing; set train_data: [train.jsonl] in the YAML or train_data=PATH")
+    return LoadedConfig(cfg, origins, p)
+
+
+def save_yaml(data: dict[str, Any], path: Path) -> None:
+    from hwcompat.fsutil import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))

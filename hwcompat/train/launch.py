@@ -1,0 +1,148 @@
+"""The launcher: resolve the device profile, check the data, then exec the trainer.
+
+Runs in the CLI process and never imports torch: the profile environment
+(allocator, TORCHDYNAMO_DISABLE, HSA_OVERRIDE_GFX_VERSION …) must exist
+before torch is first imported, so the trainer runs in a fresh process
+(``exec``, so signals such as ``docker stop`` reach it directly) with that
+environment. Several identical devices: the same worker under torchrun.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+from hwcompat import __version__
+from hwcompat.errors import HwcompatError, InputError
+from hwcompat.fsutil import atomic_write_json
+from hwcompat.resolve import HostPlan, Overrides, ResolvedDevice, resolve_device
+from hwcompat.train.config import ORIGIN_DEFAULT, ORIGIN_PROFILE, LoadedConfig, save_yaml
+from hwcompat.train.data import load_datasets
+
+HARDWARE_KEYS = ("dtype", "attention", "compile_backend")
+VISIBILITY = {"nvidia": "CUDA_VISIBLE_DEVICES", "amd": "HIP_VISIBLE_DEVICES"}
+
+
+def training_device(plan: HostPlan, spec: str | None) -> tuple[int, ResolvedDevice]:
+    """--device, else the first supported GPU, else the CPU."""
+    from hwcompat.cli.common import select_device
+
+    if spec is not None:
+        return select_device(plan, spec)
+    for pos, d in enumerate(plan.devices):
+        if d.reading.vendor != "cpu" and d.supported:
+            return pos, d
+    return len(plan.devices) - 1, plan.devices[-1]
+
+
+def apply_profile(loaded: LoadedConfig, device: ResolvedDevice, profiles, software, forced_profile: str | None
+                  ) -> tuple[dict[str, Any], dict[str, str], list[str]]:
+    """The profile merged into the config; user hardware settings validated against the card.
+
+    Returns (resolved profile as a dict, origins of the hardware keys, warnings).
+    """
+    cfg = loaded.config
+    sets = {k: getattr(cfg, k) for k in HARDWARE_KEYS if getattr(cfg, k) is not None}
+    warnings: list[str] = []
+    try:
+        resolved = resolve_device(device.reading, profiles, software, Overrides(forced_profile, sets))
+    except InputError as exc:
+        if not cfg.force:
+            raise InputError(f"{exc}\n(this contradicts the hardware; set force=true to try anyway)") from None
+        warnings.append(f"force=true: running despite: {exc}")
+        resolved = resolve_device(device.reading, profiles, software, Overrides(forced_profile, {}))
+        p = resolved.profile
+        resolved = replace(resolved, profile=replace(p, **sets, reasons={**p.reasons, **{
+            k: f"forced by the user despite the hardware ({exc})" for k in sets}}))
+    if resolved.profile is None:
+        raise HwcompatError(f"{device.reading.name} cannot train: {'; '.join(resolved.problems)}")
+    if not resolved.supported and not cfg.force:
+        raise HwcompatError(f"{device.reading.name} is not supported: {'; '.join(resolved.problems)} "
+                            "(set force=true to try anyway)")
+    origins = {k: (loaded.origins[k] if k in sets else ORIGIN_PROFILE) for k in HARDWARE_KEYS}
+    return asdict(resolved.profile), origins, warnings + [p for p in resolved.problems if p.startswith("warning")]
+
+
+def render_config(loaded: LoadedConfig, profile: dict[str, Any], hw_origins: dict[str, str],
+                  device: ResolvedDevice) -> str:
+    """--print-config: every value with where it came from."""
+    cfg = loaded.config.to_dict()
+    lines = [f"# device: {device.reading.name} ({device.reading.vendor}:{device.reading.index})"
+             f"{' (emulated)' if device.reading.emulated else ''}, profile {profile['name']}"]
+    width = max(len(k) for k in cfg)
+    for key, value in cfg.items():
+        origin = loaded.origins.get(key, ORIGIN_DEFAULT)
+        if key in HARDWARE_KEYS:
+            value, origin = profile[key], hw_origins[key]
+        lines.append(f"{key.ljust(width)} : {json.dumps(value)}  # {origin}")
+    lines.append("# profile environment (set in the training process before torch is imported):")
+    for k, v in profile["env"].items():
+        lines.append(f"{('env.' + k).ljust(width)} : {json.dumps(v)}  # profile")
+    return "\n".join(lines)
+
+
+def check_data(loaded: LoadedConfig) -> str:
+    """Text-level checks before anything heavy; raises on errors, returns the report text."""
+    cfg = loaded.config
+    _, _, report = load_datasets(cfg.train_data, cfg.eval_data, cfg.data_format, cfg.eval_fraction, cfg.seed,
+                                 cfg.system_prompt)
+    if report.errors:
+        raise InputError("data checks failed; nothing was trained\n" + report.render())
+    return report.render()
+
+
+def prepare_run_dir(loaded: LoadedConfig, profile: dict[str, Any], device: ResolvedDevice, plan: HostPlan,
+                    resume: bool, overwrite: bool) -> Path:
+    run_dir = Path(loaded.config.output_dir).resolve()
+    if resume:
+        if not (run_dir / "checkpoints").is_dir():
+            raise InputError(f"--resume: {run_dir} has no checkpoints; start the run without --resume")
+    elif run_dir.exists() and any((run_dir / n).exists() for n in ("adapter", "checkpoints", "run.json")):
+        if not overwrite:
+            raise InputError(f"output_dir {run_dir} already holds a run; continue it with --resume, choose another "
+                             "output_dir, or pass --overwrite to replace it")
+        import shutil
+
+        for name in ("adapter", "checkpoints", "metrics.jsonl", "summary.json"):
+            target = run_dir / name
+            shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg = loaded.config.to_dict()
+    cfg["output_dir"] = str(run_dir)
+    # config.yaml holds the user's settings (not the profile's), so a resume re-resolves the same way.
+    save_yaml({k: v for k, v in cfg.items()
+               if loaded.origins.get(k, ORIGIN_DEFAULT) != ORIGIN_DEFAULT or k in ("model", "output_dir")},
+              run_dir / "config.yaml")
+    atomic_write_json(run_dir / "profile.json", profile)
+    atomic_write_json(run_dir / "devices.json", plan.to_dict())
+    atomic_write_json(run_dir / "run.json", {
+        "hwcompat": __version__, "config": cfg, "origins": loaded.origins, "profile": profile,
+        "device": device.to_dict()})
+    return run_dir
+
+
+def child_env(profile: dict[str, Any], device: ResolvedDevice, group: list[int] | None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(profile["env"])
+    var = VISIBILITY.get(device.reading.vendor)
+    if var and not device.reading.emulated:
+        env[var] = ",".join(str(i) for i in (group or [device.reading.index]))
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def exec_worker(run_dir: Path, env: dict[str, str], resume: bool, nproc: int) -> None:
+    """Replace this process with the trainer (or torchrun), so signals go straight to it."""
+    tail = [str(run_dir)] + (["--resume"] if resume else [])
+    if nproc > 1:
+        argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+                "-m", "hwcompat.train.worker", *tail]
+    else:
+        argv = [sys.executable, "-m", "hwcompat.train.worker", *tail]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, argv, env)

@@ -1,0 +1,35 @@
+"""Entry point of the training process: ``python -m hwcompat.train.worker RUN_DIR [--resume]``.
+
+Started by ``hwcompat train`` with the profile environment already set, so
+torch is first imported here, after the allocator and vendor flags exist.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from hwcompat.errors import HwcompatError
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    resume = "--resume" in args
+    paths = [a for a in args if not a.startswith("--")]
+    if len(paths) != 1:
+        print("usage: python -m hwcompat.train.worker RUN_DIR [--resume]", file=sys.stderr)
+        return 2
+    from hwcompat.train.loop import run
+
+    try:
+        return run(Path(paths[0]), resume=resume)
+    except HwcompatError as exc:
+        print(f"hwcompat: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("hwcompat: interrupted (second Ctrl-C); no checkpoint written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
