@@ -490,6 +490,7 @@ def _summary_text(s: dict[str, Any], run_dir: Path) -> str:
         lines.append(f"{'metric':16} {'before':>8} {'after':>8}")
         for k in keys:
             b = before.get(k)
-            lines.append(f"{k:16} {b if b is None else format(b, '.3f'):>8} {after[k]:8.3f}")
+            shown = "-" if b is None else f"{b:.3f}"
+            lines.append(f"{k:16} {shown:>8} {after[k]:8.3f}")
     lines.append(f"adapter: {run_dir / 'adapter'}")
     return "\n".join(lines)

@@ -41,7 +41,10 @@ def build_model(tokenizer, hidden: int = 64, layers: int = 2, heads: int = 4, se
                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
                       max_position_embeddings=2048, bos_token_id=tokenizer.bos_token_id,
                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                      tie_word_embeddings=True)
+                      tie_word_embeddings=True,
+                      # Wide init: with the default 0.02 a tied random head cannot produce sharp logits,
+                      # so LoRA (which leaves embeddings frozen) could never fit even one example.
+                      initializer_range=0.2)
     return LlamaForCausalLM(cfg)
 
 

@@ -1,0 +1,64 @@
+"""A tiny Llama with a locally trained tokenizer and a learnable synthetic task (no hub)."""
+
+import json
+import random
+
+import pytest
+
+COLORS = {"apple": "red", "cherry": "red", "tomato": "red", "ruby": "red", "brick": "red",
+          "banana": "yellow", "lemon": "yellow", "sun": "yellow", "corn": "yellow", "butter": "yellow",
+          "grass": "green", "lime": "green", "frog": "green", "leaf": "green", "mint": "green",
+          "sky": "blue", "ocean": "blue", "sapphire": "blue", "jeans": "blue", "whale": "blue"}
+
+
+def task_rows(n, seed):
+    rng = random.Random(seed)
+    items = sorted(COLORS)
+    rows = []
+    for _ in range(n):
+        item = rng.choice(items)
+        rows.append({"prompt": f"What color is the {item}?", "completion": COLORS[item]})
+    return rows
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    from hwcompat.train.tiny import write_tiny
+
+    path = tmp_path_factory.mktemp("tiny") / "model"
+    texts = [f"What color is the {k}? {v}" for k, v in COLORS.items()] * 5 + ["### User:\n### Assistant:\n"]
+    return write_tiny(path, texts, chat_template=False, hidden=64, layers=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model(tmp_path_factory):
+    from hwcompat.train.tiny import write_tiny
+
+    path = tmp_path_factory.mktemp("tinychat") / "model"
+    texts = [f"What color is the {k}? {v}" for k, v in COLORS.items()] * 5
+    return write_tiny(path, texts, chat_template=True, hidden=64, layers=2)
+
+
+@pytest.fixture
+def task_files(tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", task_rows(160, 1))
+    evals = write_jsonl(tmp_path / "eval.jsonl", task_rows(24, 2))
+    return train, evals
+
+
+def make_config(tmp_path, model, train, evals, **extra):
+    import yaml
+
+    cfg = {"model": str(model), "train_data": [str(train)], "eval_data": [str(evals)], "max_seq_len": 64,
+           "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "learning_rate": 0.02, "micro_batch_size": 8,
+           "max_steps": 40, "warmup_ratio": 0.0, "eval_max_rows": 24, "output_dir": str(tmp_path / "run"),
+           "num_threads": 1}
+    cfg.update(extra)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
