@@ -20,6 +20,7 @@ COMMANDS = {
     "train": "train",
     "data": "data",
     "demo": "demo",
+    "plan": "plan",
 }
 
 

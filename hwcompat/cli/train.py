@@ -25,6 +25,8 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
                    help="print the resolved config with each value's origin and exit (loads no model)")
     p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in output_dir")
+    p.add_argument("--force", action="store_true", help="run even when the plan says it will not fit or a setting "
+                                                        "contradicts the hardware (same as force=true)")
     p.add_argument("--devices", metavar="all|N", help="train on all identical devices (DDP via torchrun); "
                                                       "on a CPU-only host N processes (gloo)")
     p.add_argument("--device", metavar="N", help="device position from `hwcompat detect` (default: first GPU)")
@@ -58,6 +60,9 @@ def launch(args, loaded) -> int:
     from hwcompat.software import installed
     from hwcompat.train import launch as L
 
+    if getattr(args, "force", False):
+        loaded.config.force = True
+        loaded.origins["force"] = "command line"
     plan = plan_from_args(args)
     pos, device = L.training_device(plan, args.device)
     profile, hw_origins, warnings = L.apply_profile(loaded, device, load_profiles(), installed(), args.profile)
@@ -70,6 +75,9 @@ def launch(args, loaded) -> int:
         raise InputError(f"{device.reading.name} is emulated: there is no such card to train on. "
                          "Use --print-config to see the resolved run, or drop --emulate")
     print(L.check_data(loaded), file=sys.stderr)
+    note = L.check_plan(loaded, device, profile)
+    if note:
+        print(note, file=sys.stderr)
     nproc, group = _nproc(args, plan, pos, device)
     run_dir = L.prepare_run_dir(loaded, profile, device, plan, args.resume, args.overwrite)
     print(f"training on {device.reading.name} with profile {profile['name']} ({profile['dtype']}, "

@@ -146,3 +146,31 @@ def exec_worker(run_dir: Path, env: dict[str, str], resume: bool, nproc: int) ->
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, argv, env)
+
+
+def check_plan(loaded: LoadedConfig, device: ResolvedDevice, profile: dict[str, Any]) -> str | None:
+    """Refuse early, before any model load, when the planner says the run will not fit.
+
+    Returns a one-line note for the log (None when the model type is unknown to the planner).
+    """
+    from hwcompat import plan as P
+
+    cfg = loaded.config
+    try:
+        shape = P.load_shape(cfg.model)
+    except InputError as exc:
+        return f"plan: skipped ({exc})"
+    quant_ok = "nf4" in profile["quantization"]
+    inp = P.PlanInput(method="qlora" if cfg.qlora else "lora", seq_len=cfg.max_seq_len, batch_size=cfg.micro_batch_size,
+                      lora_rank=cfg.lora_r, lora_targets=cfg.lora_target_modules,
+                      gradient_checkpointing=cfg.gradient_checkpointing, lora_dropout=cfg.lora_dropout > 0)
+    result = P.estimate(shape, inp, profile["dtype"], profile["attention"], device.reading.vendor,
+                        device.reading.memory_bytes, quant_ok)
+    note = (f"plan: peak {result.peak_bytes / P.GIB:.2f} GiB of {result.device_bytes / P.GIB:.1f} GiB "
+            f"(worst case: every micro-batch {cfg.max_seq_len} tokens long)")
+    if result.fits or cfg.force:
+        return note + ("" if result.fits else "; does not fit, trying anyway (force)")
+    fits = [s for s in P.suggest(shape, result, device.reading.vendor, quant_ok) if s["fits"]]
+    hint = "; ".join(s["change"] for s in fits[:3]) or "a smaller model"
+    raise HwcompatError(f"this run will not fit on {device.reading.name}: {note}. Change: {hint} "
+                        "(`hwcompat plan --suggest` shows the breakdown; --force tries anyway)")

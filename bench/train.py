@@ -1,0 +1,172 @@
+"""Tokens/s of `hwcompat train` vs the plain transformers Trainer + PEFT script from the docs.
+
+    python bench/train.py [--model small|smollm2] [--steps 30] [--batch 8] [--out bench/results/train-cpu.json]
+
+Same model, data, max sequence length, batch size, steps, learning rate and LoRA config, run one after
+the other in this process's run. Data has a realistic length spread (prompts 30-400 tokens). Tokens/s
+counts real tokens only (no padding), over the training phase only. Both adapters are then scored by
+the same token-weighted eval loss on the same eval rows. Goal: >= 1.5x with an equal or better loss.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+WORDS = ("ticket printer network invoice refund login password server outage billing shipment delay "
+         "customer account update error warning cable router screen battery license upgrade").split()
+
+
+def make_data(tmp: Path, n_train: int, n_eval: int, seed: int = 0) -> tuple[Path, Path]:
+    rng = random.Random(seed)
+
+    def row():
+        n = rng.randint(30, 400)  # prompt length in words ~ tokens for this vocabulary
+        words = [rng.choice(WORDS) for _ in range(n)]
+        label = max(("billing", "network", "account"), key=lambda k: sum(w in k or k in w for w in words))
+        return {"prompt": "Classify the ticket: " + " ".join(words), "completion": label}
+
+    train, evals = tmp / "train.jsonl", tmp / "eval.jsonl"
+    train.write_text("".join(json.dumps(row()) + "\n" for _ in range(n_train)))
+    evals.write_text("".join(json.dumps(row()) + "\n" for _ in range(n_eval)))
+    return train, evals
+
+
+def make_model(kind: str, tmp: Path, train: Path) -> Path:
+    if kind == "smollm2":
+        from hwcompat.demo.model import ensure_model
+        return ensure_model()
+    from hwcompat.train.tiny import write_tiny
+    texts = [json.loads(x)["prompt"] for x in train.read_text().splitlines()[:200]]
+    return write_tiny(tmp / "model", texts, chat_template=False, hidden=256, layers=4, heads=8)
+
+
+PLAIN = r'''
+# The plain script a user writes from the transformers + PEFT docs (prompt tokens masked, fair to it).
+import json, sys, time, torch
+from transformers import (AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments,
+                          DataCollatorForSeq2Seq)
+from peft import LoraConfig, get_peft_model
+model_dir, train_file, out, steps, batch, max_len, lr, threads = sys.argv[1:9]
+torch.set_num_threads(int(threads))
+tok = AutoTokenizer.from_pretrained(model_dir)
+tok.pad_token = tok.pad_token or tok.eos_token
+def encode(r):
+    p = tok("### User:\n" + r["prompt"] + "\n\n### Assistant:\n")["input_ids"]
+    c = tok(r["completion"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    ids = (p + c)[:int(max_len)]
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": ([-100] * len(p) + c)[:int(max_len)]}
+rows = [json.loads(x) for x in open(train_file)]
+ds = [encode(r) for r in rows]  # a list is a valid torch Dataset
+model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
+                                         task_type="CAUSAL_LM"))
+args = TrainingArguments(output_dir=out, per_device_train_batch_size=int(batch), max_steps=int(steps),
+                         learning_rate=float(lr), lr_scheduler_type="cosine", logging_steps=10, save_strategy="no",
+                         report_to=[], seed=42, dataloader_num_workers=0, use_cpu=not torch.cuda.is_available())
+tokens = {"n": 0}
+collator = DataCollatorForSeq2Seq(tok, padding=True)
+def counting(features):
+    tokens["n"] += sum(len(f["input_ids"]) for f in features)
+    return collator(features)
+trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=counting)
+t = time.time()
+trainer.train()
+elapsed = time.time() - t
+model.save_pretrained(out + "/adapter")
+print(json.dumps({"train_seconds": elapsed, "real_tokens": tokens["n"]}))
+'''
+
+
+def eval_loss(model_dir: Path, adapter: Path, eval_file: Path, max_len: int) -> float:
+    """One scorer for both adapters: token-weighted loss on response tokens."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hwcompat.train import batching
+    from hwcompat.train.data import Report, read_jsonl
+    from hwcompat.train.loop import evaluate_loss
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.pad_token = tok.pad_token or tok.eos_token
+    rows = read_jsonl(eval_file, "auto", Report())
+    data = batching.tokenize_all(tok, rows, False, max_len, "truncate", Report(), "eval")
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), str(adapter))
+    return evaluate_loss(model, data, 8, tok.pad_token_id, torch.device("cpu"), "float32")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=("small", "smollm2"), default="small")
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--max-len", type=int, default=512)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "train-cpu.json"))
+    args = ap.parse_args()
+    threads = os.cpu_count() or 1
+    tmp = Path(tempfile.mkdtemp(prefix="hwcompat-bench-"))
+    train, evals = make_data(tmp, n_train=args.steps * args.batch, n_eval=48)
+    model = make_model(args.model, tmp, train)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HWCOMPAT_")}
+
+    cfg = {"model": str(model), "train_data": [str(train)], "eval_data": [str(evals)], "max_seq_len": args.max_len,
+           "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "max_steps": args.steps, "learning_rate": args.lr,
+           "warmup_ratio": 0.0, "micro_batch_size": args.batch, "eval_at_start": False, "eval_metrics": "none",
+           "chat_template": "false", "output_dir": str(tmp / "hw"), "num_threads": threads}
+    (tmp / "hw.yaml").write_text(json.dumps(cfg))
+    res = subprocess.run([sys.executable, "-m", "hwcompat", "train", str(tmp / "hw.yaml")], capture_output=True,
+                         text=True, env=env)
+    if res.returncode:
+        print(res.stderr[-3000:], file=sys.stderr)
+        return 1
+    hw = json.loads((tmp / "hw" / "summary.json").read_text())
+
+    script = tmp / "plain.py"
+    script.write_text(PLAIN)
+    res = subprocess.run([sys.executable, str(script), str(model), str(train), str(tmp / "plain"), str(args.steps),
+                          str(args.batch), str(args.max_len), str(args.lr), str(threads)],
+                         capture_output=True, text=True, env=env)
+    if res.returncode:
+        print(res.stderr[-3000:], file=sys.stderr)
+        return 1
+    plain = json.loads(res.stdout.strip().splitlines()[-1])
+
+    hw_loss = eval_loss(model, tmp / "hw" / "adapter", evals, args.max_len)
+    plain_loss = eval_loss(model, tmp / "plain" / "adapter", evals, args.max_len)
+    hw_tps = hw["tokens_per_s"]
+    plain_tps = plain["real_tokens"] / plain["train_seconds"]
+    report = {
+        "benchmark": "train", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "device": "cpu", "machine": platform.machine(), "threads": threads, "model": args.model,
+        "steps": args.steps, "batch": args.batch, "max_seq_len": args.max_len, "length_spread_tokens": "30-400",
+        "hwcompat": {"tokens_per_s": hw_tps, "train_seconds": hw["train_seconds"], "eval_loss": hw_loss,
+                     "batching": hw["batching"]},
+        "plain_trainer": {"tokens_per_s": plain_tps, "train_seconds": plain["train_seconds"], "eval_loss": plain_loss,
+                          "real_tokens": plain["real_tokens"]},
+        "speedup": hw_tps / plain_tps,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"{'':16} {'tokens/s':>10} {'train s':>9} {'eval loss':>10}")
+    print(f"{'hwcompat':16} {hw_tps:10.0f} {hw['train_seconds']:9.1f} {hw_loss:10.4f}")
+    print(f"{'plain Trainer':16} {plain_tps:10.0f} {plain['train_seconds']:9.1f} {plain_loss:10.4f}")
+    print(f"speedup: {report['speedup']:.2f}x   wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

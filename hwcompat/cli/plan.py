@@ -1,0 +1,89 @@
+"""``hwcompat plan``: will this fine-tune fit on this card? Reads config.json only; no torch."""
+
+from __future__ import annotations
+
+import argparse
+
+from hwcompat.cli.common import add_device_options, gib, plan_from_args, print_json
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("plan", help="estimate peak memory of a fine-tune on a device (no torch, no weights)",
+                       description="Estimate peak device memory with a per-term breakdown and say whether it fits.")
+    p.add_argument("--model", required=True, help="model folder, config.json path, or a cached hub id")
+    p.add_argument("--method", choices=("lora", "qlora", "full"), default="lora")
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--batch-size", type=int, default=1, help="micro-batch size")
+    p.add_argument("--lora-rank", type=int, default=16)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--gradient-checkpointing", dest="gc", action="store_true", default=False)
+    g.add_argument("--no-gradient-checkpointing", dest="gc", action="store_false")
+    p.add_argument("--optimizer", default="adamw", help="adamw | adamw_8bit | sgd")
+    p.add_argument("--device", metavar="N", help="device position from `hwcompat detect` (default: first GPU)")
+    p.add_argument("--suggest", action="store_true", help="say what does fit (or the cheapest change that fits)")
+    p.add_argument("--json", action="store_true")
+    add_device_options(p)
+    p.set_defaults(func=run)
+
+
+def make_plan(shape, device, inp, with_suggestions: bool):
+    from hwcompat import plan as P
+
+    prof = device.profile
+    quant_ok = "nf4" in prof.quantization
+    result = P.estimate(shape, inp, prof.dtype, prof.attention, device.reading.vendor, device.reading.memory_bytes,
+                        quant_ok)
+    if inp.method == "qlora" and not quant_ok:
+        result.notes.append(f"{prof.name}: {prof.reasons.get('quantization.nf4', 'no NF4 support')}")
+    if with_suggestions:
+        from dataclasses import replace
+
+        result = replace(result, suggestions=P.suggest(shape, result, device.reading.vendor, quant_ok))
+    return result
+
+
+def render(result, shape, device, model: str) -> str:
+    prof = device.profile
+    inp = result.inputs
+    lines = [f"{model}: {shape.model_type}, {result.params / 1e9:.2f}B parameters; {inp.method.upper()}"
+             f"{f' r={inp.lora_rank}' if inp.method != 'full' else ''} trains {result.trainable_params:,}",
+             f"on {device.reading.name} ({prof.name}: {prof.dtype}, attention {prof.attention}), "
+             f"seq_len {inp.seq_len} x micro-batch {inp.batch_size}, gradient checkpointing "
+             f"{'on' if inp.gradient_checkpointing else 'off'}, optimizer {inp.optimizer}", ""]
+    for k, v in result.breakdown.items():
+        lines.append(f"  {k:20} {gib(v):>11}")
+    verdict = "fits" if result.fits else f"does NOT fit (short by {gib(-result.headroom_bytes)})"
+    lines.append(f"  {'peak':20} {gib(result.peak_bytes):>11} of {gib(result.device_bytes)} -> {verdict}"
+                 + (f", headroom {gib(result.headroom_bytes)}" if result.fits else ""))
+    lines.append("")
+    lines.append(f"dtype {prof.dtype}: {prof.reasons['dtype']}")
+    lines += [f"note: {n}" for n in result.notes]
+    if result.suggestions:
+        lines.append("suggestions:")
+        for s in result.suggestions:
+            lines.append(f"  {'fits ' if s['fits'] else 'still too big'}  {s['change']}  (peak {gib(s['peak_bytes'])})")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from hwcompat import plan as P
+    from hwcompat.errors import HwcompatError
+    from hwcompat.train.launch import training_device
+
+    shape = P.load_shape(args.model)
+    host = plan_from_args(args)
+    _, device = training_device(host, args.device)
+    if device.profile is None:
+        raise HwcompatError(f"{device.reading.name}: no profile ({'; '.join(device.problems)})")
+    for name, value in (("--seq-len", args.seq_len), ("--batch-size", args.batch_size), ("--lora-rank", args.lora_rank)):
+        if value < 1:
+            from hwcompat.errors import InputError
+            raise InputError(f"{name} must be >= 1, got {value}")
+    inp = P.PlanInput(method=args.method, seq_len=args.seq_len, batch_size=args.batch_size, lora_rank=args.lora_rank,
+                      gradient_checkpointing=args.gc, optimizer=args.optimizer)
+    result = make_plan(shape, device, inp, args.suggest)
+    if args.json:
+        print_json(result.to_dict())
+    else:
+        print(render(result, shape, device, args.model))
+    return 0

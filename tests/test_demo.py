@@ -1,0 +1,41 @@
+"""The README's main-job command, shortened: the real packaged model and the tiny fallback."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+def _demo(tmp_path, cache_dir, *extra):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HWCOMPAT_")}
+    env["HWCOMPAT_CACHE_DIR"] = str(cache_dir)
+    return subprocess.run([sys.executable, "-m", "hwcompat", "demo", *extra, "max_steps=2", "eval_max_rows=4",
+                           "eval_max_new_tokens=8", f"output_dir={tmp_path / 'demo'}"],
+                          capture_output=True, text=True, env=env, timeout=900)
+
+
+@pytest.mark.slow
+def test_demo_real_model(tmp_path, cache_dir):
+    res = _demo(tmp_path, cache_dir)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "FALLBACK" not in res.stderr
+    assert "AMD EPYC" in res.stderr or "cpu" in res.stderr  # the device table comes first
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert summary["steps"] == 2 and "field_f1" in summary["eval_after"]
+    assert (cache_dir / "models" / "smollm2-135m-instruct" / "model.safetensors").exists()
+    cfg = json.loads((cache_dir / "models" / "smollm2-135m-instruct" / "config.json").read_text())
+    assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["num_hidden_layers"] == 30
+
+
+@pytest.mark.slow
+def test_demo_tiny_fallback(tmp_path, cache_dir):
+    res = _demo(tmp_path, cache_dir, "--tiny")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "tiny model built from a config" in res.stderr

@@ -1,0 +1,157 @@
+"""The planner's deterministic terms checked exactly against real tiny models; CLI and train gate."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from hwcompat import plan as P
+from hwcompat.cli import main
+from hwcompat.errors import InputError
+
+# model_type -> tiny config in the real config.json vocabulary
+TINY = {
+    "llama": {"hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "vocab_size": 300, "tie_word_embeddings": False},
+    "mistral": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 8,
+                "num_key_value_heads": 2, "vocab_size": 250},
+    "qwen2": {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 3, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "vocab_size": 320, "tie_word_embeddings": True},
+    "qwen3": {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "head_dim": 32, "vocab_size": 200, "tie_word_embeddings": True},
+    "gemma": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 1, "head_dim": 32, "vocab_size": 256},
+    "phi3": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 4, "vocab_size": 260, "tie_word_embeddings": False, "pad_token_id": 0},
+}
+
+
+def _model(model_type, tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(model_type, **TINY[model_type])
+    cfg.save_pretrained(tmp_path)
+    return AutoModelForCausalLM.from_config(cfg), json.loads((tmp_path / "config.json").read_text())
+
+
+@pytest.mark.parametrize("model_type", sorted(TINY))
+def test_parameter_and_lora_counts_are_exact(model_type, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    model, _ = _model(model_type, tmp_path)
+    shape = P.load_shape(str(tmp_path))
+    assert shape.params() == sum(p.numel() for p in model.parameters())
+    peft_model = get_peft_model(model, LoraConfig(r=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    assert shape.lora_params(8) == trainable
+
+
+def test_optimizer_and_weight_bytes_are_exact(tmp_path):
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    model, _ = _model("llama", tmp_path)
+    shape = P.load_shape(str(tmp_path))
+    model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params)
+    loss = model(torch.randint(0, 300, (1, 8)), labels=torch.randint(0, 300, (1, 8))).loss
+    loss.backward()
+    opt.step()
+    state_bytes = sum(t.numel() * t.element_size() for s in opt.state.values() for k, t in s.items() if k != "step")
+    plan = P.estimate(shape, P.PlanInput(lora_rank=4, seq_len=8), "float32", "sdpa", "cpu", 1 << 40)
+    assert plan.breakdown["optimizer_states"] == state_bytes
+    assert plan.breakdown["adapter_weights"] == sum(p.numel() * 4 for p in params)
+    assert plan.breakdown["base_weights"] == sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+                                                 if not p.requires_grad)
+
+
+def test_unknown_architecture(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mamba", "hidden_size": 8}))
+    with pytest.raises(InputError, match="model_type 'mamba' is not supported by the planner; supported: llama"):
+        P.load_shape(str(tmp_path))
+
+
+def test_hub_id_from_local_cache(tmp_path, monkeypatch):
+    snap = tmp_path / "hub" / "models--org--tiny" / "snapshots" / "abc"
+    snap.mkdir(parents=True)
+    (snap / "config.json").write_text(json.dumps({"model_type": "llama", **TINY["llama"]}))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert P.load_shape("org/tiny").hidden == 64
+    with pytest.raises(InputError, match="no config.json there"):
+        P.load_shape("org/absent")
+
+
+QWEN7B = {"model_type": "qwen2", "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+          "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064, "tie_word_embeddings": False,
+          "max_position_embeddings": 32768}
+
+
+@pytest.fixture
+def qwen7b(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(QWEN7B))
+    return str(tmp_path)
+
+
+def test_7b_lora_on_m40_does_not_fit_and_says_why(qwen7b, capsys):
+    assert main(["plan", "--model", qwen7b, "--emulate", "m40", "--suggest", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["fits"] is False and out["device_bytes"] == 25769803776
+    assert set(out["breakdown"]) >= {"base_weights", "adapter_weights", "gradients", "optimizer_states",
+                                     "activations", "logits", "runtime_overhead"}
+    assert out["peak_bytes"] == sum(out["breakdown"].values())
+    assert out["breakdown"]["base_weights"] == P.load_shape(qwen7b).params() * 4  # fp32 on Maxwell
+    assert "cannot run QLoRA" in out["suggestions"][-1]["change"]
+
+
+def test_qlora_7b_on_4090_fits_and_suggests_limits(qwen7b, capsys):
+    assert main(["plan", "--model", qwen7b, "--emulate", "rtx4090", "--method", "qlora",
+                 "--gradient-checkpointing", "--suggest"]) == 0
+    out = capsys.readouterr().out
+    assert "-> fits, headroom" in out and "max_seq_len=" in out and "micro_batch_size=" in out
+
+
+def test_suggestions_put_the_cheapest_fitting_change_first(qwen7b, capsys):
+    main(["plan", "--model", qwen7b, "--emulate", "a100", "--seq-len", "8192", "--batch-size", "4", "--suggest",
+          "--json"])
+    s = json.loads(capsys.readouterr().out)["suggestions"]
+    assert s[0]["fits"] and " + " not in s[0]["change"]
+
+
+def test_eager_attention_adds_the_s2_term(qwen7b):
+    shape = P.load_shape(qwen7b)
+    inp = P.PlanInput(seq_len=4096)
+    sdpa = P.estimate(shape, inp, "bfloat16", "sdpa", "nvidia", 80 << 30)
+    eager = P.estimate(shape, inp, "bfloat16", "eager", "nvidia", 80 << 30)
+    assert sdpa.breakdown["attention_scores"] == 0
+    assert eager.breakdown["attention_scores"] == 28 * 4096 * 4096 * 2 * 2 * 28
+
+
+def test_checkpointing_cuts_activations(qwen7b):
+    shape = P.load_shape(qwen7b)
+    off = P.estimate(shape, P.PlanInput(), "bfloat16", "sdpa", "nvidia", 80 << 30)
+    on = P.estimate(shape, P.PlanInput(gradient_checkpointing=True), "bfloat16", "sdpa", "nvidia", 80 << 30)
+    assert on.breakdown["activations"] < off.breakdown["activations"] / 10
+
+
+def test_plan_does_not_import_torch(qwen7b):
+    code = ("import sys, io, contextlib\nfrom hwcompat.cli import main\nwith contextlib.redirect_stdout(io.StringIO()):"
+            f"\n    main(['plan', '--model', {qwen7b!r}, '--emulate', 'p40', '--suggest'])\nprint('torch' in sys.modules)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.stdout.strip() == "False", res.stderr
+
+
+def test_train_refuses_a_run_that_will_not_fit(tmp_path):
+    big = tmp_path / "model"
+    big.mkdir()
+    (big / "config.json").write_text(json.dumps({**QWEN7B, "num_hidden_layers": 80, "hidden_size": 8192,
+                                                 "intermediate_size": 29568, "num_attention_heads": 64,
+                                                 "num_key_value_heads": 8}))
+    data = tmp_path / "t.jsonl"
+    data.write_text('{"prompt": "p", "completion": "c"}\n' * 4)
+    res = subprocess.run([sys.executable, "-m", "hwcompat", "train", "/dev/null", f"model={big}",
+                          f"train_data={data}", f"output_dir={tmp_path / 'run'}"], capture_output=True, text=True)
+    assert res.returncode == 1, res.stderr
+    assert "this run will not fit on" in res.stderr and "--force tries anyway" in res.stderr
+    assert not (tmp_path / "run").exists()
