@@ -21,6 +21,7 @@ COMMANDS = {
     "data": "data",
     "demo": "demo",
     "plan": "plan",
+    "doctor": "doctor",
 }
 
 

@@ -1,0 +1,267 @@
+"""Doctor: is the installed stack right for each card? A pure core plus a fact gatherer.
+
+``gather_stack()`` imports torch to read its version, build and compiled
+arch list (``torch._C._cuda_getArchFlags``) and never touches a device.
+``diagnose()`` is pure: (host plan, stack facts, environment) -> findings,
+so every check is tested with emulated devices and fake stacks.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import importlib.util
+import os
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from hwcompat.datafiles import data_dir
+from hwcompat.resolve import HostPlan, ResolvedDevice
+
+SEVERITIES = ("error", "warning", "info", "ok")
+MIN_SHM_BYTES = 1 << 30  # data-loader workers and NCCL need more than Docker's 64 MiB default
+
+
+@dataclass(frozen=True)
+class Stack:
+    """Installed-software facts, as read from the packages themselves."""
+
+    torch_version: str | None = None
+    torch_cuda: str | None = None  # torch.version.cuda, e.g. "12.6"; None on CPU / ROCm builds
+    torch_hip: str | None = None  # torch.version.hip, e.g. "6.4.43482"
+    arch_list: tuple[str, ...] = ()  # "sm_50", "compute_90", "gfx90a" … the kernels compiled into torch
+    bitsandbytes: str | None = None
+    flash_attn: str | None = None
+    transformers: str | None = None
+    peft: str | None = None
+
+
+@dataclass(frozen=True)
+class Finding:
+    severity: str  # error (blocks training) | warning | info | ok
+    check: str
+    message: str
+    fix: str = ""
+    device: int | None = None  # position in the detect table; None for host-wide findings
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return md.version(dist)
+    except md.PackageNotFoundError:
+        return None
+
+
+def gather_stack() -> Stack:
+    """Read torch's build facts (imports torch; no CUDA init, no allocation)."""
+    if importlib.util.find_spec("torch") is None:
+        return Stack(bitsandbytes=_version("bitsandbytes"), flash_attn=_version("flash_attn") or _version("flash-attn"),
+                     transformers=_version("transformers"), peft=_version("peft"))
+    import torch
+
+    flags = ""
+    getter = getattr(torch._C, "_cuda_getArchFlags", None)
+    if getter is not None:
+        try:
+            flags = getter() or ""
+        except Exception:  # CPU builds may raise instead of returning nothing
+            flags = ""
+    return Stack(
+        torch_version=torch.__version__, torch_cuda=getattr(torch.version, "cuda", None),
+        torch_hip=getattr(torch.version, "hip", None), arch_list=tuple(flags.split()),
+        bitsandbytes=_version("bitsandbytes"), flash_attn=_version("flash_attn") or _version("flash-attn"),
+        transformers=_version("transformers"), peft=_version("peft"))
+
+
+@lru_cache(maxsize=1)
+def driver_floors() -> dict[str, str]:
+    with open(data_dir("catalog") / "runtimes.yaml", encoding="utf-8") as fh:
+        return {str(k): str(v) for k, v in yaml.safe_load(fh)["cuda_driver_floor"].items()}
+
+
+def _vt(text: str) -> tuple[int, ...]:
+    out = []
+    for part in str(text).split("+")[0].split("."):
+        digits = "".join(ch for ch in part if ch.isdigit())
+        out.append(int(digits) if digits else 0)
+    return tuple(out)
+
+
+def covers_nvidia(arch_list: tuple[str, ...], cc: str) -> bool:
+    """True when torch has a cubin for this card (same major, minor <= card's) or PTX it can JIT from."""
+    major, minor = (int(x) for x in cc.split("."))
+    for a in arch_list:
+        kind, _, num = a.partition("_")
+        if not num.isdigit() or len(num) < 2:
+            continue
+        m, n = int(num[:-1]), int(num[-1])
+        if kind == "sm" and m == major and n <= minor:
+            return True
+        if kind == "compute" and (m, n) <= (major, minor):
+            return True
+    return False
+
+
+def _pip_fix(d: ResolvedDevice) -> str:
+    p = d.profile
+    cap = f"<={p.torch_max_version}.*" if p.torch_max_version else ""
+    return f"pip install 'torch{cap}' --index-url {p.torch_index_url}   (or use the {p.image} image)"
+
+
+def _device_findings(pos: int, d: ResolvedDevice, stack: Stack, environ: Mapping[str, str]) -> list[Finding]:
+    r, p = d.reading, d.profile
+    label = f"{r.name} ({d.arch or 'unknown'})"
+    out: list[Finding] = []
+
+    def add(sev: str, check: str, msg: str, fix: str = "") -> None:
+        out.append(Finding(sev, check, f"{label}: {msg}", fix, pos))
+
+    if not d.supported or p is None:
+        add("error", "supported", "; ".join(d.problems) or "no profile covers this device")
+        return out
+    if stack.torch_version is None:
+        add("error", "torch", "torch is not installed", _pip_fix(d))
+        return out
+    if r.vendor == "nvidia":
+        if not stack.torch_cuda:
+            build = f"a ROCm build (HIP {stack.torch_hip})" if stack.torch_hip else "a CPU build"
+            add("error", "torch_build", f"torch {stack.torch_version} is {build}: it cannot use this NVIDIA GPU",
+                _pip_fix(d))
+        else:
+            cc = r.compute_capability or "0.0"
+            if stack.arch_list and not covers_nvidia(stack.arch_list, cc):
+                sms = [a for a in stack.arch_list if a.startswith("sm_")]
+                add("error", "kernels", f"torch {stack.torch_version} has no kernels for sm_{cc.replace('.', '')} "
+                    f"(it has {sms[0]}…{sms[-1] if sms else ''}): training fails with 'no kernel image is "
+                    "available for execution on the device'", _pip_fix(d))
+            else:
+                add("ok", "kernels", f"torch {stack.torch_version} (CUDA {stack.torch_cuda}) has kernels for "
+                    f"sm_{cc.replace('.', '')}")
+            floor = driver_floors().get(stack.torch_cuda.split(".")[0])
+            if floor and r.driver_version and _vt(r.driver_version) < _vt(floor):
+                add("error", "driver", f"driver {r.driver_version} is older than {floor}, the minimum for torch's "
+                    f"CUDA {stack.torch_cuda} runtime", f"upgrade the NVIDIA driver to >= {floor}, or {_pip_fix(d)}")
+            elif floor and r.driver_version:
+                add("ok", "driver", f"driver {r.driver_version} >= {floor} (CUDA {stack.torch_cuda})")
+    elif r.vendor == "amd":
+        if not stack.torch_hip:
+            add("error", "torch_build", f"torch {stack.torch_version} is not a ROCm build: it cannot use this AMD GPU",
+                _pip_fix(d))
+        else:
+            want = p.env.get("HSA_OVERRIDE_GFX_VERSION")
+            have = environ.get("HSA_OVERRIDE_GFX_VERSION")
+            effective = r.gfx_target_effective or r.gfx_target
+            gfx = [a for a in stack.arch_list if a.startswith("gfx")]
+            if want and have != want:
+                if have:
+                    add("error", "gfx_override", f"HSA_OVERRIDE_GFX_VERSION={have} is set, but {r.gfx_target} needs "
+                        f"{want}", f"export HSA_OVERRIDE_GFX_VERSION={want}")
+                else:
+                    add("warning", "gfx_override", f"{r.gfx_target} is not in the ROCm wheels and needs "
+                        f"HSA_OVERRIDE_GFX_VERSION={want}; `hwcompat train` sets it, your own scripts must "
+                        "('HIP error: invalid device function' otherwise)", f"export HSA_OVERRIDE_GFX_VERSION={want}")
+            elif not want and have:
+                add("warning", "gfx_override", f"HSA_OVERRIDE_GFX_VERSION={have} is set but {r.gfx_target} needs "
+                    "no override", "unset HSA_OVERRIDE_GFX_VERSION")
+            elif gfx and effective not in gfx and not want:
+                add("error", "kernels", f"torch {stack.torch_version} has no kernels for {effective} "
+                    f"(it has {', '.join(gfx)}): 'HIP error: invalid device function'", _pip_fix(d))
+            else:
+                add("ok", "kernels", f"torch {stack.torch_version} (HIP {stack.torch_hip}) runs {r.gfx_target}"
+                    + (f" as {want}" if want else ""))
+            if r.runtime_version and _vt(stack.torch_hip)[:2] != _vt(r.runtime_version)[:2]:
+                add("info", "rocm", f"torch is built for ROCm {'.'.join(map(str, _vt(stack.torch_hip)[:2]))}, the "
+                    f"system has ROCm {r.runtime_version}; the wheel bundles its runtime, the kernel driver must "
+                    "support it")
+    if p.torch_max_version and _vt(stack.torch_version)[:2] > _vt(p.torch_max_version)[:2] and r.vendor != "cpu":
+        add("error", "torch_version", f"torch {stack.torch_version} is newer than {p.torch_max_version}, the last "
+            f"release with {d.arch} kernels", _pip_fix(d))
+    # quantization and attention packages
+    nf4 = "nf4" in p.quantization
+    if stack.bitsandbytes and not nf4:
+        add("warning", "bitsandbytes", f"bitsandbytes {stack.bitsandbytes} is installed but QLoRA will fail here: "
+            f"{p.reasons.get('quantization.nf4', '')}", "train with plain LoRA (qlora=false)")
+    elif nf4 and not stack.bitsandbytes:
+        add("info", "bitsandbytes", "QLoRA (4-bit) would work on this card once bitsandbytes is installed",
+            "pip install bitsandbytes")
+    elif nf4:
+        add("ok", "bitsandbytes", f"bitsandbytes {stack.bitsandbytes}: QLoRA available")
+    fa_hw = p.hardware.get("flash_attention_2", False)
+    if stack.flash_attn and not fa_hw:
+        add("info", "flash_attn", f"flash_attn {stack.flash_attn} is installed but does not run on this card; "
+            "sdpa is used")
+    elif fa_hw and not stack.flash_attn:
+        add("info", "flash_attn", "flash-attention-2 would run on this card and enables padding-free packing",
+            "pip install flash-attn --no-build-isolation")
+    elif fa_hw:
+        add("ok", "flash_attn", f"flash_attn {stack.flash_attn}: flash-attention-2 in use")
+    alloc = environ.get("PYTORCH_CUDA_ALLOC_CONF")
+    want_alloc = p.env.get("PYTORCH_CUDA_ALLOC_CONF")
+    if alloc and want_alloc and alloc != want_alloc:
+        add("warning", "allocator", f"PYTORCH_CUDA_ALLOC_CONF={alloc} differs from the profile's {want_alloc} "
+            "(fragmentation OOMs on long runs)", f"export PYTORCH_CUDA_ALLOC_CONF={want_alloc}")
+    return out
+
+
+def diagnose(plan: HostPlan, stack: Stack, environ: Mapping[str, str], shm_bytes: int | None = None,
+             in_container: bool = False) -> list[Finding]:
+    """All findings for this host; any 'error' means training is blocked."""
+    out: list[Finding] = []
+    has_gpu = any(d.reading.vendor != "cpu" for d in plan.devices)
+    if stack.torch_version is None:
+        out.append(Finding("error", "torch", "torch is not installed",
+                           "pip install torch --index-url https://download.pytorch.org/whl/cpu (CPU) or the command "
+                           "for your card below"))
+    else:
+        build = (f"CUDA {stack.torch_cuda}" if stack.torch_cuda else f"ROCm (HIP {stack.torch_hip})" if stack.torch_hip
+                 else "CPU")
+        out.append(Finding("ok", "torch", f"torch {stack.torch_version}: {build} build"
+                           + (f"; kernels: {' '.join(stack.arch_list)}" if stack.arch_list else "")))
+    for pos, d in enumerate(plan.devices):
+        if d.reading.vendor == "cpu":
+            if not has_gpu and stack.torch_version:
+                out.append(Finding("ok", "cpu", f"no GPU found: training runs on {d.reading.name} "
+                                   f"({d.reading.cpu_cores} cores) with the cpu profile", device=pos))
+            continue
+        out += _device_findings(pos, d, stack, environ)
+    for var in ("CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES"):
+        if environ.get(var) is not None:
+            out.append(Finding("warning", "visible_devices", f"{var}={environ[var]!r} is set: torch sees only those "
+                               "devices, in that order, while `hwcompat detect` lists all of them",
+                               f"unset {var} unless you meant it; `hwcompat env --device N` sets it per run"))
+    nv = [d for d in plan.devices if d.reading.vendor == "nvidia"]
+    if len({d.reading.name for d in nv}) > 1 and environ.get("CUDA_DEVICE_ORDER") != "PCI_BUS_ID":
+        out.append(Finding("warning", "device_order", "mixed NVIDIA cards and CUDA_DEVICE_ORDER is not PCI_BUS_ID: "
+                           "CUDA numbers the fastest card first, so torch's cuda:0 may not be detect's device 0",
+                           "export CUDA_DEVICE_ORDER=PCI_BUS_ID"))
+    if in_container and shm_bytes is not None and shm_bytes < MIN_SHM_BYTES:
+        out.append(Finding("warning", "shm", f"/dev/shm is {shm_bytes // 2**20} MiB in this container: data-loader "
+                           "workers and NCCL crash with 'bus error'", "docker run --ipc=host (or --shm-size=8g)"))
+    for prob in plan.host.problems:
+        out.append(Finding("warning", "probe", prob))
+    return out
+
+
+def host_facts(root: str | Path = "/") -> tuple[int | None, bool]:
+    """(/dev/shm size, running in a container?) from the filesystem."""
+    root = Path(root)
+    try:
+        st = os.statvfs(root / "dev/shm")
+        shm = st.f_blocks * st.f_frsize
+    except OSError:
+        shm = None
+    container = (root / ".dockerenv").exists() or (root / "run/.containerenv").exists()
+    try:
+        cg = (root / "proc/1/cgroup").read_text()
+        container = container or any(k in cg for k in ("docker", "kubepods", "containerd", "libpod"))
+    except OSError:
+        pass
+    return shm, container
+
+
+def to_dict(findings: list[Finding], stack: Stack) -> dict[str, Any]:
+    return {"ok": not any(f.severity == "error" for f in findings), "stack": asdict(stack),
+            "findings": [asdict(f) for f in findings]}
