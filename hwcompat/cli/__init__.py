@@ -22,6 +22,7 @@ COMMANDS = {
     "demo": "demo",
     "plan": "plan",
     "doctor": "doctor",
+    "images": "images",
 }
 
 

@@ -38,7 +38,7 @@ def gguf_path() -> Path:
 def ensure_model() -> Path:
     """Converted model folder in the cache (converted on first use, about 20 s)."""
     target = cache_root() / "models" / MODEL_NAME
-    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+    if (target / "model.safetensors").exists() and "quantization_config" not in _read(target / "config.json"):
         return target
     src = gguf_path()
     try:
@@ -51,7 +51,12 @@ def ensure_model() -> Path:
     hf_logging.disable_progress_bar()  # one line from us instead of three progress bars
     tok = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
     loaded = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name)
-    model = LlamaForCausalLM(loaded.config)
+    config = loaded.config
+    # The GGUF loader records quantization_config=gguf; the converted weights are plain float32, and
+    # trainers (transformers' Trainer among them) refuse to train a model that claims GGUF quantisation.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = LlamaForCausalLM(config)
     result = model.load_state_dict(loaded.state_dict(), strict=False)
     if result.missing_keys and result.missing_keys != ["lm_head.weight"]:
         raise HwcompatError(f"converting {src.name} failed: missing weights {result.missing_keys[:3]}")
@@ -60,3 +65,10 @@ def ensure_model() -> Path:
         model.save_pretrained(str(tmp), safe_serialization=True)
         tok.save_pretrained(str(tmp))
     return target
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return "quantization_config"  # missing: treat as stale

