@@ -1,0 +1,146 @@
+"""Images built and run on a real Docker engine, offline (`--network none` everywhere).
+
+CI (`.ci/run`) starts dockerd, imports a debootstrapped base and fills wheelhouse/ first
+(ci/docker_env.sh) and sets HWCOMPAT_REQUIRE_DOCKER=1, so a missing engine fails there
+instead of skipping.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from hwcompat.images import REPO
+
+pytestmark = [pytest.mark.docker, pytest.mark.slow]
+BASE = os.environ.get("HWCOMPAT_CI_BASE", "hwcompat-base:bookworm")
+BUILD_ARGS = [f"BASE_IMAGE={BASE}", "TORCH_SPEC=torch==2.13.0", "TORCH_INDEX_URL=unused-offline"]
+
+
+def _unavailable(reason):
+    if os.environ.get("HWCOMPAT_REQUIRE_DOCKER") == "1":
+        pytest.fail(f"HWCOMPAT_REQUIRE_DOCKER=1 but {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def images():
+    if subprocess.run(["docker", "info"], capture_output=True).returncode != 0:
+        _unavailable("no Docker engine reachable (ci/docker_env.sh start)")
+    if subprocess.run(["docker", "image", "inspect", BASE], capture_output=True).returncode != 0:
+        _unavailable(f"base image {BASE} missing (ci/docker_env.sh base)")
+    if not list((REPO / "wheelhouse").glob("*.whl")):
+        _unavailable("wheelhouse/ is empty (ci/docker_env.sh wheels)")
+    # One NVIDIA family, one AMD family and the CPU image, from the committed Dockerfiles.
+    args = [a for kv in BUILD_ARGS for a in ("--build-arg", kv)]
+    res = subprocess.run([sys.executable, "-m", "hwcompat", "images", "build", "maxwell", "rdna2", "cpu",
+                          "--network", "none", *args], capture_output=True, text=True, timeout=1800)
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert "built hwcompat:maxwell" in res.stdout and "built hwcompat:rdna2" in res.stdout
+    return ["hwcompat:maxwell", "hwcompat:rdna2", "hwcompat:cpu"]
+
+
+def _run(image, *args, env=(), volumes=(), timeout=600):
+    cmd = ["docker", "run", "--rm", "--network", "none"]
+    for e in env:
+        cmd += ["-e", e]
+    for v in volumes:
+        cmd += ["-v", v]
+    return subprocess.run(cmd + [image, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_matching_device_is_accepted(images):
+    res = _run("hwcompat:maxwell", "detect", "--json", "--emulate", "m40")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["devices"][0]["profile"]["image"] == "hwcompat:maxwell"
+    res = _run("hwcompat:rdna2", "env", env=["HWCOMPAT_EMULATE=rx6600"])
+    assert res.returncode == 0 and "HSA_OVERRIDE_GFX_VERSION=10.3.0" in res.stdout
+
+
+def test_mismatched_device_is_refused_with_the_right_tag(images):
+    res = _run("hwcompat:maxwell", "detect", "--emulate", "p40")
+    assert res.returncode == 2 and "Tesla P40 (pascal) needs hwcompat:pascal" in res.stderr
+    res = _run("hwcompat:rdna2", "detect", env=["HWCOMPAT_EMULATE=rtx4090"])
+    assert res.returncode == 2 and "needs hwcompat:ada" in res.stderr
+    res = _run("hwcompat:rdna2", "detect", env=["HWCOMPAT_EMULATE=rtx4090", "HWCOMPAT_ALLOW_MISMATCH=1"])
+    assert res.returncode == 0 and "running anyway" in res.stderr
+
+
+def test_gpu_image_without_gpu_says_how_to_pass_one(images):
+    res = _run("hwcompat:maxwell", "train", "/data/config.yaml")
+    assert res.returncode == 2 and "--gpus all" in res.stderr
+
+
+def test_image_labels_and_user(images):
+    info = json.loads(subprocess.run(["docker", "image", "inspect", "hwcompat:rdna2"], capture_output=True,
+                                     text=True).stdout)[0]
+    labels = info["Config"]["Labels"]
+    assert labels["io.hwcompat.family"] == "rdna2" and labels["io.hwcompat.torch-build"] == "rocm6.4"
+    assert info["Config"]["User"] == "1000:1000"
+    assert set(info["Config"]["Volumes"]) == {"/data", "/output", "/cache"}
+
+
+def _train_dir(tmp_path, tiny_model, **extra):
+    import shutil
+
+    import yaml
+
+    from tests.train.conftest import task_rows, write_jsonl
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_model, data / "model")
+    write_jsonl(data / "train.jsonl", task_rows(64, 1))
+    write_jsonl(data / "eval.jsonl", task_rows(8, 2))
+    cfg = {"model": "/data/model", "train_data": ["/data/train.jsonl"], "eval_data": ["/data/eval.jsonl"],
+           "max_steps": 4, "micro_batch_size": 8, "eval_max_rows": 4, "output_dir": "/output/run", **extra}
+    (data / "config.yaml").write_text(yaml.safe_dump(cfg))
+    for p in [data, *data.rglob("*")]:  # readable by the container's uid 1000 (pytest makes 0700 folders)
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    out = tmp_path / "output"
+    out.mkdir()
+    out.chmod(0o777)  # the container user (uid 1000) writes here
+    return data, out
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from hwcompat.train.tiny import write_tiny
+    from tests.train.conftest import COLORS
+
+    path = tmp_path_factory.mktemp("tiny") / "model"
+    texts = [f"What color is the {k}? {v}" for k, v in COLORS.items()] * 5
+    return write_tiny(path, texts, chat_template=False, hidden=64, layers=2)
+
+
+def test_train_in_image_writes_adapter_as_non_root(images, tmp_path, tiny_model):
+    data, out = _train_dir(tmp_path, tiny_model)
+    res = _run("hwcompat:cpu", "train", "/data/config.yaml", volumes=[f"{data}:/data:ro", f"{out}:/output"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    adapter = out / "run" / "adapter" / "adapter_model.safetensors"
+    assert adapter.exists()
+    assert adapter.stat().st_uid == 1000  # written by the image's non-root user
+    assert json.loads((out / "run" / "summary.json").read_text())["profile_env_applied"] is True
+
+
+def test_docker_stop_checkpoints(images, tmp_path, tiny_model):
+    data, out = _train_dir(tmp_path, tiny_model, max_steps=1_000_000, eval_at_start=False, learning_rate=1e-5)
+    name = f"hwcompat-stop-{os.getpid()}"
+    subprocess.run(["docker", "run", "-d", "--name", name, "--network", "none", "-v", f"{data}:/data:ro", "-v",
+                    f"{out}:/output", "hwcompat:cpu", "train", "/data/config.yaml"], check=True, capture_output=True)
+    try:
+        metrics = out / "run" / "metrics.jsonl"
+        deadline = time.time() + 180
+        while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+            time.sleep(0.5)
+        subprocess.run(["docker", "stop", "-t", "60", name], check=True, capture_output=True)
+        code = int(subprocess.run(["docker", "inspect", "-f", "{{.State.ExitCode}}", name], capture_output=True,
+                                  text=True).stdout.strip())
+        logs = subprocess.run(["docker", "logs", name], capture_output=True, text=True).stderr
+    finally:
+        subprocess.run(["docker", "rm", "-f", name], capture_output=True)
+    assert code == 143, logs[-2000:]
+    assert "interrupted at step" in logs
+    assert list((out / "run" / "checkpoints").glob("step-*/state.json"))
