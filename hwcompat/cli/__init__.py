@@ -23,6 +23,8 @@ COMMANDS = {
     "plan": "plan",
     "doctor": "doctor",
     "images": "images",
+    "merge": "merge",
+    "export": "export",
 }
 
 

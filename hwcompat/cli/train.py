@@ -27,6 +27,8 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in output_dir")
     p.add_argument("--force", action="store_true", help="run even when the plan says it will not fit or a setting "
                                                         "contradicts the hardware (same as force=true)")
+    p.add_argument("--export", choices=("gguf",), help="after training: merge and write model.gguf + Modelfile "
+                                                        "in the run folder (same as export=gguf)")
     p.add_argument("--devices", metavar="all|N", help="train on all identical devices (DDP via torchrun); "
                                                       "on a CPU-only host N processes (gloo)")
     p.add_argument("--device", metavar="N", help="device position from `hwcompat detect` (default: first GPU)")
@@ -60,6 +62,9 @@ def launch(args, loaded) -> int:
     from hwcompat.software import installed
     from hwcompat.train import launch as L
 
+    if getattr(args, "export", None):
+        loaded.config.export = args.export
+        loaded.origins["export"] = "command line"
     if getattr(args, "force", False):
         loaded.config.force = True
         loaded.origins["force"] = "command line"

@@ -76,6 +76,9 @@ class TrainConfig:
     attention: str | None = None  # eager | sdpa | flash_attention_2
     compile_backend: str | None = None  # eager | inductor
     num_threads: int = 0  # CPU threads; 0: all cores this process may use
+    # --- after training -------------------------------------------------------------------------
+    export: str = "none"  # none | gguf: merge the adapter into the base and write model.gguf + Modelfile
+    export_type: str = "f16"  # f32 | f16 | bf16 | q8_0
     force: bool = False  # run even when a setting contradicts the hardware or the plan
 
     def to_dict(self) -> dict[str, Any]:
@@ -103,7 +106,8 @@ def _fields() -> dict[str, Any]:
 CHOICES = {"data_format": DATA_FORMATS, "lr_schedule": SCHEDULES, "eval_metrics": METRICS, "overlong": OVERLONG,
            "batching": BATCHING, "chat_template": CHAT_TEMPLATE,
            "dtype": ("float32", "float16", "bfloat16"), "attention": ("eager", "sdpa", "flash_attention_2"),
-           "compile_backend": ("eager", "inductor")}
+           "compile_backend": ("eager", "inductor"), "export": ("none", "gguf"),
+           "export_type": ("f32", "f16", "bf16", "q8_0")}
 
 
 def _coerce(key: str, value: Any, kind: Any, where: str, from_text: bool) -> Any:

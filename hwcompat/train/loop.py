@@ -474,10 +474,29 @@ def run(run_dir: Path, resume: bool = False) -> int:
         }
         atomic_write_json(run_dir / "summary.json", summary)
         log(dist, _summary_text(summary, run_dir))
+        if cfg.export == "gguf":
+            export_run(run_dir, cfg, lambda m: log(dist, m))
     if dist.world > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return exit_code
+
+
+def export_run(run_dir: Path, cfg: TrainConfig, say) -> None:
+    """train -> merge -> export in one command: merged/ (safetensors), model.gguf and a Modelfile."""
+    import shutil
+
+    from hwcompat.export.gguf import export_gguf
+    from hwcompat.export.ollama import write_modelfile
+    from hwcompat.merge import merge
+
+    merged = run_dir / "merged"
+    shutil.rmtree(merged, ignore_errors=True)
+    merge(run_dir / "adapter", cfg.model, merged, log=lambda m: None)
+    say(f"merged: {merged}")
+    res = export_gguf(merged, run_dir / "model.gguf", cfg.export_type)
+    path, cmd = write_modelfile(res.path, merged)
+    say(f"gguf: {res.path} ({res.qtype}); Modelfile: {path}\nrun: {cmd}")
 
 
 def _summary_text(s: dict[str, Any], run_dir: Path) -> str:

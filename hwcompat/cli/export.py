@@ -1,0 +1,32 @@
+"""``hwcompat export MODEL_DIR --gguf OUT.gguf [--type f16|q8_0|…] [--ollama]``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("export", help="export a merged model to GGUF (llama.cpp) and an Ollama Modelfile")
+    p.add_argument("model", help="a model folder (the output of `hwcompat merge`)")
+    p.add_argument("--gguf", required=True, metavar="OUT.gguf")
+    p.add_argument("--type", default="f16", choices=("f32", "f16", "bf16", "q8_0"))
+    p.add_argument("--ollama", action="store_true", help="also write a Modelfile next to the GGUF")
+    p.add_argument("--temperature", type=float, default=0.0, help="Modelfile temperature (default 0: extraction)")
+    p.add_argument("--system", help="Modelfile SYSTEM prompt")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from hwcompat.export.gguf import export_gguf
+
+    res = export_gguf(args.model, args.gguf, args.type)
+    print(f"wrote {res.path} ({res.arch}, {res.tensors} tensors, {res.qtype}, pre-tokenizer {res.pre_tokenizer})")
+    if res.pre_tokenizer == "default":
+        print("note: the pre-tokenizer was not recognised; llama.cpp will use its default regex")
+    if args.ollama:
+        from hwcompat.export.ollama import write_modelfile
+
+        path, cmd = write_modelfile(Path(args.gguf), Path(args.model), args.temperature, args.system)
+        print(f"wrote {path}\nrun: {cmd}")
+    return 0

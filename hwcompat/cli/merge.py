@@ -1,0 +1,41 @@
+"""``hwcompat merge RUN_DIR|ADAPTER --base MODEL_DIR --out DIR``: stream-merge LoRA into the base."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("merge", help="merge a LoRA adapter into its base model, one tensor at a time",
+                       description="Peak memory is the largest tensor plus the adapter, not the model. "
+                                   "The output loads with plain transformers.")
+    p.add_argument("adapter", help="a run folder (uses its adapter/) or an adapter folder")
+    p.add_argument("--base", help="the unquantised base model folder (default: the run's model)")
+    p.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="default: the base's dtype")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda to compute the deltas on a GPU")
+    p.add_argument("--force", action="store_true", help="merge even if the adapter names another base model")
+    p.set_defaults(func=run)
+
+
+def base_from_run(adapter: str) -> str | None:
+    run = Path(adapter) / "run.json"
+    if run.exists():
+        return json.loads(run.read_text())["config"]["model"]
+    return None
+
+
+def run(args: argparse.Namespace) -> int:
+    from hwcompat.errors import InputError
+    from hwcompat.merge import merge
+
+    base = args.base or base_from_run(args.adapter)
+    if not base:
+        raise InputError("--base: required unless the first argument is a hwcompat run folder")
+    out = merge(args.adapter, base, args.out, args.dtype, args.device, args.force,
+                log=lambda m: print(m, file=sys.stderr))
+    print(f"merged model: {out}")
+    return 0

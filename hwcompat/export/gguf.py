@@ -1,0 +1,194 @@
+"""Export a (merged) Hugging Face model folder to GGUF for llama.cpp and Ollama.
+
+Uses the ``gguf`` package (llama.cpp's own writer): its ``TensorNameMap``
+gives the tensor names, and Llama/Mistral q/k weights get the same rotary
+permutation llama.cpp's ``convert_hf_to_gguf.py`` applies (HF stores them
+for the "half-split" RoPE; GGUF's llama arch expects interleaved pairs).
+Qwen2/Qwen3 use NeoX RoPE in llama.cpp and need no permutation.
+Tokenizer: byte-level BPE (``tokenizer.json``; Llama 3, Qwen, SmolLM, GPT-2
+style), written as ``tokenizer.ggml.model = gpt2`` with merges, special ids
+and the chat template.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hwcompat.errors import HwcompatError, InputError
+
+#: config.json model_type -> (gguf arch name, permute q/k for rotary)
+ARCHS = {"llama": ("LLAMA", True), "mistral": ("LLAMA", True), "qwen2": ("QWEN2", False), "qwen3": ("QWEN3", False)}
+TYPES = ("f32", "f16", "bf16", "q8_0")
+
+#: tokenizer.ggml.pre: llama.cpp picks the pre-tokenizer regex by name. Recognised here from the
+#: tokenizer.json pre_tokenizer; anything else is written as "default" and said so.
+PRE_TOKENIZERS = (
+    ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}", "llama-bpe"),
+    ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?", "qwen2"),
+)
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    path: Path
+    arch: str
+    tensors: int
+    qtype: str
+    pre_tokenizer: str
+
+
+def _pre_tokenizer(tok: dict[str, Any], model_type: str) -> str:
+    text = json.dumps(tok.get("pre_tokenizer") or {})
+    for needle, name in PRE_TOKENIZERS:
+        if json.dumps(needle)[1:-1] in text:
+            return name
+    pre = tok.get("pre_tokenizer") or {}
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
+        return "gpt-2"  # plain byte-level with GPT-2's regex
+    if pre.get("type") == "Sequence":
+        kinds = [p.get("type") for p in pre.get("pretokenizers", [])]
+        if kinds == ["Digits", "ByteLevel"]:
+            return "smollm"
+    return "default"
+
+
+def _permute(w, n_head: int):
+    """llama.cpp's LlamaModel.permute: HF half-split rotary layout -> interleaved."""
+    return (w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape))
+
+
+def export_gguf(model_dir: str | Path, out: str | Path, qtype: str = "f16", name: str | None = None) -> ExportResult:
+    import gguf
+    import numpy as np
+    import torch
+    from safetensors import safe_open
+
+    from hwcompat.fsutil import atomic_write_text  # noqa: F401  (the writer streams; we rename at the end)
+
+    src = Path(model_dir)
+    out = Path(out)
+    if qtype not in TYPES:
+        raise InputError(f"--type {qtype}: use one of {', '.join(TYPES)}")
+    if not (src / "config.json").exists():
+        raise InputError(f"{src}: no config.json; give a model folder (e.g. the output of `hwcompat merge`)")
+    cfg = json.loads((src / "config.json").read_text())
+    mt = cfg.get("model_type")
+    if mt not in ARCHS:
+        raise InputError(f"{src}: model_type {mt!r} cannot be exported yet; supported: "
+                         f"{', '.join(ARCHS)} (Llama, Mistral, Qwen2, Qwen3)")
+    if cfg.get("quantization_config"):
+        raise InputError(f"{src}: a quantised checkpoint; export the merged full-precision model")
+    tok_path = src / "tokenizer.json"
+    if not tok_path.exists():
+        raise InputError(f"{src}: no tokenizer.json; GGUF export needs the fast (byte-level BPE) tokenizer")
+    tok = json.loads(tok_path.read_text())
+    if (tok.get("model") or {}).get("type") != "BPE" or (tok["model"].get("byte_fallback")):
+        raise InputError(f"{src}: tokenizer is {tok.get('model', {}).get('type')} "
+                         f"{'with byte fallback (SentencePiece-style)' if tok.get('model', {}).get('byte_fallback') else ''}; "
+                         "only byte-level BPE tokenizers (Llama 3, Qwen, SmolLM, GPT-2 style) are exported")
+    arch_name, permute = ARCHS[mt]
+    arch = getattr(gguf.MODEL_ARCH, arch_name)
+    arch_str = gguf.MODEL_ARCH_NAMES[arch]
+    n_layers = int(cfg["num_hidden_layers"])
+    n_head = int(cfg["num_attention_heads"])
+    n_kv = int(cfg.get("num_key_value_heads") or n_head)
+    hidden = int(cfg["hidden_size"])
+    head_dim = int(cfg.get("head_dim") or hidden // n_head)
+    tmap = gguf.get_tensor_name_map(arch, n_layers)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    writer = gguf.GGUFWriter(str(tmp), arch_str)
+    writer.add_name(name or cfg.get("_name_or_path") or src.name)
+    writer.add_context_length(int(cfg.get("max_position_embeddings") or 4096))
+    writer.add_embedding_length(hidden)
+    writer.add_block_count(n_layers)
+    writer.add_feed_forward_length(int(cfg["intermediate_size"]))
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(n_kv)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps", 1e-6)))
+    rope = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta") or 10000.0
+    writer.add_rope_freq_base(float(rope))
+    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                 "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[qtype]
+    writer.add_file_type(file_type)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+    # --- tokenizer --------------------------------------------------------------------------------
+    vocab: dict[str, int] = dict(tok["model"]["vocab"])
+    added = {a["content"]: a for a in tok.get("added_tokens", [])}
+    for content, a in added.items():
+        vocab[content] = a["id"]
+    n_vocab = int(cfg.get("vocab_size") or len(vocab))
+    by_id = {i: t for t, i in vocab.items()}
+    tokens, types = [], []
+    for i in range(n_vocab):
+        t = by_id.get(i)
+        if t is None:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        elif t in added:
+            tokens.append(t)
+            types.append(gguf.TokenType.CONTROL if added[t].get("special") else gguf.TokenType.USER_DEFINED)
+        else:
+            tokens.append(t)
+            types.append(gguf.TokenType.NORMAL)
+    writer.add_tokenizer_model("gpt2")
+    pre = _pre_tokenizer(tok, mt)
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    special = gguf.SpecialVocab(str(src), load_merges=True, n_vocab=n_vocab)
+    special.add_to_gguf(writer)
+    tcfg_path = src / "tokenizer_config.json"
+    tcfg = json.loads(tcfg_path.read_text()) if tcfg_path.exists() else {}
+    template = tcfg.get("chat_template")
+    if not template and (src / "chat_template.jinja").exists():
+        template = (src / "chat_template.jinja").read_text()
+    if template and not special.chat_template:
+        writer.add_chat_template(template)
+
+    # --- tensors ------------------------------------------------------------------------------------
+    index = src / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    count = 0
+    for f in files:
+        with safe_open(str(src / f), "pt", device="cpu") as fh:
+            for key in fh.keys():
+                if key.endswith("rotary_emb.inv_freq"):
+                    continue
+                new = tmap.get_name(key, try_suffixes=(".weight", ".bias"))
+                if new is None:
+                    raise HwcompatError(f"{src}: no GGUF name for tensor {key}; this model variant is not supported")
+                t = fh.get_tensor(key).to(torch.float32)
+                if permute and key.endswith("q_proj.weight"):
+                    t = _permute(t, n_head)
+                elif permute and key.endswith("k_proj.weight"):
+                    t = _permute(t, n_kv)
+                data = t.numpy()
+                if data.ndim == 1 or qtype == "f32":
+                    arr, dtype = data.astype(np.float32), gguf.GGMLQuantizationType.F32
+                elif qtype == "q8_0" and data.shape[-1] % 32 == 0:
+                    arr, dtype = gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0
+                elif qtype == "bf16":
+                    arr, dtype = gguf.quants.quantize(data, gguf.GGMLQuantizationType.BF16), gguf.GGMLQuantizationType.BF16
+                else:
+                    arr, dtype = data.astype(np.float16), gguf.GGMLQuantizationType.F16
+                writer.add_tensor(new, arr, raw_dtype=dtype)
+                count += 1
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file(progress=False)
+        writer.close()
+        tmp.replace(out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return ExportResult(out, arch_str, count, qtype, pre)

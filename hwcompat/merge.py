@@ -1,0 +1,273 @@
+"""Merge a LoRA adapter into its base model, streaming one tensor at a time.
+
+``peft``'s ``merge_and_unload()`` needs the whole model in memory (often
+more than training needed, with QLoRA). Here each base tensor is read from
+its safetensors shard, gets its delta ``scaling * B @ A`` (transposed for
+``fan_in_fan_out``; ``alpha/sqrt(r)`` for rsLoRA; per-module rank/alpha
+patterns honoured) and is written straight into the output shard, whose
+header is computed up front. Peak memory: the largest tensor plus the
+adapter. The output folder is built beside the target and renamed into
+place, so an interrupted merge leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import signal
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from hwcompat.errors import HwcompatError, InputError
+from hwcompat.fsutil import atomic_dir
+
+#: Files copied from the base (tokenizer files prefer the adapter folder's copy: that is what trained).
+COPY_FROM_BASE = ("generation_config.json",)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "chat_template.jinja", "vocab.json", "merges.txt", "added_tokens.json")
+ST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64",
+             "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+TORCH_TO_ST = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+
+
+@dataclass(frozen=True)
+class Adapter:
+    path: Path
+    config: dict[str, Any]
+    lora: dict[str, tuple[Any, Any]]  # base weight key -> (A, B) tensors
+    replace: dict[str, Any]  # base key -> full tensor (modules_to_save)
+
+    def scaling(self, module: str) -> float:
+        r = self.config["r"]
+        alpha = self.config["lora_alpha"]
+        for pattern, value in (self.config.get("rank_pattern") or {}).items():
+            if re.search(rf"(^|\.){re.escape(pattern)}$", module) or re.fullmatch(pattern, module):
+                r = value
+        for pattern, value in (self.config.get("alpha_pattern") or {}).items():
+            if re.search(rf"(^|\.){re.escape(pattern)}$", module) or re.fullmatch(pattern, module):
+                alpha = value
+        return alpha / math.sqrt(r) if self.config.get("use_rslora") else alpha / r
+
+
+def find_adapter(path: str | Path) -> Path:
+    p = Path(path)
+    for cand in (p, p / "adapter"):
+        if (cand / "adapter_config.json").exists():
+            return cand
+    raise InputError(f"{p}: no adapter_config.json here or in {p / 'adapter'}; give a run folder or an adapter folder")
+
+
+def load_adapter(path: Path) -> Adapter:
+    import torch  # noqa: F401  (safetensors.torch needs it)
+    from safetensors.torch import load_file
+
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    kind = cfg.get("peft_type")
+    if kind != "LORA":
+        raise InputError(f"{path}: adapter type {kind!r} is not LoRA; only LoRA adapters can be merged here")
+    if cfg.get("use_dora"):
+        raise InputError(f"{path}: DoRA adapters rescale each weight's norm and are not merged by hwcompat; "
+                         "use peft's merge_and_unload() for DoRA")
+    files = [path / "adapter_model.safetensors"]
+    if not files[0].exists():
+        if (path / "adapter_model.bin").exists():
+            raise InputError(f"{path}: adapter_model.bin is a pickle; hwcompat only reads safetensors. Re-save the "
+                             "adapter with safe_serialization=True")
+        raise InputError(f"{path}: adapter_model.safetensors missing")
+    weights = load_file(str(files[0]))
+    pairs: dict[str, dict[str, Any]] = {}
+    replace: dict[str, Any] = {}
+    for key, t in weights.items():
+        name = key[len("base_model.model."):] if key.startswith("base_model.model.") else key
+        m = re.match(r"(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$", name)
+        if m:
+            pairs.setdefault(f"{m.group(1)}.weight", {})[m.group(2)] = t
+        elif ".lora_" in name:
+            raise InputError(f"{path}: unsupported adapter tensor {key} (LoRA embeddings / biases are not handled)")
+        else:
+            replace[name.replace(".modules_to_save.default", "")] = t
+    incomplete = [k for k, v in pairs.items() if set(v) != {"A", "B"}]
+    if incomplete:
+        raise InputError(f"{path}: adapter tensor {incomplete[0]} has lora_A or lora_B but not both")
+    return Adapter(path, cfg, {k: (v["A"], v["B"]) for k, v in pairs.items()}, replace)
+
+
+def _shards(base: Path) -> dict[str, list[str]]:
+    """shard file -> tensor names, from the index or the single file."""
+    index = base / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        out: dict[str, list[str]] = {}
+        for name, f in weight_map.items():
+            out.setdefault(f, []).append(name)
+        return out
+    single = base / "model.safetensors"
+    if single.exists():
+        from safetensors import safe_open
+
+        with safe_open(str(single), "pt") as fh:
+            return {"model.safetensors": list(fh.keys())}
+    if list(base.glob("*.bin")):
+        raise InputError(f"{base}: the base weights are pickle .bin files; hwcompat reads safetensors only. "
+                         "Convert once with transformers: from_pretrained(...).save_pretrained(..., safe_serialization=True)")
+    raise InputError(f"{base}: no model.safetensors or model.safetensors.index.json; --base must be the "
+                     "unquantised model folder")
+
+
+def _header(path: Path) -> dict[str, Any]:
+    with open(path, "rb") as fh:
+        n = struct.unpack("<Q", fh.read(8))[0]
+        return json.loads(fh.read(n))
+
+
+def validate(adapter: Adapter, base: Path, force: bool = False) -> dict[str, list[str]]:
+    """Every check that can fail, before anything is written."""
+    cfg_path = base / "config.json"
+    if not cfg_path.exists():
+        raise InputError(f"--base {base}: no config.json; give the base model folder")
+    base_cfg = json.loads(cfg_path.read_text())
+    q = base_cfg.get("quantization_config") or {}
+    if q.get("load_in_4bit") or q.get("load_in_8bit") or q.get("quant_method") in ("bitsandbytes", "gptq", "awq"):
+        raise InputError(f"--base {base} is a quantised checkpoint ({q.get('quant_method', 'bitsandbytes')}); merge "
+                         "into the unquantised base model (a QLoRA run trained on 4-bit weights, but its adapter "
+                         "belongs to the full-precision model)")
+    named = str(adapter.config.get("base_model_name_or_path") or "")
+    if named and not force:
+        same = Path(named).name == base.resolve().name or Path(named).resolve() == base.resolve()
+        if not same:
+            raise InputError(f"the adapter was trained on {named!r} but --base is {base}; if that is the same model "
+                             "under another name, pass --force")
+    shards = _shards(base)
+    shapes: dict[str, list[int]] = {}
+    for f, names in shards.items():
+        h = _header(base / f)
+        for n in names:
+            shapes[n] = h[n]["shape"]
+    for key, (a, b) in adapter.lora.items():
+        if key not in shapes:
+            raise InputError(f"adapter targets {key}, which the base model does not have: adapter and base do not "
+                             f"match (adapter from {named or adapter.path})")
+        out_f, in_f = (shapes[key][1], shapes[key][0]) if adapter.config.get("fan_in_fan_out") else shapes[key]
+        if list(b.shape)[0] != out_f or list(a.shape)[1] != in_f or a.shape[0] != b.shape[1]:
+            raise InputError(f"{key}: base weight is {shapes[key]} but the adapter's B x A is "
+                             f"{list(b.shape)} x {list(a.shape)}: adapter and base do not match")
+    for key, t in adapter.replace.items():
+        if key not in shapes or list(t.shape) != shapes[key]:
+            raise InputError(f"adapter replaces {key} with shape {list(t.shape)}, base has {shapes.get(key)}")
+    return shards
+
+
+def _write_streaming(path: Path, entries: list[tuple[str, str, list[int]]], tensors: Iterator[tuple[str, Any]],
+                     metadata: dict[str, str]) -> None:
+    """safetensors with the header computed first, then each tensor's bytes as it comes."""
+    import torch
+
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    for name, st_dtype, shape in entries:
+        size = math.prod(shape) * {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "I16": 2,
+                                   "I8": 1, "U8": 1, "BOOL": 1}[st_dtype]
+        header[name] = {"dtype": st_dtype, "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # 8-byte alignment, as safetensors writes it
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<Q", len(raw)))
+        fh.write(raw)
+        for (name, st_dtype, shape), (tname, t) in zip(entries, tensors):
+            assert name == tname
+            t = t.contiguous()
+            if t.dtype == torch.bfloat16:
+                fh.write(t.view(torch.int16).numpy().tobytes())
+            else:
+                fh.write(t.numpy().tobytes())
+
+
+def merge(adapter_path: str | Path, base: str | Path, out: str | Path, dtype: str | None = None,
+          device: str = "cpu", force: bool = False, log=print) -> Path:
+    """Stream-merge; returns the output folder. Raises InputError before writing on any mismatch."""
+    import torch
+    from safetensors import safe_open
+
+    adapter = load_adapter(find_adapter(adapter_path))
+    base = Path(base)
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise InputError(f"--out {out} exists and is not empty; choose a new folder")
+    shards = validate(adapter, base, force)
+    base_cfg = json.loads((base / "config.json").read_text())
+    if dtype is None:
+        dtype = str(base_cfg.get("dtype") or base_cfg.get("torch_dtype") or "float32")
+    if dtype not in TORCH_TO_ST:
+        raise InputError(f"--dtype {dtype}: use float32, float16 or bfloat16")
+    if device != "cpu" and not torch.cuda.is_available():
+        raise HwcompatError(f"--device {device}: torch sees no GPU here; merge on the CPU (the default)")
+    target = getattr(torch, dtype)
+    dev = torch.device(device)
+    lora = {k: (a.to(dev, torch.float32), b.to(dev, torch.float32)) for k, (a, b) in adapter.lora.items()}
+    fan = bool(adapter.config.get("fan_in_fan_out"))
+
+    def interrupted(signum, frame):
+        raise KeyboardInterrupt  # unwinds through atomic_dir, which removes the partial output
+
+    old = signal.signal(signal.SIGTERM, interrupted)
+    merged = 0
+    try:
+        with atomic_dir(out) as tmp:
+            weight_map: dict[str, str] = {}
+            for shard, names in shards.items():
+                h = _header(base / shard)
+                entries = []
+                for n in names:
+                    floating = h[n]["dtype"] in ("F32", "F16", "BF16")
+                    entries.append((n, TORCH_TO_ST[dtype] if floating else h[n]["dtype"], h[n]["shape"]))
+                    weight_map[n] = shard
+
+                def tensors(shard=shard, names=names):
+                    nonlocal merged
+                    with safe_open(str(base / shard), "pt", device="cpu") as fh:
+                        for n in names:
+                            t = fh.get_tensor(n)
+                            if n in adapter.replace:
+                                t = adapter.replace[n]
+                            if n in lora:
+                                a, b = lora[n]
+                                module = n[: -len(".weight")]
+                                delta = (b @ a) * adapter.scaling(module)
+                                if fan:
+                                    delta = delta.T
+                                t = (t.to(dev, torch.float32) + delta).cpu()
+                                merged += 1
+                            yield n, (t.to(target) if t.is_floating_point() else t)
+
+                _write_streaming(tmp / shard, entries, tensors(), {"format": "pt"})
+                log(f"merged {shard}")
+            if len(shards) > 1:
+                index = json.loads((base / "model.safetensors.index.json").read_text())
+                index["weight_map"] = weight_map
+                (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+            cfg = dict(base_cfg)
+            cfg.pop("quantization_config", None)
+            cfg["dtype"] = dtype
+            cfg.pop("torch_dtype", None)
+            (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+            for name in COPY_FROM_BASE:
+                if (base / name).exists():
+                    shutil.copy2(base / name, tmp / name)
+            source = adapter.path if (adapter.path / "tokenizer_config.json").exists() else base
+            for name in TOKENIZER_FILES:
+                if (source / name).exists():
+                    shutil.copy2(source / name, tmp / name)
+            (tmp / "hwcompat_merge.json").write_text(json.dumps({
+                "adapter": str(adapter.path), "base": str(base), "dtype": dtype, "merged_tensors": merged,
+                "lora_r": adapter.config["r"], "lora_alpha": adapter.config["lora_alpha"],
+                "use_rslora": bool(adapter.config.get("use_rslora"))}, indent=2))
+            if merged != len(lora):  # inside the temp folder: an incomplete merge is never renamed into place
+                raise HwcompatError(f"merged {merged} of {len(lora)} adapter tensors; nothing was written")
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    return out

@@ -1,0 +1,123 @@
+"""GGUF export round trip through an independent reader (transformers' GGUF loader), and Modelfiles."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from hwcompat.errors import InputError
+from hwcompat.export.gguf import export_gguf
+from hwcompat.export.ollama import detect_template, write_modelfile
+
+TEXTS = ["the quick brown fox jumps over the lazy dog"] * 20
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    from hwcompat.train.tiny import write_tiny
+    return write_tiny(tmp_path_factory.mktemp("m") / "tiny", TEXTS, hidden=64, layers=2, chat_template=True)
+
+
+def _compare(model_dir, gguf_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    got = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name).eval()
+    torch.manual_seed(0)
+    ids = torch.randint(0, 200, (3, 24))
+    with torch.no_grad():
+        a, b = ref(ids).logits, got(ids).logits
+    rel = ((a - b).abs().max() / a.abs().max()).item()
+    agree = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
+    return rel, agree
+
+
+# Stated tolerances: relative max logit error (vs the largest logit) and top-1 agreement.
+@pytest.mark.parametrize("qtype,max_rel,min_agree", [("f32", 1e-5, 1.0), ("f16", 0.01, 0.97),
+                                                     ("q8_0", 0.10, 0.85)])
+def test_round_trip(model, tmp_path, qtype, max_rel, min_agree):
+    res = export_gguf(model, tmp_path / f"m-{qtype}.gguf", qtype)
+    assert res.arch == "llama" and res.tensors == 2 + 2 * 9  # embed, final norm, 9 per layer; the tied head writes no output.weight
+    rel, agree = _compare(model, res.path)
+    assert rel <= max_rel and agree >= min_agree, (rel, agree)
+
+
+def test_metadata_and_tokenizer(model, tmp_path):
+    import gguf
+
+    res = export_gguf(model, tmp_path / "m.gguf", "f16")
+    r = gguf.GGUFReader(str(res.path))
+    fields = {k: f for k, f in r.fields.items()}
+    assert fields["general.architecture"].contents() == "llama"
+    assert fields["tokenizer.ggml.model"].contents() == "gpt2"
+    assert "<|im_start|>" in fields["tokenizer.chat_template"].contents()
+    assert len(fields["tokenizer.ggml.tokens"].data) == json.loads((model / "config.json").read_text())["vocab_size"]
+    assert len(fields["tokenizer.ggml.merges"].data) > 0
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_qwen2_round_trip(tmp_path, model):
+    """Qwen2: NeoX rotary (no q/k permutation) and q/k/v biases."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model)
+    cfg = AutoConfig.for_model("qwen2", hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tok),
+                               tie_word_embeddings=False)
+    torch.manual_seed(0)
+    m = AutoModelForCausalLM.from_config(cfg)
+    for n, p in m.named_parameters():
+        if n.endswith("bias"):
+            torch.nn.init.normal_(p, std=0.5)
+    m.save_pretrained(tmp_path / "qwen")
+    tok.save_pretrained(tmp_path / "qwen")
+    res = export_gguf(tmp_path / "qwen", tmp_path / "q.gguf", "f32")
+    assert res.arch == "qwen2"
+    rel, agree = _compare(tmp_path / "qwen", res.path)
+    assert rel < 1e-4 and agree == 1.0
+
+
+def test_unsupported_architecture(tmp_path, model):
+    import shutil
+    shutil.copytree(model, tmp_path / "g")
+    cfg = json.loads((tmp_path / "g" / "config.json").read_text())
+    cfg["model_type"] = "gemma"
+    (tmp_path / "g" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(InputError, match="model_type 'gemma' cannot be exported yet; supported: llama, mistral"):
+        export_gguf(tmp_path / "g", tmp_path / "x.gguf")
+    assert not (tmp_path / "x.gguf").exists()
+
+
+def test_modelfile_chatml_and_plain(model, tmp_path):
+    g = tmp_path / "adapter-model.gguf"
+    g.write_bytes(b"")
+    path, cmd = write_modelfile(g, model, temperature=0.0)
+    text = path.read_text()
+    assert "FROM ./adapter-model.gguf" in text and "<|im_start|>assistant" in text
+    assert 'PARAMETER stop "<|im_end|>"' in text and "PARAMETER temperature 0" in text
+    assert cmd == f"ollama create adapter-model -f {path}"
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    assert detect_template(plain) == "plain"
+
+
+def test_train_export_chain(tmp_path):
+    """hwcompat train ... --export gguf: train -> merge -> export in one command."""
+    from hwcompat.train.tiny import write_tiny
+    from tests.train.conftest import make_config, task_rows, write_jsonl
+
+    base = write_tiny(tmp_path / "base", ["What color is the sky? blue"] * 20, chat_template=False)
+    train = write_jsonl(tmp_path / "t.jsonl", task_rows(32, 1))
+    cfg = make_config(tmp_path, base, train, train, max_steps=3, eval_metrics="none", eval_at_start=False)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HWCOMPAT_")}
+    res = subprocess.run([sys.executable, "-m", "hwcompat", "train", str(cfg), "--export", "gguf"],
+                         capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    run = tmp_path / "run"
+    assert (run / "merged" / "model.safetensors").exists() and (run / "model.gguf").exists()
+    assert "FROM ./model.gguf" in (run / "Modelfile").read_text() and "### Assistant:" in (run / "Modelfile").read_text()
+    assert "ollama create model -f" in res.stderr
