@@ -165,6 +165,7 @@ class Profile:
     image: Image
     evidence: Evidence
     peak_tflops: dict[str, float]
+    peak_card: str = ""
     caveats: tuple[Caveat, ...] = ()
     supported: Choice = field(default_factory=lambda: Choice("true", "a profile covers this device"))
     variants: tuple[Variant, ...] = ()
@@ -355,9 +356,9 @@ def parse_profile(raw: Any, path: str) -> Profile:
         drv = Choice(_str(ctx, "driver.min_version", d["min_version"]), _str(ctx, "driver.reason", d["reason"]),
                      d.get("source", ""))
     peak = raw.get("peak_tflops") or {}
-    _keys(ctx, "peak_tflops", peak, {"float32", "float16", "bfloat16", "source"})
+    _keys(ctx, "peak_tflops", peak, {"float32", "float16", "bfloat16", "source", "card"})
     for k, v in peak.items():
-        if k != "source" and (isinstance(v, bool) or not isinstance(v, (int, float))):
+        if k not in ("source", "card") and (isinstance(v, bool) or not isinstance(v, (int, float))):
             raise ctx.fail(f"peak_tflops.{k}", f"expected a number, got {v!r}")
     variants = []
     for i, vraw in enumerate(raw.get("variants") or []):
@@ -396,7 +397,8 @@ def parse_profile(raw: Any, path: str) -> Profile:
         image=Image(_str(ctx, "image.tag", img["tag"]), _str(ctx, "image.base", img["base"]),
                     _str(ctx, "image.family", img["family"]), img.get("source", "")),
         evidence=_enum(ctx, "evidence", raw["evidence"], Evidence),
-        peak_tflops={k: float(v) for k, v in peak.items() if k != "source"},
+        peak_tflops={k: float(v) for k, v in peak.items() if k not in ("source", "card")},
+        peak_card=str(peak.get("card", "")),
         caveats=_caveats(ctx, "caveats", raw.get("caveats") or []),
         supported=_supported(ctx, "supported", raw["supported"]) if "supported" in raw else Choice(
             "true", "a profile covers this device"),

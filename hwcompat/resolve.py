@@ -70,6 +70,8 @@ class ResolvedProfile:
     caveats: list[str]
     reasons: dict[str, str]
     hardware: dict[str, Any]  # the hardware facts the choices were checked against
+    peak_tflops: dict[str, float] = field(default_factory=dict)  # datasheet peaks of peak_card, by dtype
+    peak_card: str = ""
 
 
 @dataclass(frozen=True)
@@ -314,6 +316,7 @@ def resolve_device(reading: DeviceReading, profiles: dict[str, Profile], softwar
         driver_min_version=p.driver_min.value if p.driver_min else None, image=p.image.tag,
         image_family=p.image.family, evidence=p.evidence.value, variant=p.variant_note,
         caveats=[c.text for c in p.caveats], reasons=reasons, hardware=hw,
+        peak_tflops=dict(p.peak_tflops), peak_card=p.peak_card,
     )
     return ResolvedDevice(reading, p.name, supported, problems, resolved)
 

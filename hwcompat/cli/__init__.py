@@ -25,6 +25,7 @@ COMMANDS = {
     "images": "images",
     "merge": "merge",
     "export": "export",
+    "selftest": "selftest",
 }
 
 

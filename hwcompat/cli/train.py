@@ -36,6 +36,9 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--emulate", metavar="NAME[,NAME…]", help="resolve for an emulated device (with --print-config)")
     g.add_argument("--emulate-file", metavar="FILE")
     g.add_argument("--profile", metavar="NAME", help="force a profile family")
+    g.add_argument("--cpu-emulation", action="store_true",
+                   help="with --emulate: run the emulated card's profile (dtype, attention, compile, env) on the "
+                        "CPU, as the CI matrix does; proves the plumbing, not the card")
     p.set_defaults(set=[])
 
 
@@ -76,15 +79,17 @@ def launch(args, loaded) -> int:
     if args.print_config:
         print(L.render_config(loaded, profile, hw_origins, device))
         return 0
-    if device.reading.emulated and device.reading.vendor != "cpu":
+    cpu_emulation = bool(getattr(args, "cpu_emulation", False))
+    if device.reading.emulated and device.reading.vendor != "cpu" and not cpu_emulation:
         raise InputError(f"{device.reading.name} is emulated: there is no such card to train on. "
-                         "Use --print-config to see the resolved run, or drop --emulate")
+                         "Use --print-config to see the resolved run, --cpu-emulation to run its profile on the "
+                         "CPU, or drop --emulate")
     print(L.check_data(loaded), file=sys.stderr)
     note = L.check_plan(loaded, device, profile)
     if note:
         print(note, file=sys.stderr)
     nproc, group = _nproc(args, plan, pos, device)
-    run_dir = L.prepare_run_dir(loaded, profile, device, plan, args.resume, args.overwrite)
+    run_dir = L.prepare_run_dir(loaded, profile, device, plan, args.resume, args.overwrite, cpu_emulation)
     print(f"training on {device.reading.name} with profile {profile['name']} ({profile['dtype']}, "
           f"{profile['attention']}, compile {profile['compile_backend']})"
           f"{f' x{nproc} processes' if nproc > 1 else ''} → {run_dir}", file=sys.stderr)

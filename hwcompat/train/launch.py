@@ -96,7 +96,7 @@ def check_data(loaded: LoadedConfig) -> str:
 
 
 def prepare_run_dir(loaded: LoadedConfig, profile: dict[str, Any], device: ResolvedDevice, plan: HostPlan,
-                    resume: bool, overwrite: bool) -> Path:
+                    resume: bool, overwrite: bool, cpu_emulation: bool = False) -> Path:
     run_dir = Path(loaded.config.output_dir).resolve()
     if resume:
         if not (run_dir / "checkpoints").is_dir():
@@ -121,7 +121,7 @@ def prepare_run_dir(loaded: LoadedConfig, profile: dict[str, Any], device: Resol
     atomic_write_json(run_dir / "devices.json", plan.to_dict())
     atomic_write_json(run_dir / "run.json", {
         "hwcompat": __version__, "config": cfg, "origins": loaded.origins, "profile": profile,
-        "device": device.to_dict()})
+        "device": device.to_dict(), "cpu_emulation": cpu_emulation})
     return run_dir
 
 

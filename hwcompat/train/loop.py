@@ -67,10 +67,10 @@ def _init_dist() -> Dist:
     return Dist(td.get_rank(), td.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def _device(profile: dict[str, Any], dist: Dist):
+def _device(profile: dict[str, Any], dist: Dist, cpu_emulation: bool = False):
     import torch
 
-    if profile["name"] == "cpu":
+    if profile["name"] == "cpu" or cpu_emulation:
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise HwcompatError(f"the {profile['name']} profile needs a GPU, but this torch ({torch.__version__}) sees "
@@ -176,18 +176,60 @@ def _autocast(device, dtype_name: str):
     return torch.autocast(device_type=device.type, dtype=getattr(torch, dtype_name))
 
 
+class ResponseLoss:
+    """Summed cross-entropy over response tokens only, computing logits only where they are needed.
+
+    A causal-LM forward projects every position onto the vocabulary (hidden x vocab per token, then
+    an fp32 copy for the loss): for prompt tokens, whose labels are -100, that work and memory are
+    thrown away. Here the decoder runs as usual and the LM head runs on the response positions
+    alone, the same loss to float precision. Models without the usual ``.model`` / ``.lm_head``
+    split, or with logit soft-capping, use the plain forward.
+    """
+
+    def __init__(self, model, compile_backend: str = "eager"):
+        import torch
+
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        cfg = getattr(base, "config", None)
+        self.fast = (hasattr(base, "model") and hasattr(base, "lm_head")
+                     and not getattr(cfg, "final_logit_softcapping", None)
+                     and not getattr(cfg, "logit_scale", None))
+        self.model = model
+        self.decoder = base.model if self.fast else None
+        self.head = base.lm_head if self.fast else None
+        if compile_backend == "inductor":
+            if self.fast:
+                self.decoder = torch.compile(self.decoder)
+            else:
+                self.model = torch.compile(model)
+
+    def __call__(self, batch: dict, n_items: float):
+        """Loss = sum over this batch's response tokens / n_items (the window's token count)."""
+        import torch.nn.functional as F
+
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+        labels = batch["labels"]
+        if not self.fast:
+            return self.model(**inputs, labels=labels, use_cache=False, num_items_in_batch=n_items).loss
+        hidden = self.decoder(**inputs, use_cache=False).last_hidden_state
+        targets = labels[:, 1:]
+        keep = targets != batching.IGNORE
+        logits = self.head(hidden[:, :-1][keep])
+        return F.cross_entropy(logits.float(), targets[keep], reduction="sum") / n_items
+
+
 def evaluate_loss(model, data: list, micro_batch: int, pad_id: int, device, dtype_name: str) -> float:
     import torch
 
     model.eval()
     total, count = 0.0, 0
     order = sorted(range(len(data)), key=lambda i: len(data[i].input_ids))
+    loss_fn = ResponseLoss(model)
     with torch.no_grad(), _autocast(device, dtype_name):
         for s in range(0, len(order), micro_batch):
             b = batching.collate([data[i] for i in order[s:s + micro_batch]], "padded", pad_id)
-            out = model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device),
-                        labels=b["labels"].to(device), use_cache=False)
-            total += out.loss.float().item() * b["n_target"]
+            tensors = {k: b[k].to(device) for k in ("input_ids", "attention_mask", "labels")}
+            total += loss_fn(tensors, 1.0).float().item()
             count += b["n_target"]
     model.train()
     return total / max(1, count)
@@ -269,7 +311,10 @@ def run(run_dir: Path, resume: bool = False) -> int:
         torch.set_num_threads(cfg.num_threads)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    device = _device(profile, dist)
+    cpu_emulation = bool(spec.get("cpu_emulation"))
+    device = _device(profile, dist, cpu_emulation)
+    if cpu_emulation:
+        log(dist, f"cpu emulation: running the {profile['name']} profile on the CPU (plumbing, not the card)")
 
     # --- data: checks and tokenisation, all before the model is loaded -------------------------
     train_rows, eval_rows, report = load_datasets(cfg.train_data, cfg.eval_data, cfg.data_format,
@@ -295,9 +340,7 @@ def run(run_dir: Path, resume: bool = False) -> int:
 
     # --- model ----------------------------------------------------------------------------------
     model = load_model(cfg, profile, device)
-    fwd = model
-    if profile["compile_backend"] == "inductor":
-        fwd = torch.compile(model)
+    loss_fn = ResponseLoss(model, profile["compile_backend"])
     mode = batching.resolve_batching(cfg.batching, profile["attention"])
     pad_id = tokenizer.pad_token_id
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -387,8 +430,7 @@ def run(run_dir: Path, resume: bool = False) -> int:
                 inputs = {k: v.to(device) for k, v in b.items() if k in ("input_ids", "labels", "attention_mask",
                                                                           "position_ids")}
                 with _autocast(device, profile["dtype"]):
-                    out = fwd(**inputs, use_cache=False, num_items_in_batch=max(1, n_target) / dist.world)
-                loss = out.loss
+                    loss = loss_fn(inputs, max(1, n_target) / dist.world)
                 (scaler.scale(loss) if scaler else loss).backward()
                 loss_sum += loss.detach().float().item()
                 tokens_done += b["n_tokens"]
@@ -467,6 +509,8 @@ def run(run_dir: Path, resume: bool = False) -> int:
             "wall_seconds": time.time() - t_start, "peak_memory_bytes": peak,
             "peak_memory_kind": "torch.cuda.max_memory_allocated" if device.type == "cuda" else "process max RSS",
             "world_size": dist.world, "batching": mode, "profile_env_applied": not missing_env,
+            "cpu_emulation": cpu_emulation, "profile": profile["name"],
+            "env_seen": {k: os.environ.get(k) for k in profile["env"]},
             "dtype": profile["dtype"], "attention": profile["attention"],
             "compile_backend": profile["compile_backend"],
             "versions": {"hwcompat": __version__, "torch": torch.__version__, "transformers": transformers.__version__,

@@ -126,3 +126,34 @@ def test_auto_batching():
     assert batching.resolve_batching("auto", "flash_attention_2") == "packed"
     assert batching.resolve_batching("auto", "sdpa") == "length_grouped"
     assert batching.resolve_batching("padded", "sdpa") == "padded"
+
+
+@pytest.mark.parametrize("mode", ["padded", "packed"])
+def test_response_loss_equals_the_standard_loss(tiny_model, mode):
+    """Logits only at response positions: same loss and gradients as the full-vocabulary forward."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from hwcompat.train.loop import ResponseLoss
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
+                           LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.1)
+    b = batching.collate([_tok(9, 20), _tok(5, 60), _tok(7, 30)], mode, pad_id=0)
+    inputs = {k: b[k] for k in ("input_ids", "attention_mask", "position_ids", "labels") if k in b}
+    fast = ResponseLoss(model)
+    assert fast.fast
+    ours = fast(inputs, float(b["n_target"]))
+    ours.backward()
+    g1 = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    ref = model(**inputs, use_cache=False).loss  # mean over the same response tokens
+    ref.backward()
+    assert abs(ours.item() - ref.item()) < 1e-5
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert torch.allclose(g1[n], p.grad, atol=1e-6), n
