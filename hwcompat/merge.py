@@ -62,7 +62,6 @@ def find_adapter(path: str | Path) -> Path:
 
 
 def load_adapter(path: Path) -> Adapter:
-    import torch  # noqa: F401  (safetensors.torch needs it)
     from safetensors.torch import load_file
 
     cfg = json.loads((path / "adapter_config.json").read_text())

@@ -15,12 +15,12 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from hwcompat import envvars
 from hwcompat.datafiles import data_dir
 from hwcompat.errors import ProfileError
 from hwcompat.readings import VENDORS, is_gfx_target, parse_cc
+from hwcompat.yamlfile import load_yaml
 
 
 class Dtype(str, enum.Enum):
@@ -408,14 +408,7 @@ def parse_profile(raw: Any, path: str) -> Profile:
 
 def load_profile(path: str | Path) -> Profile:
     p = Path(path)
-    try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark is not None else ""
-        raise ProfileError(f"profile {p}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
-    except OSError as exc:
-        raise ProfileError(f"profile {p}: cannot read it ({exc})") from None
+    raw = load_yaml(p, "profile", ProfileError)
     return parse_profile(raw, str(p))
 
 

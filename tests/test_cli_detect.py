@@ -93,7 +93,7 @@ BAD_FILES = [
      "entry 1: field 'memory': unknown field (did you mean 'memory_bytes'?)"),
     ("- {vendor: nvidia, name: X}\n", "entry 1: field 'memory_bytes': missing (required: vendor, name, memory_bytes)"),
     ("vendor: nvidia\n", "expected a non-empty YAML list of devices (- vendor: nvidia\n  name: ...), got dict"),
-    ("- [unclosed\n", "line 2: not valid YAML"),
+    ("- [unclosed\n", ":2: not valid YAML"),
 ]
 
 

@@ -1,6 +1,5 @@
 """Probes against a fake pynvml, a fake amdsmi and a fake sysfs tree."""
 
-import sys
 from types import SimpleNamespace
 
 import pytest

@@ -66,7 +66,6 @@ def export_gguf(model_dir: str | Path, out: str | Path, qtype: str = "f16", name
     import torch
     from safetensors import safe_open
 
-    from hwcompat.fsutil import atomic_write_text  # noqa: F401  (the writer streams; we rename at the end)
 
     src = Path(model_dir)
     out = Path(out)

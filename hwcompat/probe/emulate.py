@@ -17,6 +17,7 @@ import yaml
 from hwcompat.datafiles import data_dir
 from hwcompat.errors import InputError
 from hwcompat.readings import VENDORS, DeviceReading, is_gfx_target, parse_cc
+from hwcompat.yamlfile import load_yaml
 
 REQUIRED = ("vendor", "name", "memory_bytes")
 _FIELDS = {f.name: f for f in fields(DeviceReading)}
@@ -59,18 +60,7 @@ def from_catalog(names: list[str]) -> list[DeviceReading]:
 def from_file(path: str | Path) -> list[DeviceReading]:
     """Readings from a YAML list; every error names the file, the entry and the field."""
     p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise InputError(f"emulate file {p}: not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"emulate file {p}: cannot read it ({exc})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise InputError(f"emulate file {p}:{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    data = load_yaml(p, "emulate file")
     if not isinstance(data, list) or not data:
         raise InputError(f"emulate file {p}: expected a non-empty YAML list of devices "
                          f"(- vendor: nvidia\n  name: ...), got {type(data).__name__}")

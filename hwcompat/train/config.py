@@ -17,6 +17,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 import yaml
 
 from hwcompat.errors import InputError
+from hwcompat.yamlfile import load_yaml
 
 DATA_FORMATS = ("auto", "prompt_completion", "messages", "alpaca")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -201,18 +202,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None,
         raw_layers.append((base, "demo config", "demo", False))
     p = Path(path) if path else None
     if p is not None:
-        try:
-            text = p.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise InputError(f"config {p}: not found") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise InputError(f"config {p}: cannot read it ({exc})") from None
-        try:
-            data = yaml.safe_load(text) or {}
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            line = f":{mark.line + 1}" if mark is not None else ""
-            raise InputError(f"config {p}{line}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        data = load_yaml(p, "config") or {}
         if not isinstance(data, dict):
             raise InputError(f"config {p}: expected a mapping of key: value, got {type(data).__name__}")
         raw_layers.append((data, f"config {p}", ORIGIN_FILE, False))
