@@ -106,10 +106,7 @@ def _shards(base: Path) -> dict[str, list[str]]:
         return out
     single = base / "model.safetensors"
     if single.exists():
-        from safetensors import safe_open
-
-        with safe_open(str(single), "pt") as fh:
-            return {"model.safetensors": list(fh.keys())}
+        return {"model.safetensors": [k for k in _header(single) if k != "__metadata__"]}
     if list(base.glob("*.bin")):
         raise InputError(f"{base}: the base weights are pickle .bin files; hwcompat reads safetensors only. "
                          "Convert once with transformers: from_pretrained(...).save_pretrained(..., safe_serialization=True)")
@@ -121,6 +118,33 @@ def _header(path: Path) -> dict[str, Any]:
     with open(path, "rb") as fh:
         n = struct.unpack("<Q", fh.read(8))[0]
         return json.loads(fh.read(n))
+
+
+ST_TORCH = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64",
+            "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+def _read_tensors(path: Path, names: list[str]):
+    """Yield (name, tensor) by plain reads at the header's offsets.
+
+    safe_open memory-maps the file, and every page it touches counts towards the process's
+    resident memory until the mapping closes, so a streamed merge would still "use" the whole
+    shard. Reading each tensor into its own buffer keeps resident memory at one tensor.
+    """
+    import torch
+
+    header = _header(path)
+    with open(path, "rb") as fh:
+        n = struct.unpack("<Q", fh.read(8))[0]
+        base = 8 + n
+        for name in names:
+            info = header[name]
+            start, end = info["data_offsets"]
+            fh.seek(base + start)
+            buf = bytearray(fh.read(end - start))
+            dtype = getattr(torch, ST_TORCH[info["dtype"]])
+            t = torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)
+            yield name, t.reshape(info["shape"])
 
 
 def validate(adapter: Adapter, base: Path, force: bool = False) -> dict[str, list[str]]:
@@ -190,7 +214,6 @@ def merge(adapter_path: str | Path, base: str | Path, out: str | Path, dtype: st
           device: str = "cpu", force: bool = False, log=print) -> Path:
     """Stream-merge; returns the output folder. Raises InputError before writing on any mismatch."""
     import torch
-    from safetensors import safe_open
 
     adapter = load_adapter(find_adapter(adapter_path))
     base = Path(base)
@@ -228,20 +251,18 @@ def merge(adapter_path: str | Path, base: str | Path, out: str | Path, dtype: st
 
                 def tensors(shard=shard, names=names):
                     nonlocal merged
-                    with safe_open(str(base / shard), "pt", device="cpu") as fh:
-                        for n in names:
-                            t = fh.get_tensor(n)
-                            if n in adapter.replace:
-                                t = adapter.replace[n]
-                            if n in lora:
-                                a, b = lora[n]
-                                module = n[: -len(".weight")]
-                                delta = (b @ a) * adapter.scaling(module)
-                                if fan:
-                                    delta = delta.T
-                                t = (t.to(dev, torch.float32) + delta).cpu()
-                                merged += 1
-                            yield n, (t.to(target) if t.is_floating_point() else t)
+                    for n, t in _read_tensors(base / shard, names):
+                        if n in adapter.replace:
+                            t = adapter.replace[n]
+                        if n in lora:
+                            a, b = lora[n]
+                            module = n[: -len(".weight")]
+                            delta = (b @ a) * adapter.scaling(module)
+                            if fan:
+                                delta = delta.T
+                            t = (t.to(dev, torch.float32) + delta).cpu()
+                            merged += 1
+                        yield n, (t.to(target) if t.is_floating_point() else t)
 
                 _write_streaming(tmp / shard, entries, tensors(), {"format": "pt"})
                 log(f"merged {shard}")

@@ -63,6 +63,9 @@ def apply_profile(loaded: LoadedConfig, device: ResolvedDevice, profiles, softwa
     if not resolved.supported and not cfg.force:
         raise HwcompatError(f"{device.reading.name} is not supported: {'; '.join(resolved.problems)} "
                             "(set force=true to try anyway)")
+    if cfg.qlora and "nf4" not in resolved.profile.quantization:
+        raise InputError(f"qlora=true: {device.reading.name} ({resolved.arch}) cannot run 4-bit NF4: "
+                         f"{resolved.profile.reasons.get('quantization.nf4', '')}; train with plain LoRA (qlora=false)")
     origins = {k: (loaded.origins[k] if k in sets else ORIGIN_PROFILE) for k in HARDWARE_KEYS}
     return asdict(resolved.profile), origins, warnings + [p for p in resolved.problems if p.startswith("warning")]
 

@@ -151,9 +151,21 @@ def test_chat_template_model_trains(tmp_path, tiny_chat_model):
             [("sky", "blue"), ("lemon", "yellow"), ("grass", "green"), ("apple", "red")] * 8]
     f = tmp_path / "chat.jsonl"
     f.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = make_config(tmp_path, tiny_chat_model, f, f, max_steps=5, eval_max_rows=4)
+    cfg = make_config(tmp_path, tiny_chat_model, f, f, max_steps=5, eval_max_rows=4, batching="packed",
+                      gradient_checkpointing=True, gradient_accumulation=2)
     res = _train(cfg)
     assert res.returncode == 0, res.stderr[-3000:]
+    assert "batching packed" in res.stderr
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["batching"] == "packed" and summary["steps"] == 5
+
+
+def test_qlora_refused_where_the_profile_has_no_nf4(tmp_path, tiny_model, task_files):
+    cfg = make_config(tmp_path, tiny_model, *task_files, qlora=True)
+    res = _train(cfg)
+    assert res.returncode == 2 and "cannot run 4-bit NF4" in res.stderr and "qlora=false" in res.stderr
+    res = _train(cfg, "--print-config", "--emulate", "m40")
+    assert res.returncode == 2 and "bitsandbytes Linux wheels start at sm_60" in res.stderr
 
 
 def test_out_of_memory_is_answered_with_what_to_change(tmp_path, tiny_model, task_files, monkeypatch):
