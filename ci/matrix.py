@@ -246,7 +246,7 @@ def run_one(name: str, tmp: Path) -> dict:
     cfg_dir = tmp / "plan-model"
     cfg_dir.mkdir(exist_ok=True)
     (cfg_dir / "config.json").write_text(json.dumps(TINY_CONFIG))
-    res = _hw("plan", "--model", str(cfg_dir), "--emulate", name, "--json")
+    res = _hw("plan", "--model", str(cfg_dir), "--emulate", name, "--device", "0", "--json")
     if expected["profile"] == "unsupported":
         record("plan", res.returncode != 0 and "Traceback" not in res.stderr, "refused: no profile")
     else:
@@ -262,7 +262,7 @@ def run_one(name: str, tmp: Path) -> dict:
     run = tmp / f"run-{name}"
     res = _hw("train", "/dev/null", f"model={model}", f"train_data={data}", f"output_dir={run}", "max_steps=2",
               "micro_batch_size=4", "eval_at_start=false", "eval_metrics=none", "max_seq_len=64",
-              "--emulate", name, "--cpu-emulation", "--overwrite")
+              "--emulate", name, "--device", "0", "--cpu-emulation", "--overwrite")
     if expected["profile"] == "unsupported":
         record("train", res.returncode == 1 and "cannot train" in res.stderr and "Traceback" not in res.stderr,
                "refused with a reason")
