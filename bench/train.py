@@ -111,7 +111,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=("smollm2", "small"), default="smollm2",
                     help="smollm2: the demo model (meaningful losses); small: a random tiny Llama (speed only)")
-    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--max-len", type=int, default=512)
     ap.add_argument("--lr", type=float, default=1e-3)
