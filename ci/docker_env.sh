@@ -59,6 +59,8 @@ wheels() {
 }
 
 stop() {
+  # Old dangling build layers would pile up run after run; keep a day's worth as build cache.
+  docker image prune -f --filter "until=24h" >/dev/null 2>&1 || true
   if [ -s "$PIDFILE" ]; then
     local pid; pid=$(cat "$PIDFILE")
     kill "$pid" 2>/dev/null || true
