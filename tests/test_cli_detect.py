@@ -38,7 +38,8 @@ def test_detect_table_and_explain(capsys):
     out = capsys.readouterr().out
     lines = out.splitlines()
     assert lines[0].split() == ["#", "NAME", "ARCH", "CAP", "MEMORY", "DTYPE", "ATTENTION", "COMPILE", "IMAGE",
-                                "STATUS"]
+                                "EVIDENCE", "STATUS"]
+    assert lines[1].split()[-2:] == ["emulated", "ok"]  # no real-card selftest result yet
     assert lines[1].split()[:4] == ["0", "Tesla", "P40", "pascal"]
     assert "unsupported" in lines[3]
     assert "why dtype: no bf16, and sm_61 runs fp16 at 1/64" in out

@@ -28,16 +28,15 @@ def _cap(d) -> str:
 
 
 def render_table(plan, explain: bool = False) -> str:
-    header = ["#", "NAME", "ARCH", "CAP", "MEMORY", "DTYPE", "ATTENTION", "COMPILE", "IMAGE", "STATUS"]
+    header = ["#", "NAME", "ARCH", "CAP", "MEMORY", "DTYPE", "ATTENTION", "COMPILE", "IMAGE", "EVIDENCE", "STATUS"]
     rows = []
     for pos, d in enumerate(plan.devices):
         p = d.profile
         status = "ok" if d.supported and not d.problems else ("unsupported" if not d.supported else "warning")
-        if d.supported and p and p.evidence == "verified":
-            status += " (verified)"
+        # evidence: "verified" only when a real-card selftest result backs the profile (bench/results/)
         rows.append([str(pos), d.reading.name, d.arch or "-", _cap(d), gib(d.reading.memory_bytes),
                      p.dtype if p else "-", p.attention if p else "-", p.compile_backend if p else "-",
-                     p.image if p else "-", status])
+                     p.image if p else "-", p.evidence if p else "-", status])
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header] + rows]
     for pos, d in enumerate(plan.devices):
