@@ -86,9 +86,14 @@ def _rss_peak_bytes() -> int:
 
 def load_model(cfg: TrainConfig, profile: dict[str, Any], device):
     """Base model in the profile's dtype and attention kernel, LoRA on top (adapters in fp32)."""
+    import warnings
+
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
+
+    # peft calls a transformers property deprecated in v5; the warning is theirs, not the user's.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
     dtype = getattr(torch, profile["dtype"])
     kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": profile["attention"],
