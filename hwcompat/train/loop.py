@@ -341,7 +341,8 @@ def run(run_dir: Path, resume: bool = False) -> int:
         report.warnings.setdefault(k, []).extend(v)
     if report.errors or not train_tok:
         raise DataError("data checks failed; nothing was trained\n" + report.render())
-    log(dist, report.render())
+    if tok_report.warnings:  # the launcher already printed the text-level report
+        log(dist, tok_report.render())
 
     # --- model ----------------------------------------------------------------------------------
     model = load_model(cfg, profile, device)
