@@ -55,6 +55,15 @@ def _pre_tokenizer(tok: dict[str, Any], model_type: str) -> str:
     return "default"
 
 
+def _convert(data, ggml_type, gguf, np):
+    """float32 array -> the stored array for one GGML type (quantised types come back as bytes)."""
+    if ggml_type == gguf.GGMLQuantizationType.F32:
+        return data.astype(np.float32)
+    if ggml_type == gguf.GGMLQuantizationType.F16:
+        return data.astype(np.float16)
+    return gguf.quants.quantize(data, ggml_type)
+
+
 def _permute(w, n_head: int):
     """llama.cpp's LlamaModel.permute: HF half-split rotary layout -> interleaved."""
     return (w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape))
@@ -64,7 +73,6 @@ def export_gguf(model_dir: str | Path, out: str | Path, qtype: str = "f16", name
     import gguf
     import numpy as np
     import torch
-    from safetensors import safe_open
 
 
     src = Path(model_dir)
@@ -153,41 +161,53 @@ def export_gguf(model_dir: str | Path, out: str | Path, qtype: str = "f16", name
     if template and not special.chat_template:
         writer.add_chat_template(template)
 
-    # --- tensors ------------------------------------------------------------------------------------
+    # --- tensors: two passes, so only one tensor is ever in memory ----------------------------------
+    # Pass 1 declares every tensor (name, stored shape, type) from the safetensors headers alone;
+    # pass 2 reads, converts and writes them one at a time in the same order.
+    from hwcompat.merge import _header, _read_tensors
+
     index = src / "model.safetensors.index.json"
     files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
-    count = 0
+    plan: list[tuple[str, str, str, Any]] = []  # (file, hf key, gguf name, ggml type)
     for f in files:
-        with safe_open(str(src / f), "pt", device="cpu") as fh:
-            for key in fh.keys():
-                if key.endswith("rotary_emb.inv_freq"):
-                    continue
-                new = tmap.get_name(key, try_suffixes=(".weight", ".bias"))
-                if new is None:
-                    raise HwcompatError(f"{src}: no GGUF name for tensor {key}; this model variant is not supported")
-                t = fh.get_tensor(key).to(torch.float32)
+        for key, info in _header(src / f).items():
+            if key == "__metadata__" or key.endswith("rotary_emb.inv_freq"):
+                continue
+            new = tmap.get_name(key, try_suffixes=(".weight", ".bias"))
+            if new is None:
+                raise HwcompatError(f"{src}: no GGUF name for tensor {key}; this model variant is not supported")
+            shape = info["shape"]
+            if len(shape) == 1 or qtype == "f32":
+                t = gguf.GGMLQuantizationType.F32
+            elif qtype == "q8_0" and shape[-1] % 32 == 0:
+                t = gguf.GGMLQuantizationType.Q8_0
+            elif qtype == "bf16":
+                t = gguf.GGMLQuantizationType.BF16
+            else:
+                t = gguf.GGMLQuantizationType.F16
+            probe = _convert(np.zeros((1, shape[-1]), np.float32), t, gguf, np)
+            stored = tuple(shape[:-1]) + (probe.shape[-1],)
+            writer.add_tensor_info(new, stored, probe.dtype, int(np.prod(stored)) * probe.dtype.itemsize, raw_dtype=t)
+            plan.append((f, key, new, t))
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for f in files:
+            keys = [k for (ff, k, _, _) in plan if ff == f]
+            types = {k: t for (ff, k, _, t) in plan if ff == f}
+            for key, tensor in _read_tensors(src / f, keys):
+                t = tensor.to(torch.float32)
                 if permute and key.endswith("q_proj.weight"):
                     t = _permute(t, n_head)
                 elif permute and key.endswith("k_proj.weight"):
                     t = _permute(t, n_kv)
-                data = t.numpy()
-                if data.ndim == 1 or qtype == "f32":
-                    arr, dtype = data.astype(np.float32), gguf.GGMLQuantizationType.F32
-                elif qtype == "q8_0" and data.shape[-1] % 32 == 0:
-                    arr, dtype = gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0
-                elif qtype == "bf16":
-                    arr, dtype = gguf.quants.quantize(data, gguf.GGMLQuantizationType.BF16), gguf.GGMLQuantizationType.BF16
-                else:
-                    arr, dtype = data.astype(np.float16), gguf.GGMLQuantizationType.F16
-                writer.add_tensor(new, arr, raw_dtype=dtype)
-                count += 1
-    try:
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file(progress=False)
+                writer.write_tensor_data(_convert(t.numpy(), types[key], gguf, np))
         writer.close()
         tmp.replace(out)
     except BaseException:
+        writer.close()
         tmp.unlink(missing_ok=True)
         raise
+    count = len(plan)
     return ExportResult(out, arch_str, count, qtype, pre)
