@@ -110,7 +110,7 @@ def prepare_run_dir(loaded: LoadedConfig, profile: dict[str, Any], device: Resol
                              "output_dir, or pass --overwrite to replace it")
         import shutil
 
-        for name in ("adapter", "checkpoints", "metrics.jsonl", "summary.json"):
+        for name in ("adapter", "checkpoints", "metrics.jsonl", "summary.json", "merged", "model.gguf", "Modelfile"):
             target = run_dir / name
             shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
