@@ -17,6 +17,11 @@ def add_parser(sub) -> None:
     c.add_argument("files", nargs="+", metavar="FILE")
     c.add_argument("--eval", nargs="*", default=[], metavar="FILE", help="eval files (checked for leakage)")
     c.add_argument("--format", choices=DATA_FORMATS, default="auto")
+    c.add_argument("--tokenizer", metavar="DIR", help="also run the token-level checks (over-long rows, rows left "
+                                                       "with no response tokens, length outliers) with this tokenizer")
+    c.add_argument("--max-seq-len", type=int, default=1024, help="with --tokenizer (default 1024)")
+    c.add_argument("--overlong", choices=("truncate", "drop"), default="truncate")
+    c.add_argument("--chat-template", choices=("auto", "true", "false"), default="auto")
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=run)
 
@@ -29,6 +34,8 @@ def run(args: argparse.Namespace) -> int:
     evals = [e for f in args.eval for e in read_jsonl(f, args.format, report)]
     if not report.errors:
         check_rows(train, evals, report)
+    if not report.errors and args.tokenizer:
+        _token_checks(args, train, evals, report)
     if args.json:
         from hwcompat.cli.common import print_json
 
@@ -38,3 +45,19 @@ def run(args: argparse.Namespace) -> int:
         if report.ok:
             print("ok: no errors")
     return 0 if report.ok else 1
+
+
+def _token_checks(args: argparse.Namespace, train, evals, report) -> None:
+    """The checks the trainer runs after tokenising, with the same code."""
+    from transformers import AutoTokenizer
+
+    from hwcompat.errors import InputError
+    from hwcompat.train import batching
+
+    try:
+        tok = AutoTokenizer.from_pretrained(args.tokenizer)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"--tokenizer {args.tokenizer}: cannot load it ({str(exc).splitlines()[0]})") from None
+    chat = batching.uses_chat_template(tok, args.chat_template)
+    batching.tokenize_all(tok, train, chat, args.max_seq_len, args.overlong, report, "train")
+    batching.tokenize_all(tok, evals, chat, args.max_seq_len, args.overlong, report, "eval")

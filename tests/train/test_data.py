@@ -93,3 +93,17 @@ def test_eval_split_is_deterministic(tmp_path):
     a = load_datasets([str(f)], [], "auto", 0.2, seed=3)
     b = load_datasets([str(f)], [], "auto", 0.2, seed=3)
     assert [e.line for e in a[1]] == [e.line for e in b[1]] and len(a[1]) == 10 and len(a[0]) == 40
+
+
+def test_token_level_checks_alone(tmp_path, capsys, tiny_model):
+    f = tmp_path / "d.jsonl"
+    rows = [{"prompt": "What color is the sky?", "completion": "blue"}] * 3
+    rows.append({"prompt": "What color is the apple? " * 30, "completion": "red"})
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code = main(["data", "check", str(f), "--tokenizer", str(tiny_model), "--max-seq-len", "32"])
+    out = capsys.readouterr()
+    assert code == 1
+    assert f"error: {f}:4: response: no trainable tokens after truncation to max_seq_len=32" in out.err
+    assert "warning: train rows over max_seq_len=32, truncated: 1 row(s)" in out.err
+    assert main(["data", "check", str(f), "--tokenizer", str(tiny_model), "--max-seq-len", "32",
+                 "--overlong", "drop"]) == 0
