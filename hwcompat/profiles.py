@@ -199,7 +199,7 @@ _TOP_KEYS = {
     "supported": False, "variants": False,
 }
 _VARIANT_KEYS = {"match", "note", "hardware", "dtype", "attention", "compile_backend", "env",
-                 "quantization", "caveats", "supported"}
+                 "quantization", "caveats", "supported", "peak_tflops"}
 
 
 class _Ctx:
@@ -336,6 +336,14 @@ def _supported(ctx: _Ctx, where: str, raw: Any) -> Choice:
     return c
 
 
+def _peak(ctx: _Ctx, where: str, raw: Any) -> tuple[dict[str, float], str]:
+    _keys(ctx, where, raw, {"float32", "float16", "bfloat16", "source", "card"})
+    for k, v in raw.items():
+        if k not in ("source", "card") and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise ctx.fail(f"{where}.{k}", f"expected a number, got {v!r}")
+    return {k: float(v) for k, v in raw.items() if k not in ("source", "card")}, str(raw.get("card", ""))
+
+
 def parse_profile(raw: Any, path: str) -> Profile:
     """Validate one profile mapping; every error names the file and the key path."""
     ctx = _Ctx(path)
@@ -355,11 +363,7 @@ def parse_profile(raw: Any, path: str) -> Profile:
         d = _keys(ctx, "driver", raw["driver"], {"min_version", "reason", "source"}, {"min_version", "reason"})
         drv = Choice(_str(ctx, "driver.min_version", d["min_version"]), _str(ctx, "driver.reason", d["reason"]),
                      d.get("source", ""))
-    peak = raw.get("peak_tflops") or {}
-    _keys(ctx, "peak_tflops", peak, {"float32", "float16", "bfloat16", "source", "card"})
-    for k, v in peak.items():
-        if k not in ("source", "card") and (isinstance(v, bool) or not isinstance(v, (int, float))):
-            raise ctx.fail(f"peak_tflops.{k}", f"expected a number, got {v!r}")
+    peak_tflops, peak_card = _peak(ctx, "peak_tflops", raw.get("peak_tflops") or {})
     variants = []
     for i, vraw in enumerate(raw.get("variants") or []):
         w = f"variants[{i}]"
@@ -379,6 +383,8 @@ def parse_profile(raw: Any, path: str) -> Profile:
                 f[key] = _caveats(ctx, f"{w}.caveats", value)
             elif key == "supported":
                 f[key] = _supported(ctx, f"{w}.supported", value)
+            elif key == "peak_tflops":
+                f["peak_tflops"], f["peak_card"] = _peak(ctx, f"{w}.peak_tflops", value)
         variants.append(Variant(_match(ctx, f"{w}.match", vraw["match"], vendor), _str(ctx, f"{w}.note", vraw["note"]), f))
     return Profile(
         name=name, vendor=vendor, title=_str(ctx, "title", raw["title"]),
@@ -397,8 +403,7 @@ def parse_profile(raw: Any, path: str) -> Profile:
         image=Image(_str(ctx, "image.tag", img["tag"]), _str(ctx, "image.base", img["base"]),
                     _str(ctx, "image.family", img["family"]), img.get("source", "")),
         evidence=_enum(ctx, "evidence", raw["evidence"], Evidence),
-        peak_tflops={k: float(v) for k, v in peak.items() if k not in ("source", "card")},
-        peak_card=str(peak.get("card", "")),
+        peak_tflops=peak_tflops, peak_card=peak_card,
         caveats=_caveats(ctx, "caveats", raw.get("caveats") or []),
         supported=_supported(ctx, "supported", raw["supported"]) if "supported" in raw else Choice(
             "true", "a profile covers this device"),
