@@ -24,7 +24,9 @@ and the device's resolved profile (dtype, attention kernel, quantization):
   flash-attention do not.
 - logits: batch x seq x vocab in the compute dtype, its fp32 upcast for the
   loss, and the fp32 gradient of the logits: the term that makes large-vocab
-  models (Gemma, Qwen) surprisingly hungry at long sequence lengths.
+  models (Gemma, Qwen) surprisingly hungry at long sequence lengths. hwcompat's
+  trainer projects only response positions, so `train` scales this term by its
+  data's largest response share (``logit_fraction``).
 - runtime: CUDA/ROCm context and library workspaces (a constant, measured
   at about 0.5 GiB on CUDA 12 and more on ROCm) plus allocator slack (a
   fraction of the rest; fragmentation, rounding to 2 MiB blocks).
@@ -169,6 +171,9 @@ class PlanInput:
     gradient_checkpointing: bool = False
     optimizer: str = "adamw"
     lora_dropout: bool = True
+    # Share of positions that need logits. A plain causal-LM forward computes them everywhere (1.0);
+    # hwcompat's trainer only at response tokens, so `train` passes its data's worst-case share.
+    logit_fraction: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -250,7 +255,7 @@ def estimate(shape: ModelShape, inp: PlanInput, dtype: str, attention: str, vend
         notes.append("eager attention materialises the S^2 score matrix; sdpa or flash-attention avoid it")
     else:
         bd["attention_scores"] = 0
-    bd["logits"] = tokens * shape.vocab * (act_db + 4 + 4)
+    bd["logits"] = int(tokens * min(1.0, max(0.0, inp.logit_fraction)) * shape.vocab * (act_db + 4 + 4))
     allocated = sum(bd.values())
     bd["runtime_overhead"] = RUNTIME_CONTEXT.get(vendor, 0) + int(ALLOCATOR_SLACK * allocated)
     peak = sum(bd.values())

@@ -155,3 +155,21 @@ def test_train_refuses_a_run_that_will_not_fit(tmp_path):
     assert res.returncode == 1, res.stderr
     assert "this run will not fit on" in res.stderr and "--force tries anyway" in res.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_response_fraction_scales_only_the_logits(qwen7b):
+    shape = P.load_shape(qwen7b)
+    full = P.estimate(shape, P.PlanInput(), "bfloat16", "sdpa", "nvidia", 80 << 30)
+    tenth = P.estimate(shape, P.PlanInput(logit_fraction=0.1), "bfloat16", "sdpa", "nvidia", 80 << 30)
+    assert tenth.breakdown["logits"] == int(full.breakdown["logits"] * 0.1)
+    assert tenth.breakdown["activations"] == full.breakdown["activations"]
+
+
+def test_train_plans_with_its_datas_response_share(tmp_path):
+    from hwcompat.train.config import load_config
+    from hwcompat.train.launch import check_data
+
+    data = tmp_path / "t.jsonl"
+    data.write_text(json.dumps({"prompt": "x" * 90, "completion": "y" * 10}) + "\n")
+    _, share = check_data(load_config(None, [f"model={tmp_path}", f"train_data={data}", "eval_fraction=0.5"]))
+    assert share == pytest.approx(0.1 * 1.25 + 0.02)

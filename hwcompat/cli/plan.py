@@ -19,6 +19,9 @@ def add_parser(sub) -> None:
     g.add_argument("--gradient-checkpointing", dest="gc", action="store_true", default=False)
     g.add_argument("--no-gradient-checkpointing", dest="gc", action="store_false")
     p.add_argument("--optimizer", default="adamw", help="adamw | adamw_8bit | sgd")
+    p.add_argument("--response-fraction", type=float, default=1.0, metavar="F",
+                   help="share of tokens that are response (hwcompat's trainer computes logits only there); "
+                        "default 1.0 = a plain forward's worst case")
     p.add_argument("--device", metavar="N", help="device position from `hwcompat detect` (default: first GPU)")
     p.add_argument("--suggest", action="store_true", help="say what does fit (or the cheapest change that fits)")
     p.add_argument("--json", action="store_true")
@@ -80,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
             from hwcompat.errors import InputError
             raise InputError(f"{name} must be >= 1, got {value}")
     inp = P.PlanInput(method=args.method, seq_len=args.seq_len, batch_size=args.batch_size, lora_rank=args.lora_rank,
-                      gradient_checkpointing=args.gc, optimizer=args.optimizer)
+                      gradient_checkpointing=args.gc, optimizer=args.optimizer,
+                      logit_fraction=args.response_fraction)
     result = make_plan(shape, device, inp, args.suggest)
     if args.json:
         print_json(result.to_dict())

@@ -84,8 +84,9 @@ def launch(args, loaded) -> int:
         raise InputError(f"{device.reading.name} is emulated: there is no such card to train on. "
                          "Use --print-config to see the resolved run, --cpu-emulation to run its profile on the "
                          "CPU, or drop --emulate")
-    print(L.check_data(loaded), file=sys.stderr)
-    note = L.check_plan(loaded, device, profile)
+    report, logit_fraction = L.check_data(loaded)
+    print(report, file=sys.stderr)
+    note = L.check_plan(loaded, device, profile, logit_fraction)
     if note:
         print(note, file=sys.stderr)
     nproc, group = _nproc(args, plan, pos, device)

@@ -88,14 +88,23 @@ def render_config(loaded: LoadedConfig, profile: dict[str, Any], hw_origins: dic
     return "\n".join(lines)
 
 
-def check_data(loaded: LoadedConfig) -> str:
-    """Text-level checks before anything heavy; raises on errors, returns the report text."""
+def check_data(loaded: LoadedConfig) -> tuple[str, float]:
+    """Text-level checks before anything heavy; raises on errors.
+
+    Returns the report text and the largest share of any row's characters that are response
+    (trained) text: the planner's worst case for how many positions need logits.
+    """
     cfg = loaded.config
-    _, _, report = load_datasets(cfg.train_data, cfg.eval_data, cfg.data_format, cfg.eval_fraction, cfg.seed,
-                                 cfg.system_prompt)
+    train, _, report = load_datasets(cfg.train_data, cfg.eval_data, cfg.data_format, cfg.eval_fraction, cfg.seed,
+                                     cfg.system_prompt)
     if report.errors:
         raise InputError("data checks failed; nothing was trained\n" + report.render())
-    return report.render()
+    share = 0.0
+    for ex in train:
+        total = sum(len(c) for _, c in ex.messages)
+        trained = sum(len(c) for r, c in ex.messages if r == "assistant")
+        share = max(share, trained / max(1, total))
+    return report.render(), min(1.0, share * 1.25 + 0.02)  # margin: template and tokenisation differences
 
 
 def prepare_run_dir(loaded: LoadedConfig, profile: dict[str, Any], device: ResolvedDevice, plan: HostPlan,
@@ -151,7 +160,8 @@ def exec_worker(run_dir: Path, env: dict[str, str], resume: bool, nproc: int) ->
     os.execve(sys.executable, argv, env)
 
 
-def check_plan(loaded: LoadedConfig, device: ResolvedDevice, profile: dict[str, Any]) -> str | None:
+def check_plan(loaded: LoadedConfig, device: ResolvedDevice, profile: dict[str, Any],
+               logit_fraction: float = 1.0) -> str | None:
     """Refuse early, before any model load, when the planner says the run will not fit.
 
     Returns a one-line note for the log (None when the model type is unknown to the planner).
@@ -166,7 +176,8 @@ def check_plan(loaded: LoadedConfig, device: ResolvedDevice, profile: dict[str, 
     quant_ok = "nf4" in profile["quantization"]
     inp = P.PlanInput(method="qlora" if cfg.qlora else "lora", seq_len=cfg.max_seq_len, batch_size=cfg.micro_batch_size,
                       lora_rank=cfg.lora_r, lora_targets=cfg.lora_target_modules,
-                      gradient_checkpointing=cfg.gradient_checkpointing, lora_dropout=cfg.lora_dropout > 0)
+                      gradient_checkpointing=cfg.gradient_checkpointing, lora_dropout=cfg.lora_dropout > 0,
+                      logit_fraction=logit_fraction)
     result = P.estimate(shape, inp, profile["dtype"], profile["attention"], device.reading.vendor,
                         device.reading.memory_bytes, quant_ok)
     note = (f"plan: peak {result.peak_bytes / P.GIB:.2f} GiB of {result.device_bytes / P.GIB:.1f} GiB "
