@@ -29,8 +29,10 @@ from hwcompat.fsutil import atomic_dir
 COPY_FROM_BASE = ("generation_config.json",)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "chat_template.jinja", "vocab.json", "merges.txt", "added_tokens.json")
-ST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64",
-             "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+#: safetensors dtype tag -> (torch dtype name, bytes per element)
+ST_DTYPES = {"F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2), "F64": ("float64", 8),
+             "I64": ("int64", 8), "I32": ("int32", 4), "I16": ("int16", 2), "I8": ("int8", 1), "U8": ("uint8", 1),
+             "BOOL": ("bool", 1)}
 TORCH_TO_ST = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 
 
@@ -120,10 +122,6 @@ def _header(path: Path) -> dict[str, Any]:
         return json.loads(fh.read(n))
 
 
-ST_TORCH = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64",
-            "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
-
-
 def _read_tensors(path: Path, names: list[str]):
     """Yield (name, tensor) by plain reads at the header's offsets.
 
@@ -142,7 +140,7 @@ def _read_tensors(path: Path, names: list[str]):
             start, end = info["data_offsets"]
             fh.seek(base + start)
             buf = bytearray(fh.read(end - start))
-            dtype = getattr(torch, ST_TORCH[info["dtype"]])
+            dtype = getattr(torch, ST_DTYPES[info["dtype"]][0])
             t = torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)
             yield name, t.reshape(info["shape"])
 
@@ -192,8 +190,7 @@ def _write_streaming(path: Path, entries: list[tuple[str, str, list[int]]], tens
     header: dict[str, Any] = {"__metadata__": metadata}
     offset = 0
     for name, st_dtype, shape in entries:
-        size = math.prod(shape) * {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "I16": 2,
-                                   "I8": 1, "U8": 1, "BOOL": 1}[st_dtype]
+        size = math.prod(shape) * ST_DTYPES[st_dtype][1]
         header[name] = {"dtype": st_dtype, "shape": shape, "data_offsets": [offset, offset + size]}
         offset += size
     raw = json.dumps(header, separators=(",", ":")).encode()

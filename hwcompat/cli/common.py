@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from typing import Any
 
@@ -64,7 +63,3 @@ def print_json(data: Any) -> None:
 
 def gib(n: int) -> str:
     return f"{n / 2**30:.1f} GiB"
-
-
-def use_color() -> bool:
-    return sys.stdout.isatty() and os.environ.get("NO_COLOR") is None
