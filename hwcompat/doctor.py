@@ -18,6 +18,7 @@ from typing import Any, Mapping
 
 import yaml
 
+from hwcompat import compat
 from hwcompat.datafiles import data_dir
 from hwcompat.resolve import HostPlan, ResolvedDevice
 
@@ -90,25 +91,13 @@ def _vt(text: str) -> tuple[int, ...]:
     return tuple(out)
 
 
-def covers_nvidia(arch_list: tuple[str, ...], cc: str) -> bool:
-    """True when torch has a cubin for this card (same major, minor <= card's) or PTX it can JIT from."""
-    major, minor = (int(x) for x in cc.split("."))
-    for a in arch_list:
-        kind, _, num = a.partition("_")
-        if not num.isdigit() or len(num) < 2:
-            continue
-        m, n = int(num[:-1]), int(num[-1])
-        if kind == "sm" and m == major and n <= minor:
-            return True
-        if kind == "compute" and (m, n) <= (major, minor):
-            return True
-    return False
-
-
 def _pip_fix(d: ResolvedDevice) -> str:
-    p = d.profile
-    cap = f"<={p.torch_max_version}.*" if p.torch_max_version else ""
-    return f"pip install 'torch{cap}' --index-url {p.torch_index_url}   (or use the {p.image} image)"
+    return f"{d.profile.torch_install}   (or use the {d.profile.image} image)"
+
+
+def _installed(stack: Stack) -> compat.InstalledTorch:
+    return compat.InstalledTorch.from_arch_list(stack.torch_version, stack.torch_cuda, stack.torch_hip,
+                                                stack.arch_list)
 
 
 def _device_findings(pos: int, d: ResolvedDevice, stack: Stack, environ: Mapping[str, str]) -> list[Finding]:
@@ -132,11 +121,9 @@ def _device_findings(pos: int, d: ResolvedDevice, stack: Stack, environ: Mapping
                 _pip_fix(d))
         else:
             cc = r.compute_capability or "0.0"
-            if stack.arch_list and not covers_nvidia(stack.arch_list, cc):
-                sms = [a for a in stack.arch_list if a.startswith("sm_")]
-                add("error", "kernels", f"torch {stack.torch_version} has no kernels for sm_{cc.replace('.', '')} "
-                    f"(it has {sms[0]}…{sms[-1] if sms else ''}): training fails with 'no kernel image is "
-                    "available for execution on the device'", _pip_fix(d))
+            why = compat.kernel_problem(_installed(stack), "nvidia", cc, None)
+            if why:
+                add("error", "kernels", why, _pip_fix(d))
             else:
                 add("ok", "kernels", f"torch {stack.torch_version} (CUDA {stack.torch_cuda}) has kernels for "
                     f"sm_{cc.replace('.', '')}")
@@ -154,7 +141,6 @@ def _device_findings(pos: int, d: ResolvedDevice, stack: Stack, environ: Mapping
             want = p.env.get("HSA_OVERRIDE_GFX_VERSION")
             have = environ.get("HSA_OVERRIDE_GFX_VERSION")
             effective = r.gfx_target_effective or r.gfx_target
-            gfx = [a for a in stack.arch_list if a.startswith("gfx")]
             if want and have != want:
                 if have:
                     add("error", "gfx_override", f"HSA_OVERRIDE_GFX_VERSION={have} is set, but {r.gfx_target} needs "
@@ -166,9 +152,8 @@ def _device_findings(pos: int, d: ResolvedDevice, stack: Stack, environ: Mapping
             elif not want and have:
                 add("warning", "gfx_override", f"HSA_OVERRIDE_GFX_VERSION={have} is set but {r.gfx_target} needs "
                     "no override", "unset HSA_OVERRIDE_GFX_VERSION")
-            elif gfx and effective not in gfx and not want:
-                add("error", "kernels", f"torch {stack.torch_version} has no kernels for {effective} "
-                    f"(it has {', '.join(gfx)}): 'HIP error: invalid device function'", _pip_fix(d))
+            elif not want and compat.kernel_problem(_installed(stack), "amd", None, effective):
+                add("error", "kernels", compat.kernel_problem(_installed(stack), "amd", None, effective), _pip_fix(d))
             else:
                 add("ok", "kernels", f"torch {stack.torch_version} (HIP {stack.torch_hip}) runs {r.gfx_target}"
                     + (f" as {want}" if want else ""))

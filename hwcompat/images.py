@@ -30,13 +30,14 @@ class ImageSpec:
 
     @property
     def torch_spec(self) -> str:
+        """The image's torch requirement; a per-target extra (``device-{gfx}``) names every target it serves."""
+        from hwcompat.compat import torch_requirement
+
         p = self.profiles[0]
-        parts = []
-        if p.torch.min_version:
-            parts.append(f">={p.torch.min_version}")
-        if p.torch.max_version:
-            parts.append(f"<={p.torch.max_version}.99")
-        return "torch" + ",".join(parts)
+        extra = p.torch.extra
+        if extra and "{gfx}" in extra:
+            extra = ",".join(extra.replace("{gfx}", g) for q in self.profiles for g in q.match.gfx_targets)
+        return torch_requirement(p.torch.min_version, p.torch.max_version, extra)
 
     @property
     def shared_env(self) -> dict[str, str]:
@@ -53,9 +54,9 @@ def specs() -> dict[str, ImageSpec]:
     for family, profs in sorted(groups.items()):
         first = profs[0]
         for p in profs[1:]:
-            same = (p.image.tag, p.image.base, p.torch.build, p.torch.index_url, p.torch.max_version)
+            same = (p.image.tag, p.image.base, p.torch.build, p.torch.index_url, p.torch.max_version, p.torch.extra)
             if same != (first.image.tag, first.image.base, first.torch.build, first.torch.index_url,
-                        first.torch.max_version):
+                        first.torch.max_version, first.torch.extra):
                 raise HwcompatError(f"profiles {first.name} and {p.name} share image family {family} but differ in "
                                     "tag, base or torch build; give one its own family")
         out[family] = ImageSpec(family, first.image.tag, first.image.base, tuple(profs))

@@ -97,6 +97,12 @@ class TorchBuild:
     min_version: str | None
     reason: str
     source: str = ""
+    extra: str | None = None  # a pip extra of the index's torch, e.g. "device-gfx1032" (AMD multi-arch wheels)
+
+    def install_command(self) -> str:
+        from hwcompat.compat import install_command
+
+        return install_command(self.min_version, self.max_version, self.index_url, self.extra)
 
 
 @dataclass(frozen=True)
@@ -186,8 +192,14 @@ class Profile:
                     merged["quantization"] = {**self.quantization, **merged["quantization"]}
                 if "caveats" in merged:
                     merged["caveats"] = self.caveats + merged["caveats"]
-                return replace(self, variants=(), variant_note=v.note, **merged)
-        return replace(self, variants=())
+                return replace(self, variants=(), variant_note=v.note, **merged)._for_target(gfx)
+        return replace(self, variants=())._for_target(gfx)
+
+    def _for_target(self, gfx: str | None) -> "Profile":
+        """Expand ``{gfx}`` in the torch extra (AMD's per-target packages: ``device-{gfx}``)."""
+        if gfx and self.torch.extra and "{gfx}" in self.torch.extra:
+            return replace(self, torch=replace(self.torch, extra=self.torch.extra.replace("{gfx}", gfx)))
+        return self
 
 
 # --- the schema -----------------------------------------------------------------
@@ -199,7 +211,8 @@ _TOP_KEYS = {
     "supported": False, "variants": False,
 }
 _VARIANT_KEYS = {"match", "note", "hardware", "dtype", "attention", "compile_backend", "env",
-                 "quantization", "caveats", "supported", "peak_tflops"}
+                 "quantization", "caveats", "supported", "peak_tflops", "torch"}
+_TORCH_KEYS = {"build", "index_url", "max_version", "min_version", "reason", "source", "extra"}
 
 
 class _Ctx:
@@ -344,6 +357,15 @@ def _peak(ctx: _Ctx, where: str, raw: Any) -> tuple[dict[str, float], str]:
     return {k: float(v) for k, v in raw.items() if k not in ("source", "card")}, str(raw.get("card", ""))
 
 
+def _torch(ctx: _Ctx, where: str, raw: Any) -> TorchBuild:
+    tb = _keys(ctx, where, raw, _TORCH_KEYS, {"build", "index_url", "reason"})
+    return TorchBuild(_str(ctx, f"{where}.build", tb["build"]), _str(ctx, f"{where}.index_url", tb["index_url"]),
+                      _str(ctx, f"{where}.max_version", tb.get("max_version"), allow_none=True),
+                      _str(ctx, f"{where}.min_version", tb.get("min_version"), allow_none=True),
+                      _str(ctx, f"{where}.reason", tb["reason"]), tb.get("source", ""),
+                      _str(ctx, f"{where}.extra", tb.get("extra"), allow_none=True))
+
+
 def parse_profile(raw: Any, path: str) -> Profile:
     """Validate one profile mapping; every error names the file and the key path."""
     ctx = _Ctx(path)
@@ -355,8 +377,6 @@ def parse_profile(raw: Any, path: str) -> Profile:
     vendor = raw["vendor"]
     if vendor not in VENDORS:
         raise ctx.fail("vendor", f"{vendor!r} is not one of: {', '.join(VENDORS)}")
-    tb = _keys(ctx, "torch", raw["torch"], {"build", "index_url", "max_version", "min_version", "reason", "source"},
-               {"build", "index_url", "reason"})
     img = _keys(ctx, "image", raw["image"], {"tag", "base", "family", "source"}, {"tag", "base", "family"})
     drv = None
     if raw.get("driver") is not None:
@@ -385,6 +405,8 @@ def parse_profile(raw: Any, path: str) -> Profile:
                 f[key] = _supported(ctx, f"{w}.supported", value)
             elif key == "peak_tflops":
                 f["peak_tflops"], f["peak_card"] = _peak(ctx, f"{w}.peak_tflops", value)
+            elif key == "torch":
+                f[key] = _torch(ctx, f"{w}.torch", value)
         variants.append(Variant(_match(ctx, f"{w}.match", vraw["match"], vendor), _str(ctx, f"{w}.note", vraw["note"]), f))
     return Profile(
         name=name, vendor=vendor, title=_str(ctx, "title", raw["title"]),
@@ -395,10 +417,7 @@ def parse_profile(raw: Any, path: str) -> Profile:
         compile_backend=_choice(ctx, "compile_backend", raw["compile_backend"], CompileBackend),
         env=_env(ctx, "env", raw.get("env") or []),
         quantization=_quant(ctx, "quantization", raw["quantization"], partial=False),
-        torch=TorchBuild(_str(ctx, "torch.build", tb["build"]), _str(ctx, "torch.index_url", tb["index_url"]),
-                         _str(ctx, "torch.max_version", tb.get("max_version"), allow_none=True),
-                         _str(ctx, "torch.min_version", tb.get("min_version"), allow_none=True),
-                         _str(ctx, "torch.reason", tb["reason"]), tb.get("source", "")),
+        torch=_torch(ctx, "torch", raw["torch"]),
         driver_min=drv,
         image=Image(_str(ctx, "image.tag", img["tag"]), _str(ctx, "image.base", img["base"]),
                     _str(ctx, "image.family", img["family"]), img.get("source", "")),

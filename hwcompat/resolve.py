@@ -12,9 +12,10 @@ import difflib
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from hwcompat import compat
 from hwcompat.errors import InputError
 from hwcompat.profiles import Attention, CompileBackend, Dtype, Fp16Rate, Profile
-from hwcompat.readings import DeviceReading, HostReading, parse_cc
+from hwcompat.readings import DeviceReading, HostReading, gfx_from_override, override_from_gfx, parse_cc
 from hwcompat.software import Software
 
 #: CPU ISA flags that give PyTorch's CPU kernels native bf16 (oneDNN AVX512-BF16 / AMX paths).
@@ -60,6 +61,7 @@ class ResolvedProfile:
     quantization: list[str]  # supported kinds: "nf4", "int8"
     torch_build: str
     torch_index_url: str
+    torch_install: str  # the pip command for this family (a PEP 508 requirement; tested to parse)
     torch_max_version: str | None
     torch_min_version: str | None
     driver_min_version: str | None
@@ -198,26 +200,50 @@ def _check_compile(value: str, hw: dict[str, Any], label: str) -> str:
     return "set by the user"
 
 
-def _torch_problems(r: DeviceReading, p: Profile, sw: Software) -> list[str]:
-    """Does the installed torch fit a real device? Emulated devices are not this host's hardware."""
-    if r.emulated or r.vendor == "cpu" or not sw.torch_version:
+def _release(text: str | None) -> tuple[int, int] | None:
+    return tuple(int(x) for x in text.split(".")[:2]) if text else None  # type: ignore[return-value]
+
+
+def _run_target(r: DeviceReading, env: dict[str, str]) -> str | None:
+    """The gfx target the ROCm runtime will run this card as: the override hwcompat sets, else the user's."""
+    override = env.get("HSA_OVERRIDE_GFX_VERSION")
+    if override:
+        try:
+            return gfx_from_override(override)
+        except ValueError:
+            return None
+    return r.gfx_target_effective or r.gfx_target
+
+
+def _torch_problems(r: DeviceReading, p: Profile, sw: Software, env: dict[str, str]) -> list[str]:
+    """Does the installed torch run this real device? Emulated devices are not this host's hardware."""
+    t = sw.torch
+    if r.emulated or r.vendor == "cpu" or t is None:
         return []
-    fix = f"pip install 'torch{'<=' + p.torch.max_version + '.*' if p.torch.max_version else ''}' " \
-          f"--index-url {p.torch.index_url} (or use the {p.image.tag} image)"
-    build, release = sw.torch_build, sw.torch_release
+    fix = f"{p.torch.install_command()} (or use the {p.image.tag} image)"
     problems = []
-    if build == "cpu":
-        problems.append(f"installed torch {sw.torch_version} is a CPU build and cannot use this GPU: {fix}")
-    elif build and r.vendor == "nvidia" and build.startswith("rocm") or build and r.vendor == "amd" and build.startswith("cu"):
-        problems.append(f"installed torch {sw.torch_version} is built for the other vendor: {fix}")
-    elif build and build.startswith("cu") and p.torch.build == "cu126" and build != "cu126" and release \
-            and release >= (2, 11):
-        problems.append(f"installed torch {sw.torch_version} has no kernels for {p.name} "
-                        f"('no kernel image is available'): {fix}")
-    if p.torch.max_version and release and release > tuple(int(x) for x in p.torch.max_version.split(".")):
-        problems.append(f"installed torch {sw.torch_version} is newer than {p.torch.max_version}, "
-                        f"the last release with {p.name} kernels: {fix}")
+    why = compat.kernel_problem(t, r.vendor, r.compute_capability, _run_target(r, env))
+    if why:
+        problems.append(f"installed {why}: {fix}")
+    elif t.targets is None:
+        problems.append(f"note: installed {t.describe()} is not in hwcompat's wheel table (catalog/wheels.yaml), so "
+                        "whether it has kernels for this card is unknown; `hwcompat doctor` asks torch itself")
+    release, cap = t.release, _release(p.torch.max_version)
+    if release and cap and release > cap:
+        problems.append(f"installed {t.describe()} is newer than {p.torch.max_version}, the last release with "
+                        f"{p.name} kernels: {fix}")
     return problems
+
+
+def _native_override(r: DeviceReading, sw: Software, env: dict[str, str], reasons: dict[str, str]) -> None:
+    """Drop the profile's HSA_OVERRIDE_GFX_VERSION when the installed torch has the card's own kernels."""
+    t = sw.torch
+    if r.emulated or r.vendor != "amd" or "HSA_OVERRIDE_GFX_VERSION" not in env or t is None or not t.targets:
+        return
+    if r.gfx_target in t.targets:
+        del env["HSA_OVERRIDE_GFX_VERSION"]
+        reasons["env.HSA_OVERRIDE_GFX_VERSION"] = (f"not set: the installed {t.describe()} carries native "
+                                                   f"{r.gfx_target} kernels ({t.targets_from})")
 
 
 def resolve_device(reading: DeviceReading, profiles: dict[str, Profile], software: Software,
@@ -290,7 +316,6 @@ def resolve_device(reading: DeviceReading, profiles: dict[str, Profile], softwar
             reasons[key] = "set by the user"
     if reading.vendor == "amd" and reading.gfx_target_effective:
         wanted = env.get("HSA_OVERRIDE_GFX_VERSION")
-        from hwcompat.readings import override_from_gfx
         have = override_from_gfx(reading.gfx_target_effective)
         if wanted and have != wanted:
             problems.append(f"HSA_OVERRIDE_GFX_VERSION={have} is set (runs {reading.gfx_target} as "
@@ -300,6 +325,7 @@ def resolve_device(reading: DeviceReading, profiles: dict[str, Profile], softwar
             problems.append(f"HSA_OVERRIDE_GFX_VERSION={have} is set but {reading.gfx_target} is in the ROCm "
                             "wheels and needs no override: unset HSA_OVERRIDE_GFX_VERSION")
 
+    _native_override(reading, software, env, reasons)
     quant = [k for k, q in p.quantization.items() if q.supported]
     for k, q in p.quantization.items():
         reasons[f"quantization.{k}"] = q.reason
@@ -307,11 +333,12 @@ def resolve_device(reading: DeviceReading, profiles: dict[str, Profile], softwar
     reasons["image"] = f"{p.image.tag} carries the {p.torch.build} torch build this family needs"
     if p.driver_min:
         reasons["driver"] = p.driver_min.reason
-    problems += _torch_problems(reading, p, software)
+    problems += _torch_problems(reading, p, software, env)
 
     resolved = ResolvedProfile(
         name=p.name, dtype=dtype, attention=attention, compile_backend=compile_backend, env=env,
         quantization=quant, torch_build=p.torch.build, torch_index_url=p.torch.index_url,
+        torch_install=p.torch.install_command(),
         torch_max_version=p.torch.max_version, torch_min_version=p.torch.min_version,
         driver_min_version=p.driver_min.value if p.driver_min else None, image=p.image.tag,
         image_family=p.image.family, evidence=p.evidence.value, variant=p.variant_note,

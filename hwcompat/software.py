@@ -1,49 +1,28 @@
 """Installed-software facts, gathered without importing the packages.
 
-``importlib.util.find_spec`` and package metadata tell what is installed
-without running its import-time code (no CUDA init, no torch import), so
-``detect`` stays fast and side-effect free. Doctor goes further and asks
-torch itself.
+``importlib.util.find_spec`` finds a package without running its import-time code, and torch's
+build is read from its ``version.py`` as text (``hwcompat.compat``), so ``detect`` stays fast and
+side-effect free. Doctor goes further and asks torch itself.
 """
 
 from __future__ import annotations
 
-import importlib.metadata as md
 import importlib.util
 from dataclasses import dataclass
+
+from hwcompat import compat
 
 
 @dataclass(frozen=True)
 class Software:
-    torch_version: str | None = None  # e.g. "2.13.0+cpu"; None when torch is not installed
+    torch: compat.InstalledTorch | None = None  # None when torch is not installed
     flash_attn: bool = False  # flash_attn importable (checked with find_spec, never imported)
     bitsandbytes: bool = False
-    transformers_version: str | None = None
-    peft_version: str | None = None
 
-    @property
-    def torch_build(self) -> str | None:
-        """Local version tag: "cpu", "cu126", "rocm6.4"; None for a plain PyPI wheel."""
-        if not self.torch_version or "+" not in self.torch_version:
-            return None
-        return self.torch_version.split("+", 1)[1]
-
-    @property
-    def torch_release(self) -> tuple[int, int] | None:
-        if not self.torch_version:
-            return None
-        parts = self.torch_version.split("+")[0].split(".")
-        try:
-            return int(parts[0]), int(parts[1])
-        except (ValueError, IndexError):
-            return None
-
-
-def _version(dist: str) -> str | None:
-    try:
-        return md.version(dist)
-    except md.PackageNotFoundError:
-        return None
+    @classmethod
+    def with_torch(cls, version: str, cuda: str | None = None, hip: str | None = None, **kw) -> "Software":
+        """Tests and emulation: a torch described by its version facts alone."""
+        return cls(torch=compat.InstalledTorch.from_version(version, cuda, hip), **kw)
 
 
 def _has(module: str) -> bool:
@@ -54,11 +33,5 @@ def _has(module: str) -> bool:
 
 
 def installed() -> Software:
-    """Facts about this Python environment (cheap: metadata reads only)."""
-    return Software(
-        torch_version=_version("torch"),
-        flash_attn=_has("flash_attn"),
-        bitsandbytes=_has("bitsandbytes"),
-        transformers_version=_version("transformers"),
-        peft_version=_version("peft"),
-    )
+    """Facts about this Python environment (cheap: file reads only)."""
+    return Software(torch=compat.installed(), flash_attn=_has("flash_attn"), bitsandbytes=_has("bitsandbytes"))

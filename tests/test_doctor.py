@@ -7,7 +7,8 @@ from dataclasses import replace
 
 import pytest
 
-from hwcompat.doctor import Stack, covers_nvidia, diagnose
+from hwcompat.compat import covers_nvidia
+from hwcompat.doctor import Stack, diagnose
 from hwcompat.probe.emulate import from_catalog, parse_reading
 from hwcompat.profiles import load_profiles
 from hwcompat.readings import HostReading
@@ -16,8 +17,9 @@ from hwcompat.software import Software
 
 CU126 = Stack("2.13.0+cu126", "12.6", None, ("sm_50", "sm_60", "sm_70", "sm_75", "sm_80", "sm_86", "sm_90"))
 CU130 = Stack("2.13.0+cu130", "13.0", None, ("sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120", "compute_120"))
-ROCM = Stack("2.13.0+rocm6.4", None, "6.4.43482", ("gfx900", "gfx906", "gfx908", "gfx90a", "gfx942", "gfx1030",
-                                                   "gfx1100", "gfx1101", "gfx1102", "gfx1200", "gfx1201"))
+ROCM = Stack("2.13.0+rocm7.2", None, "7.2.26015", ("gfx900", "gfx906", "gfx908", "gfx90a", "gfx942", "gfx950",
+                                                   "gfx1030", "gfx1100", "gfx1101", "gfx1102", "gfx1150", "gfx1151",
+                                                   "gfx1200", "gfx1201"))
 
 
 def _plan(*names, readings=()):
@@ -35,7 +37,7 @@ def _find(findings, check, severity=None):
 def test_cu130_wheel_on_m40_has_no_kernels():
     f = _find(diagnose(_plan("m40"), CU130, {}), "kernels", "error")
     assert "no kernels for sm_52" in f.message and "no kernel image is available" in f.message
-    assert f.fix.startswith("pip install 'torch<=2.14.*' --index-url https://download.pytorch.org/whl/cu126")
+    assert f.fix.startswith("pip install 'torch<2.15' --index-url https://download.pytorch.org/whl/cu126")
 
 
 def test_cu126_wheel_on_m40_is_fine():
@@ -92,10 +94,18 @@ def test_rdna2_override_missing_wrong_and_needless():
     assert "needs no override" in f.message
 
 
-def test_known_bad_override_target_blocks():
+def test_apu_without_wheel_kernels_is_sent_to_native_wheels_not_a_hanging_override():
     apu = parse_reading({"vendor": "amd", "name": "Radeon 780M", "gfx_target": "gfx1103", "memory_bytes": 1 << 30}, "t")
-    f = _find(diagnose(_plan(readings=[apu]), ROCM, {}), "supported", "error")
-    assert "hang" in f.message
+    f = _find(diagnose(_plan(readings=[apu]), ROCM, {}), "kernels", "error")
+    assert "no kernels for gfx1103" in f.message and "torch[device-gfx1103]" in f.fix
+    assert not [x for x in diagnose(_plan(readings=[apu]), ROCM, {}) if x.check == "gfx_override"]
+
+
+def test_known_bad_target_blocks():
+    deck = parse_reading({"vendor": "amd", "name": "AMD Custom GPU 0405", "gfx_target": "gfx1033",
+                          "memory_bytes": 1 << 30}, "t")
+    f = _find(diagnose(_plan(readings=[deck]), ROCM, {}), "supported", "error")
+    assert "wrong gradients" in f.message
 
 
 def test_cuda_wheel_on_amd_card():

@@ -36,7 +36,8 @@ def fake_nvml(devices, init_error=None, broken=()):
         nvmlDeviceGetMemoryInfo=lambda i: SimpleNamespace(total=devices[i]["mem"]),
         nvmlDeviceGetPciInfo=lambda i: SimpleNamespace(busId=f"00000000:0{i + 1}:00.0".encode()),
         nvmlDeviceGetUUID=lambda i: f"GPU-{i}",
-        nvmlDeviceGetPowerManagementLimit=lambda i: 250000 if i == 0 else not_supported(i),
+        nvmlDeviceGetEnforcedPowerLimit=lambda i: 250000 if i == 0 else not_supported(i),
+        nvmlDeviceGetPowerManagementLimit=lambda i: 300000,  # the configurable limit; a user cap is below it
         nvmlDeviceGetCurrPcieLinkGeneration=lambda i: 3,
         nvmlDeviceGetCurrPcieLinkWidth=lambda i: 16,
     )
@@ -82,7 +83,7 @@ def test_nvml_missing_driver_with_nvidia_card_is_a_problem(tmp_path):
     nvml = fake_nvml([], init_error=NVMLError("Driver Not Loaded"))
     readings, problems = nvidia.probe(nvml=nvml, sys_root=tmp_path)
     assert readings == [] and problems == [
-        "NVIDIA GPU on the PCI bus but NVML failed to start (Driver Not Loaded): is the NVIDIA driver installed "
+        "NVIDIA GPU present but NVML failed to start (Driver Not Loaded): is the NVIDIA driver installed "
         "and loaded? (nvidia-smi should list the card)"]
 
 
@@ -139,20 +140,18 @@ def test_no_kfd_means_no_amd_devices(tmp_path):
 
 
 def test_amdsmi_import_keyerror_falls_back_to_sysfs(tmp_path, monkeypatch):
-    """Without ROCm, `import amdsmi` raises KeyError (ROCM_PATH); that is 'no amdsmi', never a crash."""
-    import builtins
+    """Without ROCm, `import amdsmi` raises KeyError (ROCM_PATH): sysfs answers and the user is told why."""
+    from hwcompat.probe import vendorlib
 
-    real_import = builtins.__import__
+    def fake_import(name):
+        raise KeyError("ROCM_PATH")
 
-    def fake_import(name, *a, **kw):
-        if name == "amdsmi":
-            raise KeyError("ROCM_PATH")
-        return real_import(name, *a, **kw)
-
-    monkeypatch.setattr(builtins, "__import__", fake_import)
+    monkeypatch.delitem(__import__("sys").modules, "amdsmi", raising=False)
+    monkeypatch.setattr(vendorlib.importlib, "import_module", fake_import)
     _kfd_tree(tmp_path, [CPU_NODE, RX6600])
     readings, problems = amd.probe(sys_root=tmp_path, environ={})
-    assert [r.source for r in readings] == ["sysfs"] and problems == []
+    assert [r.source for r in readings] == ["sysfs"]
+    assert problems == ["amdsmi failed (KeyError: 'ROCM_PATH'); read the GPUs from sysfs instead"]
 
 
 def fake_amdsmi():
@@ -183,7 +182,7 @@ def test_amdsmi_failure_falls_back_with_a_problem(tmp_path):
     _kfd_tree(tmp_path, [CPU_NODE, RX6600])
     readings, problems = amd.probe(smi=smi, sys_root=tmp_path, environ={})
     assert [r.source for r in readings] == ["sysfs"]
-    assert problems == ["amdsmi failed (AMDSMI_STATUS_DRM_ERROR); read the GPUs from sysfs instead"]
+    assert problems == ["amdsmi failed (RuntimeError: AMDSMI_STATUS_DRM_ERROR); read the GPUs from sysfs instead"]
 
 
 @pytest.mark.parametrize("version,gfx", [(100302, "gfx1032"), (90010, "gfx90a"), (110000, "gfx1100"),

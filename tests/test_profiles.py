@@ -12,7 +12,7 @@ from hwcompat.errors import ProfileError
 from hwcompat.profiles import load_profile, load_profiles, parse_profile
 from hwcompat.readings import parse_cc
 
-FAMILIES = {"maxwell", "pascal", "volta", "turing", "ampere", "ada", "hopper", "blackwell", "rdna2", "rdna3",
+FAMILIES = {"maxwell", "pascal", "volta", "turing", "ampere", "ada", "hopper", "blackwell", "rdna1", "rdna2", "rdna3",
             "rdna4", "cdna1", "cdna2", "cdna3", "cpu"}
 
 

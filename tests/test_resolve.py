@@ -10,8 +10,8 @@ from hwcompat.resolve import Overrides, resolve_device, resolve_host
 from hwcompat.software import Software
 
 PROFILES = load_profiles()
-NO_FA = Software(torch_version="2.13.0+cpu")
-WITH_FA = Software(torch_version="2.13.0+cu130", flash_attn=True)
+NO_FA = Software.with_torch("2.13.0+cpu")
+WITH_FA = Software.with_torch("2.13.0+cu130", flash_attn=True)
 
 # name, arch, dtype, attention (flash_attn not installed), compile, supported, env that must be present
 ROWS = [
@@ -33,6 +33,7 @@ ROWS = [
     ("rx6600", "rdna2", "float16", "sdpa", "eager", True, {"HSA_OVERRIDE_GFX_VERSION": "10.3.0"}),  # gfx1032 not in wheels
     ("rx6700xt", "rdna2", "float16", "sdpa", "eager", True, {"HSA_OVERRIDE_GFX_VERSION": "10.3.0"}),  # gfx1031
     ("rx6800", "rdna2", "float16", "sdpa", "eager", True, {}),  # gfx1030 is in the wheels: no override
+    ("rx5700xt", "rdna1", "float16", "sdpa", "eager", True, {}),  # gfx1010: AMD's native wheels, no override
     ("rx7900xt", "rdna3", "bfloat16", "sdpa", "inductor", True, {"TORCH_ROCM_AOTRITON_ENABLE_EXPERIMENTAL": "1"}),
     ("rx7900xtx", "rdna3", "bfloat16", "sdpa", "inductor", True, {}),
     ("rx9070xt", "rdna4", "bfloat16", "sdpa", "inductor", True, {}),  # gfx1201
@@ -110,11 +111,16 @@ def test_newer_than_known_nvidia_is_unsupported_with_hint():
     assert not d.supported and "--profile blackwell" in d.problems[0]
 
 
-def test_known_bad_overrides_are_unsupported():
-    for gfx, issue in (("gfx1033", "wrong gradients"), ("gfx1103", "hang")):
-        d = resolve_device(parse_reading({"vendor": "amd", "name": "APU", "gfx_target": gfx,
-                                          "memory_bytes": 1 << 30}, "t"), PROFILES, NO_FA)
-        assert d.supported is False and issue in d.problems[0]
+def test_known_bad_targets():
+    """gfx1033 gives wrong gradients even natively: refused. gfx1103's override hangs: never set."""
+    d = resolve_device(parse_reading({"vendor": "amd", "name": "APU", "gfx_target": "gfx1033",
+                                      "memory_bytes": 1 << 30}, "t"), PROFILES, NO_FA)
+    assert d.supported is False and "wrong gradients" in d.problems[0]
+    d = resolve_device(parse_reading({"vendor": "amd", "name": "APU", "gfx_target": "gfx1103",
+                                      "memory_bytes": 1 << 30}, "t"), PROFILES, NO_FA)
+    assert d.supported and "HSA_OVERRIDE_GFX_VERSION" not in d.profile.env
+    assert any("hang" in c for c in d.profile.caveats) and d.profile.torch_install.startswith(
+        "pip install 'torch[device-gfx1103]>=2.12' --index-url https://repo.amd.com/rocm/whl-multi-arch/")
 
 
 def test_kepler_message():
@@ -209,17 +215,17 @@ def _real(name):
 
 def test_cpu_torch_on_real_gpu_is_a_problem():
     d = resolve_device(_real("m40"), PROFILES, NO_FA)
-    assert d.problems[0].startswith("installed torch 2.13.0+cpu is a CPU build and cannot use this GPU: "
-                                    "pip install 'torch<=2.14.*' --index-url https://download.pytorch.org/whl/cu126")
+    assert d.problems[0].startswith("installed torch 2.13.0+cpu (CPU build) cannot use an NVIDIA GPU: "
+                                    "pip install 'torch<2.15' --index-url https://download.pytorch.org/whl/cu126")
 
 
 def test_too_new_torch_for_pascal():
-    d = resolve_device(_real("p40"), PROFILES, Software(torch_version="2.15.0+cu126"))
+    d = resolve_device(_real("p40"), PROFILES, Software.with_torch("2.15.0+cu126"))
     assert any("newer than 2.14" in p for p in d.problems)
 
 
 def test_cu130_torch_on_maxwell_has_no_kernels():
-    d = resolve_device(_real("m40"), PROFILES, Software(torch_version="2.13.0+cu130"))
+    d = resolve_device(_real("m40"), PROFILES, Software.with_torch("2.13.0+cu130"))
     assert any("no kernel image is available" in p for p in d.problems)
 
 

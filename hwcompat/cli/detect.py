@@ -45,9 +45,9 @@ def render_table(plan, explain: bool = False) -> str:
             p = d.profile
             notes.append(f"  env: {' '.join(f'{k}={v}' for k, v in p.env.items()) or '(none)'}")
             notes.append(f"  quantization: {', '.join(p.quantization) or 'none'}; torch: {p.torch_build}"
-                         f"{' <= ' + p.torch_max_version if p.torch_max_version else ''}"
                          f"{'; driver >= ' + p.driver_min_version if p.driver_min_version else ''}"
                          f"; evidence: {p.evidence}")
+            notes.append(f"  install torch: {p.torch_install}")
             notes += [f"  why {k}: {v}" for k, v in p.reasons.items()]
             notes += [f"  caveat: {c}" for c in p.caveats]
         if notes:

@@ -51,11 +51,13 @@ def probe_host(
         gpus = _reindex(gpus)
     else:
         from hwcompat.probe import amd, nvidia
+        from hwcompat.probe.vendorlib import gpu_vendors
 
-        found, errs = nvidia.probe(sys_root=sys_root)
+        vendors = gpu_vendors(sys_root)  # vendor libraries load only where their cards are
+        found, errs = nvidia.probe(sys_root=sys_root, present="nvidia" in vendors)
         gpus += found
         problems += errs
-        found, errs = amd.probe(sys_root=sys_root, environ=env)
+        found, errs = amd.probe(sys_root=sys_root, environ=env, present="amd" in vendors)
         gpus += found
         problems += errs
     if cpu_reading is None:

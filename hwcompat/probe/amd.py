@@ -3,8 +3,9 @@
 The physical gfx target comes from the KFD (``gfx_target_version``), which
 ``HSA_OVERRIDE_GFX_VERSION`` does not change; the override is reported as
 the *effective* target so the resolver and doctor can compare the two.
-Note: without ROCm, ``import amdsmi`` raises ``KeyError`` (it reads
-``ROCM_PATH`` at import), not ``ImportError``; both mean "no amdsmi".
+amdsmi is imported only when an AMD GPU is present, silently (``vendorlib``): without ROCm the real
+package prints to stdout and raises ``KeyError``, and a stale ``libamd_smi.so`` raises ``AttributeError``.
+Its placeholders ``"N/A"`` and ``"gfxffffffffffffffff"`` mean "unknown", never a name or a target.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from types import ModuleType
 from typing import Mapping
 
 from hwcompat import envvars
-from hwcompat.readings import DeviceReading, gfx_from_kfd_version, gfx_from_override
+from hwcompat.probe.vendorlib import gpu_vendors, one_line, quiet_import
+from hwcompat.readings import DeviceReading, gfx_from_kfd_version, gfx_from_override, is_gfx_target
 
 KFD_NODES = "sys/class/kfd/kfd/topology/nodes"
 
@@ -112,16 +114,19 @@ def probe_amdsmi(smi: ModuleType, sys_root: str | Path = "/", environ: Mapping[s
                 vram = smi.amdsmi_get_gpu_memory_total(h, smi.AmdSmiMemoryType.VRAM)
                 driver = _opt(lambda: smi.amdsmi_get_gpu_driver_info(h)) or {}
                 uuid = _opt(lambda: smi.amdsmi_get_gpu_device_uuid(h))
-                gfx = physical.get(bus) or str(asic.get("target_graphics_version", "")).lower() or None
+                gfx = physical.get(bus) or _known_gfx(asic.get("target_graphics_version"))
+                if gfx is None:
+                    problems.append(f"AMD device {i} ({bus}): neither sysfs nor amdsmi reports its gfx target; "
+                                    "is the amdgpu kernel driver loaded? (rocminfo should list it)")
                 readings.append(DeviceReading(
-                    vendor="amd", index=i, name=str(asic.get("market_name") or f"AMD GPU {gfx}"),
+                    vendor="amd", index=i, name=_known(asic.get("market_name")) or f"AMD GPU {gfx or 'unknown'}",
                     memory_bytes=int(vram), gfx_target=gfx, gfx_target_effective=effective,
-                    pci_bus_id=bus, uuid=str(uuid) if uuid else None,
-                    driver_version=str(driver.get("driver_version")) if driver.get("driver_version") else None,
+                    pci_bus_id=bus, uuid=_known(uuid),
+                    driver_version=_known(driver.get("driver_version")),
                     source="amdsmi",
                 ))
             except Exception as exc:
-                problems.append(f"AMD device {i}: amdsmi could not read it ({exc})")
+                problems.append(f"AMD device {i}: amdsmi could not read it ({one_line(exc)})")
     finally:
         _opt(smi.amdsmi_shut_down)
     return readings, problems
@@ -134,20 +139,38 @@ def _opt(fn):
         return None
 
 
-def probe(smi: ModuleType | None = None, sys_root: str | Path = "/", environ: Mapping[str, str] | None = None
-          ) -> tuple[list[DeviceReading], list[str]]:
-    """amdsmi when importable and working; otherwise sysfs. Never raises."""
+#: amdsmi's placeholders for a value it could not read.
+_UNKNOWN = {"", "n/a", "na", "none", "unknown"}
+
+
+def _known(value) -> str | None:
+    text = str(value).strip() if value is not None else ""
+    return None if text.lower() in _UNKNOWN else text
+
+
+def _known_gfx(value) -> str | None:
+    """amdsmi's target_graphics_version, or None for N/A and the all-ones placeholder (gfxffffffffffffffff)."""
+    text = (_known(value) or "").lower()
+    return text if is_gfx_target(text) else None
+
+
+def probe(smi: ModuleType | None = None, sys_root: str | Path = "/", environ: Mapping[str, str] | None = None,
+          present: bool | None = None) -> tuple[list[DeviceReading], list[str]]:
+    """amdsmi when an AMD GPU is present and amdsmi loads; otherwise sysfs. Never raises, never prints."""
+    load_error = None
     if smi is None:
-        try:
-            import amdsmi as smi  # type: ignore[no-redef]
-        except (ImportError, KeyError, OSError):  # KeyError: amdsmi without ROCm installed
-            smi = None
+        if present is None:
+            present = "amd" in gpu_vendors(sys_root)
+        if not present:
+            return [], []
+        smi, load_error = quiet_import("amdsmi")
     if smi is not None:
         try:
             return probe_amdsmi(smi, sys_root, environ)
         except Exception as exc:
-            readings, problems = probe_sysfs(sys_root, environ)
-            if readings:
-                problems.insert(0, f"amdsmi failed ({exc}); read the GPUs from sysfs instead")
-            return readings, problems
-    return probe_sysfs(sys_root, environ)
+            load_error = f"{type(exc).__name__}: {one_line(exc)}"
+    readings, problems = probe_sysfs(sys_root, environ)
+    if load_error and "No module named" not in load_error:
+        problems.insert(0, f"amdsmi failed ({load_error}); read the GPUs from sysfs instead"
+                        + ("" if readings else " and found none: is the amdgpu driver loaded?"))
+    return readings, problems

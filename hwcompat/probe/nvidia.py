@@ -11,50 +11,33 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from hwcompat.probe.vendorlib import gpu_vendors, one_line, quiet_import
 from hwcompat.readings import DeviceReading
-
-PCI_VENDOR_NVIDIA = "0x10de"
-
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def nvidia_on_pci_bus(sys_root: str | Path = "/") -> bool:
-    """True when the PCI bus has an NVIDIA display/3D controller (class 0x03xxxx)."""
-    base = Path(sys_root) / "sys/bus/pci/devices"
-    try:
-        for dev in base.iterdir():
-            try:
-                vendor = (dev / "vendor").read_text().strip().lower()
-                klass = (dev / "class").read_text().strip().lower()
-            except OSError:
-                continue
-            if vendor == PCI_VENDOR_NVIDIA and klass.startswith("0x03"):
-                return True
-    except OSError:
-        pass
-    return False
-
-
-def probe(nvml: ModuleType | None = None, sys_root: str | Path = "/") -> tuple[list[DeviceReading], list[str]]:
+def probe(nvml: ModuleType | None = None, sys_root: str | Path = "/",
+          present: bool | None = None) -> tuple[list[DeviceReading], list[str]]:
     """Return NVIDIA readings and problems.
 
-    A missing NVML library on a host with no NVIDIA card on the PCI bus is
-    normal and silent; with a card present it is a problem the user must fix.
+    NVML is only loaded when an NVIDIA GPU is present (``present``, else the PCI bus and driver nodes say
+    so); a missing or broken NVML with a card present is a problem the user must fix, else silence.
     """
     if nvml is None:
-        try:
-            import pynvml as nvml  # type: ignore[no-redef]
-        except ImportError:
-            if nvidia_on_pci_bus(sys_root):
-                return [], ["NVIDIA GPU on the PCI bus but nvidia-ml-py is not installed: pip install nvidia-ml-py"]
+        if present is None:
+            present = "nvidia" in gpu_vendors(sys_root)
+        if not present:
             return [], []
+        nvml, error = quiet_import("pynvml")
+        if nvml is None:
+            return [], [f"NVIDIA GPU present but nvidia-ml-py cannot be loaded ({error}): pip install nvidia-ml-py"]
     try:
         nvml.nvmlInit()
     except Exception as exc:  # NVMLError subclasses are generated at run time
-        if nvidia_on_pci_bus(sys_root):
-            return [], [f"NVIDIA GPU on the PCI bus but NVML failed to start ({_text(exc)}): "
+        if present or (present is None and "nvidia" in gpu_vendors(sys_root)):
+            return [], [f"NVIDIA GPU present but NVML failed to start ({one_line(_text(exc))}): "
                         "is the NVIDIA driver installed and loaded? (nvidia-smi should list the card)"]
         return [], []
     readings: list[DeviceReading] = []
@@ -68,10 +51,10 @@ def probe(nvml: ModuleType | None = None, sys_root: str | Path = "/") -> tuple[l
             try:
                 readings.append(_reading(nvml, i, _text(driver) if driver else None, runtime))
             except Exception as exc:
-                problems.append(f"NVIDIA device {i}: NVML could not read it ({_text(exc)}); "
+                problems.append(f"NVIDIA device {i}: NVML could not read it ({one_line(_text(exc))}); "
                                 "a GPU that fell off the bus needs a reboot or `nvidia-smi -r`")
     except Exception as exc:
-        problems.append(f"NVML failed while listing devices: {_text(exc)}")
+        problems.append(f"NVML failed while listing devices: {one_line(_text(exc))}")
     finally:
         try:
             nvml.nvmlShutdown()
@@ -96,7 +79,7 @@ def _reading(nvml: ModuleType, i: int, driver: str | None, runtime: str | None) 
     bus = _text(pci.busId).lower() if pci is not None else None
     if bus and bus.count(":") == 2 and len(bus.split(":")[0]) == 8:
         bus = bus[4:]  # NVML pads the domain to 8 digits; sysfs and torch use 4
-    power = _opt(nvml.nvmlDeviceGetPowerManagementLimit, h)
+    power = _opt(nvml.nvmlDeviceGetEnforcedPowerLimit, h)  # the limit in force (a user cap included), mW
     uuid = _opt(nvml.nvmlDeviceGetUUID, h)
     return DeviceReading(
         vendor="nvidia",
