@@ -3,8 +3,10 @@
     python bench/detect.py [--runs 7] [--out bench/results/detect.json]
 
 Compares, side by side in one run, the median wall time of a fresh process for:
-  hwcompat detect --json, python -m torch.utils.collect_env, accelerate env.
-Prints a table and writes JSON. Goal: hwcompat at least 10x faster than both.
+  hwcompat detect --json, python -m torch.utils.collect_env, accelerate env,
+  and `python -c pass` (the interpreter's own start, site and .pth files included: the floor).
+`--before DIR` adds the same command run from another checkout (e.g. a `git worktree` of the previous
+commit), for before/after figures in one run. Goal: detect <= 60 ms median, >= 10x faster than both.
 """
 
 from __future__ import annotations
@@ -28,10 +30,13 @@ COMMANDS = {
 
 
 def time_cmd(cmd: list[str], runs: int) -> dict:
+    cwd = None
+    if cmd and cmd[0].startswith("cwd="):  # a checkout's own `python -m hwcompat` runs from its folder
+        cwd, cmd = cmd[0][4:], cmd[1:]
     times = []
     for _ in range(runs):
         t0 = time.perf_counter()
-        res = subprocess.run(cmd, capture_output=True, text=True)
+        res = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd)
         times.append(time.perf_counter() - t0)
         if res.returncode != 0:
             return {"error": (res.stderr or res.stdout)[-500:], "runs": len(times)}
@@ -42,14 +47,20 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "detect.json"))
+    ap.add_argument("--before", metavar="DIR", help="also time `detect --json` from this checkout")
     args = ap.parse_args()
+    COMMANDS["python -c pass (interpreter floor)"] = [sys.executable, "-c", "pass"]
+    if args.before:
+        COMMANDS["hwcompat detect --json (before)"] = [f"cwd={Path(args.before).resolve()}", sys.executable, "-m",
+                                                      "hwcompat", "detect", "--json"]
     # One warm-up each so the page cache is equally warm for all of them.
     for cmd in COMMANDS.values():
-        subprocess.run(cmd, capture_output=True)
+        time_cmd(cmd, 1)
     results = {name: time_cmd(cmd, args.runs) for name, cmd in COMMANDS.items()}
+    results["before_dir"] = args.before
     base = results["hwcompat detect --json"].get("median_s")
     for name, r in results.items():
-        if base and "median_s" in r:
+        if base and isinstance(r, dict) and "median_s" in r:
             r["ratio_vs_hwcompat"] = r["median_s"] / base
     report = {"benchmark": "detect", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "machine": platform.machine(), "python": platform.python_version(), "cpus": __import__("os").cpu_count(),
@@ -58,6 +69,8 @@ def main() -> int:
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(f"{'command':38} {'median':>9} {'min':>9} {'x hwcompat':>11}")
     for name, r in results.items():
+        if not isinstance(r, dict):
+            continue
         if "median_s" in r:
             print(f"{name:38} {r['median_s']:8.3f}s {r['min_s']:8.3f}s {r.get('ratio_vs_hwcompat', 0):10.1f}x")
         else:

@@ -10,7 +10,6 @@ itself (``torch.cuda.get_arch_list()``) and passes that list in. Either way the 
 
 from __future__ import annotations
 
-import ast
 import importlib.util
 import re
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from hwcompat.datafiles import data_dir
-from hwcompat.yamlfile import load_yaml
+from hwcompat.yamlfile import load_packaged_yaml
 
 AMD_DEVICE_PACKAGE = "amd-torch-device-"  # TheRock: one distribution per compiled gfx target
 
@@ -83,6 +82,7 @@ class InstalledTorch:
 
 def parse_version_file(text: str) -> dict[str, str | None]:
     """The literal assignments of ``torch/version.py`` (``__version__``, ``cuda``, ``hip``)."""
+    import ast
     out: dict[str, str | None] = {}
     for node in ast.parse(text).body:
         target, value = None, None
@@ -136,7 +136,7 @@ def _mm(text: str) -> tuple[int, int]:
 
 @lru_cache(maxsize=1)
 def wheel_table() -> dict:
-    return load_yaml(data_dir("catalog") / "wheels.yaml", "wheel table")
+    return load_packaged_yaml(data_dir("catalog") / "wheels.yaml", "wheel table")
 
 
 def lookup(version: str, cuda: str | None, hip: str | None,

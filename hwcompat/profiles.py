@@ -20,7 +20,7 @@ from hwcompat import envvars
 from hwcompat.datafiles import data_dir
 from hwcompat.errors import ProfileError
 from hwcompat.readings import VENDORS, is_gfx_target, parse_cc
-from hwcompat.yamlfile import load_yaml
+from hwcompat.yamlfile import load_packaged_yaml
 
 
 class Dtype(str, enum.Enum):
@@ -432,7 +432,7 @@ def parse_profile(raw: Any, path: str) -> Profile:
 
 def load_profile(path: str | Path) -> Profile:
     p = Path(path)
-    raw = load_yaml(p, "profile", ProfileError)
+    raw = load_packaged_yaml(p, "profile", ProfileError)
     return parse_profile(raw, str(p))
 
 

@@ -2,26 +2,90 @@
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from hwcompat import envvars
 from hwcompat.errors import InputError
 
 
-def load_yaml(path: str | Path, what: str, error: type[InputError] = InputError) -> Any:
-    """``yaml.safe_load`` of ``path``; ``what`` ("config", "profile", …) starts every message."""
-    p = Path(path)
+def _read(p: Path, what: str, error: type[InputError]) -> bytes:
     try:
-        text = p.read_text(encoding="utf-8")
+        return p.read_bytes()
     except FileNotFoundError:
         raise error(f"{what} {p}: not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
         raise error(f"{what} {p}: cannot read it ({exc})") from None
+
+
+def load_yaml(path: str | Path, what: str, error: type[InputError] = InputError) -> Any:
+    """A safe load of ``path``; ``what`` ("config", "profile", …) starts every message."""
+    p = Path(path)
+    return _parse(_read(p, what, error), p, what, error)
+
+
+def _parse(data: bytes, p: Path, what: str, error: type[InputError]) -> Any:
+    import yaml  # here, not at module level: `detect` answers from the cache below without it
+
     try:
-        return yaml.safe_load(text)
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise error(f"{what} {p}: cannot read it ({exc})") from None
+    # libyaml's C parser when PyYAML has it (about 10x faster), else the pure-Python one; both are the
+    # *safe* loaders: plain data, never Python objects.
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    try:
+        return yaml.load(text, Loader=loader)  # noqa: S506 (a safe loader, chosen above)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
         raise error(f"{what} {p}{line}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+
+
+def _cache_dir() -> Path:
+    return Path(envvars.get("HWCOMPAT_CACHE_DIR") or Path.home() / ".cache" / "hwcompat") / "data"
+
+
+def _digest(data: bytes) -> str:
+    """BLAKE2b of the bytes; from the builtin _blake2 module, which loads in a tenth of OpenSSL's time."""
+    try:
+        from _blake2 import blake2b
+    except ImportError:  # an interpreter without the builtin module
+        from hashlib import blake2b
+    return blake2b(data, digest_size=16).hexdigest()
+
+
+def load_packaged_yaml(path: str | Path, what: str, error: type[InputError] = InputError) -> Any:
+    """``load_yaml`` for hwcompat's own data files (profiles, catalogs), memoised by content.
+
+    The parsed data is kept as JSON under a BLAKE2b hash of the file's bytes, so an edited file is a new key
+    and can never be answered from an old parse (no mtime trust). Saves importing and running the YAML
+    parser on every ``detect``. Never for user files; a cache that cannot be read or written is skipped.
+    """
+    p = Path(path)
+    data = _read(p, what, error)
+    cached = _cache_dir() / f"{_digest(data)}.json"
+    try:
+        with open(cached, encoding="utf-8") as fh:
+            return json.load(fh)
+    except (OSError, ValueError):
+        pass
+    value = _parse(data, p, what, error)
+    if json.loads(json.dumps(value)) != value:  # e.g. non-string keys: JSON would change the data
+        return value
+    import tempfile
+
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=cached.parent)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(value, fh)
+        os.replace(tmp, cached)
+    except (OSError, TypeError, ValueError):  # read-only home, or data JSON cannot hold: parse every time
+        try:
+            os.unlink(tmp)
+        except (OSError, UnboundLocalError):
+            pass
+    return value

@@ -266,7 +266,8 @@ def test_readme_pip_commands_parse():
             for part in re.split(r"&&|\|\||;", line):
                 m = re.search(r"((?:python3 -m )?pip install .*)", part)
                 if m:
-                    cmds.append(re.split(r"\s{2,}|\s\(", m.group(1).strip())[0])
+                    cmd = re.split(r"\s{2,}|\s\(|\s#", m.group(1).strip())[0]
+                    cmds.append(cmd[:-1] if cmd.endswith(")") and "(" not in cmd else cmd)  # "(pip install 'x')"
     assert len(cmds) >= 4, cmds
     for cmd in cmds:
         _pip_parts(cmd)

@@ -29,7 +29,8 @@ COMMANDS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser; with ``only``, just that subcommand's module is imported (``detect`` must start fast)."""
     parser = argparse.ArgumentParser(
         prog="hwcompat",
         description="Fine-tune an LLM on the GPU you already have.",
@@ -38,13 +39,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name, module in COMMANDS.items():
-        mod = importlib.import_module(f"hwcompat.cli.{module}")
-        mod.add_parser(sub)
+        if only is None or name == only:
+            importlib.import_module(f"hwcompat.cli.{module}").add_parser(sub)
     return parser
 
 
+def _command(argv: list[str]) -> str | None:
+    """The subcommand named first on the command line, if any (options before it mean: build them all)."""
+    return argv[0] if argv and argv[0] in COMMANDS else None
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(_command(argv))
     args, extra = parser.parse_known_args(argv)
     # key=value overrides may come after options (train cfg.yaml --resume lr=1e-4): argparse leaves those here.
     if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):

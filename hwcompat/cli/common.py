@@ -23,13 +23,12 @@ def add_device_options(p: argparse.ArgumentParser) -> None:
 
 def plan_from_args(args: argparse.Namespace):
     """Probe (or emulate), load profiles and resolve: the one path every command takes."""
-    from hwcompat.probe import emulate as emu
     from hwcompat.probe import probe_host
     from hwcompat.profiles import load_profiles
     from hwcompat.resolve import Overrides, resolve_host
     from hwcompat.software import installed
 
-    names = emu.split_names(args.emulate) if args.emulate else None
+    names = [n.strip().lower() for n in args.emulate.split(",") if n.strip()] if args.emulate else None
     host = probe_host(emulate=names, emulate_file=args.emulate_file)
     overrides = Overrides.parse(args.profile or envvars.get("HWCOMPAT_PROFILE"), args.set)
     return resolve_host(host, load_profiles(), installed(), overrides)

@@ -8,7 +8,7 @@ exactly the host it was told to pretend to be.
 from __future__ import annotations
 
 import os
-import platform
+import sys
 from pathlib import Path
 from typing import Mapping
 
@@ -27,12 +27,12 @@ def probe_host(
     ``emulate`` / ``emulate_file`` win over ``HWCOMPAT_EMULATE`` /
     ``HWCOMPAT_EMULATE_FILE``. The CPU is always the last device.
     """
-    from hwcompat.probe import cpu, emulate as emu
+    from hwcompat.probe import cpu
 
     env = os.environ if environ is None else environ
     if emulate is None and emulate_file is None:
         names = envvars.get("HWCOMPAT_EMULATE", env)
-        emulate = emu.split_names(names) if names else None
+        emulate = [n.strip().lower() for n in names.split(",") if n.strip()] if names else None
         emulate_file = envvars.get("HWCOMPAT_EMULATE_FILE", env)
 
     problems: list[str] = []
@@ -40,6 +40,8 @@ def probe_host(
     cpu_reading: DeviceReading | None = None
     emulated = bool(emulate or emulate_file)
     if emulated:
+        from hwcompat.probe import emulate as emu
+
         readings = []
         if emulate:
             readings += emu.from_catalog(emulate)
@@ -50,24 +52,30 @@ def probe_host(
         cpu_reading = cpus[0] if cpus else None
         gpus = _reindex(gpus)
     else:
-        from hwcompat.probe import amd, nvidia
         from hwcompat.probe.vendorlib import gpu_vendors
 
-        vendors = gpu_vendors(sys_root)  # vendor libraries load only where their cards are
-        found, errs = nvidia.probe(sys_root=sys_root, present="nvidia" in vendors)
-        gpus += found
-        problems += errs
-        found, errs = amd.probe(sys_root=sys_root, environ=env, present="amd" in vendors)
-        gpus += found
-        problems += errs
+        vendors = gpu_vendors(sys_root)  # vendor probes (and their libraries) load only where their cards are
+        if "nvidia" in vendors:
+            from hwcompat.probe import nvidia
+
+            found, errs = nvidia.probe(sys_root=sys_root, present=True)
+            gpus += found
+            problems += errs
+        if "amd" in vendors:
+            from hwcompat.probe import amd
+
+            found, errs = amd.probe(sys_root=sys_root, environ=env, present=True)
+            gpus += found
+            problems += errs
     if cpu_reading is None:
         cpu_reading, errs = cpu.probe(sys_root=sys_root)
         problems += errs
+    uname = os.uname()  # platform.* would import the platform module (milliseconds) for the same facts
     facts = {
-        "os": platform.system(),
-        "kernel": platform.release(),
-        "machine": platform.machine(),
-        "python": platform.python_version(),
+        "os": uname.sysname,
+        "kernel": uname.release,
+        "machine": uname.machine,
+        "python": "{}.{}.{}".format(*sys.version_info[:3]),
     }
     return HostReading(devices=tuple(gpus) + (cpu_reading,), problems=tuple(problems),
                        emulated=emulated, facts=facts)

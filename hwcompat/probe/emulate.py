@@ -12,12 +12,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from hwcompat.datafiles import data_dir
 from hwcompat.errors import InputError
 from hwcompat.readings import VENDORS, DeviceReading, is_gfx_target, parse_cc
-from hwcompat.yamlfile import load_yaml
+from hwcompat.yamlfile import load_packaged_yaml, load_yaml
 
 REQUIRED = ("vendor", "name", "memory_bytes")
 _FIELDS = {f.name: f for f in fields(DeviceReading)}
@@ -36,8 +34,7 @@ def split_names(text: str) -> list[str]:
 def catalog() -> dict[str, dict[str, Any]]:
     """The known-device catalog (``catalog/devices.yaml``), validated once."""
     path = data_dir("catalog") / "devices.yaml"
-    with open(path, encoding="utf-8") as fh:
-        raw = yaml.safe_load(fh)
+    raw = load_packaged_yaml(path, "device catalog")
     for name, entry in raw.items():
         parse_reading(entry, where=f"{path}: {name}")
     return raw

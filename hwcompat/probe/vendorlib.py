@@ -13,7 +13,6 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-import tempfile
 from pathlib import Path
 from types import ModuleType
 
@@ -54,6 +53,8 @@ def quiet_import(name: str) -> tuple[ModuleType | None, str | None]:
     """Import ``name`` with stdout/stderr silenced: (module, None) or (None, what went wrong, one line)."""
     if name in sys.modules:
         return sys.modules[name], None
+    import tempfile
+
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
