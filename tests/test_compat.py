@@ -196,12 +196,12 @@ def _pip_parts(cmd: str):
         if skip:
             skip = False
             continue
-        if w in ("--index-url", "--extra-index-url", "-e", "--find-links", "-r"):
+        if w in ("--index-url", "--extra-index-url", "-e", "--find-links", "-r"):  # options with a value
             if w == "--index-url":
                 index = words[i + 1]
-            skip = w != "-e" or True
+            skip = True
             continue
-        if w.startswith("-"):
+        if w.startswith("-") or w.startswith((".", "/")):  # flags; local paths (pip install .)
             continue
         reqs.append(Requirement(w))  # raises InvalidRequirement for 'torch<=2.14.*'
     return reqs, index

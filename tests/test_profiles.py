@@ -104,3 +104,12 @@ def test_installed_wheel_carries_profiles_and_catalog(tmp_path):
                          env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"})
     assert res.returncode == 0, res.stderr
     assert '"arch": "pascal"' in res.stdout
+
+
+def test_catalog_memory_is_the_datasheet_size_in_whole_gib():
+    """One convention for every emulated card (catalog/devices.yaml says which and why)."""
+    from hwcompat.probe.emulate import catalog
+
+    for name, entry in catalog().items():
+        if entry["vendor"] != "cpu":
+            assert entry["memory_bytes"] % 2**30 == 0, (name, entry["memory_bytes"] / 2**30)
