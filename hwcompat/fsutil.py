@@ -1,6 +1,10 @@
-"""Atomic writes: a temp file (or folder) beside the target, then a rename.
+"""Atomic writes, run-folder locks and leftovers: nothing the user had is lost or half-written.
 
-A crash or Ctrl-C mid-write leaves the old file or nothing, never half a file.
+A write goes to a uniquely named temp file (or folder) beside the target, then a rename: a crash or Ctrl-C
+mid-write leaves the old file or nothing, never half a file. Outputs get the user's umask (mkstemp alone
+would make them 0600). A folder being written is locked (``flock``) for the life of the writer; temp names
+follow one pattern (``.NAME.<random>.tmp``, ``.NAME.old``), so a killed writer's leftovers are recognised and
+removed by the next writer of that folder, and nothing else ever is.
 """
 
 from __future__ import annotations
@@ -14,15 +18,39 @@ from pathlib import Path
 from typing import Any, Iterator
 
 
+def umask() -> int:
+    """The process umask, read without changing it where Linux allows (/proc/self/status)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def user_mode(path: str | Path, directory: bool = False) -> None:
+    """Give a temp file (0600) or folder (0700) the mode a plain open()/mkdir() would have had."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~umask())
+
+
+def temp_name(target: Path) -> str:
+    """The prefix of every temp artefact for ``target`` (see ``clean_stale``)."""
+    return f".{target.name}."
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temp_name(path), suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
+        user_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -38,7 +66,8 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a temp folder; on success it replaces ``path`` whole."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=temp_name(path), suffix=".tmp", dir=path.parent))
+    user_mode(tmp, directory=True)
     try:
         yield tmp
         if path.exists():
@@ -52,3 +81,66 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def clean_stale(folder: str | Path) -> list[str]:
+    """Remove hwcompat's own leftovers in ``folder`` (``.NAME.<random>.tmp``, ``.NAME.old``); returns their names.
+
+    Only call with the folder's lock held: then no live writer owns them.
+    """
+    import re
+
+    pattern = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$|^\..+\.old$")
+    removed = []
+    try:
+        entries = list(Path(folder).iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        if pattern.match(entry.name):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed.append(entry.name)
+    return removed
+
+
+LOCK_NAME = ".hwcompat.lock"
+
+
+class FolderLock:
+    """An exclusive ``flock`` on ``FOLDER/.hwcompat.lock`` for the life of one writer (train, merge, export).
+
+    The lock file holds the owner's PID and command, so a second writer is told who has it. The descriptor
+    can be made inheritable so the lock passes through ``exec`` to the training process, and is released by
+    the kernel whenever that process ends, however it ends.
+    """
+
+    def __init__(self, folder: str | Path, what: str):
+        import fcntl
+
+        from hwcompat.errors import InputError
+
+        self.path = Path(folder) / LOCK_NAME
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666 & ~umask())
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            try:
+                owner = os.pread(self.fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
+            finally:
+                os.close(self.fd)
+            raise InputError(f"{folder} is in use by {owner}; wait for it to finish or stop it "
+                             "(the lock goes away with the process)") from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"PID {os.getpid()} ({what})\n".encode(), 0)
+
+    def keep_across_exec(self) -> None:
+        os.set_inheritable(self.fd, True)
+
+    def release(self) -> None:
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass

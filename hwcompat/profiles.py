@@ -8,7 +8,6 @@ a reason and a source. Unknown keys are errors; vocabularies are closed.
 
 from __future__ import annotations
 
-import difflib
 import enum
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
@@ -228,7 +227,7 @@ def _keys(ctx: _Ctx, where: str, raw: Any, allowed: set[str] | dict[str, bool], 
         raise ctx.fail(where, f"expected a mapping, got {type(raw).__name__}")
     for key in raw:
         if key not in allowed:
-            near = difflib.get_close_matches(str(key), list(allowed), n=1)
+            near = _close(str(key), list(allowed), n=1)
             hint = f" (did you mean {near[0]!r}?)" if near else ""
             raise ctx.fail(f"{where}.{key}" if where else str(key), f"unknown key{hint}")
     for key in required:
@@ -448,3 +447,10 @@ def load_profiles(directory: str | Path | None = None) -> dict[str, Profile]:
     """All profiles by name, from ``directory``, ``HWCOMPAT_PROFILES_DIR`` or the packaged set."""
     d = directory or envvars.get("HWCOMPAT_PROFILES_DIR") or data_dir("profiles")
     return {p.name: p for p in _load_dir(str(Path(d).resolve()))}
+
+
+def _close(word: str, choices, n: int = 1) -> list[str]:
+    """Nearest spellings, for error messages only (difflib loads only when there is an error to explain)."""
+    import difflib
+
+    return difflib.get_close_matches(word, list(choices), n=n)

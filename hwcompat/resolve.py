@@ -8,7 +8,6 @@ names, so a card missing from the catalog resolves like its siblings.
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -43,7 +42,7 @@ class Overrides:
             if not sep or not key or not value:
                 raise InputError(f"--set {item!r}: expected KEY=VALUE, e.g. --set dtype=float32")
             if key not in SETTABLE and not key.startswith("env."):
-                near = difflib.get_close_matches(key, SETTABLE, n=1)
+                near = _close(key, SETTABLE, n=1)
                 hint = f" Did you mean {near[0]!r}?" if near else ""
                 raise InputError(f"--set {item!r}: unknown key {key!r}.{hint} "
                                  f"Settable: {', '.join(SETTABLE)}, env.NAME")
@@ -256,7 +255,7 @@ def resolve_device(reading: DeviceReading, profiles: dict[str, Profile], softwar
     forced = overrides.profile if apply_overrides else None
     if forced:
         if forced not in profiles:
-            near = difflib.get_close_matches(forced, profiles, n=1)
+            near = _close(forced, profiles, n=1)
             hint = f" Did you mean {near[0]!r}?" if near else ""
             raise InputError(f"unknown profile {forced!r}.{hint} Known: {', '.join(sorted(profiles))}")
         chosen = profiles[forced]
@@ -366,3 +365,10 @@ def resolve_host(host: HostReading, profiles: dict[str, Profile], software: Soft
     for g in out:
         g["can_train_together"] = len(g["devices"]) > 1
     return HostPlan(host, devices, out)
+
+
+def _close(word: str, choices, n: int = 1) -> list[str]:
+    """Nearest spellings, for error messages only (difflib loads only when there is an error to explain)."""
+    import difflib
+
+    return difflib.get_close_matches(word, list(choices), n=n)

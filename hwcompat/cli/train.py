@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from hwcompat.cli.common import plan_from_args
@@ -90,11 +91,16 @@ def launch(args, loaded) -> int:
     if note:
         print(note, file=sys.stderr)
     nproc, group = _nproc(args, plan, pos, device)
-    run_dir = L.prepare_run_dir(loaded, profile, device, plan, args.resume, args.overwrite, cpu_emulation)
+    run = L.prepare_run_dir(loaded, profile, device, plan, args.resume, args.overwrite, cpu_emulation)
+    for note in run.notes:
+        print(f"note: {note}", file=sys.stderr)
+    for key, change in run.changes.items():
+        print(f"resume: {key} {json.dumps(change['from'])} -> {json.dumps(change['to'])} from step {run.from_step}",
+              file=sys.stderr)
     print(f"training on {device.reading.name} with profile {profile['name']} ({profile['dtype']}, "
           f"{profile['attention']}, compile {profile['compile_backend']})"
-          f"{f' x{nproc} processes' if nproc > 1 else ''} → {run_dir}", file=sys.stderr)
-    L.exec_worker(run_dir, L.child_env(profile, device, group), args.resume, nproc)
+          f"{f' x{nproc} processes' if nproc > 1 else ''} → {run.path}", file=sys.stderr)
+    L.exec_worker(run, L.child_env(profile, device, group), nproc)
     return 0  # not reached: exec replaced this process
 
 

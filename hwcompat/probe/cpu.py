@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import platform
 from pathlib import Path
 
 from hwcompat.readings import DeviceReading
@@ -40,7 +39,7 @@ def probe(sys_root: str | Path = "/") -> tuple[DeviceReading, list[str]]:
     except (AttributeError, OSError):
         cores = os.cpu_count() or 1
     return DeviceReading(
-        vendor="cpu", index=0, name=name or platform.processor() or platform.machine(),
+        vendor="cpu", index=0, name=name or os.uname().machine,
         memory_bytes=memory, cpu_cores=cores,
         cpu_flags=tuple(f for f in TRAINING_FLAGS if f in flags), source="cpuinfo",
     ), problems

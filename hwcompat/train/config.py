@@ -223,7 +223,10 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None,
     if p is not None:
         for key in ("model", "tokenizer", "output_dir"):
             val = getattr(cfg, key)
-            if origins[key] == ORIGIN_FILE and val and not Path(val).is_absolute() and (p.parent / val).exists():
+            # model / tokenizer may be hub ids, so only an existing relative path is the config's; output_dir
+            # is always a path, and usually does not exist yet.
+            local = key == "output_dir" or (p.parent / val).exists() if val else False
+            if origins[key] == ORIGIN_FILE and val and not Path(val).is_absolute() and local:
                 setattr(cfg, key, str((p.parent / val).resolve()))
         for key in ("train_data", "eval_data"):
             if origins[key] == ORIGIN_FILE:

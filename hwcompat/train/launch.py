@@ -22,6 +22,7 @@ from hwcompat.fsutil import atomic_write_json
 from hwcompat.resolve import HostPlan, Overrides, ResolvedDevice, resolve_device
 from hwcompat.train.config import ORIGIN_DEFAULT, ORIGIN_PROFILE, LoadedConfig, save_yaml
 from hwcompat.train.data import load_datasets
+from hwcompat.train.rundir import RunDir, open_run_dir
 
 HARDWARE_KEYS = ("dtype", "attention", "compile_backend")
 VISIBILITY = {"nvidia": "CUDA_VISIBLE_DEVICES", "amd": "HIP_VISIBLE_DEVICES"}
@@ -108,33 +109,26 @@ def check_data(loaded: LoadedConfig) -> tuple[str, float]:
 
 
 def prepare_run_dir(loaded: LoadedConfig, profile: dict[str, Any], device: ResolvedDevice, plan: HostPlan,
-                    resume: bool, overwrite: bool, cpu_emulation: bool = False) -> Path:
-    run_dir = Path(loaded.config.output_dir).resolve()
-    if resume:
-        if not (run_dir / "checkpoints").is_dir():
-            raise InputError(f"--resume: {run_dir} has no checkpoints; start the run without --resume")
-    elif run_dir.exists() and any((run_dir / n).exists() for n in ("adapter", "checkpoints", "run.json")):
-        if not overwrite:
-            raise InputError(f"output_dir {run_dir} already holds a run; continue it with --resume, choose another "
-                             "output_dir, or pass --overwrite to replace it")
-        import shutil
-
-        for name in ("adapter", "checkpoints", "metrics.jsonl", "summary.json", "merged", "model.gguf", "Modelfile"):
-            target = run_dir / name
-            shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
+                    resume: bool, overwrite: bool, cpu_emulation: bool = False) -> RunDir:
+    """Lock the run folder, apply its rules (``rundir``), then write the run's records."""
     cfg = loaded.config.to_dict()
-    cfg["output_dir"] = str(run_dir)
+    run = open_run_dir(loaded.config.output_dir, cfg, resume, overwrite)
+    cfg["output_dir"] = str(run.path)
+    resumes = []
+    if run.resume:
+        resumes = json.loads((run.path / "run.json").read_text()).get("resumes", [])
+        if run.changes:
+            resumes.append({"at_step": run.from_step, "changed": run.changes})
     # config.yaml holds the user's settings (not the profile's), so a resume re-resolves the same way.
     save_yaml({k: v for k, v in cfg.items()
                if loaded.origins.get(k, ORIGIN_DEFAULT) != ORIGIN_DEFAULT or k in ("model", "output_dir")},
-              run_dir / "config.yaml")
-    atomic_write_json(run_dir / "profile.json", profile)
-    atomic_write_json(run_dir / "devices.json", plan.to_dict())
-    atomic_write_json(run_dir / "run.json", {
+              run.path / "config.yaml")
+    atomic_write_json(run.path / "profile.json", profile)
+    atomic_write_json(run.path / "devices.json", plan.to_dict())
+    atomic_write_json(run.path / "run.json", {
         "hwcompat": __version__, "config": cfg, "origins": loaded.origins, "profile": profile,
-        "device": device.to_dict(), "cpu_emulation": cpu_emulation})
-    return run_dir
+        "device": device.to_dict(), "cpu_emulation": cpu_emulation, "resumes": resumes})
+    return run
 
 
 def child_env(profile: dict[str, Any], device: ResolvedDevice, group: list[int] | None) -> dict[str, str]:
@@ -147,8 +141,12 @@ def child_env(profile: dict[str, Any], device: ResolvedDevice, group: list[int] 
     return env
 
 
-def exec_worker(run_dir: Path, env: dict[str, str], resume: bool, nproc: int) -> None:
-    """Replace this process with the trainer (or torchrun), so signals go straight to it."""
+def exec_worker(run: RunDir, env: dict[str, str], nproc: int) -> None:
+    """Replace this process with the trainer (or torchrun), so signals go straight to it.
+
+    The run folder's lock descriptor is inherited, so the trainer holds the lock until it exits."""
+    run_dir, resume = run.path, run.resume
+    run.lock.keep_across_exec()
     tail = [str(run_dir)] + (["--resume"] if resume else [])
     if nproc > 1:
         argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",

@@ -388,6 +388,10 @@ def run(run_dir: Path, resume: bool = False) -> int:
             raise InputError(f"--resume: no checkpoint in {checkpoint.checkpoint_dir(run_dir)}; start without --resume")
         state = checkpoint.load(ck, model, optimizer, scheduler, scaler)
         start_step = state["step"]
+        if start_step > total_steps:
+            raise InputError(f"--resume: the run already made {start_step} steps, but these settings give "
+                             f"{total_steps} in all; a resume never moves a run backwards (raise epochs or "
+                             "max_steps, or start a new run)")
         history = state.get("history", history)
         if dist.main and metrics_path.exists():
             kept = [ln for ln in metrics_path.read_text().splitlines() if json.loads(ln).get("step", 0) <= start_step]

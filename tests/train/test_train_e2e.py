@@ -192,7 +192,7 @@ def test_out_of_memory_is_answered_with_what_to_change(tmp_path, tiny_model, tas
     plan = plan_from_args(args)
     _, dev = L.training_device(plan, None)
     profile, _, _ = L.apply_profile(loaded, dev, load_profiles(), installed(), None)
-    run_dir = L.prepare_run_dir(loaded, profile, dev, plan, resume=False, overwrite=False)
+    run_dir = L.prepare_run_dir(loaded, profile, dev, plan, resume=False, overwrite=False).path
     real = batching.collate
 
     def boom(items, mode, pad_id):

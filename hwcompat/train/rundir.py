@@ -1,0 +1,164 @@
+"""The run folder's rules: who may write it, when a run starts over, what a resume may change.
+
+- One writer at a time: an exclusive lock (``fsutil.FolderLock``) is taken before anything in the folder
+  changes and is held by the training process until it exits; a second start is told which PID has it.
+- Nothing in the folder changes until the start (or resume) is accepted: a refused ``--resume`` leaves
+  config.yaml and run.json exactly as they were, so the run can still be resumed with its own config.
+- A folder with a finished run or a checkpoint is replaced only with ``--overwrite``. A folder whose run
+  failed before its first checkpoint holds nothing to keep: a plain rerun (or ``--resume``) starts over.
+- A resume keeps the settings that shape the model or the data (model, data files, LoRA shape, seed,
+  max_seq_len, optimizer and its hyperparameters, batching …): their state is in the checkpoint. Only the
+  schedule may change (``RESUMABLE``), each change is recorded in run.json with the step it applies from,
+  and a resume never moves a run backwards (fewer steps than it already made).
+- Leftovers of a killed writer (hwcompat's own temp names only) are removed once the lock is held.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hwcompat import fsutil
+from hwcompat.errors import InputError
+
+#: Settings a resume may change: they decide how long to go on and what to do along the way, not what
+#: the checkpoint's weights, optimizer state or data order mean.
+RESUMABLE = ("epochs", "max_steps", "eval_every", "eval_at_start", "eval_max_rows", "eval_max_new_tokens",
+             "checkpoint_every", "keep_checkpoints", "export", "export_type", "force", "num_threads", "output_dir")
+#: What the run folder holds; cleared on --overwrite or when a run starts over.
+RUN_FILES = ("adapter", "checkpoints", "metrics.jsonl", "summary.json", "merged", "model.gguf", "Modelfile",
+             "export.json", "config.yaml", "profile.json", "devices.json", "run.json")
+
+
+@dataclass
+class RunDir:
+    path: Path
+    lock: fsutil.FolderLock
+    resume: bool  # False when a --resume found nothing to resume and the run starts over
+    notes: list[str] = field(default_factory=list)
+    changes: dict[str, dict[str, Any]] = field(default_factory=dict)  # resume: key -> {"from", "to"}
+    from_step: int = 0
+
+
+def _checkpoint_step(run_dir: Path) -> int | None:
+    """Step of the newest complete checkpoint (what a resume starts from); None when there is none."""
+    from hwcompat.train import checkpoint
+
+    ck = checkpoint.latest(run_dir)
+    if ck is None:
+        return None
+    try:
+        return int(json.loads((ck / "state.json").read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return int(ck.name.removeprefix(checkpoint.PREFIX))
+
+
+def _finished_step(run_dir: Path) -> int | None:
+    """Steps of a finished run (summary.json), which may be past its last checkpoint."""
+    try:
+        return int(json.loads((run_dir / "summary.json").read_text())["steps"])
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
+def recorded_config(run_dir: Path) -> dict[str, Any]:
+    """The config the run was made with (run.json), or a clear error when it is missing or damaged."""
+    path = run_dir / "run.json"
+    try:
+        spec = json.loads(path.read_text(encoding="utf-8"))
+        cfg = spec["config"]
+        if not isinstance(cfg, dict):
+            raise TypeError("config is not a mapping")
+        return cfg
+    except FileNotFoundError:
+        raise InputError(f"--resume: {path} is missing, so the run's settings are unknown; start over with "
+                         "--overwrite (its checkpoints cannot be trusted without them)") from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"--resume: {path} is damaged ({type(exc).__name__}: {str(exc)[:120]}); the run cannot "
+                         "be resumed safely; start over with --overwrite") from None
+
+
+def resume_changes(recorded: dict[str, Any], new: dict[str, Any], done: int) -> dict[str, dict[str, Any]]:
+    """Allowed changes {key: {"from", "to"}}; raises naming every setting that may not change."""
+    fixed = sorted(k for k in new if k not in RESUMABLE and k in recorded and recorded[k] != new[k])
+    if fixed:
+        was = ", ".join(f"{k}={json.dumps(recorded[k])}" for k in fixed)
+        raise InputError(f"--resume: {', '.join(fixed)} cannot change on a resume (the checkpoint was made with "
+                         f"{was}); resume with the run's own settings, or start a new run in another output_dir")
+    changes = {k: {"from": recorded.get(k), "to": new[k]} for k in RESUMABLE
+               if k in new and k != "output_dir" and recorded.get(k) != new[k]}
+    if new.get("max_steps", 0) and new["max_steps"] < done:
+        raise InputError(f"--resume: the run already made {done} steps; max_steps={new['max_steps']} would move it "
+                         "backwards (a resume only goes on); give max_steps >= "
+                         f"{done}, or start a new run")
+    return changes
+
+
+def _clear(run_dir: Path) -> None:
+    import shutil
+
+    for name in RUN_FILES:
+        target = run_dir / name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target, ignore_errors=True)
+        else:
+            target.unlink(missing_ok=True)
+
+
+def _make(run_dir: Path) -> None:
+    if run_dir.exists() and not run_dir.is_dir():
+        raise InputError(f"output_dir {run_dir} is a file; choose a folder path for output_dir")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"output_dir {run_dir}: cannot create it ({exc.strerror or exc}); choose a writable "
+                         "output_dir") from None
+    if not _writable(run_dir):
+        raise InputError(f"output_dir {run_dir} is not writable (read-only filesystem or permissions); choose "
+                         "a writable output_dir")
+
+
+def _writable(folder: Path) -> bool:
+    import os
+
+    return os.access(folder, os.W_OK | os.X_OK)
+
+
+def open_run_dir(output_dir: str, new_config: dict[str, Any], resume: bool, overwrite: bool) -> RunDir:
+    """Lock the run folder and decide start / restart / resume before anything in it changes."""
+    run_dir = Path(output_dir).resolve()
+    _make(run_dir)
+    lock = fsutil.FolderLock(run_dir, "hwcompat train")
+    try:
+        out = RunDir(run_dir, lock, resume)
+        stale = fsutil.clean_stale(run_dir) + fsutil.clean_stale(run_dir / "checkpoints")
+        if stale:
+            out.notes.append(f"removed leftovers of an interrupted write: {', '.join(sorted(stale))}")
+        ck_step, end_step = _checkpoint_step(run_dir), _finished_step(run_dir)
+        finished = (run_dir / "adapter").is_dir() or end_step is not None
+        if resume and ck_step is None and finished:
+            raise InputError(f"--resume: the run in {run_dir} finished (step {end_step}) and kept no checkpoint to "
+                             "go on from (checkpoint_every=0 keeps one only on an interrupt); start a new run in "
+                             "another output_dir, or --overwrite")
+        if resume and ck_step is None:
+            out.resume = False
+            out.notes.append("--resume: no checkpoint yet (the run stopped before its first one); starting over")
+        if out.resume:
+            out.changes = resume_changes(recorded_config(run_dir), new_config, max(ck_step or 0, end_step or 0))
+            out.from_step = ck_step or 0
+        elif ck_step is not None or finished:
+            if not overwrite:
+                raise InputError(f"output_dir {run_dir} already holds a run; continue it with --resume, choose "
+                                 "another output_dir, or pass --overwrite to replace it")
+            _clear(run_dir)
+        elif (run_dir / "run.json").exists():
+            out.notes.append("the previous run in this folder stopped before its first checkpoint; starting over")
+            _clear(run_dir)
+        return out
+    except BaseException:
+        lock.release()
+        raise
