@@ -83,14 +83,16 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         raise
 
 
-def clean_stale(folder: str | Path) -> list[str]:
+def clean_stale(folder: str | Path, target: str | None = None) -> list[str]:
     """Remove hwcompat's own leftovers in ``folder`` (``.NAME.<random>.tmp``, ``.NAME.old``); returns their names.
 
-    Only call with the folder's lock held: then no live writer owns them.
+    ``target`` limits it to one output's leftovers (a merge or export into a shared folder). Only call with
+    the lock of what you clean held: then no live writer owns them.
     """
     import re
 
-    pattern = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$|^\..+\.old$")
+    name = re.escape(target) if target else ".+"
+    pattern = re.compile(rf"^\.{name}\.[a-z0-9_]{{8}}\.tmp$|^\.{name}\.old$")
     removed = []
     try:
         entries = list(Path(folder).iterdir())
@@ -117,30 +119,100 @@ class FolderLock:
     the kernel whenever that process ends, however it ends.
     """
 
-    def __init__(self, folder: str | Path, what: str):
+    def __init__(self, folder: str | Path, what: str, target: str | None = None):
+        """Lock ``folder`` as a whole, or only its output ``target`` (lock file ``.TARGET.lock``, removed again
+        on release so a merge or export leaves nothing beside its output)."""
+        self.path = Path(folder) / (f".{target}.lock" if target else LOCK_NAME)
+        self.remove = target is not None
+        while True:
+            self.fd = self._acquire(folder, what, target)
+            try:  # a releaser may have unlinked the file between our open() and flock(): then lock afresh
+                if os.fstat(self.fd).st_ino == os.stat(self.path).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(self.fd)
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"PID {os.getpid()} ({what})\n".encode(), 0)
+
+    def _acquire(self, folder: str | Path, what: str, target: str | None) -> int:
         import fcntl
 
         from hwcompat.errors import InputError
 
-        self.path = Path(folder) / LOCK_NAME
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666 & ~umask())
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666 & ~umask())
         try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             try:
-                owner = os.pread(self.fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
+                owner = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
             finally:
-                os.close(self.fd)
-            raise InputError(f"{folder} is in use by {owner}; wait for it to finish or stop it "
-                             "(the lock goes away with the process)") from None
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, f"PID {os.getpid()} ({what})\n".encode(), 0)
+                os.close(fd)
+            raise InputError(f"{Path(folder) / target if target else folder} is in use by {owner}; wait for it to "
+                             "finish or stop it (the lock goes away with the process)") from None
+        return fd
 
     def keep_across_exec(self) -> None:
         os.set_inheritable(self.fd, True)
 
     def release(self) -> None:
+        if self.remove:
+            Path(self.path).unlink(missing_ok=True)  # while still held: see the inode check above
         try:
             os.close(self.fd)
         except OSError:
             pass
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``docker stop``, ``kill``) turned into an exception, so ``with``/``finally`` cleanups run."""
+
+    exit_code = 143
+
+
+@contextmanager
+def terminate_cleanly() -> Iterator[None]:
+    """While inside: SIGTERM raises ``Terminated`` (exit 143) instead of killing the process mid-write."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated()
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+@contextmanager
+def output_target(path: str | Path, what: str, overwrite: bool, kind: str = "file") -> Iterator[Path]:
+    """Claim one output (a file or folder): refuse an existing one without ``overwrite``, lock it, clear a
+    killed writer's leftovers for it, and turn SIGTERM into a clean exit while it is written."""
+    from hwcompat.errors import InputError
+
+    path = Path(path)
+    if path.exists() and (kind == "file") != path.is_file():
+        want = "a file path like OUT/model.gguf" if kind == "file" else "a folder path"
+        raise InputError(f"{path} is a {'folder' if path.is_dir() else 'file'}; give {want}")
+    if path.exists() and not overwrite and (kind == "file" or any(path.iterdir())):
+        raise InputError(f"{path} already exists; pass --overwrite to replace it (nothing was written)")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"{path.parent}: cannot create it ({exc.strerror or exc})") from None
+    lock = FolderLock(path.parent, what, target=path.name)
+    try:
+        clean_stale(path.parent, path.name)
+        with terminate_cleanly():
+            yield path
+    except BaseException:
+        clean_stale(path.parent, path.name)  # whatever the writer had in flight (we still hold the lock)
+        raise
+    finally:
+        lock.release()

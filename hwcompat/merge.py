@@ -16,14 +16,13 @@ import json
 import math
 import re
 import shutil
-import signal
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 from hwcompat.errors import HwcompatError, InputError
-from hwcompat.fsutil import atomic_dir
+from hwcompat.fsutil import atomic_dir, output_target
 
 #: Files copied from the base (tokenizer files prefer the adapter folder's copy: that is what trained).
 COPY_FROM_BASE = ("generation_config.json",)
@@ -215,6 +214,8 @@ def merge(adapter_path: str | Path, base: str | Path, out: str | Path, dtype: st
     adapter = load_adapter(find_adapter(adapter_path))
     base = Path(base)
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file; give a folder path for the merged model")
     if out.exists() and any(out.iterdir()):
         raise InputError(f"--out {out} exists and is not empty; choose a new folder")
     shards = validate(adapter, base, force)
@@ -230,61 +231,56 @@ def merge(adapter_path: str | Path, base: str | Path, out: str | Path, dtype: st
     lora = {k: (a.to(dev, torch.float32), b.to(dev, torch.float32)) for k, (a, b) in adapter.lora.items()}
     fan = bool(adapter.config.get("fan_in_fan_out"))
 
-    def interrupted(signum, frame):
-        raise KeyboardInterrupt  # unwinds through atomic_dir, which removes the partial output
-
-    old = signal.signal(signal.SIGTERM, interrupted)
     merged = 0
-    try:
-        with atomic_dir(out) as tmp:
-            weight_map: dict[str, str] = {}
-            for shard, names in shards.items():
-                h = _header(base / shard)
-                entries = []
-                for n in names:
-                    floating = h[n]["dtype"] in ("F32", "F16", "BF16")
-                    entries.append((n, TORCH_TO_ST[dtype] if floating else h[n]["dtype"], h[n]["shape"]))
-                    weight_map[n] = shard
+    # output_target: locked, a killed merge's temp folder removed, SIGTERM -> Terminated (exit 143), which
+    # unwinds through atomic_dir and removes the partial output.
+    with output_target(out, "hwcompat merge", overwrite=True, kind="folder"), atomic_dir(out) as tmp:
+        weight_map: dict[str, str] = {}
+        for shard, names in shards.items():
+            h = _header(base / shard)
+            entries = []
+            for n in names:
+                floating = h[n]["dtype"] in ("F32", "F16", "BF16")
+                entries.append((n, TORCH_TO_ST[dtype] if floating else h[n]["dtype"], h[n]["shape"]))
+                weight_map[n] = shard
 
-                def tensors(shard=shard, names=names):
-                    nonlocal merged
-                    for n, t in _read_tensors(base / shard, names):
-                        if n in adapter.replace:
-                            t = adapter.replace[n]
-                        if n in lora:
-                            a, b = lora[n]
-                            module = n[: -len(".weight")]
-                            delta = (b @ a) * adapter.scaling(module)
-                            if fan:
-                                delta = delta.T
-                            t = (t.to(dev, torch.float32) + delta).cpu()
-                            merged += 1
-                        yield n, (t.to(target) if t.is_floating_point() else t)
+            def tensors(shard=shard, names=names):
+                nonlocal merged
+                for n, t in _read_tensors(base / shard, names):
+                    if n in adapter.replace:
+                        t = adapter.replace[n]
+                    if n in lora:
+                        a, b = lora[n]
+                        module = n[: -len(".weight")]
+                        delta = (b @ a) * adapter.scaling(module)
+                        if fan:
+                            delta = delta.T
+                        t = (t.to(dev, torch.float32) + delta).cpu()
+                        merged += 1
+                    yield n, (t.to(target) if t.is_floating_point() else t)
 
-                _write_streaming(tmp / shard, entries, tensors(), {"format": "pt"})
-                log(f"merged {shard}")
-            if len(shards) > 1:
-                index = json.loads((base / "model.safetensors.index.json").read_text())
-                index["weight_map"] = weight_map
-                (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-            cfg = dict(base_cfg)
-            cfg.pop("quantization_config", None)
-            cfg["dtype"] = dtype
-            cfg.pop("torch_dtype", None)
-            (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
-            for name in COPY_FROM_BASE:
-                if (base / name).exists():
-                    shutil.copy2(base / name, tmp / name)
-            source = adapter.path if (adapter.path / "tokenizer_config.json").exists() else base
-            for name in TOKENIZER_FILES:
-                if (source / name).exists():
-                    shutil.copy2(source / name, tmp / name)
-            (tmp / "hwcompat_merge.json").write_text(json.dumps({
-                "adapter": str(adapter.path), "base": str(base), "dtype": dtype, "merged_tensors": merged,
-                "lora_r": adapter.config["r"], "lora_alpha": adapter.config["lora_alpha"],
-                "use_rslora": bool(adapter.config.get("use_rslora"))}, indent=2))
-            if merged != len(lora):  # inside the temp folder: an incomplete merge is never renamed into place
-                raise HwcompatError(f"merged {merged} of {len(lora)} adapter tensors; nothing was written")
-    finally:
-        signal.signal(signal.SIGTERM, old)
+            _write_streaming(tmp / shard, entries, tensors(), {"format": "pt"})
+            log(f"merged {shard}")
+        if len(shards) > 1:
+            index = json.loads((base / "model.safetensors.index.json").read_text())
+            index["weight_map"] = weight_map
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        cfg = dict(base_cfg)
+        cfg.pop("quantization_config", None)
+        cfg["dtype"] = dtype
+        cfg.pop("torch_dtype", None)
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+        for name in COPY_FROM_BASE:
+            if (base / name).exists():
+                shutil.copy2(base / name, tmp / name)
+        source = adapter.path if (adapter.path / "tokenizer_config.json").exists() else base
+        for name in TOKENIZER_FILES:
+            if (source / name).exists():
+                shutil.copy2(source / name, tmp / name)
+        (tmp / "hwcompat_merge.json").write_text(json.dumps({
+            "adapter": str(adapter.path), "base": str(base), "dtype": dtype, "merged_tensors": merged,
+            "lora_r": adapter.config["r"], "lora_alpha": adapter.config["lora_alpha"],
+            "use_rslora": bool(adapter.config.get("use_rslora"))}, indent=2))
+        if merged != len(lora):  # inside the temp folder: an incomplete merge is never renamed into place
+            raise HwcompatError(f"merged {merged} of {len(lora)} adapter tensors; nothing was written")
     return out

@@ -63,9 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     except HwcompatError as exc:
         print(f"hwcompat: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("hwcompat: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM inside fsutil.terminate_cleanly (Terminated)
+        code = getattr(exc, "exit_code", 130)
+        print(f"hwcompat: {'terminated' if code == 143 else 'interrupted'}; nothing half-written was left",
+              file=sys.stderr)
+        return code
     except BrokenPipeError:
         return 0
 

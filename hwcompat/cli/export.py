@@ -14,19 +14,26 @@ def add_parser(sub) -> None:
     p.add_argument("--ollama", action="store_true", help="also write a Modelfile next to the GGUF")
     p.add_argument("--temperature", type=float, default=0.0, help="Modelfile temperature (default 0: extraction)")
     p.add_argument("--system", help="Modelfile SYSTEM prompt")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing GGUF / Modelfile")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from hwcompat.export.gguf import export_gguf
 
-    res = export_gguf(args.model, args.gguf, args.type)
+    if args.ollama and (Path(args.gguf).parent / "Modelfile").exists() and not args.overwrite:
+        from hwcompat.errors import InputError  # checked first: a refused Modelfile must not follow a new GGUF
+
+        raise InputError(f"{Path(args.gguf).parent / 'Modelfile'} already exists; pass --overwrite to replace it "
+                         "(nothing was written)")
+    res = export_gguf(args.model, args.gguf, args.type, overwrite=args.overwrite)
     print(f"wrote {res.path} ({res.arch}, {res.tensors} tensors, {res.qtype}, pre-tokenizer {res.pre_tokenizer})")
     if res.pre_tokenizer == "default":
         print("note: the pre-tokenizer was not recognised; llama.cpp will use its default regex")
     if args.ollama:
         from hwcompat.export.ollama import write_modelfile
 
-        path, cmd = write_modelfile(Path(args.gguf), Path(args.model), args.temperature, args.system)
+        path, cmd = write_modelfile(Path(args.gguf), Path(args.model), args.temperature, args.system,
+                                    overwrite=args.overwrite)
         print(f"wrote {path}\nrun: {cmd}")
     return 0

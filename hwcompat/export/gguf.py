@@ -13,11 +13,13 @@ and the chat template.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from hwcompat.errors import HwcompatError, InputError
+from hwcompat.fsutil import user_mode
 
 #: config.json model_type -> (gguf arch name, permute q/k for rotary)
 ARCHS = {"llama": ("LLAMA", True), "mistral": ("LLAMA", True), "qwen2": ("QWEN2", False), "qwen3": ("QWEN3", False)}
@@ -69,7 +71,16 @@ def _permute(w, n_head: int):
     return (w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape))
 
 
-def export_gguf(model_dir: str | Path, out: str | Path, qtype: str = "f16", name: str | None = None) -> ExportResult:
+def export_gguf(model_dir: str | Path, out: str | Path, qtype: str = "f16", name: str | None = None,
+                overwrite: bool = False) -> ExportResult:
+    """Write ``out``: refused if it exists (unless ``overwrite``), locked while written, atomic."""
+    from hwcompat.fsutil import output_target
+
+    with output_target(out, "hwcompat export", overwrite) as target:
+        return _export_gguf(model_dir, target, qtype, name)
+
+
+def _export_gguf(model_dir: str | Path, out: Path, qtype: str, name: str | None) -> ExportResult:
     import gguf
     import numpy as np
     import torch
@@ -106,8 +117,11 @@ def export_gguf(model_dir: str | Path, out: str | Path, qtype: str = "f16", name
     head_dim = int(cfg.get("head_dim") or hidden // n_head)
     tmap = gguf.get_tensor_name_map(arch, n_layers)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
+    import tempfile
+
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)  # unique per writer
+    os.close(fd)
+    tmp = Path(tmp_name)
     writer = gguf.GGUFWriter(str(tmp), arch_str)
     writer.add_name(name or cfg.get("_name_or_path") or src.name)
     writer.add_context_length(int(cfg.get("max_position_embeddings") or 4096))
@@ -204,10 +218,15 @@ def export_gguf(model_dir: str | Path, out: str | Path, qtype: str = "f16", name
                     t = _permute(t, n_kv)
                 writer.write_tensor_data(_convert(t.numpy(), types[key], gguf, np))
         writer.close()
+        user_mode(tmp)
         tmp.replace(out)
     except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
+        try:
+            writer.close()
+        except Exception:  # a writer interrupted mid-tensor may not close cleanly; the temp file goes anyway
+            pass
+        finally:
+            tmp.unlink(missing_ok=True)
         raise
     count = len(plan)
     return ExportResult(out, arch_str, count, qtype, pre)

@@ -51,9 +51,10 @@ def detect_template(model_dir: Path) -> str:
 
 
 def write_modelfile(gguf_path: Path, model_dir: Path, temperature: float = 0.0, system: str | None = None,
-                    num_ctx: int | None = None) -> tuple[Path, str]:
-    """Write ``Modelfile`` beside the GGUF; returns (path, the `ollama create` command)."""
-    from hwcompat.fsutil import atomic_write_text
+                    num_ctx: int | None = None, overwrite: bool = False) -> tuple[Path, str]:
+    """Write ``Modelfile`` beside the GGUF (never over a hand-written one without ``overwrite``);
+    returns (path, the `ollama create` command)."""
+    from hwcompat.fsutil import atomic_write_text, output_target
 
     kind = detect_template(model_dir)
     template, stops = TEMPLATES[kind]
@@ -65,7 +66,7 @@ def write_modelfile(gguf_path: Path, model_dir: Path, temperature: float = 0.0, 
     lines.append(f"PARAMETER temperature {temperature:g}")
     if num_ctx:
         lines.append(f"PARAMETER num_ctx {num_ctx}")
-    path = gguf_path.parent / "Modelfile"
-    atomic_write_text(path, "\n".join(lines) + "\n")
+    with output_target(gguf_path.parent / "Modelfile", "hwcompat export", overwrite) as path:
+        atomic_write_text(path, "\n".join(lines) + "\n")
     name = gguf_path.stem.lower().replace("_", "-")
     return path, f"ollama create {name} -f {path}"

@@ -548,8 +548,8 @@ def export_run(run_dir: Path, cfg: TrainConfig, say) -> None:
     shutil.rmtree(merged, ignore_errors=True)
     merge(run_dir / "adapter", cfg.model, merged, log=lambda m: None)
     say(f"merged: {merged}")
-    res = export_gguf(merged, run_dir / "model.gguf", cfg.export_type)
-    path, cmd = write_modelfile(res.path, merged)
+    res = export_gguf(merged, run_dir / "model.gguf", cfg.export_type, overwrite=True)  # the run's own outputs
+    path, cmd = write_modelfile(res.path, merged, overwrite=True)
     say(f"gguf: {res.path} ({res.qtype}); Modelfile: {path}\nrun: {cmd}")
 
 

@@ -1,0 +1,112 @@
+"""Merge and export outputs: never replaced silently, locked while written, clean after a kill or SIGTERM."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from hwcompat.fsutil import FolderLock
+
+TEXTS = ["the quick brown fox jumps over the lazy dog"] * 20
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    from hwcompat.train.tiny import write_tiny
+    return write_tiny(tmp_path_factory.mktemp("m") / "tiny", TEXTS, hidden=64, layers=2, chat_template=True)
+
+
+@pytest.fixture(scope="module")
+def run_with_adapter(tmp_path_factory, model):
+    import json
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    run = tmp_path_factory.mktemp("run")
+    m = get_peft_model(AutoModelForCausalLM.from_pretrained(model),
+                       LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    m.save_pretrained(str(run / "adapter"))
+    (run / "run.json").write_text(json.dumps({"config": {"model": str(model)}}))
+    return run
+
+
+def _cli(*args, code=None, env_extra=None, timeout=300):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HWCOMPAT_")}
+    env.update(env_extra or {})
+    if code is None:
+        cmd = [sys.executable, "-m", "hwcompat", *map(str, args)]
+    else:  # run the CLI after a patch (e.g. a SIGTERM in the middle of writing)
+        cmd = [sys.executable, "-c", textwrap.dedent(code) + f"\nimport sys\nfrom hwcompat.cli import main\n"
+                                                             f"sys.exit(main({[str(a) for a in args]!r}))"]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def test_existing_gguf_and_handwritten_modelfile_are_kept(model, tmp_path):
+    out = tmp_path / "m.gguf"
+    out.write_bytes(b"mine")
+    res = _cli("export", model, "--gguf", out)
+    assert res.returncode == 2 and "already exists; pass --overwrite" in res.stderr and out.read_bytes() == b"mine"
+    out.unlink()
+    (tmp_path / "Modelfile").write_text("FROM ./m.gguf\n# my own\n")
+    res = _cli("export", model, "--gguf", out, "--ollama")
+    assert res.returncode == 2 and "Modelfile already exists" in res.stderr and not out.exists()
+    res = _cli("export", model, "--gguf", out, "--ollama", "--overwrite")
+    assert res.returncode == 0, res.stderr
+    assert out.stat().st_size > 1000 and "# my own" not in (tmp_path / "Modelfile").read_text()
+    assert (tmp_path / "Modelfile").stat().st_mode & 0o044 == 0o044  # readable by others (umask 022), not 0600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["Modelfile", "m.gguf"]  # no temp, no lock left
+
+
+def test_export_to_a_folder_or_a_locked_target(model, tmp_path):
+    res = _cli("export", model, "--gguf", tmp_path)
+    assert res.returncode == 2 and "is a folder; give a file path like OUT/model.gguf" in res.stderr
+    lock = FolderLock(tmp_path, "hwcompat export", target="m.gguf")
+    try:
+        res = _cli("export", model, "--gguf", tmp_path / "m.gguf")
+        assert res.returncode == 2 and f"in use by PID {os.getpid()} (hwcompat export)" in res.stderr
+    finally:
+        lock.release()
+
+
+def test_sigterm_during_export_exits_143_and_leaves_nothing(model, tmp_path):
+    res = _cli("export", model, "--gguf", tmp_path / "m.gguf", code="""
+        import os, signal
+        import hwcompat.export.gguf as G
+        real = G._convert
+        def convert(*a, **k):
+            os.kill(os.getpid(), signal.SIGTERM)
+            return real(*a, **k)
+        G._convert = convert
+    """)
+    assert res.returncode == 143, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr and "terminated" in res.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_merge_sigterm_exits_143_and_a_killed_merges_leftovers_are_removed(run_with_adapter, tmp_path):
+    stale = tmp_path / ".merged.k1ll3d_x.tmp"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"\0" * 4096)  # what a SIGKILLed merge leaves
+    (tmp_path / ".other.abcdefgh.tmp").mkdir()  # another target's: not ours to touch
+    res = _cli("merge", run_with_adapter, "--out", tmp_path / "merged", code="""
+        import os, signal
+        import hwcompat.merge as M
+        def boom(*a, **k):
+            os.kill(os.getpid(), signal.SIGTERM)
+        M._write_streaming = boom
+    """)
+    assert res.returncode == 143, res.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.abcdefgh.tmp"]
+    res = _cli("merge", run_with_adapter, "--out", tmp_path / "merged")
+    assert res.returncode == 0, res.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.abcdefgh.tmp", "merged"]
+
+
+def test_merge_out_that_is_a_file(run_with_adapter, tmp_path):
+    (tmp_path / "m").write_text("x")
+    res = _cli("merge", run_with_adapter, "--out", tmp_path / "m")
+    assert res.returncode == 2 and "is a file; give a folder path" in res.stderr
