@@ -21,3 +21,17 @@ class InputError(HwcompatError):
 
 class ProfileError(InputError):
     """A profile YAML (or an override of one) breaks the schema."""
+
+
+def excerpt(value: object) -> str:
+    """A bounded repr of a bad value for an error message (reprlib never builds the whole string).
+
+    A YAML alias bomb loads as a small graph of shared objects, but its full ``repr`` is exponential:
+    an error message must never be the thing that hangs.
+    """
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxstring, r.maxother, r.maxlist, r.maxtuple, r.maxdict, r.maxset, r.maxlevel, r.maxlong = (
+        60, 60, 4, 4, 4, 4, 2, 40)
+    return r.repr(value)

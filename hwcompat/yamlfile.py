@@ -36,12 +36,60 @@ def _parse(data: bytes, p: Path, what: str, error: type[InputError]) -> Any:
     # libyaml's C parser when PyYAML has it (about 10x faster), else the pure-Python one; both are the
     # *safe* loaders: plain data, never Python objects.
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    if _nesting(text) > MAX_DEPTH:
+        raise error(f"{what} {p}: nests more than {MAX_DEPTH} levels deep; flatten the document")
     try:
-        return yaml.load(text, Loader=loader)  # noqa: S506 (a safe loader, chosen above)
+        value = yaml.load(text, Loader=loader)  # noqa: S506 (a safe loader, chosen above)
+        too_big = _expanded_size(value, {}) > MAX_VALUES
+    except RecursionError:
+        raise error(f"{what} {p}: nests deeper than hwcompat follows; flatten the document") from None
+    except ValueError as exc:  # e.g. a 5,000-digit integer: Python refuses to convert it
+        raise error(f"{what} {p}: a value cannot be read ({str(exc)[:120]})") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
         raise error(f"{what} {p}{line}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if too_big:
+        raise error(f"{what} {p}: expands to more than {MAX_VALUES:,} values through YAML aliases (& and *); "
+                    "hwcompat refuses documents like that (an 'alias bomb'); write the values out")
+    return value
+
+
+#: Values a document may expand to once its aliases are followed; real configs have hundreds.
+MAX_VALUES = 1_000_000
+#: Nesting a document may have. PyYAML's C composer recurses on the C stack: 100,000 nested "[" crash the
+#: process (SIGSEGV) before Python can raise RecursionError, so depth is checked on the text first.
+MAX_DEPTH = 200
+
+
+def _nesting(text: str) -> int:
+    """An upper bound on the document's nesting: open flow brackets, or block indentation in steps of 1."""
+    depth = deepest = 0
+    for ch in text:
+        if ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth = max(0, depth - 1)
+    indent = max((len(line) - len(line.lstrip(" ")) for line in text.splitlines()), default=0)
+    return max(deepest, indent // 2)
+
+
+def _expanded_size(node: Any, memo: dict[int, int]) -> int:
+    """Values in ``node`` with every alias expanded, counted over the shared graph (no expansion done)."""
+    if not isinstance(node, (dict, list)):
+        return 1
+    key = id(node)
+    if key not in memo:
+        memo[key] = MAX_VALUES + 1  # a cycle (a recursive alias) counts as too big
+        items = list(node.items()) if isinstance(node, dict) else [(None, v) for v in node]
+        total = 1
+        for k, v in items:
+            total += _expanded_size(k, memo) + _expanded_size(v, memo)
+            if total > MAX_VALUES:
+                break
+        memo[key] = total
+    return memo[key]
 
 
 def _cache_dir() -> Path:

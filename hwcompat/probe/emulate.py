@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from hwcompat.datafiles import data_dir
-from hwcompat.errors import InputError
+from hwcompat.errors import InputError, excerpt
 from hwcompat.readings import VENDORS, DeviceReading, is_gfx_target, parse_cc
 from hwcompat.yamlfile import load_packaged_yaml, load_yaml
 
@@ -73,31 +73,31 @@ def parse_reading(entry: Any, where: str, source: str = "") -> DeviceReading:
         if key not in _SETTABLE:
             near = difflib.get_close_matches(str(key), _SETTABLE, n=1)
             hint = f" (did you mean {near[0]!r}?)" if near else ""
-            raise InputError(f"{where}: field {key!r}: unknown field{hint}")
+            raise InputError(f"{where}: field {excerpt(key)}: unknown field{hint}")
     for key in REQUIRED:
         if entry.get(key) in (None, ""):
-            raise InputError(f"{where}: field {key!r}: missing (required: {', '.join(REQUIRED)})")
+            raise InputError(f"{where}: field {excerpt(key)}: missing (required: {', '.join(REQUIRED)})")
     vendor = entry["vendor"]
     if vendor not in VENDORS:
-        raise InputError(f"{where}: field 'vendor': unknown vendor {vendor!r}; use one of {', '.join(VENDORS)}")
+        raise InputError(f"{where}: field 'vendor': unknown vendor {excerpt(vendor)}; use one of {', '.join(VENDORS)}")
     values: dict[str, Any] = {}
     for key, value in entry.items():
         if key in _INT_FIELDS:
             if isinstance(value, bool) or not isinstance(value, int):
-                raise InputError(f"{where}: field {key!r}: expected an integer, got {value!r}")
+                raise InputError(f"{where}: field {excerpt(key)}: expected an integer, got {excerpt(value)}")
             if value < 0:
-                raise InputError(f"{where}: field {key!r}: must not be negative, got {value}")
+                raise InputError(f"{where}: field {excerpt(key)}: must not be negative, got {value}")
         elif key in _FLOAT_FIELDS:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise InputError(f"{where}: field {key!r}: expected a number, got {value!r}")
+                raise InputError(f"{where}: field {excerpt(key)}: expected a number, got {excerpt(value)}")
             value = float(value)
         elif key in _STR_FIELDS:
             if not isinstance(value, str):
                 hint = f" (write it quoted: \"{value}\")" if key == "compute_capability" else ""
-                raise InputError(f"{where}: field {key!r}: expected a string, got {value!r}{hint}")
+                raise InputError(f"{where}: field {excerpt(key)}: expected a string, got {excerpt(value)}{hint}")
         elif key == "cpu_flags":
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                raise InputError(f"{where}: field 'cpu_flags': expected a list of strings, got {value!r}")
+                raise InputError(f"{where}: field 'cpu_flags': expected a list of strings, got {excerpt(value)}")
             value = tuple(value)
         values[key] = value
     if vendor == "nvidia":
@@ -108,7 +108,7 @@ def parse_reading(entry: Any, where: str, source: str = "") -> DeviceReading:
             parse_cc(cc)
         except ValueError:
             raise InputError(f"{where}: field 'compute_capability': expected \"major.minor\" like \"6.1\", "
-                             f"got {cc!r}") from None
+                             f"got {excerpt(cc)}") from None
     if vendor == "amd":
         gfx = values.get("gfx_target")
         if gfx is None:
@@ -117,7 +117,7 @@ def parse_reading(entry: Any, where: str, source: str = "") -> DeviceReading:
             if key in values:
                 values[key] = values[key].lower()
                 if not is_gfx_target(values[key]):
-                    raise InputError(f"{where}: field {key!r}: expected a gfx target like \"gfx1031\", "
-                                     f"got {entry[key]!r}")
+                    raise InputError(f"{where}: field {excerpt(key)}: expected a gfx target like \"gfx1031\", "
+                                     f"got {excerpt(entry[key])}")
     values.setdefault("index", 0)
     return DeviceReading(**values, source=source, emulated=True)

@@ -16,7 +16,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 
-from hwcompat.errors import InputError
+from hwcompat.errors import InputError, excerpt
 from hwcompat.yamlfile import load_yaml
 
 DATA_FORMATS = ("auto", "prompt_completion", "messages", "alpaca")
@@ -127,7 +127,7 @@ def _coerce(key: str, value: Any, kind: Any, where: str, from_text: bool) -> Any
         elif isinstance(value, str):
             value = [value]
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise InputError(f"{where}: {key}: expected a list of strings, got {value!r}")
+            raise InputError(f"{where}: {key}: expected a list of strings, got {excerpt(value)}")
         return value
     if kind is bool:
         if from_text:
@@ -138,57 +138,74 @@ def _coerce(key: str, value: Any, kind: Any, where: str, from_text: bool) -> Any
                 return False
         if isinstance(value, bool):
             return value
-        raise InputError(f"{where}: {key}: expected true or false, got {value!r}")
+        raise InputError(f"{where}: {key}: expected true or false, got {excerpt(value)}")
     if kind is int:
         try:
             if isinstance(value, bool):
                 raise ValueError
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError
+            if isinstance(value, str) and len(value.strip()) > 40:  # int('9' * 5000) is slow and no setting needs it
+                raise ValueError
             return int(value) if not isinstance(value, str) or value.strip().lstrip("-").isdigit() else int("x")
-        except ValueError:
-            raise InputError(f"{where}: {key}: expected an integer, got {value!r}") from None
+        except (TypeError, ValueError, OverflowError):
+            raise InputError(f"{where}: {key}: expected an integer, got {excerpt(value)}") from None
     if kind is float:
         try:
             if isinstance(value, bool):
                 raise ValueError
             return float(value)
-        except (TypeError, ValueError):
-            raise InputError(f"{where}: {key}: expected a number, got {value!r}") from None
+        except (TypeError, ValueError, OverflowError):
+            raise InputError(f"{where}: {key}: expected a number, got {excerpt(value)}") from None
     if kind is str:
         if isinstance(value, (dict, list)) or value is None:
-            raise InputError(f"{where}: {key}: expected a string, got {value!r}")
+            raise InputError(f"{where}: {key}: expected a string, got {excerpt(value)}")
         value = str(value).lower() if isinstance(value, bool) else str(value)
         if key in CHOICES and value not in CHOICES[key]:
-            raise InputError(f"{where}: {key}: {value!r} is not one of: {', '.join(CHOICES[key])}")
+            raise InputError(f"{where}: {key}: {excerpt(value)} is not one of: {', '.join(CHOICES[key])}")
         return value
     return value
 
 
-def _unknown(key: str, where: str) -> InputError:
+def _unknown(key: Any, where: str) -> InputError:
     names = list(_fields())
-    near = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
+    near = difflib.get_close_matches(key, names, n=1, cutoff=0.5) if isinstance(key, str) else []
     hint = f"; did you mean {near[0]!r}?" if near else ""
-    return InputError(f"{where}: unknown key {key!r}{hint} (hwcompat train --print-config lists every key)")
+    return InputError(f"{where}: unknown key {excerpt(key)}{hint} (hwcompat train --print-config lists every key)")
+
+
+#: Numeric keys and their allowed interval, in interval notation. Every float must also be finite.
+RANGES: dict[str, str] = {
+    "lora_r": "(0, 4096]", "lora_alpha": "(0, 1e6]", "lora_dropout": "[0, 1)", "micro_batch_size": "(0, 65536]",
+    "gradient_accumulation": "(0, 1e6]", "max_seq_len": "[8, 1048576]", "learning_rate": "(0, 1]",
+    "epochs": "[0, 10000]", "max_steps": "[0, 1e8]", "eval_fraction": "(0, 1)", "warmup_ratio": "[0, 1)",
+    "weight_decay": "[0, 10]", "max_grad_norm": "(0, 1e6]", "keep_checkpoints": "[1, 10000]",
+    "eval_every": "[0, 1e8]", "checkpoint_every": "[0, 1e8]", "eval_max_rows": "[1, 1e7]",
+    "eval_max_new_tokens": "[0, 1048576]", "num_threads": "[0, 4096]", "seed": "[0, 4294967295]",
+}
+_RANGE_HINT = {"max_grad_norm": " (the clipping threshold: 0 would zero every update, a negative one would run "
+                                "gradient ascent)",
+               "learning_rate": " (LoRA learning rates are usually 1e-5 to 1e-3)"}
+
+
+def _inside(value: float, interval: str) -> bool:
+    low, high = (float(x) for x in interval[1:-1].split(","))
+    return (low <= value if interval[0] == "[" else low < value) and (value <= high if interval[-1] == "]"
+                                                                      else value < high)
 
 
 def _validate(cfg: TrainConfig, where: str) -> None:
-    checks = [
-        (cfg.lora_r > 0, "lora_r must be > 0"),
-        (cfg.lora_alpha > 0, "lora_alpha must be > 0"),
-        (0 <= cfg.lora_dropout < 1, "lora_dropout must be in [0, 1)"),
-        (cfg.micro_batch_size > 0, "micro_batch_size must be > 0"),
-        (cfg.gradient_accumulation > 0, "gradient_accumulation must be > 0"),
-        (cfg.max_seq_len >= 8, "max_seq_len must be >= 8"),
-        (cfg.learning_rate > 0, "learning_rate must be > 0"),
-        (cfg.epochs > 0 or cfg.max_steps > 0, "set epochs > 0 or max_steps > 0"),
-        (0 < cfg.eval_fraction < 1, "eval_fraction must be between 0 and 1"),
-        (0 <= cfg.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
-        (cfg.keep_checkpoints >= 1, "keep_checkpoints must be >= 1"),
-    ]
-    for ok, msg in checks:
-        if not ok:
-            raise InputError(f"{where}: {msg}")
+    """Every numeric key finite and in its interval; messages name the key, the interval and the bad value."""
+    import math
+
+    for key, interval in RANGES.items():
+        value = getattr(cfg, key)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InputError(f"{where}: {key} must be a finite number, got {value}")
+        if not _inside(value, interval):
+            raise InputError(f"{where}: {key} must be in {interval}, got {excerpt(value)}{_RANGE_HINT.get(key, '')}")
+    if not (cfg.epochs > 0 or cfg.max_steps > 0):
+        raise InputError(f"{where}: set epochs > 0 or max_steps > 0")
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None,
@@ -216,7 +233,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None,
     for data, where, origin, from_text in raw_layers:
         for key, value in data.items():
             if key not in kinds:
-                raise _unknown(str(key), where)
+                raise _unknown(key, where)
             setattr(cfg, key, _coerce(key, value, kinds[key], where, from_text))
             origins[key] = origin
     # Paths in a config file are relative to that file, so a config travels with its data.

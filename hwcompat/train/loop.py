@@ -297,6 +297,20 @@ def _oom_advice(cfg: TrainConfig, profile: dict[str, Any], step: int) -> str:
             ". `hwcompat plan` estimates what fits before you start.")
 
 
+#: Consecutive optimizer steps with a non-finite loss or gradient norm after which a run is stopped.
+NONFINITE_STEPS = 3
+
+
+def _divergence_advice(cfg: TrainConfig, profile: dict[str, Any], step: int, loss: float, grad_norm: float) -> str:
+    """A run whose loss went NaN/inf stops before it can write a NaN adapter; say what to change."""
+    fp16 = profile["dtype"] == "float16"
+    return (f"training diverged: loss {loss} and gradient norm {grad_norm} were not finite for {NONFINITE_STEPS} "
+            f"steps in a row (at step {step}); no adapter was written. Try a lower learning_rate (now "
+            f"{cfg.learning_rate:g}, e.g. learning_rate={cfg.learning_rate / 10:g}), max_grad_norm=1.0"
+            + (", or dtype=float32 (fp16 overflows on some models)" if fp16 else "")
+            + "; earlier checkpoints, if any, are untouched")
+
+
 def run(run_dir: Path, resume: bool = False) -> int:
     """Train as described by ``run_dir/run.json``; returns the process exit code."""
     t_start = time.time()
@@ -425,7 +439,7 @@ def run(run_dir: Path, resume: bool = False) -> int:
     bar = tqdm(total=total_steps, initial=start_step, disable=not dist.main, unit="step", mininterval=1.0,
                dynamic_ncols=True, file=sys.stderr)
     tokens_done, t_loop = 0, time.time()
-    exit_code, step, last_loss = 0, start_step, float("nan")
+    exit_code, step, last_loss, diverged = 0, start_step, float("nan"), 0
     model.train()
     try:
         while step < total_steps:
@@ -456,10 +470,16 @@ def run(run_dir: Path, resume: bool = False) -> int:
                 scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm).item()
             if scaler:
+                scale = scaler.get_scale()
                 scaler.step(optimizer)
                 scaler.update()
+                overflow = scaler.get_scale() < scale  # fp16 overflow: the scaler skipped this step, by design
             else:
                 optimizer.step()
+                overflow = False
+            diverged = 0 if overflow or (math.isfinite(loss_sum) and math.isfinite(grad_norm)) else diverged + 1
+            if diverged >= NONFINITE_STEPS:
+                raise HwcompatError(_divergence_advice(cfg, profile, step + 1, loss_sum, grad_norm))
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
