@@ -25,6 +25,10 @@ MIN_CUDA_CC = (5, 0)
 
 SETTABLE = ("dtype", "attention", "compile_backend")  # plus env.NAME
 
+#: Variables that change which code a process loads: set only with an explicit --allow-env NAME.
+CODE_LOADING_VARS = ("LD_PRELOAD", "LD_LIBRARY_PATH", "LD_AUDIT", "PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP",
+                     "PYTHONUSERBASE", "PYTHONEXECUTABLE", "BASH_ENV", "ENV", "PATH", "PROMPT_COMMAND")
+
 
 @dataclass(frozen=True)
 class Overrides:
@@ -34,13 +38,15 @@ class Overrides:
     sets: dict[str, str] = field(default_factory=dict)  # --set key=value
 
     @classmethod
-    def parse(cls, profile: str | None, sets: list[str] | None) -> "Overrides":
+    def parse(cls, profile: str | None, sets: list[str] | None, allow_env: list[str] | None = None) -> "Overrides":
         out: dict[str, str] = {}
         for item in sets or []:
             key, sep, value = item.partition("=")
             key, value = key.strip(), value.strip()
             if not sep or not key or not value:
                 raise InputError(f"--set {item!r}: expected KEY=VALUE, e.g. --set dtype=float32")
+            if key.startswith("env."):
+                _check_env_name(key[4:], item, allow_env or [])
             if key not in SETTABLE and not key.startswith("env."):
                 near = _close(key, SETTABLE, n=1)
                 hint = f" Did you mean {near[0]!r}?" if near else ""
@@ -105,6 +111,18 @@ class HostPlan:
                      **self.host.facts, "groups": self.groups},
             "devices": [d.to_dict() for d in self.devices],
         }
+
+
+def _check_env_name(name: str, item: str, allowed: list[str]) -> None:
+    """A variable name a shell can take literally; code-loading variables only when explicitly allowed."""
+    import re
+
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+        raise InputError(f"--set {item!r}: {name!r} is not a valid environment variable name "
+                         "(letters, digits and _, not starting with a digit)")
+    if name in CODE_LOADING_VARS and name not in allowed:
+        raise InputError(f"--set {item!r}: {name} changes which code every process loads; if you mean it, add "
+                         f"--allow-env {name}")
 
 
 def _cc_text(cc: tuple[int, int]) -> str:

@@ -39,3 +39,13 @@ def test_demo_tiny_fallback(tmp_path, cache_dir):
     res = _demo(tmp_path, cache_dir, "--tiny")
     assert res.returncode == 0, res.stderr[-3000:]
     assert "tiny model built from a config" in res.stderr
+
+
+def test_demo_never_replaces_a_users_run(tmp_path, cache_dir):
+    run = tmp_path / "demo"
+    (run / "adapter").mkdir(parents=True)
+    (run / "adapter" / "adapter_model.safetensors").write_bytes(b"my week of training")
+    (run / "run.json").write_text(json.dumps({"config": {}, "origins": {"train_data": "config file"}}))
+    res = _demo(tmp_path, cache_dir, "--tiny")
+    assert res.returncode == 2 and "already holds a run" in res.stderr, res.stderr[-2000:]
+    assert (run / "adapter" / "adapter_model.safetensors").read_bytes() == b"my week of training"

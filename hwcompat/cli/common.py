@@ -19,6 +19,8 @@ def add_device_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--profile", metavar="NAME", help="force this profile family for the GPUs; env HWCOMPAT_PROFILE")
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one choice: dtype=, attention=, compile_backend=, env.NAME= (repeatable)")
+    g.add_argument("--allow-env", action="append", default=[], metavar="NAME",
+                   help="allow --set env.NAME for a variable that changes which code runs (LD_PRELOAD, PYTHONPATH …)")
 
 
 def plan_from_args(args: argparse.Namespace):
@@ -30,7 +32,8 @@ def plan_from_args(args: argparse.Namespace):
 
     names = [n.strip().lower() for n in args.emulate.split(",") if n.strip()] if args.emulate else None
     host = probe_host(emulate=names, emulate_file=args.emulate_file)
-    overrides = Overrides.parse(args.profile or envvars.get("HWCOMPAT_PROFILE"), args.set)
+    overrides = Overrides.parse(args.profile or envvars.get("HWCOMPAT_PROFILE"), args.set,
+                                getattr(args, "allow_env", []))
     return resolve_host(host, load_profiles(), installed(), overrides)
 
 

@@ -79,6 +79,21 @@ def run(args: argparse.Namespace) -> int:
                   "a config instead, so the numbers below say nothing about quality", file=sys.stderr)
             base["model"] = _tiny_model()
     loaded = load_config(None, args.overrides, base=base)
-    if not args.resume:
-        args.overwrite = True  # the demo's run folder is ours to replace
+    if not args.resume and _demo_owns(loaded.config.output_dir):
+        args.overwrite = True  # the demo's own run folder is ours to replace; anything else is the user's
     return launch(args, loaded)
+
+
+def _demo_owns(output_dir: str) -> bool:
+    """The demo may replace its default folder, or a folder that holds a demo run; never another run."""
+    import json
+    from pathlib import Path
+
+    out = Path(output_dir).resolve()
+    if out == Path(DEMO_CONFIG["output_dir"]).resolve() or not out.exists():
+        return True
+    try:
+        origins = json.loads((out / "run.json").read_text())["origins"]
+        return origins.get("train_data") == "demo"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return not any(out.iterdir())

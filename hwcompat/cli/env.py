@@ -9,7 +9,7 @@ import argparse
 import shlex
 
 from hwcompat.cli.common import add_device_options, plan_from_args, select_device
-from hwcompat.errors import HwcompatError
+from hwcompat.errors import HwcompatError, InputError
 
 VISIBILITY = {"nvidia": "CUDA_VISIBLE_DEVICES", "amd": "HIP_VISIBLE_DEVICES"}
 
@@ -35,11 +35,23 @@ def profile_env(plan, device_spec: str | None) -> dict[str, str]:
     return env
 
 
+def _fish_quote(value: str) -> str:
+    """fish single quotes: only \\ and \' are escapes inside them (POSIX shlex quoting is not fish's)."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _dotenv_quote(name: str, value: str) -> str:
+    if "\n" in value or "\r" in value:
+        raise InputError(f"{name}: a value with a line break cannot be written as dotenv; use --shell bash")
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("$", "\\$") + '"'
+
+
 def format_env(env: dict[str, str], shell: str) -> str:
+    """Assignments for ``eval`` (bash), fish's ``source`` or a dotenv file, each quoted for that reader."""
     if shell == "fish":
-        return "\n".join(f"set -gx {k} {shlex.quote(v)};" for k, v in env.items())
+        return "\n".join(f"set -gx {k} {_fish_quote(v)};" for k, v in env.items())
     if shell == "dotenv":
-        return "\n".join(f"{k}={v}" for k, v in env.items())
+        return "\n".join(f"{k}={_dotenv_quote(k, v)}" for k, v in env.items())
     return "\n".join(f"export {k}={shlex.quote(v)}" for k, v in env.items())
 
 
