@@ -37,6 +37,7 @@ SETS: dict[str, str] = {
     "TORCH_ROCM_AOTRITON_ENABLE_EXPERIMENTAL": "1 enables AOTriton flash/mem-efficient SDPA on RDNA3/4",
     "OMP_NUM_THREADS": "CPU training: one thread per physical core",
     "TOKENIZERS_PARALLELISM": "false silences the fork warning of HF tokenizers in data loaders",
+    "HF_HUB_OFFLINE": "1 in the trainer (and the images) unless the config names a hub id with allow_network: true",
 }
 
 

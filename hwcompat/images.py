@@ -118,6 +118,7 @@ ENV PATH=/opt/hwcompat/bin:$PATH \\
     PYTHONUNBUFFERED=1 \\
     HF_HOME=/cache/huggingface \\
     HWCOMPAT_CACHE_DIR=/cache/hwcompat \\
+    HF_HUB_OFFLINE=1 \\
     HWCOMPAT_IMAGE_FAMILY={family}{env_lines}
 LABEL org.opencontainers.image.title="{tag}" \\
       org.opencontainers.image.description="hwcompat LoRA trainer for {titles}" \\

@@ -85,6 +85,10 @@ def launch(args, loaded) -> int:
         raise InputError(f"{device.reading.name} is emulated: there is no such card to train on. "
                          "Use --print-config to see the resolved run, --cpu-emulation to run its profile on the "
                          "CPU, or drop --emulate")
+    cfg = loaded.config
+    L.check_model(cfg.model, cfg.allow_network)
+    if cfg.tokenizer:
+        L.check_model(cfg.tokenizer, cfg.allow_network, what="tokenizer")
     report, logit_fraction = L.check_data(loaded)
     print(report, file=sys.stderr)
     note = L.check_plan(loaded, device, profile, logit_fraction)
@@ -100,7 +104,8 @@ def launch(args, loaded) -> int:
     print(f"training on {device.reading.name} with profile {profile['name']} ({profile['dtype']}, "
           f"{profile['attention']}, compile {profile['compile_backend']})"
           f"{f' x{nproc} processes' if nproc > 1 else ''} → {run.path}", file=sys.stderr)
-    L.exec_worker(run, L.child_env(profile, device, group), nproc)
+    online = cfg.allow_network and L.is_hub_id(cfg.model)
+    L.exec_worker(run, L.child_env(profile, device, group, online), nproc)
     return 0  # not reached: exec replaced this process
 
 

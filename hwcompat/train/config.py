@@ -35,6 +35,7 @@ class TrainConfig:
     model: str = ""  # local model directory (a hub id only when you have network)
     tokenizer: str | None = None  # defaults to the model directory
     trust_remote_code: bool = False  # run code shipped with the model; off unless you trust it
+    allow_network: bool = False  # let a hub id (model: org/name) be downloaded; off: local folders only, offline
     # --- data --------------------------------------------------------------------------------
     train_data: list[str] = field(default_factory=list)  # JSONL file(s)
     eval_data: list[str] = field(default_factory=list)  # JSONL file(s); empty: split eval_fraction off train

@@ -131,9 +131,41 @@ def prepare_run_dir(loaded: LoadedConfig, profile: dict[str, Any], device: Resol
     return run
 
 
-def child_env(profile: dict[str, Any], device: ResolvedDevice, group: list[int] | None) -> dict[str, str]:
+def is_hub_id(model: str) -> bool:
+    """"org/name" that is not a path on this machine."""
+    import re
+
+    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", model)) and not Path(model).exists()
+
+
+def check_model(model: str, allow_network: bool, what: str = "model") -> None:
+    """A local folder with config.json and safetensors weights, or a hub id the user allowed; before any load."""
+    path = Path(model)
+    if not path.exists():
+        if is_hub_id(model) and allow_network:
+            return
+        hint = (" It looks like a Hugging Face Hub id: hwcompat downloads only with allow_network: true "
+                "(or download it once and point model= at the folder)") if is_hub_id(model) else ""
+        raise InputError(f"{what} {model}: cannot load it: no such folder.{hint}")
+    if not path.is_dir():
+        raise InputError(f"{what} {model}: not a folder; point {what}= at a model folder (config.json + weights)")
+    if what == "model" and not (path / "config.json").exists():
+        raise InputError(f"model {model}: no config.json here; point model= at the folder that holds it")
+    if what == "model" and not any(path.glob("*.safetensors")):
+        pickles = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        if pickles:
+            raise InputError(
+                f"model {model}: only {', '.join(pickles[:3])} (pickle) weights, and hwcompat loads safetensors only "
+                "(unpickling can run code). Convert once, if you trust the file: python -c \"from transformers import "
+                f"AutoModelForCausalLM as M; M.from_pretrained('{model}').save_pretrained('{model}-safetensors')\"")
+        raise InputError(f"model {model}: no *.safetensors weights in this folder")
+
+
+def child_env(profile: dict[str, Any], device: ResolvedDevice, group: list[int] | None,
+              online: bool = False) -> dict[str, str]:
     env = dict(os.environ)
     env.update(profile["env"])
+    env["HF_HUB_OFFLINE"] = "0" if online else "1"  # nothing reaches the network unless the user asked for a hub id
     var = VISIBILITY.get(device.reading.vendor)
     if var and not device.reading.emulated:
         env[var] = ",".join(str(i) for i in (group or [device.reading.index]))

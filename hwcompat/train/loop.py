@@ -97,7 +97,8 @@ def load_model(cfg: TrainConfig, profile: dict[str, Any], device):
 
     dtype = getattr(torch, profile["dtype"])
     kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": profile["attention"],
-                              "trust_remote_code": cfg.trust_remote_code}
+                              "trust_remote_code": cfg.trust_remote_code,
+                              "use_safetensors": True}  # never unpickle weights (the launcher refused .bin-only)
     if cfg.qlora:
         if "nf4" not in profile["quantization"]:
             raise InputError(f"qlora=true: the {profile['name']} profile has no NF4 support "

@@ -194,3 +194,34 @@ def test_two_trainings_into_one_folder(tmp_path, tiny_model, task_files):
         first.send_signal(signal.SIGTERM)
         first.communicate(timeout=120)
     assert first.returncode == 143
+
+
+# --- models: local safetensors only, no network unless asked ---------------------------------------------
+
+def test_model_checks_before_any_load(tmp_path):
+    from hwcompat.train.launch import check_model, child_env, is_hub_id
+
+    with pytest.raises(InputError, match="no such folder. It looks like a Hugging Face Hub id"):
+        check_model("HuggingFaceTB/SmolLM2-135M", allow_network=False)
+    check_model("HuggingFaceTB/SmolLM2-135M", allow_network=True)
+    with pytest.raises(InputError, match=r"cannot load it: no such folder\.$"):
+        check_model(str(tmp_path / "nope"), allow_network=True)
+    m = tmp_path / "m"
+    m.mkdir()
+    (m / "config.json").write_text("{}")
+    (m / "pytorch_model.bin").write_bytes(b"\x80\x04pickle")
+    with pytest.raises(InputError, match=r"only pytorch_model.bin \(pickle\) weights.*safetensors only"):
+        check_model(str(m), allow_network=False)
+    (m / "model.safetensors").write_bytes(b"")
+    check_model(str(m), allow_network=False)
+    assert is_hub_id("org/name") and not is_hub_id(str(m)) and not is_hub_id("./x/y")
+
+
+def test_trainer_environment_is_offline_unless_allowed():
+    from types import SimpleNamespace
+
+    from hwcompat.train.launch import child_env
+
+    dev = SimpleNamespace(reading=SimpleNamespace(vendor="cpu", emulated=False, index=0))
+    assert child_env({"env": {}}, dev, None)["HF_HUB_OFFLINE"] == "1"
+    assert child_env({"env": {}}, dev, None, online=True)["HF_HUB_OFFLINE"] == "0"
