@@ -19,7 +19,8 @@ def add_parser(sub) -> None:
     c.add_argument("--format", choices=DATA_FORMATS, default="auto")
     c.add_argument("--tokenizer", metavar="DIR", help="also run the token-level checks (over-long rows, rows left "
                                                        "with no response tokens, length outliers) with this tokenizer")
-    c.add_argument("--max-seq-len", type=int, default=1024, help="with --tokenizer (default 1024)")
+    c.add_argument("--max-seq-len", type=int, default=1024,
+                   help="the run's max_seq_len (default 1024): rows far beyond it are errors even without --tokenizer")
     c.add_argument("--overlong", choices=("truncate", "drop"), default="truncate")
     c.add_argument("--chat-template", choices=("auto", "true", "false"), default="auto")
     c.add_argument("--json", action="store_true")
@@ -30,8 +31,8 @@ def run(args: argparse.Namespace) -> int:
     from hwcompat.train.data import Report, check_rows, read_jsonl
 
     report = Report()
-    train = [e for f in args.files for e in read_jsonl(f, args.format, report)]
-    evals = [e for f in args.eval for e in read_jsonl(f, args.format, report)]
+    train = [e for f in args.files for e in read_jsonl(f, args.format, report, max_seq_len=args.max_seq_len)]
+    evals = [e for f in args.eval for e in read_jsonl(f, args.format, report, max_seq_len=args.max_seq_len)]
     if not report.errors:
         check_rows(train, evals, report)
     if not report.errors and args.tokenizer:

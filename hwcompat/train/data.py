@@ -15,6 +15,10 @@ from pathlib import Path
 
 ROLES = ("system", "user", "assistant")
 MAX_ERRORS_SHOWN = 20
+#: Characters per token no real text reaches: a row longer than this many characters per allowed token
+#: is cut by more than 99 % by truncation, and tokenising it alone can take minutes and gigabytes.
+CHARS_PER_TOKEN_LIMIT = 100
+BOM = b"\xef\xbb\xbf"
 
 
 @dataclass(frozen=True)
@@ -84,6 +88,26 @@ def _detect_format(row: dict) -> str | None:
     return None
 
 
+def _bad_text(value: str, where: str, report: Report) -> bool:
+    """Decoded text that would corrupt training: escaped NUL (an error, like a raw NUL byte), lone surrogates
+    (not Unicode: the tokenizer crashes on them), other control characters (a warning)."""
+    if "\x00" in value:
+        report.error(f"{where}: NUL character (\\u0000) at character {value.index(chr(0)) + 1}: the text is "
+                     "corrupted (often a scraper or an encoding bug); remove it or the row")
+        return True
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        report.error(f"{where}: lone surrogate \\u{ord(value[exc.start]):04x} at character {exc.start + 1}: not "
+                     "valid Unicode (a broken \\ud8xx escape, usually half of an emoji); fix or drop the row")
+        return True
+    controls = [ch for ch in value if ord(ch) < 32 and ch not in "\t\n\r"]
+    if controls:
+        report.warn("control characters", f"{where}: {len(controls)} control character(s), e.g. "
+                                          f"\\u{ord(controls[0]):04x}")
+    return False
+
+
 def _text_field(row: dict, key: str, where: str, report: Report, required: bool = True) -> str | None:
     if key not in row or row[key] is None:
         if required:
@@ -95,6 +119,8 @@ def _text_field(row: dict, key: str, where: str, report: Report, required: bool 
         return None
     if required and not value.strip():
         report.error(f"{where}: {key}: empty")
+        return None
+    if _bad_text(value, f"{where}: {key}", report):
         return None
     return value
 
@@ -125,6 +151,8 @@ def _messages(row: dict, where: str, report: Report) -> list[tuple[str, str]] | 
         if not content.strip():
             report.error(f"{w}.content: empty")
             return None
+        if _bad_text(content, f"{w}.content", report):
+            return None
         out.append((role, content))
     # Order: an optional system turn, then user/assistant alternating, ending with assistant.
     start = 1 if out[0][0] == "system" else 0
@@ -143,8 +171,13 @@ def _messages(row: dict, where: str, report: Report) -> list[tuple[str, str]] | 
     return out
 
 
-def read_jsonl(path: str | Path, fmt: str, report: Report, system_prompt: str | None = None) -> list[Example]:
-    """Read one JSONL file; append problems to ``report``; return the good rows."""
+def read_jsonl(path: str | Path, fmt: str, report: Report, system_prompt: str | None = None,
+               max_seq_len: int | None = None) -> list[Example]:
+    """Read one JSONL file; append problems to ``report``; return the good rows.
+
+    With ``max_seq_len``, rows far beyond it in characters are errors found here, cheaply, before any
+    tokenizer sees them (``CHARS_PER_TOKEN_LIMIT``)."""
+    max_chars = max_seq_len * CHARS_PER_TOKEN_LIMIT if max_seq_len else None
     p = Path(path)
     try:
         raw = p.read_bytes()
@@ -163,6 +196,13 @@ def read_jsonl(path: str | Path, fmt: str, report: Report, system_prompt: str | 
         where = f"{p}:{lineno}"
         if bline.endswith(b"\r"):
             bline = bline[:-1]
+        if lineno == 1 and bline.startswith(BOM):
+            bline = bline[len(BOM):]
+            report.warn("byte order mark", f"{where}: the file starts with a UTF-8 BOM; it was ignored")
+        if max_chars and len(bline) > 4 * max_chars:  # bytes >= characters / 4: surely too long, undecoded
+            report.error(f"{where}: {len(bline):,} bytes in one row, far beyond max_seq_len={max_seq_len} tokens "
+                         "(truncation would keep under 1 %); split or drop the row")
+            continue
         if b"\x00" in bline:
             col = bline.index(b"\x00") + 1
             report.error(f"{where}: NUL byte (\\x00) at column {col}: the file is corrupted "
@@ -180,6 +220,12 @@ def read_jsonl(path: str | Path, fmt: str, report: Report, system_prompt: str | 
             row = json.loads(text)
         except json.JSONDecodeError as exc:
             report.error(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})")
+            continue
+        except RecursionError:
+            report.error(f"{where}: JSON nested too deeply to read; a training row is a flat object")
+            continue
+        except ValueError as exc:  # e.g. a 5,000-digit integer: Python refuses to convert it
+            report.error(f"{where}: a value cannot be read ({str(exc)[:100]})")
             continue
         if not isinstance(row, dict):
             report.error(f"{where}: expected a JSON object per line, got {type(row).__name__}")
@@ -209,6 +255,10 @@ def read_jsonl(path: str | Path, fmt: str, report: Report, system_prompt: str | 
             else:
                 msgs = None
         if msgs is None:
+            continue
+        if max_chars and sum(len(c) for _, c in msgs) > max_chars:
+            report.error(f"{where}: {sum(len(c) for _, c in msgs):,} characters, far beyond max_seq_len={max_seq_len} "
+                         "tokens (truncation would keep under 1 %); split or drop the row")
             continue
         if system_prompt and msgs[0][0] != "system":
             msgs = [("system", system_prompt)] + msgs
@@ -246,15 +296,16 @@ def split_eval(examples: list[Example], fraction: float, seed: int) -> tuple[lis
 
 
 def load_datasets(train_files: list[str], eval_files: list[str], fmt: str, eval_fraction: float, seed: int,
-                  system_prompt: str | None = None) -> tuple[list[Example], list[Example], Report]:
+                  system_prompt: str | None = None, max_seq_len: int | None = None
+                  ) -> tuple[list[Example], list[Example], Report]:
     """Read and check everything; the caller refuses to train when ``report.errors``."""
     report = Report()
     train: list[Example] = []
     for f in train_files:
-        train += read_jsonl(f, fmt, report, system_prompt)
+        train += read_jsonl(f, fmt, report, system_prompt, max_seq_len)
     evals: list[Example] = []
     for f in eval_files:
-        evals += read_jsonl(f, fmt, report, system_prompt)
+        evals += read_jsonl(f, fmt, report, system_prompt, max_seq_len)
     if report.errors:
         return train, evals, report
     if not eval_files:

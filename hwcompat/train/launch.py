@@ -97,7 +97,7 @@ def check_data(loaded: LoadedConfig) -> tuple[str, float]:
     """
     cfg = loaded.config
     train, _, report = load_datasets(cfg.train_data, cfg.eval_data, cfg.data_format, cfg.eval_fraction, cfg.seed,
-                                     cfg.system_prompt)
+                                     cfg.system_prompt, cfg.max_seq_len)
     if report.errors:
         raise InputError("data checks failed; nothing was trained\n" + report.render())
     share = 0.0

@@ -338,7 +338,7 @@ def run(run_dir: Path, resume: bool = False) -> int:
 
     # --- data: checks and tokenisation, all before the model is loaded -------------------------
     train_rows, eval_rows, report = load_datasets(cfg.train_data, cfg.eval_data, cfg.data_format,
-                                                  cfg.eval_fraction, cfg.seed, cfg.system_prompt)
+                                                  cfg.eval_fraction, cfg.seed, cfg.system_prompt, cfg.max_seq_len)
     if report.errors:
         raise DataError("data checks failed; nothing was trained\n" + report.render())
     try:
