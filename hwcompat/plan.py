@@ -39,7 +39,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from hwcompat.errors import InputError
+from hwcompat.errors import InputError, excerpt
 
 GIB = 2**30
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -108,27 +108,50 @@ class ModelShape:
         return rank * sum(a + b for _, a, b in chosen) * self.layers
 
 
+#: config.json size fields: (required, upper bound). Every one must be a positive integer.
+SIZE_FIELDS = {"hidden_size": (True, 1 << 20), "intermediate_size": (True, 1 << 22),
+               "num_hidden_layers": (True, 10_000), "num_attention_heads": (True, 10_000),
+               "vocab_size": (True, 1 << 24), "num_key_value_heads": (False, 10_000), "head_dim": (False, 1 << 16),
+               "max_position_embeddings": (False, 1 << 26)}
+
+
+def _sizes(cfg: dict[str, Any], where: str) -> dict[str, int]:
+    """The size fields as positive integers within bounds; a clear error naming the field otherwise."""
+    out = {}
+    for key, (required, high) in SIZE_FIELDS.items():
+        value = cfg.get(key)
+        if value is None:
+            if required:
+                raise InputError(f"{where}: missing field {key!r} in config.json")
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= high:
+            raise InputError(f"{where}: {key} must be a positive integer (at most {high:,}), got {excerpt(value)}")
+        out[key] = value
+    heads, kv = out["num_attention_heads"], out.get("num_key_value_heads", out["num_attention_heads"])
+    if heads % kv:
+        raise InputError(f"{where}: num_attention_heads ({heads}) is not a multiple of num_key_value_heads ({kv})")
+    if "head_dim" not in out and out["hidden_size"] % heads:
+        raise InputError(f"{where}: hidden_size ({out['hidden_size']}) is not a multiple of num_attention_heads "
+                         f"({heads}) and config.json has no head_dim")
+    return out
+
+
 def _shape(cfg: dict[str, Any], where: str) -> ModelShape:
+    if not isinstance(cfg, dict):
+        raise InputError(f"{where}: config.json must hold a JSON object, got {type(cfg).__name__}")
     mt = cfg.get("model_type")
     if mt not in SUPPORTED:
-        raise InputError(f"{where}: model_type {mt!r} is not supported by the planner; supported: "
+        raise InputError(f"{where}: model_type {excerpt(mt)} is not supported by the planner; supported: "
                          f"{', '.join(SUPPORTED)} (Llama, Mistral, Qwen2/Qwen3, Gemma, Phi-3)")
-    try:
-        heads = int(cfg["num_attention_heads"])
-        hidden = int(cfg["hidden_size"])
-        return ModelShape(
-            model_type=mt, hidden=hidden, intermediate=int(cfg["intermediate_size"]),
-            layers=int(cfg["num_hidden_layers"]), heads=heads,
-            kv_heads=int(cfg.get("num_key_value_heads") or heads),
-            head_dim=int(cfg.get("head_dim") or hidden // heads), vocab=int(cfg["vocab_size"]),
-            tied=bool(cfg.get("tie_word_embeddings", mt in ("gemma", "gemma2"))),
-            qkv_bias=bool(cfg.get("attention_bias", mt == "qwen2")), qk_norm=mt == "qwen3", fused=mt == "phi3",
-            max_positions=int(cfg.get("max_position_embeddings") or 4096),
-        )
-    except KeyError as exc:
-        raise InputError(f"{where}: missing field {exc.args[0]!r} in config.json") from None
-    except (TypeError, ValueError) as exc:
-        raise InputError(f"{where}: a size field is not a number ({exc})") from None
+    s = _sizes(cfg, where)
+    heads, hidden = s["num_attention_heads"], s["hidden_size"]
+    return ModelShape(
+        model_type=mt, hidden=hidden, intermediate=s["intermediate_size"], layers=s["num_hidden_layers"],
+        heads=heads, kv_heads=s.get("num_key_value_heads", heads), head_dim=s.get("head_dim", hidden // heads),
+        vocab=s["vocab_size"], tied=bool(cfg.get("tie_word_embeddings", mt in ("gemma", "gemma2"))),
+        qkv_bias=bool(cfg.get("attention_bias", mt == "qwen2")), qk_norm=mt == "qwen3", fused=mt == "phi3",
+        max_positions=s.get("max_position_embeddings", 4096),
+    )
 
 
 def find_config(model: str) -> Path:
@@ -154,9 +177,9 @@ def load_shape(model: str) -> ModelShape:
     path = find_config(model)
     try:
         cfg = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise InputError(f"{path}: cannot read it as JSON ({exc})") from None
-    if isinstance(cfg.get("text_config"), dict):
+    except (OSError, ValueError, RecursionError) as exc:
+        raise InputError(f"{path}: cannot read it as JSON ({str(exc)[:150]})") from None
+    if isinstance(cfg, dict) and isinstance(cfg.get("text_config"), dict):
         cfg = {**cfg["text_config"], "model_type": cfg["text_config"].get("model_type", cfg.get("model_type"))}
     return _shape(cfg, str(path))
 

@@ -173,3 +173,24 @@ def test_train_plans_with_its_datas_response_share(tmp_path):
     data.write_text(json.dumps({"prompt": "x" * 90, "completion": "y" * 10}) + "\n")
     _, share = check_data(load_config(None, [f"model={tmp_path}", f"train_data={data}", "eval_fraction=0.5"]))
     assert share == pytest.approx(0.1 * 1.25 + 0.02)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("num_hidden_layers", -4, "num_hidden_layers must be a positive integer (at most 10,000), got -4"),
+    ("num_attention_heads", 0, "num_attention_heads must be a positive integer (at most 10,000), got 0"),
+    ("hidden_size", 3584.5, "hidden_size must be a positive integer (at most 1,048,576), got 3584.5"),
+    ("vocab_size", "152064", "vocab_size must be a positive integer (at most 16,777,216), got '152064'"),
+    ("num_key_value_heads", 5, "num_attention_heads (28) is not a multiple of num_key_value_heads (5)"),
+])
+def test_impossible_shapes_are_refused_not_planned(tmp_path, field, value, message):
+    (tmp_path / "config.json").write_text(json.dumps({**QWEN7B, field: value}))
+    res = subprocess.run([sys.executable, "-m", "hwcompat", "plan", "--model", str(tmp_path), "--emulate", "m40"],
+                         capture_output=True, text=True)
+    assert res.returncode == 2 and message in res.stderr and "fits" not in res.stdout, res.stderr + res.stdout
+
+
+def test_config_json_that_is_not_an_object(tmp_path):
+    (tmp_path / "config.json").write_text("[1, 2]")
+    res = subprocess.run([sys.executable, "-m", "hwcompat", "plan", "--model", str(tmp_path)], capture_output=True,
+                         text=True)
+    assert res.returncode == 2 and "must hold a JSON object, got list" in res.stderr

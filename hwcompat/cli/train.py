@@ -86,14 +86,14 @@ def launch(args, loaded) -> int:
                          "Use --print-config to see the resolved run, --cpu-emulation to run its profile on the "
                          "CPU, or drop --emulate")
     cfg = loaded.config
+    report, logit_fraction = L.check_data(loaded)
+    print(report, file=sys.stderr)
+    note = L.check_plan(loaded, device, profile, logit_fraction)  # needs only config.json
+    if note:
+        print(note, file=sys.stderr)
     L.check_model(cfg.model, cfg.allow_network)
     if cfg.tokenizer:
         L.check_model(cfg.tokenizer, cfg.allow_network, what="tokenizer")
-    report, logit_fraction = L.check_data(loaded)
-    print(report, file=sys.stderr)
-    note = L.check_plan(loaded, device, profile, logit_fraction)
-    if note:
-        print(note, file=sys.stderr)
     nproc, group = _nproc(args, plan, pos, device)
     run = L.prepare_run_dir(loaded, profile, device, plan, args.resume, args.overwrite, cpu_emulation)
     for note in run.notes:
