@@ -33,21 +33,31 @@ def latest(run_dir: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def save(run_dir: Path, step: int, model, optimizer, scheduler, scaler, state: dict[str, Any], keep: int) -> Path:
+def rng_state() -> dict[str, Any]:
+    """Every random state a step consumes (torch CPU, CUDA, Python's ``random``), to restore it exactly."""
+    import torch
+
+    rng: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return rng
+
+
+def save(run_dir: Path, step: int, model, optimizer, scheduler, scaler, state: dict[str, Any], keep: int,
+         rng: dict[str, Any] | None = None) -> Path:
+    """``rng``: the random state to record (default: now); a stop mid-step passes the state at its start."""
     import torch
     from safetensors.torch import save_file
 
+    rng = dict(rng or rng_state())
+    py_state = rng.pop("python")
     target = checkpoint_dir(run_dir) / f"{PREFIX}{step:07d}"
     with atomic_dir(target) as tmp:
         trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
         save_file(trainable, str(tmp / "trainable.safetensors"))
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "scaler": scaler.state_dict() if scaler is not None else None}, tmp / "optim.pt")
-        rng = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
         torch.save(rng, tmp / "rng.pt")
-        py_state = random.getstate()
         (tmp / "state.json").write_text(json.dumps({**state, "step": step,
                                                     "python_random": [py_state[0], list(py_state[1]), py_state[2]]}))
     done = sorted(p for p in checkpoint_dir(run_dir).iterdir() if p.name.startswith(PREFIX))

@@ -153,8 +153,16 @@ def _lr_lambda(schedule: str, warmup: int, total: int):
     return f
 
 
+class SecondInterrupt(KeyboardInterrupt):
+    """A second Ctrl-C while the first one's checkpoint is pending: stop at once."""
+
+
 class Signals:
-    """SIGINT/SIGTERM set a flag; the loop checkpoints at the next step boundary and exits."""
+    """SIGINT/SIGTERM set a flag; the loop checkpoints at the next micro-batch boundary and exits.
+
+    Acting at a micro-batch, not an optimizer step, bounds the time to exit by one forward/backward pass,
+    so ``docker stop`` (SIGKILL after 10 s) never lands before the checkpoint even with long accumulation.
+    """
 
     def __init__(self) -> None:
         self.received: int | None = None
@@ -164,7 +172,7 @@ class Signals:
 
     def _handle(self, signum, frame) -> None:
         if self.received is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # second Ctrl-C: stop now
+            raise SecondInterrupt  # second Ctrl-C: stop now
         self.received = signum
 
     def restore(self) -> None:
@@ -298,6 +306,36 @@ def _oom_advice(cfg: TrainConfig, profile: dict[str, Any], step: int) -> str:
             ". `hwcompat plan` estimates what fits before you start.")
 
 
+def _stop_agreed(signals: Signals, dist, device) -> bool:
+    """Has any rank been signalled? With several processes all must agree, or one would wait forever."""
+    stop = signals.received is not None
+    if dist.world > 1:
+        import torch
+
+        flag = torch.tensor([1 if stop else 0], device=device)
+        torch.distributed.all_reduce(flag)
+        stop = bool(flag.item())
+    return stop
+
+
+def _checkpoint_and_exit(run_dir: Path, step: int, total_steps: int, model, optimizer, scheduler, scaler,
+                         history: dict[str, Any], cfg: TrainConfig, dist, signals: Signals, rng: dict[str, Any],
+                         mid_step: int) -> int:
+    """A signal inside a step: save the last completed step (the partial one is redone on resume)."""
+    import torch
+
+    if dist.main:
+        path = checkpoint.save(run_dir, step, model, optimizer, scheduler, scaler,
+                               {"history": history, "total_steps": total_steps}, cfg.keep_checkpoints, rng=rng)
+        log(dist, f"\ninterrupted at step {step}/{total_steps} (micro-batch {mid_step} of "
+                  f"{cfg.gradient_accumulation}; that step is redone on resume): checkpoint saved to {path}\n"
+                  f"resume with: hwcompat train {run_dir / 'config.yaml'} --resume")
+    if dist.world > 1:
+        torch.distributed.barrier()
+    signals.restore()
+    return EXIT_SIGNAL.get(signals.received or signal.SIGTERM, 143)
+
+
 #: Consecutive optimizer steps with a non-finite loss or gradient norm after which a run is stopped.
 NONFINITE_STEPS = 3
 
@@ -385,12 +423,13 @@ def run(run_dir: Path, resume: bool = False) -> int:
     scaler = torch.amp.GradScaler(device.type) if profile["dtype"] == "float16" else None
 
     def micro_batches(start_micro: int):
-        """The deterministic stream of this rank's micro-batches, from a given position."""
-        m = start_micro
+        """The deterministic stream of this rank's micro-batches, from a given position (one plan per epoch)."""
+        m, planned, mine = start_micro, None, []
         while True:
             epoch, pos = divmod(m, per_rank)
-            plan = batching.plan_batches(lengths, cfg.micro_batch_size, mode, cfg.seed + epoch)
-            mine = plan[dist.rank::dist.world][:per_rank]
+            if epoch != planned:
+                plan = batching.plan_batches(lengths, cfg.micro_batch_size, mode, cfg.seed + epoch)
+                mine, planned = plan[dist.rank::dist.world][:per_rank], epoch
             yield epoch, batching.collate([train_tok[i] for i in mine[pos]], mode, pad_id)
             m += 1
 
@@ -444,14 +483,26 @@ def run(run_dir: Path, resume: bool = False) -> int:
     model.train()
     try:
         while step < total_steps:
-            window = [next(stream) for _ in range(cfg.gradient_accumulation)]
+            rng_at_step = checkpoint.rng_state()  # a stop inside this step resumes from here, bit for bit
+            window = []
+            for _ in range(cfg.gradient_accumulation):  # one process: a signal also ends the collation
+                if dist.world == 1 and signals.received is not None:
+                    bar.close()
+                    return _checkpoint_and_exit(run_dir, step, total_steps, model, optimizer, scheduler, scaler,
+                                                history, cfg, dist, signals, rng_at_step, mid_step=len(window))
+                window.append(next(stream))
             n_target = sum(b["n_target"] for _, b in window)
             if dist.world > 1:  # normalise by the global token count so every rank's loss is comparable
                 t = torch.tensor([n_target], dtype=torch.long, device=device)
                 torch.distributed.all_reduce(t)
                 n_target = int(t.item())
             loss_sum = 0.0
-            for epoch, b in window:
+            for i, (epoch, b) in enumerate(window):
+                if i and _stop_agreed(signals, dist, device):  # mid-accumulation: drop the partial step
+                    optimizer.zero_grad(set_to_none=True)
+                    bar.close()
+                    return _checkpoint_and_exit(run_dir, step, total_steps, model, optimizer, scheduler, scaler,
+                                                history, cfg, dist, signals, rng_at_step, mid_step=i)
                 inputs = {k: v.to(device) for k, v in b.items() if k in ("input_ids", "labels", "attention_mask",
                                                                           "position_ids")}
                 with _autocast(device, profile["dtype"]):
@@ -493,11 +544,7 @@ def run(run_dir: Path, resume: bool = False) -> int:
                                              "epoch": epoch, "tokens_per_s": tps})
             bar.set_postfix(loss=f"{loss_sum:.4f}", tok_s=f"{tps:,.0f}", refresh=False)
             bar.update(1)
-            stop = signals.received is not None
-            if dist.world > 1:
-                flag = torch.tensor([1 if stop else 0], device=device)
-                torch.distributed.all_reduce(flag)
-                stop = bool(flag.item())
+            stop = _stop_agreed(signals, dist, device)
             if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps and dist.main:
                 do_eval(step, with_tasks=True)
             if stop or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total_steps):

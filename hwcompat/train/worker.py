@@ -19,15 +19,27 @@ def main(argv: list[str] | None = None) -> int:
     if len(paths) != 1:
         print("usage: python -m hwcompat.train.worker RUN_DIR [--resume]", file=sys.stderr)
         return 2
-    from hwcompat.train.loop import run
+    from hwcompat.fsutil import Terminated, terminate_cleanly
+    from hwcompat.train.loop import SecondInterrupt, run
 
+    # From the first line on, SIGTERM (docker stop) is a clean exit 143 with a message, during the model load
+    # and the first eval too; the training loop installs its own handlers (checkpoint, then exit).
     try:
-        return run(Path(paths[0]), resume=resume)
+        with terminate_cleanly():
+            return run(Path(paths[0]), resume=resume)
     except HwcompatError as exc:
         print(f"hwcompat: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("hwcompat: interrupted (second Ctrl-C); no checkpoint written", file=sys.stderr)
+    except Terminated:
+        print("hwcompat: terminated before training started (model load or first eval); no step was made, so "
+              "there is nothing to save: run the same command again to start", file=sys.stderr)
+        return 143
+    except KeyboardInterrupt as exc:
+        if isinstance(exc, SecondInterrupt):
+            print("hwcompat: interrupted (second Ctrl-C); no checkpoint written", file=sys.stderr)
+        else:
+            print("hwcompat: interrupted before training started (model load or first eval); no step was made, "
+                  "so there is nothing to save: run the same command again to start", file=sys.stderr)
         return 130
 
 

@@ -225,3 +225,77 @@ def test_trainer_environment_is_offline_unless_allowed():
     dev = SimpleNamespace(reading=SimpleNamespace(vendor="cpu", emulated=False, index=0))
     assert child_env({"env": {}}, dev, None)["HF_HUB_OFFLINE"] == "1"
     assert child_env({"env": {}}, dev, None, online=True)["HF_HUB_OFFLINE"] == "0"
+
+
+@pytest.mark.slow
+def test_docker_stop_mid_accumulation_checkpoints_and_resume_equals_an_uninterrupted_run(tmp_path, tiny_model,
+                                                                                        task_files):
+    """SIGTERM, then SIGKILL 10 s later (docker stop) while one optimizer step spans hundreds of micro-batches."""
+    from safetensors.torch import load_file
+
+    def config(name):
+        d = tmp_path / name
+        d.mkdir()
+        return make_config(d, tiny_model, *task_files, max_steps=2, micro_batch_size=1, gradient_accumulation=400,
+                           eval_at_start=False, eval_metrics="none", learning_rate=0.01)
+
+    assert _train(config("a")).returncode == 0
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HWCOMPAT_")}
+    log = tmp_path / "b.log"
+    with open(log, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "hwcompat", "train", str(config("b"))], stdout=subprocess.PIPE,
+                                stderr=err, text=True, env=env)
+        deadline = time.time() + 120
+        while time.time() < deadline and "LoRA r=" not in log.read_text():
+            time.sleep(0.05)
+        time.sleep(1.0)  # inside the first step's 400 micro-batches
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()  # what docker does after its grace period
+            proc.wait()
+    text = log.read_text()
+    assert proc.returncode == 143, text[-2000:]
+    assert "micro-batch" in text and "that step is redone on resume" in text
+    run_b = tmp_path / "b" / "run"
+    assert list((run_b / "checkpoints").glob("step-*"))
+    res = _train(run_b / "config.yaml", "--resume")
+    assert res.returncode == 0, res.stderr[-2000:]
+    wa = load_file(str(tmp_path / "a" / "run" / "adapter" / "adapter_model.safetensors"))
+    wb = load_file(str(run_b / "adapter" / "adapter_model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert (wa[k] - wb[k]).abs().max().item() < 1e-5, k
+
+
+@pytest.mark.parametrize("sig,code,text", [(signal.SIGTERM, 143, "terminated before training started"),
+                                           (signal.SIGINT, 130, "interrupted before training started")])
+def test_signals_before_the_loop_exit_with_a_message(tmp_path, tiny_model, task_files, sig, code, text):
+    import argparse
+
+    from hwcompat.cli.common import plan_from_args
+    from hwcompat.profiles import load_profiles
+    from hwcompat.software import installed
+    from hwcompat.train import launch as L
+
+    loaded = load_config(make_config(tmp_path, tiny_model, *task_files, max_steps=2))
+    plan = plan_from_args(argparse.Namespace(emulate=None, emulate_file=None, profile=None, set=[]))
+    _, dev = L.training_device(plan, None)
+    profile, _, _ = L.apply_profile(loaded, dev, load_profiles(), installed(), None)
+    run = L.prepare_run_dir(loaded, profile, dev, plan, resume=False, overwrite=False)
+    run.lock.release()
+    code_text = f"""
+import os, signal, sys
+import hwcompat.train.loop as L
+real = L.load_datasets
+def during_setup(*a, **k):
+    os.kill(os.getpid(), {int(sig)})
+    return real(*a, **k)
+L.load_datasets = during_setup
+from hwcompat.train.worker import main
+sys.exit(main([{str(run.path)!r}]))
+"""
+    res = subprocess.run([sys.executable, "-c", code_text], capture_output=True, text=True, timeout=120)
+    assert res.returncode == code and text in res.stderr, res.stderr[-2000:]
+    assert "second Ctrl-C" not in res.stderr and "Traceback" not in res.stderr
