@@ -22,13 +22,19 @@ GPU_HINT = ("no GPU is visible in this container: NVIDIA needs `docker run --gpu
             "`--device=/dev/kfd --device=/dev/dri --group-add video`")
 
 
-def _emulate_arg(args: list[str]) -> list[str] | None:
+def _option(args: list[str], name: str) -> str | None:
+    """The value of ``--name VALUE`` or ``--name=VALUE`` in the command the image was given."""
     for i, a in enumerate(args):
-        if a == "--emulate" and i + 1 < len(args):
-            return [n.strip() for n in args[i + 1].split(",") if n.strip()]
-        if a.startswith("--emulate="):
-            return [n.strip() for n in a.split("=", 1)[1].split(",") if n.strip()]
+        if a == name and i + 1 < len(args):
+            return args[i + 1]
+        if a.startswith(name + "="):
+            return a.split("=", 1)[1]
     return None
+
+
+def _emulate_arg(args: list[str]) -> list[str] | None:
+    value = _option(args, "--emulate")
+    return [n.strip() for n in value.split(",") if n.strip()] if value is not None else None
 
 
 def decide(plan, family: str | None, command: str, allow_mismatch: bool) -> tuple[int, str, dict[str, str]]:
@@ -74,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     from hwcompat.software import installed
 
     try:
-        host = probe_host(emulate=_emulate_arg(args))
+        host = probe_host(emulate=_emulate_arg(args), emulate_file=_option(args, "--emulate-file"))
         plan = resolve_host(host, load_profiles(), installed())
     except HwcompatError as exc:
         print(f"hwcompat: error: {exc}", file=sys.stderr)

@@ -216,3 +216,17 @@ def output_target(path: str | Path, what: str, overwrite: bool, kind: str = "fil
         raise
     finally:
         lock.release()
+
+
+def require_space(folder: str | Path, needed: int, what: str) -> None:
+    """Refuse before writing when ``folder``'s filesystem has less free space than ``needed`` bytes (+5 %)."""
+    from hwcompat.errors import HwcompatError
+
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return
+    if free < needed * 1.05:
+        raise HwcompatError(f"no space left for {what} on the filesystem of {folder}: about {needed / 2**20:,.0f} MB "
+                            f"needed, {free / 2**20:,.0f} MB free; free some space or choose another output. "
+                            "Nothing was written")

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from hwcompat.errors import HwcompatError, InputError
-from hwcompat.fsutil import atomic_dir, output_target
+from hwcompat.errors import HwcompatError, InputError, excerpt
+from hwcompat.fsutil import atomic_dir, output_target, require_space
 
 #: Files copied from the base (tokenizer files prefer the adapter folder's copy: that is what trained).
 COPY_FROM_BASE = ("generation_config.json",)
@@ -62,10 +62,43 @@ def find_adapter(path: str | Path) -> Path:
     raise InputError(f"{p}: no adapter_config.json here or in {p / 'adapter'}; give a run folder or an adapter folder")
 
 
+def adapter_config(path: Path) -> dict[str, Any]:
+    """``adapter_config.json``, every field merge relies on checked, each error naming file and field."""
+    f = path / "adapter_config.json"
+    try:
+        cfg = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{f}: cannot read it ({exc})") from None
+    except (ValueError, RecursionError) as exc:
+        raise InputError(f"{f}: not valid JSON ({str(exc)[:80]}); re-save the adapter") from None
+    if not isinstance(cfg, dict):
+        raise InputError(f"{f}: expected a JSON object, got {type(cfg).__name__}; re-save the adapter")
+
+    def positive(value: Any, field: str) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise InputError(f"{f}: {field}: expected a positive number, got {excerpt(value)}")
+
+    if "r" not in cfg:
+        raise InputError(f"{f}: r: missing (the LoRA rank)")
+    positive(cfg["r"], "r")
+    positive(cfg.get("lora_alpha"), "lora_alpha")
+    for key in ("rank_pattern", "alpha_pattern"):
+        patterns = cfg.get(key) or {}
+        if not isinstance(patterns, dict):
+            raise InputError(f"{f}: {key}: expected an object of pattern: value, got {excerpt(patterns)}")
+        for pattern, value in patterns.items():
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise InputError(f"{f}: {key}: {excerpt(pattern)} is not a valid regular expression ({exc})") from None
+            positive(value, f"{key}[{pattern!r}]")
+    return cfg
+
+
 def load_adapter(path: Path) -> Adapter:
     from safetensors.torch import load_file
 
-    cfg = json.loads((path / "adapter_config.json").read_text())
+    cfg = adapter_config(path)
     kind = cfg.get("peft_type")
     if kind != "LORA":
         raise InputError(f"{path}: adapter type {kind!r} is not LoRA; only LoRA adapters can be merged here")
@@ -78,6 +111,7 @@ def load_adapter(path: Path) -> Adapter:
             raise InputError(f"{path}: adapter_model.bin is a pickle; hwcompat only reads safetensors. Re-save the "
                              "adapter with safe_serialization=True")
         raise InputError(f"{path}: adapter_model.safetensors missing")
+    read_header(files[0])  # a damaged file is an error naming it, before safetensors parses it
     weights = load_file(str(files[0]))
     pairs: dict[str, dict[str, Any]] = {}
     replace: dict[str, Any] = {}
@@ -115,10 +149,52 @@ def _shards(base: Path) -> dict[str, list[str]]:
                      "unquantised model folder")
 
 
-def _header(path: Path) -> dict[str, Any]:
-    with open(path, "rb") as fh:
-        n = struct.unpack("<Q", fh.read(8))[0]
-        return json.loads(fh.read(n))
+_DTYPE_SIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+#: A safetensors header larger than this is not a header (the format caps it at 100 MB).
+MAX_HEADER_BYTES = 100 << 20
+
+
+def read_header(path: Path) -> dict[str, Any]:
+    """A safetensors file's header, checked: a corrupt or truncated file is an error naming it, not a crash."""
+    def bad(why: str) -> InputError:
+        return InputError(f"{path}: not a valid safetensors file ({why}); the download or copy is damaged: "
+                          "fetch or copy it again")
+
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            prefix = fh.read(8)
+            if len(prefix) < 8:
+                raise bad(f"{size} bytes, shorter than the 8-byte header length")
+            n = struct.unpack("<Q", prefix)[0]
+            if n > min(MAX_HEADER_BYTES, size - 8):
+                raise bad(f"header length {n:,} bytes in a {size:,}-byte file")
+            header = json.loads(fh.read(n))
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    except (ValueError, RecursionError) as exc:
+        raise bad(f"the header is not JSON: {str(exc)[:80]}") from None
+    if not isinstance(header, dict):
+        raise bad("the header is not a JSON object")
+    end = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            start, stop = (int(x) for x in info["data_offsets"])
+            info["dtype"], list(info["shape"])
+        except (KeyError, TypeError, ValueError):
+            raise bad(f"tensor {name[:80]!r} has no valid dtype / shape / data_offsets") from None
+        end = max(end, stop)
+        if not 0 <= start <= stop:
+            raise bad(f"tensor {name[:80]!r} has offsets {start}..{stop}")
+    if 8 + n + end > size:
+        raise bad(f"truncated: the tensors need {8 + n + end:,} bytes, the file has {size:,}")
+    return header
+
+
+_header = read_header  # the name export uses
 
 
 def _read_tensors(path: Path, names: list[str]):
@@ -231,6 +307,10 @@ def merge(adapter_path: str | Path, base: str | Path, out: str | Path, dtype: st
     lora = {k: (a.to(dev, torch.float32), b.to(dev, torch.float32)) for k, (a, b) in adapter.lora.items()}
     fan = bool(adapter.config.get("fan_in_fan_out"))
 
+    out.parent.mkdir(parents=True, exist_ok=True)
+    source_bytes = sum((base / s).stat().st_size for s in shards)
+    base_dtype = str(base_cfg.get("dtype") or base_cfg.get("torch_dtype") or "float32")
+    require_space(out.parent, source_bytes * _DTYPE_SIZE[dtype] // _DTYPE_SIZE.get(base_dtype, 4), "the merged model")
     merged = 0
     # output_target: locked, a killed merge's temp folder removed, SIGTERM -> Terminated (exit 143), which
     # unwinds through atomic_dir and removes the partial output.

@@ -145,3 +145,19 @@ def test_bad_device_selection(capsys):
 def test_env_for_unsupported_device(capsys):
     code, err = _err(capsys, ["env", "--emulate", "k80"])
     assert code == 1 and "no profile to apply" in err
+
+
+def test_bad_hwcompat_emulate_names_the_variable(run_cli):
+    res = run_cli("detect", env={"HWCOMPAT_EMULATE": "nonsense"})
+    assert res.returncode == 2 and "unknown device 'nonsense' for HWCOMPAT_EMULATE." in res.stderr
+
+
+def test_detect_to_a_full_disk_is_a_clear_error():
+    import subprocess
+    import sys
+
+    with open("/dev/full", "w") as full:
+        res = subprocess.run([sys.executable, "-m", "hwcompat", "detect", "--json"], stdout=full,
+                             stderr=subprocess.PIPE, text=True)
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert "cannot write the output" in res.stderr and "No space left" in res.stderr

@@ -70,6 +70,25 @@ def main(argv: list[str] | None = None) -> int:
         return code
     except BrokenPipeError:
         return 0
+    except OSError as exc:  # a full disk or a dead output: said in one line, never a traceback
+        return _os_error(exc)
+
+
+def _os_error(exc: OSError) -> int:
+    import errno
+    import os
+
+    try:  # stdout may be the thing that failed: stop the interpreter from flushing into it again at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    where = f" ({exc.filename})" if exc.filename else ""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        print(f"hwcompat: error: cannot write the output{where}: {exc.strerror}; free some space and run it "
+              "again (what was being written was removed)", file=sys.stderr)
+        return 1
+    print(f"hwcompat: error: {exc.strerror or exc}{where}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

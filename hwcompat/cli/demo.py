@@ -9,6 +9,7 @@ and trains a tiny model built from a config instead.
 
 from __future__ import annotations
 
+import os
 import argparse
 import sys
 from pathlib import Path
@@ -89,8 +90,8 @@ def _demo_owns(output_dir: str) -> bool:
     import json
     from pathlib import Path
 
-    out = Path(output_dir).resolve()
-    if out == Path(DEMO_CONFIG["output_dir"]).resolve() or not out.exists():
+    out = Path(os.path.abspath(output_dir))
+    if out == Path(os.path.abspath(DEMO_CONFIG["output_dir"])) or not out.exists():
         return True
     try:
         origins = json.loads((out / "run.json").read_text())["origins"]

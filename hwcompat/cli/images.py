@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from hwcompat.errors import HwcompatError
+from hwcompat.errors import HwcompatError, InputError
 
 
 def add_parser(sub) -> None:
@@ -63,7 +63,7 @@ def run_build(args: argparse.Namespace) -> int:
     for item in args.build_arg:
         k, sep, v = item.partition("=")
         if not sep:
-            raise HwcompatError(f"--build-arg {item!r}: expected KEY=VALUE")
+            raise InputError(f"--build-arg {item!r}: expected KEY=VALUE, e.g. --build-arg BASE_IMAGE=debian:bookworm")
         build_args[k] = v
     for tag in build(args.families, build_args, network=args.network):
         print(f"built {tag}")

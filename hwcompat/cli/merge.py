@@ -22,9 +22,11 @@ def add_parser(sub) -> None:
 
 
 def base_from_run(adapter: str) -> str | None:
-    run = Path(adapter) / "run.json"
-    if run.exists():
-        return json.loads(run.read_text())["config"]["model"]
+    from hwcompat.train.rundir import recorded_config
+
+    if (Path(adapter) / "run.json").exists():
+        model = recorded_config(Path(adapter), "merge").get("model")
+        return model if isinstance(model, str) and model else None
     return None
 
 

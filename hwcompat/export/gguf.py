@@ -71,6 +71,10 @@ def _permute(w, n_head: int):
     return (w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape))
 
 
+#: Bytes per weight in each output type (q8_0: 34 bytes per block of 32), for the free-space check.
+BYTES_PER_ELEMENT = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32}
+
+
 def export_gguf(model_dir: str | Path, out: str | Path, qtype: str = "f16", name: str | None = None,
                 overwrite: bool = False) -> ExportResult:
     """Write ``out``: refused if it exists (unless ``overwrite``), locked while written, atomic."""
@@ -119,6 +123,14 @@ def _export_gguf(model_dir: str | Path, out: Path, qtype: str, name: str | None)
 
     import tempfile
 
+    from hwcompat.fsutil import require_space
+    from hwcompat.merge import _header, _read_tensors
+
+    index = src / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    elems = sum(int(np.prod(info["shape"])) for f in files for k, info in _header(src / f).items()
+                if k != "__metadata__")
+    require_space(out.parent, elems * BYTES_PER_ELEMENT[qtype], f"the {qtype} GGUF")
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)  # unique per writer
     os.close(fd)
     tmp = Path(tmp_name)
@@ -178,10 +190,6 @@ def _export_gguf(model_dir: str | Path, out: Path, qtype: str, name: str | None)
     # --- tensors: two passes, so only one tensor is ever in memory ----------------------------------
     # Pass 1 declares every tensor (name, stored shape, type) from the safetensors headers alone;
     # pass 2 reads, converts and writes them one at a time in the same order.
-    from hwcompat.merge import _header, _read_tensors
-
-    index = src / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
     plan: list[tuple[str, str, str, Any]] = []  # (file, hf key, gguf name, ggml type)
     for f in files:
         for key, info in _header(src / f).items():

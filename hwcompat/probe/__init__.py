@@ -30,7 +30,9 @@ def probe_host(
     from hwcompat.probe import cpu
 
     env = os.environ if environ is None else environ
+    flag = "--emulate"
     if emulate is None and emulate_file is None:
+        flag = "HWCOMPAT_EMULATE"
         names = envvars.get("HWCOMPAT_EMULATE", env)
         emulate = [n.strip().lower() for n in names.split(",") if n.strip()] if names else None
         emulate_file = envvars.get("HWCOMPAT_EMULATE_FILE", env)
@@ -44,7 +46,7 @@ def probe_host(
 
         readings = []
         if emulate:
-            readings += emu.from_catalog(emulate)
+            readings += emu.from_catalog(emulate, flag)
         if emulate_file:
             readings += emu.from_file(emulate_file)
         gpus = [r for r in readings if r.vendor != "cpu"]

@@ -40,7 +40,8 @@ def catalog() -> dict[str, dict[str, Any]]:
     return raw
 
 
-def from_catalog(names: list[str]) -> list[DeviceReading]:
+def from_catalog(names: list[str], flag: str = "--emulate") -> list[DeviceReading]:
+    """Catalog readings; ``flag`` is what the user typed the names into (an option or HWCOMPAT_EMULATE)."""
     cat = catalog()
     out = []
     for name in names:
@@ -48,7 +49,7 @@ def from_catalog(names: list[str]) -> list[DeviceReading]:
         if key not in cat:
             near = difflib.get_close_matches(key, cat, n=1)
             hint = f" Did you mean {near[0]!r}?" if near else ""
-            raise InputError(f"unknown device {name!r} for --emulate.{hint} "
+            raise InputError(f"unknown device {excerpt(name)} for {flag}.{hint} "
                              f"Known: {', '.join(sorted(cat))}; or describe it in an --emulate-file")
         out.append(parse_reading(cat[key], where=f"catalog: {key}", source=f"catalog:{key}"))
     return out

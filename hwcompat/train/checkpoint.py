@@ -46,12 +46,33 @@ def rng_state() -> dict[str, Any]:
 def save(run_dir: Path, step: int, model, optimizer, scheduler, scaler, state: dict[str, Any], keep: int,
          rng: dict[str, Any] | None = None) -> Path:
     """``rng``: the random state to record (default: now); a stop mid-step passes the state at its start."""
-    import torch
-    from safetensors.torch import save_file
-
     rng = dict(rng or rng_state())
     py_state = rng.pop("python")
     target = checkpoint_dir(run_dir) / f"{PREFIX}{step:07d}"
+    try:
+        _write(target, model, optimizer, scheduler, scaler, state, step, rng, py_state)
+    except OSError as exc:
+        import errno
+
+        from hwcompat.errors import HwcompatError
+
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        need = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad) * 3
+        raise HwcompatError(f"no space left on the device of {run_dir} while writing the checkpoint for step {step} "
+                            f"(about {need / 2**20:,.0f} MB needed); the partial checkpoint was removed and earlier "
+                            "ones are intact: free some space, then resume with --resume") from None
+    done = sorted(p for p in checkpoint_dir(run_dir).iterdir() if p.name.startswith(PREFIX))
+    for old in done[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def _write(target: Path, model, optimizer, scheduler, scaler, state: dict[str, Any], step: int,
+           rng: dict[str, Any], py_state) -> None:
+    import torch
+    from safetensors.torch import save_file
+
     with atomic_dir(target) as tmp:
         trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
         save_file(trainable, str(tmp / "trainable.safetensors"))
@@ -60,10 +81,6 @@ def save(run_dir: Path, step: int, model, optimizer, scheduler, scaler, state: d
         torch.save(rng, tmp / "rng.pt")
         (tmp / "state.json").write_text(json.dumps({**state, "step": step,
                                                     "python_random": [py_state[0], list(py_state[1]), py_state[2]]}))
-    done = sorted(p for p in checkpoint_dir(run_dir).iterdir() if p.name.startswith(PREFIX))
-    for old in done[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return target
 
 
 def load(path: Path, model, optimizer, scheduler, scaler) -> dict[str, Any]:

@@ -8,6 +8,7 @@ This module never imports torch.
 
 from __future__ import annotations
 
+import os
 import dataclasses
 import difflib
 from dataclasses import dataclass, field
@@ -245,10 +246,10 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None,
             # is always a path, and usually does not exist yet.
             local = key == "output_dir" or (p.parent / val).exists() if val else False
             if origins[key] == ORIGIN_FILE and val and not Path(val).is_absolute() and local:
-                setattr(cfg, key, str((p.parent / val).resolve()))
+                setattr(cfg, key, os.path.abspath(p.parent / val))
         for key in ("train_data", "eval_data"):
             if origins[key] == ORIGIN_FILE:
-                setattr(cfg, key, [str((p.parent / v).resolve()) if not Path(v).is_absolute() else v
+                setattr(cfg, key, [os.path.abspath(p.parent / v) if not Path(v).is_absolute() else v
                                    for v in getattr(cfg, key)])
     _validate(cfg, f"config {p}" if p else "config")
     if not cfg.model:

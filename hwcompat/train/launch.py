@@ -159,6 +159,11 @@ def check_model(model: str, allow_network: bool, what: str = "model") -> None:
                 "(unpickling can run code). Convert once, if you trust the file: python -c \"from transformers import "
                 f"AutoModelForCausalLM as M; M.from_pretrained('{model}').save_pretrained('{model}-safetensors')\"")
         raise InputError(f"model {model}: no *.safetensors weights in this folder")
+    if what == "model":
+        from hwcompat.merge import read_header
+
+        for f in sorted(path.glob("*.safetensors")):
+            read_header(f)  # a truncated download is an error naming the file, not a crash in the loader
 
 
 def child_env(profile: dict[str, Any], device: ResolvedDevice, group: list[int] | None,

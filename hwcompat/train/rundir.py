@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import os
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,7 +66,7 @@ def _finished_step(run_dir: Path) -> int | None:
         return 0
 
 
-def recorded_config(run_dir: Path) -> dict[str, Any]:
+def recorded_config(run_dir: Path, purpose: str = "--resume") -> dict[str, Any]:
     """The config the run was made with (run.json), or a clear error when it is missing or damaged."""
     path = run_dir / "run.json"
     try:
@@ -75,11 +76,12 @@ def recorded_config(run_dir: Path) -> dict[str, Any]:
             raise TypeError("config is not a mapping")
         return cfg
     except FileNotFoundError:
-        raise InputError(f"--resume: {path} is missing, so the run's settings are unknown; start over with "
+        raise InputError(f"{purpose}: {path} is missing, so the run's settings are unknown; start over with "
                          "--overwrite (its checkpoints cannot be trusted without them)") from None
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise InputError(f"--resume: {path} is damaged ({type(exc).__name__}: {str(exc)[:120]}); the run cannot "
-                         "be resumed safely; start over with --overwrite") from None
+        raise InputError(f"{purpose}: {path} is damaged ({type(exc).__name__}: {str(exc)[:120]}); the run's "
+                         "settings cannot be trusted; for a merge give --base MODEL_DIR, for a resume start over "
+                         "with --overwrite") from None
 
 
 def resume_changes(recorded: dict[str, Any], new: dict[str, Any], done: int) -> dict[str, dict[str, Any]]:
@@ -110,6 +112,9 @@ def _clear(run_dir: Path) -> None:
 
 
 def _make(run_dir: Path) -> None:
+    if run_dir.is_symlink() and not run_dir.exists():
+        raise InputError(f"output_dir {run_dir} is a symbolic link that leads nowhere (a loop or a dangling link); "
+                         "point output_dir at a real folder")
     if run_dir.exists() and not run_dir.is_dir():
         raise InputError(f"output_dir {run_dir} is a file; choose a folder path for output_dir")
     try:
@@ -130,7 +135,7 @@ def _writable(folder: Path) -> bool:
 
 def open_run_dir(output_dir: str, new_config: dict[str, Any], resume: bool, overwrite: bool) -> RunDir:
     """Lock the run folder and decide start / restart / resume before anything in it changes."""
-    run_dir = Path(output_dir).resolve()
+    run_dir = Path(os.path.abspath(output_dir))  # no symlink resolution: a loop is an error below, not a crash
     _make(run_dir)
     lock = fsutil.FolderLock(run_dir, "hwcompat train")
     try:
