@@ -60,7 +60,7 @@ def test_env_shells(capsys):
     assert capsys.readouterr().out.splitlines() == [
         "set -gx TORCHDYNAMO_DISABLE 1;", "set -gx HSA_OVERRIDE_GFX_VERSION 10.3.0;", "set -gx HIP_VISIBLE_DEVICES 1;"]
     assert main(["env", "--emulate", "t4", "--shell", "dotenv", "--set", "env.PYTORCH_CUDA_ALLOC_CONF=a b"]) == 0
-    assert "PYTORCH_CUDA_ALLOC_CONF=a b" in capsys.readouterr().out
+    assert 'PYTORCH_CUDA_ALLOC_CONF="a b"' in capsys.readouterr().out  # dotenv readers need the quotes
 
 
 def test_env_eval_in_bash(run_cli, tmp_path):

@@ -242,7 +242,9 @@ def test_every_fix_doctor_and_detect_print_parses():
     from hwcompat.readings import HostReading
     from hwcompat.resolve import resolve_host
 
-    cards = [n for n, e in __import__("hwcompat.probe.emulate", fromlist=["x"]).catalog().items() if e["vendor"] != "cpu"]
+    from hwcompat.probe.emulate import catalog
+
+    cards = [n for n, e in catalog().items() if e["vendor"] != "cpu"]
     devs = tuple(_real(n) for n in cards) + (_amd("gfx1010"), _amd("gfx1152"))
     host = HostReading(devs + tuple(from_catalog(["cpu"])))
     for sw in (Software.with_torch("2.13.0", "13.0"), Software.with_torch("2.13.0+cpu")):

@@ -79,3 +79,12 @@ def test_entrypoint_unsupported_card():
 def test_entrypoint_cpu_image():
     assert decide(_plan(), "cpu", "train", False)[0] == 0
     assert decide(_plan("t4"), "cpu", "train", False)[0] == 2
+
+
+def test_entrypoint_reads_emulate_file_as_well_as_emulate():
+    from hwcompat.entrypoint import _emulate_arg, _option
+
+    args = ["train", "/data/c.yaml", "--emulate-file", "/data/devs.yaml", "--emulate=m40,p40"]
+    assert _option(args, "--emulate-file") == "/data/devs.yaml" and _emulate_arg(args) == ["m40", "p40"]
+    assert _option(["detect", "--emulate-file=/x.yaml"], "--emulate-file") == "/x.yaml"
+    assert _option(["detect"], "--emulate-file") is None

@@ -6,6 +6,7 @@ Prints assignments; changes nothing in its own process.
 from __future__ import annotations
 
 import argparse
+import re
 import shlex
 
 from hwcompat.cli.common import add_device_options, plan_from_args, select_device
@@ -35,14 +36,22 @@ def profile_env(plan, device_spec: str | None) -> dict[str, str]:
     return env
 
 
+#: Values every reader takes literally without quotes (the set shlex.quote leaves alone).
+_PLAIN = re.compile(r"[\w@%+=:,./-]+")
+
+
 def _fish_quote(value: str) -> str:
     """fish single quotes: only \\ and \' are escapes inside them (POSIX shlex quoting is not fish's)."""
+    if _PLAIN.fullmatch(value):
+        return value
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def _dotenv_quote(name: str, value: str) -> str:
     if "\n" in value or "\r" in value:
         raise InputError(f"{name}: a value with a line break cannot be written as dotenv; use --shell bash")
+    if _PLAIN.fullmatch(value):
+        return value
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("$", "\\$") + '"'
 
 

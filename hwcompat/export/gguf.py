@@ -127,7 +127,8 @@ def _export_gguf(model_dir: str | Path, out: Path, qtype: str, name: str | None)
     from hwcompat.merge import _header, _read_tensors
 
     index = src / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists()
+             else ["model.safetensors"])
     elems = sum(int(np.prod(info["shape"])) for f in files for k, info in _header(src / f).items()
                 if k != "__metadata__")
     require_space(out.parent, elems * BYTES_PER_ELEMENT[qtype], f"the {qtype} GGUF")

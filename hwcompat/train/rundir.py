@@ -26,8 +26,8 @@ from hwcompat.errors import InputError
 
 #: Settings a resume may change: they decide how long to go on and what to do along the way, not what
 #: the checkpoint's weights, optimizer state or data order mean.
-RESUMABLE = ("epochs", "max_steps", "eval_every", "eval_at_start", "eval_metrics", "eval_max_rows", "eval_max_new_tokens",
-             "checkpoint_every", "keep_checkpoints", "export", "export_type", "force", "num_threads", "output_dir")
+RESUMABLE = ("epochs", "max_steps", "eval_every", "eval_at_start", "eval_metrics", "eval_max_rows",
+             "eval_max_new_tokens", "checkpoint_every", "keep_checkpoints", "export", "export_type", "force", "num_threads", "output_dir")
 #: What the run folder holds; cleared on --overwrite or when a run starts over.
 RUN_FILES = ("adapter", "checkpoints", "metrics.jsonl", "summary.json", "merged", "model.gguf", "Modelfile",
              "export.json", "config.yaml", "profile.json", "devices.json", "run.json")

@@ -62,3 +62,22 @@ def make_config(tmp_path, model, train, evals, **extra):
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+def prepare_run(config_path):
+    """Resolve the profile and prepare the run folder exactly as `hwcompat train` does (lock released)."""
+    import argparse
+
+    from hwcompat.cli.common import plan_from_args
+    from hwcompat.profiles import load_profiles
+    from hwcompat.software import installed
+    from hwcompat.train import launch as L
+    from hwcompat.train.config import load_config
+
+    loaded = load_config(config_path)
+    plan = plan_from_args(argparse.Namespace(emulate=None, emulate_file=None, profile=None, set=[]))
+    _, dev = L.training_device(plan, None)
+    profile, _, _ = L.apply_profile(loaded, dev, load_profiles(), installed(), None)
+    run = L.prepare_run_dir(loaded, profile, dev, plan, resume=False, overwrite=False)
+    run.lock.release()
+    return run.path

@@ -9,7 +9,7 @@ import pytest
 
 from hwcompat.errors import InputError
 from hwcompat.train.config import load_config
-from tests.train.conftest import make_config
+from tests.train.conftest import make_config, prepare_run
 
 BASE = "model: m\ntrain_data: [t.jsonl]\n"
 
@@ -78,26 +78,15 @@ def test_detect_emulate_file_alias_bomb(tmp_path, run_cli):
 
 
 def test_nan_loss_stops_the_run_before_it_writes_an_adapter(tmp_path, tiny_model, task_files, monkeypatch):
-    import argparse
-
-    from hwcompat.cli.common import plan_from_args
     from hwcompat.errors import HwcompatError
-    from hwcompat.profiles import load_profiles
-    from hwcompat.software import installed
-    from hwcompat.train import launch as L
     from hwcompat.train import loop
 
-    cfg = make_config(tmp_path, tiny_model, *task_files, max_steps=20, eval_at_start=False, eval_metrics="none")
-    loaded = load_config(cfg)
-    plan = plan_from_args(argparse.Namespace(emulate=None, emulate_file=None, profile=None, set=[]))
-    _, dev = L.training_device(plan, None)
-    profile, _, _ = L.apply_profile(loaded, dev, load_profiles(), installed(), None)
-    run = L.prepare_run_dir(loaded, profile, dev, plan, resume=False, overwrite=False)
+    run_dir = prepare_run(make_config(tmp_path, tiny_model, *task_files, max_steps=20, eval_at_start=False,
+                                      eval_metrics="none"))
     real = loop.ResponseLoss.__call__
     monkeypatch.setattr(loop.ResponseLoss, "__call__", lambda self, *a, **k: real(self, *a, **k) * float("nan"))
     with pytest.raises(HwcompatError) as e:
-        loop.run(run.path)
-    run.lock.release()
+        loop.run(run_dir)
     assert str(e.value).startswith("training diverged: loss nan and gradient norm nan were not finite for 3 steps "
                                    "in a row (at step 3); no adapter was written. Try a lower learning_rate")
-    assert not (run.path / "adapter").exists()
+    assert not (run_dir / "adapter").exists()

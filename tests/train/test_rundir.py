@@ -14,7 +14,7 @@ from hwcompat.errors import InputError
 from hwcompat.fsutil import FolderLock, atomic_write_text, clean_stale
 from hwcompat.train.config import TrainConfig, load_config
 from hwcompat.train.rundir import open_run_dir, resume_changes
-from tests.train.conftest import make_config
+from tests.train.conftest import make_config, prepare_run
 
 
 def _cfg(tmp_path, **kw):
@@ -212,7 +212,10 @@ def test_model_checks_before_any_load(tmp_path):
     (m / "pytorch_model.bin").write_bytes(b"\x80\x04pickle")
     with pytest.raises(InputError, match=r"only pytorch_model.bin \(pickle\) weights.*safetensors only"):
         check_model(str(m), allow_network=False)
-    (m / "model.safetensors").write_bytes(b"")
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(m / "model.safetensors"))
     check_model(str(m), allow_network=False)
     assert is_hub_id("org/name") and not is_hub_id(str(m)) and not is_hub_id("./x/y")
 
@@ -272,19 +275,7 @@ def test_docker_stop_mid_accumulation_checkpoints_and_resume_equals_an_uninterru
 @pytest.mark.parametrize("sig,code,text", [(signal.SIGTERM, 143, "terminated before training started"),
                                            (signal.SIGINT, 130, "interrupted before training started")])
 def test_signals_before_the_loop_exit_with_a_message(tmp_path, tiny_model, task_files, sig, code, text):
-    import argparse
-
-    from hwcompat.cli.common import plan_from_args
-    from hwcompat.profiles import load_profiles
-    from hwcompat.software import installed
-    from hwcompat.train import launch as L
-
-    loaded = load_config(make_config(tmp_path, tiny_model, *task_files, max_steps=2))
-    plan = plan_from_args(argparse.Namespace(emulate=None, emulate_file=None, profile=None, set=[]))
-    _, dev = L.training_device(plan, None)
-    profile, _, _ = L.apply_profile(loaded, dev, load_profiles(), installed(), None)
-    run = L.prepare_run_dir(loaded, profile, dev, plan, resume=False, overwrite=False)
-    run.lock.release()
+    run_dir = prepare_run(make_config(tmp_path, tiny_model, *task_files, max_steps=2))
     code_text = f"""
 import os, signal, sys
 import hwcompat.train.loop as L
@@ -294,7 +285,7 @@ def during_setup(*a, **k):
     return real(*a, **k)
 L.load_datasets = during_setup
 from hwcompat.train.worker import main
-sys.exit(main([{str(run.path)!r}]))
+sys.exit(main([{str(run_dir)!r}]))
 """
     res = subprocess.run([sys.executable, "-c", code_text], capture_output=True, text=True, timeout=120)
     assert res.returncode == code and text in res.stderr, res.stderr[-2000:]
