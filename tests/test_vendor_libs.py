@@ -130,3 +130,24 @@ def test_no_vendor_library_is_loaded_without_its_hardware():
     """)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "[]"
+
+
+def test_own_nvml_binding_makes_the_same_calls_as_pynvml():
+    """hwcompat/probe/nvml.py binds a dozen NVML calls itself (pynvml's import costs 115 ms): same names."""
+    import pynvml
+
+    from hwcompat.probe.nvml import CALLS
+
+    assert len(CALLS) >= 13
+    for name in CALLS:
+        assert callable(getattr(pynvml, name)), name
+
+
+def test_own_nvml_binding_without_a_driver_falls_back_cleanly():
+    from hwcompat.probe import nvidia
+    from hwcompat.probe.nvml import NVML
+
+    with pytest.raises(OSError):
+        NVML("libnvidia-ml-that-does-not-exist.so.1")
+    nvml, error = nvidia._bind()  # no driver here: our binding fails, pynvml imports, NVML init fails later
+    assert (nvml is None) == (error is not None)

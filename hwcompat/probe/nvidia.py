@@ -1,4 +1,4 @@
-"""NVIDIA probe through NVML (``nvidia-ml-py``, import name ``pynvml``).
+"""NVIDIA probe through NVML: hwcompat's own ctypes binding (``probe/nvml.py``), else ``pynvml``.
 
 NVML answers without creating a CUDA context and ignores
 CUDA_VISIBLE_DEVICES, so probing never disturbs a training job and sees
@@ -30,9 +30,10 @@ def probe(nvml: ModuleType | None = None, sys_root: str | Path = "/",
             present = "nvidia" in gpu_vendors(sys_root)
         if not present:
             return [], []
-        nvml, error = quiet_import("pynvml")
+        nvml, error = _bind()
         if nvml is None:
-            return [], [f"NVIDIA GPU present but nvidia-ml-py cannot be loaded ({error}): pip install nvidia-ml-py"]
+            return [], [f"NVIDIA GPU present but NVML cannot be loaded ({error}): is the NVIDIA driver installed? "
+                        "(nvidia-smi should list the card; `pip install nvidia-ml-py` for the fallback binding)"]
     try:
         nvml.nvmlInit()
     except Exception as exc:  # NVMLError subclasses are generated at run time
@@ -61,6 +62,17 @@ def probe(nvml: ModuleType | None = None, sys_root: str | Path = "/",
         except Exception:  # shutting down a half-started NVML is best effort
             pass
     return readings, problems
+
+
+def _bind() -> tuple[ModuleType | object | None, str | None]:
+    """hwcompat's own ctypes binding (milliseconds), else pynvml (it knows other platforms' library paths)."""
+    from hwcompat.probe.nvml import NVML
+
+    try:
+        return NVML(), None
+    except (OSError, AttributeError) as exc:
+        nvml, error = quiet_import("pynvml")
+        return nvml, None if nvml is not None else f"{one_line(exc)}; pynvml: {error}"
 
 
 def _opt(fn, *args):
