@@ -19,6 +19,10 @@ class InputError(HwcompatError):
     exit_code = 2
 
 
+class DataError(InputError):
+    """The data checks failed: one class and one exit code, whether the launcher or the trainer found it."""
+
+
 class ProfileError(InputError):
     """A profile YAML (or an override of one) breaks the schema."""
 

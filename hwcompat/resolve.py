@@ -105,6 +105,24 @@ class HostPlan:
     devices: list[ResolvedDevice]
     groups: list[dict[str, Any]]  # devices that can train together (same profile family)
 
+    def select(self, spec: str | None) -> tuple[int, ResolvedDevice]:
+        """``--device N`` (position in the detect table) or ``VENDOR:INDEX``; default: the first device."""
+        if spec is None:
+            return 0, self.devices[0]
+        spec = spec.strip()
+        if spec.isdigit():
+            pos = int(spec)
+            if pos < len(self.devices):
+                return pos, self.devices[pos]
+        elif ":" in spec:
+            vendor, _, idx = spec.partition(":")
+            for pos, d in enumerate(self.devices):
+                if d.reading.vendor == vendor and str(d.reading.index) == idx:
+                    return pos, d
+        listing = ", ".join(f"{i} ({d.reading.vendor}:{d.reading.index} {d.reading.name})"
+                            for i, d in enumerate(self.devices))
+        raise InputError(f"--device {spec}: no such device; this host has: {listing}")
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "host": {"problems": list(self.host.problems), "emulated": self.host.emulated,

@@ -32,3 +32,13 @@ def test_import_does_not_touch_environment():
     code = "import os; before = dict(os.environ); import hwcompat.cli, hwcompat.resolve; print(before == dict(os.environ))"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.stdout.strip() == "True"
+
+
+def test_the_trainer_never_imports_from_the_cli():
+    """Layers run one way: cli -> train, never back (the launcher used to reach into cli.common)."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "hwcompat" / "train"
+    for f in root.glob("*.py"):
+        assert not re.search(r"^\s*(from|import) hwcompat\.cli", f.read_text(), re.M), f.name

@@ -39,23 +39,7 @@ def plan_from_args(args: argparse.Namespace):
 
 def select_device(plan, spec: str | None):
     """--device N (position in the detect table) or VENDOR:INDEX; default: the first device."""
-    from hwcompat.errors import InputError
-
-    if spec is None:
-        return 0, plan.devices[0]
-    spec = spec.strip()
-    if spec.isdigit():
-        pos = int(spec)
-        if pos < len(plan.devices):
-            return pos, plan.devices[pos]
-    elif ":" in spec:
-        vendor, _, idx = spec.partition(":")
-        for pos, d in enumerate(plan.devices):
-            if d.reading.vendor == vendor and str(d.reading.index) == idx:
-                return pos, d
-    listing = ", ".join(f"{i} ({d.reading.vendor}:{d.reading.index} {d.reading.name})"
-                        for i, d in enumerate(plan.devices))
-    raise InputError(f"--device {spec}: no such device; this host has: {listing}")
+    return plan.select(spec)
 
 
 def print_json(data: Any) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from hwcompat import __version__
-from hwcompat.errors import HwcompatError, InputError
+from hwcompat.errors import DataError, HwcompatError, InputError
 from hwcompat.fsutil import atomic_write_json
 from hwcompat.resolve import HostPlan, Overrides, ResolvedDevice, resolve_device
 from hwcompat.train.config import ORIGIN_DEFAULT, ORIGIN_PROFILE, LoadedConfig, save_yaml
@@ -30,10 +30,8 @@ VISIBILITY = {"nvidia": "CUDA_VISIBLE_DEVICES", "amd": "HIP_VISIBLE_DEVICES"}
 
 def training_device(plan: HostPlan, spec: str | None) -> tuple[int, ResolvedDevice]:
     """--device, else the first supported GPU, else the CPU."""
-    from hwcompat.cli.common import select_device
-
     if spec is not None:
-        return select_device(plan, spec)
+        return plan.select(spec)
     for pos, d in enumerate(plan.devices):
         if d.reading.vendor != "cpu" and d.supported:
             return pos, d
@@ -99,7 +97,7 @@ def check_data(loaded: LoadedConfig) -> tuple[str, float]:
     train, _, report = load_datasets(cfg.train_data, cfg.eval_data, cfg.data_format, cfg.eval_fraction, cfg.seed,
                                      cfg.system_prompt, cfg.max_seq_len)
     if report.errors:
-        raise InputError("data checks failed; nothing was trained\n" + report.render())
+        raise DataError("data checks failed; nothing was trained\n" + report.render())
     share = 0.0
     for ex in train:
         total = sum(len(c) for _, c in ex.messages)

@@ -25,17 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hwcompat.errors import HwcompatError, InputError
+from hwcompat.errors import DataError, HwcompatError, InputError
 from hwcompat.fsutil import atomic_dir, atomic_write_json, atomic_write_text
 from hwcompat.train import batching, checkpoint, metrics
 from hwcompat.train.config import TrainConfig
 from hwcompat.train.data import Report, load_datasets
 
 EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
-
-
-class DataError(HwcompatError):
-    exit_code = 1
 
 
 @dataclass
