@@ -78,7 +78,10 @@ def test_image_labels_and_user(images):
     info = json.loads(subprocess.run(["docker", "image", "inspect", "hwcompat:rdna2"], capture_output=True,
                                      text=True).stdout)[0]
     labels = info["Config"]["Labels"]
-    assert labels["io.hwcompat.family"] == "rdna2" and labels["io.hwcompat.torch-build"] == "rocm6.4"
+    from hwcompat.profiles import load_profiles
+
+    build = load_profiles()["rdna2"].torch.build  # the profile is the one place that says it
+    assert labels["io.hwcompat.family"] == "rdna2" and labels["io.hwcompat.torch-build"] == build
     assert info["Config"]["User"] == "1000:1000"
     assert set(info["Config"]["Volumes"]) == {"/data", "/output", "/cache"}
 
