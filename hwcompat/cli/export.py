@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from hwcompat.export import EXPORT_TYPES
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("export", help="export a merged model to GGUF (llama.cpp) and an Ollama Modelfile")
     p.add_argument("model", help="a model folder (the output of `hwcompat merge`)")
     p.add_argument("--gguf", required=True, metavar="OUT.gguf")
-    p.add_argument("--type", default="f16", choices=("f32", "f16", "bf16", "q8_0"))
+    p.add_argument("--type", default="f16", choices=EXPORT_TYPES)
     p.add_argument("--ollama", action="store_true", help="also write a Modelfile next to the GGUF")
     p.add_argument("--temperature", type=float, default=0.0, help="Modelfile temperature (default 0: extraction)")
     p.add_argument("--system", help="Modelfile SYSTEM prompt")

@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from hwcompat.profiles import Dtype
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("merge", help="merge a LoRA adapter into its base model, one tensor at a time",
@@ -15,7 +17,7 @@ def add_parser(sub) -> None:
     p.add_argument("adapter", help="a run folder (uses its adapter/) or an adapter folder")
     p.add_argument("--base", help="the unquantised base model folder (default: the run's model)")
     p.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
-    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="default: the base's dtype")
+    p.add_argument("--dtype", choices=[d.value for d in Dtype], help="default: the base's dtype")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda to compute the deltas on a GPU")
     p.add_argument("--force", action="store_true", help="merge even if the adapter names another base model")
     p.set_defaults(func=run)

@@ -23,7 +23,7 @@ from hwcompat.fsutil import user_mode
 
 #: config.json model_type -> (gguf arch name, permute q/k for rotary)
 ARCHS = {"llama": ("LLAMA", True), "mistral": ("LLAMA", True), "qwen2": ("QWEN2", False), "qwen3": ("QWEN3", False)}
-TYPES = ("f32", "f16", "bf16", "q8_0")
+from hwcompat.export import EXPORT_TYPES as TYPES
 
 #: tokenizer.ggml.pre: llama.cpp picks the pre-tokenizer regex by name. Recognised here from the
 #: tokenizer.json pre_tokenizer; anything else is written as "default" and said so.

@@ -18,6 +18,8 @@ from typing import Any, get_args, get_origin, get_type_hints
 import yaml
 
 from hwcompat.errors import InputError, excerpt
+from hwcompat.export import EXPORT_TYPES
+from hwcompat.profiles import Attention, CompileBackend, Dtype
 from hwcompat.yamlfile import load_yaml
 
 DATA_FORMATS = ("auto", "prompt_completion", "messages", "alpaca")
@@ -108,9 +110,9 @@ def _fields() -> dict[str, Any]:
 
 CHOICES = {"data_format": DATA_FORMATS, "lr_schedule": SCHEDULES, "eval_metrics": METRICS, "overlong": OVERLONG,
            "batching": BATCHING, "chat_template": CHAT_TEMPLATE,
-           "dtype": ("float32", "float16", "bfloat16"), "attention": ("eager", "sdpa", "flash_attention_2"),
-           "compile_backend": ("eager", "inductor"), "export": ("none", "gguf"),
-           "export_type": ("f32", "f16", "bf16", "q8_0")}
+           "dtype": tuple(d.value for d in Dtype), "attention": tuple(a.value for a in Attention),
+           "compile_backend": tuple(c.value for c in CompileBackend), "export": ("none", "gguf"),
+           "export_type": EXPORT_TYPES}  # the hardware and export vocabularies are defined once, imported here
 
 
 def _coerce(key: str, value: Any, kind: Any, where: str, from_text: bool) -> Any:
