@@ -261,6 +261,21 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None,
     return LoadedConfig(cfg, origins, p)
 
 
+def config_from_dict(data: Any, where: str) -> TrainConfig:
+    """A TrainConfig from a mapping written earlier (run.json): every key known, typed and in range again,
+    so a renamed or hand-edited field is a clear error in the process that reads it, not a TypeError."""
+    if not isinstance(data, dict):
+        raise InputError(f"{where}: expected a mapping of settings, got {type(data).__name__}")
+    kinds = _fields()
+    cfg = TrainConfig()
+    for key, value in data.items():
+        if key not in kinds:
+            raise _unknown(key, where)
+        setattr(cfg, key, _coerce(key, value, kinds[key], where, from_text=False))
+    _validate(cfg, where)
+    return cfg
+
+
 def save_yaml(data: dict[str, Any], path: Path) -> None:
     from hwcompat.fsutil import atomic_write_text
 

@@ -28,7 +28,7 @@ from typing import Any
 from hwcompat.errors import DataError, HwcompatError, InputError
 from hwcompat.fsutil import atomic_dir, atomic_write_json, atomic_write_text
 from hwcompat.train import batching, checkpoint, metrics
-from hwcompat.train.config import TrainConfig
+from hwcompat.train.config import TrainConfig, config_from_dict
 from hwcompat.train.data import Report, load_datasets
 
 EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
@@ -346,11 +346,25 @@ def _divergence_advice(cfg: TrainConfig, profile: dict[str, Any], step: int, los
             + "; earlier checkpoints, if any, are untouched")
 
 
+def _read_spec(path: Path) -> dict[str, Any]:
+    """run.json as the launcher wrote it; damaged or hand-edited into another shape is a clear error."""
+    try:
+        spec = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: cannot read the run's record ({str(exc)[:120]}); start the run again with "
+                         "hwcompat train CONFIG (add --overwrite to replace this folder)") from None
+    missing = [k for k in ("config", "profile") if not isinstance(spec, dict) or not isinstance(spec.get(k), dict)]
+    if missing:
+        raise InputError(f"{path}: {', '.join(missing)} missing or not a mapping; start the run again with "
+                         "hwcompat train CONFIG (add --overwrite to replace this folder)")
+    return spec
+
+
 def run(run_dir: Path, resume: bool = False) -> int:
     """Train as described by ``run_dir/run.json``; returns the process exit code."""
     t_start = time.time()
-    spec = json.loads((run_dir / "run.json").read_text())
-    cfg = TrainConfig(**spec["config"])
+    spec = _read_spec(run_dir / "run.json")
+    cfg = config_from_dict(spec["config"], f"{run_dir / 'run.json'}: config")
     profile = spec["profile"]
     dist = _init_dist()
     missing_env = {k: v for k, v in profile["env"].items() if os.environ.get(k) != v}

@@ -90,3 +90,22 @@ def test_nan_loss_stops_the_run_before_it_writes_an_adapter(tmp_path, tiny_model
     assert str(e.value).startswith("training diverged: loss nan and gradient norm nan were not finite for 3 steps "
                                    "in a row (at step 3); no adapter was written. Try a lower learning_rate")
     assert not (run_dir / "adapter").exists()
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda s: s["config"].update(lora_rank=s["config"].pop("lora_r")), "unknown key 'lora_rank'; did you mean 'lora_r'"),
+    (lambda s: s["config"].update(lora_r="sixteen"), "lora_r: expected an integer, got 'sixteen'"),
+    (lambda s: s["config"].update(learning_rate=-1), "learning_rate must be in (0, 1], got -1"),
+    (lambda s: s.pop("profile"), "profile missing or not a mapping"),
+])
+def test_run_json_is_validated_again_when_the_trainer_reads_it(tmp_path, tiny_model, task_files, edit, message):
+    """run.json crosses the process boundary: the worker checks it as strictly as the launcher did."""
+    import json
+
+    run_dir = prepare_run(make_config(tmp_path, tiny_model, *task_files, max_steps=1))
+    spec = json.loads((run_dir / "run.json").read_text())
+    edit(spec)
+    (run_dir / "run.json").write_text(json.dumps(spec))
+    res = subprocess.run([sys.executable, "-m", "hwcompat.train.worker", str(run_dir)], capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr, res.stderr[-1500:]
