@@ -93,7 +93,8 @@ def test_nan_loss_stops_the_run_before_it_writes_an_adapter(tmp_path, tiny_model
 
 
 @pytest.mark.parametrize("edit,message", [
-    (lambda s: s["config"].update(lora_rank=s["config"].pop("lora_r")), "unknown key 'lora_rank'; did you mean 'lora_r'"),
+    (lambda s: s["config"].update(lora_rank=s["config"].pop("lora_r")),
+     "unknown key 'lora_rank'; did you mean 'lora_r'"),
     (lambda s: s["config"].update(lora_r="sixteen"), "lora_r: expected an integer, got 'sixteen'"),
     (lambda s: s["config"].update(learning_rate=-1), "learning_rate must be in (0, 1], got -1"),
     (lambda s: s.pop("profile"), "profile missing or not a mapping"),
