@@ -306,6 +306,17 @@ def load_results(folder: Path) -> list[dict]:
     return out
 
 
+def _run_and_say(name: str, tmp: Path) -> dict:
+    r = run_one(name, tmp)
+    print(f"{name:10} {r['profile']:12} {'PASS' if r['passed'] else 'FAIL'}  ({r['seconds']}s)", file=sys.stderr,
+          flush=True)
+    if not r["passed"]:
+        for check, c in r["checks"].items():
+            if not c["ok"]:
+                print(f"    {check}: {c['detail']}", file=sys.stderr)
+    return r
+
+
 def main(argv: list[str]) -> int:
     if not argv or argv[0] not in ("render", "check", "run", "one", "summary"):
         print(__doc__)
@@ -322,17 +333,10 @@ def main(argv: list[str]) -> int:
         out_file = rest[i + 1]
         rest = rest[:i] + rest[i + 2:]
     names = rest or [r["device"] for r in matrix_rows()]
-    tmp = Path(tempfile.mkdtemp(prefix="hwcompat-matrix-"))
     results = []
-    for name in names:
-        r = run_one(name, tmp)
-        results.append(r)
-        print(f"{name:10} {r['profile']:12} {'PASS' if r['passed'] else 'FAIL'}  ({r['seconds']}s)", file=sys.stderr,
-              flush=True)
-        if not r["passed"]:
-            for check, c in r["checks"].items():
-                if not c["ok"]:
-                    print(f"    {check}: {c['detail']}", file=sys.stderr)
+    with tempfile.TemporaryDirectory(prefix="hwcompat-matrix-") as tmp_name:  # runs' folders go with it
+        for name in names:
+            results.append(_run_and_say(name, Path(tmp_name)))
     if out_file:
         Path(out_file).write_text(json.dumps(results[0] if len(results) == 1 else results, indent=2))
     print(summary_table(results))

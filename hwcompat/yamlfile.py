@@ -92,17 +92,47 @@ def _expanded_size(node: Any, memo: dict[int, int]) -> int:
     return memo[key]
 
 
-def _cache_dir() -> Path:
+def cache_dir() -> Path:
+    """hwcompat's own memo files (never user data): $HWCOMPAT_CACHE_DIR, else ~/.cache/hwcompat."""
     return Path(envvars.get("HWCOMPAT_CACHE_DIR") or Path.home() / ".cache" / "hwcompat") / "data"
 
 
-def _digest(data: bytes) -> str:
+def digest(data: bytes) -> str:
     """BLAKE2b of the bytes; from the builtin _blake2 module, which loads in a tenth of OpenSSL's time."""
     try:
         from _blake2 import blake2b
     except ImportError:  # an interpreter without the builtin module
         from hashlib import blake2b
     return blake2b(data, digest_size=16).hexdigest()
+
+
+def read_cached(key: str) -> Any:
+    """The JSON memo stored under ``key``, or None when there is none (or it cannot be read)."""
+    try:
+        with open(cache_dir() / f"{key}.json", encoding="utf-8") as fh:
+            return json.load(fh)
+    except (OSError, ValueError):
+        return None
+
+
+def store_cached(key: str, value: Any) -> None:
+    """Keep ``value`` as JSON under ``key`` (atomic: temp file + rename); a cache that cannot be written is skipped."""
+    import tempfile
+
+    tmp = None
+    try:
+        folder = cache_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(value, fh)
+        os.replace(tmp, folder / f"{key}.json")
+    except (OSError, TypeError, ValueError):  # read-only home, or data JSON cannot hold
+        if tmp:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
 
 
 def load_packaged_yaml(path: str | Path, what: str, error: type[InputError] = InputError) -> Any:
@@ -114,26 +144,11 @@ def load_packaged_yaml(path: str | Path, what: str, error: type[InputError] = In
     """
     p = Path(path)
     data = _read(p, what, error)
-    cached = _cache_dir() / f"{_digest(data)}.json"
-    try:
-        with open(cached, encoding="utf-8") as fh:
-            return json.load(fh)
-    except (OSError, ValueError):
-        pass
+    key = digest(data)
+    cached = read_cached(key)
+    if cached is not None:
+        return cached
     value = _parse(data, p, what, error)
-    if json.loads(json.dumps(value)) != value:  # e.g. non-string keys: JSON would change the data
-        return value
-    import tempfile
-
-    try:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=cached.parent)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(value, fh)
-        os.replace(tmp, cached)
-    except (OSError, TypeError, ValueError):  # read-only home, or data JSON cannot hold: parse every time
-        try:
-            os.unlink(tmp)
-        except (OSError, UnboundLocalError):
-            pass
+    if json.loads(json.dumps(value)) == value:  # e.g. non-string keys: JSON would change the data
+        store_cached(key, value)
     return value

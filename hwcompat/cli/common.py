@@ -23,18 +23,37 @@ def add_device_options(p: argparse.ArgumentParser) -> None:
                    help="allow --set env.NAME for a variable that changes which code runs (LD_PRELOAD, PYTHONPATH …)")
 
 
-def plan_from_args(args: argparse.Namespace):
-    """Probe (or emulate), load profiles and resolve: the one path every command takes."""
+def _read_host(args: argparse.Namespace):
+    """Probe (or emulate) and gather the software facts: the resolver's inputs, with the raw overrides."""
     from hwcompat.probe import probe_host
-    from hwcompat.profiles import load_profiles
-    from hwcompat.resolve import Overrides, resolve_host
     from hwcompat.software import installed
 
     names = [n.strip().lower() for n in args.emulate.split(",") if n.strip()] if args.emulate else None
     host = probe_host(emulate=names, emulate_file=args.emulate_file)
-    overrides = Overrides.parse(args.profile or envvars.get("HWCOMPAT_PROFILE"), args.set,
-                                getattr(args, "allow_env", []))
-    return resolve_host(host, load_profiles(), installed(), overrides)
+    overrides = {"profile": args.profile or envvars.get("HWCOMPAT_PROFILE"), "set": list(args.set),
+                 "allow_env": list(getattr(args, "allow_env", []))}
+    return host, installed(), overrides
+
+
+def _resolve(host, software, overrides: dict[str, Any]):
+    from hwcompat.profiles import load_profiles
+    from hwcompat.resolve import Overrides, resolve_host
+
+    parsed = Overrides.parse(overrides["profile"], overrides["set"], overrides["allow_env"])
+    return resolve_host(host, load_profiles(), software, parsed)
+
+
+def plan_from_args(args: argparse.Namespace):
+    """Probe (or emulate), load profiles and resolve: the one path every command takes."""
+    return _resolve(*_read_host(args))
+
+
+def plan_dict_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """``plan_from_args(args).to_dict()``, memoised by all its inputs (``hwcompat.plancache``)."""
+    from hwcompat import plancache
+
+    host, software, overrides = _read_host(args)
+    return plancache.plan_dict(host, software, overrides, lambda: _resolve(host, software, overrides).to_dict())
 
 
 def select_device(plan, spec: str | None):
@@ -43,8 +62,7 @@ def select_device(plan, spec: str | None):
 
 
 def print_json(data: Any) -> None:
-    json.dump(data, sys.stdout, indent=2, sort_keys=False)
-    sys.stdout.write("\n")
+    sys.stdout.write(json.dumps(data, indent=2, sort_keys=False) + "\n")  # one write, not one per token
 
 
 def gib(n: int) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from hwcompat.cli.common import add_device_options, gib, plan_from_args, print_json
+from hwcompat.cli.common import add_device_options, gib, plan_dict_from_args, plan_from_args, print_json
 
 
 def add_parser(sub) -> None:
@@ -71,9 +71,8 @@ def render_table(plan, explain: bool = False) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    plan = plan_from_args(args)
     if args.json:
-        print_json(plan.to_dict())
+        print_json(plan_dict_from_args(args))
     else:
-        print(render_table(plan, explain=args.explain))
+        print(render_table(plan_from_args(args), explain=args.explain))
     return 0
