@@ -53,7 +53,22 @@ ALLOCATOR_SLACK = 0.08  # caching-allocator fragmentation and 2 MiB rounding, fr
 
 NF4_BYTES_PER_PARAM = 0.5
 QUANT_CONST_BYTES = {True: 1 / 64 + 4 / (64 * 256), False: 4 / 64}  # double quantisation on / off
-OPTIMIZER_BYTES = {"adamw": 8.0, "adamw_8bit": 2.0 + 2 * 4 / 2048, "sgd": 0.0}
+#: The optimizers `hwcompat train` accepts (config key ``optimizer``); their state bytes: optimizer_state_bytes.
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
+#: bitsandbytes' 8-bit blockwise AdamW (bitsandbytes/optim/optimizer.py, Optimizer2State.init_state, 0.45-0.50):
+#: two uint8 states plus a float32 absmax per 256-value block; tensors under 4,096 values keep float32 states;
+#: two shared 256-entry float32 quantisation maps.
+BNB_BLOCK, BNB_MIN_8BIT_SIZE, BNB_QMAPS_BYTES = 256, 4096, 2 * 256 * 4
+
+
+def optimizer_state_bytes(optimizer: str, tensor_sizes: list[int]) -> int:
+    """Bytes of optimizer state for trainable tensors of these sizes (AdamW: two float32 moments each)."""
+    if optimizer == "adamw":
+        return 8 * sum(tensor_sizes)
+    total = 0
+    for n in tensor_sizes:
+        total += 8 * n if n < BNB_MIN_8BIT_SIZE else 2 * n + 2 * 4 * -(-n // BNB_BLOCK)
+    return total + (BNB_QMAPS_BYTES if any(n >= BNB_MIN_8BIT_SIZE for n in tensor_sizes) else 0)
 
 
 @dataclass(frozen=True)
@@ -104,8 +119,16 @@ class ModelShape:
         return self.linear_params() + self.other_params()
 
     def lora_params(self, rank: int, targets: list[str] | None = None) -> int:
+        return sum(self.lora_tensor_sizes(rank, targets))
+
+    def lora_tensor_sizes(self, rank: int, targets: list[str] | None = None) -> list[int]:
+        """Every LoRA A (rank x in) and B (out x rank) matrix, layer by layer."""
         chosen = [(n, a, b) for n, a, b in self.linears() if not targets or targets == ["all-linear"] or n in targets]
-        return rank * sum(a + b for _, a, b in chosen) * self.layers
+        return [size for _ in range(self.layers) for _, a, b in chosen for size in (rank * a, rank * b)]
+
+    def tensor_sizes(self) -> list[int]:
+        """Full fine-tuning: the linear weights of every layer, the rest (embeddings, norms) as one."""
+        return [a * b for _ in range(self.layers) for _, a, b in self.linears()] + [self.other_params()]
 
 
 #: config.json size fields: (required, upper bound). Every one must be a positive integer.
@@ -245,8 +268,8 @@ def estimate(shape: ModelShape, inp: PlanInput, dtype: str, attention: str, vend
     """The pure estimate; raises InputError for combinations the profile cannot run."""
     if inp.method not in ("lora", "qlora", "full"):
         raise InputError(f"--method {inp.method}: use lora, qlora or full")
-    if inp.optimizer not in OPTIMIZER_BYTES:
-        raise InputError(f"--optimizer {inp.optimizer}: use one of {', '.join(OPTIMIZER_BYTES)}")
+    if inp.optimizer not in OPTIMIZERS:
+        raise InputError(f"optimizer={inp.optimizer}: use one of {', '.join(OPTIMIZERS)}")
     notes: list[str] = []
     db = DTYPE_BYTES[dtype]
     b, t = inp.batch_size, inp.seq_len
@@ -265,7 +288,8 @@ def estimate(shape: ModelShape, inp: PlanInput, dtype: str, attention: str, vend
     bd["adapter_weights"] = trainable * 4 if lora else 0
     # full fine-tuning: gradients in the weight dtype; LoRA: fp32 adapter gradients
     bd["gradients"] = trainable * (4 if lora else db)
-    bd["optimizer_states"] = int(trainable * OPTIMIZER_BYTES[inp.optimizer])
+    sizes = shape.lora_tensor_sizes(inp.lora_rank, inp.lora_targets) if lora else shape.tensor_sizes()
+    bd["optimizer_states"] = optimizer_state_bytes(inp.optimizer, sizes)
     act_db = db if inp.method != "qlora" else (2 if db == 4 else db)
     per_layer = activation_elems_per_token_layer(shape, inp.lora_rank, lora, inp.lora_dropout) * act_db
     if inp.gradient_checkpointing:
@@ -286,61 +310,86 @@ def estimate(shape: ModelShape, inp: PlanInput, dtype: str, attention: str, vend
                 dtype=dtype, attention=attention, params=shape.params(), trainable_params=trainable, notes=notes)
 
 
-def suggest(shape: ModelShape, plan: Plan, vendor: str, quant_ok: bool) -> list[dict[str, Any]]:
-    """If it does not fit: the cheapest changes that make it fit. If it fits: the largest seq / batch."""
+#: PlanInput field -> the `hwcompat train` config key it is (suggestions speak the config's language).
+CONFIG_KEYS = {"seq_len": "max_seq_len", "batch_size": "micro_batch_size", "gradient_checkpointing":
+               "gradient_checkpointing", "optimizer": "optimizer", "lora_rank": "lora_r"}
+
+
+def _fix(settings: dict[str, Any], p: Plan, note: str = "") -> dict[str, Any]:
+    """One suggestion: ``settings`` are config keys for `hwcompat train` (key=value); ``change`` shows them."""
+    text = " ".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in settings.items())
+    return {"change": text + (f" ({note})" if note else ""), "settings": settings, "peak_bytes": p.peak_bytes,
+            "fits": p.fits}
+
+
+def _candidates(inp: PlanInput, quant_ok: bool, optim8_ok: bool) -> list[tuple[dict[str, Any], PlanInput, str]]:
+    """Single memory-saving changes, least disruptive first: (config settings, planner input, note)."""
+    out = []
+    if not inp.gradient_checkpointing:
+        out.append(({"gradient_checkpointing": True}, replace(inp, gradient_checkpointing=True), ""))
+    if inp.batch_size > 1:
+        out.append(({"micro_batch_size": 1, "gradient_accumulation": inp.batch_size}, replace(inp, batch_size=1),
+                    "same effective batch"))
+    if inp.method == "lora" and quant_ok:
+        out.append(({"qlora": True}, replace(inp, method="qlora"), ""))
+    if inp.method == "full":
+        out.append(({"qlora": False}, replace(inp, method="lora"), "LoRA instead of full fine-tuning: what "
+                                                                     "hwcompat train trains"))
+    if inp.optimizer == "adamw" and optim8_ok:
+        out.append(({"optimizer": "adamw_8bit"}, replace(inp, optimizer="adamw_8bit"), ""))
+    return out
+
+
+def suggest(shape: ModelShape, plan: Plan, vendor: str, quant_ok: bool, optim8_ok: bool = False
+            ) -> list[dict[str, Any]]:
+    """If it does not fit: the cheapest changes that make it fit. If it fits: the largest seq / batch.
+
+    Every suggestion carries ``settings``: keys and values `hwcompat train` accepts, nothing else."""
+    import itertools
+
     inp = plan.inputs
 
     def run(new: PlanInput) -> Plan:
         return estimate(shape, new, plan.dtype, plan.attention, vendor, plan.device_bytes, quant_ok)
 
     out: list[dict[str, Any]] = []
-    if not plan.fits:
-        candidates = []
-        if not inp.gradient_checkpointing:
-            candidates.append(("gradient_checkpointing=true", replace(inp, gradient_checkpointing=True)))
-        if inp.batch_size > 1:
-            candidates.append((f"micro_batch_size=1 gradient_accumulation={inp.batch_size}", replace(inp, batch_size=1)))
-        if inp.method == "lora" and quant_ok:
-            candidates.append(("qlora=true", replace(inp, method="qlora")))
-        if inp.method == "full":
-            candidates.append(("method=lora", replace(inp, method="lora")))
-        if inp.optimizer == "adamw":
-            candidates.append(("optimizer=adamw_8bit", replace(inp, optimizer="adamw_8bit")))
-        for change, new in candidates:
-            p = run(new)
-            out.append({"change": change, "peak_bytes": p.peak_bytes, "fits": p.fits})
-        # combinations of the memory knobs this card allows (2 or 3 at once)
-        import itertools
-
-        knobs = [(c, n) for c, n in candidates if c.startswith(("gradient_checkpointing", "micro_batch_size", "qlora"))]
-        for k in range(2, len(knobs) + 1):
-            for combo in itertools.combinations(knobs, k):
-                new = inp
-                for _, cand in combo:
-                    new = replace(new, **{f: getattr(cand, f) for f in ("gradient_checkpointing", "batch_size", "method")
-                                          if getattr(cand, f) != getattr(inp, f)})
-                p = run(new)
-                out.append({"change": " + ".join(c for c, _ in combo), "peak_bytes": p.peak_bytes, "fits": p.fits})
-        seq = _round(_largest(lambda v: run(replace(inp, seq_len=v)).fits, 64, inp.seq_len))
-        if seq:
-            out.append({"change": f"max_seq_len={seq}", "peak_bytes": run(replace(inp, seq_len=seq)).peak_bytes,
-                        "fits": True})
-        # cheapest first: single changes before combinations, in the order tried (least disruptive first)
-        order = {id(x): i for i, x in enumerate(out)}
-        out.sort(key=lambda x: (not x["fits"], x["change"].count(" + "), order[id(x)]))
-        fixed = plan.breakdown["base_weights"] + plan.breakdown.get("quant_constants", 0) + RUNTIME_CONTEXT.get(vendor, 0)
-        if not any(s["fits"] for s in out) and fixed > plan.device_bytes:
-            out.append({"change": "a smaller model or a card with more memory: the base weights alone need "
-                                  f"{fixed / GIB:.1f} GiB here" + ("" if quant_ok else " and this card cannot run QLoRA"),
-                        "peak_bytes": fixed, "fits": False})
-        return out
-    seq = _round(_largest(lambda v: run(replace(inp, seq_len=v)).fits, inp.seq_len, shape.max_positions), inp.seq_len)
-    batch = _largest(lambda v: run(replace(inp, batch_size=v)).fits, inp.batch_size, 1024)
-    out.append({"change": f"max_seq_len={seq} (largest at micro_batch_size={inp.batch_size})",
-                "peak_bytes": run(replace(inp, seq_len=seq)).peak_bytes, "fits": True})
-    out.append({"change": f"micro_batch_size={batch} (largest at max_seq_len={inp.seq_len})",
-                "peak_bytes": run(replace(inp, batch_size=batch)).peak_bytes, "fits": True})
+    if plan.fits:
+        seq = _round(_largest(lambda v: run(replace(inp, seq_len=v)).fits, inp.seq_len, shape.max_positions),
+                     inp.seq_len)
+        batch = _largest(lambda v: run(replace(inp, batch_size=v)).fits, inp.batch_size, 1024)
+        return [_fix({"max_seq_len": seq}, run(replace(inp, seq_len=seq)), f"largest at micro_batch_size={inp.batch_size}"),
+                _fix({"micro_batch_size": batch}, run(replace(inp, batch_size=batch)),
+                     f"largest at max_seq_len={inp.seq_len}")]
+    candidates = _candidates(inp, quant_ok, optim8_ok)
+    out += [_fix(settings, run(new), note) for settings, new, note in candidates]
+    for k in range(2, len(candidates) + 1):  # combinations of 2, 3 … changes
+        for combo in itertools.combinations(candidates, k):
+            settings, new = {}, inp
+            for s_, cand, _ in combo:
+                settings.update(s_)
+                new = replace(new, **{f: getattr(cand, f) for f in PlanInput.__dataclass_fields__
+                                      if getattr(cand, f) != getattr(inp, f)})
+            out.append(_fix(settings, run(new)))
+    seq = _round(_largest(lambda v: run(replace(inp, seq_len=v)).fits, 64, inp.seq_len))
+    if seq:
+        out.append(_fix({"max_seq_len": seq}, run(replace(inp, seq_len=seq))))
+    # cheapest first: single changes before combinations, in the order tried (least disruptive first)
+    order = {id(x): i for i, x in enumerate(out)}
+    out.sort(key=lambda x: (not x["fits"], len(x["settings"]) - ("gradient_accumulation" in x["settings"]), order[id(x)]))
+    fixed = plan.breakdown["base_weights"] + plan.breakdown.get("quant_constants", 0) + RUNTIME_CONTEXT.get(vendor, 0)
+    if not any(s["fits"] for s in out) and fixed > plan.device_bytes:
+        out.append({"change": "a smaller model or a card with more memory: the base weights alone need "
+                              f"{fixed / GIB:.1f} GiB here" + ("" if quant_ok else " and this card cannot run QLoRA"),
+                    "settings": {}, "peak_bytes": fixed, "fits": False})
     return out
+
+
+def plan_input(cfg, method: str | None = None, logit_fraction: float = 1.0) -> PlanInput:
+    """The planner's input from a `hwcompat train` config (TrainConfig): one function, so the two agree."""
+    return PlanInput(method=method or ("qlora" if cfg.qlora else "lora"), seq_len=cfg.max_seq_len,
+                     batch_size=cfg.micro_batch_size, lora_rank=cfg.lora_r, lora_targets=list(cfg.lora_target_modules),
+                     gradient_checkpointing=cfg.gradient_checkpointing, optimizer=cfg.optimizer,
+                     lora_dropout=cfg.lora_dropout > 0, logit_fraction=logit_fraction)
 
 
 def _largest(ok, lo: int, hi: int) -> int | None:

@@ -50,7 +50,7 @@ class Evidence(str, enum.Enum):
     verified = "verified"  # a committed selftest result on the real card backs it
 
 
-QUANT_KINDS = ("nf4", "int8")
+QUANT_KINDS = ("nf4", "int8", "optim8bit")  # optim8bit: bitsandbytes 8-bit optimizers
 
 
 @dataclass(frozen=True)

@@ -194,3 +194,84 @@ def test_config_json_that_is_not_an_object(tmp_path):
     res = subprocess.run([sys.executable, "-m", "hwcompat", "plan", "--model", str(tmp_path)], capture_output=True,
                          text=True)
     assert res.returncode == 2 and "must hold a JSON object, got list" in res.stderr
+
+
+@pytest.mark.parametrize("optimizer", ["adamw_8bit", "paged_adamw_8bit"])
+def test_8bit_optimizer_state_bytes_are_exact_against_bitsandbytes(optimizer, tmp_path):
+    """bitsandbytes' real optimizer: uint8 states + block scales for big tensors, fp32 states for small ones."""
+    import bitsandbytes.optim as bnb_optim
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from hwcompat.train.optim import EIGHT_BIT
+
+    model, _ = _model("llama", tmp_path)
+    shape = P.load_shape(str(tmp_path))
+    model = get_peft_model(model, LoraConfig(r=64, target_modules="all-linear", task_type="CAUSAL_LM"))
+    params = [p for p in model.parameters() if p.requires_grad]
+    sizes = sorted(p.numel() for p in params)
+    assert sizes[0] < P.BNB_MIN_8BIT_SIZE <= sizes[-1]  # both kinds of state are exercised
+    opt = getattr(bnb_optim, EIGHT_BIT[optimizer])(params, lr=1e-3)
+    loss = model(torch.randint(0, 300, (1, 8)), labels=torch.randint(0, 300, (1, 8))).loss
+    loss.backward()
+    opt.step()
+    seen, state_bytes = set(), 0
+    for s in opt.state.values():
+        for k, t in s.items():
+            if torch.is_tensor(t) and k != "step" and id(t) not in seen:  # the quantisation maps are shared
+                seen.add(id(t))
+                state_bytes += t.numel() * t.element_size()
+    plan = P.estimate(shape, P.PlanInput(lora_rank=64, seq_len=8, optimizer=optimizer), "float32", "sdpa", "cpu",
+                      1 << 40)
+    assert plan.breakdown["optimizer_states"] == state_bytes
+
+
+@pytest.mark.parametrize("cards,args", [
+    ("m40", ["--method", "lora"]), ("p40", ["--seq-len", "8192", "--batch-size", "8"]),
+    ("rtx4090", ["--method", "full"]), ("rx6600", ["micro_batch_size=4", "max_seq_len=4096"]),
+    ("a100", ["--seq-len", "8192", "--batch-size", "4"]), ("v100", ["optimizer=adamw_8bit"]),
+])
+def test_every_suggestion_is_a_setting_hwcompat_train_accepts(qwen7b, capsys, cards, args):
+    from hwcompat.train.config import TrainConfig, apply_overrides
+
+    assert main(["plan", "--model", qwen7b, "--emulate", cards, "--suggest", "--json", *args]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["suggestions"]
+    for s in out["suggestions"]:
+        items = [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in s["settings"].items()]
+        apply_overrides(TrainConfig(model="m", train_data=["d"]), items)  # an unknown key or value raises
+        if items:
+            assert s["change"].startswith(" ".join(items))
+    assert not any(s["change"].startswith(("method=", "--", "sgd")) for s in out["suggestions"])
+
+
+def test_8bit_optimizer_is_suggested_only_where_the_card_runs_it(qwen7b, capsys):
+    def changes(card):
+        main(["plan", "--model", qwen7b, "--emulate", card, "--suggest", "--json", "--seq-len", "4096"])
+        return [s["change"] for s in json.loads(capsys.readouterr().out)["suggestions"]]
+
+    assert any("optimizer=adamw_8bit" in c for c in changes("p40"))
+    assert not any("optimizer=" in c for c in changes("m40"))  # no bitsandbytes kernels for sm_52
+
+
+def test_plan_speaks_the_config_language(qwen7b, capsys):
+    assert main(["plan", "--model", qwen7b, "--emulate", "p40", "--json", "max_seq_len=512", "micro_batch_size=2",
+                 "optimizer=adamw_8bit", "gradient_checkpointing=true"]) == 0
+    inputs = json.loads(capsys.readouterr().out)["inputs"]
+    assert (inputs["seq_len"], inputs["batch_size"], inputs["optimizer"], inputs["gradient_checkpointing"]) == (
+        512, 2, "adamw_8bit", True)
+    assert main(["plan", "--model", qwen7b, "--emulate", "p40", "max_seq_length=512"]) == 2
+    assert "unknown key 'max_seq_length'; did you mean 'max_seq_len'" in capsys.readouterr().err
+    assert main(["plan", "--model", qwen7b, "--emulate", "p40", "optimizer=sgd"]) == 2
+    assert "optimizer: 'sgd' is not one of: adamw, adamw_8bit, paged_adamw_8bit" in capsys.readouterr().err
+
+
+def test_plan_input_from_a_train_config_is_what_train_checks():
+    from hwcompat.train.config import TrainConfig
+
+    cfg = TrainConfig(model="m", train_data=["d"], max_seq_len=777, micro_batch_size=3, lora_r=5, qlora=True,
+                      lora_dropout=0.0, optimizer="paged_adamw_8bit", lora_target_modules=["q_proj"])
+    inp = P.plan_input(cfg, logit_fraction=0.5)
+    assert inp == P.PlanInput(method="qlora", seq_len=777, batch_size=3, lora_rank=5, lora_targets=["q_proj"],
+                              gradient_checkpointing=False, optimizer="paged_adamw_8bit", lora_dropout=False,
+                              logit_fraction=0.5)

@@ -5,20 +5,24 @@ from __future__ import annotations
 import argparse
 
 from hwcompat.cli.common import add_device_options, gib, plan_from_args, print_json
+from hwcompat.plan import OPTIMIZERS
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("plan", help="estimate peak memory of a fine-tune on a device (no torch, no weights)",
                        description="Estimate peak device memory with a per-term breakdown and say whether it fits.")
     p.add_argument("--model", required=True, help="model folder, config.json path, or a cached hub id")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="`hwcompat train` config keys, e.g. max_seq_len=2048 micro_batch_size=4 optimizer=adamw_8bit")
     p.add_argument("--method", choices=("lora", "qlora", "full"), default="lora")
-    p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--batch-size", type=int, default=1, help="micro-batch size")
-    p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--seq-len", "--max-seq-len", dest="seq_len", type=int, default=2048, help="= max_seq_len")
+    p.add_argument("--batch-size", "--micro-batch-size", dest="batch_size", type=int, default=1,
+                   help="= micro_batch_size")
+    p.add_argument("--lora-rank", "--lora-r", dest="lora_rank", type=int, default=16, help="= lora_r")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--gradient-checkpointing", dest="gc", action="store_true", default=False)
     g.add_argument("--no-gradient-checkpointing", dest="gc", action="store_false")
-    p.add_argument("--optimizer", default="adamw", help="adamw | adamw_8bit | sgd")
+    p.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS, help="= optimizer")
     p.add_argument("--response-fraction", type=float, default=1.0, metavar="F",
                    help="share of tokens that are response (hwcompat's trainer computes logits only there); "
                         "default 1.0 = a plain forward's worst case")
@@ -27,6 +31,19 @@ def add_parser(sub) -> None:
     p.add_argument("--json", action="store_true")
     add_device_options(p)
     p.set_defaults(func=run)
+
+
+def train_config(args: argparse.Namespace):
+    """The flags and KEY=VALUE settings as the `hwcompat train` config they describe (validated the same way)."""
+    from hwcompat.train.config import TrainConfig, apply_overrides
+
+    cfg = TrainConfig(model=args.model, max_seq_len=args.seq_len, micro_batch_size=args.batch_size,
+                      lora_r=args.lora_rank, gradient_checkpointing=args.gc, optimizer=args.optimizer,
+                      qlora=args.method == "qlora")
+    cfg = apply_overrides(cfg, list(args.overrides or []))
+    if args.method != "full":
+        args.method = "qlora" if cfg.qlora else "lora"
+    return cfg
 
 
 def make_plan(shape, device, inp, with_suggestions: bool):
@@ -41,7 +58,8 @@ def make_plan(shape, device, inp, with_suggestions: bool):
     if with_suggestions:
         from dataclasses import replace
 
-        result = replace(result, suggestions=P.suggest(shape, result, device.reading.vendor, quant_ok))
+        result = replace(result, suggestions=P.suggest(shape, result, device.reading.vendor, quant_ok,
+                                                       "optim8bit" in prof.quantization))
     return result
 
 
@@ -82,9 +100,7 @@ def run(args: argparse.Namespace) -> int:
         if value < 1:
             from hwcompat.errors import InputError
             raise InputError(f"{name} must be >= 1, got {value}")
-    inp = P.PlanInput(method=args.method, seq_len=args.seq_len, batch_size=args.batch_size, lora_rank=args.lora_rank,
-                      gradient_checkpointing=args.gc, optimizer=args.optimizer,
-                      logit_fraction=args.response_fraction)
+    inp = P.plan_input(train_config(args), method=args.method, logit_fraction=args.response_fraction)
     result = make_plan(shape, device, inp, args.suggest)
     if args.json:
         print_json(result.to_dict())

@@ -33,6 +33,11 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--devices", metavar="all|N", help="train on all identical devices (DDP via torchrun); "
                                                       "on a CPU-only host N processes (gloo)")
     p.add_argument("--device", metavar="N", help="device position from `hwcompat detect` (default: first GPU)")
+    m = p.add_argument_group("several machines (torchrun c10d rendezvous; see the README's home lab)")
+    m.add_argument("--nnodes", type=int, metavar="N", help="machines in this run; start the same command on each")
+    m.add_argument("--node-rank", type=int, metavar="R", help="this machine's number, 0 … N-1 (0 hosts the rendezvous)")
+    m.add_argument("--rdzv-endpoint", metavar="HOST:PORT", help="machine 0's address and a free port, e.g. "
+                                                               "192.168.1.10:29400")
     g = p.add_argument_group("devices")
     g.add_argument("--emulate", metavar="NAME[,NAME…]", help="resolve for an emulated device (with --print-config)")
     g.add_argument("--emulate-file", metavar="FILE")
@@ -95,17 +100,21 @@ def launch(args, loaded) -> int:
     if cfg.tokenizer:
         L.check_model(cfg.tokenizer, cfg.allow_network, what="tokenizer")
     nproc, group = _nproc(args, plan, pos, device)
+    nodes = L.Nodes.parse(getattr(args, "nnodes", None), getattr(args, "node_rank", None),
+                          getattr(args, "rdzv_endpoint", None))
     run = L.prepare_run_dir(loaded, profile, device, plan, args.resume, args.overwrite, cpu_emulation)
     for note in run.notes:
         print(f"note: {note}", file=sys.stderr)
     for key, change in run.changes.items():
         print(f"resume: {key} {json.dumps(change['from'])} -> {json.dumps(change['to'])} from step {run.from_step}",
               file=sys.stderr)
-    print(f"training on {device.reading.name} with profile {profile['name']} ({profile['dtype']}, "
-          f"{profile['attention']}, compile {profile['compile_backend']})"
-          f"{f' x{nproc} processes' if nproc > 1 else ''} → {run.path}", file=sys.stderr)
+    print(f"training on {device.reading.name} with profile {profile.name} ({profile.dtype}, "
+          f"{profile.attention}, compile {profile.compile_backend})"
+          f"{f' x{nproc} processes' if nproc > 1 else ''}"
+          f"{f' on machine {nodes.node_rank} of {nodes.nnodes}' if nodes.nnodes > 1 else ''} → {run.path}",
+          file=sys.stderr)
     online = cfg.allow_network and L.is_hub_id(cfg.model)
-    L.exec_worker(run, L.child_env(profile, device, group, online), nproc)
+    L.exec_worker(run, L.child_env(profile, device, group, online), nproc, nodes)
     return 0  # not reached: exec replaced this process
 
 

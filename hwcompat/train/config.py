@@ -19,7 +19,9 @@ import yaml
 
 from hwcompat.errors import InputError, excerpt
 from hwcompat.export import EXPORT_TYPES
+from hwcompat.plan import OPTIMIZERS
 from hwcompat.profiles import Attention, CompileBackend, Dtype
+from hwcompat.train.objectives import OBJECTIVES
 from hwcompat.yamlfile import load_yaml
 
 DATA_FORMATS = ("auto", "prompt_completion", "messages", "alpaca")
@@ -48,6 +50,7 @@ class TrainConfig:
     system_prompt: str | None = None  # prepended as a system message when a row has none
     max_seq_len: int = 1024  # tokens per example, prompt + response
     overlong: str = "truncate"  # truncate | drop: what to do with longer rows (always reported)
+    objective: str = "sft"  # what is learned: sft (response tokens of prompt/response rows)
     # --- LoRA / QLoRA ------------------------------------------------------------------------
     lora_r: int = 16
     lora_alpha: int = 32
@@ -58,6 +61,7 @@ class TrainConfig:
     epochs: float = 1.0
     max_steps: int = 0  # optimizer steps; > 0 overrides epochs
     learning_rate: float = 2e-4
+    optimizer: str = "adamw"  # adamw | adamw_8bit | paged_adamw_8bit (bitsandbytes; a quarter of AdamW's state memory)
     lr_schedule: str = "cosine"  # cosine | linear | constant
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
@@ -112,7 +116,8 @@ CHOICES = {"data_format": DATA_FORMATS, "lr_schedule": SCHEDULES, "eval_metrics"
            "batching": BATCHING, "chat_template": CHAT_TEMPLATE,
            "dtype": tuple(d.value for d in Dtype), "attention": tuple(a.value for a in Attention),
            "compile_backend": tuple(c.value for c in CompileBackend), "export": ("none", "gguf"),
-           "export_type": EXPORT_TYPES}  # the hardware and export vocabularies are defined once, imported here
+           "export_type": EXPORT_TYPES, "objective": OBJECTIVES,
+           "optimizer": OPTIMIZERS}  # the hardware and export vocabularies are defined once, imported here
 
 
 def _coerce(key: str, value: Any, kind: Any, where: str, from_text: bool) -> Any:
@@ -259,6 +264,21 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None,
     if not cfg.train_data:
         raise InputError("config: train_data: missing; set train_data: [train.jsonl] in the YAML or train_data=PATH")
     return LoadedConfig(cfg, origins, p)
+
+
+def apply_overrides(cfg: TrainConfig, overrides: list[str], where: str = "command line") -> TrainConfig:
+    """``key=value`` items onto a config, typed and range-checked as in ``load_config``."""
+    kinds = _fields()
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise InputError(f"{where}: {item!r}: expected key=value, e.g. max_seq_len=2048")
+        if key not in kinds:
+            raise _unknown(key, where)
+        setattr(cfg, key, _coerce(key, value.strip(), kinds[key], where, from_text=True))
+    _validate(cfg, where)
+    return cfg
 
 
 def config_from_dict(data: Any, where: str) -> TrainConfig:

@@ -12,17 +12,18 @@ from __future__ import annotations
 import json
 import os
 import sys
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from hwcompat import __version__
 from hwcompat.errors import DataError, HwcompatError, InputError
 from hwcompat.fsutil import atomic_write_json
-from hwcompat.resolve import HostPlan, Overrides, ResolvedDevice, resolve_device
+from hwcompat.resolve import HostPlan, Overrides, ResolvedDevice, ResolvedProfile, resolve_device
 from hwcompat.train.config import ORIGIN_DEFAULT, ORIGIN_PROFILE, LoadedConfig, save_yaml
 from hwcompat.train.data import load_datasets
 from hwcompat.train.rundir import RunDir, open_run_dir
+from hwcompat.train.spec import RunSpec, TrainDevice
 
 HARDWARE_KEYS = ("dtype", "attention", "compile_backend")
 VISIBILITY = {"nvidia": "CUDA_VISIBLE_DEVICES", "amd": "HIP_VISIBLE_DEVICES"}
@@ -39,10 +40,10 @@ def training_device(plan: HostPlan, spec: str | None) -> tuple[int, ResolvedDevi
 
 
 def apply_profile(loaded: LoadedConfig, device: ResolvedDevice, profiles, software, forced_profile: str | None
-                  ) -> tuple[dict[str, Any], dict[str, str], list[str]]:
+                  ) -> tuple[ResolvedProfile, dict[str, str], list[str]]:
     """The profile merged into the config; user hardware settings validated against the card.
 
-    Returns (resolved profile as a dict, origins of the hardware keys, warnings).
+    Returns (resolved profile, origins of the hardware keys, warnings).
     """
     cfg = loaded.config
     sets = {k: getattr(cfg, k) for k in HARDWARE_KEYS if getattr(cfg, k) is not None}
@@ -65,24 +66,34 @@ def apply_profile(loaded: LoadedConfig, device: ResolvedDevice, profiles, softwa
     if cfg.qlora and "nf4" not in resolved.profile.quantization:
         raise InputError(f"qlora=true: {device.reading.name} ({resolved.arch}) cannot run 4-bit NF4: "
                          f"{resolved.profile.reasons.get('quantization.nf4', '')}; train with plain LoRA (qlora=false)")
+    check_optimizer(cfg.optimizer, resolved.profile, software.bitsandbytes)
     origins = {k: (loaded.origins[k] if k in sets else ORIGIN_PROFILE) for k in HARDWARE_KEYS}
-    return asdict(resolved.profile), origins, warnings + [p for p in resolved.problems if p.startswith("warning")]
+    return resolved.profile, origins, warnings + [p for p in resolved.problems if p.startswith("warning")]
 
 
-def render_config(loaded: LoadedConfig, profile: dict[str, Any], hw_origins: dict[str, str],
+def check_optimizer(name: str, profile: ResolvedProfile, have_bitsandbytes: bool) -> None:
+    """An 8-bit optimizer needs the card's bitsandbytes kernels and the package itself; said before any load."""
+    from hwcompat.train.optim import EIGHT_BIT, check_supported
+
+    check_supported(name, profile)
+    if name in EIGHT_BIT and not have_bitsandbytes:
+        raise InputError(f"optimizer={name} needs bitsandbytes, which is not installed here: pip install bitsandbytes")
+
+
+def render_config(loaded: LoadedConfig, profile: ResolvedProfile, hw_origins: dict[str, str],
                   device: ResolvedDevice) -> str:
     """--print-config: every value with where it came from."""
     cfg = loaded.config.to_dict()
     lines = [f"# device: {device.reading.name} ({device.reading.vendor}:{device.reading.index})"
-             f"{' (emulated)' if device.reading.emulated else ''}, profile {profile['name']}"]
+             f"{' (emulated)' if device.reading.emulated else ''}, profile {profile.name}"]
     width = max(len(k) for k in cfg)
     for key, value in cfg.items():
         origin = loaded.origins.get(key, ORIGIN_DEFAULT)
         if key in HARDWARE_KEYS:
-            value, origin = profile[key], hw_origins[key]
+            value, origin = getattr(profile, key), hw_origins[key]
         lines.append(f"{key.ljust(width)} : {json.dumps(value)}  # {origin}")
     lines.append("# profile environment (set in the training process before torch is imported):")
-    for k, v in profile["env"].items():
+    for k, v in profile.env.items():
         lines.append(f"{('env.' + k).ljust(width)} : {json.dumps(v)}  # profile")
     return "\n".join(lines)
 
@@ -106,9 +117,9 @@ def check_data(loaded: LoadedConfig) -> tuple[str, float]:
     return report.render(), min(1.0, share * 1.25 + 0.02)  # margin: template and tokenisation differences
 
 
-def prepare_run_dir(loaded: LoadedConfig, profile: dict[str, Any], device: ResolvedDevice, plan: HostPlan,
+def prepare_run_dir(loaded: LoadedConfig, profile: ResolvedProfile, device: ResolvedDevice, plan: HostPlan,
                     resume: bool, overwrite: bool, cpu_emulation: bool = False) -> RunDir:
-    """Lock the run folder, apply its rules (``rundir``), then write the run's records."""
+    """Lock the run folder, apply its rules (``rundir``), then write the run's records and its spec."""
     cfg = loaded.config.to_dict()
     run = open_run_dir(loaded.config.output_dir, cfg, resume, overwrite)
     cfg["output_dir"] = str(run.path)
@@ -121,11 +132,12 @@ def prepare_run_dir(loaded: LoadedConfig, profile: dict[str, Any], device: Resol
     save_yaml({k: v for k, v in cfg.items()
                if loaded.origins.get(k, ORIGIN_DEFAULT) != ORIGIN_DEFAULT or k in ("model", "output_dir")},
               run.path / "config.yaml")
-    atomic_write_json(run.path / "profile.json", profile)
+    atomic_write_json(run.path / "profile.json", asdict(profile))
     atomic_write_json(run.path / "devices.json", plan.to_dict())
-    atomic_write_json(run.path / "run.json", {
-        "hwcompat": __version__, "config": cfg, "origins": loaded.origins, "profile": profile,
-        "device": device.to_dict(), "cpu_emulation": cpu_emulation, "resumes": resumes})
+    spec = RunSpec(config=replace(loaded.config, output_dir=str(run.path)), profile=profile,
+                   device=TrainDevice.choose(device, profile, cpu_emulation), origins=dict(loaded.origins),
+                   cpu_emulation=cpu_emulation, resumes=resumes, hwcompat=__version__)
+    atomic_write_json(run.path / "run.json", spec.to_dict())
     return run
 
 
@@ -164,10 +176,10 @@ def check_model(model: str, allow_network: bool, what: str = "model") -> None:
             read_header(f)  # a truncated download is an error naming the file, not a crash in the loader
 
 
-def child_env(profile: dict[str, Any], device: ResolvedDevice, group: list[int] | None,
+def child_env(profile: ResolvedProfile, device: ResolvedDevice, group: list[int] | None,
               online: bool = False) -> dict[str, str]:
     env = dict(os.environ)
-    env.update(profile["env"])
+    env.update(profile.env)
     env["HF_HUB_OFFLINE"] = "0" if online else "1"  # nothing reaches the network unless the user asked for a hub id
     var = VISIBILITY.get(device.reading.vendor)
     if var and not device.reading.emulated:
@@ -176,15 +188,48 @@ def child_env(profile: dict[str, Any], device: ResolvedDevice, group: list[int] 
     return env
 
 
-def exec_worker(run: RunDir, env: dict[str, str], nproc: int) -> None:
+@dataclass(frozen=True)
+class Nodes:
+    """Several machines in one run (torchrun's c10d rendezvous at node 0's address)."""
+
+    nnodes: int = 1
+    node_rank: int = 0
+    endpoint: str = ""  # HOST:PORT of node 0, reachable from every machine
+
+    @classmethod
+    def parse(cls, nnodes: int | None, node_rank: int | None, endpoint: str | None) -> "Nodes":
+        if nnodes is None or nnodes == 1:
+            if node_rank or endpoint:
+                raise InputError("--node-rank / --rdzv-endpoint need --nnodes N (N > 1 machines)")
+            return cls()
+        if nnodes < 1:
+            raise InputError(f"--nnodes {nnodes}: must be a positive number of machines")
+        if node_rank is None or not 0 <= node_rank < nnodes:
+            raise InputError(f"--node-rank: give each of the {nnodes} machines its number, 0 to {nnodes - 1} "
+                             "(0 on the machine whose address is --rdzv-endpoint)")
+        host, _, port = (endpoint or "").rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise InputError(f"--rdzv-endpoint {endpoint!r}: expected HOST:PORT of machine 0, e.g. 192.168.1.10:29400")
+        return cls(nnodes, node_rank, endpoint)
+
+    def torchrun_args(self) -> list[str]:
+        if self.nnodes == 1:
+            return ["--standalone"]
+        # The rendezvous store lives on node 0; the others are its clients (explicit, never guessed from names).
+        return [f"--nnodes={self.nnodes}", f"--node-rank={self.node_rank}", "--rdzv-backend=c10d",
+                f"--rdzv-endpoint={self.endpoint}", "--rdzv-id=hwcompat",
+                f"--rdzv-conf=is_host={'true' if self.node_rank == 0 else 'false'}"]
+
+
+def exec_worker(run: RunDir, env: dict[str, str], nproc: int, nodes: Nodes = Nodes()) -> None:
     """Replace this process with the trainer (or torchrun), so signals go straight to it.
 
     The run folder's lock descriptor is inherited, so the trainer holds the lock until it exits."""
     run_dir, resume = run.path, run.resume
     run.lock.keep_across_exec()
     tail = [str(run_dir)] + (["--resume"] if resume else [])
-    if nproc > 1:
-        argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+    if nproc > 1 or nodes.nnodes > 1:
+        argv = [sys.executable, "-m", "hwcompat.train.elastic", *nodes.torchrun_args(), f"--nproc-per-node={nproc}",
                 "-m", "hwcompat.train.worker", *tail]
     else:
         argv = [sys.executable, "-m", "hwcompat.train.worker", *tail]
@@ -193,7 +238,7 @@ def exec_worker(run: RunDir, env: dict[str, str], nproc: int) -> None:
     os.execve(sys.executable, argv, env)
 
 
-def check_plan(loaded: LoadedConfig, device: ResolvedDevice, profile: dict[str, Any],
+def check_plan(loaded: LoadedConfig, device: ResolvedDevice, profile: ResolvedProfile,
                logit_fraction: float = 1.0) -> str | None:
     """Refuse early, before any model load, when the planner says the run will not fit.
 
@@ -206,18 +251,16 @@ def check_plan(loaded: LoadedConfig, device: ResolvedDevice, profile: dict[str, 
         shape = P.load_shape(cfg.model)
     except InputError as exc:
         return f"plan: skipped ({exc})"
-    quant_ok = "nf4" in profile["quantization"]
-    inp = P.PlanInput(method="qlora" if cfg.qlora else "lora", seq_len=cfg.max_seq_len, batch_size=cfg.micro_batch_size,
-                      lora_rank=cfg.lora_r, lora_targets=cfg.lora_target_modules,
-                      gradient_checkpointing=cfg.gradient_checkpointing, lora_dropout=cfg.lora_dropout > 0,
-                      logit_fraction=logit_fraction)
-    result = P.estimate(shape, inp, profile["dtype"], profile["attention"], device.reading.vendor,
+    quant_ok = "nf4" in profile.quantization
+    inp = P.plan_input(cfg, logit_fraction=logit_fraction)
+    result = P.estimate(shape, inp, profile.dtype, profile.attention, device.reading.vendor,
                         device.reading.memory_bytes, quant_ok)
     note = (f"plan: peak {result.peak_bytes / P.GIB:.2f} GiB of {result.device_bytes / P.GIB:.1f} GiB "
             f"(worst case: every micro-batch {cfg.max_seq_len} tokens long)")
     if result.fits or cfg.force:
         return note + ("" if result.fits else "; does not fit, trying anyway (force)")
-    fits = [s for s in P.suggest(shape, result, device.reading.vendor, quant_ok) if s["fits"]]
+    fits = [s for s in P.suggest(shape, result, device.reading.vendor, quant_ok, "optim8bit" in profile.quantization)
+            if s["fits"]]
     hint = "; ".join(s["change"] for s in fits[:3]) or "a smaller model"
     raise HwcompatError(f"this run will not fit on {device.reading.name}: {note}. Change: {hint} "
                         "(`hwcompat plan --suggest` shows the breakdown; --force tries anyway)")

@@ -1,14 +1,13 @@
-"""The training recipe, top to bottom. Runs inside the launched worker process.
+"""The training recipe, top to bottom: setup -> train -> evaluate -> finish. Runs in the worker process.
 
     hwcompat train config.yaml                 # launcher: profile env set, then this
     hwcompat train config.yaml --resume        # continue from the last checkpoint
     hwcompat train config.yaml --devices all   # torchrun, one process per identical device
 
-Steps: read run.json -> data checks -> tokenise + mask -> load model in the
-profile's dtype / attention -> LoRA -> loop (accumulate, clip, step) with
-eval, checkpoints and signal handling -> adapter + summary in the run dir.
-The hardware policy (dtype, attention, compile, env) arrives resolved; this
-module never re-decides it.
+The recipe owns the schedule, accumulation, clipping, loss scaling, checkpoints, signals, logging and the
+distributed engine (``distributed``: torchrun + DDP). *What* is learned — the data, the batch shape, the
+loss and the eval metrics — belongs to the objective (``objectives``: SFT today). The hardware policy
+(dtype, attention, compile, env) arrives resolved in the run spec; this module never re-decides it.
 """
 
 from __future__ import annotations
@@ -18,125 +17,168 @@ import math
 import os
 import random
 import resource
-import signal
 import sys
 import time
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hwcompat.errors import DataError, HwcompatError, InputError
+from hwcompat.errors import HwcompatError, InputError
 from hwcompat.fsutil import atomic_dir, atomic_write_json, atomic_write_text
-from hwcompat.train import batching, checkpoint, metrics
-from hwcompat.train.config import TrainConfig, config_from_dict
-from hwcompat.train.data import Report, load_datasets
-
-EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
+from hwcompat.train import batching, checkpoint, distributed, metrics, objectives
+from hwcompat.train.distributed import Dist, log
+from hwcompat.train.model import load_model
+from hwcompat.train.optim import make_optimizer
+from hwcompat.train.objectives.sft import ResponseLoss, evaluate_loss, generate, task_metrics  # noqa: F401 (API)
+from hwcompat.train.spec import RunSpec, load_spec
+from hwcompat.train.stopping import (NONFINITE_STEPS, SecondInterrupt, Signals,  # noqa: F401 (worker's API)
+                                     divergence_advice, oom_advice)
 
 
 @dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
+class Recipe:
+    """Everything setup built, that train, evaluate and finish share."""
+
+    spec: RunSpec
+    run_dir: Path
+    dist: Dist
+    device: Any
+    objective: Any
+    model: Any  # the peft model: saved, evaluated
+    engine: Any  # what the loss runs through: DDP over the objective's loss, or that loss itself
+    tokenizer: Any
+    optimizer: Any
+    scheduler: Any
+    scaler: Any
+    mode: str  # batching mode
+    per_rank: int  # micro-batches per epoch for each process
+    total_steps: int
+    start_step: int = 0
+    history: dict[str, Any] = field(default_factory=lambda: {"eval": []})
+    t_start: float = 0.0
+    train_seconds: float = 0.0
+    tokens: int = 0
+    last_loss: float = float("nan")
 
     @property
-    def main(self) -> bool:
-        return self.rank == 0
+    def cfg(self):
+        return self.spec.config
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.run_dir / "metrics.jsonl"
 
 
-def log(dist: Dist, msg: str) -> None:
-    if dist.main:
-        print(msg, file=sys.stderr, flush=True)
+def run(run_dir: Path, resume: bool = False) -> int:
+    """Train as described by ``run_dir/run.json``; returns the process exit code."""
+    t_start = time.time()
+    spec = load_spec(run_dir / "run.json")
+    dist = distributed.init(spec.device.kind)
+    distributed.check_same_run(dist, _identity(spec))
+    r = setup(spec, run_dir, dist, resume)
+    r.t_start = t_start
+    if r.dist.writer and r.start_step == 0 and r.cfg.eval_at_start:
+        evaluate(r, 0, with_tasks=True)
+    distributed.barrier(dist)
+    code = train(r)
+    if code == 0:
+        finish(r)
+    distributed.close(dist)
+    return code
 
 
-def _init_dist() -> Dist:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Dist()
-    import torch.distributed as td
+def _identity(spec: RunSpec) -> dict[str, str]:
+    """What every process of one run must share: the profile family's choices and the training settings."""
+    settings = {k: v for k, v in spec.config.to_dict().items() if k not in ("output_dir", "num_threads")}
+    p = spec.profile
+    return {"profile": p.name, "dtype": p.dtype, "attention": p.attention, "compile_backend": p.compile_backend,
+            "config": json.dumps(settings, sort_keys=True)}
 
+
+# --- setup ------------------------------------------------------------------------------------------------
+
+def setup(spec: RunSpec, run_dir: Path, dist: Dist, resume: bool) -> Recipe:
+    """Device, data, model, objective, optimizer and schedule; the checkpoint when resuming."""
     import torch
 
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    td.init_process_group(backend)
-    return Dist(td.get_rank(), td.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    cfg, profile = spec.config, spec.profile
+    _warn_missing_env(spec, dist)
+    if cfg.num_threads > 0:
+        torch.set_num_threads(cfg.num_threads)
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    device = _bind_device(spec, dist)
+    objective = objectives.create(cfg.objective, cfg, profile, device)
+    tokenizer = _tokenizer(cfg)
+    objective.load(tokenizer, lambda m: log(dist, m))  # data checks and tokenisation, before the model loads
+    model = load_model(cfg, profile, device)
+    objective.bind(model, profile.compile_backend)
+    mode = batching.resolve_batching(cfg.batching, profile.attention)
+    _log_model(dist, spec, model, mode)
+    per_rank = len(batching.plan_batches(objective.lengths(), cfg.micro_batch_size, mode, cfg.seed)) // dist.world
+    if per_rank == 0:
+        raise InputError(f"{len(objective.lengths())} training rows are too few for "
+                         f"micro_batch_size={cfg.micro_batch_size} on {dist.world} process(es)")
+    steps_per_epoch = max(1, per_rank // cfg.gradient_accumulation)
+    total = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(cfg.optimizer, trainable, cfg.learning_rate, cfg.weight_decay, profile)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(cfg.lr_schedule, int(cfg.warmup_ratio * total), total))
+    scaler = torch.amp.GradScaler(device.type) if profile.dtype == "float16" else None
+    r = Recipe(spec, run_dir, dist, device, objective, model, None, tokenizer, optimizer, scheduler, scaler, mode,
+               per_rank, total)
+    _restore(r, resume)  # before DDP: its construction broadcasts rank 0's weights to the group
+    r.engine = _engine(model, objective, dist, device)
+    return r
 
 
-def _device(profile: dict[str, Any], dist: Dist, cpu_emulation: bool = False):
+def _warn_missing_env(spec: RunSpec, dist: Dist) -> None:
+    missing = {k: v for k, v in spec.profile.env.items() if os.environ.get(k) != v}
+    if missing:
+        log(dist, f"warning: profile environment not applied in this process: {missing}; "
+                  "start training through `hwcompat train`")
+
+
+def _bind_device(spec: RunSpec, dist: Dist):
+    """The launcher chose the device kind; here each process takes its local GPU."""
     import torch
 
-    if profile["name"] == "cpu" or cpu_emulation:
+    if spec.device.kind == "cpu":
+        if spec.cpu_emulation:
+            log(dist, f"cpu emulation: running the {spec.profile.name} profile on the CPU (plumbing, not the card)")
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise HwcompatError(f"the {profile['name']} profile needs a GPU, but this torch ({torch.__version__}) sees "
+        raise HwcompatError(f"the {spec.profile.name} profile needs a GPU, but this torch ({torch.__version__}) sees "
                             "none; run `hwcompat doctor` for the install command, or use the "
-                            f"{profile['image']} image")
+                            f"{spec.profile.image} image")
     torch.cuda.set_device(dist.local_rank)
     return torch.device("cuda", dist.local_rank)
 
 
-def _rss_peak_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def _tokenizer(cfg):
+    from transformers import AutoTokenizer
 
-
-def load_model(cfg: TrainConfig, profile: dict[str, Any], device):
-    """Base model in the profile's dtype and attention kernel, LoRA on top (adapters in fp32)."""
-    import warnings
-
-    import torch
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM
-
-    # peft calls a transformers property deprecated in v5; the warning is theirs, not the user's.
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-
-    dtype = getattr(torch, profile["dtype"])
-    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": profile["attention"],
-                              "trust_remote_code": cfg.trust_remote_code,
-                              "use_safetensors": True}  # never unpickle weights (the launcher refused .bin-only)
-    if cfg.qlora:
-        if "nf4" not in profile["quantization"]:
-            raise InputError(f"qlora=true: the {profile['name']} profile has no NF4 support "
-                             f"({profile['reasons'].get('quantization.nf4', '')}); use plain LoRA (qlora=false)")
-        try:
-            from transformers import BitsAndBytesConfig
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            raise InputError("qlora=true needs bitsandbytes: pip install bitsandbytes") from None
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype if dtype != torch.float32 else torch.float16)
-        kwargs["device_map"] = {"": device.index or 0}
     try:
-        model = AutoModelForCausalLM.from_pretrained(cfg.model, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code)
     except OSError as exc:
-        raise InputError(f"model {cfg.model}: cannot load it ({str(exc).splitlines()[0]}); "
-                         "point model= at a local folder with config.json and weights") from None
-    if not cfg.qlora:
-        model.to(device)
-    model.config.use_cache = False
-    if cfg.qlora:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
-    elif cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    targets = "all-linear" if cfg.lora_target_modules == ["all-linear"] else cfg.lora_target_modules
-    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=targets, task_type="CAUSAL_LM", bias="none")
-    try:
-        model = get_peft_model(model, lora)
-    except ValueError as exc:
-        raise InputError(f"lora_target_modules={cfg.lora_target_modules}: {exc}") from None
-    # Adapters train in fp32 whatever the base dtype (peft's autocast_adapter_dtype does this for
-    # fp16/bf16); make sure, so fp16 loss scaling never sees fp16 master weights.
-    for p in model.parameters():
-        if p.requires_grad and p.dtype != torch.float32:
-            p.data = p.data.float()
-    return model
+        raise InputError(f"tokenizer {cfg.tokenizer or cfg.model}: cannot load it ({str(exc).splitlines()[0]})") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
-def _lr_lambda(schedule: str, warmup: int, total: int):
+def _log_model(dist: Dist, spec: RunSpec, model, mode: str) -> None:
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_total = sum(p.numel() for p in model.parameters())
+    p, cfg = spec.profile, spec.config
+    log(dist, f"model: {cfg.model} | {p.dtype} | attention {p.attention} | compile {p.compile_backend} | "
+              f"batching {mode} | LoRA r={cfg.lora_r} trains {n_trainable:,} of {n_total:,} parameters"
+              f"{f' | {dist.world} processes on {dist.nnodes} machine(s), DDP' if dist.world > 1 else ''}")
+
+
+def lr_lambda(schedule: str, warmup: int, total: int):
     def f(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
@@ -149,137 +191,189 @@ def _lr_lambda(schedule: str, warmup: int, total: int):
     return f
 
 
-class SecondInterrupt(KeyboardInterrupt):
-    """A second Ctrl-C while the first one's checkpoint is pending: stop at once."""
+def _restore(r: Recipe, resume: bool) -> None:
+    """--resume: the last checkpoint's weights, optimizer, schedule and RNG; never a step backwards."""
+    if not resume:
+        if r.dist.writer:
+            r.metrics_path.unlink(missing_ok=True)
+        return
+    ck = checkpoint.latest(r.run_dir)
+    if ck is None:
+        raise InputError(f"--resume: no checkpoint in {checkpoint.checkpoint_dir(r.run_dir)}; start without --resume")
+    state = checkpoint.load(ck, r.model, r.optimizer, r.scheduler, r.scaler)
+    r.start_step = state["step"]
+    if r.start_step > r.total_steps:
+        raise InputError(f"--resume: the run already made {r.start_step} steps, but these settings give "
+                         f"{r.total_steps} in all; a resume never moves a run backwards (raise epochs or "
+                         "max_steps, or start a new run)")
+    r.history = state.get("history", r.history)
+    if r.dist.writer and r.metrics_path.exists():
+        kept = [ln for ln in r.metrics_path.read_text().splitlines()
+                if json.loads(ln).get("step", 0) <= r.start_step]
+        atomic_write_text(r.metrics_path, "".join(ln + "\n" for ln in kept))
+    log(r.dist, f"resumed from {ck} at step {r.start_step}/{r.total_steps}")
 
 
-class Signals:
-    """SIGINT/SIGTERM set a flag; the loop checkpoints at the next micro-batch boundary and exits.
-
-    Acting at a micro-batch, not an optimizer step, bounds the time to exit by one forward/backward pass,
-    so ``docker stop`` (SIGKILL after 10 s) never lands before the checkpoint even with long accumulation.
-    """
-
-    def __init__(self) -> None:
-        self.received: int | None = None
-        self._old = {}
-        for sig in EXIT_SIGNAL:
-            self._old[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        if self.received is not None and signum == signal.SIGINT:
-            raise SecondInterrupt  # second Ctrl-C: stop now
-        self.received = signum
-
-    def restore(self) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-
-def _autocast(device, dtype_name: str):
-    import contextlib
-
+def _engine(model, objective, dist: Dist, device):
+    """The module the loss runs through. DDP needs one whose forward *is* the loss: the objective computes it
+    from the model's parts (SFT runs the decoder and the LM head separately), not from ``model.forward``."""
     import torch
 
-    if dtype_name == "float32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=getattr(torch, dtype_name))
+    class ObjectiveLoss(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model  # registered, so DDP finds the trainable parameters
+
+        def forward(self, batch: dict[str, Any], n_items: float):
+            return objective.loss(batch, n_items)
+
+    return distributed.wrap(ObjectiveLoss(), dist, device)
 
 
-class ResponseLoss:
-    """Summed cross-entropy over response tokens only, computing logits only where they are needed.
+# --- train --------------------------------------------------------------------------------------------------
 
-    A causal-LM forward projects every position onto the vocabulary (hidden x vocab per token, then
-    an fp32 copy for the loss): for prompt tokens, whose labels are -100, that work and memory are
-    thrown away. Here the decoder runs as usual and the LM head runs on the response positions
-    alone, the same loss to float precision. Models without the usual ``.model`` / ``.lm_head``
-    split, or with logit soft-capping, use the plain forward.
-    """
-
-    def __init__(self, model, compile_backend: str = "eager"):
-        import torch
-
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        cfg = getattr(base, "config", None)
-        self.fast = (hasattr(base, "model") and hasattr(base, "lm_head")
-                     and not getattr(cfg, "final_logit_softcapping", None)
-                     and not getattr(cfg, "logit_scale", None))
-        self.model = model
-        self.decoder = base.model if self.fast else None
-        self.head = base.lm_head if self.fast else None
-        if compile_backend == "inductor":
-            if self.fast:
-                self.decoder = torch.compile(self.decoder)
-            else:
-                self.model = torch.compile(model)
-
-    def __call__(self, batch: dict, n_items: float):
-        """Loss = sum over this batch's response tokens / n_items (the window's token count)."""
-        import torch.nn.functional as F
-
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-        labels = batch["labels"]
-        if not self.fast:
-            return self.model(**inputs, labels=labels, use_cache=False, num_items_in_batch=n_items).loss
-        hidden = self.decoder(**inputs, use_cache=False).last_hidden_state
-        targets = labels[:, 1:]
-        keep = targets != batching.IGNORE
-        logits = self.head(hidden[:, :-1][keep])
-        return F.cross_entropy(logits.float(), targets[keep], reduction="sum") / n_items
+def micro_batches(r: Recipe, start_micro: int):
+    """This rank's deterministic stream of (epoch, micro-batch) from a position; one batch plan per epoch."""
+    lengths = r.objective.lengths()
+    m, planned, mine = start_micro, None, []
+    while True:
+        epoch, pos = divmod(m, r.per_rank)
+        if epoch != planned:
+            plan = batching.plan_batches(lengths, r.cfg.micro_batch_size, r.mode, r.cfg.seed + epoch)
+            mine, planned = plan[r.dist.rank::r.dist.world][:r.per_rank], epoch
+        yield epoch, r.objective.collate(mine[pos], r.mode, r.tokenizer.pad_token_id)
+        m += 1
 
 
-def evaluate_loss(model, data: list, micro_batch: int, pad_id: int, device, dtype_name: str) -> float:
+def train(r: Recipe) -> int:
+    """Optimizer steps until ``total_steps``, or a signal (checkpoint, exit 130/143); returns the exit code."""
+    import torch
+    from tqdm.auto import tqdm
+
+    signals = Signals()
+    stream = micro_batches(r, r.start_step * r.cfg.gradient_accumulation)
+    bar = tqdm(total=r.total_steps, initial=r.start_step, disable=not r.dist.writer, unit="step", mininterval=1.0,
+               dynamic_ncols=True, file=sys.stderr)
+    step, diverged, t_loop = r.start_step, 0, time.time()
+    r.model.train()
+    try:
+        while step < r.total_steps:
+            rng_at_step = checkpoint.rng_state()  # a stop inside this step resumes from here, bit for bit
+            out = _step(r, stream, signals)
+            if isinstance(out, int):  # signalled inside the step: the partial step is dropped
+                return _interrupted(r, step, signals, rng_at_step, mid_step=out)
+            loss, grad_norm, epoch, overflow = out
+            diverged = 0 if overflow or (math.isfinite(loss) and math.isfinite(grad_norm)) else diverged + 1
+            if diverged >= NONFINITE_STEPS:
+                raise HwcompatError(divergence_advice(r.cfg, r.spec.profile, step + 1, loss, grad_norm))
+            r.scheduler.step()
+            r.optimizer.zero_grad(set_to_none=True)
+            step, r.last_loss = step + 1, loss
+            r.train_seconds = time.time() - t_loop
+            _log_step(r, bar, step, loss, grad_norm, epoch)
+            stop = distributed.any_rank(r.dist, signals.received is not None, r.device)
+            if r.cfg.eval_every and step % r.cfg.eval_every == 0 and step < r.total_steps and r.dist.writer:
+                evaluate(r, step, with_tasks=True)
+            if stop:
+                return _interrupted(r, step, signals)
+            if r.cfg.checkpoint_every and step % r.cfg.checkpoint_every == 0 and step < r.total_steps:
+                _save(r, step)
+    except torch.OutOfMemoryError:
+        raise HwcompatError(oom_advice(r.cfg, r.spec.profile, step)) from None
+    finally:
+        signals.restore()
+        bar.close()
+    r.train_seconds = time.time() - t_loop
+    return 0
+
+
+def _step(r: Recipe, stream, signals: Signals):
+    """One optimizer step over ``gradient_accumulation`` micro-batches: (loss, grad norm, epoch, fp16 overflow),
+    or the micro-batch index at which a signal arrived."""
     import torch
 
-    model.eval()
-    total, count = 0.0, 0
-    order = sorted(range(len(data)), key=lambda i: len(data[i].input_ids))
-    loss_fn = ResponseLoss(model)
-    with torch.no_grad(), _autocast(device, dtype_name):
-        for s in range(0, len(order), micro_batch):
-            b = batching.collate([data[i] for i in order[s:s + micro_batch]], "padded", pad_id)
-            tensors = {k: b[k].to(device) for k in ("input_ids", "attention_mask", "labels")}
-            total += loss_fn(tensors, 1.0).float().item()
-            count += b["n_target"]
-    model.train()
-    return total / max(1, count)
+    window = []
+    for _ in range(r.cfg.gradient_accumulation):  # one process: a signal also ends the collation
+        if r.dist.world == 1 and signals.received is not None:
+            return len(window)
+        window.append(next(stream))
+    # Normalise by the global token count, so every rank's loss (and DDP's average) is the whole window's.
+    n_target = distributed.all_sum(r.dist, sum(b["n_target"] for _, b in window), r.device)
+    loss_sum = 0.0
+    for i, (epoch, b) in enumerate(window):
+        if i and distributed.any_rank(r.dist, signals.received is not None, r.device):  # mid-accumulation
+            r.optimizer.zero_grad(set_to_none=True)
+            return i
+        last = i == len(window) - 1
+        with (r.engine.no_sync() if r.dist.world > 1 and not last else nullcontext()):  # reduce once, at the end
+            with _autocast(r):
+                loss = r.engine(b, max(1.0, n_target) / r.dist.world)
+            (r.scaler.scale(loss) if r.scaler else loss).backward()
+        loss_sum += loss.detach().float().item()
+        r.tokens += b["n_tokens"]
+    loss_sum = distributed.all_sum(r.dist, loss_sum, r.device)
+    trainable = [p for p in r.model.parameters() if p.requires_grad]
+    if r.scaler:
+        r.scaler.unscale_(r.optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, r.cfg.max_grad_norm).item()
+    overflow = False
+    if r.scaler:
+        scale = r.scaler.get_scale()
+        r.scaler.step(r.optimizer)
+        r.scaler.update()
+        overflow = r.scaler.get_scale() < scale  # fp16 overflow: the scaler skipped this step, by design
+    else:
+        r.optimizer.step()
+    return loss_sum, grad_norm, epoch, overflow
 
 
-def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, device, dtype_name: str,
-             batch_size: int = 16) -> list[str]:
-    """Greedy decoding, left-padded batches; returns the decoded continuations."""
-    import torch
+def _autocast(r: Recipe):
+    from hwcompat.train.model import autocast
 
-    model.eval()
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    outs: list[str] = []
-    with torch.no_grad(), _autocast(device, dtype_name):
-        for s in range(0, len(prompts), batch_size):
-            chunk = prompts[s:s + batch_size]
-            width = max(len(p) for p in chunk)
-            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for i, p in enumerate(chunk):
-                ids[i, width - len(p):] = torch.tensor(p)
-                mask[i, width - len(p):] = 1
-            gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                 max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
-                                 use_cache=True)
-            for row in gen[:, width:]:
-                outs.append(tokenizer.decode(row, skip_special_tokens=True).strip())
-    model.train()
-    return outs
+    return autocast(r.device, r.spec.profile.dtype)
 
 
-def task_metrics(model, tokenizer, evals, cfg: TrainConfig, chat: bool, device, dtype_name: str) -> dict[str, float]:
-    if cfg.eval_metrics == "none" or not evals:
-        return {}
-    rows = evals[:cfg.eval_max_rows]
-    refs = [e.response for e in rows]
-    max_new = cfg.eval_max_new_tokens or max(len(tokenizer.encode(r, add_special_tokens=False)) for r in refs) + 16
-    prompts = [batching.render_prompt_ids(tokenizer, e.messages, chat) for e in rows]
-    preds = generate(model, tokenizer, prompts, max_new, device, dtype_name)
-    return metrics.score(preds, refs, cfg.eval_metrics)
+def _log_step(r: Recipe, bar, step: int, loss: float, grad_norm: float, epoch: int) -> None:
+    tps = r.tokens * r.dist.world / max(r.train_seconds, 1e-9)
+    if r.dist.writer:
+        _append_jsonl(r.metrics_path, {"step": step, "kind": "train", "loss": loss,
+                                       "lr": r.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                                       "epoch": epoch, "tokens_per_s": tps})
+    bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:,.0f}", refresh=False)
+    bar.update(1)
+
+
+def _save(r: Recipe, step: int, rng: dict[str, Any] | None = None) -> Path | None:
+    """Every machine's writer keeps its own checkpoint (the replicas are identical); then the group waits."""
+    path = None
+    if r.dist.writer:
+        path = checkpoint.save(r.run_dir, step, r.model, r.optimizer, r.scheduler, r.scaler,
+                               {"history": r.history, "total_steps": r.total_steps}, r.cfg.keep_checkpoints, rng=rng)
+    distributed.barrier(r.dist)
+    return path
+
+
+def _interrupted(r: Recipe, step: int, signals: Signals, rng: dict[str, Any] | None = None,
+                 mid_step: int | None = None) -> int:
+    """A signal: save the last completed step (a partial one is redone on resume), say how to resume."""
+    path = _save(r, step, rng)
+    where = "" if mid_step is None else (f" (micro-batch {mid_step} of {r.cfg.gradient_accumulation}; that step is "
+                                         "redone on resume)")
+    log(r.dist, f"\ninterrupted at step {step}/{r.total_steps}{where}: checkpoint saved to {path}\n"
+                f"resume with: hwcompat train {r.run_dir / 'config.yaml'} --resume")
+    signals.restore()
+    return signals.exit_code()
+
+
+# --- evaluate ----------------------------------------------------------------------------------------------
+
+def evaluate(r: Recipe, step: int, with_tasks: bool) -> dict[str, Any]:
+    """The objective's metrics now, appended to metrics.jsonl and the run's history (writers only)."""
+    rec: dict[str, Any] = {"step": step, "kind": "eval", **r.objective.evaluate(r.model, with_tasks)}
+    _append_jsonl(r.metrics_path, rec)
+    r.history["eval"].append(rec)
+    log(r.dist, f"eval @ step {step}: loss {rec.get('eval_loss', float('nan')):.4f} {metrics.headline(rec)}")
+    return rec
 
 
 def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
@@ -287,334 +381,55 @@ def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
         fh.write(json.dumps(record) + "\n")
 
 
-def _oom_advice(cfg: TrainConfig, profile: dict[str, Any], step: int) -> str:
-    tips = []
-    if cfg.micro_batch_size > 1:
-        tips.append(f"micro_batch_size={max(1, cfg.micro_batch_size // 2)} "
-                    f"gradient_accumulation={cfg.gradient_accumulation * 2} (same effective batch)")
-    tips.append(f"max_seq_len={max(128, cfg.max_seq_len // 2)}")
-    if not cfg.gradient_checkpointing:
-        tips.append("gradient_checkpointing=true (about a third more time, far less activation memory)")
-    if not cfg.qlora and "nf4" in profile["quantization"]:
-        tips.append("qlora=true (4-bit base weights)")
-    return (f"out of memory at step {step} (micro_batch_size={cfg.micro_batch_size}, "
-            f"max_seq_len={cfg.max_seq_len}). Try one of: " + "; ".join(tips) +
-            ". `hwcompat plan` estimates what fits before you start.")
+# --- finish ------------------------------------------------------------------------------------------------
+
+def finish(r: Recipe) -> None:
+    """Final eval, the adapter, summary.json and (export=gguf) the merged model, on each machine's writer."""
+    if not r.dist.writer:
+        return
+    final = evaluate(r, r.total_steps, with_tasks=True)
+    with atomic_dir(r.run_dir / "adapter") as tmp:
+        r.model.save_pretrained(str(tmp), safe_serialization=True)
+        r.tokenizer.save_pretrained(str(tmp))
+    summary = _summary(r, final)
+    atomic_write_json(r.run_dir / "summary.json", summary)
+    log(r.dist, _summary_text(summary, r.run_dir))
+    if r.cfg.export == "gguf":
+        export_run(r.run_dir, r.cfg, lambda m: log(r.dist, m))
 
 
-def _stop_agreed(signals: Signals, dist, device) -> bool:
-    """Has any rank been signalled? With several processes all must agree, or one would wait forever."""
-    stop = signals.received is not None
-    if dist.world > 1:
-        import torch
-
-        flag = torch.tensor([1 if stop else 0], device=device)
-        torch.distributed.all_reduce(flag)
-        stop = bool(flag.item())
-    return stop
-
-
-def _checkpoint_and_exit(run_dir: Path, step: int, total_steps: int, model, optimizer, scheduler, scaler,
-                         history: dict[str, Any], cfg: TrainConfig, dist, signals: Signals, rng: dict[str, Any],
-                         mid_step: int) -> int:
-    """A signal inside a step: save the last completed step (the partial one is redone on resume)."""
+def _summary(r: Recipe, final: dict[str, Any]) -> dict[str, Any]:
+    import peft
     import torch
+    import transformers
 
-    if dist.main:
-        path = checkpoint.save(run_dir, step, model, optimizer, scheduler, scaler,
-                               {"history": history, "total_steps": total_steps}, cfg.keep_checkpoints, rng=rng)
-        log(dist, f"\ninterrupted at step {step}/{total_steps} (micro-batch {mid_step} of "
-                  f"{cfg.gradient_accumulation}; that step is redone on resume): checkpoint saved to {path}\n"
-                  f"resume with: hwcompat train {run_dir / 'config.yaml'} --resume")
-    if dist.world > 1:
-        torch.distributed.barrier()
-    signals.restore()
-    return EXIT_SIGNAL.get(signals.received or signal.SIGTERM, 143)
+    from hwcompat import __version__
 
-
-#: Consecutive optimizer steps with a non-finite loss or gradient norm after which a run is stopped.
-NONFINITE_STEPS = 3
-
-
-def _divergence_advice(cfg: TrainConfig, profile: dict[str, Any], step: int, loss: float, grad_norm: float) -> str:
-    """A run whose loss went NaN/inf stops before it can write a NaN adapter; say what to change."""
-    fp16 = profile["dtype"] == "float16"
-    return (f"training diverged: loss {loss} and gradient norm {grad_norm} were not finite for {NONFINITE_STEPS} "
-            f"steps in a row (at step {step}); no adapter was written. Try a lower learning_rate (now "
-            f"{cfg.learning_rate:g}, e.g. learning_rate={cfg.learning_rate / 10:g}), max_grad_norm=1.0"
-            + (", or dtype=float32 (fp16 overflows on some models)" if fp16 else "")
-            + "; earlier checkpoints, if any, are untouched")
+    p = r.spec.profile
+    first = r.history["eval"][0] if r.history["eval"] and r.history["eval"][0]["step"] == 0 else {}
+    cuda = r.device.type == "cuda"
+    return {
+        "steps": r.total_steps, "total_steps": r.total_steps, "objective": r.objective.name,
+        "train_rows": len(r.objective.train), "eval_rows": len(r.objective.evals),
+        "final_train_loss": r.last_loss, "eval_before": first, "eval_after": final,
+        "tokens_per_s": r.tokens * r.dist.world / max(r.train_seconds, 1e-9), "train_seconds": r.train_seconds,
+        "wall_seconds": time.time() - r.t_start,
+        "peak_memory_bytes": torch.cuda.max_memory_allocated() if cuda else _rss_peak_bytes(),
+        "peak_memory_kind": "torch.cuda.max_memory_allocated" if cuda else "process max RSS",
+        "world_size": r.dist.world, "nnodes": r.dist.nnodes, "batching": r.mode,
+        "profile_env_applied": all(os.environ.get(k) == v for k, v in p.env.items()),
+        "cpu_emulation": r.spec.cpu_emulation, "profile": p.name, "env_seen": {k: os.environ.get(k) for k in p.env},
+        "dtype": p.dtype, "attention": p.attention, "compile_backend": p.compile_backend,
+        "versions": {"hwcompat": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+                     "peft": peft.__version__, "python": sys.version.split()[0]},
+    }
 
 
-def _read_spec(path: Path) -> dict[str, Any]:
-    """run.json as the launcher wrote it; damaged or hand-edited into another shape is a clear error."""
-    try:
-        spec = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{path}: cannot read the run's record ({str(exc)[:120]}); start the run again with "
-                         "hwcompat train CONFIG (add --overwrite to replace this folder)") from None
-    missing = [k for k in ("config", "profile") if not isinstance(spec, dict) or not isinstance(spec.get(k), dict)]
-    if missing:
-        raise InputError(f"{path}: {', '.join(missing)} missing or not a mapping; start the run again with "
-                         "hwcompat train CONFIG (add --overwrite to replace this folder)")
-    return spec
+def _rss_peak_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def run(run_dir: Path, resume: bool = False) -> int:
-    """Train as described by ``run_dir/run.json``; returns the process exit code."""
-    t_start = time.time()
-    spec = _read_spec(run_dir / "run.json")
-    cfg = config_from_dict(spec["config"], f"{run_dir / 'run.json'}: config")
-    profile = spec["profile"]
-    dist = _init_dist()
-    missing_env = {k: v for k, v in profile["env"].items() if os.environ.get(k) != v}
-    if missing_env:
-        log(dist, f"warning: profile environment not applied in this process: {missing_env}; "
-                  "start training through `hwcompat train`")
-
-    import torch
-    from transformers import AutoTokenizer
-
-    if cfg.num_threads > 0:
-        torch.set_num_threads(cfg.num_threads)
-    random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    cpu_emulation = bool(spec.get("cpu_emulation"))
-    device = _device(profile, dist, cpu_emulation)
-    if cpu_emulation:
-        log(dist, f"cpu emulation: running the {profile['name']} profile on the CPU (plumbing, not the card)")
-
-    # --- data: checks and tokenisation, all before the model is loaded -------------------------
-    train_rows, eval_rows, report = load_datasets(cfg.train_data, cfg.eval_data, cfg.data_format,
-                                                  cfg.eval_fraction, cfg.seed, cfg.system_prompt, cfg.max_seq_len)
-    if report.errors:
-        raise DataError("data checks failed; nothing was trained\n" + report.render())
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code)
-    except OSError as exc:
-        raise InputError(f"tokenizer {cfg.tokenizer or cfg.model}: cannot load it ({str(exc).splitlines()[0]})") from None
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    chat = batching.uses_chat_template(tokenizer, cfg.chat_template)
-    tok_report = Report()
-    train_tok = batching.tokenize_all(tokenizer, train_rows, chat, cfg.max_seq_len, cfg.overlong, tok_report, "train")
-    eval_tok = batching.tokenize_all(tokenizer, eval_rows, chat, cfg.max_seq_len, cfg.overlong, tok_report, "eval")
-    report.errors += tok_report.errors
-    for k, v in tok_report.warnings.items():
-        report.warnings.setdefault(k, []).extend(v)
-    if report.errors or not train_tok:
-        raise DataError("data checks failed; nothing was trained\n" + report.render())
-    if tok_report.warnings:  # the launcher already printed the text-level report
-        log(dist, tok_report.render())
-
-    # --- model ----------------------------------------------------------------------------------
-    model = load_model(cfg, profile, device)
-    loss_fn = ResponseLoss(model, profile["compile_backend"])
-    mode = batching.resolve_batching(cfg.batching, profile["attention"])
-    pad_id = tokenizer.pad_token_id
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    n_trainable = sum(p.numel() for p in trainable)
-    n_total = sum(p.numel() for p in model.parameters())
-    log(dist, f"model: {cfg.model} | {profile['dtype']} | attention {profile['attention']} | "
-              f"compile {profile['compile_backend']} | batching {mode} | "
-              f"LoRA r={cfg.lora_r} trains {n_trainable:,} of {n_total:,} parameters")
-
-    # --- schedule ---------------------------------------------------------------------------------
-    lengths = [len(t.input_ids) for t in train_tok]
-    per_rank = len(batching.plan_batches(lengths, cfg.micro_batch_size, mode, cfg.seed)) // dist.world
-    if per_rank == 0:
-        raise InputError(f"{len(train_tok)} training rows are too few for micro_batch_size={cfg.micro_batch_size} "
-                         f"on {dist.world} process(es)")
-    steps_per_epoch = max(1, per_rank // cfg.gradient_accumulation)
-    total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * steps_per_epoch))
-    warmup = int(cfg.warmup_ratio * total_steps)
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.lr_schedule, warmup, total_steps))
-    scaler = torch.amp.GradScaler(device.type) if profile["dtype"] == "float16" else None
-
-    def micro_batches(start_micro: int):
-        """The deterministic stream of this rank's micro-batches, from a given position (one plan per epoch)."""
-        m, planned, mine = start_micro, None, []
-        while True:
-            epoch, pos = divmod(m, per_rank)
-            if epoch != planned:
-                plan = batching.plan_batches(lengths, cfg.micro_batch_size, mode, cfg.seed + epoch)
-                mine, planned = plan[dist.rank::dist.world][:per_rank], epoch
-            yield epoch, batching.collate([train_tok[i] for i in mine[pos]], mode, pad_id)
-            m += 1
-
-    metrics_path = run_dir / "metrics.jsonl"
-    start_step = 0
-    history: dict[str, Any] = {"eval": []}
-    if resume:
-        ck = checkpoint.latest(run_dir)
-        if ck is None:
-            raise InputError(f"--resume: no checkpoint in {checkpoint.checkpoint_dir(run_dir)}; start without --resume")
-        state = checkpoint.load(ck, model, optimizer, scheduler, scaler)
-        start_step = state["step"]
-        if start_step > total_steps:
-            raise InputError(f"--resume: the run already made {start_step} steps, but these settings give "
-                             f"{total_steps} in all; a resume never moves a run backwards (raise epochs or "
-                             "max_steps, or start a new run)")
-        history = state.get("history", history)
-        if dist.main and metrics_path.exists():
-            kept = [ln for ln in metrics_path.read_text().splitlines() if json.loads(ln).get("step", 0) <= start_step]
-            atomic_write_text(metrics_path, "".join(ln + "\n" for ln in kept))
-        log(dist, f"resumed from {ck} at step {start_step}/{total_steps}")
-    elif dist.main:
-        metrics_path.unlink(missing_ok=True)
-
-    def do_eval(step: int, with_tasks: bool) -> dict[str, Any]:
-        rec: dict[str, Any] = {"step": step, "kind": "eval"}
-        if eval_tok:
-            rec["eval_loss"] = evaluate_loss(model, eval_tok, cfg.micro_batch_size, pad_id, device, profile["dtype"])
-        if with_tasks:
-            rec.update(task_metrics(model, tokenizer, eval_rows, cfg, chat, device, profile["dtype"]))
-        _append_jsonl(metrics_path, rec)
-        history["eval"].append(rec)
-        shown = metrics.headline(rec)
-        log(dist, f"eval @ step {step}: loss {rec.get('eval_loss', float('nan')):.4f} {shown}")
-        return rec
-
-    if dist.main and start_step == 0 and cfg.eval_at_start:
-        do_eval(0, with_tasks=True)
-    if dist.world > 1:
-        torch.distributed.barrier()
-
-    # --- the loop -------------------------------------------------------------------------------
-    from tqdm.auto import tqdm
-
-    signals = Signals()
-    stream = micro_batches(start_step * cfg.gradient_accumulation)
-    bar = tqdm(total=total_steps, initial=start_step, disable=not dist.main, unit="step", mininterval=1.0,
-               dynamic_ncols=True, file=sys.stderr)
-    tokens_done, t_loop = 0, time.time()
-    exit_code, step, last_loss, diverged = 0, start_step, float("nan"), 0
-    model.train()
-    try:
-        while step < total_steps:
-            rng_at_step = checkpoint.rng_state()  # a stop inside this step resumes from here, bit for bit
-            window = []
-            for _ in range(cfg.gradient_accumulation):  # one process: a signal also ends the collation
-                if dist.world == 1 and signals.received is not None:
-                    bar.close()
-                    return _checkpoint_and_exit(run_dir, step, total_steps, model, optimizer, scheduler, scaler,
-                                                history, cfg, dist, signals, rng_at_step, mid_step=len(window))
-                window.append(next(stream))
-            n_target = sum(b["n_target"] for _, b in window)
-            if dist.world > 1:  # normalise by the global token count so every rank's loss is comparable
-                t = torch.tensor([n_target], dtype=torch.long, device=device)
-                torch.distributed.all_reduce(t)
-                n_target = int(t.item())
-            loss_sum = 0.0
-            for i, (epoch, b) in enumerate(window):
-                if i and _stop_agreed(signals, dist, device):  # mid-accumulation: drop the partial step
-                    optimizer.zero_grad(set_to_none=True)
-                    bar.close()
-                    return _checkpoint_and_exit(run_dir, step, total_steps, model, optimizer, scheduler, scaler,
-                                                history, cfg, dist, signals, rng_at_step, mid_step=i)
-                inputs = {k: v.to(device) for k, v in b.items() if k in ("input_ids", "labels", "attention_mask",
-                                                                          "position_ids")}
-                with _autocast(device, profile["dtype"]):
-                    loss = loss_fn(inputs, max(1, n_target) / dist.world)
-                (scaler.scale(loss) if scaler else loss).backward()
-                loss_sum += loss.detach().float().item()
-                tokens_done += b["n_tokens"]
-            if dist.world > 1:
-                for p in trainable:
-                    if p.grad is not None:
-                        torch.distributed.all_reduce(p.grad)
-                        p.grad /= dist.world
-                ls = torch.tensor([loss_sum], device=device)
-                torch.distributed.all_reduce(ls)
-                loss_sum = ls.item()
-            if scaler:
-                scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm).item()
-            if scaler:
-                scale = scaler.get_scale()
-                scaler.step(optimizer)
-                scaler.update()
-                overflow = scaler.get_scale() < scale  # fp16 overflow: the scaler skipped this step, by design
-            else:
-                optimizer.step()
-                overflow = False
-            diverged = 0 if overflow or (math.isfinite(loss_sum) and math.isfinite(grad_norm)) else diverged + 1
-            if diverged >= NONFINITE_STEPS:
-                raise HwcompatError(_divergence_advice(cfg, profile, step + 1, loss_sum, grad_norm))
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            last_loss = loss_sum
-            elapsed = time.time() - t_loop
-            tps = tokens_done * dist.world / max(elapsed, 1e-9)
-            if dist.main:
-                _append_jsonl(metrics_path, {"step": step, "kind": "train", "loss": loss_sum,
-                                             "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                                             "epoch": epoch, "tokens_per_s": tps})
-            bar.set_postfix(loss=f"{loss_sum:.4f}", tok_s=f"{tps:,.0f}", refresh=False)
-            bar.update(1)
-            stop = _stop_agreed(signals, dist, device)
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps and dist.main:
-                do_eval(step, with_tasks=True)
-            if stop or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total_steps):
-                if dist.main:
-                    path = checkpoint.save(run_dir, step, model, optimizer, scheduler, scaler,
-                                           {"history": history, "total_steps": total_steps}, cfg.keep_checkpoints)
-                    if stop:
-                        bar.close()
-                        log(dist, f"\ninterrupted at step {step}/{total_steps}: checkpoint saved to {path}\n"
-                                  f"resume with: hwcompat train {run_dir / 'config.yaml'} --resume")
-                if dist.world > 1:
-                    torch.distributed.barrier()
-                if stop:
-                    exit_code = EXIT_SIGNAL.get(signals.received or signal.SIGTERM, 143)
-                    return exit_code
-    except torch.OutOfMemoryError:
-        raise HwcompatError(_oom_advice(cfg, profile, step)) from None
-    finally:
-        signals.restore()
-        bar.close()
-
-    train_time = time.time() - t_loop
-    # --- final eval and outputs -----------------------------------------------------------------------
-    if dist.main:
-        final = do_eval(step, with_tasks=True)
-        with atomic_dir(run_dir / "adapter") as tmp:
-            model.save_pretrained(str(tmp), safe_serialization=True)
-            tokenizer.save_pretrained(str(tmp))
-        first = history["eval"][0] if history["eval"] and history["eval"][0]["step"] == 0 else {}
-        peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else _rss_peak_bytes()
-        import peft
-        import transformers
-
-        from hwcompat import __version__
-
-        summary = {
-            "steps": step, "total_steps": total_steps, "train_rows": len(train_tok), "eval_rows": len(eval_tok),
-            "final_train_loss": last_loss, "eval_before": first, "eval_after": final,
-            "tokens_per_s": tokens_done * dist.world / max(train_time, 1e-9), "train_seconds": train_time,
-            "wall_seconds": time.time() - t_start, "peak_memory_bytes": peak,
-            "peak_memory_kind": "torch.cuda.max_memory_allocated" if device.type == "cuda" else "process max RSS",
-            "world_size": dist.world, "batching": mode, "profile_env_applied": not missing_env,
-            "cpu_emulation": cpu_emulation, "profile": profile["name"],
-            "env_seen": {k: os.environ.get(k) for k in profile["env"]},
-            "dtype": profile["dtype"], "attention": profile["attention"],
-            "compile_backend": profile["compile_backend"],
-            "versions": {"hwcompat": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-                         "peft": peft.__version__, "python": sys.version.split()[0]},
-        }
-        atomic_write_json(run_dir / "summary.json", summary)
-        log(dist, _summary_text(summary, run_dir))
-        if cfg.export == "gguf":
-            export_run(run_dir, cfg, lambda m: log(dist, m))
-    if dist.world > 1:
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-    return exit_code
-
-
-def export_run(run_dir: Path, cfg: TrainConfig, say) -> None:
+def export_run(run_dir: Path, cfg, say) -> None:
     """train -> merge -> export in one command: merged/ (safetensors), model.gguf and a Modelfile."""
     import shutil
 

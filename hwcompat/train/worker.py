@@ -19,6 +19,11 @@ def main(argv: list[str] | None = None) -> int:
     if len(paths) != 1:
         print("usage: python -m hwcompat.train.worker RUN_DIR [--resume]", file=sys.stderr)
         return 2
+    import logging
+
+    # bitsandbytes' CPU backend warns on import (peft imports it whenever it is installed) that an optional
+    # 4-bit kernel package is missing; hwcompat never runs 4-bit on the CPU, so the line is noise to the user.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     from hwcompat.fsutil import Terminated, terminate_cleanly
     from hwcompat.train.loop import SecondInterrupt, run
 

@@ -226,8 +226,9 @@ def test_trainer_environment_is_offline_unless_allowed():
     from hwcompat.train.launch import child_env
 
     dev = SimpleNamespace(reading=SimpleNamespace(vendor="cpu", emulated=False, index=0))
-    assert child_env({"env": {}}, dev, None)["HF_HUB_OFFLINE"] == "1"
-    assert child_env({"env": {}}, dev, None, online=True)["HF_HUB_OFFLINE"] == "0"
+    profile = SimpleNamespace(env={})
+    assert child_env(profile, dev, None)["HF_HUB_OFFLINE"] == "1"
+    assert child_env(profile, dev, None, online=True)["HF_HUB_OFFLINE"] == "0"
 
 
 @pytest.mark.slow
@@ -278,7 +279,7 @@ def test_signals_before_the_loop_exit_with_a_message(tmp_path, tiny_model, task_
     run_dir = prepare_run(make_config(tmp_path, tiny_model, *task_files, max_steps=2))
     code_text = f"""
 import os, signal, sys
-import hwcompat.train.loop as L
+import hwcompat.train.objectives.sft as L  # the objective reads its data during setup
 real = L.load_datasets
 def during_setup(*a, **k):
     os.kill(os.getpid(), {int(sig)})

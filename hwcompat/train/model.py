@@ -1,0 +1,89 @@
+"""The model a recipe trains: base weights in the profile's dtype and attention kernel, LoRA on top."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hwcompat.errors import InputError
+from hwcompat.resolve import ResolvedProfile
+from hwcompat.train.config import TrainConfig
+
+
+def load_model(cfg: TrainConfig, profile: ResolvedProfile, device):
+    """Base model in the profile's dtype and attention kernel, LoRA on top (adapters in fp32)."""
+    import warnings
+
+    import torch
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM
+
+    # peft calls a transformers property deprecated in v5; the warning is theirs, not the user's.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+    dtype = getattr(torch, profile.dtype)
+    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": profile.attention,
+                              "trust_remote_code": cfg.trust_remote_code,
+                              "use_safetensors": True}  # never unpickle weights (the launcher refused .bin-only)
+    if cfg.qlora:
+        kwargs.update(_nf4(profile, dtype, device))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(cfg.model, **kwargs)
+    except OSError as exc:
+        raise InputError(f"model {cfg.model}: cannot load it ({str(exc).splitlines()[0]}); "
+                         "point model= at a local folder with config.json and weights") from None
+    if not cfg.qlora:
+        model.to(device)
+    model.config.use_cache = False
+    if cfg.qlora:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    elif cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    return _with_lora(model, cfg)
+
+
+def _nf4(profile: ResolvedProfile, dtype, device) -> dict[str, Any]:
+    """from_pretrained arguments for a 4-bit NF4 base (bitsandbytes), where the profile allows it."""
+    import torch
+
+    if "nf4" not in profile.quantization:
+        raise InputError(f"qlora=true: the {profile.name} profile has no NF4 support "
+                         f"({profile.reasons.get('quantization.nf4', '')}); use plain LoRA (qlora=false)")
+    try:
+        from transformers import BitsAndBytesConfig
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise InputError("qlora=true needs bitsandbytes: pip install bitsandbytes") from None
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=dtype if dtype != torch.float32 else torch.float16)
+    return {"quantization_config": quant, "device_map": {"": device.index or 0}}
+
+
+def _with_lora(model, cfg: TrainConfig):
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    targets = "all-linear" if cfg.lora_target_modules == ["all-linear"] else cfg.lora_target_modules
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=targets, task_type="CAUSAL_LM", bias="none")
+    try:
+        model = get_peft_model(model, lora)
+    except ValueError as exc:
+        raise InputError(f"lora_target_modules={cfg.lora_target_modules}: {exc}") from None
+    # Adapters train in fp32 whatever the base dtype (peft's autocast_adapter_dtype does this for
+    # fp16/bf16); make sure, so fp16 loss scaling never sees fp16 master weights.
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+    return model
+
+
+def autocast(device, dtype_name: str):
+    """Mixed precision in the profile's dtype; fp32 runs without autocast."""
+    import contextlib
+
+    import torch
+
+    if dtype_name == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=getattr(torch, dtype_name))

@@ -1,0 +1,45 @@
+"""Objectives: what a run learns, each a small named piece the recipe drives.
+
+An objective owns its data (rows read, checked and tokenised), its batch shape, its loss and its eval
+metrics; the recipe (``hwcompat.train.loop``) owns everything else: the schedule, accumulation, clipping,
+scaling, checkpoints, signals, logging and the distributed engine. Adding one is a new module here plus
+its name below (the config's ``objective`` vocabulary). This module never imports torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Protocol
+
+#: objective name -> "module:class" under this package. The config's `objective:` accepts these keys.
+REGISTRY = {"sft": "sft:SFT"}
+OBJECTIVES = tuple(REGISTRY)
+
+
+class Objective(Protocol):
+    """The interface the recipe relies on (see ``sft.SFT`` for the reference implementation)."""
+
+    name: str
+
+    def load(self, tokenizer, log) -> None:
+        """Read, check and tokenise train/eval data (raises DataError); sets ``train`` and ``evals``."""
+
+    def lengths(self) -> list[int]:
+        """Token length of every training item, for the batch planner."""
+
+    def collate(self, indices: list[int], mode: str, pad_id: int) -> dict[str, Any]:
+        """One micro-batch of tensors plus ``n_tokens`` (processed) and ``n_target`` (loss-normalising count)."""
+
+    def bind(self, model, compile_backend: str) -> None:
+        """Keep the model the loss runs through (compiled where the profile says so)."""
+
+    def loss(self, batch: dict[str, Any], n_items: float):
+        """Summed loss of the batch divided by ``n_items`` (the accumulation window's global count)."""
+
+    def evaluate(self, model, with_tasks: bool) -> dict[str, float]:
+        """Eval metrics of the current model (``eval_loss`` at least, task metrics when ``with_tasks``)."""
+
+
+def create(name: str, cfg, profile, device) -> Objective:
+    module, cls = REGISTRY[name].split(":")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), cls)(cfg, profile, device)
