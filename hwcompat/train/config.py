@@ -50,7 +50,7 @@ class TrainConfig:
     system_prompt: str | None = None  # prepended as a system message when a row has none
     max_seq_len: int = 1024  # tokens per example, prompt + response
     overlong: str = "truncate"  # truncate | drop: what to do with longer rows (always reported)
-    objective: str = "sft"  # what is learned: sft (response tokens of prompt/response rows)
+    method: str = "sft"  # what is learned (the objective): sft = the response tokens of prompt/response rows
     # --- LoRA / QLoRA ------------------------------------------------------------------------
     lora_r: int = 16
     lora_alpha: int = 32
@@ -116,7 +116,7 @@ CHOICES = {"data_format": DATA_FORMATS, "lr_schedule": SCHEDULES, "eval_metrics"
            "batching": BATCHING, "chat_template": CHAT_TEMPLATE,
            "dtype": tuple(d.value for d in Dtype), "attention": tuple(a.value for a in Attention),
            "compile_backend": tuple(c.value for c in CompileBackend), "export": ("none", "gguf"),
-           "export_type": EXPORT_TYPES, "objective": OBJECTIVES,
+           "export_type": EXPORT_TYPES, "method": OBJECTIVES,
            "optimizer": OPTIMIZERS}  # the hardware and export vocabularies are defined once, imported here
 
 

@@ -109,7 +109,7 @@ def setup(spec: RunSpec, run_dir: Path, dist: Dist, resume: bool) -> Recipe:
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     device = _bind_device(spec, dist)
-    objective = objectives.create(cfg.objective, cfg, profile, device)
+    objective = objectives.create(cfg.method, cfg, profile, device)
     tokenizer = _tokenizer(cfg)
     objective.load(tokenizer, lambda m: log(dist, m))  # data checks and tokenisation, before the model loads
     model = load_model(cfg, profile, device)

@@ -3,7 +3,7 @@
 An objective owns its data (rows read, checked and tokenised), its batch shape, its loss and its eval
 metrics; the recipe (``hwcompat.train.loop``) owns everything else: the schedule, accumulation, clipping,
 scaling, checkpoints, signals, logging and the distributed engine. Adding one is a new module here plus
-its name below (the config's ``objective`` vocabulary). This module never imports torch.
+its name below (the config's ``method`` vocabulary: ``method: sft``). This module never imports torch.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 from typing import Any, Protocol
 
-#: objective name -> "module:class" under this package. The config's `objective:` accepts these keys.
+#: objective name -> "module:class" under this package. The config's `method:` accepts these keys.
 REGISTRY = {"sft": "sft:SFT"}
 OBJECTIVES = tuple(REGISTRY)
 
