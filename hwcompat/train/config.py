@@ -50,7 +50,8 @@ class TrainConfig:
     system_prompt: str | None = None  # prepended as a system message when a row has none
     max_seq_len: int = 1024  # tokens per example, prompt + response
     overlong: str = "truncate"  # truncate | drop: what to do with longer rows (always reported)
-    method: str = "sft"  # what is learned (the objective): sft = the response tokens of prompt/response rows
+    method: str = "sft"  # what is learned: sft (response tokens of prompt/response rows) | dpo (preference pairs)
+    beta: float = 0.1  # dpo: how far from the reference (the model before training) the policy may move
     # --- LoRA / QLoRA ------------------------------------------------------------------------
     lora_r: int = 16
     lora_alpha: int = 32
@@ -190,7 +191,7 @@ RANGES: dict[str, str] = {
     "epochs": "[0, 10000]", "max_steps": "[0, 1e8]", "eval_fraction": "(0, 1)", "warmup_ratio": "[0, 1)",
     "weight_decay": "[0, 10]", "max_grad_norm": "(0, 1e6]", "keep_checkpoints": "[1, 10000]",
     "eval_every": "[0, 1e8]", "checkpoint_every": "[0, 1e8]", "eval_max_rows": "[1, 1e7]",
-    "eval_max_new_tokens": "[0, 1048576]", "num_threads": "[0, 4096]", "seed": "[0, 4294967295]",
+    "eval_max_new_tokens": "[0, 1048576]", "beta": "(0, 100]", "num_threads": "[0, 4096]", "seed": "[0, 4294967295]",
 }
 _RANGE_HINT = {"max_grad_norm": " (the clipping threshold: 0 would zero every update, a negative one would run "
                                 "gradient ascent)",

@@ -12,6 +12,7 @@ import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 ROLES = ("system", "user", "assistant")
 MAX_ERRORS_SHOWN = 20
@@ -171,6 +172,68 @@ def _messages(row: dict, where: str, report: Report) -> list[tuple[str, str]] | 
     return out
 
 
+def json_rows(path: str | Path, report: Report, max_seq_len: int | None = None) -> Iterator[tuple[int, str, dict]]:
+    """(line number, "file:line", object) for every JSON object line of a JSONL file, after the byte-level
+    checks (NUL bytes, UTF-8, BOM, JSON, far-too-long rows); every problem goes to ``report`` with file:line."""
+    max_chars = max_seq_len * CHARS_PER_TOKEN_LIMIT if max_seq_len else None
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except FileNotFoundError:
+        report.error(f"{p}: not found")
+        return
+    except OSError as exc:
+        report.error(f"{p}: cannot read ({exc})")
+        return
+    lines = raw.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    for lineno, bline in enumerate(lines, start=1):
+        where = f"{p}:{lineno}"
+        row = _json_line(bline.removesuffix(b"\r"), lineno, where, report, max_chars, max_seq_len)
+        if row is not None:
+            yield lineno, where, row
+
+
+def _json_line(bline: bytes, lineno: int, where: str, report: Report, max_chars: int | None,
+               max_seq_len: int | None) -> dict | None:
+    if lineno == 1 and bline.startswith(BOM):
+        bline = bline[len(BOM):]
+        report.warn("byte order mark", f"{where}: the file starts with a UTF-8 BOM; it was ignored")
+    if max_chars and len(bline) > 4 * max_chars:  # bytes >= characters / 4: surely too long, undecoded
+        report.error(f"{where}: {len(bline):,} bytes in one row, far beyond max_seq_len={max_seq_len} tokens "
+                     "(truncation would keep under 1 %); split or drop the row")
+        return None
+    if b"\x00" in bline:
+        col = bline.index(b"\x00") + 1
+        report.error(f"{where}: NUL byte (\\x00) at column {col}: the file is corrupted "
+                     "(often a scraper or an encoding bug); remove the bytes or the row")
+        return None
+    try:
+        text = bline.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        report.error(f"{where}: invalid UTF-8 at column {exc.start + 1} (byte 0x{bline[exc.start]:02x}); "
+                     "re-encode the file as UTF-8")
+        return None
+    if not text.strip():
+        return None
+    try:
+        row = json.loads(text)
+    except json.JSONDecodeError as exc:
+        report.error(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})")
+        return None
+    except RecursionError:
+        report.error(f"{where}: JSON nested too deeply to read; a training row is a flat object")
+        return None
+    except ValueError as exc:  # e.g. a 5,000-digit integer: Python refuses to convert it
+        report.error(f"{where}: a value cannot be read ({str(exc)[:100]})")
+        return None
+    if not isinstance(row, dict):
+        report.error(f"{where}: expected a JSON object per line, got {type(row).__name__}")
+        return None
+    return row
+
+
 def read_jsonl(path: str | Path, fmt: str, report: Report, system_prompt: str | None = None,
                max_seq_len: int | None = None) -> list[Example]:
     """Read one JSONL file; append problems to ``report``; return the good rows.
@@ -179,86 +242,19 @@ def read_jsonl(path: str | Path, fmt: str, report: Report, system_prompt: str | 
     tokenizer sees them (``CHARS_PER_TOKEN_LIMIT``)."""
     max_chars = max_seq_len * CHARS_PER_TOKEN_LIMIT if max_seq_len else None
     p = Path(path)
-    try:
-        raw = p.read_bytes()
-    except FileNotFoundError:
-        report.error(f"{p}: not found")
-        return []
-    except OSError as exc:
-        report.error(f"{p}: cannot read ({exc})")
-        return []
     examples: list[Example] = []
     seen_format: str | None = None if fmt == "auto" else fmt
-    lines = raw.split(b"\n")
-    if lines and lines[-1] == b"":
-        lines.pop()
-    for lineno, bline in enumerate(lines, start=1):
-        where = f"{p}:{lineno}"
-        if bline.endswith(b"\r"):
-            bline = bline[:-1]
-        if lineno == 1 and bline.startswith(BOM):
-            bline = bline[len(BOM):]
-            report.warn("byte order mark", f"{where}: the file starts with a UTF-8 BOM; it was ignored")
-        if max_chars and len(bline) > 4 * max_chars:  # bytes >= characters / 4: surely too long, undecoded
-            report.error(f"{where}: {len(bline):,} bytes in one row, far beyond max_seq_len={max_seq_len} tokens "
-                         "(truncation would keep under 1 %); split or drop the row")
-            continue
-        if b"\x00" in bline:
-            col = bline.index(b"\x00") + 1
-            report.error(f"{where}: NUL byte (\\x00) at column {col}: the file is corrupted "
-                         "(often a scraper or an encoding bug); remove the bytes or the row")
-            continue
-        try:
-            text = bline.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            report.error(f"{where}: invalid UTF-8 at column {exc.start + 1} (byte 0x{bline[exc.start]:02x}); "
-                         "re-encode the file as UTF-8")
-            continue
-        if not text.strip():
-            continue
-        try:
-            row = json.loads(text)
-        except json.JSONDecodeError as exc:
-            report.error(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})")
-            continue
-        except RecursionError:
-            report.error(f"{where}: JSON nested too deeply to read; a training row is a flat object")
-            continue
-        except ValueError as exc:  # e.g. a 5,000-digit integer: Python refuses to convert it
-            report.error(f"{where}: a value cannot be read ({str(exc)[:100]})")
-            continue
-        if not isinstance(row, dict):
-            report.error(f"{where}: expected a JSON object per line, got {type(row).__name__}")
-            continue
-        row_format = _detect_format(row)
+    for lineno, where, row in json_rows(p, report, max_seq_len):
         if seen_format is None:
-            if row_format is None:
+            seen_format = _detect_format(row)
+            if seen_format is None:
                 report.error(f"{where}: cannot tell the data format: expected 'messages', 'prompt'/'completion' "
                              f"or 'instruction'/'output' keys, got {sorted(row)}")
                 continue
-            seen_format = row_format
-        fmt_here = seen_format
-        msgs: list[tuple[str, str]] | None
-        if fmt_here == "messages":
-            msgs = _messages(row, where, report)
-        elif fmt_here == "prompt_completion":
-            prompt = _text_field(row, "prompt", where, report)
-            completion = _text_field(row, "completion", where, report)
-            msgs = [("user", prompt), ("assistant", completion)] if prompt and completion else None
-        else:  # alpaca
-            instruction = _text_field(row, "instruction", where, report)
-            extra = _text_field(row, "input", where, report, required=False)
-            output = _text_field(row, "output", where, report)
-            if instruction and output:
-                user = instruction + (f"\n\n{extra}" if extra and extra.strip() else "")
-                msgs = [("user", user), ("assistant", output)]
-            else:
-                msgs = None
+        msgs = _row_messages(row, seen_format, where, report)
         if msgs is None:
             continue
-        if max_chars and sum(len(c) for _, c in msgs) > max_chars:
-            report.error(f"{where}: {sum(len(c) for _, c in msgs):,} characters, far beyond max_seq_len={max_seq_len} "
-                         "tokens (truncation would keep under 1 %); split or drop the row")
+        if too_long(msgs, max_chars, where, report, max_seq_len):
             continue
         if system_prompt and msgs[0][0] != "system":
             msgs = [("system", system_prompt)] + msgs
@@ -267,6 +263,31 @@ def read_jsonl(path: str | Path, fmt: str, report: Report, system_prompt: str | 
     if not examples and not any(e.startswith(f"{p}") for e in report.errors):
         report.error(f"{p}: no examples (the file is empty)")
     return examples
+
+
+def too_long(msgs, max_chars: int | None, where: str, report: Report, max_seq_len: int | None) -> bool:
+    n = sum(len(c) for _, c in msgs)
+    if max_chars and n > max_chars:
+        report.error(f"{where}: {n:,} characters, far beyond max_seq_len={max_seq_len} "
+                     "tokens (truncation would keep under 1 %); split or drop the row")
+        return True
+    return False
+
+
+def _row_messages(row: dict, fmt: str, where: str, report: Report) -> list[tuple[str, str]] | None:
+    """One SFT row in its format as chat turns, or None (the problem is in ``report``)."""
+    if fmt == "messages":
+        return _messages(row, where, report)
+    if fmt == "prompt_completion":
+        prompt = _text_field(row, "prompt", where, report)
+        completion = _text_field(row, "completion", where, report)
+        return [("user", prompt), ("assistant", completion)] if prompt and completion else None
+    instruction = _text_field(row, "instruction", where, report)  # alpaca
+    extra = _text_field(row, "input", where, report, required=False)
+    output = _text_field(row, "output", where, report)
+    if instruction and output:
+        return [("user", instruction + (f"\n\n{extra}" if extra and extra.strip() else "")), ("assistant", output)]
+    return None
 
 
 def check_rows(train: list[Example], evals: list[Example], report: Report) -> None:

@@ -21,7 +21,6 @@ from hwcompat.errors import DataError, HwcompatError, InputError
 from hwcompat.fsutil import atomic_write_json
 from hwcompat.resolve import HostPlan, Overrides, ResolvedDevice, ResolvedProfile, resolve_device
 from hwcompat.train.config import ORIGIN_DEFAULT, ORIGIN_PROFILE, LoadedConfig, save_yaml
-from hwcompat.train.data import load_datasets
 from hwcompat.train.rundir import RunDir, open_run_dir
 from hwcompat.train.spec import RunSpec, TrainDevice
 
@@ -99,22 +98,10 @@ def render_config(loaded: LoadedConfig, profile: ResolvedProfile, hw_origins: di
 
 
 def check_data(loaded: LoadedConfig) -> tuple[str, float]:
-    """Text-level checks before anything heavy; raises on errors.
+    """The objective's text-level data checks (no tokenizer, no torch): report text, worst logit share."""
+    from hwcompat.train.objectives import objective_class
 
-    Returns the report text and the largest share of any row's characters that are response
-    (trained) text: the planner's worst case for how many positions need logits.
-    """
-    cfg = loaded.config
-    train, _, report = load_datasets(cfg.train_data, cfg.eval_data, cfg.data_format, cfg.eval_fraction, cfg.seed,
-                                     cfg.system_prompt, cfg.max_seq_len)
-    if report.errors:
-        raise DataError("data checks failed; nothing was trained\n" + report.render())
-    share = 0.0
-    for ex in train:
-        total = sum(len(c) for _, c in ex.messages)
-        trained = sum(len(c) for r, c in ex.messages if r == "assistant")
-        share = max(share, trained / max(1, total))
-    return report.render(), min(1.0, share * 1.25 + 0.02)  # margin: template and tokenisation differences
+    return objective_class(loaded.config.method).check(loaded.config)
 
 
 def prepare_run_dir(loaded: LoadedConfig, profile: ResolvedProfile, device: ResolvedDevice, plan: HostPlan,

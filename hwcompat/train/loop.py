@@ -450,8 +450,8 @@ def _summary_text(s: dict[str, Any], run_dir: Path) -> str:
     before, after = s["eval_before"], s["eval_after"]
     lines = [f"done: {s['steps']} steps in {s['train_seconds']:.1f}s, {s['tokens_per_s']:,.0f} tokens/s, "
              f"peak memory {s['peak_memory_bytes'] / 2**30:.2f} GiB"]
-    keys = [k for k in ("eval_loss", "exact_match", "accuracy", "json_valid", "field_precision", "field_recall",
-                        "field_f1") if k in after]
+    keys = [k for k in ("eval_loss", "reward_accuracy", "reward_margin", "exact_match", "accuracy", "json_valid",
+                        "field_precision", "field_recall", "field_f1") if k in after]
     if keys:
         lines.append(f"{'metric':16} {'before':>8} {'after':>8}")
         for k in keys:

@@ -12,7 +12,7 @@ import importlib
 from typing import Any, Protocol
 
 #: objective name -> "module:class" under this package. The config's `method:` accepts these keys.
-REGISTRY = {"sft": "sft:SFT"}
+REGISTRY = {"sft": "sft:SFT", "dpo": "dpo:DPO"}
 OBJECTIVES = tuple(REGISTRY)
 
 
@@ -20,6 +20,10 @@ class Objective(Protocol):
     """The interface the recipe relies on (see ``sft.SFT`` for the reference implementation)."""
 
     name: str
+
+    @staticmethod
+    def check(cfg) -> tuple[str, float]:
+        """The launcher's text-level data checks (raises DataError): report text, worst share of answer positions."""
 
     def load(self, tokenizer, log) -> None:
         """Read, check and tokenise train/eval data (raises DataError); sets ``train`` and ``evals``."""
@@ -40,6 +44,10 @@ class Objective(Protocol):
         """Eval metrics of the current model (``eval_loss`` at least, task metrics when ``with_tasks``)."""
 
 
-def create(name: str, cfg, profile, device) -> Objective:
+def objective_class(name: str) -> type:
     module, cls = REGISTRY[name].split(":")
-    return getattr(importlib.import_module(f"{__name__}.{module}"), cls)(cfg, profile, device)
+    return getattr(importlib.import_module(f"{__name__}.{module}"), cls)
+
+
+def create(name: str, cfg, profile, device) -> Objective:
+    return objective_class(name)(cfg, profile, device)

@@ -115,6 +115,23 @@ class SFT:
 
     name = "sft"
 
+    @staticmethod
+    def check(cfg: TrainConfig) -> tuple[str, float]:
+        """Text-level checks before anything heavy; raises on errors.
+
+        Returns the report text and the largest share of any row's characters that are response (trained)
+        text: the planner's worst case for how many positions need logits."""
+        train, _, report = load_datasets(cfg.train_data, cfg.eval_data, cfg.data_format, cfg.eval_fraction, cfg.seed,
+                                         cfg.system_prompt, cfg.max_seq_len)
+        if report.errors:
+            raise DataError("data checks failed; nothing was trained\n" + report.render())
+        share = 0.0
+        for ex in train:
+            total = sum(len(c) for _, c in ex.messages)
+            trained = sum(len(c) for r, c in ex.messages if r == "assistant")
+            share = max(share, trained / max(1, total))
+        return report.render(), min(1.0, share * 1.25 + 0.02)  # margin: template and tokenisation differences
+
     def __init__(self, cfg: TrainConfig, profile: ResolvedProfile, device):
         self.cfg, self.profile, self.device = cfg, profile, device
         self.train: list[batching.Tokenized] = []

@@ -1,0 +1,196 @@
+"""Direct preference optimisation (Rafailov et al. 2023): the sigmoid loss on (prompt, chosen, rejected) pairs.
+
+    loss = -log sigmoid(beta * ((log pi(c) - log ref(c)) - (log pi(r) - log ref(r))))
+
+log pi(y) is the summed log-probability of the answer's tokens (the SFT masking decides which tokens those
+are, so templates behave exactly as in SFT). Chosen and rejected of a pair go through one forward pass, and
+logits are computed only at answer positions (as SFT's ResponseLoss does).
+
+The reference model is the trained model as it is before its first step — the base with a fresh adapter (LoRA's
+B starts at zero, so that *is* the base) — and its log-probabilities are **cached per row**: one no-grad pass
+over the pairs at setup, two floats per pair. The reference never changes, so recomputing it every batch (TRL's
+default) would add a forward pass per step; the cache needs no second copy of the weights either. A resumed run
+recomputes the cache before the checkpoint is loaded, from the same starting model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hwcompat.errors import DataError
+from hwcompat.resolve import ResolvedProfile
+from hwcompat.train import batching
+from hwcompat.train.config import TrainConfig
+from hwcompat.train.data import Report
+from hwcompat.train.model import autocast
+from hwcompat.train.pairs import load_pairs
+
+
+def _response_share(pairs) -> float:
+    share = 0.0
+    for p in pairs:
+        prompt = sum(len(c) for _, c in p.prompt)
+        answer = max(len(p.chosen), len(p.rejected))
+        share = max(share, answer / max(1, prompt + answer))
+    return min(1.0, share * 1.25 + 0.02)
+
+
+class DPO:
+    """Preference pairs; eval reports reward accuracy, margin, chosen/rejected log-probabilities and the loss."""
+
+    name = "dpo"
+
+    def __init__(self, cfg: TrainConfig, profile: ResolvedProfile, device):
+        self.cfg, self.profile, self.device = cfg, profile, device
+        self.train: list[tuple[batching.Tokenized, batching.Tokenized]] = []
+        self.evals: list[tuple[batching.Tokenized, batching.Tokenized]] = []
+        self.eval_pairs: list = []
+        self.ref: dict[str, Any] = {}
+
+    @staticmethod
+    def check(cfg: TrainConfig) -> tuple[str, float]:
+        """The launcher's text-level checks (no tokenizer): the report, and the planner's worst logit share."""
+        train, _, report = load_pairs(cfg.train_data, cfg.eval_data, cfg.eval_fraction, cfg.seed, cfg.system_prompt,
+                                      cfg.max_seq_len)
+        if report.errors:
+            raise DataError("data checks failed; nothing was trained\n" + report.render())
+        return report.render(), _response_share(train)
+
+    def load(self, tokenizer, log) -> None:
+        cfg = self.cfg
+        train, self.eval_pairs, report = load_pairs(cfg.train_data, cfg.eval_data, cfg.eval_fraction, cfg.seed,
+                                                    cfg.system_prompt, cfg.max_seq_len)
+        if report.errors:
+            raise DataError("data checks failed; nothing was trained\n" + report.render())
+        self.tokenizer = tokenizer
+        self.chat = batching.uses_chat_template(tokenizer, cfg.chat_template)
+        tok = Report()
+        self.train = self._tokenize(train, tok, "train")
+        self.evals = self._tokenize(self.eval_pairs, tok, "eval")
+        if tok.errors or not self.train:
+            raise DataError("data checks failed; nothing was trained\n" + tok.render())
+        if tok.warnings:
+            log(tok.render())
+
+    def _tokenize(self, pairs, report: Report, split: str):
+        """Both sides of every pair, truncated to max_seq_len; a side left with no answer tokens is an error."""
+        out = []
+        limit = self.cfg.max_seq_len
+        for p in pairs:
+            try:
+                sides = [batching.tokenize_example(self.tokenizer, p.example(c), self.chat) for c in (True, False)]
+            except ValueError as exc:
+                report.error(str(exc))
+                continue
+            if max(len(s.input_ids) for s in sides) > limit:
+                report.warn(f"{split} pairs over max_seq_len={limit}, truncated", f"{p.file}:{p.line}")
+                sides = [batching.Tokenized(s.input_ids[:limit], s.labels[:limit], s.where) for s in sides]
+            empty = [name for name, s in zip(("chosen", "rejected"), sides) if s.n_trainable == 0]
+            if empty:
+                report.error(f"{p.file}:{p.line}: {' and '.join(empty)}: no answer tokens left after truncation to "
+                             f"max_seq_len={limit} (the prompt fills the window); raise max_seq_len or shorten the "
+                             "prompt")
+                continue
+            out.append((sides[0], sides[1]))
+        return out
+
+    def lengths(self) -> list[int]:
+        return [len(c.input_ids) + len(r.input_ids) for c, r in self.train]
+
+    def collate(self, indices: list[int], mode: str, pad_id: int, data=None) -> dict[str, Any]:
+        """Chosen rows first, then rejected, padded into one batch (one forward); ``n_target`` counts pairs."""
+        import torch
+
+        data = self.train if data is None else data
+        rows = [data[i][0] for i in indices] + [data[i][1] for i in indices]
+        batch = batching.collate(rows, "padded", pad_id)
+        batch["n_target"] = len(indices)
+        batch["index"] = torch.tensor(indices, dtype=torch.long)
+        return batch
+
+    def bind(self, model, compile_backend: str) -> None:
+        """Keep the model's parts and cache the reference log-probabilities (the model before any step)."""
+        import torch
+
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.model = model
+        self.fast = hasattr(base, "model") and hasattr(base, "lm_head") and not getattr(
+            base.config, "final_logit_softcapping", None)
+        self.decoder = base.model if self.fast else None
+        self.head = base.lm_head if self.fast else None
+        if compile_backend == "inductor" and self.fast:
+            self.decoder = torch.compile(self.decoder)
+        self.ref = {"train": self._reference(self.train), "eval": self._reference(self.evals)}
+
+    def _reference(self, data) -> Any:
+        """Summed answer log-probabilities of every pair (chosen, rejected) under the current model, no grad."""
+        import torch
+
+        out = torch.zeros((len(data), 2), dtype=torch.float64)
+        self.model.eval()
+        with torch.no_grad(), autocast(self.device, self.profile.dtype):
+            for s in range(0, len(data), self.cfg.micro_batch_size):
+                idx = list(range(s, min(len(data), s + self.cfg.micro_batch_size)))
+                logps = self.sequence_logps(self.collate(idx, "padded", self._pad(), data)).double().cpu()
+                out[idx, 0], out[idx, 1] = logps[:len(idx)], logps[len(idx):]
+        self.model.train()
+        return out
+
+    def _pad(self) -> int:
+        return self.tokenizer.pad_token_id
+
+    def sequence_logps(self, batch: dict[str, Any]):
+        """Per row: the sum of log p(token) over the row's answer tokens (labels != -100)."""
+        import torch
+
+        ids, mask, labels = (batch[k].to(self.device) for k in ("input_ids", "attention_mask", "labels"))
+        targets = labels[:, 1:]
+        keep = targets != batching.IGNORE
+        if self.fast:
+            hidden = self.decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+            logits = self.head(hidden[:, :-1][keep]).float()
+        else:
+            logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1][keep].float()
+        token_logp = logits.log_softmax(-1).gather(-1, targets[keep].unsqueeze(-1)).squeeze(-1)
+        rows = torch.arange(ids.shape[0], device=ids.device).unsqueeze(1).expand_as(targets)[keep]
+        return torch.zeros(ids.shape[0], dtype=token_logp.dtype, device=ids.device).index_add(0, rows, token_logp)
+
+    def _terms(self, batch: dict[str, Any], ref):
+        """(per-pair losses, chosen rewards, rejected rewards, policy logps) for a collated batch."""
+        import torch.nn.functional as F
+
+        logps = self.sequence_logps(batch)
+        n = batch["n_target"]
+        ref = ref[batch["index"]].to(logps.device, logps.dtype)
+        chosen = self.cfg.beta * (logps[:n] - ref[:, 0])
+        rejected = self.cfg.beta * (logps[n:] - ref[:, 1])
+        return -F.logsigmoid(chosen - rejected), chosen, rejected, logps
+
+    def loss(self, batch: dict[str, Any], n_items: float):
+        losses, _, _, _ = self._terms(batch, self.ref["train"])
+        return losses.sum() / n_items
+
+    def evaluate(self, model, with_tasks: bool) -> dict[str, float]:
+        import torch
+
+        if not self.evals:
+            return {}
+        sums = {"eval_loss": 0.0, "reward_accuracy": 0.0, "reward_margin": 0.0, "logp_chosen": 0.0,
+                "logp_rejected": 0.0}
+        model.eval()
+        with torch.no_grad(), autocast(self.device, self.profile.dtype):
+            for s in range(0, len(self.evals), self.cfg.micro_batch_size):
+                idx = list(range(s, min(len(self.evals), s + self.cfg.micro_batch_size)))
+                losses, c, r, logps = self._terms(self.collate(idx, "padded", self._pad(), self.evals), self.ref["eval"])
+                n = len(idx)
+                for key, value in (("eval_loss", losses), ("reward_accuracy", (c > r).float()),
+                                   ("reward_margin", c - r), ("logp_chosen", logps[:n]), ("logp_rejected", logps[n:])):
+                    sums[key] += float(value.float().sum())
+        model.train()
+        out = {k: v / len(self.evals) for k, v in sums.items()}
+        if with_tasks:
+            from hwcompat.train.objectives.sft import task_metrics
+
+            rows = [p.example(True) for p in self.eval_pairs]  # the preferred answer is the reference
+            out.update(task_metrics(model, self.tokenizer, rows, self.cfg, self.chat, self.device, self.profile.dtype))
+        return out

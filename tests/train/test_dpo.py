@@ -1,0 +1,192 @@
+"""DPO: the loss against the textbook formula, preference-data checks with their messages, a CPU run end to end."""
+
+import json
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+
+from hwcompat.train.data import Report
+from hwcompat.train.pairs import read_pairs
+from tests.train.conftest import COLORS, make_config, write_jsonl
+
+WRONG = {"red": "blue", "yellow": "green", "green": "red", "blue": "yellow"}
+
+
+def pair_rows(n, seed):
+    import random
+
+    rng = random.Random(seed)
+    items = sorted(COLORS)
+    rows = []
+    for _ in range(n):
+        item = rng.choice(items)
+        rows.append({"prompt": f"What color is the {item}?", "chosen": COLORS[item], "rejected": WRONG[COLORS[item]]})
+    return rows
+
+
+@pytest.fixture
+def pair_files(tmp_path):
+    return write_jsonl(tmp_path / "pairs.jsonl", pair_rows(96, 1)), write_jsonl(tmp_path / "pairs_eval.jsonl",
+                                                                                  pair_rows(16, 2))
+
+
+def _objective(tiny_model, tmp_path, pair_files, beta=0.3):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hwcompat.train.config import TrainConfig
+    from hwcompat.train.objectives.dpo import DPO
+
+    cfg = TrainConfig(model=str(tiny_model), train_data=[str(pair_files[0])], eval_data=[str(pair_files[1])],
+                      method="dpo", beta=beta, max_seq_len=64, micro_batch_size=4, chat_template="false")
+    profile = SimpleNamespace(dtype="float32", name="cpu")
+    obj = DPO(cfg, profile, torch.device("cpu"))
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    tok.pad_token = tok.pad_token or tok.eos_token
+    obj.load(tok, print)
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
+                           LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM", lora_dropout=0.0))
+    obj.bind(model, "eager")  # the reference: the model now (B = 0, so the base)
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.2)  # move the policy away from the reference
+    return obj, model
+
+
+def test_dpo_loss_and_gradients_match_the_textbook_formula(tiny_model, tmp_path, pair_files):
+    import torch
+    import torch.nn.functional as F
+
+    obj, model = _objective(tiny_model, tmp_path, pair_files)
+    idx = [0, 3, 5, 7]
+    batch = obj.collate(idx, "padded", obj.tokenizer.pad_token_id)
+    ours = obj.loss(batch, float(len(idx)))
+    ours.backward()
+    g_ours = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+
+    # Written independently: full forward, log-softmax everywhere, mask by labels; reference = adapter disabled.
+    def seq_logp(m, ids, mask, labels):
+        logp = m(input_ids=ids, attention_mask=mask).logits[:, :-1].float().log_softmax(-1)
+        tgt = labels[:, 1:]
+        picked = logp.gather(-1, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        return (picked * (tgt != -100)).sum(-1)
+
+    def side(k):
+        rows = [obj.train[i][k] for i in idx]
+        width = max(len(r.input_ids) for r in rows)
+        ids = torch.tensor([r.input_ids + [0] * (width - len(r.input_ids)) for r in rows])
+        mask = torch.tensor([[1] * len(r.input_ids) + [0] * (width - len(r.input_ids)) for r in rows])
+        labels = torch.tensor([r.labels + [-100] * (width - len(r.labels)) for r in rows])
+        return ids, mask, labels
+
+    c, r = side(0), side(1)
+    with torch.no_grad(), model.disable_adapter():
+        ref_c, ref_r = seq_logp(model, *c), seq_logp(model, *r)
+    beta = obj.cfg.beta
+    ref_loss = -F.logsigmoid(beta * ((seq_logp(model, *c) - ref_c) - (seq_logp(model, *r) - ref_r))).mean()
+    ref_loss.backward()
+    assert abs(ours.item() - ref_loss.item()) < 1e-5 and ours.item() > 0.01
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert torch.allclose(g_ours[n], p.grad, atol=1e-5), n
+
+
+def test_reference_is_cached_per_row_from_the_starting_model(tiny_model, tmp_path, pair_files):
+    import torch
+
+    obj, model = _objective(tiny_model, tmp_path, pair_files)
+    ref = obj.ref["train"]
+    assert ref.shape == (len(obj.train), 2) and torch.all(ref < 0)
+    with torch.no_grad(), model.disable_adapter():  # B was zero at bind time: the base is the reference
+        logps = obj.sequence_logps(obj.collate([2], "padded", obj.tokenizer.pad_token_id))
+    assert torch.allclose(logps.double(), ref[2], atol=1e-5)
+
+
+def _errors(tmp_path, lines):
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join((json.dumps(x) if not isinstance(x, str) else x) + "\n" for x in lines))
+    report = Report()
+    read_pairs(path, report)
+    return [e.replace(str(path), "F") for e in report.errors], report
+
+
+@pytest.mark.parametrize("row,message", [
+    ({"prompt": "q", "chosen": "a"}, "F:1: rejected: missing"),
+    ({"prompt": "q", "chosen": " ", "rejected": "b"}, "F:1: chosen: empty"),
+    ({"chosen": "a", "rejected": "b"}, "F:1: prompt: missing (expected prompt, chosen and rejected; got ['chosen', "
+                                       "'rejected'])"),
+    ({"prompt": "q", "chosen": "same", "rejected": "same"}, "F:1: chosen and rejected are identical: the pair "
+                                                            "teaches nothing; fix or drop the row"),
+    ({"prompt": "q\u0000", "chosen": "a", "rejected": "b"}, "F:1: prompt: NUL character (\\u0000) at character 2"),
+    ({"chosen": [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a"}],
+      "rejected": [{"role": "user", "content": "q2"}, {"role": "assistant", "content": "b"}]},
+     "F:1: chosen and rejected have different prompts (the messages before the last assistant turn differ)"),
+    ({"prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "user", "content": "a"}], "rejected": "b"},
+     "F:1: chosen: expected one assistant message (the answer), got roles ['user']"),
+    ({"prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "x"}], "chosen": "a",
+      "rejected": "b"}, "F:1: prompt: the last turn must be 'user'"),
+    ({"prompt": "q", "chosen": 3, "rejected": "b"}, "F:1: chosen: expected a string or an assistant message, got int"),
+])
+def test_bad_preference_rows_are_named_with_file_and_line(tmp_path, row, message):
+    errors, _ = _errors(tmp_path, [row])
+    assert any(e.startswith(message) for e in errors), errors
+
+
+def test_preference_formats_and_dataset_warnings(tmp_path):
+    conv = {"prompt": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}],
+            "chosen": [{"role": "assistant", "content": "a"}], "rejected": [{"role": "assistant", "content": "b"}]}
+    implicit = {"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+                "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "b"}]}
+    plain = {"prompt": "q", "chosen": "a", "rejected": "b"}
+    path = write_jsonl(tmp_path / "ok.jsonl", [conv, implicit, plain, plain])
+    report = Report()
+    pairs = read_pairs(path, report)
+    assert not report.errors
+    assert [p.prompt for p in pairs[:2]] == [(("system", "s"), ("user", "q")), (("user", "q"),)]
+    assert (pairs[1].chosen, pairs[1].rejected) == ("a", "b")
+    from hwcompat.train.pairs import check_pairs
+
+    check_pairs(pairs, [], report)
+    # the implicit-prompt row and the plain rows are the same pair, whatever the format
+    assert report.warnings["duplicate pairs in train"] == [f"{path}:3 repeats line 2", f"{path}:4 repeats line 2"]
+
+
+def test_pair_truncated_away_is_an_error(tmp_path, tiny_model):
+    from transformers import AutoTokenizer
+
+    from hwcompat.train.config import TrainConfig
+    from hwcompat.train.objectives.dpo import DPO
+
+    path = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "What color is the sky? " * 30, "chosen": "blue",
+                                                  "rejected": "red"}, *pair_rows(4, 3)])
+    cfg = TrainConfig(model=str(tiny_model), train_data=[str(path)], method="dpo", max_seq_len=16, eval_fraction=0.2,
+                      chat_template="false")
+    obj = DPO(cfg, SimpleNamespace(dtype="float32"), None)
+    with pytest.raises(Exception) as e:
+        obj.load(AutoTokenizer.from_pretrained(tiny_model), print)
+    assert f"{path}:1: chosen and rejected: no answer tokens left after truncation to max_seq_len=16" in str(e.value)
+
+
+def test_dpo_run_end_to_end_on_cpu(tmp_path, tiny_model, pair_files):
+    cfg = make_config(tmp_path, tiny_model, *pair_files, method="dpo", beta=0.5, max_steps=40, learning_rate=0.003,
+                      micro_batch_size=8)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HWCOMPAT_")}
+    res = subprocess.run([sys.executable, "-m", "hwcompat", "train", str(cfg)], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    s = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert s["objective"] == "dpo"
+    before, after = s["eval_before"], s["eval_after"]
+    assert abs(before["reward_margin"]) < 1e-6 and before["eval_loss"] == pytest.approx(0.6931, abs=1e-3)  # log 2
+    assert after["reward_accuracy"] >= 0.75 and after["eval_loss"] < 0.6 * before["eval_loss"]
+    assert "reward_accuracy" in res.stderr
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), str(tmp_path / "run" / "adapter"))
