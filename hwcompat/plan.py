@@ -217,6 +217,8 @@ class PlanInput:
     gradient_checkpointing: bool = False
     optimizer: str = "adamw"
     lora_dropout: bool = True
+    # Sequences per training row: DPO puts a pair's chosen and rejected answers in one forward (2).
+    sequences_per_row: int = 1
     # Share of positions that need logits. A plain causal-LM forward computes them everywhere (1.0);
     # hwcompat's trainer only at response tokens, so `train` passes its data's worst-case share.
     logit_fraction: float = 1.0
@@ -272,7 +274,10 @@ def estimate(shape: ModelShape, inp: PlanInput, dtype: str, attention: str, vend
         raise InputError(f"optimizer={inp.optimizer}: use one of {', '.join(OPTIMIZERS)}")
     notes: list[str] = []
     db = DTYPE_BYTES[dtype]
-    b, t = inp.batch_size, inp.seq_len
+    b, t = inp.batch_size * inp.sequences_per_row, inp.seq_len
+    if inp.sequences_per_row == 2:
+        notes.append("dpo: chosen and rejected run in one forward (2 sequences per pair); the reference "
+                     "log-probabilities are cached before training, so no reference pass runs in the step")
     tokens = b * t
     bd: dict[str, int] = {}
     if inp.method == "qlora":
@@ -389,7 +394,8 @@ def plan_input(cfg, method: str | None = None, logit_fraction: float = 1.0) -> P
     return PlanInput(method=method or ("qlora" if cfg.qlora else "lora"), seq_len=cfg.max_seq_len,
                      batch_size=cfg.micro_batch_size, lora_rank=cfg.lora_r, lora_targets=list(cfg.lora_target_modules),
                      gradient_checkpointing=cfg.gradient_checkpointing, optimizer=cfg.optimizer,
-                     lora_dropout=cfg.lora_dropout > 0, logit_fraction=logit_fraction)
+                     lora_dropout=cfg.lora_dropout > 0, logit_fraction=logit_fraction,
+                     sequences_per_row=2 if cfg.method == "dpo" else 1)
 
 
 def _largest(ok, lo: int, hi: int) -> int | None:

@@ -275,3 +275,19 @@ def test_plan_input_from_a_train_config_is_what_train_checks():
     assert inp == P.PlanInput(method="qlora", seq_len=777, batch_size=3, lora_rank=5, lora_targets=["q_proj"],
                               gradient_checkpointing=False, optimizer="paged_adamw_8bit", lora_dropout=False,
                               logit_fraction=0.5)
+
+
+def test_dpo_plan_counts_two_sequences_per_pair(qwen7b, capsys):
+    from hwcompat.train.config import TrainConfig
+
+    def plan(*args):
+        main(["plan", "--model", qwen7b, "--emulate", "a100", "--json", "--seq-len", "512", *args])
+        return json.loads(capsys.readouterr().out)
+
+    lora, dpo = plan(), plan("--method", "dpo")
+    assert dpo["breakdown"]["activations"] == 2 * lora["breakdown"]["activations"]
+    assert dpo["breakdown"]["logits"] == 2 * lora["breakdown"]["logits"]
+    assert dpo["breakdown"]["optimizer_states"] == lora["breakdown"]["optimizer_states"]
+    assert any("reference log-probabilities are cached" in n for n in dpo["notes"])
+    assert plan("method=dpo")["breakdown"] == dpo["breakdown"]  # the config key says the same
+    assert P.plan_input(TrainConfig(model="m", train_data=["d"], method="dpo")).sequences_per_row == 2

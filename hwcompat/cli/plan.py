@@ -14,7 +14,8 @@ def add_parser(sub) -> None:
     p.add_argument("--model", required=True, help="model folder, config.json path, or a cached hub id")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="`hwcompat train` config keys, e.g. max_seq_len=2048 micro_batch_size=4 optimizer=adamw_8bit")
-    p.add_argument("--method", choices=("lora", "qlora", "full"), default="lora")
+    p.add_argument("--method", choices=("lora", "qlora", "full", "dpo"), default="lora",
+                   help="dpo: LoRA preference tuning (= method=dpo; with qlora=true for an NF4 base)")
     p.add_argument("--seq-len", "--max-seq-len", dest="seq_len", type=int, default=2048, help="= max_seq_len")
     p.add_argument("--batch-size", "--micro-batch-size", dest="batch_size", type=int, default=1,
                    help="= micro_batch_size")
@@ -39,7 +40,7 @@ def train_config(args: argparse.Namespace):
 
     cfg = TrainConfig(model=args.model, max_seq_len=args.seq_len, micro_batch_size=args.batch_size,
                       lora_r=args.lora_rank, gradient_checkpointing=args.gc, optimizer=args.optimizer,
-                      qlora=args.method == "qlora")
+                      qlora=args.method == "qlora", method="dpo" if args.method == "dpo" else "sft")
     cfg = apply_overrides(cfg, list(args.overrides or []))
     if args.method != "full":
         args.method = "qlora" if cfg.qlora else "lora"

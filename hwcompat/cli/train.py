@@ -97,6 +97,7 @@ def launch(args, loaded) -> int:
     if note:
         print(note, file=sys.stderr)
     L.check_model(cfg.model, cfg.allow_network)
+    L.check_init_adapter(cfg)
     if cfg.tokenizer:
         L.check_model(cfg.tokenizer, cfg.allow_network, what="tokenizer")
     nproc, group = _nproc(args, plan, pos, device)

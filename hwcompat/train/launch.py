@@ -163,6 +163,32 @@ def check_model(model: str, allow_network: bool, what: str = "model") -> None:
             read_header(f)  # a truncated download is an error naming the file, not a crash in the loader
 
 
+def check_init_adapter(cfg) -> None:
+    """init_adapter: a PEFT LoRA folder (safetensors) whose shape is the config's, checked before any load."""
+    if not cfg.init_adapter:
+        return
+    folder = Path(cfg.init_adapter)
+    meta = folder / "adapter_config.json"
+    if not meta.exists() or not (folder / "adapter_model.safetensors").exists():
+        raise InputError(f"init_adapter {folder}: expected a PEFT adapter folder (adapter_config.json and "
+                         "adapter_model.safetensors), e.g. an earlier run's adapter/")
+    try:
+        saved = json.loads(meta.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise InputError(f"init_adapter {meta}: cannot read it ({str(exc)[:100]})") from None
+    targets = saved.get("target_modules")
+    targets = sorted(targets) if isinstance(targets, list) else targets
+    ours = "all-linear" if cfg.lora_target_modules == ["all-linear"] else sorted(cfg.lora_target_modules)
+    differ = {k: v for k, v, mine in (("lora_r", saved.get("r"), cfg.lora_r), ("lora_alpha", saved.get("lora_alpha"),
+                                                                              cfg.lora_alpha))
+              if v != mine}
+    if differ:
+        raise InputError(f"init_adapter {folder} was trained with {', '.join(f'{k}={v}' for k, v in differ.items())}; "
+                         "set the same in this config (the adapter keeps its shape)")
+    if ours != "all-linear" and targets != ours:
+        raise InputError(f"init_adapter {folder} targets {targets}; set lora_target_modules to the same")
+
+
 def child_env(profile: ResolvedProfile, device: ResolvedDevice, group: list[int] | None,
               online: bool = False) -> dict[str, str]:
     env = dict(os.environ)

@@ -83,7 +83,7 @@ def run(run_dir: Path, resume: bool = False) -> int:
     distributed.barrier(dist)
     code = train(r)
     if code == 0:
-        finish(r)
+        code = finish(r)
     distributed.close(dist)
     return code
 
@@ -383,19 +383,29 @@ def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
 
 # --- finish ------------------------------------------------------------------------------------------------
 
-def finish(r: Recipe) -> None:
-    """Final eval, the adapter, summary.json and (export=gguf) the merged model, on each machine's writer."""
+def finish(r: Recipe) -> int:
+    """Final eval, the adapter, summary.json and (export=gguf, unless a task metric regressed) the merged model,
+    on each machine's writer; returns the exit code."""
     if not r.dist.writer:
-        return
+        return 0
     final = evaluate(r, r.total_steps, with_tasks=True)
     with atomic_dir(r.run_dir / "adapter") as tmp:
         r.model.save_pretrained(str(tmp), safe_serialization=True)
         r.tokenizer.save_pretrained(str(tmp))
     summary = _summary(r, final)
+    summary["regressed"] = metrics.regressions(summary["eval_before"], final, r.cfg.regression_tolerance)
     atomic_write_json(r.run_dir / "summary.json", summary)
     log(r.dist, _summary_text(summary, r.run_dir))
+    if summary["regressed"]:
+        log(r.dist, _regression_text(summary["regressed"], r.cfg.regression_tolerance))
     if r.cfg.export == "gguf":
+        if summary["regressed"] and not r.cfg.force:  # said and returned, not raised: other ranks wait to close
+            log(r.dist, "hwcompat: error: export refused: a task metric regressed (above); the adapter is kept in "
+                        f"{r.run_dir / 'adapter'}. Export anyway with --force (or force=true), or fix the data and "
+                        "train again")
+            return 1
         export_run(r.run_dir, r.cfg, lambda m: log(r.dist, m))
+    return 0
 
 
 def _summary(r: Recipe, final: dict[str, Any]) -> dict[str, Any]:
@@ -444,6 +454,14 @@ def export_run(run_dir: Path, cfg, say) -> None:
     res = export_gguf(merged, run_dir / "model.gguf", cfg.export_type, overwrite=True)  # the run's own outputs
     path, cmd = write_modelfile(res.path, merged, overwrite=True)
     say(f"gguf: {res.path} ({res.qtype}); Modelfile: {path}\nrun: {cmd}")
+
+
+def _regression_text(regressed: list[dict[str, Any]], tolerance: float) -> str:
+    rows = "\n".join(f"  {x['metric']:16} {x['before']:.3f} -> {x['after']:.3f}  (-{x['drop_points']:.1f} points)"
+                     for x in regressed)
+    return (f"\n!!! REGRESSION: {len(regressed)} task metric(s) fell by more than {tolerance:g} points during this "
+            f"run (regression_tolerance):\n{rows}\nThe model is worse at its task than before this run; "
+            "summary.json lists it under \"regressed\". For DPO, more diverse preference pairs usually help.")
 
 
 def _summary_text(s: dict[str, Any], run_dir: Path) -> str:

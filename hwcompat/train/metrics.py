@@ -99,3 +99,21 @@ def headline(metrics: dict[str, float]) -> str:
         if key in metrics:
             return f"{key}={metrics[key]:.3f}"
     return ""
+
+
+#: The task metrics the regression guard watches (all in [0, 1]; a "point" is 0.01).
+TASK_METRICS = ("exact_match", "accuracy", "json_valid", "field_precision", "field_recall", "field_f1")
+
+
+def regressions(before: dict[str, float], after: dict[str, float], tolerance_points: float) -> list[dict[str, Any]]:
+    """Task metrics that fell by more than ``tolerance_points`` from before training to after.
+
+    Preference tuning can make a good SFT model worse at its task (pairs that are not diverse enough), and any
+    fine-tune can forget; a drop bigger than the tolerance is reported, not averaged away."""
+    out = []
+    for key in TASK_METRICS:
+        if key in before and key in after:
+            drop = (before[key] - after[key]) * 100
+            if drop > tolerance_points:
+                out.append({"metric": key, "before": before[key], "after": after[key], "drop_points": round(drop, 2)})
+    return out

@@ -63,6 +63,11 @@ def _with_lora(model, cfg: TrainConfig):
     import torch
     from peft import LoraConfig, get_peft_model
 
+    if cfg.init_adapter:  # continue from an adapter (SFT -> DPO); the launcher checked its shape
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, cfg.init_adapter, is_trainable=True)
+        return _adapters_in_fp32(model)
     targets = "all-linear" if cfg.lora_target_modules == ["all-linear"] else cfg.lora_target_modules
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=targets, task_type="CAUSAL_LM", bias="none")
@@ -70,8 +75,14 @@ def _with_lora(model, cfg: TrainConfig):
         model = get_peft_model(model, lora)
     except ValueError as exc:
         raise InputError(f"lora_target_modules={cfg.lora_target_modules}: {exc}") from None
-    # Adapters train in fp32 whatever the base dtype (peft's autocast_adapter_dtype does this for
-    # fp16/bf16); make sure, so fp16 loss scaling never sees fp16 master weights.
+    return _adapters_in_fp32(model)
+
+
+def _adapters_in_fp32(model):
+    """Adapters train in fp32 whatever the base dtype (peft's autocast_adapter_dtype does this for
+    fp16/bf16); make sure, so fp16 loss scaling never sees fp16 master weights."""
+    import torch
+
     for p in model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()

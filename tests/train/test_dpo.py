@@ -190,3 +190,53 @@ def test_dpo_run_end_to_end_on_cpu(tmp_path, tiny_model, pair_files):
     from transformers import AutoModelForCausalLM
 
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), str(tmp_path / "run" / "adapter"))
+
+
+def test_regressions_are_measured_in_points():
+    from hwcompat.train.metrics import regressions
+
+    got = regressions({"exact_match": 0.9, "field_f1": 0.8, "eval_loss": 0.1},
+                      {"exact_match": 0.5, "field_f1": 0.79, "eval_loss": 0.9}, 2.0)
+    assert got == [{"metric": "exact_match", "before": 0.9, "after": 0.5, "drop_points": 40.0}]
+
+
+def test_harmful_dpo_after_sft_is_flagged_and_not_exported(tmp_path, tiny_model, task_files):
+    """SFT learns the colours; a DPO stage whose training pairs prefer the wrong colour is caught by the guard."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HWCOMPAT_")}
+
+    def train(cfg, *args):
+        return subprocess.run([sys.executable, "-m", "hwcompat", "train", str(cfg), *args], capture_output=True,
+                              text=True, env=env, timeout=400)
+
+    sft_dir = tmp_path / "sft"
+    sft_dir.mkdir()
+    res = train(make_config(sft_dir, tiny_model, *task_files, max_steps=100, learning_rate=0.005))
+    assert res.returncode == 0, res.stderr[-2000:]
+    sft = json.loads((sft_dir / "run" / "summary.json").read_text())["eval_after"]
+    assert sft["accuracy"] > 0.5
+    harmful = [{**r, "chosen": r["rejected"], "rejected": r["chosen"]} for r in pair_rows(96, 1)]
+    dpo_dir = tmp_path / "dpo"
+    dpo_dir.mkdir()
+    train_pairs = write_jsonl(dpo_dir / "harmful.jsonl", harmful)
+    eval_pairs = write_jsonl(dpo_dir / "eval.jsonl", pair_rows(24, 2))  # held out: the true task
+    cfg = make_config(dpo_dir, tiny_model, train_pairs, eval_pairs, method="dpo", beta=0.5, max_steps=40,
+                      learning_rate=0.003, init_adapter=str(sft_dir / "run" / "adapter"),
+                      export="gguf")
+    res = train(cfg)
+    s = json.loads((dpo_dir / "run" / "summary.json").read_text())
+    assert s["eval_before"]["accuracy"] == pytest.approx(sft["accuracy"], abs=0.3)  # before = the SFT model
+    assert s["regressed"] and "accuracy" in [x["metric"] for x in s["regressed"]], s["eval_after"]
+    assert res.returncode == 1 and "!!! REGRESSION" in res.stderr and "export refused" in res.stderr
+    assert not (dpo_dir / "run" / "model.gguf").exists() and (dpo_dir / "run" / "adapter").exists()
+
+
+def test_init_adapter_of_another_shape_is_refused(tmp_path, tiny_model, pair_files):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"r": 8, "lora_alpha": 16, "target_modules": ["q_proj"]}))
+    (adapter / "adapter_model.safetensors").write_bytes(b"")
+    cfg = make_config(tmp_path, tiny_model, *pair_files, method="dpo", init_adapter=str(adapter))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HWCOMPAT_")}
+    res = subprocess.run([sys.executable, "-m", "hwcompat", "train", str(cfg)], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert res.returncode == 2 and f"init_adapter {adapter} was trained with lora_r=8, lora_alpha=16" in res.stderr
