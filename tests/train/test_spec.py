@@ -35,7 +35,7 @@ def test_the_launchers_spec_loads_typed(run_json):
     (lambda s: s.update(cpu_emulation="yes"), "cpu_emulation: expected bool, got 'yes'"),
     (lambda s: s.update(resume_from=3), "unknown field 'resume_from'"),
     (lambda s: s["config"].update(optimiser="adamw"), "unknown key 'optimiser'; did you mean 'optimizer'"),
-    (lambda s: s["config"].update(method="dpo"), "method: 'dpo' is not one of: sft"),
+    (lambda s: s["config"].update(method="ppo"), "method: 'ppo' is not one of: sft, dpo"),
 ])
 def test_a_renamed_or_wrongly_typed_field_is_a_clear_error(run_json, edit, message):
     spec = json.loads(run_json.read_text())
