@@ -26,6 +26,8 @@ COMMANDS = {
     "merge": "merge",
     "export": "export",
     "selftest": "selftest",
+    "generate": "inspect",
+    "eval": "inspect",
 }
 
 
@@ -38,9 +40,12 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"hwcompat {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
+    added = set()
     for name, module in COMMANDS.items():
-        if only is None or name == only:
-            importlib.import_module(f"hwcompat.cli.{module}").add_parser(sub)
+        if (only is None or name == only) and module not in added:
+            mod = importlib.import_module(f"hwcompat.cli.{module}")
+            (mod.add_parsers if hasattr(mod, "add_parsers") else mod.add_parser)(sub)  # a module may add several
+            added.add(module)
     return parser
 
 

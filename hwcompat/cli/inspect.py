@@ -1,0 +1,69 @@
+"""``hwcompat generate RUN_DIR "prompt"`` and ``hwcompat eval RUN_DIR --data FILE``: look at a finished run.
+
+Both run in a fresh process with the run's profile environment (as training did), so the adapter is
+used on the same dtype, attention kernel and chat template it was trained with. Never imports torch here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from hwcompat.errors import InputError
+
+
+def add_parsers(sub) -> None:
+    g = sub.add_parser("generate", help="answer prompts with a finished run's adapter (greedy or sampled)",
+                       description="Example: hwcompat generate runs/demo \"Extract: Ada Lovelace met Babbage\"")
+    g.add_argument("run_dir", help="a run folder with adapter/ and run.json")
+    g.add_argument("prompt", nargs="?", help="one prompt (a user message)")
+    g.add_argument("--file", help="JSONL with \"prompt\" or \"messages\" per line; prints JSONL {prompt, output}")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sampled")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.set_defaults(func=run_generate)
+    e = sub.add_parser("eval", help="a finished run's metrics on any data file, adapter vs base, without training",
+                       description="Task metrics (and eval loss / DPO reward accuracy) of the run's adapter and of "
+                                   "its base on --data, side by side.")
+    e.add_argument("run_dir", help="a run folder with adapter/ and run.json")
+    e.add_argument("--data", required=True, help="JSONL in the run's data format (SFT rows or preference pairs)")
+    e.set_defaults(func=run_eval)
+
+
+def _exec(args: list[str], run_dir: str) -> int:
+    from hwcompat.train.spec import load_spec
+
+    run = Path(run_dir)
+    if not (run / "run.json").exists():
+        raise InputError(f"{run}: not a run folder (no run.json); give the output_dir of a `hwcompat train` run")
+    spec = load_spec(run / "run.json")
+    if not (run / "adapter" / "adapter_model.safetensors").exists():
+        raise InputError(f"{run}: no adapter/ yet (the run has not finished); train it to the end first")
+    env = {**os.environ, **spec.profile.env, "HF_HUB_OFFLINE": "1"}
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, "-m", "hwcompat.train.inspect_run", *args], env)
+    return 0  # not reached
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    if (args.prompt is None) == (args.file is None):
+        raise InputError("generate: give one prompt, or --file prompts.jsonl (not both)")
+    if args.file and not Path(args.file).is_file():
+        raise InputError(f"--file {args.file}: not found")
+    if args.max_new_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
+        raise InputError("generate: --max-new-tokens >= 1, --temperature >= 0 and 0 < --top-p <= 1")
+    tail = ["--prompt", args.prompt] if args.prompt is not None else ["--file", args.file]
+    return _exec(["generate", args.run_dir, *tail, "--max-new-tokens", str(args.max_new_tokens),
+                  "--temperature", str(args.temperature), "--top-p", str(args.top_p), "--seed", str(args.seed)],
+                 args.run_dir)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    if not Path(args.data).is_file():
+        raise InputError(f"--data {args.data}: not found")
+    return _exec(["eval", args.run_dir, "--data", args.data], args.run_dir)

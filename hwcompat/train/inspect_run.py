@@ -1,0 +1,132 @@
+"""Look at a finished run without training: ``generate`` (what does it answer?) and ``eval`` (how well, on any data?).
+
+    python -m hwcompat.train.inspect_run generate RUN_DIR --prompt "…" | --file prompts.jsonl [--max-new-tokens N]
+    python -m hwcompat.train.inspect_run eval RUN_DIR --data FILE
+
+Started by ``hwcompat generate`` / ``hwcompat eval`` with the run's profile environment set (so torch first
+loads here, after it), like the trainer. The base model is loaded in the run's dtype and attention kernel with
+the run's adapter on top, and prompts are rendered with the same chat-template decision as training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from hwcompat.errors import HwcompatError, InputError
+
+
+def _load(run_dir: Path):
+    """(spec, model with the adapter, tokenizer, device) for a finished run."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from hwcompat.train.model import load_model
+    from hwcompat.train.spec import load_spec
+
+    spec = load_spec(run_dir / "run.json")
+    adapter = run_dir / "adapter"
+    if not (adapter / "adapter_model.safetensors").exists():
+        raise InputError(f"{run_dir}: no adapter/ yet (the run has not finished); train it to the end first")
+    device = torch.device("cuda" if spec.device.kind == "cuda" and torch.cuda.is_available() else "cpu")
+    cfg = replace(spec.config, init_adapter=str(adapter), qlora=False)
+    model = load_model(cfg, spec.profile, device).eval()
+    if not isinstance(model, PeftModel):
+        raise HwcompatError(f"{adapter}: did not load as a PEFT adapter")
+    tokenizer = AutoTokenizer.from_pretrained(str(adapter))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return spec, model, tokenizer, device
+
+
+def _prompts(args) -> list[list[tuple[str, str]]]:
+    """--prompt text, or --file JSONL rows with "prompt" (a string) or "messages" (ending with a user turn)."""
+    if args.prompt is not None:
+        return [[("user", args.prompt)]]
+    from hwcompat.train.data import Report, json_rows
+
+    report, out = Report(), []
+    for _, where, row in json_rows(args.file, report):
+        if isinstance(row.get("prompt"), str) and row["prompt"].strip():
+            out.append([("user", row["prompt"])])
+        elif isinstance(row.get("messages"), list) and row["messages"]:
+            msgs = [(m.get("role"), m.get("content")) for m in row["messages"] if isinstance(m, dict)]
+            if msgs[-1][0] == "assistant":
+                msgs = msgs[:-1]
+            out.append(msgs)
+        else:
+            report.error(f"{where}: expected \"prompt\" (a string) or \"messages\"")
+    if report.errors:
+        raise InputError("prompts file: " + "; ".join(report.errors[:5]))
+    return out
+
+
+def generate(args) -> int:
+    import torch
+
+    from hwcompat.train import batching
+    from hwcompat.train.model import autocast
+
+    spec, model, tokenizer, device = _load(Path(args.run_dir))
+    chat = batching.uses_chat_template(tokenizer, spec.config.chat_template)
+    torch.manual_seed(args.seed)
+    sample = args.temperature > 0
+    for msgs in _prompts(args):
+        ids = batching.render_prompt_ids(tokenizer, msgs + [("assistant", "")], chat)
+        with torch.no_grad(), autocast(device, spec.profile.dtype):
+            out = model.generate(input_ids=torch.tensor([ids], device=device), max_new_tokens=args.max_new_tokens,
+                                 do_sample=sample, temperature=args.temperature if sample else None,
+                                 top_p=args.top_p if sample else None, pad_token_id=tokenizer.pad_token_id)
+        text = tokenizer.decode(out[0, len(ids):], skip_special_tokens=True).strip()
+        print(text if args.prompt is not None else json.dumps({"prompt": msgs[-1][1], "output": text}), flush=True)
+    return 0
+
+
+def evaluate(args) -> int:
+    """The objective's metrics on a data file, adapted model and base side by side."""
+    from hwcompat.train.objectives import create
+
+    spec, model, tokenizer, device = _load(Path(args.run_dir))
+    cfg = replace(spec.config, train_data=[args.data], eval_data=[args.data], init_adapter=None)
+    objective = create(cfg.method, cfg, spec.profile, device)
+    objective.load(tokenizer, lambda m: print(m, file=sys.stderr))
+    with model.disable_adapter():
+        objective.bind(model, "eager")  # a DPO reference is the base
+        base = objective.evaluate(model, with_tasks=True)
+    adapted = objective.evaluate(model, with_tasks=True)
+    print(json.dumps({"data": args.data, "base": base, "adapted": adapted}, indent=2))
+    keys = [k for k in adapted if k != "n"]
+    print(f"{'metric':16} {'base':>8} {'adapted':>8}", file=sys.stderr)
+    for k in keys:
+        print(f"{k:16} {base.get(k, float('nan')):8.3f} {adapted[k]:8.3f}", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    import logging
+
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)  # see worker.py
+    ap = argparse.ArgumentParser(prog="python -m hwcompat.train.inspect_run")
+    ap.add_argument("what", choices=("generate", "eval"))
+    ap.add_argument("run_dir")
+    ap.add_argument("--prompt")
+    ap.add_argument("--file")
+    ap.add_argument("--data")
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    try:
+        return generate(args) if args.what == "generate" else evaluate(args)
+    except HwcompatError as exc:
+        print(f"hwcompat: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""`hwcompat generate` and `hwcompat eval` on a finished tiny run: the adapter answers, metrics side by side."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.train.conftest import make_config, task_rows, write_jsonl
+
+
+def _cli(*args, timeout=300):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HWCOMPAT_")}
+    return subprocess.run([sys.executable, "-m", "hwcompat", *map(str, args)], capture_output=True, text=True, env=env,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_model):
+    tmp = tmp_path_factory.mktemp("inspect")
+    train = write_jsonl(tmp / "train.jsonl", task_rows(160, 1))
+    evals = write_jsonl(tmp / "eval.jsonl", task_rows(24, 2))
+    res = _cli("train", make_config(tmp, tiny_model, train, evals, max_steps=100, learning_rate=0.005))
+    assert res.returncode == 0, res.stderr[-2000:]
+    return tmp / "run", evals
+
+
+def test_generate_answers_with_the_adapter(finished_run):
+    run, _ = finished_run
+    res = _cli("generate", run, "What color is the lemon?", "--max-new-tokens", "4")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip() == "yellow"
+
+
+def test_generate_from_a_file_prints_jsonl(finished_run, tmp_path):
+    run, _ = finished_run
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "What color is the sky?"},
+                                                 {"messages": [{"role": "user", "content": "What color is the frog?"}]}])
+    res = _cli("generate", run, "--file", prompts, "--max-new-tokens", "4")
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = [json.loads(x) for x in res.stdout.splitlines()]
+    assert [r["prompt"] for r in rows] == ["What color is the sky?", "What color is the frog?"]
+    assert all(r["output"] in {"red", "yellow", "green", "blue"} for r in rows), rows  # the task's answers
+    single = _cli("generate", run, "What color is the frog?", "--max-new-tokens", "4").stdout.strip()
+    assert rows[1]["output"] == single  # one prompt or a file: the same rendering
+
+
+def test_eval_reports_base_and_adapter_side_by_side(finished_run):
+    run, evals = finished_run
+    res = _cli("eval", run, "--data", evals)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = json.loads(res.stdout)
+    assert out["adapted"]["accuracy"] > out["base"]["accuracy"] + 0.3
+    assert out["adapted"]["eval_loss"] < out["base"]["eval_loss"]
+    assert "metric" in res.stderr and "adapted" in res.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["generate", "{run}"], "give one prompt, or --file prompts.jsonl"),
+    (["generate", "{run}", "hi", "--temperature", "-1"], "--temperature >= 0"),
+    (["eval", "{run}", "--data", "/nope.jsonl"], "--data /nope.jsonl: not found"),
+    (["generate", "/nope", "hi"], "/nope: not a run folder"),
+])
+def test_mistakes_are_clear(finished_run, args, message):
+    run, _ = finished_run
+    res = _cli(*[a.format(run=run) for a in args], timeout=60)
+    assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr
