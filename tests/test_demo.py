@@ -49,3 +49,26 @@ def test_demo_never_replaces_a_users_run(tmp_path, cache_dir):
     res = _demo(tmp_path, cache_dir, "--tiny")
     assert res.returncode == 2 and "already holds a run" in res.stderr, res.stderr[-2000:]
     assert (run / "adapter" / "adapter_model.safetensors").read_bytes() == b"my week of training"
+
+
+def _demo_in(cwd, cache_dir, *extra):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HWCOMPAT_")}
+    env["HWCOMPAT_CACHE_DIR"] = str(cache_dir)
+    return subprocess.run([sys.executable, "-m", "hwcompat", "demo", "--tiny", *extra, "eval_max_rows=4",
+                           "eval_max_new_tokens=8"], capture_output=True, text=True, env=env, timeout=900, cwd=cwd)
+
+
+@pytest.mark.slow
+def test_demo_dpo_stage_starts_from_the_sft_adapter(tmp_path, cache_dir):
+    res = _demo_in(tmp_path, cache_dir, "--dpo")
+    assert res.returncode == 2 and "run `hwcompat demo` first" in res.stderr
+    assert _demo_in(tmp_path, cache_dir, "max_steps=2").returncode == 0
+    res = _demo_in(tmp_path, cache_dir, "--dpo", "max_steps=2")
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((tmp_path / "runs" / "demo-dpo" / "summary.json").read_text())
+    assert summary["objective"] == "dpo" and summary["steps"] == 2
+    before, after = summary["eval_before"], summary["eval_after"]
+    assert before["reward_margin"] == pytest.approx(0.0, abs=1e-6)  # the reference is the SFT model itself
+    assert {"reward_accuracy", "field_f1"} <= set(after) and "regressed" in summary
+    spec = json.loads((tmp_path / "runs" / "demo-dpo" / "run.json").read_text())
+    assert spec["config"]["init_adapter"] == str(tmp_path / "runs" / "demo" / "adapter")

@@ -37,10 +37,26 @@ DEMO_CONFIG = {
 }
 
 
+#: The second stage (`hwcompat demo --dpo`): DPO from the SFT demo's adapter on pairs derived from the same task
+#: (chosen = the correct JSON, rejected = an entity moved to the wrong category, left out or made up).
+DPO_CONFIG = {
+    "method": "dpo",
+    "train_data": [str(DATA / "pairs_train.jsonl")],
+    "eval_data": [str(DATA / "pairs_eval.jsonl")],
+    "beta": 0.1,
+    "max_steps": 20,
+    "learning_rate": 5e-4,
+    "micro_batch_size": 4,
+    "output_dir": "runs/demo-dpo",
+}
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("demo", help="fine-tune the bundled small model on bundled data (offline, a few minutes)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override demo config keys, e.g. max_steps=10")
     p.add_argument("--tiny", action="store_true", help="skip the real model; use a tiny one built from a config")
+    p.add_argument("--dpo", action="store_true", help="the second stage: DPO from the SFT demo's adapter (run "
+                                                     "`hwcompat demo` first) on bundled preference pairs")
     add_train_options(p)
     p.set_defaults(func=run)
 
@@ -79,10 +95,28 @@ def run(args: argparse.Namespace) -> int:
             print(f"demo: FALLBACK: could not prepare the real model ({exc}); training a tiny model built from "
                   "a config instead, so the numbers below say nothing about quality", file=sys.stderr)
             base["model"] = _tiny_model()
+    if args.dpo:
+        base = _dpo_stage(base)
     loaded = load_config(None, args.overrides, base=base)
     if not args.resume and _demo_owns(loaded.config.output_dir):
         args.overwrite = True  # the demo's own run folder is ours to replace; anything else is the user's
     return launch(args, loaded)
+
+
+def _dpo_stage(sft: dict) -> dict:
+    """The DPO demo config: the SFT demo run's model and adapter, the bundled pairs."""
+    import json
+
+    from hwcompat.errors import InputError
+
+    run = Path(os.path.abspath(sft["output_dir"]))
+    if not (run / "adapter" / "adapter_model.safetensors").exists():
+        raise InputError(f"demo --dpo starts from the SFT demo's adapter, and {run / 'adapter'} does not exist yet: "
+                         "run `hwcompat demo` first (same options), then `hwcompat demo --dpo`")
+    model = json.loads((run / "run.json").read_text())["config"]["model"]
+    print(f"demo: DPO stage from {run / 'adapter'} on bundled preference pairs; 'before' is the SFT model",
+          file=sys.stderr)
+    return {**sft, **DPO_CONFIG, "model": model, "init_adapter": str(run / "adapter")}
 
 
 def _demo_owns(output_dir: str) -> bool:
@@ -91,7 +125,7 @@ def _demo_owns(output_dir: str) -> bool:
     from pathlib import Path
 
     out = Path(os.path.abspath(output_dir))
-    if out == Path(os.path.abspath(DEMO_CONFIG["output_dir"])) or not out.exists():
+    if out in (Path(os.path.abspath(c["output_dir"])) for c in (DEMO_CONFIG, DPO_CONFIG)) or not out.exists():
         return True
     try:
         origins = json.loads((out / "run.json").read_text())["origins"]

@@ -1,6 +1,6 @@
 """Write the bundled demo dataset: entity extraction, text -> JSON of entities.
 
-    python -m hwcompat.demo.make_data      # rewrites hwcompat/demo/data/{train,eval}.jsonl
+    python -m hwcompat.demo.make_data      # rewrites hwcompat/demo/data/{train,eval,pairs_train,pairs_eval}.jsonl
 
 Deterministic (fixed seed), so the committed files are reproducible. Sentences
 come from templates over pools of people, places and organisations; eval rows
@@ -77,11 +77,38 @@ def build(n_train: int = 340, n_eval: int = 60, seed: int = 7) -> tuple[list[dic
     return train, evals
 
 
+def _wrong(answer: dict, rng: random.Random) -> dict:
+    """A plausible wrong extraction: an entity moved to another category, one left out, or (nothing to extract)
+    one made up."""
+    filled = [k for k in answer if answer[k]]
+    wrong = {k: list(v) for k, v in answer.items()}
+    if not filled:
+        wrong["people"].append(rng.choice(PEOPLE))
+        return wrong
+    key = rng.choice(filled)
+    entity = wrong[key].pop(rng.randrange(len(wrong[key])))
+    if rng.random() < 0.5:  # swapped into another category
+        wrong[rng.choice([k for k in answer if k != key])].append(entity)
+    return wrong
+
+
+def pairs(rows: list[dict], seed: int) -> list[dict]:
+    """Preference pairs for the demo's DPO stage: chosen = the correct JSON, rejected = a plausible wrong one."""
+    rng = random.Random(seed)
+    out = []
+    for row in rows:
+        prompt, answer = row["messages"][0]["content"], json.loads(row["messages"][1]["content"])
+        out.append({"prompt": prompt, "chosen": json.dumps(answer), "rejected": json.dumps(_wrong(answer, rng))})
+    return out
+
+
 def main() -> None:
     out = Path(__file__).parent / "data"
     out.mkdir(exist_ok=True)
     train, evals = build()
-    for name, rows in (("train.jsonl", train), ("eval.jsonl", evals)):
+    files = (("train.jsonl", train), ("eval.jsonl", evals), ("pairs_train.jsonl", pairs(train, 11)),
+             ("pairs_eval.jsonl", pairs(evals, 13)))
+    for name, rows in files:
         (out / name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
         print(f"wrote {len(rows)} rows to {out / name}")
 
