@@ -29,7 +29,10 @@ def add_parsers(sub) -> None:
                        description="Task metrics (and eval loss / DPO reward accuracy) of the run's adapter and of "
                                    "its base on --data, side by side.")
     e.add_argument("run_dir", help="a run folder with adapter/ and run.json")
-    e.add_argument("--data", required=True, help="JSONL in the run's data format (SFT rows or preference pairs)")
+    e.add_argument("--data", help="JSONL in the run's data format (SFT rows or preference pairs)")
+    e.add_argument("--general", action="store_true",
+                   help="forgetting: KL of the adapted model from its base on 100 bundled general prompts, and the "
+                        "base's own answers' likelihood under both (kept in summary.json)")
     e.set_defaults(func=run_eval)
 
 
@@ -64,6 +67,9 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    if not Path(args.data).is_file():
+    if not args.data and not args.general:
+        raise InputError("eval: give --data FILE (task metrics), --general (forgetting), or both")
+    if args.data and not Path(args.data).is_file():
         raise InputError(f"--data {args.data}: not found")
-    return _exec(["eval", args.run_dir, "--data", args.data], args.run_dir)
+    tail = (["--data", args.data] if args.data else []) + (["--general"] if args.general else [])
+    return _exec(["eval", args.run_dir, *tail], args.run_dir)

@@ -1,7 +1,7 @@
 """Look at a finished run without training: ``generate`` (what does it answer?) and ``eval`` (how well, on any data?).
 
     python -m hwcompat.train.inspect_run generate RUN_DIR --prompt "…" | --file prompts.jsonl [--max-new-tokens N]
-    python -m hwcompat.train.inspect_run eval RUN_DIR --data FILE
+    python -m hwcompat.train.inspect_run eval RUN_DIR [--data FILE] [--general]
 
 Started by ``hwcompat generate`` / ``hwcompat eval`` with the run's profile environment set (so torch first
 loads here, after it), like the trainer. The base model is loaded in the run's dtype and attention kernel with
@@ -86,11 +86,77 @@ def generate(args) -> int:
     return 0
 
 
+GENERAL = Path(__file__).resolve().parent.parent / "demo" / "data" / "general_prompts.jsonl"
+
+
+def forgetting(model, tokenizer, chat: bool, device, dtype: str, new_tokens: int = 32) -> dict[str, float]:
+    """How far the adapter moved the model away from its base on general prompts (facts, arithmetic, code,
+    instructions; bundled, written for hwcompat): the mean per-token KL(adapted || base) along the base's own
+    greedy answers, and those answers' mean per-token log-likelihood under the base and under the adapted model.
+    A fine-tune that forgot shows a large KL and a likelihood that falls."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from hwcompat.train import batching
+    from hwcompat.train.model import autocast
+
+    prompts = [json.loads(line)["prompt"] for line in GENERAL.read_text(encoding="utf-8").splitlines()]
+    kl = ll_base = ll_adapted = 0.0
+    n = 0
+    model.eval()
+    with torch.no_grad(), autocast(device, dtype):
+        for prompt in tqdm(prompts, desc="general prompts", file=sys.stderr, mininterval=1.0):
+            ids = torch.tensor([batching.render_prompt_ids(tokenizer, [("user", prompt), ("assistant", "")], chat)],
+                               device=device)
+            with model.disable_adapter():
+                seq = model.generate(input_ids=ids, max_new_tokens=new_tokens, do_sample=False,
+                                     pad_token_id=tokenizer.pad_token_id)
+                base = model(input_ids=seq).logits[0, ids.shape[1] - 1:-1].float().log_softmax(-1)
+            adapted = model(input_ids=seq).logits[0, ids.shape[1] - 1:-1].float().log_softmax(-1)
+            answer = seq[0, ids.shape[1]:].unsqueeze(-1)
+            kl += float((adapted.exp() * (adapted - base)).sum())
+            ll_base += float(base.gather(-1, answer).sum())
+            ll_adapted += float(adapted.gather(-1, answer).sum())
+            n += answer.shape[0]
+    return {"prompts": len(prompts), "tokens": n, "kl_per_token": kl / max(1, n),
+            "base_answers_logp_per_token": {"base": ll_base / max(1, n), "adapted": ll_adapted / max(1, n)}}
+
+
 def evaluate(args) -> int:
-    """The objective's metrics on a data file, adapted model and base side by side."""
+    """The objective's metrics on a data file, adapted model and base side by side; --general: forgetting."""
+    spec, model, tokenizer, device = _load(Path(args.run_dir))
+    out: dict = {}
+    if args.data:
+        out.update(_task_eval(args, spec, model, tokenizer, device))
+    if args.general:
+        from hwcompat.train import batching
+
+        chat = batching.uses_chat_template(tokenizer, spec.config.chat_template)
+        out["general"] = forgetting(model, tokenizer, chat, device, spec.profile.dtype)
+        g = out["general"]
+        print(f"general prompts ({g['prompts']}, {g['tokens']} tokens of the base's own answers): KL(adapted||base) "
+              f"{g['kl_per_token']:.4f} per token; their log-likelihood per token: base "
+              f"{g['base_answers_logp_per_token']['base']:.3f}, adapted {g['base_answers_logp_per_token']['adapted']:.3f}",
+              file=sys.stderr)
+        _record(Path(args.run_dir), g)
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+def _record(run_dir: Path, general: dict) -> None:
+    """summary.json carries the forgetting figures (replaced atomically)."""
+    from hwcompat.fsutil import atomic_write_json
+
+    path = run_dir / "summary.json"
+    if path.exists():
+        summary = json.loads(path.read_text(encoding="utf-8"))
+        summary["forgetting"] = general
+        atomic_write_json(path, summary)
+
+
+def _task_eval(args, spec, model, tokenizer, device) -> dict:
     from hwcompat.train.objectives import create
 
-    spec, model, tokenizer, device = _load(Path(args.run_dir))
     cfg = replace(spec.config, train_data=[args.data], eval_data=[args.data], init_adapter=None)
     objective = create(cfg.method, cfg, spec.profile, device)
     objective.load(tokenizer, lambda m: print(m, file=sys.stderr))
@@ -98,12 +164,10 @@ def evaluate(args) -> int:
         objective.bind(model, "eager")  # a DPO reference is the base
         base = objective.evaluate(model, with_tasks=True)
     adapted = objective.evaluate(model, with_tasks=True)
-    print(json.dumps({"data": args.data, "base": base, "adapted": adapted}, indent=2))
-    keys = [k for k in adapted if k != "n"]
     print(f"{'metric':16} {'base':>8} {'adapted':>8}", file=sys.stderr)
-    for k in keys:
+    for k in (k for k in adapted if k != "n"):
         print(f"{k:16} {base.get(k, float('nan')):8.3f} {adapted[k]:8.3f}", file=sys.stderr)
-    return 0
+    return {"data": args.data, "base": base, "adapted": adapted}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt")
     ap.add_argument("--file")
     ap.add_argument("--data")
+    ap.add_argument("--general", action="store_true")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--top-p", type=float, default=1.0)

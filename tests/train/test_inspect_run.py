@@ -66,3 +66,20 @@ def test_mistakes_are_clear(finished_run, args, message):
     run, _ = finished_run
     res = _cli(*[a.format(run=run) for a in args], timeout=60)
     assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr
+
+
+def test_eval_general_measures_forgetting_and_keeps_it(finished_run):
+    run, _ = finished_run
+    res = _cli("eval", run, "--general")
+    assert res.returncode == 0, res.stderr[-2000:]
+    g = json.loads(res.stdout)["general"]
+    assert g["prompts"] == 100 and g["tokens"] > 100
+    assert g["kl_per_token"] > 0  # the adapter moved the model; the base's answers became less likely under it
+    assert g["base_answers_logp_per_token"]["adapted"] < g["base_answers_logp_per_token"]["base"] <= 0
+    assert json.loads((run / "summary.json").read_text())["forgetting"] == g
+    assert "KL(adapted||base)" in res.stderr
+
+
+def test_eval_needs_something_to_measure(finished_run):
+    res = _cli("eval", finished_run[0], timeout=60)
+    assert res.returncode == 2 and "give --data FILE (task metrics), --general (forgetting), or both" in res.stderr
