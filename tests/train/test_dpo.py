@@ -102,10 +102,15 @@ def test_reference_is_cached_per_row_from_the_starting_model(tiny_model, tmp_pat
 
     obj, model = _objective(tiny_model, tmp_path, pair_files)
     ref = obj.ref["train"]
-    assert ref.shape == (len(obj.train), 2) and torch.all(ref < 0)
+    assert ref.shape == (len(obj.train), 2) and torch.isnan(ref).all()  # nothing computed before it is needed
+    obj.loss(obj.collate([2, 5], "padded", obj.tokenizer.pad_token_id), 2.0)
+    assert torch.isnan(ref).sum() == 2 * (len(obj.train) - 2) and torch.all(ref[[2, 5]] < 0)
     with torch.no_grad(), model.disable_adapter():  # B was zero at bind time: the base is the reference
         logps = obj.sequence_logps(obj.collate([2], "padded", obj.tokenizer.pad_token_id))
     assert torch.allclose(logps.double(), ref[2], atol=1e-5)
+    kept = ref[2].clone()
+    obj.loss(obj.collate([2], "padded", obj.tokenizer.pad_token_id), 1.0)
+    assert torch.equal(ref[2], kept)  # computed once per row
 
 
 def _errors(tmp_path, lines):

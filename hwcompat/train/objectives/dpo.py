@@ -6,15 +6,18 @@ log pi(y) is the summed log-probability of the answer's tokens (the SFT masking 
 are, so templates behave exactly as in SFT). Chosen and rejected of a pair go through one forward pass, and
 logits are computed only at answer positions (as SFT's ResponseLoss does).
 
-The reference model is the trained model as it is before its first step — the base with a fresh adapter (LoRA's
-B starts at zero, so that *is* the base) — and its log-probabilities are **cached per row**: one no-grad pass
-over the pairs at setup, two floats per pair. The reference never changes, so recomputing it every batch (TRL's
-default) would add a forward pass per step; the cache needs no second copy of the weights either. A resumed run
-recomputes the cache before the checkpoint is loaded, from the same starting model.
+The reference model is the trained model as it is before its first step, and its log-probabilities are **cached
+per row** (two floats per pair): the reference never changes, so recomputing it every batch (TRL's default)
+would add a forward pass per step for rows already seen, and no second copy of the weights is needed. Without
+``init_adapter`` the reference is the base (a fresh LoRA's B is zero), so a row's reference is computed at its
+first use with the adapter disabled (only rows a run reaches cost anything, and a resumed run gets the same
+numbers). With ``init_adapter`` (SFT -> DPO) the reference is base + that adapter, which only the model at setup
+has: every row's is computed then, before any step (and again, identically, before a resume loads its checkpoint).
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from hwcompat.errors import DataError
@@ -120,16 +123,27 @@ class DPO:
         self.head = base.lm_head if self.fast else None
         if compile_backend == "inductor" and self.fast:
             self.decoder = torch.compile(self.decoder)
-        self.ref = {"train": self._reference(self.train), "eval": self._reference(self.evals)}
+        if self.cfg.init_adapter:  # the reference is base + that adapter: only the model now has it, so compute now
+            self.ref = {"train": self._reference(self.train), "eval": self._reference(self.evals)}
+        else:  # the reference is the base (a fresh adapter adds nothing): each row's is computed at its first use
+            self.ref = {k: torch.full((len(d), 2), float("nan"), dtype=torch.float64)
+                        for k, d in (("train", self.train), ("eval", self.evals))}
 
     def _reference(self, data) -> Any:
         """Summed answer log-probabilities of every pair (chosen, rejected) under the current model, no grad."""
         import torch
 
+        import os
+
+        from tqdm.auto import tqdm
+
         out = torch.zeros((len(data), 2), dtype=torch.float64)
         self.model.eval()
+        starts = range(0, len(data), self.cfg.micro_batch_size)
+        bar = tqdm(starts, desc="reference log-probs", unit="batch", file=sys.stderr, mininterval=1.0,
+                   disable=os.environ.get("LOCAL_RANK", "0") != "0" or len(data) == 0)
         with torch.no_grad(), autocast(self.device, self.profile.dtype):
-            for s in range(0, len(data), self.cfg.micro_batch_size):
+            for s in bar:
                 idx = list(range(s, min(len(data), s + self.cfg.micro_batch_size)))
                 logps = self.sequence_logps(self.collate(idx, "padded", self._pad(), data)).double().cpu()
                 out[idx, 0], out[idx, 1] = logps[:len(idx)], logps[len(idx):]
@@ -159,12 +173,28 @@ class DPO:
         """(per-pair losses, chosen rewards, rejected rewards, policy logps) for a collated batch."""
         import torch.nn.functional as F
 
+        self._fill(batch, ref)
         logps = self.sequence_logps(batch)
         n = batch["n_target"]
         ref = ref[batch["index"]].to(logps.device, logps.dtype)
         chosen = self.cfg.beta * (logps[:n] - ref[:, 0])
         rejected = self.cfg.beta * (logps[n:] - ref[:, 1])
         return -F.logsigmoid(chosen - rejected), chosen, rejected, logps
+
+    def _fill(self, batch: dict[str, Any], table) -> None:
+        """Reference log-probabilities for this batch's rows not seen before: the base, adapter disabled, no grad."""
+        import torch
+
+        idx = batch["index"]
+        if not torch.isnan(table[idx, 0]).any():
+            return
+        was_training = self.model.training
+        self.model.eval()
+        with torch.no_grad(), self.model.disable_adapter():
+            logps = self.sequence_logps(batch).double().cpu()
+        self.model.train(was_training)
+        n = batch["n_target"]
+        table[idx, 0], table[idx, 1] = logps[:n], logps[n:]
 
     def loss(self, batch: dict[str, Any], n_items: float):
         losses, _, _, _ = self._terms(batch, self.ref["train"])
