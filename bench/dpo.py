@@ -74,7 +74,7 @@ TRL_SCRIPT = textwrap.dedent('''
     rows = lambda p: [json.loads(l) for l in open(p)]
     cfg = DPOConfig(output_dir=a["out"], per_device_train_batch_size=a["batch"], per_device_eval_batch_size=a["batch"],
                     num_train_epochs=1, learning_rate=a["lr"], beta=a["beta"], max_length=a["max_len"],
-                    lr_scheduler_type="constant", warmup_ratio=0.0, precompute_ref_log_probs=True, report_to=[],
+                    lr_scheduler_type="constant", warmup_steps=0, precompute_ref_log_probs=True, report_to=[],
                     logging_steps=1, save_strategy="no", use_cpu=True, bf16=False, fp16=False, seed=0,
                     dataloader_num_workers=0)
     peft = LoraConfig(r=a["r"], lora_alpha=a["alpha"], lora_dropout=0.0, target_modules="all-linear",

@@ -52,6 +52,7 @@ class TrainConfig:
     overlong: str = "truncate"  # truncate | drop: what to do with longer rows (always reported)
     method: str = "sft"  # what is learned: sft (response tokens of prompt/response rows) | dpo (preference pairs)
     beta: float = 0.1  # dpo: how far from the reference (the model before training) the policy may move
+    rpo_alpha: float = 0.0  # dpo: weight of the chosen answer's NLL added to the loss (keeps its likelihood up)
     init_adapter: str | None = None  # start from this LoRA adapter (e.g. an SFT run's adapter/); dpo's reference
     regression_tolerance: float = 2.0  # points a task metric may drop (before -> after) before the run is flagged
     # --- LoRA / QLoRA ------------------------------------------------------------------------
@@ -193,7 +194,7 @@ RANGES: dict[str, str] = {
     "epochs": "[0, 10000]", "max_steps": "[0, 1e8]", "eval_fraction": "(0, 1)", "warmup_ratio": "[0, 1)",
     "weight_decay": "[0, 10]", "max_grad_norm": "(0, 1e6]", "keep_checkpoints": "[1, 10000]",
     "eval_every": "[0, 1e8]", "checkpoint_every": "[0, 1e8]", "eval_max_rows": "[1, 1e7]",
-    "eval_max_new_tokens": "[0, 1048576]", "beta": "(0, 100]", "regression_tolerance": "[0, 100]", "num_threads": "[0, 4096]", "seed": "[0, 4294967295]",
+    "eval_max_new_tokens": "[0, 1048576]", "beta": "(0, 100]", "rpo_alpha": "[0, 100]", "regression_tolerance": "[0, 100]", "num_threads": "[0, 4096]", "seed": "[0, 4294967295]",
 }
 _RANGE_HINT = {"max_grad_norm": " (the clipping threshold: 0 would zero every update, a negative one would run "
                                 "gradient ascent)",

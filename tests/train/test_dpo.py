@@ -33,7 +33,7 @@ def pair_files(tmp_path):
                                                                                   pair_rows(16, 2))
 
 
-def _objective(tiny_model, tmp_path, pair_files, beta=0.3):
+def _objective(tiny_model, tmp_path, pair_files, beta=0.3, rpo_alpha=0.0):
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -42,7 +42,8 @@ def _objective(tiny_model, tmp_path, pair_files, beta=0.3):
     from hwcompat.train.objectives.dpo import DPO
 
     cfg = TrainConfig(model=str(tiny_model), train_data=[str(pair_files[0])], eval_data=[str(pair_files[1])],
-                      method="dpo", beta=beta, max_seq_len=64, micro_batch_size=4, chat_template="false")
+                      method="dpo", beta=beta, max_seq_len=64, micro_batch_size=4, chat_template="false",
+                      rpo_alpha=rpo_alpha)
     profile = SimpleNamespace(dtype="float32", name="cpu")
     obj = DPO(cfg, profile, torch.device("cpu"))
     tok = AutoTokenizer.from_pretrained(tiny_model)
@@ -58,11 +59,12 @@ def _objective(tiny_model, tmp_path, pair_files, beta=0.3):
     return obj, model
 
 
-def test_dpo_loss_and_gradients_match_the_textbook_formula(tiny_model, tmp_path, pair_files):
+@pytest.mark.parametrize("rpo_alpha", [0.0, 0.7])
+def test_dpo_loss_and_gradients_match_the_textbook_formula(tiny_model, tmp_path, pair_files, rpo_alpha):
     import torch
     import torch.nn.functional as F
 
-    obj, model = _objective(tiny_model, tmp_path, pair_files)
+    obj, model = _objective(tiny_model, tmp_path, pair_files, rpo_alpha=rpo_alpha)
     idx = [0, 3, 5, 7]
     batch = obj.collate(idx, "padded", obj.tokenizer.pad_token_id)
     ours = obj.loss(batch, float(len(idx)))
@@ -89,7 +91,9 @@ def test_dpo_loss_and_gradients_match_the_textbook_formula(tiny_model, tmp_path,
     with torch.no_grad(), model.disable_adapter():
         ref_c, ref_r = seq_logp(model, *c), seq_logp(model, *r)
     beta = obj.cfg.beta
-    ref_loss = -F.logsigmoid(beta * ((seq_logp(model, *c) - ref_c) - (seq_logp(model, *r) - ref_r))).mean()
+    pol_c = seq_logp(model, *c)
+    ref_loss = -F.logsigmoid(beta * ((pol_c - ref_c) - (seq_logp(model, *r) - ref_r)))
+    ref_loss = (ref_loss + rpo_alpha * -pol_c / (c[2][:, 1:] != -100).sum(-1)).mean()  # RPO: + chosen NLL/token
     ref_loss.backward()
     assert abs(ours.item() - ref_loss.item()) < 1e-5 and ours.item() > 0.01
     for n, p in model.named_parameters():

@@ -1,6 +1,10 @@
 """Direct preference optimisation (Rafailov et al. 2023): the sigmoid loss on (prompt, chosen, rejected) pairs.
 
-    loss = -log sigmoid(beta * ((log pi(c) - log ref(c)) - (log pi(r) - log ref(r))))
+    loss = -log sigmoid(beta * ((log pi(c) - log ref(c)) - (log pi(r) - log ref(r))))   [+ rpo_alpha * NLL(c)]
+
+DPO alone can lower the chosen answer's likelihood along with the rejected one's (both fall, the gap grows)
+and so make a good SFT model worse at its task; ``rpo_alpha`` adds the chosen answer's mean per-token negative
+log-likelihood to each pair's loss (RPO, Pang et al. 2024; TRL's ``rpo_alpha``), which keeps it up.
 
 log pi(y) is the summed log-probability of the answer's tokens (the SFT masking decides which tokens those
 are, so templates behave exactly as in SFT). Chosen and rejected of a pair go through one forward pass, and
@@ -179,7 +183,11 @@ class DPO:
         ref = ref[batch["index"]].to(logps.device, logps.dtype)
         chosen = self.cfg.beta * (logps[:n] - ref[:, 0])
         rejected = self.cfg.beta * (logps[n:] - ref[:, 1])
-        return -F.logsigmoid(chosen - rejected), chosen, rejected, logps
+        losses = -F.logsigmoid(chosen - rejected)
+        if self.cfg.rpo_alpha:  # + the chosen answer's per-token NLL (RPO), so its likelihood cannot sink
+            tokens = (batch["labels"][:n, 1:] != batching.IGNORE).sum(-1).to(logps.device)
+            losses = losses + self.cfg.rpo_alpha * (-logps[:n] / tokens)
+        return losses, chosen, rejected, logps
 
     def _fill(self, batch: dict[str, Any], table) -> None:
         """Reference log-probabilities for this batch's rows not seen before: the base, adapter disabled, no grad."""
