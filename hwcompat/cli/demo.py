@@ -45,7 +45,7 @@ DPO_CONFIG = {
     "eval_data": [str(DATA / "pairs_eval.jsonl")],
     "beta": 0.1,
     "max_steps": 20,
-    "learning_rate": 5e-4,
+    "learning_rate": 1e-4,  # measured: 5e-4 drops field F1 0.81 -> 0.47, 1e-4 -> 0.75 (both flagged by the guard)
     "micro_batch_size": 4,
     "output_dir": "runs/demo-dpo",
 }
