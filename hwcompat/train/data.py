@@ -12,7 +12,7 @@ import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 ROLES = ("system", "user", "assistant")
 MAX_ERRORS_SHOWN = 20
@@ -290,19 +290,21 @@ def _row_messages(row: dict, fmt: str, where: str, report: Report) -> list[tuple
     return None
 
 
-def check_rows(train: list[Example], evals: list[Example], report: Report) -> None:
-    """Dataset-level warnings: duplicates and eval rows leaking from train."""
+def check_rows(train: list, evals: list, report: Report, duplicates: str = "exact duplicates in train",
+               leaks: str = "eval rows also in train") -> None:
+    """Dataset-level warnings: duplicates and eval rows leaking from train (rows with .key, .prompt_key, .file,
+    .line: SFT examples and preference pairs alike)."""
     counts = Counter(e.key for e in train)
-    first: dict[str, Example] = {}
+    first: dict[str, Any] = {}
     for e in train:
         if e.key in first and counts[e.key] > 1:
-            report.warn("exact duplicates in train", f"{e.file}:{e.line} repeats line {first[e.key].line}")
+            report.warn(duplicates, f"{e.file}:{e.line} repeats line {first[e.key].line}")
         first.setdefault(e.key, e)
     train_prompts = {e.prompt_key: e for e in train}
     for e in evals:
         if e.prompt_key in train_prompts:
             t = train_prompts[e.prompt_key]
-            report.warn("eval rows also in train", f"{e.file}:{e.line} = {t.file}:{t.line}")
+            report.warn(leaks, f"{e.file}:{e.line} = {t.file}:{t.line}")
 
 
 def split_eval(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:

@@ -12,12 +12,12 @@ train. Truncation that leaves a response with no tokens is an error found at tok
 from __future__ import annotations
 
 import json
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hwcompat.train.data import CHARS_PER_TOKEN_LIMIT, ROLES, Example, Report, _bad_text, json_rows, split_eval, too_long
+from hwcompat.train.data import (CHARS_PER_TOKEN_LIMIT, ROLES, Example, Report, _bad_text, check_rows, json_rows,
+                                  split_eval, too_long)
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,10 @@ class Pair:
     @property
     def key(self) -> str:
         return json.dumps([self.prompt, self.chosen, self.rejected])
+
+    @property
+    def prompt_key(self) -> str:
+        return json.dumps(self.prompt)
 
 
 def _turns(value: Any, where: str, report: Report) -> list[tuple[str, str]] | None:
@@ -152,21 +156,6 @@ def read_pairs(path: str | Path, report: Report, system_prompt: str | None = Non
     return pairs
 
 
-def check_pairs(train: list[Pair], evals: list[Pair], report: Report) -> None:
-    """Dataset-level warnings: duplicate pairs, and eval prompts that also appear in train."""
-    counts = Counter(p.key for p in train)
-    first: dict[str, Pair] = {}
-    for p in train:
-        if p.key in first and counts[p.key] > 1:
-            report.warn("duplicate pairs in train", f"{p.file}:{p.line} repeats line {first[p.key].line}")
-        first.setdefault(p.key, p)
-    prompts = {json.dumps(p.prompt): p for p in train}
-    for e in evals:
-        if json.dumps(e.prompt) in prompts:
-            t = prompts[json.dumps(e.prompt)]
-            report.warn("eval prompts also in train", f"{e.file}:{e.line} = {t.file}:{t.line}")
-
-
 def load_pairs(train_files: list[str], eval_files: list[str], eval_fraction: float, seed: int,
                system_prompt: str | None = None, max_seq_len: int | None = None
                ) -> tuple[list[Pair], list[Pair], Report]:
@@ -178,7 +167,7 @@ def load_pairs(train_files: list[str], eval_files: list[str], eval_fraction: flo
         return train, evals, report
     if not eval_files:
         train, evals = split_eval(train, eval_fraction, seed)
-    check_pairs(train, evals, report)
+    check_rows(train, evals, report, "duplicate pairs in train", "eval prompts also in train")
     if not train:
         report.error("train data: no pairs left after the eval split")
     return train, evals, report

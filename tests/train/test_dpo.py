@@ -159,9 +159,9 @@ def test_preference_formats_and_dataset_warnings(tmp_path):
     assert not report.errors
     assert [p.prompt for p in pairs[:2]] == [(("system", "s"), ("user", "q")), (("user", "q"),)]
     assert (pairs[1].chosen, pairs[1].rejected) == ("a", "b")
-    from hwcompat.train.pairs import check_pairs
+    from hwcompat.train.data import check_rows
 
-    check_pairs(pairs, [], report)
+    check_rows(pairs, [], report, "duplicate pairs in train")
     # the implicit-prompt row and the plain rows are the same pair, whatever the format
     assert report.warnings["duplicate pairs in train"] == [f"{path}:3 repeats line 2", f"{path}:4 repeats line 2"]
 
