@@ -48,7 +48,7 @@ def run_hwcompat(model: str, train: Path, evals: Path, args, tmp: Path) -> dict:
            "lora_r": SETTINGS["lora_r"], "lora_alpha": SETTINGS["lora_alpha"], "lora_dropout": 0.0,
            "learning_rate": SETTINGS["lr"], "beta": SETTINGS["beta"], "max_seq_len": SETTINGS["max_len"],
            "micro_batch_size": args.batch, "max_steps": steps, "warmup_ratio": 0.0, "lr_schedule": "constant",
-           "eval_at_start": False, "eval_metrics": "none", "output_dir": str(tmp / "hw")}
+           "eval_at_start": False, "eval_metrics": "none", "output_dir": str(tmp / "hw"), "seed": args.seed}
     (tmp / "hw.yaml").write_text(yaml.safe_dump(cfg))
     res = subprocess.run([sys.executable, "-m", "hwcompat", "train", str(tmp / "hw.yaml")], capture_output=True,
                          text=True, cwd=ROOT)
@@ -67,7 +67,7 @@ TRL_SCRIPT = textwrap.dedent('''
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
     a = json.loads(sys.argv[1])
-    torch.manual_seed(0)
+    torch.manual_seed(a["seed"])
     tok = AutoTokenizer.from_pretrained(a["model"])
     tok.pad_token = tok.pad_token or tok.eos_token
     model = AutoModelForCausalLM.from_pretrained(a["model"], dtype=torch.float32)
@@ -75,7 +75,7 @@ TRL_SCRIPT = textwrap.dedent('''
     cfg = DPOConfig(output_dir=a["out"], per_device_train_batch_size=a["batch"], per_device_eval_batch_size=a["batch"],
                     num_train_epochs=1, learning_rate=a["lr"], beta=a["beta"], max_length=a["max_len"],
                     lr_scheduler_type="constant", warmup_steps=0, precompute_ref_log_probs=True, report_to=[],
-                    logging_steps=1, save_strategy="no", use_cpu=True, bf16=False, fp16=False, seed=0,
+                    logging_steps=1, save_strategy="no", use_cpu=True, bf16=False, fp16=False, seed=a["seed"],
                     dataloader_num_workers=0)
     peft = LoraConfig(r=a["r"], lora_alpha=a["alpha"], lora_dropout=0.0, target_modules="all-linear",
                       task_type="CAUSAL_LM")
@@ -92,7 +92,7 @@ TRL_SCRIPT = textwrap.dedent('''
 def run_trl(python: str, model: str, train: Path, evals: Path, args, tmp: Path) -> dict:
     a = {"model": model, "train": str(train), "eval": str(evals), "batch": args.batch, "lr": SETTINGS["lr"],
          "beta": SETTINGS["beta"], "max_len": SETTINGS["max_len"], "r": SETTINGS["lora_r"],
-         "alpha": SETTINGS["lora_alpha"], "out": str(tmp / "trl")}
+         "alpha": SETTINGS["lora_alpha"], "out": str(tmp / "trl"), "seed": args.seed}
     res = subprocess.run([python, "-c", TRL_SCRIPT, json.dumps(a)], capture_output=True, text=True,
                          env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     if res.returncode != 0:
@@ -107,6 +107,7 @@ def main() -> int:
     ap.add_argument("--pairs", type=int, default=64, help="training pairs (one epoch)")
     ap.add_argument("--eval-pairs", type=int, default=60)
     ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seed", type=int, default=0, help="both sides: LoRA init and data order")
     ap.add_argument("--trl-python", default=sys.executable)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "dpo.json"))
     args = ap.parse_args()

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from hwcompat.train.config import DATA_FORMATS
+from hwcompat.train.objectives import OBJECTIVES
 
 
 def add_parser(sub) -> None:
@@ -17,6 +18,8 @@ def add_parser(sub) -> None:
     c.add_argument("files", nargs="+", metavar="FILE")
     c.add_argument("--eval", nargs="*", default=[], metavar="FILE", help="eval files (checked for leakage)")
     c.add_argument("--format", choices=DATA_FORMATS, default="auto")
+    c.add_argument("--method", choices=OBJECTIVES, default="sft",
+                   help="dpo: the files hold preference pairs (prompt, chosen, rejected), checked as `train` does")
     c.add_argument("--tokenizer", metavar="DIR", help="also run the token-level checks (over-long rows, rows left "
                                                        "with no response tokens, length outliers) with this tokenizer")
     c.add_argument("--max-seq-len", type=int, default=1024,
@@ -31,12 +34,15 @@ def run(args: argparse.Namespace) -> int:
     from hwcompat.train.data import Report, check_rows, read_jsonl
 
     report = Report()
-    train = [e for f in args.files for e in read_jsonl(f, args.format, report, max_seq_len=args.max_seq_len)]
-    evals = [e for f in args.eval for e in read_jsonl(f, args.format, report, max_seq_len=args.max_seq_len)]
-    if not report.errors:
-        check_rows(train, evals, report)
-    if not report.errors and args.tokenizer:
-        _token_checks(args, train, evals, report)
+    if args.method == "dpo":
+        _pair_checks(args, report)
+    else:
+        train = [e for f in args.files for e in read_jsonl(f, args.format, report, max_seq_len=args.max_seq_len)]
+        evals = [e for f in args.eval for e in read_jsonl(f, args.format, report, max_seq_len=args.max_seq_len)]
+        if not report.errors:
+            check_rows(train, evals, report)
+        if not report.errors and args.tokenizer:
+            _token_checks(args, train, evals, report)
     if args.json:
         from hwcompat.cli.common import print_json
 
@@ -62,3 +68,30 @@ def _token_checks(args: argparse.Namespace, train, evals, report) -> None:
     chat = batching.uses_chat_template(tok, args.chat_template)
     batching.tokenize_all(tok, train, chat, args.max_seq_len, args.overlong, report, "train")
     batching.tokenize_all(tok, evals, chat, args.max_seq_len, args.overlong, report, "eval")
+
+
+def _pair_checks(args: argparse.Namespace, report) -> None:
+    """Preference pairs: the reader's checks, then (with --tokenizer) the trainer's own tokenisation of both sides."""
+    from hwcompat.train.data import check_rows
+    from hwcompat.train.pairs import read_pairs
+
+    train = [x for f in args.files for x in read_pairs(f, report, max_seq_len=args.max_seq_len)]
+    evals = [x for f in args.eval for x in read_pairs(f, report, max_seq_len=args.max_seq_len)]
+    if not report.errors:
+        check_rows(train, evals, report, "duplicate pairs in train", "eval prompts also in train")
+    if not report.errors and args.tokenizer:
+        from transformers import AutoTokenizer
+
+        from hwcompat.errors import InputError
+        from hwcompat.train import batching
+        from hwcompat.train.config import TrainConfig
+        from hwcompat.train.objectives.dpo import DPO
+
+        try:
+            tok = AutoTokenizer.from_pretrained(args.tokenizer)
+        except (OSError, ValueError) as exc:
+            raise InputError(f"--tokenizer {args.tokenizer}: cannot load it ({str(exc).splitlines()[0]})") from None
+        dpo = DPO(TrainConfig(max_seq_len=args.max_seq_len), None, None)
+        dpo.tokenizer, dpo.chat = tok, batching.uses_chat_template(tok, args.chat_template)
+        dpo._tokenize(train, report, "train")
+        dpo._tokenize(evals, report, "eval")

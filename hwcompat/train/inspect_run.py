@@ -74,8 +74,11 @@ def generate(args) -> int:
     spec, model, tokenizer, device = _load(Path(args.run_dir))
     chat = batching.uses_chat_template(tokenizer, spec.config.chat_template)
     torch.manual_seed(args.seed)
+    from tqdm.auto import tqdm
+
     sample = args.temperature > 0
-    for msgs in _prompts(args):
+    prompts = _prompts(args)
+    for msgs in tqdm(prompts, desc="generate", file=sys.stderr, mininterval=1.0, disable=len(prompts) < 2):
         ids = batching.render_prompt_ids(tokenizer, msgs + [("assistant", "")], chat)
         with torch.no_grad(), autocast(device, spec.profile.dtype):
             out = model.generate(input_ids=torch.tensor([ids], device=device), max_new_tokens=args.max_new_tokens,

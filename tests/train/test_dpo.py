@@ -249,3 +249,21 @@ def test_init_adapter_of_another_shape_is_refused(tmp_path, tiny_model, pair_fil
     res = subprocess.run([sys.executable, "-m", "hwcompat", "train", str(cfg)], capture_output=True, text=True, env=env,
                          timeout=120)
     assert res.returncode == 2 and f"init_adapter {adapter} was trained with lora_r=8, lora_alpha=16" in res.stderr
+
+
+def test_data_check_reads_preference_pairs(tmp_path, tiny_model, capsys):
+    from hwcompat.cli import main
+
+    good = write_jsonl(tmp_path / "good.jsonl", pair_rows(8, 4))
+    assert main(["data", "check", str(good), "--method", "dpo", "--tokenizer", str(tiny_model)]) == 0
+    assert "ok: no errors" in capsys.readouterr().out
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "q", "chosen": "same", "rejected": "same"},
+                                               {"prompt": "What color is the sky? " * 30, "chosen": "blue",
+                                                "rejected": "red"}])
+    assert main(["data", "check", str(bad), "--method", "dpo"]) == 1
+    assert f"{bad}:1: chosen and rejected are identical" in capsys.readouterr().err
+    long_only = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "What color is the sky? " * 30, "chosen": "blue",
+                                                       "rejected": "red"}])
+    assert main(["data", "check", str(long_only), "--method", "dpo", "--tokenizer", str(tiny_model),
+                 "--max-seq-len", "16", "--chat-template", "false"]) == 1
+    assert f"{long_only}:1: chosen and rejected: no answer tokens left" in capsys.readouterr().err
