@@ -29,6 +29,7 @@ SCHEDULES = ("cosine", "linear", "constant")
 METRICS = ("auto", "exact", "json", "label", "none")
 OVERLONG = ("truncate", "drop")
 BATCHING = ("auto", "packed", "length_grouped", "padded")
+OFFLOAD = ("auto", "none", "layers")
 CHAT_TEMPLATE = ("auto", "true", "false")
 
 
@@ -74,6 +75,9 @@ class TrainConfig:
     gradient_accumulation: int = 1
     batching: str = "auto"  # auto | packed | length_grouped | padded (see batching.py)
     gradient_checkpointing: bool = False
+    # auto: stream the frozen base from host RAM only when the plan says it does not fit resident and does streamed
+    offload: str = "auto"  # auto | none | layers: decoder layers' frozen weights in pinned host memory (stream.py)
+    offload_prefetch: int = 1  # offload=layers: layers copied ahead of compute (device slots = this + 1)
     # --- eval / checkpoints ------------------------------------------------------------------
     eval_every: int = 0  # optimizer steps between evals; 0: only at the end
     eval_at_start: bool = True  # task metrics of the base model, for a before/after comparison
@@ -117,7 +121,7 @@ def _fields() -> dict[str, Any]:
 
 
 CHOICES = {"data_format": DATA_FORMATS, "lr_schedule": SCHEDULES, "eval_metrics": METRICS, "overlong": OVERLONG,
-           "batching": BATCHING, "chat_template": CHAT_TEMPLATE,
+           "batching": BATCHING, "offload": OFFLOAD, "chat_template": CHAT_TEMPLATE,
            "dtype": tuple(d.value for d in Dtype), "attention": tuple(a.value for a in Attention),
            "compile_backend": tuple(c.value for c in CompileBackend), "export": ("none", "gguf"),
            "export_type": EXPORT_TYPES, "method": OBJECTIVES,
@@ -194,7 +198,8 @@ RANGES: dict[str, str] = {
     "epochs": "[0, 10000]", "max_steps": "[0, 1e8]", "eval_fraction": "(0, 1)", "warmup_ratio": "[0, 1)",
     "weight_decay": "[0, 10]", "max_grad_norm": "(0, 1e6]", "keep_checkpoints": "[1, 10000]",
     "eval_every": "[0, 1e8]", "checkpoint_every": "[0, 1e8]", "eval_max_rows": "[1, 1e7]",
-    "eval_max_new_tokens": "[0, 1048576]", "beta": "(0, 100]", "rpo_alpha": "[0, 100]", "regression_tolerance": "[0, 100]", "num_threads": "[0, 4096]", "seed": "[0, 4294967295]",
+    "eval_max_new_tokens": "[0, 1048576]", "beta": "(0, 100]", "rpo_alpha": "[0, 100]", "regression_tolerance": "[0, 100]",
+    "offload_prefetch": "[1, 16]", "num_threads": "[0, 4096]", "seed": "[0, 4294967295]",
 }
 _RANGE_HINT = {"max_grad_norm": " (the clipping threshold: 0 would zero every update, a negative one would run "
                                 "gradient ascent)",
@@ -219,6 +224,9 @@ def _validate(cfg: TrainConfig, where: str) -> None:
             raise InputError(f"{where}: {key} must be in {interval}, got {excerpt(value)}{_RANGE_HINT.get(key, '')}")
     if not (cfg.epochs > 0 or cfg.max_steps > 0):
         raise InputError(f"{where}: set epochs > 0 or max_steps > 0")
+    if cfg.offload == "layers" and cfg.qlora:
+        raise InputError(f"{where}: offload=layers streams a plain LoRA base from host memory; a 4-bit QLoRA base "
+                         "is already small: set offload=none with qlora=true (or qlora=false to stream)")
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None,

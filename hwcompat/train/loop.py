@@ -113,7 +113,9 @@ def setup(spec: RunSpec, run_dir: Path, dist: Dist, resume: bool) -> Recipe:
     tokenizer = _tokenizer(cfg)
     objective.load(tokenizer, lambda m: log(dist, m))  # data checks and tokenisation, before the model loads
     model = load_model(cfg, profile, device)
-    objective.bind(model, profile.compile_backend)
+    streamer = getattr(model, "hwcompat_streamer", None)
+    # compiling through the streamer's per-layer autograd Function would only add graph breaks
+    objective.bind(model, "eager" if streamer else profile.compile_backend)
     mode = batching.resolve_batching(cfg.batching, profile.attention)
     _log_model(dist, spec, model, mode)
     per_rank = len(batching.plan_batches(objective.lengths(), cfg.micro_batch_size, mode, cfg.seed)) // dist.world
@@ -175,7 +177,16 @@ def _log_model(dist: Dist, spec: RunSpec, model, mode: str) -> None:
     p, cfg = spec.profile, spec.config
     log(dist, f"model: {cfg.model} | {p.dtype} | attention {p.attention} | compile {p.compile_backend} | "
               f"batching {mode} | LoRA r={cfg.lora_r} trains {n_trainable:,} of {n_total:,} parameters"
-              f"{f' | {dist.world} processes on {dist.nnodes} machine(s), DDP' if dist.world > 1 else ''}")
+              f"{f' | {dist.world} processes on {dist.nnodes} machine(s), DDP' if dist.world > 1 else ''}"
+              f"{_stream_note(model)}")
+
+
+def _stream_note(model) -> str:
+    s = getattr(model, "hwcompat_streamer", None)
+    if s is None:
+        return ""
+    return (f" | offload=layers: {s.n} decoder layers streamed from host memory, {s.layer_bytes / 2**20:.0f} MiB each, "
+            f"{len(s.slots)} on the device at a time")
 
 
 def lr_lambda(schedule: str, warmup: int, total: int):

@@ -31,15 +31,26 @@ def load_model(cfg: TrainConfig, profile: ResolvedProfile, device):
     except OSError as exc:
         raise InputError(f"model {cfg.model}: cannot load it ({str(exc).splitlines()[0]}); "
                          "point model= at a local folder with config.json and weights") from None
-    if not cfg.qlora:
+    streamed = streaming(cfg)
+    if not cfg.qlora and not streamed:
         model.to(device)
     model.config.use_cache = False
     if cfg.qlora:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
-    elif cfg.gradient_checkpointing:
+    elif cfg.gradient_checkpointing and not streamed:  # streaming checkpoints each layer itself (stream.py)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    return _with_lora(model, cfg)
+    model = _with_lora(model, cfg)
+    if streamed:  # the base stayed on the host: its decoder layers visit the card one at a time
+        from hwcompat.train import stream
+
+        stream.install(model, device, cfg.offload_prefetch)
+    return model
+
+
+def streaming(cfg: TrainConfig) -> bool:
+    """The launcher resolved ``offload: auto`` to none or layers before the run started (launch.decide_offload)."""
+    return cfg.offload == "layers"
 
 
 def _nf4(profile: ResolvedProfile, dtype, device) -> dict[str, Any]:

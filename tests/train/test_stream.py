@@ -1,0 +1,121 @@
+"""Layer streaming (offload: layers): same numbers as the resident model, bounded and counted device slots."""
+
+import pytest
+
+from tests.train.conftest import COLORS
+
+
+@pytest.fixture(scope="module")
+def four_layer_model(tmp_path_factory):
+    from hwcompat.train.tiny import write_tiny
+
+    texts = [f"What color is the {k}? {v}" for k, v in COLORS.items()] * 5 + ["### User:\n### Assistant:\n"]
+    return write_tiny(tmp_path_factory.mktemp("tiny4") / "model", texts, chat_template=False, hidden=64, layers=4)
+
+
+def _peft(path, dropout: float, streamed: bool, prefetch: int = 1):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from hwcompat.train import stream
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(path),
+                           LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM", lora_dropout=dropout))
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.1)  # a moved adapter, so every gradient is non-trivial
+    model.train()
+    if streamed:
+        stream.install(model, torch.device("cpu"), prefetch)
+    return model
+
+
+def _batch(path, n=6):
+    import torch
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    texts = [f"What color is the {k}? {v}" for k, v in list(COLORS.items())[:n]]
+    enc = tok(texts, padding=True, return_tensors="pt")
+    labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels}
+
+
+def _loss_and_grads(model, batch):
+    import torch
+
+    from hwcompat.train.objectives.sft import ResponseLoss
+
+    torch.manual_seed(123)  # the same dropout masks on both sides (the streamed recompute replays them)
+    loss = ResponseLoss(model)(batch, float((batch["labels"][:, 1:] != -100).sum()))
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_streamed_loss_and_gradients_equal_the_resident_model(four_layer_model, dropout):
+    import torch
+
+    batch = _batch(four_layer_model)
+    loss_r, grads_r = _loss_and_grads(_peft(four_layer_model, dropout, streamed=False), batch)
+    loss_s, grads_s = _loss_and_grads(_peft(four_layer_model, dropout, streamed=True), batch)
+    assert abs(loss_r - loss_s) <= 1e-6 * max(1.0, abs(loss_r))
+    assert grads_r.keys() == grads_s.keys() and len(grads_r) == 4 * 7 * 2  # every adapter of every layer
+    for name in grads_r:
+        assert torch.allclose(grads_r[name], grads_s[name], atol=1e-6, rtol=1e-5), name
+        assert grads_r[name].abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("prefetch", [1, 2])
+def test_slots_are_bounded_and_each_layer_is_fetched_once_per_pass(four_layer_model, prefetch):
+    import torch
+
+    model = _peft(four_layer_model, 0.0, streamed=True, prefetch=prefetch)
+    streamer = model.hwcompat_streamer
+    batch = _batch(four_layer_model)
+    steps = 3
+    for _ in range(steps):  # three micro-steps: forward + backward each
+        _loss_and_grads(model, batch)
+    n = streamer.n
+    assert n == 4 and len(streamer.slots) == prefetch + 1
+    assert streamer.stats.max_resident <= prefetch + 1
+    pending = {s.layer for s in streamer.slots if s.layer is not None}  # prefetched for the next forward
+    assert pending == set(range(min(n, prefetch + 1)))
+    for i in range(n):
+        assert streamer.stats.uses[("forward", i)] == steps and streamer.stats.uses[("backward", i)] == steps
+        assert streamer.stats.fetches[("backward", i)] == steps
+        assert streamer.stats.fetches[("forward", i)] == steps + (i in pending)
+    assert streamer.stats.evicted == 0
+    copies = sum(streamer.stats.fetches.values())
+    assert streamer.stats.bytes_moved == copies * streamer.layer_bytes
+    # the frozen weights live once, on the host; no parameter is left pointing into a device slot
+    slot_ptrs = {b.data_ptr() for s in streamer.slots for b in s.buffers.values()}
+    for layer in streamer.params:
+        for p, *_ in layer:
+            assert p.untyped_storage().data_ptr() not in slot_ptrs
+    with torch.no_grad():  # eval / generation: forward only, still bounded
+        model(**{k: v for k, v in batch.items() if k != "labels"})
+    assert streamer.stats.max_resident <= prefetch + 1 and streamer.stats.evicted <= prefetch + 1
+
+
+def test_streamed_generation_equals_resident(four_layer_model):
+    import torch
+
+    batch = _batch(four_layer_model, n=2)
+    outs = []
+    for streamed in (False, True):
+        model = _peft(four_layer_model, 0.0, streamed=streamed).eval()
+        with torch.no_grad():
+            outs.append(model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                       max_new_tokens=6, do_sample=False, use_cache=True))
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_offload_layers_with_qlora_is_refused():
+    from hwcompat.errors import InputError
+    from hwcompat.train.config import TrainConfig, _validate
+
+    with pytest.raises(InputError, match="offload=layers streams a plain LoRA base"):
+        _validate(TrainConfig(model="m", train_data=["t"], offload="layers", qlora=True), "config")
