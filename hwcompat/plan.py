@@ -27,6 +27,12 @@ and the device's resolved profile (dtype, attention kernel, quantization):
   models (Gemma, Qwen) surprisingly hungry at long sequence lengths. hwcompat's
   trainer projects only response positions, so `train` scales this term by its
   data's largest response share (``logit_fraction``).
+- streamed (``offload: layers``, train/stream.py): the decoder layers' frozen weights live in pinned host
+  memory; the card holds ``prefetch + 1`` layer-sized slots instead, plus what is not streamed (embeddings,
+  final norm, LM head). Per-layer recomputation is implied, so activations are the checkpointed ones. The
+  host needs the whole base (loaded there first) plus a layer; each micro-step copies every layer twice
+  (forward, then recompute + backward), and its time is estimated as max(compute, copy) from the card's
+  peak throughput and its PCIe link (``catalog/throughput.yaml``).
 - runtime: CUDA/ROCm context and library workspaces (a constant, measured
   at about 0.5 GiB on CUDA 12 and more on ROCm) plus allocator slack (a
   fraction of the rest; fragmentation, rounding to 2 MiB blocks).
@@ -109,6 +115,15 @@ class ModelShape:
         if self.qkv_bias:
             per += self.q_dim + 2 * self.kv_dim
         return per * self.layers
+
+    def layer_params(self) -> int:
+        """One decoder layer's weights (linears, biases, norms): what streaming moves per visit."""
+        norms = 2 * self.hidden + (2 * self.head_dim if self.qk_norm else 0)
+        return self.linear_params() // self.layers + norms
+
+    def resident_params(self) -> int:
+        """What streaming keeps on the card: embeddings, LM head and the final norm."""
+        return self.params() - self.layers * self.layer_params()
 
     def other_params(self) -> int:
         """Embeddings, head, norms: kept in the compute dtype even under QLoRA."""
@@ -222,6 +237,37 @@ class PlanInput:
     # Share of positions that need logits. A plain causal-LM forward computes them everywhere (1.0);
     # hwcompat's trainer only at response tokens, so `train` passes its data's worst-case share.
     logit_fraction: float = 1.0
+    offload: str = "none"  # none | layers (train/stream.py); "auto" is decided by decide_offload, never estimated
+    prefetch: int = 1  # offload=layers: device slots = prefetch + 1
+
+
+@dataclass(frozen=True)
+class Host:
+    """What a streamed run depends on besides the card's memory: host RAM, the link, the card's speed."""
+
+    ram_bytes: int | None = None  # the host's RAM (the CPU reading); None: unknown, not checked
+    pcie_generation: int | None = None
+    pcie_width: int | None = None
+    peak_tflops: float | None = None  # the card's dense peak in the run's dtype; None: step time not estimated
+
+
+@dataclass(frozen=True)
+class Stream:
+    """The streamed terms of a plan (offload: layers)."""
+
+    layer_bytes: int  # one decoder layer's frozen weights
+    host_bytes: int  # host RAM the run needs: the base (loaded on the host, then pinned layer by layer) + a layer
+    host_ram_bytes: int | None  # what the host has
+    bytes_per_micro_step: int  # host -> device: every layer in forward and again in backward
+    link_bytes_per_s: float  # effective pinned host -> device rate of the link
+    link: str  # e.g. "PCIe 3.0 x16"
+    copy_seconds: float  # per micro-step
+    compute_seconds: float | None  # per micro-step, from the card's peak x sustained fraction
+    step_seconds: float | None  # max(compute, copy): the copies overlap compute
+
+    @property
+    def host_fits(self) -> bool:
+        return self.host_ram_bytes is None or self.host_bytes <= self.host_ram_bytes
 
 
 @dataclass(frozen=True)
@@ -237,6 +283,7 @@ class Plan:
     trainable_params: int
     notes: list[str]
     suggestions: list[dict[str, Any]] = field(default_factory=list)
+    stream: Stream | None = None
 
     @property
     def headroom_bytes(self) -> int:
@@ -246,7 +293,8 @@ class Plan:
         return {"fits": self.fits, "peak_bytes": self.peak_bytes, "device_bytes": self.device_bytes,
                 "headroom_bytes": self.headroom_bytes, "breakdown": self.breakdown, "suggestions": self.suggestions,
                 "dtype": self.dtype, "attention": self.attention, "params": self.params,
-                "trainable_params": self.trainable_params, "inputs": self.inputs.__dict__, "notes": self.notes}
+                "trainable_params": self.trainable_params, "inputs": self.inputs.__dict__, "notes": self.notes,
+                "stream": None if self.stream is None else {**self.stream.__dict__, "host_fits": self.stream.host_fits}}
 
 
 def activation_elems_per_token_layer(s: ModelShape, rank: int, lora: bool, dropout: bool) -> int:
@@ -266,10 +314,15 @@ def activation_elems_per_token_layer(s: ModelShape, rank: int, lora: bool, dropo
 
 
 def estimate(shape: ModelShape, inp: PlanInput, dtype: str, attention: str, vendor: str, device_bytes: int,
-             quant_ok: bool = True) -> Plan:
+             quant_ok: bool = True, host: Host | None = None) -> Plan:
     """The pure estimate; raises InputError for combinations the profile cannot run."""
     if inp.method not in ("lora", "qlora", "full"):
         raise InputError(f"--method {inp.method}: use lora, qlora or full")
+    streamed = inp.offload == "layers"
+    if streamed and inp.method != "lora":
+        raise InputError(f"offload=layers streams a frozen LoRA base; it does not apply to {inp.method}")
+    if streamed:
+        inp = replace(inp, gradient_checkpointing=True)  # each streamed layer is recomputed in backward
     if inp.optimizer not in OPTIMIZERS:
         raise InputError(f"optimizer={inp.optimizer}: use one of {', '.join(OPTIMIZERS)}")
     notes: list[str] = []
@@ -286,6 +339,9 @@ def estimate(shape: ModelShape, inp: PlanInput, dtype: str, attention: str, vend
         compute = 2 if db == 4 else db  # bnb computes in fp16/bf16
         bd["base_weights"] = int(shape.linear_params() * NF4_BYTES_PER_PARAM + shape.other_params() * compute)
         bd["quant_constants"] = int(shape.linear_params() * QUANT_CONST_BYTES[True])
+    elif streamed:
+        bd["base_weights"] = shape.resident_params() * db
+        bd["streamed_slots"] = (inp.prefetch + 1) * shape.layer_params() * db
     else:
         bd["base_weights"] = shape.params() * db
     lora = inp.method in ("lora", "qlora")
@@ -311,8 +367,82 @@ def estimate(shape: ModelShape, inp: PlanInput, dtype: str, attention: str, vend
     allocated = sum(bd.values())
     bd["runtime_overhead"] = RUNTIME_CONTEXT.get(vendor, 0) + int(ALLOCATOR_SLACK * allocated)
     peak = sum(bd.values())
-    return Plan(fits=peak <= device_bytes, peak_bytes=peak, device_bytes=device_bytes, breakdown=bd, inputs=inp,
-                dtype=dtype, attention=attention, params=shape.params(), trainable_params=trainable, notes=notes)
+    stream = stream_terms(shape, inp, db, host or Host()) if streamed else None
+    if stream is not None and not stream.host_fits:
+        notes.append(f"offload=layers needs {stream.host_bytes / GIB:.1f} GiB of host RAM (the base is loaded there, "
+                     f"then pinned); this host has {stream.host_ram_bytes / GIB:.1f} GiB: host RAM is the limit")
+    return Plan(fits=peak <= device_bytes and (stream is None or stream.host_fits), peak_bytes=peak,
+                device_bytes=device_bytes, breakdown=bd, inputs=inp, dtype=dtype, attention=attention,
+                params=shape.params(), trainable_params=trainable, notes=notes, stream=stream)
+
+
+#: Host RAM a training process needs besides the weights (Python, torch, tokenizer, data), bytes.
+HOST_RUNTIME = int(1.5 * GIB)
+
+
+def stream_terms(shape: ModelShape, inp: PlanInput, db: int, host: Host) -> Stream:
+    """Host RAM, bytes moved and the step-time estimate of a streamed micro-step (see module docstring)."""
+    table = throughput_table()
+    gen = host.pcie_generation or table["pcie_default"]["generation"]
+    width = host.pcie_width or table["pcie_default"]["width"]
+    lane = table["pcie"][gen]
+    rate = lane["gt_per_s"] * 1e9 * lane["encoding"] * width / 8 * table["pcie_efficiency"]
+    layer = shape.layer_params() * db
+    moved = 2 * shape.layers * layer
+    tokens = inp.batch_size * inp.sequences_per_row * inp.seq_len
+    # forward, recompute and the input-gradient GEMMs: 3 x 2 FLOPs per parameter per token (the frozen base
+    # has no weight gradient; attention's own FLOPs and the adapters are left out: small at these lengths)
+    compute = (6 * shape.params() * tokens / (host.peak_tflops * 1e12 * table["sustained_fraction"])
+               if host.peak_tflops else None)
+    copy = moved / rate
+    return Stream(layer_bytes=layer, host_bytes=shape.params() * db + layer + HOST_RUNTIME,
+                  host_ram_bytes=host.ram_bytes, bytes_per_micro_step=moved, link_bytes_per_s=rate,
+                  link=f"PCIe {gen}.0 x{width}{'' if host.pcie_generation else ' (assumed)'}", copy_seconds=copy,
+                  compute_seconds=compute, step_seconds=None if compute is None else max(compute, copy))
+
+
+_THROUGHPUT: dict[str, Any] = {}
+
+
+def throughput_table() -> dict[str, Any]:
+    """catalog/throughput.yaml, read once (PCIe rates, peak TFLOPS by device name)."""
+    if not _THROUGHPUT:
+        import yaml
+
+        from hwcompat.datafiles import data_dir
+
+        _THROUGHPUT.update(yaml.safe_load((data_dir("catalog") / "throughput.yaml").read_text()))
+    return _THROUGHPUT
+
+
+def peak_tflops(device_name: str, dtype: str) -> float | None:
+    """The card's dense peak in ``dtype`` from the catalog (first name match), or None when unknown."""
+    for row in throughput_table()["devices"]:
+        if row["match"] in device_name:
+            return row.get(dtype)
+    return None
+
+
+def host_for(device, cpu_ram_bytes: int | None, dtype: str) -> Host:
+    """A resolved device's link and speed, and the host's RAM, as the planner's ``Host``."""
+    r = device.reading
+    return Host(ram_bytes=cpu_ram_bytes, pcie_generation=r.pcie_generation, pcie_width=r.pcie_width,
+                peak_tflops=peak_tflops(r.name, dtype))
+
+
+def decide_offload(shape: ModelShape, inp: PlanInput, setting: str, run) -> tuple[str, Plan]:
+    """``offload: auto``: stream only when the resident run does not fit and the streamed one does.
+
+    ``run(PlanInput) -> Plan`` estimates on the card; returns (none | layers, the plan of that choice)."""
+    resident = run(replace(inp, offload="none"))
+    if setting == "none" or (setting == "auto" and resident.fits):
+        return "none", resident
+    if inp.method != "lora":
+        return "none", resident
+    streamed = run(replace(inp, offload="layers"))
+    if setting == "layers" or streamed.fits:
+        return "layers", streamed
+    return "none", resident
 
 
 #: PlanInput field -> the `hwcompat train` config key it is (suggestions speak the config's language).
@@ -327,7 +457,8 @@ def _fix(settings: dict[str, Any], p: Plan, note: str = "") -> dict[str, Any]:
             "fits": p.fits}
 
 
-def _candidates(inp: PlanInput, quant_ok: bool, optim8_ok: bool) -> list[tuple[dict[str, Any], PlanInput, str]]:
+def _candidates(inp: PlanInput, quant_ok: bool, optim8_ok: bool, can_stream: bool = False
+                ) -> list[tuple[dict[str, Any], PlanInput, str]]:
     """Single memory-saving changes, least disruptive first: (config settings, planner input, note)."""
     out = []
     if not inp.gradient_checkpointing:
@@ -335,6 +466,9 @@ def _candidates(inp: PlanInput, quant_ok: bool, optim8_ok: bool) -> list[tuple[d
     if inp.batch_size > 1:
         out.append(({"micro_batch_size": 1, "gradient_accumulation": inp.batch_size}, replace(inp, batch_size=1),
                     "same effective batch"))
+    if can_stream and inp.method == "lora" and inp.offload == "none":  # same numbers, unlike QLoRA; slower step
+        out.append(({"offload": "layers"}, replace(inp, offload="layers"),
+                    "stream the frozen base from host RAM, one layer at a time"))
     if inp.method == "lora" and quant_ok:
         out.append(({"qlora": True}, replace(inp, method="qlora"), ""))
     if inp.method == "full":
@@ -345,8 +479,8 @@ def _candidates(inp: PlanInput, quant_ok: bool, optim8_ok: bool) -> list[tuple[d
     return out
 
 
-def suggest(shape: ModelShape, plan: Plan, vendor: str, quant_ok: bool, optim8_ok: bool = False
-            ) -> list[dict[str, Any]]:
+def suggest(shape: ModelShape, plan: Plan, vendor: str, quant_ok: bool, optim8_ok: bool = False,
+            host: Host | None = None) -> list[dict[str, Any]]:
     """If it does not fit: the cheapest changes that make it fit. If it fits: the largest seq / batch.
 
     Every suggestion carries ``settings``: keys and values `hwcompat train` accepts, nothing else."""
@@ -355,7 +489,7 @@ def suggest(shape: ModelShape, plan: Plan, vendor: str, quant_ok: bool, optim8_o
     inp = plan.inputs
 
     def run(new: PlanInput) -> Plan:
-        return estimate(shape, new, plan.dtype, plan.attention, vendor, plan.device_bytes, quant_ok)
+        return estimate(shape, new, plan.dtype, plan.attention, vendor, plan.device_bytes, quant_ok, host)
 
     out: list[dict[str, Any]] = []
     if plan.fits:
@@ -365,7 +499,7 @@ def suggest(shape: ModelShape, plan: Plan, vendor: str, quant_ok: bool, optim8_o
         return [_fix({"max_seq_len": seq}, run(replace(inp, seq_len=seq)), f"largest at micro_batch_size={inp.batch_size}"),
                 _fix({"micro_batch_size": batch}, run(replace(inp, batch_size=batch)),
                      f"largest at max_seq_len={inp.seq_len}")]
-    candidates = _candidates(inp, quant_ok, optim8_ok)
+    candidates = _candidates(inp, quant_ok, optim8_ok, can_stream=vendor != "cpu")
     out += [_fix(settings, run(new), note) for settings, new, note in candidates]
     for k in range(2, len(candidates) + 1):  # combinations of 2, 3 … changes
         for combo in itertools.combinations(candidates, k):
@@ -374,13 +508,22 @@ def suggest(shape: ModelShape, plan: Plan, vendor: str, quant_ok: bool, optim8_o
                 settings.update(s_)
                 new = replace(new, **{f: getattr(cand, f) for f in PlanInput.__dataclass_fields__
                                       if getattr(cand, f) != getattr(inp, f)})
-            out.append(_fix(settings, run(new)))
+            try:
+                out.append(_fix(settings, run(new)))
+            except InputError:  # a combination that cannot run together (offload=layers with qlora)
+                continue
     seq = _round(_largest(lambda v: run(replace(inp, seq_len=v)).fits, 64, inp.seq_len))
     if seq:
         out.append(_fix({"max_seq_len": seq}, run(replace(inp, seq_len=seq))))
     # cheapest first: single changes before combinations, in the order tried (least disruptive first)
     order = {id(x): i for i, x in enumerate(out)}
     out.sort(key=lambda x: (not x["fits"], len(x["settings"]) - ("gradient_accumulation" in x["settings"]), order[id(x)]))
+    for s_ in out:  # a streamed suggestion that fails on host RAM says so
+        if "offload" in s_["settings"] and not s_["fits"]:
+            streamed = run(replace(inp, offload="layers"))
+            if streamed.stream and not streamed.stream.host_fits and streamed.peak_bytes <= plan.device_bytes:
+                s_["change"] += (f" (fits the card, but needs {streamed.stream.host_bytes / GIB:.1f} GiB host RAM of "
+                                 f"{streamed.stream.host_ram_bytes / GIB:.1f}: host RAM is the limit)")
     fixed = plan.breakdown["base_weights"] + plan.breakdown.get("quant_constants", 0) + RUNTIME_CONTEXT.get(vendor, 0)
     if not any(s["fits"] for s in out) and fixed > plan.device_bytes:
         out.append({"change": "a smaller model or a card with more memory: the base weights alone need "
@@ -395,7 +538,8 @@ def plan_input(cfg, method: str | None = None, logit_fraction: float = 1.0) -> P
                      batch_size=cfg.micro_batch_size, lora_rank=cfg.lora_r, lora_targets=list(cfg.lora_target_modules),
                      gradient_checkpointing=cfg.gradient_checkpointing, optimizer=cfg.optimizer,
                      lora_dropout=cfg.lora_dropout > 0, logit_fraction=logit_fraction,
-                     sequences_per_row=2 if cfg.method == "dpo" else 1)
+                     sequences_per_row=2 if cfg.method == "dpo" else 1,
+                     offload="layers" if cfg.offload == "layers" else "none", prefetch=cfg.offload_prefetch)
 
 
 def _largest(ok, lo: int, hi: int) -> int | None:

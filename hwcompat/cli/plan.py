@@ -47,21 +47,51 @@ def train_config(args: argparse.Namespace):
     return cfg
 
 
-def make_plan(shape, device, inp, with_suggestions: bool):
+def make_plan(shape, device, inp, with_suggestions: bool, offload: str = "none", host_ram: int | None = None):
+    """The plan on ``device``; ``offload: auto`` decided here as `hwcompat train` decides it."""
     from hwcompat import plan as P
 
     prof = device.profile
     quant_ok = "nf4" in prof.quantization
-    result = P.estimate(shape, inp, prof.dtype, prof.attention, device.reading.vendor, device.reading.memory_bytes,
-                        quant_ok)
+    host = P.host_for(device, host_ram, prof.dtype)
+
+    def run(i):
+        return P.estimate(shape, i, prof.dtype, prof.attention, device.reading.vendor, device.reading.memory_bytes,
+                          quant_ok, host)
+
+    if device.reading.vendor == "cpu":  # the host's RAM is the device's: nothing to stream to
+        result = run(inp)
+    else:
+        choice, result = P.decide_offload(shape, inp, offload, run)
+        if offload == "auto" and choice == "layers":
+            result.notes.append("offload=auto: the resident run does not fit and the streamed one does, so "
+                                "`hwcompat train` streams (offload=layers)")
     if inp.method == "qlora" and not quant_ok:
         result.notes.append(f"{prof.name}: {prof.reasons.get('quantization.nf4', 'no NF4 support')}")
     if with_suggestions:
         from dataclasses import replace
 
         result = replace(result, suggestions=P.suggest(shape, result, device.reading.vendor, quant_ok,
-                                                       "optim8bit" in prof.quantization))
+                                                       "optim8bit" in prof.quantization, host))
     return result
+
+
+def render_stream(st) -> list[str]:
+    """The streamed terms: host RAM, bytes moved and the estimated step time."""
+    step = (f"compute {st.compute_seconds:.1f} s, copies {st.copy_seconds:.1f} s -> ~{st.step_seconds:.1f} s per "
+            "micro-step (copies overlap compute)" if st.step_seconds is not None else
+            f"copies {st.copy_seconds:.1f} s per micro-step (no peak throughput for this card in the catalog)")
+    ram = (f" of {gib(st.host_ram_bytes)}" + ("" if st.host_fits else " -> host RAM is the limit")
+           if st.host_ram_bytes else "")
+    return [f"offload=layers: {gib(st.layer_bytes)} per decoder layer, host RAM {gib(st.host_bytes)} (pinned){ram}",
+            f"  moves {gib(st.bytes_per_micro_step)} per micro-step over {st.link} "
+            f"(~{st.link_bytes_per_s / 1e9:.1f} GB/s): {step}"]
+
+
+def host_ram(host) -> int | None:
+    """The host's RAM: the CPU reading's memory (what streamed weights are pinned in)."""
+    cpus = [d for d in host.devices if d.reading.vendor == "cpu"]
+    return cpus[-1].reading.memory_bytes if cpus else None
 
 
 def render(result, shape, device, model: str) -> str:
@@ -71,13 +101,15 @@ def render(result, shape, device, model: str) -> str:
              f"{f' r={inp.lora_rank}' if inp.method != 'full' else ''} trains {result.trainable_params:,}",
              f"on {device.reading.name} ({prof.name}: {prof.dtype}, attention {prof.attention}), "
              f"seq_len {inp.seq_len} x micro-batch {inp.batch_size}, gradient checkpointing "
-             f"{'on' if inp.gradient_checkpointing else 'off'}, optimizer {inp.optimizer}", ""]
+             f"{'on' if inp.gradient_checkpointing else 'off'}, optimizer {inp.optimizer}, offload {inp.offload}", ""]
     for k, v in result.breakdown.items():
         lines.append(f"  {k:20} {gib(v):>11}")
     verdict = "fits" if result.fits else f"does NOT fit (short by {gib(-result.headroom_bytes)})"
     lines.append(f"  {'peak':20} {gib(result.peak_bytes):>11} of {gib(result.device_bytes)} -> {verdict}"
                  + (f", headroom {gib(result.headroom_bytes)}" if result.fits else ""))
     lines.append("")
+    if result.stream is not None:
+        lines += render_stream(result.stream)
     lines.append(f"dtype {prof.dtype}: {prof.reasons['dtype']}")
     lines += [f"note: {n}" for n in result.notes]
     if result.suggestions:
@@ -101,8 +133,9 @@ def run(args: argparse.Namespace) -> int:
         if value < 1:
             from hwcompat.errors import InputError
             raise InputError(f"{name} must be >= 1, got {value}")
-    inp = P.plan_input(train_config(args), method=args.method, logit_fraction=args.response_fraction)
-    result = make_plan(shape, device, inp, args.suggest)
+    cfg = train_config(args)
+    inp = P.plan_input(cfg, method=args.method, logit_fraction=args.response_fraction)
+    result = make_plan(shape, device, inp, args.suggest, cfg.offload, host_ram(host))
     if args.json:
         print_json(result.to_dict())
     else:

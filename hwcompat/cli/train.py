@@ -7,6 +7,7 @@ import json
 import sys
 
 from hwcompat.cli.common import plan_from_args
+from hwcompat.cli.plan import host_ram
 from hwcompat.errors import InputError
 
 
@@ -66,6 +67,22 @@ def _nproc(args, plan, pos, device) -> tuple[int, list[int] | None]:
     return n, [plan.devices[i].reading.index for i in members[:n]]
 
 
+def _decide_offload(L, loaded, device, profile, plan, logit_fraction: float, strict: bool = False) -> str | None:
+    """The plan's verdict; ``offload: auto`` becomes none or layers here, so the run's spec carries the decision."""
+    from hwcompat.errors import HwcompatError
+
+    try:
+        note, offload = L.check_plan(loaded, device, profile, logit_fraction, host_ram(plan))
+    except HwcompatError as exc:
+        if strict:
+            raise
+        return str(exc)
+    if offload != loaded.config.offload:
+        loaded.config.offload = offload
+        loaded.origins["offload"] = "plan (offload: auto)"
+    return note
+
+
 def launch(args, loaded) -> int:
     from hwcompat.profiles import load_profiles
     from hwcompat.software import installed
@@ -83,7 +100,8 @@ def launch(args, loaded) -> int:
     for w in warnings:
         print(f"warning: {w}", file=sys.stderr)
     if args.print_config:
-        print(L.render_config(loaded, profile, hw_origins, device))
+        verdict = _decide_offload(L, loaded, device, profile, plan, 1.0)  # worst case: no data read
+        print(L.render_config(loaded, profile, hw_origins, device) + (f"\n# {verdict}" if verdict else ""))
         return 0
     cpu_emulation = bool(getattr(args, "cpu_emulation", False))
     if device.reading.emulated and device.reading.vendor != "cpu" and not cpu_emulation:
@@ -93,7 +111,7 @@ def launch(args, loaded) -> int:
     cfg = loaded.config
     report, logit_fraction = L.check_data(loaded)
     print(report, file=sys.stderr)
-    note = L.check_plan(loaded, device, profile, logit_fraction)  # needs only config.json
+    note = _decide_offload(L, loaded, device, profile, plan, logit_fraction, strict=True)  # config.json only
     if note:
         print(note, file=sys.stderr)
     L.check_model(cfg.model, cfg.allow_network)
@@ -101,6 +119,9 @@ def launch(args, loaded) -> int:
     if cfg.tokenizer:
         L.check_model(cfg.tokenizer, cfg.allow_network, what="tokenizer")
     nproc, group = _nproc(args, plan, pos, device)
+    if cfg.offload == "layers" and (nproc > 1 or (getattr(args, "nnodes", None) or 1) > 1):
+        raise InputError("offload=layers streams the base to one card; several processes would each pin their own "
+                         "host copy. Train on one device (drop --devices/--nnodes) or set offload=none")
     nodes = L.Nodes.parse(getattr(args, "nnodes", None), getattr(args, "node_rank", None),
                           getattr(args, "rdzv_endpoint", None))
     run = L.prepare_run_dir(loaded, profile, device, plan, args.resume, args.overwrite, cpu_emulation)

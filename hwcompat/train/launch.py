@@ -251,11 +251,21 @@ def exec_worker(run: RunDir, env: dict[str, str], nproc: int, nodes: Nodes = Nod
     os.execve(sys.executable, argv, env)
 
 
-def check_plan(loaded: LoadedConfig, device: ResolvedDevice, profile: ResolvedProfile,
-               logit_fraction: float = 1.0) -> str | None:
-    """Refuse early, before any model load, when the planner says the run will not fit.
+def _host_limit(inp, result, run) -> str:
+    """When streaming would fit the card but not the host's RAM, the error says so (the fix is RAM, not the card)."""
+    streamed = result if result.stream is not None else run(replace(inp, offload="layers"))
+    st = streamed.stream
+    if st is not None and not st.host_fits and streamed.peak_bytes <= streamed.device_bytes:
+        return streamed.notes[-1] + "."
+    return ""
 
-    Returns a one-line note for the log (None when the model type is unknown to the planner).
+
+def check_plan(loaded: LoadedConfig, device: ResolvedDevice, profile: ResolvedProfile,
+               logit_fraction: float = 1.0, host_ram: int | None = None) -> tuple[str | None, str]:
+    """Refuse early, before any model load, when the planner says the run will not fit; decide ``offload``.
+
+    Returns (a one-line note for the log or None when the model type is unknown to the planner,
+    the offload the run uses: none | layers).
     """
     from hwcompat import plan as P
 
@@ -263,17 +273,30 @@ def check_plan(loaded: LoadedConfig, device: ResolvedDevice, profile: ResolvedPr
     try:
         shape = P.load_shape(cfg.model)
     except InputError as exc:
-        return f"plan: skipped ({exc})"
+        return f"plan: skipped ({exc})", "layers" if cfg.offload == "layers" else "none"
     quant_ok = "nf4" in profile.quantization
+    vendor = device.reading.vendor
+    host = P.host_for(device, host_ram, profile.dtype)
+
+    def run(inp):
+        return P.estimate(shape, inp, profile.dtype, profile.attention, vendor, device.reading.memory_bytes,
+                          quant_ok, host)
+
     inp = P.plan_input(cfg, logit_fraction=logit_fraction)
-    result = P.estimate(shape, inp, profile.dtype, profile.attention, device.reading.vendor,
-                        device.reading.memory_bytes, quant_ok)
+    offload, result = (P.decide_offload(shape, inp, cfg.offload, run) if vendor != "cpu" or cfg.offload == "layers"
+                       else ("none", run(inp)))
     note = (f"plan: peak {result.peak_bytes / P.GIB:.2f} GiB of {result.device_bytes / P.GIB:.1f} GiB "
             f"(worst case: every micro-batch {cfg.max_seq_len} tokens long)")
+    if offload == "layers" and result.stream is not None:
+        st = result.stream
+        note += (f"; offload=layers{' (auto: resident does not fit)' if cfg.offload == 'auto' else ''}: "
+                 f"{st.host_bytes / P.GIB:.1f} GiB pinned host RAM, {st.bytes_per_micro_step / P.GIB:.1f} GiB "
+                 f"copied per micro-step over {st.link}")
     if result.fits or cfg.force:
-        return note + ("" if result.fits else "; does not fit, trying anyway (force)")
-    fits = [s for s in P.suggest(shape, result, device.reading.vendor, quant_ok, "optim8bit" in profile.quantization)
+        return note + ("" if result.fits else "; does not fit, trying anyway (force)"), offload
+    fits = [s for s in P.suggest(shape, result, vendor, quant_ok, "optim8bit" in profile.quantization, host)
             if s["fits"]]
     hint = "; ".join(s["change"] for s in fits[:3]) or "a smaller model"
-    raise HwcompatError(f"this run will not fit on {device.reading.name}: {note}. Change: {hint} "
-                        "(`hwcompat plan --suggest` shows the breakdown; --force tries anyway)")
+    limit = _host_limit(inp, result, run) if vendor != "cpu" and not cfg.qlora else ""
+    raise HwcompatError(f"this run will not fit on {device.reading.name}: {note}. {limit + ' ' if limit else ''}"
+                        f"Change: {hint} (`hwcompat plan --suggest` shows the breakdown; --force tries anyway)")

@@ -1,5 +1,8 @@
 """Layer streaming (offload: layers): same numbers as the resident model, bounded and counted device slots."""
 
+import json
+import shutil
+
 import pytest
 
 from tests.train.conftest import COLORS
@@ -119,3 +122,101 @@ def test_offload_layers_with_qlora_is_refused():
 
     with pytest.raises(InputError, match="offload=layers streams a plain LoRA base"):
         _validate(TrainConfig(model="m", train_data=["t"], offload="layers", qlora=True), "config")
+
+
+def _adapter(run):
+    from safetensors.torch import load_file
+
+    return load_file(str(run / "adapter" / "adapter_model.safetensors"))
+
+
+def _same(wa, wb, tol=1e-6):
+    assert wa.keys() == wb.keys() and wa
+    for k in wa:
+        assert (wa[k] - wb[k]).abs().max().item() <= tol, k
+
+
+def _train_pair(tmp_path, model, data, **extra):
+    """The same run resident and streamed; returns both run folders."""
+    from tests.train.conftest import make_config
+    from tests.train.test_train_e2e import _train
+
+    runs = []
+    for offload in ("none", "layers"):
+        d = tmp_path / offload
+        d.mkdir()
+        cfg = make_config(d, model, *data, offload=offload, eval_at_start=False, **extra)
+        res = _train(cfg)
+        assert res.returncode == 0, res.stderr[-3000:]
+        runs.append((d / "run", res.stderr))
+    return runs
+
+
+@pytest.mark.parametrize("batching", ["length_grouped", "packed"])
+def test_sft_streamed_run_equals_resident_run(tmp_path, four_layer_model, task_files, batching):
+    (resident, _), (streamed, log) = _train_pair(tmp_path, four_layer_model, task_files, max_steps=6,
+                                                 lora_dropout=0.1, batching=batching, eval_max_rows=4)
+    assert "offload=layers: 4 decoder layers streamed from host memory" in log
+    _same(_adapter(resident), _adapter(streamed))
+    a, b = (json.loads((r / "summary.json").read_text()) for r in (resident, streamed))
+    assert abs(a["eval_after"]["eval_loss"] - b["eval_after"]["eval_loss"]) < 1e-6
+
+
+def test_dpo_streamed_run_equals_resident_run(tmp_path, four_layer_model):
+    from tests.train.conftest import write_jsonl
+    from tests.train.test_dpo import pair_rows
+
+    data = (write_jsonl(tmp_path / "p.jsonl", pair_rows(32, 1)), write_jsonl(tmp_path / "e.jsonl", pair_rows(8, 2)))
+    (resident, _), (streamed, _) = _train_pair(tmp_path, four_layer_model, data, method="dpo", max_steps=4,
+                                               micro_batch_size=4, learning_rate=0.003, eval_metrics="none")
+    _same(_adapter(resident), _adapter(streamed))
+    a, b = (json.loads((r / "summary.json").read_text())["eval_after"] for r in (resident, streamed))
+    assert abs(a["reward_margin"] - b["reward_margin"]) < 1e-6
+
+
+def test_streamed_resume_equals_uninterrupted(tmp_path, four_layer_model, task_files):
+    from tests.train.conftest import make_config
+    from tests.train.test_train_e2e import _train
+
+    cfg = make_config(tmp_path, four_layer_model, *task_files, offload="layers", max_steps=8, checkpoint_every=4,
+                      lora_dropout=0.1, eval_at_start=False, eval_metrics="none")
+    assert _train(cfg).returncode == 0
+    run = tmp_path / "run"
+    whole = _adapter(run)
+    shutil.rmtree(run / "adapter")
+    (run / "summary.json").unlink()
+    shutil.rmtree(run / "checkpoints" / "step-0000008", ignore_errors=True)
+    res = _train(run / "config.yaml", "--resume")
+    assert res.returncode == 0 and "at step 4/8" in res.stderr, res.stderr[-3000:]
+    _same(whole, _adapter(run))
+
+
+def test_auto_streams_a_7b_model_on_an_emulated_m40(tmp_path):
+    """The launcher's decision for a 7B fp32 model on a 24 GB Maxwell card, on a host with 64 GiB of RAM."""
+    from tests.train.test_train_e2e import _train
+
+    model = tmp_path / "llama7b"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(
+        {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+         "num_attention_heads": 32, "vocab_size": 32000, "tie_word_embeddings": False}))
+    data = tmp_path / "t.jsonl"
+    data.write_text('{"prompt": "hi", "completion": "there"}\n')
+    base = [f"model={model}", f"train_data={data}", "max_seq_len=2048", "micro_batch_size=1"]
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("{}\n")
+    res = _train(cfg, *base, "--emulate", "m40,cpu", "--print-config")
+    assert res.returncode == 0, res.stderr
+    assert 'offload                : "layers"  # plan (offload: auto)' in res.stdout
+    assert "27.4 GiB pinned host RAM" in res.stdout
+    res = _train(cfg, *base, "offload=none", "--emulate", "m40,cpu", "--print-config")
+    assert "will not fit on Tesla M40 24GB" in res.stdout and "offload=layers" in res.stdout
+
+
+def test_offload_layers_with_several_processes_is_refused(tmp_path, tiny_model, task_files):
+    from tests.train.conftest import make_config
+    from tests.train.test_train_e2e import _train
+
+    res = _train(make_config(tmp_path, tiny_model, *task_files, offload="layers"), "--devices", "2")
+    assert res.returncode == 2 and "offload=layers streams the base to one card" in res.stderr
+    assert "Traceback" not in res.stderr
