@@ -291,3 +291,102 @@ def test_dpo_plan_counts_two_sequences_per_pair(qwen7b, capsys):
     assert any("reference log-probabilities are cached" in n for n in dpo["notes"])
     assert plan("method=dpo")["breakdown"] == dpo["breakdown"]  # the config key says the same
     assert P.plan_input(TrainConfig(model="m", train_data=["d"], method="dpo")).sequences_per_row == 2
+
+
+# --- layer streaming (offload: layers) ---------------------------------------------------------------------
+
+LLAMA7B = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+           "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000, "tie_word_embeddings": False}
+QWEN3_14B = {"model_type": "qwen3", "hidden_size": 5120, "intermediate_size": 17408, "num_hidden_layers": 40,
+             "num_attention_heads": 40, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936,
+             "tie_word_embeddings": False}
+
+
+@pytest.mark.parametrize("model_type", sorted(TINY))
+def test_layer_and_resident_params_partition_the_model(model_type, tmp_path):
+    model, cfg = _model(model_type, tmp_path)
+    shape = P.load_shape(str(tmp_path))
+    layer0 = sum(p.numel() for p in model.model.layers[0].parameters())
+    assert shape.layer_params() == layer0  # exactly what the streamer moves per visit
+    assert shape.layers * shape.layer_params() + shape.resident_params() == shape.params()
+
+
+def test_streamed_terms_are_the_slots_the_host_copy_and_two_passes_of_copies(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA7B))
+    shape = P.load_shape(str(tmp_path))
+    host = P.Host(ram_bytes=64 * P.GIB, pcie_generation=3, pcie_width=16, peak_tflops=7.0)
+    inp = P.PlanInput(seq_len=2048, offload="layers", prefetch=2)
+    plan = P.estimate(shape, inp, "float32", "sdpa", "nvidia", 24 * P.GIB, host=host)
+    layer = shape.layer_params() * 4
+    assert plan.breakdown["base_weights"] == shape.resident_params() * 4
+    assert plan.breakdown["streamed_slots"] == 3 * layer  # prefetch + 1 slots
+    checkpointed = P.estimate(shape, P.PlanInput(seq_len=2048, gradient_checkpointing=True), "float32", "sdpa",
+                              "nvidia", 24 * P.GIB)
+    assert plan.breakdown["activations"] == checkpointed.breakdown["activations"]  # recompute is implied
+    st = plan.stream
+    assert st.layer_bytes == layer and st.host_bytes == shape.params() * 4 + layer + P.HOST_RUNTIME
+    assert st.bytes_per_micro_step == 2 * 32 * layer
+    rate = 8e9 * 0.9846 * 16 / 8 * 0.78  # PCIe 3.0 x16, 128b/130b, pinned-copy efficiency
+    assert st.link_bytes_per_s == pytest.approx(rate) and st.copy_seconds == pytest.approx(st.bytes_per_micro_step / rate)
+    assert st.compute_seconds == pytest.approx(6 * shape.params() * 2048 / (7.0e12 * 0.6))
+    assert st.step_seconds == max(st.compute_seconds, st.copy_seconds)
+    assert plan.fits and st.host_fits
+    small_host = P.estimate(shape, inp, "float32", "sdpa", "nvidia", 24 * P.GIB,
+                            host=P.Host(ram_bytes=16 * P.GIB, pcie_generation=3, pcie_width=16))
+    assert not small_host.fits and "host RAM is the limit" in small_host.notes[-1]
+    assert small_host.stream.step_seconds is None  # unknown card speed: only the copy time is estimated
+    with pytest.raises(InputError, match="does not apply to qlora"):
+        P.estimate(shape, P.PlanInput(method="qlora", offload="layers"), "float16", "sdpa", "nvidia", P.GIB)
+
+
+@pytest.mark.parametrize("name,dtype,tflops", [
+    ("Tesla M40 24GB", "float32", 7.0), ("Tesla V100-PCIE-16GB", "float16", 112.0),
+    ("Tesla V100-SXM2-32GB", "float16", 125.0), ("NVIDIA H100 80GB HBM3", "bfloat16", 989.0),
+    ("NVIDIA H100 PCIe", "bfloat16", 756.0), ("Tesla M40 24GB", "bfloat16", None), ("Unknown Card", "float32", None),
+])
+def test_peak_throughput_comes_from_the_catalog(name, dtype, tflops):
+    assert P.peak_tflops(name, dtype) == tflops
+
+
+def test_auto_offload_streams_only_when_resident_does_not_fit_and_streamed_does(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA7B))
+    shape = P.load_shape(str(tmp_path))
+
+    def on(card_bytes, ram):
+        return lambda i: P.estimate(shape, i, "float32", "sdpa", "nvidia", card_bytes, host=P.Host(ram_bytes=ram))
+
+    inp = P.PlanInput(seq_len=2048)
+    assert P.decide_offload(shape, inp, "auto", on(200 * P.GIB, 64 * P.GIB))[0] == "none"  # fits resident
+    choice, plan = P.decide_offload(shape, inp, "auto", on(24 * P.GIB, 64 * P.GIB))
+    assert choice == "layers" and plan.fits and plan.stream is not None
+    assert P.decide_offload(shape, inp, "auto", on(24 * P.GIB, 16 * P.GIB))[0] == "none"  # host RAM too small
+    assert P.decide_offload(shape, inp, "auto", on(2 * P.GIB, 64 * P.GIB))[0] == "none"  # nothing fits
+    assert P.decide_offload(shape, inp, "none", on(24 * P.GIB, 64 * P.GIB))[0] == "none"
+    assert P.decide_offload(shape, inp, "layers", on(200 * P.GIB, 64 * P.GIB))[0] == "layers"  # asked for
+
+
+@pytest.mark.parametrize("config,card,dtype", [(LLAMA7B, "m40", "float32"), (QWEN3_14B, "v100-16", "float16")])
+def test_plan_streams_7b_on_an_m40_and_14b_on_a_16gb_v100(tmp_path, capsys, config, card, dtype):
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert main(["plan", "--model", str(tmp_path), "--emulate", f"{card},cpu", "--seq-len", "2048", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["fits"] and out["inputs"]["offload"] == "layers" and out["dtype"] == dtype
+    assert out["stream"]["link"] == "PCIe 3.0 x16" and out["stream"]["host_fits"]
+    assert out["stream"]["step_seconds"] >= out["stream"]["copy_seconds"] > 0
+    assert main(["plan", "--model", str(tmp_path), "--emulate", f"{card},cpu", "--seq-len", "2048",
+                 "offload=none", "--suggest", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert not out["fits"]
+    fitting = [s for s in out["suggestions"] if s["fits"]]
+    assert fitting and fitting[0]["settings"] == {"offload": "layers"}
+
+
+def test_suggestion_names_host_ram_as_the_limit(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA7B))
+    emu = tmp_path / "emu.yaml"
+    emu.write_text("- {vendor: nvidia, name: Tesla M40 24GB, compute_capability: '5.2', memory_bytes: 25769803776}\n"
+                   "- {vendor: cpu, name: small host, memory_bytes: 17179869184, cpu_cores: 8}\n")
+    assert main(["plan", "--model", str(tmp_path), "--emulate-file", str(emu), "--seq-len", "2048", "offload=none",
+                 "--suggest"]) == 0
+    out = capsys.readouterr().out
+    assert "offload=layers" in out and "host RAM is the limit" in out
