@@ -16,7 +16,7 @@ def four_layer_model(tmp_path_factory):
     return write_tiny(tmp_path_factory.mktemp("tiny4") / "model", texts, chat_template=False, hidden=64, layers=4)
 
 
-def _peft(path, dropout: float, streamed: bool, prefetch: int = 1):
+def _peft(path, dropout: float, streamed: bool, prefetch: int = 1, device: str = "cpu"):
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -31,7 +31,9 @@ def _peft(path, dropout: float, streamed: bool, prefetch: int = 1):
             torch.nn.init.normal_(p, std=0.1)  # a moved adapter, so every gradient is non-trivial
     model.train()
     if streamed:
-        stream.install(model, torch.device("cpu"), prefetch)
+        stream.install(model, torch.device(device), prefetch)
+    else:
+        model.to(device)
     return model
 
 
@@ -51,6 +53,8 @@ def _loss_and_grads(model, batch):
 
     from hwcompat.train.objectives.sft import ResponseLoss
 
+    device = next(p.device for p in model.parameters() if p.requires_grad)
+    batch = {k: v.to(device) for k, v in batch.items()}
     torch.manual_seed(123)  # the same dropout masks on both sides (the streamed recompute replays them)
     loss = ResponseLoss(model)(batch, float((batch["labels"][:, 1:] != -100).sum()))
     loss.backward()
@@ -213,6 +217,20 @@ def test_auto_streams_a_7b_model_on_an_emulated_m40(tmp_path):
     assert "will not fit on Tesla M40 24GB" in res.stdout and "offload=layers" in res.stdout
 
 
+def test_maxwell_profile_streams_on_the_cpu_emulation(tmp_path, tiny_model, task_files):
+    """The M40's profile (fp32, no compile) with offload=layers, run on the CPU as the CI matrix does."""
+    from tests.train.conftest import make_config
+    from tests.train.test_train_e2e import _train
+
+    cfg = make_config(tmp_path, tiny_model, *task_files, offload="layers", max_steps=3, eval_at_start=False,
+                      eval_metrics="none")
+    res = _train(cfg, "--emulate", "m40,cpu", "--cpu-emulation")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "profile maxwell" in res.stderr and "offload=layers: 2 decoder layers streamed" in res.stderr
+    spec = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert spec["config"]["offload"] == "layers" and spec["profile"]["name"] == "maxwell"
+
+
 def test_offload_layers_with_several_processes_is_refused(tmp_path, tiny_model, task_files):
     from tests.train.conftest import make_config
     from tests.train.test_train_e2e import _train
@@ -220,3 +238,28 @@ def test_offload_layers_with_several_processes_is_refused(tmp_path, tiny_model, 
     res = _train(make_config(tmp_path, tiny_model, *task_files, offload="layers"), "--devices", "2")
     assert res.returncode == 2 and "offload=layers streams the base to one card" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("prefetch", [1, 3])
+def test_streamed_on_the_gpu_equals_resident_with_copies_on_a_side_stream(four_layer_model, prefetch):
+    """The CUDA path: pinned host copies, a copy stream and events; same loss and gradients, same bounds."""
+    import torch
+
+    batch = _batch(four_layer_model)
+    loss_r, grads_r = _loss_and_grads(_peft(four_layer_model, 0.1, streamed=False, device="cuda"), batch)
+    model = _peft(four_layer_model, 0.1, streamed=True, prefetch=prefetch, device="cuda")
+    streamer = model.hwcompat_streamer
+    assert streamer.copy_stream is not None and all(f.is_pinned() for h in streamer.host for f in h.values())
+    for _ in range(2):
+        model.zero_grad(set_to_none=True)
+        loss_s, grads_s = _loss_and_grads(model, batch)
+    torch.cuda.synchronize()
+    assert abs(loss_r - loss_s) <= 1e-6 * max(1.0, abs(loss_r))
+    for name in grads_r:
+        assert torch.allclose(grads_r[name], grads_s[name], atol=1e-6, rtol=1e-5), name
+    assert streamer.stats.max_resident <= prefetch + 1 and streamer.stats.evicted == 0
+    for i in range(streamer.n):
+        assert streamer.stats.uses[("forward", i)] == 2 and streamer.stats.fetches[("backward", i)] == 2
+    frozen = [p for layer in streamer.params for p, *_ in layer]
+    assert all(p.device.type == "cpu" for p in frozen)  # between uses, the weights are the host copy
