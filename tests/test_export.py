@@ -121,3 +121,17 @@ def test_train_export_chain(tmp_path):
     assert (run / "merged" / "model.safetensors").exists() and (run / "model.gguf").exists()
     assert "FROM ./model.gguf" in (run / "Modelfile").read_text() and "### Assistant:" in (run / "Modelfile").read_text()
     assert "ollama create model -f" in res.stderr
+    import gguf
+
+    name = gguf.GGUFReader(str(run / "model.gguf")).fields["general.name"].contents()
+    assert name == "base"  # the base model's name, not the "merged" folder's
+    mode = (run / "Modelfile").stat().st_mode & 0o777
+    assert mode == 0o666 & ~_umask()  # what a plain open() gives, not a temp file's 0600
+
+
+def _umask() -> int:
+    import os
+
+    old = os.umask(0)
+    os.umask(old)
+    return old

@@ -75,6 +75,20 @@ def _permute(w, n_head: int):
 BYTES_PER_ELEMENT = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32}
 
 
+def model_name(src: Path, cfg: dict) -> str:
+    """``general.name``: the base model's name (a merged folder is called ``merged``, which says nothing)."""
+    merge_record = src / "hwcompat_merge.json"
+    if merge_record.exists():
+        try:
+            base = Path(str(json.loads(merge_record.read_text())["base"]))
+            return model_name(base, json.loads((base / "config.json").read_text())) if (
+                base / "config.json").exists() else base.name
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    named = str(cfg.get("_name_or_path") or "").rstrip("/")
+    return Path(named).name if named else src.name
+
+
 def export_gguf(model_dir: str | Path, out: str | Path, qtype: str = "f16", name: str | None = None,
                 overwrite: bool = False) -> ExportResult:
     """Write ``out``: refused if it exists (unless ``overwrite``), locked while written, atomic."""
@@ -136,7 +150,7 @@ def _export_gguf(model_dir: str | Path, out: Path, qtype: str, name: str | None)
     os.close(fd)
     tmp = Path(tmp_name)
     writer = gguf.GGUFWriter(str(tmp), arch_str)
-    writer.add_name(name or cfg.get("_name_or_path") or src.name)
+    writer.add_name(name or model_name(src, cfg))
     writer.add_context_length(int(cfg.get("max_position_embeddings") or 4096))
     writer.add_embedding_length(hidden)
     writer.add_block_count(n_layers)

@@ -1,10 +1,17 @@
-"""An Ollama Modelfile next to the GGUF: FROM, a TEMPLATE from the chat template, stops, parameters.
+"""An Ollama Modelfile next to the GGUF: FROM, a TEMPLATE that renders what the chat template renders, stops.
 
-Ollama's TEMPLATE is a Go template, not Jinja, so the model's chat template is
-recognised by its markers (ChatML, Llama 3, Mistral [INST], Gemma, or the
-plain "### User:" headers hwcompat trains with when a tokenizer has none)
-and the matching Go template is written. Extraction and classification
-adapters want deterministic output: temperature 0 by default.
+Ollama's TEMPLATE is a Go template, not Jinja, so the model's chat template is recognised by its markers
+(ChatML, Llama 3, Mistral [INST], Gemma, or the plain "### User:" headers hwcompat trains with when a
+tokenizer has none) and the matching Go template is written. How Ollama fills it (template/template.go,
+server/routes.go): the Modelfile's SYSTEM becomes a leading system message unless the conversation starts
+with one; ``.Messages`` holds every message *including* the system ones (consecutive same-role messages
+merged), and ``.System`` their joined text. So the templates loop over ``.Messages`` only (printing ``.System``
+as well would print the system prompt twice), a chat template's default system prompt (SmolLM2's, Qwen2.5's)
+is read by rendering it and written in for conversations without one, and no template starts with a BOS
+text: the GGUF's ``add_bos_token`` makes llama.cpp add it (a literal one would be a second BOS).
+``tests/test_ollama_template.py`` renders every kind with Go's text/template the way Ollama does and compares
+with ``apply_chat_template``. Go templates have no trim: content with surrounding whitespace keeps it (Llama
+3's template strips it). Extraction and classification adapters want deterministic output: temperature 0.
 """
 
 from __future__ import annotations
@@ -14,40 +21,87 @@ from pathlib import Path
 
 from hwcompat.errors import InputError
 
+LAST = "{{- $last := eq (len (slice $.Messages $i)) 1 }}"  # Ollama's own idiom for "the last message"
+
+#: kind -> (Go template with {default} where a default system block goes, stop strings)
 TEMPLATES = {
-    "chatml": ('{{- if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}'
-               '{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}'
-               '<|im_start|>assistant\n', ["<|im_end|>", "<|im_start|>"]),
-    "llama3": ('<|begin_of_text|>{{- if .System }}<|start_header_id|>system<|end_header_id|>\n\n{{ .System }}'
-               '<|eot_id|>{{ end }}{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n'
-               '{{ .Content }}<|eot_id|>{{ end }}<|start_header_id|>assistant<|end_header_id|>\n\n',
+    "chatml": ("{default}{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}"
+               "<|im_start|>assistant\n", ["<|im_end|>", "<|im_start|>"]),
+    "llama3": ("{default}{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n{{ .Content }}"
+               "<|eot_id|>{{ end }}<|start_header_id|>assistant<|end_header_id|>\n\n",
                ["<|eot_id|>", "<|start_header_id|>"]),
-    "mistral": ('{{- range .Messages }}{{- if eq .Role "user" }}[INST] {{ if $.System }}{{ $.System }}\n\n{{ end }}'
-                '{{ .Content }}[/INST]{{ else }} {{ .Content }}</s>{{ end }}{{ end }}', ["[INST]", "</s>"]),
-    "gemma": ('{{- range .Messages }}<start_of_turn>{{ if eq .Role "assistant" }}model{{ else }}{{ .Role }}{{ end }}\n'
-              '{{ .Content }}<end_of_turn>\n{{ end }}<start_of_turn>model\n', ["<end_of_turn>"]),
+    # Mistral's template puts the system prompt before the *last* user message, inside its [INST]
+    "mistral": ("{{- range $i, $_ := .Messages }}" + LAST + "{{- if eq .Role \"user\" }}[INST] "
+                "{{ if and $.System $last }}{{ $.System }}\n\n{{ end }}{{ .Content }}[/INST]"
+                "{{- else if eq .Role \"assistant\" }} {{ .Content }}</s>{{- end }}{{- end }}", ["[INST]", "</s>"]),
+    # Gemma has no system role: its template folds a system prompt into the first user turn
+    "gemma": ("{{- range $i, $_ := .Messages }}{{- if eq .Role \"user\" }}<start_of_turn>user\n"
+              "{{ if and $.System (eq (index $.Messages 0).Role \"system\") (eq $i 1) }}{{ $.System }}\n\n{{ end }}"
+              "{{ .Content }}<end_of_turn>\n{{ else if eq .Role \"assistant\" }}<start_of_turn>model\n{{ .Content }}"
+              "<end_of_turn>\n{{ end }}{{- end }}<start_of_turn>model\n", ["<end_of_turn>"]),
     # hwcompat's plain format (batching.PLAIN_HEADERS) for models trained without a chat template
-    "plain": ('{{- if .System }}### System:\n{{ .System }}\n\n{{ end }}{{- range .Messages }}'
-              '{{- if eq .Role "user" }}### User:\n{{ .Content }}\n\n{{ else }}### Assistant:\n{{ .Content }}\n\n'
-              '{{ end }}{{ end }}### Assistant:\n', ["### User:", "### System:"]),
+    "plain": ("{{- range .Messages }}{{- if eq .Role \"system\" }}### System:\n{{ .Content }}\n\n"
+              "{{ else if eq .Role \"user\" }}### User:\n{{ .Content }}\n\n{{ else }}### Assistant:\n{{ .Content }}"
+              "\n\n{{ end }}{{- end }}### Assistant:\n", ["### User:", "### System:"]),
 }
+#: kind -> the Go text of a default system block ({text} is the chat template's default prompt)
+DEFAULT_BLOCKS = {
+    "chatml": "<|im_start|>system\n{text}<|im_end|>\n",
+    "llama3": "<|start_header_id|>system<|end_header_id|>\n\n{text}<|eot_id|>",
+}
+MARKERS = (("<|im_start|>", "chatml"), ("<|start_header_id|>", "llama3"), ("[INST]", "mistral"),
+           ("<start_of_turn>", "gemma"))
 
 
-def detect_template(model_dir: Path) -> str:
+def chat_template(model_dir: Path) -> str:
+    """The model folder's Jinja chat template ('' when it has none)."""
     tcfg = model_dir / "tokenizer_config.json"
     template = ""
     if tcfg.exists():
         template = json.loads(tcfg.read_text()).get("chat_template") or ""
     if not template and (model_dir / "chat_template.jinja").exists():
         template = (model_dir / "chat_template.jinja").read_text()
+    return template if isinstance(template, str) else ""
+
+
+def detect_template(model_dir: Path) -> str:
+    template = chat_template(model_dir)
     if not template:
         return "plain"
-    for marker, kind in (("<|im_start|>", "chatml"), ("<|start_header_id|>", "llama3"), ("[INST]", "mistral"),
-                         ("<start_of_turn>", "gemma")):
+    for marker, kind in MARKERS:
         if marker in template:
             return kind
     raise InputError(f"{model_dir}: the chat template matches no known family (ChatML, Llama 3, Mistral, Gemma); "
                      "write the Modelfile TEMPLATE by hand")
+
+
+def default_system(model_dir: Path, kind: str) -> str | None:
+    """The system prompt the chat template injects when a conversation has none (SmolLM2 and Qwen2.5 do),
+    read by rendering the template with and without a system message."""
+    if kind not in DEFAULT_BLOCKS:
+        return None
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    user = [{"role": "user", "content": "\x00user\x00"}]
+    plain = tok.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+    head = plain[:plain.index("\x00user\x00")]
+    block = DEFAULT_BLOCKS[kind]
+    before, _, after = block.partition("{text}")
+    start = head.find(before)
+    if start < 0 or not head[start + len(before):].count(after):
+        return None
+    return head[start + len(before):head.index(after, start + len(before))]
+
+
+def render_template(kind: str, default: str | None) -> str:
+    """The Go template for ``kind``; with ``default``, conversations without a system message get it."""
+    template, _ = TEMPLATES[kind]
+    block = ""
+    if default is not None and kind in DEFAULT_BLOCKS:
+        block = ('{{- if or (not .Messages) (ne (index .Messages 0).Role "system") }}'
+                 + DEFAULT_BLOCKS[kind].replace("{text}", default) + "{{ end }}")
+    return template.replace("{default}", block)
 
 
 def write_modelfile(gguf_path: Path, model_dir: Path, temperature: float = 0.0, system: str | None = None,
@@ -57,9 +111,11 @@ def write_modelfile(gguf_path: Path, model_dir: Path, temperature: float = 0.0, 
     from hwcompat.fsutil import atomic_write_text, output_target
 
     kind = detect_template(model_dir)
-    template, stops = TEMPLATES[kind]
-    lines = [f"# Written by hwcompat export ({kind} chat template)", f"FROM ./{gguf_path.name}",
-             f'TEMPLATE """{template}"""']
+    default = default_system(model_dir, kind)
+    _, stops = TEMPLATES[kind]
+    lines = [f"# Written by hwcompat export ({kind} chat template"
+             f"{', with its default system prompt' if default else ''})", f"FROM ./{gguf_path.name}",
+             f'TEMPLATE """{render_template(kind, default)}"""']
     if system:
         lines.append(f'SYSTEM """{system}"""')
     lines += [f'PARAMETER stop "{s}"' for s in stops]
