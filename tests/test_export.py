@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -135,3 +136,19 @@ def _umask() -> int:
     old = os.umask(0)
     os.umask(old)
     return old
+
+
+def test_pre_tokenizer_is_named_as_llama_cpps_converter_names_it(tmp_path, model):
+    """llama.cpp's converter hashes the ids of its check text; SmolLM2's tokenizer is "smollm" there."""
+    from hwcompat.export.gguf import pre_tokenizer_name
+
+    try:
+        from hwcompat.demo.model import ensure_model
+
+        smollm = Path(ensure_model())
+    except Exception as exc:  # noqa: BLE001 (the demo model is an optional package)
+        pytest.skip(f"demo model not installed: {exc}")
+    tok = json.loads((smollm / "tokenizer.json").read_text())
+    assert pre_tokenizer_name(smollm, tok, "llama") == "smollm"
+    tiny = json.loads((model / "tokenizer.json").read_text())  # a tokenizer llama.cpp has never seen: its shape
+    assert pre_tokenizer_name(model, tiny, "llama") == "gpt-2"

@@ -42,6 +42,25 @@ class ExportResult:
     pre_tokenizer: str
 
 
+def pre_tokenizer_name(src: Path, tok: dict[str, Any], model_type: str) -> str:
+    """The name llama.cpp's converter gives this tokenizer: the SHA-256 of its ids for llama.cpp's check text
+    (catalog/gguf_pretokenizers.yaml); a tokenizer not in that table falls back to its tokenizer.json shape."""
+    import hashlib
+
+    import yaml
+    from transformers import AutoTokenizer
+
+    from hwcompat.datafiles import data_dir
+
+    table = yaml.safe_load((data_dir("catalog") / "gguf_pretokenizers.yaml").read_text(encoding="utf-8"))
+    try:
+        ids = AutoTokenizer.from_pretrained(str(src)).encode(table["chktxt"])
+    except (OSError, ValueError) as exc:  # no loadable tokenizer here: the shape decides
+        ids = f"unloadable: {exc}"
+    name = table["hashes"].get(hashlib.sha256(str(ids).encode()).hexdigest())
+    return name or _pre_tokenizer(tok, model_type)
+
+
 def _pre_tokenizer(tok: dict[str, Any], model_type: str) -> str:
     text = json.dumps(tok.get("pre_tokenizer") or {})
     for needle, name in PRE_TOKENIZERS:
@@ -188,7 +207,7 @@ def _export_gguf(model_dir: str | Path, out: Path, qtype: str, name: str | None)
             tokens.append(t)
             types.append(gguf.TokenType.NORMAL)
     writer.add_tokenizer_model("gpt2")
-    pre = _pre_tokenizer(tok, mt)
+    pre = pre_tokenizer_name(src, tok, mt)
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
