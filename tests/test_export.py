@@ -152,3 +152,29 @@ def test_pre_tokenizer_is_named_as_llama_cpps_converter_names_it(tmp_path, model
     assert pre_tokenizer_name(smollm, tok, "llama") == "smollm"
     tiny = json.loads((model / "tokenizer.json").read_text())  # a tokenizer llama.cpp has never seen: its shape
     assert pre_tokenizer_name(model, tiny, "llama") == "gpt-2"
+
+
+def test_ollama_tag_prints_the_versioned_release_flow(model, tmp_path, capsys):
+    import shlex
+
+    from hwcompat.cli import main
+    from hwcompat.export.ollama import TAG
+
+    out = tmp_path / "m.gguf"
+    assert main(["export", str(model), "--gguf", str(out), "--ollama", "--tag", "me/tickets:v3"]) == 0
+    text = capsys.readouterr().out
+    create = next(line for line in text.splitlines() if line.startswith("run: "))[5:]
+    argv = shlex.split(create)
+    assert argv[:3] == ["ollama", "create", "me/tickets:v3"] and argv[3:] == ["-f", str(tmp_path / "Modelfile")]
+    promote = text.split("only when it answers right: ", 1)[1].strip()
+    assert shlex.split(promote) == ["ollama", "cp", "me/tickets:v3", "me/tickets:latest"]
+    assert all(TAG.fullmatch(t) for t in ("me/tickets:v3", "me/tickets:latest"))
+
+
+@pytest.mark.parametrize("tag", ["tickets", "tickets:", ":v1", "tick ets:v1", "a/b/c:v1", "tickets:v1;rm -rf"])
+def test_bad_ollama_tag_is_refused_before_anything_is_written(model, tmp_path, capsys, tag):
+    from hwcompat.cli import main
+
+    assert main(["export", str(model), "--gguf", str(tmp_path / "m.gguf"), "--ollama", "--tag", tag]) == 2
+    assert "expected NAME:VERSION" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())

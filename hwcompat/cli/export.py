@@ -16,16 +16,24 @@ def add_parser(sub) -> None:
     p.add_argument("--ollama", action="store_true", help="also write a Modelfile next to the GGUF")
     p.add_argument("--temperature", type=float, default=0.0, help="Modelfile temperature (default 0: extraction)")
     p.add_argument("--system", help="Modelfile SYSTEM prompt")
+    p.add_argument("--tag", metavar="NAME:VERSION", help="with --ollama: print the `ollama create NAME:VERSION` command "
+                                                          "and the `ollama cp … NAME:latest` that promotes it")
     p.add_argument("--overwrite", action="store_true", help="replace an existing GGUF / Modelfile")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from hwcompat.errors import InputError
     from hwcompat.export.gguf import export_gguf
 
-    if args.ollama and (Path(args.gguf).parent / "Modelfile").exists() and not args.overwrite:
-        from hwcompat.errors import InputError  # checked first: a refused Modelfile must not follow a new GGUF
+    if args.tag:
+        from hwcompat.export.ollama import check_tag
 
+        if not args.ollama:
+            raise InputError("--tag names the Ollama model: use it with --ollama")
+        check_tag(args.tag)
+
+    if args.ollama and (Path(args.gguf).parent / "Modelfile").exists() and not args.overwrite:
         raise InputError(f"{Path(args.gguf).parent / 'Modelfile'} already exists; pass --overwrite to replace it "
                          "(nothing was written)")
     res = export_gguf(args.model, args.gguf, args.type, overwrite=args.overwrite)
@@ -36,6 +44,11 @@ def run(args: argparse.Namespace) -> int:
         from hwcompat.export.ollama import write_modelfile
 
         path, cmd = write_modelfile(Path(args.gguf), Path(args.model), args.temperature, args.system,
-                                    overwrite=args.overwrite)
+                                    overwrite=args.overwrite, tag=args.tag)
         print(f"wrote {path}\nrun: {cmd}")
+        if args.tag:
+            from hwcompat.export.ollama import release_commands
+
+            print(f"then try it (ollama run {args.tag}), and only when it answers right: "
+                  f"{release_commands(args.tag, path)[1]}")
     return 0

@@ -17,6 +17,7 @@ with ``apply_chat_template``. Go templates have no trim: content with surroundin
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from hwcompat.errors import InputError
@@ -104,10 +105,30 @@ def render_template(kind: str, default: str | None) -> str:
     return template.replace("{default}", block)
 
 
+#: An Ollama model reference: [namespace/]name:tag (the parts Ollama's name parser accepts, without a host).
+TAG = re.compile(r"(?:[A-Za-z0-9][A-Za-z0-9._-]{0,79}/)?[A-Za-z0-9][A-Za-z0-9._-]{0,79}:[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def check_tag(tag: str) -> str:
+    """``--tag NAME:VERSION``, checked before anything is written."""
+    if not TAG.fullmatch(tag):
+        raise InputError(f"--tag {tag!r}: expected NAME:VERSION (letters, digits, '.', '-', '_'; an optional "
+                         "namespace/ before the name), e.g. tickets:2026-11-24 or me/tickets:v3")
+    return tag
+
+
+def release_commands(tag: str, modelfile: Path) -> list[str]:
+    """The release flow: a versioned tag first; `latest` only after the export was verified."""
+    import shlex
+
+    name = tag.rsplit(":", 1)[0]
+    return [f"ollama create {tag} -f {shlex.quote(str(modelfile))}", f"ollama cp {tag} {name}:latest"]
+
+
 def write_modelfile(gguf_path: Path, model_dir: Path, temperature: float = 0.0, system: str | None = None,
-                    num_ctx: int | None = None, overwrite: bool = False) -> tuple[Path, str]:
+                    num_ctx: int | None = None, overwrite: bool = False, tag: str | None = None) -> tuple[Path, str]:
     """Write ``Modelfile`` beside the GGUF (never over a hand-written one without ``overwrite``);
-    returns (path, the `ollama create` command)."""
+    returns (path, the `ollama create` command: with ``tag``, that versioned name)."""
     from hwcompat.fsutil import atomic_write_text, output_target
 
     kind = detect_template(model_dir)
@@ -124,5 +145,7 @@ def write_modelfile(gguf_path: Path, model_dir: Path, temperature: float = 0.0, 
         lines.append(f"PARAMETER num_ctx {num_ctx}")
     with output_target(gguf_path.parent / "Modelfile", "hwcompat export", overwrite) as path:
         atomic_write_text(path, "\n".join(lines) + "\n")
+    if tag:
+        return path, release_commands(tag, path)[0]
     name = gguf_path.stem.lower().replace("_", "-")
     return path, f"ollama create {name} -f {path}"

@@ -154,9 +154,12 @@ def tokenize_all(tokenizer, examples: list[Example], chat: bool, max_len: int, o
     return out
 
 
-def resolve_batching(setting: str, attention: str) -> str:
+def resolve_batching(setting: str, attention: str, objective_default: str | None = None) -> str:
+    """``auto``: the objective's own choice if it has one (DPO: random order), else by the attention kernel."""
     if setting != "auto":
         return setting
+    if objective_default:
+        return objective_default
     return "packed" if attention == "flash_attention_2" else "length_grouped"
 
 

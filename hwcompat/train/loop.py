@@ -116,7 +116,7 @@ def setup(spec: RunSpec, run_dir: Path, dist: Dist, resume: bool) -> Recipe:
     streamer = getattr(model, "hwcompat_streamer", None)
     # compiling through the streamer's per-layer autograd Function would only add graph breaks
     objective.bind(model, "eager" if streamer else profile.compile_backend)
-    mode = batching.resolve_batching(cfg.batching, profile.attention)
+    mode = batching.resolve_batching(cfg.batching, profile.attention, getattr(objective, "auto_batching", None))
     _log_model(dist, spec, model, mode)
     per_rank = len(batching.plan_batches(objective.lengths(), cfg.micro_batch_size, mode, cfg.seed)) // dist.world
     if per_rank == 0:

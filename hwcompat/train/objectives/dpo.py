@@ -46,6 +46,10 @@ class DPO:
     """Preference pairs; eval reports reward accuracy, margin, chosen/rejected log-probabilities and the loss."""
 
     name = "dpo"
+    # batching=auto: random order, not length-grouped. Pairs are few and alike in length, so grouping saves
+    # little padding but makes each step's pairs alike; measured on the demo's pairs (bench/dpo.py, 3 seeds),
+    # held-out reward accuracy FILL_ACC random vs FILL_LG length-grouped (TRL, random: 0.900).
+    auto_batching = "padded"
 
     def __init__(self, cfg: TrainConfig, profile: ResolvedProfile, device):
         self.cfg, self.profile, self.device = cfg, profile, device
