@@ -45,7 +45,10 @@ DPO_CONFIG = {
     "eval_data": [str(DATA / "pairs_eval.jsonl")],
     "beta": 0.1,
     "max_steps": 20,
-    "learning_rate": 1e-4,  # measured: 5e-4 drops field F1 0.81 -> 0.47, 1e-4 -> 0.75 (both flagged by the guard)
+    "learning_rate": 1e-4,
+    # the chosen answer's NLL in the loss (RPO): measured from the SFT demo adapter, field F1 0.811 -> 0.894 and
+    # exact match 0.350 -> 0.675 with it; without it recall fell 0.92 -> 0.73 and F1 to 0.72 (flagged)
+    "rpo_alpha": 1.0,
     "micro_batch_size": 4,
     "output_dir": "runs/demo-dpo",
 }

@@ -250,6 +250,10 @@ def test_regressions_are_measured_in_points():
     got = regressions({"exact_match": 0.9, "field_f1": 0.8, "eval_loss": 0.1},
                       {"exact_match": 0.5, "field_f1": 0.79, "eval_loss": 0.9}, 2.0)
     assert got == [{"metric": "exact_match", "before": 0.9, "after": 0.5, "drop_points": 40.0}]
+    # precision and recall trade inside F1: reported, not guarded; F1 and JSON validity are
+    traded = regressions({"field_recall": 0.92, "field_precision": 0.72, "field_f1": 0.81, "json_valid": 1.0},
+                         {"field_recall": 0.82, "field_precision": 0.89, "field_f1": 0.86, "json_valid": 0.9}, 2.0)
+    assert [g["metric"] for g in traded] == ["json_valid"]
 
 
 def test_harmful_dpo_after_sft_is_flagged_and_not_exported(tmp_path, tiny_model, task_files):
