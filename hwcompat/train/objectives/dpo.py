@@ -46,9 +46,9 @@ class DPO:
     """Preference pairs; eval reports reward accuracy, margin, chosen/rejected log-probabilities and the loss."""
 
     name = "dpo"
-    # batching=auto: random order, not length-grouped. Pairs are few and alike in length, so grouping saves
-    # little padding but makes each step's pairs alike; measured on the demo's pairs (bench/dpo.py, 3 seeds),
-    # held-out reward accuracy FILL_ACC random vs FILL_LG length-grouped (TRL, random: 0.900).
+    # batching=auto: random order (TRL's), not length-grouped. A DPO set is small and its pairs' lengths follow
+    # their template, so sorting by length makes each step's pairs alike. bench/dpo.py, 3 seeds, held-out reward
+    # accuracy: random 0.861 (TRL 0.861); length-sorted pools of 4 batches 0.844 at 1.43x TRL's speed vs 1.34x.
     auto_batching = "padded"
 
     def __init__(self, cfg: TrainConfig, profile: ResolvedProfile, device):
