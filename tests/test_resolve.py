@@ -22,6 +22,8 @@ ROWS = [
     ("p100", "pascal", "float16", "sdpa", "eager", True, {"TORCHDYNAMO_DISABLE": "1"}),  # sm_60 variant: fast fp16
     ("v100", "volta", "float16", "sdpa", "inductor", True,  # tensor cores fp16, Triton ok
      {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}),
+    ("v100-16", "volta", "float16", "sdpa", "inductor", True,  # the 16 GB PCIe card: same silicon
+     {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}),
     ("t4", "turing", "float16", "sdpa", "inductor", True, {"CUDA_DEVICE_ORDER": "PCI_BUS_ID"}),  # no bf16, no FA2
     ("a100", "ampere", "bfloat16", "sdpa", "inductor", True, {}),  # FA2-capable, package missing -> sdpa
     ("rtx3090", "ampere", "bfloat16", "sdpa", "inductor", True, {}),  # sm_86 is Ampere too

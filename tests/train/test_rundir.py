@@ -288,6 +288,9 @@ L.load_datasets = during_setup
 from hwcompat.train.worker import main
 sys.exit(main([{str(run_dir)!r}]))
 """
-    res = subprocess.run([sys.executable, "-c", code_text], capture_output=True, text=True, timeout=120)
+    # A job started with `&` by a non-interactive shell inherits SIGINT ignored, and Python then installs no
+    # KeyboardInterrupt handler (the Unix convention for background jobs): give the child a terminal's default.
+    res = subprocess.run([sys.executable, "-c", code_text], capture_output=True, text=True, timeout=120,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert res.returncode == code and text in res.stderr, res.stderr[-2000:]
     assert "second Ctrl-C" not in res.stderr and "Traceback" not in res.stderr
