@@ -329,8 +329,9 @@ def estimate(shape: ModelShape, inp: PlanInput, dtype: str, attention: str, vend
     db = DTYPE_BYTES[dtype]
     b, t = inp.batch_size * inp.sequences_per_row, inp.seq_len
     if inp.sequences_per_row == 2:
-        notes.append("dpo: chosen and rejected run in one forward (2 sequences per pair); the reference "
-                     "log-probabilities are cached before training, so no reference pass runs in the step")
+        notes.append("dpo: chosen and rejected run in one forward, counted as 2 sequences per pair (an upper bound: "
+                     "with SDPA or eager attention the shared prompt runs once); the reference log-probabilities are "
+                     "computed once per row without gradients and kept, so no reference activations are held")
     tokens = b * t
     bd: dict[str, int] = {}
     if inp.method == "qlora":

@@ -314,3 +314,69 @@ def test_data_check_reads_preference_pairs(tmp_path, tiny_model, capsys):
     assert main(["data", "check", str(long_only), "--method", "dpo", "--tokenizer", str(tiny_model),
                  "--max-seq-len", "16", "--chat-template", "false"]) == 1
     assert f"{long_only}:1: chosen and rejected: no answer tokens left" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_shared_prefix_rows_equal_two_padded_rows(tiny_model, tmp_path, attention):
+    """One row per pair (prompt once, 4-D mask, restarted positions) gives every answer token the log-probability and
+    gradient it gets in its own padded row; answers sharing their start, one answer a token prefix of the other,
+    and pairs of different lengths (padding) included."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hwcompat.train.config import TrainConfig
+    from hwcompat.train.objectives.dpo import DPO
+
+    rows = [{"prompt": "What color is the sky?", "chosen": "blue", "rejected": "green"},
+            {"prompt": "What color is the sun? Say it in a few words", "chosen": "yellow yellow red",
+             "rejected": "yellow yellow blue"},
+            {"prompt": "What color?", "chosen": "red", "rejected": "red red red"}]
+    files = write_jsonl(tmp_path / "p.jsonl", rows), write_jsonl(tmp_path / "e.jsonl", rows[:1])
+    cfg = TrainConfig(model=str(tiny_model), train_data=[str(files[0])], eval_data=[str(files[1])], method="dpo",
+                      max_seq_len=64, micro_batch_size=4, chat_template="false", rpo_alpha=0.5)
+    obj = DPO(cfg, SimpleNamespace(dtype="float32", name="cpu"), torch.device("cpu"))
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    tok.pad_token = tok.pad_token or tok.eos_token
+    obj.load(tok, print)
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation=attention),
+                           LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM", lora_dropout=0.0))
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.2)
+    obj.bind(model, "eager")
+    assert obj.shared
+    idx = [0, 1, 2]
+    shared = obj.collate(idx, "padded", tok.pad_token_id)
+    assert shared["input_ids"].shape[0] == 3 and shared["n_tokens"] == sum(
+        len(c.input_ids) + len(r.input_ids) for c, r in obj.train)
+    assert shared["input_ids"].numel() < sum(2 * max(len(c.input_ids), len(r.input_ids)) for c, r in obj.train)
+    obj.shared = False
+    two_rows = obj.collate(idx, "padded", tok.pad_token_id)
+    assert two_rows["input_ids"].shape[0] == 6 and torch.equal(two_rows["chosen_tokens"], shared["chosen_tokens"])
+    results = []
+    for batch in (shared, two_rows):
+        model.zero_grad()
+        logps = obj.sequence_logps(batch)
+        loss = obj.loss(batch, 3.0)
+        loss.backward()
+        results.append((logps.detach(), loss.item(),
+                        {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    (a, la, ga), (b, lb, gb) = results
+    assert torch.allclose(a, b, atol=1e-5) and abs(la - lb) < 1e-6
+    for n in ga:
+        assert torch.allclose(ga[n], gb[n], atol=1e-5), n
+
+
+def test_shared_prefix_is_refused_where_the_mask_would_not_reach_attention():
+    from types import SimpleNamespace as C
+
+    from hwcompat.train.prefix import supported
+
+    assert supported(C(), "sdpa", 512) and supported(C(), "eager", 512)
+    assert not supported(C(), "flash_attention_2", 512)  # varlen kernels take no arbitrary mask
+    assert not supported(C(final_logit_softcapping=30.0), "eager", 512)
+    assert not supported(C(sliding_window=256), "sdpa", 512)  # the window would be lost
+    assert supported(C(sliding_window=256, use_sliding_window=False), "sdpa", 512)
+    assert supported(C(sliding_window=4096), "sdpa", 512)
