@@ -288,7 +288,7 @@ def test_dpo_plan_counts_two_sequences_per_pair(qwen7b, capsys):
     assert dpo["breakdown"]["activations"] == 2 * lora["breakdown"]["activations"]
     assert dpo["breakdown"]["logits"] == 2 * lora["breakdown"]["logits"]
     assert dpo["breakdown"]["optimizer_states"] == lora["breakdown"]["optimizer_states"]
-    assert any("reference log-probabilities are cached" in n for n in dpo["notes"])
+    assert any("computed once per row without gradients and kept" in n and "upper bound" in n for n in dpo["notes"])
     assert plan("method=dpo")["breakdown"] == dpo["breakdown"]  # the config key says the same
     assert P.plan_input(TrainConfig(model="m", train_data=["d"], method="dpo")).sequences_per_row == 2
 
