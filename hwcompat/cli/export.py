@@ -19,6 +19,13 @@ def add_parser(sub) -> None:
     p.add_argument("--tag", metavar="NAME:VERSION", help="with --ollama: print the `ollama create NAME:VERSION` command "
                                                           "and the `ollama cp … NAME:latest` that promotes it")
     p.add_argument("--overwrite", action="store_true", help="replace an existing GGUF / Modelfile")
+    v = p.add_argument_group("verify in llama.cpp (needs hwcompat[gguf]; on by default when it is installed)")
+    v.add_argument("--verify", action=argparse.BooleanOptionalAction, default=None,
+                   help="load the GGUF in llama.cpp and compare tokenization, next-token distributions and greedy "
+                        "answers with the merged model; figures in OUT.export.json")
+    v.add_argument("--data", metavar="EVAL.jsonl", help="verify on these rows (SFT format) and compare task metrics "
+                                                       "(default: bundled general prompts)")
+    v.add_argument("--verify-rows", type=int, default=8, metavar="N", help="prompts to generate for (default 8)")
     p.set_defaults(func=run)
 
 
@@ -40,6 +47,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {res.path} ({res.arch}, {res.tensors} tensors, {res.qtype}, pre-tokenizer {res.pre_tokenizer})")
     if res.pre_tokenizer == "default":
         print("note: the pre-tokenizer was not recognised; llama.cpp will use its default regex")
+    if _verify_wanted(args) and not _verified(args, res):
+        return 1
     if args.ollama:
         from hwcompat.export.ollama import write_modelfile
 
@@ -52,3 +61,42 @@ def run(args: argparse.Namespace) -> int:
             print(f"then try it (ollama run {args.tag}), and only when it answers right: "
                   f"{release_commands(args.tag, path)[1]}")
     return 0
+
+
+def _verify_wanted(args) -> bool:
+    import importlib.util
+
+    from hwcompat.errors import InputError
+
+    if args.verify is None:
+        return importlib.util.find_spec("llama_cpp") is not None
+    if args.verify_rows < 1:
+        raise InputError(f"--verify-rows {args.verify_rows}: give 1 or more")
+    return args.verify
+
+
+def _verified(args, res) -> bool:
+    """Verify the written GGUF; its figures go beside it. False (and the first failure shown) when it fails."""
+    import sys
+
+    from hwcompat.export.verify import report_path, verify
+    from hwcompat.fsutil import atomic_write_json
+
+    verdict = verify(args.model, res.path, res.qtype, args.data, args.verify_rows,
+                     progress=lambda m: print(m, file=sys.stderr))
+    atomic_write_json(report_path(res.path), verdict.as_json())
+    d, g = verdict.distributions, verdict.generations
+    if d:
+        print(f"verified in llama.cpp: tokenization identical on {verdict.tokenization['strings']} strings; "
+              f"mean KL {d['mean_kl']:.4f}, top-1 {d['top1_agreement']:.1%} over {d['positions']} positions; "
+              f"{g['identical']}/{g['prompts']} greedy answers identical")
+    for key in g.get("metrics_hf", {}):
+        print(f"  {key:14} HF {g['metrics_hf'][key]:.3f}   GGUF {g['metrics_gguf'][key]:.3f}")
+    if not verdict.passed:
+        print(f"error: --verify failed: {verdict.failures[0]}"
+              + (f" (and {len(verdict.failures) - 1} more)" if len(verdict.failures) > 1 else "")
+              + f"\nthe GGUF is kept for inspection; figures in {report_path(res.path)}. Not writing a Modelfile.",
+              file=sys.stderr)
+        return False
+    print(f"wrote {report_path(res.path)}")
+    return True

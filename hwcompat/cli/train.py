@@ -9,6 +9,7 @@ import sys
 from hwcompat.cli.common import plan_from_args
 from hwcompat.cli.plan import host_ram
 from hwcompat.errors import InputError
+from hwcompat.export import EXPORT_TYPES
 
 
 def add_parser(sub) -> None:
@@ -31,6 +32,8 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
                                                         "contradicts the hardware (same as force=true)")
     p.add_argument("--export", choices=("gguf",), help="after training: merge and write model.gguf + Modelfile "
                                                         "in the run folder (same as export=gguf)")
+    p.add_argument("--type", dest="export_type", choices=EXPORT_TYPES,
+                   help="with --export: the GGUF type (export_type=…; k-quants need hwcompat[gguf])")
     p.add_argument("--devices", metavar="all|N", help="train on all identical devices (DDP via torchrun); "
                                                       "on a CPU-only host N processes (gloo)")
     p.add_argument("--device", metavar="N", help="device position from `hwcompat detect` (default: first GPU)")
@@ -88,9 +91,10 @@ def launch(args, loaded) -> int:
     from hwcompat.software import installed
     from hwcompat.train import launch as L
 
-    if getattr(args, "export", None):
-        loaded.config.export = args.export
-        loaded.origins["export"] = "command line"
+    for key in ("export", "export_type"):
+        if getattr(args, key, None):
+            setattr(loaded.config, key, getattr(args, key))
+            loaded.origins[key] = "command line"
     if getattr(args, "force", False):
         loaded.config.force = True
         loaded.origins["force"] = "command line"
@@ -116,6 +120,7 @@ def launch(args, loaded) -> int:
         print(note, file=sys.stderr)
     L.check_model(cfg.model, cfg.allow_network)
     L.check_init_adapter(cfg)
+    L.check_export(cfg)
     if cfg.tokenizer:
         L.check_model(cfg.tokenizer, cfg.allow_network, what="tokenizer")
     nproc, group = _nproc(args, plan, pos, device)

@@ -24,6 +24,7 @@ from hwcompat.fsutil import user_mode
 #: config.json model_type -> (gguf arch name, permute q/k for rotary)
 ARCHS = {"llama": ("LLAMA", True), "mistral": ("LLAMA", True), "qwen2": ("QWEN2", False), "qwen3": ("QWEN3", False)}
 from hwcompat.export import EXPORT_TYPES as TYPES
+from hwcompat.export.quantize import BITS_PER_WEIGHT, LLAMA_TYPES, binding, quantize
 
 #: tokenizer.ggml.pre: llama.cpp picks the pre-tokenizer regex by name. Recognised here from the
 #: tokenizer.json pre_tokenizer; anything else is written as "default" and said so.
@@ -94,6 +95,21 @@ def _permute(w, n_head: int):
 BYTES_PER_ELEMENT = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32}
 
 
+def lossless_type(cfg: dict) -> str:
+    """The GGUF type that holds the merged weights exactly (their config dtype; fp32 when unsaid)."""
+    dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32")
+    return {"float16": "f16", "bfloat16": "bf16"}.get(dtype, "f32")
+
+
+def _temp_beside(out: Path) -> Path:
+    """A unique ``.NAME.<random>.tmp`` beside ``out`` (the name fsutil.clean_stale knows as a leftover)."""
+    import tempfile
+
+    fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    return Path(name)
+
+
 def model_name(src: Path, cfg: dict) -> str:
     """``general.name``: the base model's name (a merged folder is called ``merged``, which says nothing)."""
     merge_record = src / "hwcompat_merge.json"
@@ -127,6 +143,8 @@ def _export_gguf(model_dir: str | Path, out: Path, qtype: str, name: str | None)
     out = Path(out)
     if qtype not in TYPES:
         raise InputError(f"--type {qtype}: use one of {', '.join(TYPES)}")
+    if qtype in LLAMA_TYPES:
+        binding(qtype)  # before anything is written: without the extra, say how to get it
     if not (src / "config.json").exists():
         raise InputError(f"{src}: no config.json; give a model folder (e.g. the output of `hwcompat merge`)")
     cfg = json.loads((src / "config.json").read_text())
@@ -154,8 +172,6 @@ def _export_gguf(model_dir: str | Path, out: Path, qtype: str, name: str | None)
     head_dim = int(cfg.get("head_dim") or hidden // n_head)
     tmap = gguf.get_tensor_name_map(arch, n_layers)
 
-    import tempfile
-
     from hwcompat.fsutil import require_space
     from hwcompat.merge import _header, _read_tensors
 
@@ -164,10 +180,12 @@ def _export_gguf(model_dir: str | Path, out: Path, qtype: str, name: str | None)
              else ["model.safetensors"])
     elems = sum(int(np.prod(info["shape"])) for f in files for k, info in _header(src / f).items()
                 if k != "__metadata__")
-    require_space(out.parent, elems * BYTES_PER_ELEMENT[qtype], f"the {qtype} GGUF")
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)  # unique per writer
-    os.close(fd)
-    tmp = Path(tmp_name)
+    # llama.cpp quantizes from a lossless GGUF of the merged weights (their own dtype), written first
+    written = lossless_type(cfg) if qtype in LLAMA_TYPES else qtype
+    quantized = elems * BITS_PER_WEIGHT[qtype] / 8 if qtype in LLAMA_TYPES else 0
+    require_space(out.parent, elems * BYTES_PER_ELEMENT[written] + quantized, f"the {qtype} GGUF")
+    tmp = _temp_beside(out)
+    final = None
     writer = gguf.GGUFWriter(str(tmp), arch_str)
     writer.add_name(name or model_name(src, cfg))
     writer.add_context_length(int(cfg.get("max_position_embeddings") or 4096))
@@ -183,7 +201,7 @@ def _export_gguf(model_dir: str | Path, out: Path, qtype: str, name: str | None)
     rope = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta") or 10000.0
     writer.add_rope_freq_base(float(rope))
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                 "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[qtype]
+                 "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[written]
     writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
@@ -233,11 +251,11 @@ def _export_gguf(model_dir: str | Path, out: Path, qtype: str, name: str | None)
             if new is None:
                 raise HwcompatError(f"{src}: no GGUF name for tensor {key}; this model variant is not supported")
             shape = info["shape"]
-            if len(shape) == 1 or qtype == "f32":
+            if len(shape) == 1 or written == "f32":
                 t = gguf.GGMLQuantizationType.F32
-            elif qtype == "q8_0" and shape[-1] % 32 == 0:
+            elif written == "q8_0" and shape[-1] % 32 == 0:
                 t = gguf.GGMLQuantizationType.Q8_0
-            elif qtype == "bf16":
+            elif written == "bf16":
                 t = gguf.GGMLQuantizationType.BF16
             else:
                 t = gguf.GGMLQuantizationType.F16
@@ -260,8 +278,13 @@ def _export_gguf(model_dir: str | Path, out: Path, qtype: str, name: str | None)
                     t = _permute(t, n_kv)
                 writer.write_tensor_data(_convert(t.numpy(), types[key], gguf, np))
         writer.close()
-        user_mode(tmp)
-        tmp.replace(out)
+        final = tmp
+        if qtype in LLAMA_TYPES:
+            final = _temp_beside(out)
+            quantize(tmp, final, qtype)
+            tmp.unlink()
+        user_mode(final)
+        final.replace(out)
     except BaseException:
         try:
             writer.close()
@@ -269,6 +292,8 @@ def _export_gguf(model_dir: str | Path, out: Path, qtype: str, name: str | None)
             pass
         finally:
             tmp.unlink(missing_ok=True)
+            if final is not None:
+                final.unlink(missing_ok=True)
         raise
     count = len(plan)
     return ExportResult(out, arch_str, count, qtype, pre)

@@ -95,7 +95,7 @@ class TrainConfig:
     num_threads: int = 0  # CPU threads; 0: all cores this process may use
     # --- after training -------------------------------------------------------------------------
     export: str = "none"  # none | gguf: merge the adapter into the base and write model.gguf + Modelfile
-    export_type: str = "f16"  # f32 | f16 | bf16 | q8_0
+    export_type: str = "f16"  # f32 | f16 | bf16 | q8_0 | q6_k | q5_k_m | q4_k_m | q5_0 | q4_0 (hwcompat[gguf])
     force: bool = False  # run even when a setting contradicts the hardware or the plan
 
     def to_dict(self) -> dict[str, Any]:

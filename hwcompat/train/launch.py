@@ -163,6 +163,16 @@ def check_model(model: str, allow_network: bool, what: str = "model") -> None:
             read_header(f)  # a truncated download is an error naming the file, not a crash in the loader
 
 
+def check_export(cfg) -> None:
+    """A k-quant export needs llama.cpp's quantizer: found missing now, not after the training it follows."""
+    import importlib.util
+
+    from hwcompat.export.quantize import LLAMA_TYPES, binding
+
+    if cfg.export == "gguf" and cfg.export_type in LLAMA_TYPES and importlib.util.find_spec("llama_cpp") is None:
+        binding(cfg.export_type)
+
+
 def check_init_adapter(cfg) -> None:
     """init_adapter: a PEFT LoRA folder (safetensors) whose shape is the config's, checked before any load."""
     if not cfg.init_adapter:

@@ -463,8 +463,35 @@ def export_run(run_dir: Path, cfg, say) -> None:
     merge(run_dir / "adapter", cfg.model, merged, log=lambda m: None)
     say(f"merged: {merged}")
     res = export_gguf(merged, run_dir / "model.gguf", cfg.export_type, overwrite=True)  # the run's own outputs
+    if not _verified_export(merged, res, cfg, say):
+        return
     path, cmd = write_modelfile(res.path, merged, overwrite=True)
     say(f"gguf: {res.path} ({res.qtype}); Modelfile: {path}\nrun: {cmd}")
+
+
+def _verified_export(merged: Path, res, cfg, say) -> bool:
+    """With hwcompat[gguf] installed, the GGUF is checked in llama.cpp (export/verify.py) on the run's SFT eval
+    data; a GGUF that fails gets no Modelfile, so Ollama is never pointed at it."""
+    import importlib.util
+
+    from hwcompat.fsutil import atomic_write_json
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        say("gguf: not verified in llama.cpp (install hwcompat[gguf] for that)")
+        return True
+    from hwcompat.export.verify import report_path, verify
+
+    data = cfg.eval_data[0] if cfg.method == "sft" and cfg.eval_data else None
+    verdict = verify(merged, res.path, res.qtype, data, progress=lambda m: None)
+    atomic_write_json(report_path(res.path), verdict.as_json())
+    if not verdict.passed:
+        say(f"!!! gguf: --verify failed: {verdict.failures[0]}\nno Modelfile written; figures in "
+            f"{report_path(res.path)}")
+        return False
+    d = verdict.distributions
+    say(f"gguf: verified in llama.cpp (mean KL {d['mean_kl']:.4f}, top-1 {d['top1_agreement']:.1%}, "
+        f"{verdict.generations['identical']}/{verdict.generations['prompts']} greedy answers identical)")
+    return True
 
 
 def _regression_text(regressed: list[dict[str, Any]], tolerance: float) -> str:

@@ -1,0 +1,57 @@
+"""k-quants (q4_k_m, q5_k_m, q6_k) and q4_0 / q5_0 from llama.cpp's own quantizer.
+
+The ``gguf`` package writes f32 / f16 / bf16 / q8_0 itself but has no k-quant encoder, and a k-quant is not
+only an encoding: llama.cpp's ``llama_model_quantize`` decides per tensor which type it gets (q4_k_m keeps
+``attn_v`` and ``ffn_down`` of some layers at q6_k, falls back where a row is not a multiple of 256). Re-doing
+that by hand would drift from what llama.cpp and Ollama users get, so hwcompat calls it through the maintained
+binding, llama-cpp-python (the optional extra ``hwcompat[gguf]``), on a lossless GGUF of the merged weights.
+Importance matrices (``--imatrix``) are out of scope: they need calibration text and a separate pass.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+
+from hwcompat.errors import HwcompatError, InputError
+
+#: --type -> llama.cpp's llama_ftype name (llama.h).
+LLAMA_TYPES = {"q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
+               "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K", "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "q5_0": "LLAMA_FTYPE_MOSTLY_Q5_0"}
+#: Bits per weight of each output, for the free-space check (llama.cpp's block sizes; k-quant mixes rounded up).
+BITS_PER_WEIGHT = {"q4_k_m": 4.9, "q5_k_m": 5.7, "q6_k": 6.6, "q4_0": 4.5, "q5_0": 5.5}
+#: The binding, pinned to the version the tests ran; it compiles llama.cpp (~10 min on 2 cores, CPU build).
+REQUIREMENT = "llama-cpp-python==0.3.36"
+INSTALL = f"python3 -m pip install '{REQUIREMENT}'"
+
+
+def binding(qtype: str):
+    """llama_cpp, or an error that says how to get it."""
+    try:
+        import llama_cpp
+    except ImportError:
+        raise InputError(f"--type {qtype} is made by llama.cpp's quantizer, which needs the optional extra "
+                         f"hwcompat[gguf] (llama-cpp-python): {INSTALL}   (it compiles llama.cpp: ~10 minutes on 2 "
+                         "cores). Without it: --type q8_0, f16, bf16 or f32.") from None
+    return llama_cpp
+
+
+def quiet() -> None:
+    """llama.cpp logs every tensor to stderr; keep its errors only (llama-cpp-python's own logger switch)."""
+    from llama_cpp import _logger
+
+    _logger.set_verbose(False)
+
+
+def quantize(src: Path, out: Path, qtype: str, threads: int | None = None) -> None:
+    """``src`` (an f32/f16/bf16 GGUF) -> ``out`` in ``qtype``; the caller owns both paths (temp names, rename)."""
+    llama_cpp = binding(qtype)
+    quiet()
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, LLAMA_TYPES[qtype])
+    params.nthread = threads or os.cpu_count() or 1
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), ctypes.byref(params))
+    if rc != 0:
+        raise HwcompatError(f"llama.cpp's quantizer failed on {src} -> {qtype} (return code {rc}); its error "
+                            "log is above")

@@ -1,0 +1,246 @@
+"""Does the GGUF answer like the merged model? Checked in llama.cpp itself (llama-cpp-python), against HF.
+
+A broken export (a wrong rotary permutation, a pre-tokenizer llama.cpp reads differently, a bad quant) loads
+and runs; users find out when Ollama answers gibberish. So, cheapest first, each stopping at its first mismatch:
+
+1. tokenization: llama.cpp's ids equal HF's on varied strings (code, whitespace runs, digits, unicode, the chat
+   special tokens; catalog/gguf_verify.yaml) and on every prompt below, rendered with the chat template;
+2. next-token distributions, teacher-forced on HF's greedy answers: the mean KL divergence of llama.cpp's
+   distribution from HF's and top-1 agreement over the answer positions (what llama.cpp's own
+   ``llama-perplexity --kl-divergence`` reports to judge a quant);
+3. greedy answers through the chat template: how many are identical, and the task metrics of both side by side
+   when the prompts come with reference answers (``--data``).
+
+The limits per type are measured, not guessed (catalog/gguf_verify.yaml says on what).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hwcompat.errors import HwcompatError, InputError
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_kl: float  # mean KL(HF || GGUF) per answer position, nats
+    min_top1: float  # share of answer positions where both put the same token first
+    min_identical: float  # share of greedy answers identical token for token
+    max_metric_drop: float  # task metric points (0-100) the GGUF may lose against HF
+
+
+@dataclass
+class Verdict:
+    """What ``--verify`` measured; written to ``<gguf stem>.export.json``."""
+
+    gguf: str
+    qtype: str
+    limits: dict[str, float]
+    tokenization: dict[str, Any] = field(default_factory=dict)
+    distributions: dict[str, Any] = field(default_factory=dict)
+    generations: dict[str, Any] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def as_json(self) -> dict[str, Any]:
+        return {**asdict(self), "passed": self.passed}
+
+
+class VerifyFailed(HwcompatError):
+    """The GGUF does not behave like the merged model (exit 1)."""
+
+
+def limits_for(qtype: str) -> tuple[Limits, list[str]]:
+    """The type's limits and the tokenization strings, from catalog/gguf_verify.yaml."""
+    import yaml
+
+    from hwcompat.datafiles import data_dir
+
+    table = yaml.safe_load((data_dir("catalog") / "gguf_verify.yaml").read_text(encoding="utf-8"))
+    return Limits(**table["types"][qtype]), list(table["strings"])
+
+
+def prompts_from(data: str | None, rows: int) -> tuple[list[tuple], list[str] | None]:
+    """(conversations up to the answer, reference answers or None): ``--data`` (SFT rows), else the bundled
+    general prompts (no references: identical-answer rate only)."""
+    from hwcompat.train.data import Report, read_jsonl
+
+    if data:
+        report = Report()
+        examples = read_jsonl(data, "auto", report)
+        if report.errors:
+            raise InputError(f"--data {data}: not usable for --verify\n" + report.render())
+        examples = examples[:rows]
+        return [e.messages for e in examples], [e.response for e in examples]
+    from hwcompat.train.inspect_run import GENERAL
+
+    lines = GENERAL.read_text(encoding="utf-8").splitlines()
+    step = max(1, len(lines) // rows)  # spread over the kinds (facts, arithmetic, code, instructions)
+    picked = [json.loads(x)["prompt"] for x in lines[::step][:rows]]
+    return [(("user", p), ("assistant", "")) for p in picked], None
+
+
+class _Llama:
+    """The GGUF in llama.cpp: full next-token scores for a token sequence, and greedy decoding."""
+
+    def __init__(self, path: Path, n_ctx: int):
+        import os
+
+        from hwcompat.export.quantize import binding, quiet
+
+        llama_cpp = binding("--verify")
+        quiet()
+        try:
+            self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=min(512, n_ctx), logits_all=True,
+                                       verbose=False, n_threads=os.cpu_count() or 1, n_gpu_layers=0, seed=0)
+        except ValueError as exc:
+            raise VerifyFailed(f"{path}: llama.cpp cannot load it ({exc})") from None
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))
+
+    def scores(self, ids: list[int]):
+        self.llm.reset()
+        self.llm.eval(ids)
+        return self.llm.scores[:len(ids)].copy()
+
+    def greedy(self, prompt: list[int], max_new: int, stop: set[int]) -> list[int]:
+        import numpy as np
+
+        self.llm.reset()
+        self.llm.eval(prompt)
+        out: list[int] = []
+        while len(out) < max_new:
+            tok = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+            if tok in stop:
+                break
+            out.append(tok)
+            self.llm.eval([tok])
+        return out
+
+
+def _hf_greedy(model, prompt: list[int], max_new: int, stop: set[int]) -> list[int]:
+    import torch
+
+    with torch.no_grad():
+        out = model.generate(input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt),
+                             dtype=torch.long), max_new_tokens=max_new, do_sample=False,
+                             eos_token_id=sorted(stop), pad_token_id=sorted(stop)[0])
+    ids = out[0, len(prompt):].tolist()
+    return ids[:next((i for i, t in enumerate(ids) if t in stop), len(ids))]
+
+
+def _kl_top1(hf_logits, gguf_scores) -> tuple[list[float], list[bool]]:
+    """Per position: KL(HF || GGUF) in nats, and whether both rank the same token first."""
+    import numpy as np
+
+    def log_softmax(x):
+        x = x.astype(np.float64)
+        x = x - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+    p, q = log_softmax(hf_logits), log_softmax(gguf_scores[:, :hf_logits.shape[-1]])
+    kl = (np.exp(p) * (p - q)).sum(-1)
+    return kl.tolist(), (hf_logits.argmax(-1) == gguf_scores[:, :hf_logits.shape[-1]].argmax(-1)).tolist()
+
+
+def verify(model_dir: str | Path, gguf_path: str | Path, qtype: str, data: str | None = None, rows: int = 8,
+           max_new_tokens: int = 48, progress=print) -> Verdict:
+    """Run the three checks; the verdict lists every failure (the CLI shows the first and exits 1)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hwcompat.train import batching, metrics
+
+    limits, strings = limits_for(qtype)
+    verdict = Verdict(str(gguf_path), qtype, asdict(limits))
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    chat = batching.uses_chat_template(tok, "auto")
+    convs, refs = prompts_from(data, rows)
+    prompts = [batching.render_prompt_ids(tok, c, chat) for c in convs]
+    llm = _Llama(Path(gguf_path), n_ctx=max(len(p) for p in prompts) + max_new_tokens + 8)
+
+    # 1. tokenization: the fixed strings, the tokenizer's own special tokens, and the rendered prompts
+    texts = strings + [" ".join(tok.all_special_tokens)] + [tok.decode(p) for p in prompts]
+    bad = [(t, tok.encode(t, add_special_tokens=False), llm.tokenize(t)) for t in texts]
+    bad = [b for b in bad if b[1] != b[2]]
+    verdict.tokenization = {"strings": len(texts), "mismatches": len(bad)}
+    if bad:
+        text, hf_ids, ll_ids = bad[0]
+        verdict.failures.append(f"tokenization differs on {len(bad)} of {len(texts)} strings; first: {text[:60]!r}: "
+                                f"HF {hf_ids[:12]} vs llama.cpp {ll_ids[:12]}")
+        return verdict
+
+    # 2. distributions, teacher-forced on HF's greedy answers; 3. greedy answers
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype="auto")
+    model.eval()
+    stop = {t for t in (tok.eos_token_id, *_as_list(model.generation_config.eos_token_id)) if t is not None}
+    kls, top1, hf_answers, gg_answers = [], [], [], []
+    for i, prompt in enumerate(prompts):
+        progress(f"verify: prompt {i + 1}/{len(prompts)}")
+        answer = _hf_greedy(model, prompt, max_new_tokens, stop)
+        ids = prompt + answer
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids])).logits[0].float().numpy()
+        span = slice(len(prompt) - 1, len(ids))  # the positions that predict the answer and what follows it
+        k, t = _kl_top1(logits[span], llm.scores(ids)[span])
+        kls += k
+        top1 += t
+        hf_answers.append(answer)
+        gg_answers.append(llm.greedy(prompt, max_new_tokens, stop))
+    verdict.distributions = {"positions": len(kls), "mean_kl": sum(kls) / len(kls),
+                             "max_kl": max(kls), "top1_agreement": sum(top1) / len(top1)}
+    same = sum(a == b for a, b in zip(hf_answers, gg_answers))
+    decode = [tok.decode(a, skip_special_tokens=True).strip() for a in hf_answers]
+    decode_gg = [tok.decode(a, skip_special_tokens=True).strip() for a in gg_answers]
+    verdict.generations = {"prompts": len(prompts), "identical": same, "identical_share": same / len(prompts),
+                           "first_difference": next(({"hf": a, "gguf": b} for a, b in zip(decode, decode_gg)
+                                                     if a != b), None)}
+    if refs is not None:
+        verdict.generations["metrics_hf"] = metrics.score(decode, refs)
+        verdict.generations["metrics_gguf"] = metrics.score(decode_gg, refs)
+    _judge(verdict, limits)
+    return verdict
+
+
+def _as_list(value) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _judge(verdict: Verdict, limits: Limits) -> None:
+    d, g = verdict.distributions, verdict.generations
+    if not math.isfinite(d["mean_kl"]) or d["mean_kl"] > limits.max_kl:
+        verdict.failures.append(f"next-token distributions differ: mean KL {d['mean_kl']:.4f} nats over "
+                                f"{d['positions']} answer positions (limit for {verdict.qtype}: {limits.max_kl})")
+    if d["top1_agreement"] < limits.min_top1:
+        verdict.failures.append(f"top-1 token agrees at {d['top1_agreement']:.1%} of answer positions "
+                                f"(limit for {verdict.qtype}: {limits.min_top1:.0%})")
+    if g["identical_share"] < limits.min_identical:
+        first = g["first_difference"] or {}
+        verdict.failures.append(f"{g['identical']} of {g['prompts']} greedy answers identical (limit for "
+                                f"{verdict.qtype}: {limits.min_identical:.0%}); first difference: HF "
+                                f"{first.get('hf', '')[:60]!r} vs GGUF {first.get('gguf', '')[:60]!r}")
+    for key in g.get("metrics_hf", {}):
+        drop = 100 * (g["metrics_hf"][key] - g["metrics_gguf"].get(key, 0.0))
+        if key in _guarded() and drop > limits.max_metric_drop:
+            verdict.failures.append(f"task metric {key}: {g['metrics_hf'][key]:.3f} (HF) -> "
+                                    f"{g['metrics_gguf'][key]:.3f} (GGUF), {drop:.1f} points lost (limit for "
+                                    f"{verdict.qtype}: {limits.max_metric_drop})")
+
+
+def _guarded() -> tuple[str, ...]:
+    from hwcompat.train.metrics import GUARDED
+
+    return GUARDED
+
+
+def report_path(gguf_path: str | Path) -> Path:
+    p = Path(gguf_path)
+    return p.with_name(f"{p.stem}.export.json")

@@ -1,0 +1,206 @@
+"""GGUF exports checked in llama.cpp itself (llama-cpp-python, the optional extra hwcompat[gguf]): k-quants from
+its quantizer, `export --verify`, a broken export caught, the pre-tokenizer on a fuzz set.
+
+.ci/run installs the extra and sets HWCOMPAT_REQUIRE_LLAMA=1, so there a missing binding fails instead of skipping.
+"""
+
+import json
+import os
+import random
+import sys
+
+import pytest
+
+from hwcompat.errors import InputError
+
+REQUIRE = os.environ.get("HWCOMPAT_REQUIRE_LLAMA") == "1"  # read at import: the autouse fixture clears HWCOMPAT_*
+COLORS = {"sky": "blue", "grass": "green", "sun": "yellow", "blood": "red", "snow": "white", "coal": "black",
+          "sea": "blue", "leaf": "green", "banana": "yellow", "cherry": "red", "milk": "white", "night": "black"}
+
+
+@pytest.fixture(scope="module")
+def llama_cpp():
+    try:
+        import llama_cpp
+    except ImportError:
+        if REQUIRE:
+            pytest.fail("HWCOMPAT_REQUIRE_LLAMA=1 but llama_cpp does not import")
+        pytest.skip("llama-cpp-python (hwcompat[gguf]) is not installed")
+    return llama_cpp
+
+
+def _rows(n, seed, every=False):
+    rng = random.Random(seed)
+    items = sorted(COLORS)
+    keys = (items * n)[:n] if every else [rng.choice(items) for _ in range(n)]
+    rng.shuffle(keys)
+    return [{"messages": [{"role": "user", "content": f"What color is the {k}?"},
+                          {"role": "assistant", "content": COLORS[k]}]} for k in keys]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny Llama (rows of 256: k-quant blocks apply) trained until it answers the color task: a random model's
+    near-flat logits would make quantization noise look like a verdict."""
+    import torch
+
+    from hwcompat.train.tiny import build_model, build_tokenizer
+
+    folder = tmp_path_factory.mktemp("llama") / "merged"
+    texts = [f"What color is the {k}? {v}" for k, v in COLORS.items()] * 5
+    tok = build_tokenizer(texts, chat_template=True)
+    model = build_model(tok, hidden=256, layers=2, heads=4)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    rows = [r["messages"] for r in _rows(48, 0, every=True)]
+    convs = [_ids(tok.apply_chat_template(m, tokenize=True)) for m in rows]
+    prompts = [len(_ids(tok.apply_chat_template(m[:1], tokenize=True, add_generation_prompt=True))) for m in rows]
+    for step in range(300):
+        at = (step * 8) % 48
+        batch, starts = convs[at:at + 8], prompts[at:at + 8]
+        width = max(len(c) for c in batch)
+        ids = torch.tensor([c + [tok.pad_token_id] * (width - len(c)) for c in batch])
+        labels = torch.tensor([[-100] * s + c[s:] + [-100] * (width - len(c)) for c, s in zip(batch, starts)])
+        loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert loss.item() < 0.5, loss.item()
+    model.save_pretrained(str(folder), safe_serialization=True)
+    tok.save_pretrained(str(folder))
+    data = folder.parent / "eval.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in _rows(12, 1)))
+    return folder, data
+
+
+def _ids(encoded):
+    return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+
+
+def _types(path):
+    from gguf import GGUFReader
+
+    return {t.tensor_type.name for t in GGUFReader(str(path)).tensors}
+
+
+@pytest.mark.parametrize("qtype,ggml", [("q4_k_m", "Q4_K"), ("q6_k", "Q6_K")])
+def test_k_quants_come_from_llama_cpp_and_pass_verify(llama_cpp, trained, tmp_path, qtype, ggml):
+    from hwcompat.export.gguf import export_gguf
+    from hwcompat.export.verify import verify
+
+    model, data = trained
+    out = tmp_path / f"m-{qtype}.gguf"
+    res = export_gguf(model, out, qtype)
+    assert res.qtype == qtype and ggml in _types(out)
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]  # the lossless intermediate is gone
+    verdict = verify(model, out, qtype, str(data), rows=12, max_new_tokens=8, progress=lambda m: None)
+    assert verdict.passed, verdict.failures
+    assert verdict.tokenization["mismatches"] == 0 and verdict.distributions["positions"] >= 12
+    hf, gg = verdict.generations["metrics_hf"], verdict.generations["metrics_gguf"]
+    assert hf["exact_match"] >= 0.75 and gg["exact_match"] >= hf["exact_match"] - 0.1, (hf, gg)
+
+
+def test_export_cli_verifies_and_writes_its_figures(llama_cpp, trained, tmp_path, run_cli):
+    model, data = trained
+    out = tmp_path / "model.gguf"
+    r = run_cli("export", str(model), "--gguf", str(out), "--type", "q8_0", "--data", str(data), "--ollama",
+                timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "verified in llama.cpp: tokenization identical" in r.stdout
+    report = json.loads((tmp_path / "model.export.json").read_text())
+    assert report["passed"] and report["qtype"] == "q8_0"
+    assert report["generations"]["identical"] == report["generations"]["prompts"] == 8  # --verify-rows default
+    assert (tmp_path / "Modelfile").exists()
+
+
+def test_verify_catches_a_wrong_rope_permutation(llama_cpp, trained, tmp_path, monkeypatch):
+    """The GGUF loads and runs, but q/k are left in HF's half-split layout: --verify must fail it, exit 1, keep
+    the file for inspection, write the figures and no Modelfile."""
+    import hwcompat.export.gguf as g
+    from hwcompat.export.verify import verify
+
+    model, data = trained
+    out = tmp_path / "broken.gguf"
+    monkeypatch.setattr(g, "_permute", lambda w, n_head: w)
+    g.export_gguf(model, out, "f16")
+    verdict = verify(model, out, "f16", str(data), rows=12, max_new_tokens=8, progress=lambda m: None)
+    assert not verdict.passed
+    assert verdict.failures[0].startswith("next-token distributions differ: mean KL"), verdict.failures
+    assert verdict.tokenization["mismatches"] == 0  # the tokenizer was fine: the weights are wrong
+
+
+def test_verify_failure_is_exit_1_with_the_first_mismatch(llama_cpp, trained, tmp_path):
+    """Through the CLI, with the permutation broken in the exporting process: exit 1, the first mismatch shown,
+    the GGUF kept for inspection, the figures written, no Modelfile."""
+    import subprocess
+
+    model, data = trained
+    out = tmp_path / "model.gguf"
+    code = ("import sys; import hwcompat.export.gguf as g; g._permute = lambda w, n_head: w; "
+            "from hwcompat.cli import main; sys.exit(main(sys.argv[1:]))")
+    r = subprocess.run([sys.executable, "-c", code, "export", str(model), "--gguf", str(out), "--type", "f16",
+                        "--data", str(data), "--ollama"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 1, r.stderr
+    assert "error: --verify failed: next-token distributions differ: mean KL" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert out.exists() and not (tmp_path / "Modelfile").exists()
+    assert json.loads((tmp_path / "model.export.json").read_text())["passed"] is False
+
+
+def test_k_quant_without_the_extra_says_how_to_get_it(trained, tmp_path, monkeypatch):
+    from packaging.requirements import Requirement
+
+    from hwcompat.export import quantize
+    from hwcompat.export.gguf import export_gguf
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import llama_cpp -> ImportError
+    with pytest.raises(InputError) as e:
+        export_gguf(trained[0], tmp_path / "m.gguf", "q4_k_m")
+    assert quantize.INSTALL in str(e.value) and "--type q8_0" in str(e.value)
+    assert not list(tmp_path.iterdir())  # nothing written
+    assert str(Requirement(quantize.REQUIREMENT)) == quantize.REQUIREMENT
+    assert quantize.INSTALL == f"python3 -m pip install '{quantize.REQUIREMENT}'"
+
+
+def test_the_extra_and_the_advice_name_the_same_binding():
+    import tomllib
+    from pathlib import Path
+
+    from hwcompat.export.quantize import REQUIREMENT
+
+    meta = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    assert meta["project"]["optional-dependencies"]["gguf"] == [REQUIREMENT]
+
+
+def test_train_refuses_a_k_quant_export_it_could_not_make_before_training(tmp_path, monkeypatch):
+    import importlib.util
+    from types import SimpleNamespace
+
+    from hwcompat.train.launch import check_export
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "llama_cpp" else real(n, *a))
+    with pytest.raises(InputError, match="llama-cpp-python"):
+        check_export(SimpleNamespace(export="gguf", export_type="q6_k"))
+    check_export(SimpleNamespace(export="gguf", export_type="q8_0"))  # the gguf package writes it: fine
+    check_export(SimpleNamespace(export="none", export_type="q6_k"))
+
+
+def test_llama_cpp_tokenizes_the_demo_tokenizer_like_hf_on_a_fuzz_set(llama_cpp, tmp_path):
+    """The pre-tokenizer hwcompat names (smollm: digits split one by one) is the one llama.cpp applies as HF does."""
+    from transformers import AutoTokenizer
+
+    from hwcompat.demo.model import ensure_model
+    from hwcompat.export.gguf import export_gguf
+
+    src = ensure_model()
+    out = tmp_path / "demo.gguf"
+    assert export_gguf(src, out, "q8_0").pre_tokenizer == "smollm"
+    llm = llama_cpp.Llama(model_path=str(out), vocab_only=True, verbose=False)
+    hf = AutoTokenizer.from_pretrained(str(src))
+    rng = random.Random(0)
+    pieces = ["1234567", "42", " ", "  ", "\n", "\t", "\n\n", "the", " The", "é", "日本", "🙂", "'s", "'re", "x=",
+              "3.14", "{\"a\": [1, 2]}", "def f():", "    ", "Ελλάδα", "HTTP/1.1", "--", "!!", "ß", "0"]
+    strings = ["".join(rng.choice(pieces) for _ in range(rng.randint(1, 12))) for _ in range(2000)]
+    bad = [s for s in strings if list(llm.tokenize(s.encode(), add_bos=False, special=True))
+           != hf.encode(s, add_special_tokens=False)]
+    assert not bad, f"{len(bad)} of {len(strings)} differ, e.g. {bad[:3]}"
