@@ -138,8 +138,10 @@ def _umask() -> int:
     return old
 
 
-def test_pre_tokenizer_is_named_as_llama_cpps_converter_names_it(tmp_path, model):
-    """llama.cpp's converter hashes the ids of its check text; SmolLM2's tokenizer is "smollm" there."""
+def test_pre_tokenizer_is_named_by_how_the_tokenizer_splits(tmp_path, model):
+    """The tokenizer.json shape first (SmolLM2's original: digits one by one, then byte-level -> "smollm"; the demo's,
+    rebuilt by transformers from a GGUF, is plain byte-level -> "gpt-2", although both hash alike on llama.cpp's
+    check text); llama.cpp's hash table for shapes hwcompat does not know."""
     from hwcompat.export.gguf import pre_tokenizer_name
 
     try:
@@ -149,9 +151,19 @@ def test_pre_tokenizer_is_named_as_llama_cpps_converter_names_it(tmp_path, model
     except Exception as exc:  # noqa: BLE001 (the demo model is an optional package)
         pytest.skip(f"demo model not installed: {exc}")
     tok = json.loads((smollm / "tokenizer.json").read_text())
+    assert tok["pre_tokenizer"]["type"] == "ByteLevel" and pre_tokenizer_name(smollm, tok, "llama") == "gpt-2"
+    tok["pre_tokenizer"] = SMOLLM_ORIGINAL
     assert pre_tokenizer_name(smollm, tok, "llama") == "smollm"
-    tiny = json.loads((model / "tokenizer.json").read_text())  # a tokenizer llama.cpp has never seen: its shape
+    tok["pre_tokenizer"] = {"type": "Metaspace"}  # a shape hwcompat does not know: llama.cpp's check-text hash
+    assert pre_tokenizer_name(smollm, tok, "llama") == "smollm"
+    tiny = json.loads((model / "tokenizer.json").read_text())
     assert pre_tokenizer_name(model, tiny, "llama") == "gpt-2"
+
+
+#: SmolLM2's tokenizer.json pre-tokenizer as published (before a GGUF round trip).
+SMOLLM_ORIGINAL = {"type": "Sequence", "pretokenizers": [
+    {"type": "Digits", "individual_digits": True},
+    {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}]}
 
 
 def test_ollama_tag_prints_the_versioned_release_flow(model, tmp_path, capsys):

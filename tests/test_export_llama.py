@@ -185,16 +185,29 @@ def test_train_refuses_a_k_quant_export_it_could_not_make_before_training(tmp_pa
     check_export(SimpleNamespace(export="none", export_type="q6_k"))
 
 
-def test_llama_cpp_tokenizes_the_demo_tokenizer_like_hf_on_a_fuzz_set(llama_cpp, tmp_path):
-    """The pre-tokenizer hwcompat names (smollm: digits split one by one) is the one llama.cpp applies as HF does."""
+@pytest.mark.parametrize("variant", ["as rebuilt from the GGUF", "as published"])
+def test_llama_cpp_tokenizes_like_hf_on_a_fuzz_set(llama_cpp, tmp_path, variant):
+    """The pre-tokenizer hwcompat names is the one under which llama.cpp splits text as HF does: the demo's tokenizer
+    (plain byte-level: "gpt-2") and SmolLM2's published one (digits first: "smollm"), 2,000 fuzzed strings each
+    (digit runs after several spaces are where the two differ)."""
+    import shutil
+
     from transformers import AutoTokenizer
 
     from hwcompat.demo.model import ensure_model
     from hwcompat.export.gguf import export_gguf
+    from tests.test_export import SMOLLM_ORIGINAL
 
-    src = ensure_model()
+    src = tmp_path / "model"
+    shutil.copytree(ensure_model(), src)
+    expected = "gpt-2"
+    if variant == "as published":
+        tok = json.loads((src / "tokenizer.json").read_text())
+        tok["pre_tokenizer"] = SMOLLM_ORIGINAL
+        (src / "tokenizer.json").write_text(json.dumps(tok))
+        expected = "smollm"
     out = tmp_path / "demo.gguf"
-    assert export_gguf(src, out, "q8_0").pre_tokenizer == "smollm"
+    assert export_gguf(src, out, "q8_0").pre_tokenizer == expected
     llm = llama_cpp.Llama(model_path=str(out), vocab_only=True, verbose=False)
     hf = AutoTokenizer.from_pretrained(str(src))
     rng = random.Random(0)

@@ -45,6 +45,8 @@ def run(args: argparse.Namespace) -> int:
                          "(nothing was written)")
     res = export_gguf(args.model, args.gguf, args.type, overwrite=args.overwrite)
     print(f"wrote {res.path} ({res.arch}, {res.tensors} tensors, {res.qtype}, pre-tokenizer {res.pre_tokenizer})")
+    if res.note:
+        print(f"llama.cpp: {res.note} (rows not a multiple of the type's block; see `--verify`)")
     if res.pre_tokenizer == "default":
         print("note: the pre-tokenizer was not recognised; llama.cpp will use its default regex")
     if _verify_wanted(args) and not _verified(args, res):

@@ -41,11 +41,18 @@ class ExportResult:
     tensors: int
     qtype: str
     pre_tokenizer: str
+    note: str | None = None  # llama.cpp's quantizer: how many tensors fell back to another type
 
 
 def pre_tokenizer_name(src: Path, tok: dict[str, Any], model_type: str) -> str:
-    """The name llama.cpp's converter gives this tokenizer: the SHA-256 of its ids for llama.cpp's check text
-    (catalog/gguf_pretokenizers.yaml); a tokenizer not in that table falls back to its tokenizer.json shape."""
+    """The llama.cpp pre-tokenizer that splits text as this tokenizer does. Its tokenizer.json shape decides when
+    hwcompat knows it exactly; else the name llama.cpp's converter gives it, the SHA-256 of its ids for llama.cpp's
+    check text (catalog/gguf_pretokenizers.yaml). Shape first because the check text can be blind: SmolLM2's
+    tokenizer as transformers rebuilds it from a GGUF (plain byte-level) hashes like the original ("smollm", digits
+    split first), yet splits "x  1" differently, and llama.cpp's tokens then differ (tests/test_export_llama.py)."""
+    shape = _pre_tokenizer(tok, model_type)
+    if shape != "default":
+        return shape
     import hashlib
 
     import yaml
@@ -58,8 +65,7 @@ def pre_tokenizer_name(src: Path, tok: dict[str, Any], model_type: str) -> str:
         ids = AutoTokenizer.from_pretrained(str(src)).encode(table["chktxt"])
     except (OSError, ValueError) as exc:  # no loadable tokenizer here: the shape decides
         ids = f"unloadable: {exc}"
-    name = table["hashes"].get(hashlib.sha256(str(ids).encode()).hexdigest())
-    return name or _pre_tokenizer(tok, model_type)
+    return table["hashes"].get(hashlib.sha256(str(ids).encode()).hexdigest()) or "default"
 
 
 def _pre_tokenizer(tok: dict[str, Any], model_type: str) -> str:
@@ -71,9 +77,9 @@ def _pre_tokenizer(tok: dict[str, Any], model_type: str) -> str:
     if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
         return "gpt-2"  # plain byte-level with GPT-2's regex
     if pre.get("type") == "Sequence":
-        kinds = [p.get("type") for p in pre.get("pretokenizers", [])]
-        if kinds == ["Digits", "ByteLevel"]:
-            return "smollm"
+        parts = pre.get("pretokenizers", [])
+        if [p.get("type") for p in parts] == ["Digits", "ByteLevel"] and parts[0].get("individual_digits"):
+            return "smollm"  # digits one by one, then GPT-2's regex
     return "default"
 
 
@@ -185,7 +191,7 @@ def _export_gguf(model_dir: str | Path, out: Path, qtype: str, name: str | None)
     quantized = elems * BITS_PER_WEIGHT[qtype] / 8 if qtype in LLAMA_TYPES else 0
     require_space(out.parent, elems * BYTES_PER_ELEMENT[written] + quantized, f"the {qtype} GGUF")
     tmp = _temp_beside(out)
-    final = None
+    final, note = None, None
     writer = gguf.GGUFWriter(str(tmp), arch_str)
     writer.add_name(name or model_name(src, cfg))
     writer.add_context_length(int(cfg.get("max_position_embeddings") or 4096))
@@ -281,7 +287,7 @@ def _export_gguf(model_dir: str | Path, out: Path, qtype: str, name: str | None)
         final = tmp
         if qtype in LLAMA_TYPES:
             final = _temp_beside(out)
-            quantize(tmp, final, qtype)
+            note = quantize(tmp, final, qtype)
             tmp.unlink()
         user_mode(final)
         final.replace(out)
@@ -296,4 +302,4 @@ def _export_gguf(model_dir: str | Path, out: Path, qtype: str, name: str | None)
                 final.unlink(missing_ok=True)
         raise
     count = len(plan)
-    return ExportResult(out, arch_str, count, qtype, pre)
+    return ExportResult(out, arch_str, count, qtype, pre, note)

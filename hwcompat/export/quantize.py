@@ -10,6 +10,7 @@ Importance matrices (``--imatrix``) are out of scope: they need calibration text
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 from pathlib import Path
@@ -26,14 +27,19 @@ REQUIREMENT = "llama-cpp-python==0.3.36"
 INSTALL = f"python3 -m pip install '{REQUIREMENT}'"
 
 
+def missing(qtype: str) -> InputError:
+    """The error for a k-quant (or --verify) without the extra: what it needs and the command that installs it."""
+    return InputError(f"--type {qtype} is made by llama.cpp's quantizer, which needs the optional extra "
+                      f"hwcompat[gguf] (llama-cpp-python): {INSTALL}   (it compiles llama.cpp: ~10 minutes on 2 "
+                      "cores). Without it: --type q8_0, f16, bf16 or f32.")
+
+
 def binding(qtype: str):
     """llama_cpp, or an error that says how to get it."""
     try:
         import llama_cpp
     except ImportError:
-        raise InputError(f"--type {qtype} is made by llama.cpp's quantizer, which needs the optional extra "
-                         f"hwcompat[gguf] (llama-cpp-python): {INSTALL}   (it compiles llama.cpp: ~10 minutes on 2 "
-                         "cores). Without it: --type q8_0, f16, bf16 or f32.") from None
+        raise missing(qtype) from None
     return llama_cpp
 
 
@@ -44,14 +50,38 @@ def quiet() -> None:
     _logger.set_verbose(False)
 
 
-def quantize(src: Path, out: Path, qtype: str, threads: int | None = None) -> None:
-    """``src`` (an f32/f16/bf16 GGUF) -> ``out`` in ``qtype``; the caller owns both paths (temp names, rename)."""
+def quantize(src: Path, out: Path, qtype: str, threads: int | None = None) -> str | None:
+    """``src`` (an f32/f16/bf16 GGUF) -> ``out`` in ``qtype``; the caller owns both paths (temp names, rename).
+    Returns llama.cpp's fallback note ("N of M tensor(s) required fallback quantization"), if it made one."""
     llama_cpp = binding(qtype)
     quiet()
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, LLAMA_TYPES[qtype])
     params.nthread = threads or os.cpu_count() or 1
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), ctypes.byref(params))
+    with _stderr_captured() as log:  # a line per tensor from C code; kept for the error and the fallback note
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), ctypes.byref(params))
+    text = log.read_text(errors="replace") if log.exists() else ""
+    log.unlink(missing_ok=True)
     if rc != 0:
-        raise HwcompatError(f"llama.cpp's quantizer failed on {src} -> {qtype} (return code {rc}); its error "
-                            "log is above")
+        raise HwcompatError(f"llama.cpp's quantizer failed on {src} -> {qtype} (return code {rc}); its log ends:\n"
+                            + "\n".join(text.splitlines()[-15:]))
+    return next((line.split("WARNING:", 1)[-1].strip() for line in text.splitlines() if "fallback" in line
+                 and "tensor(s)" in line), None)
+
+
+@contextlib.contextmanager
+def _stderr_captured():
+    """File descriptor 2 into a temp file (llama.cpp writes there from C, below Python's sys.stderr)."""
+    import sys
+    import tempfile
+
+    fd, name = tempfile.mkstemp(prefix="hwcompat-quantize-", suffix=".log")
+    sys.stderr.flush()
+    saved = os.dup(2)
+    os.dup2(fd, 2)
+    try:
+        yield Path(name)
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(fd)

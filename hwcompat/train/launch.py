@@ -167,10 +167,10 @@ def check_export(cfg) -> None:
     """A k-quant export needs llama.cpp's quantizer: found missing now, not after the training it follows."""
     import importlib.util
 
-    from hwcompat.export.quantize import LLAMA_TYPES, binding
+    from hwcompat.export.quantize import LLAMA_TYPES, missing
 
     if cfg.export == "gguf" and cfg.export_type in LLAMA_TYPES and importlib.util.find_spec("llama_cpp") is None:
-        binding(cfg.export_type)
+        raise missing(cfg.export_type)
 
 
 def check_init_adapter(cfg) -> None:
