@@ -7,7 +7,8 @@ random weights and the demo's SmolLM2 tokenizer, written locally (no hub); weigh
 path's work. llama.cpp's path is what its README says: ``convert_hf_to_gguf.py --outtype f16`` then
 ``llama-quantize`` (here its function, ``llama_model_quantize``, through llama-cpp-python: the same C code).
 ``--llama-cpp-src`` is a llama.cpp source tree (the llama-cpp-python sdist's vendor/llama.cpp has one); without it
-only hwcompat is measured. Each side runs in its own process; peak RSS is that process's (ru_maxrss).
+only hwcompat is measured (llama.cpp's converter also needs `sentencepiece` importable). Each side runs in its
+own process; peak RSS is that process's (ru_maxrss).
 """
 
 from __future__ import annotations
