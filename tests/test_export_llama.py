@@ -217,3 +217,24 @@ def test_llama_cpp_tokenizes_like_hf_on_a_fuzz_set(llama_cpp, tmp_path, variant)
     bad = [s for s in strings if list(llm.tokenize(s.encode(), add_bos=False, special=True))
            != hf.encode(s, add_special_tokens=False)]
     assert not bad, f"{len(bad)} of {len(strings)} differ, e.g. {bad[:3]}"
+
+
+def test_verify_without_the_extra_or_with_missing_data_is_refused_before_writing(trained, tmp_path, monkeypatch,
+                                                                                  capsys):
+    import importlib.util
+
+    from hwcompat.cli import main
+    from hwcompat.export import quantize
+
+    out = tmp_path / "o" / "m.gguf"
+    missing = str(tmp_path / "nope.jsonl")
+    assert main(["export", str(trained[0]), "--gguf", str(out), "--verify", "--data", missing]) == 2
+    assert "--data" in capsys.readouterr().err and not out.exists()
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "llama_cpp" else real(n, *a))
+    assert main(["export", str(trained[0]), "--gguf", str(out), "--verify"]) == 2
+    err = capsys.readouterr().err
+    assert "--verify runs the GGUF in llama.cpp" in err and quantize.INSTALL in err and "--no-verify" in err
+    assert not out.exists()
+    assert main(["export", str(trained[0]), "--gguf", str(out), "--type", "f16"]) == 0  # default: off without it
+    assert not (out.parent / "m.export.json").exists()

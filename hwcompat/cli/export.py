@@ -43,13 +43,14 @@ def run(args: argparse.Namespace) -> int:
     if args.ollama and (Path(args.gguf).parent / "Modelfile").exists() and not args.overwrite:
         raise InputError(f"{Path(args.gguf).parent / 'Modelfile'} already exists; pass --overwrite to replace it "
                          "(nothing was written)")
+    verify = _verify_wanted(args)
     res = export_gguf(args.model, args.gguf, args.type, overwrite=args.overwrite)
     print(f"wrote {res.path} ({res.arch}, {res.tensors} tensors, {res.qtype}, pre-tokenizer {res.pre_tokenizer})")
     if res.note:
         print(f"llama.cpp: {res.note} (rows not a multiple of the type's block; see `--verify`)")
     if res.pre_tokenizer == "default":
         print("note: the pre-tokenizer was not recognised; llama.cpp will use its default regex")
-    if _verify_wanted(args) and not _verified(args, res):
+    if verify and not _verified(args, res):
         return 1
     if args.ollama:
         from hwcompat.export.ollama import write_modelfile
@@ -71,9 +72,15 @@ def _verify_wanted(args) -> bool:
     from hwcompat.errors import InputError
 
     if args.verify is None:
-        return importlib.util.find_spec("llama_cpp") is not None
+        args.verify = importlib.util.find_spec("llama_cpp") is not None
     if args.verify_rows < 1:
         raise InputError(f"--verify-rows {args.verify_rows}: give 1 or more")
+    if args.verify and args.data and not Path(args.data).is_file():
+        raise InputError(f"--data {args.data}: no such file (nothing was written)")
+    if args.verify and importlib.util.find_spec("llama_cpp") is None:
+        from hwcompat.export.quantize import missing
+
+        raise missing(None)  # before the GGUF is written, not after
     return args.verify
 
 

@@ -27,14 +27,16 @@ REQUIREMENT = "llama-cpp-python==0.3.36"
 INSTALL = f"python3 -m pip install '{REQUIREMENT}'"
 
 
-def missing(qtype: str) -> InputError:
-    """The error for a k-quant (or --verify) without the extra: what it needs and the command that installs it."""
-    return InputError(f"--type {qtype} is made by llama.cpp's quantizer, which needs the optional extra "
-                      f"hwcompat[gguf] (llama-cpp-python): {INSTALL}   (it compiles llama.cpp: ~10 minutes on 2 "
-                      "cores). Without it: --type q8_0, f16, bf16 or f32.")
+def missing(qtype: str | None) -> InputError:
+    """The error for a k-quant (``qtype``) or ``--verify`` (None) without the extra, with the install command."""
+    what = (f"--type {qtype} is made by llama.cpp's quantizer" if qtype else
+            "--verify runs the GGUF in llama.cpp")
+    instead = "Without it: --type q8_0, f16, bf16 or f32." if qtype else "Without it: --no-verify."
+    return InputError(f"{what}, which needs the optional extra hwcompat[gguf] (llama-cpp-python): {INSTALL}   (it "
+                      f"compiles llama.cpp: ~10 minutes on 2 cores). {instead}")
 
 
-def binding(qtype: str):
+def binding(qtype: str | None):
     """llama_cpp, or an error that says how to get it."""
     try:
         import llama_cpp

@@ -95,7 +95,7 @@ class _Llama:
 
         from hwcompat.export.quantize import binding, quiet
 
-        llama_cpp = binding("--verify")
+        llama_cpp = binding(None)
         quiet()
         try:
             self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=min(512, n_ctx), logits_all=True,
