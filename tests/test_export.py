@@ -86,9 +86,9 @@ def test_unsupported_architecture(tmp_path, model):
     import shutil
     shutil.copytree(model, tmp_path / "g")
     cfg = json.loads((tmp_path / "g" / "config.json").read_text())
-    cfg["model_type"] = "gemma"
+    cfg["model_type"] = "gpt_neox"
     (tmp_path / "g" / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(InputError, match="model_type 'gemma' cannot be exported yet; supported: llama, mistral"):
+    with pytest.raises(InputError, match="model_type 'gpt_neox' cannot be exported yet; supported: llama, mistral"):
         export_gguf(tmp_path / "g", tmp_path / "x.gguf")
     assert not (tmp_path / "x.gguf").exists()
 
@@ -142,7 +142,7 @@ def test_pre_tokenizer_is_named_by_how_the_tokenizer_splits(tmp_path, model):
     """The tokenizer.json shape first (SmolLM2's original: digits one by one, then byte-level -> "smollm"; the demo's,
     rebuilt by transformers from a GGUF, is plain byte-level -> "gpt-2", although both hash alike on llama.cpp's
     check text); llama.cpp's hash table for shapes hwcompat does not know."""
-    from hwcompat.export.gguf import pre_tokenizer_name
+    from hwcompat.export.vocab import pre_tokenizer_name
 
     try:
         from hwcompat.demo.model import ensure_model

@@ -48,9 +48,17 @@ CHAT_TEMPLATES = {
         "{% for m in turns %}{% set role = 'model' if m['role'] == 'assistant' else m['role'] %}"
         "{{ '<start_of_turn>' + role + '\\n' + (prefix if loop.first else '') + m['content'] | trim + "
         "'<end_of_turn>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}"),
+    # Phi-3 (mini-4k-instruct, June 2024): a tag per role, <|end|> after each message, no BOS text
+    "phi3": (
+        "{% for message in messages %}{% if message['role'] == 'system' %}{{'<|system|>\n' + message['content'] + "
+        "'<|end|>\n'}}{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}"
+        "{% elif message['role'] == 'assistant' %}{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}"
+        "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}"
+        "{% endif %}"),
 }
 SPECIAL = {"llama3": ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
-           "mistral": ["<s>", "</s>", "[INST]", "[/INST]"], "gemma": ["<bos>", "<start_of_turn>", "<end_of_turn>"]}
+           "mistral": ["<s>", "</s>", "[INST]", "[/INST]"], "gemma": ["<bos>", "<start_of_turn>", "<end_of_turn>"],
+           "phi3": ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<|endoftext|>"]}
 BOS = {"llama3": "<|begin_of_text|>", "mistral": "<s>", "gemma": "<bos>"}
 
 CONVERSATIONS = {
@@ -168,5 +176,6 @@ def test_smollm2_default_system_prompt_is_kept(render, tmp_path):
 
 
 def test_detected_kinds(tmp_path):
-    assert [detect_template(_model_dir(tmp_path, n)) for n in ("chatml", "llama3", "mistral", "gemma", "plain")] == \
-        ["chatml", "llama3", "mistral", "gemma", "plain"]
+    assert [detect_template(_model_dir(tmp_path, n)) for n in ("chatml", "llama3", "mistral", "gemma", "phi3",
+                                                              "plain")] == \
+        ["chatml", "llama3", "mistral", "gemma", "phi3", "plain"]

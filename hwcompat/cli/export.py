@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {res.path} ({res.arch}, {res.tensors} tensors, {res.qtype}, pre-tokenizer {res.pre_tokenizer})")
     if res.note:
         print(f"llama.cpp: {res.note} (rows not a multiple of the type's block; see `--verify`)")
-    if res.pre_tokenizer == "default":
+    if res.tokenizer == "gpt2" and res.pre_tokenizer == "default":
         print("note: the pre-tokenizer was not recognised; llama.cpp will use its default regex")
     if verify and not _verified(args, res):
         return 1
@@ -95,8 +95,12 @@ def _verified(args, res) -> bool:
                      progress=lambda m: print(m, file=sys.stderr))
     atomic_write_json(report_path(res.path), verdict.as_json())
     d, g = verdict.distributions, verdict.generations
+    for note in verdict.notes:
+        print(f"note: {note}")
     if d:
-        print(f"verified in llama.cpp: tokenization identical on {verdict.tokenization['strings']} strings; "
+        t = verdict.tokenization
+        shifted = f" (but for a leading space in {t['space_prefix']})" if t.get("space_prefix") else ""
+        print(f"verified in llama.cpp: tokenization identical on {t['strings']} strings{shifted}; "
               f"mean KL {d['mean_kl']:.4f}, top-1 {d['top1_agreement']:.1%} over {d['positions']} positions; "
               f"{g['identical']}/{g['prompts']} greedy answers identical")
     for key in g.get("metrics_hf", {}):

@@ -1,7 +1,7 @@
 """An Ollama Modelfile next to the GGUF: FROM, a TEMPLATE that renders what the chat template renders, stops.
 
 Ollama's TEMPLATE is a Go template, not Jinja, so the model's chat template is recognised by its markers
-(ChatML, Llama 3, Mistral [INST], Gemma, or the plain "### User:" headers hwcompat trains with when a
+(ChatML, Llama 3, Mistral [INST], Gemma, Phi-3, or the plain "### User:" headers hwcompat trains with when a
 tokenizer has none) and the matching Go template is written. How Ollama fills it (template/template.go,
 server/routes.go): the Modelfile's SYSTEM becomes a leading system message unless the conversation starts
 with one; ``.Messages`` holds every message *including* the system ones (consecutive same-role messages
@@ -40,6 +40,10 @@ TEMPLATES = {
               "{{ if and $.System (eq (index $.Messages 0).Role \"system\") (eq $i 1) }}{{ $.System }}\n\n{{ end }}"
               "{{ .Content }}<end_of_turn>\n{{ else if eq .Role \"assistant\" }}<start_of_turn>model\n{{ .Content }}"
               "<end_of_turn>\n{{ end }}{{- end }}<start_of_turn>model\n", ["<end_of_turn>"]),
+    # Phi-3: a tag per role, <|end|> after each message (its chat tokens eat the newline after them in llama.cpp
+    # and HF alike)
+    "phi3": ("{{- range .Messages }}<|{{ .Role }}|>\n{{ .Content }}<|end|>\n{{ end }}<|assistant|>\n",
+             ["<|end|>", "<|user|>", "<|endoftext|>"]),
     # hwcompat's plain format (batching.PLAIN_HEADERS) for models trained without a chat template
     "plain": ("{{- range .Messages }}{{- if eq .Role \"system\" }}### System:\n{{ .Content }}\n\n"
               "{{ else if eq .Role \"user\" }}### User:\n{{ .Content }}\n\n{{ else }}### Assistant:\n{{ .Content }}"
@@ -51,7 +55,7 @@ DEFAULT_BLOCKS = {
     "llama3": "<|start_header_id|>system<|end_header_id|>\n\n{text}<|eot_id|>",
 }
 MARKERS = (("<|im_start|>", "chatml"), ("<|start_header_id|>", "llama3"), ("[INST]", "mistral"),
-           ("<start_of_turn>", "gemma"))
+           ("<start_of_turn>", "gemma"), ("<|user|>", "phi3"))
 
 
 def chat_template(model_dir: Path) -> str:
@@ -72,7 +76,7 @@ def detect_template(model_dir: Path) -> str:
     for marker, kind in MARKERS:
         if marker in template:
             return kind
-    raise InputError(f"{model_dir}: the chat template matches no known family (ChatML, Llama 3, Mistral, Gemma); "
+    raise InputError(f"{model_dir}: the chat template matches no known family (ChatML, Llama 3, Mistral, Gemma, Phi-3); "
                      "write the Modelfile TEMPLATE by hand")
 
 

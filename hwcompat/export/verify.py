@@ -44,6 +44,7 @@ class Verdict:
     distributions: dict[str, Any] = field(default_factory=dict)
     generations: dict[str, Any] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
@@ -106,6 +107,13 @@ class _Llama:
     def tokenize(self, text: str) -> list[int]:
         return list(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))
 
+    @property
+    def space_prefix(self) -> bool:
+        """A SentencePiece GGUF that puts a space before every text segment (llama.cpp's add_space_prefix)."""
+        meta = self.llm.metadata
+        return meta.get("tokenizer.ggml.model") == "llama" and meta.get("tokenizer.ggml.add_space_prefix",
+                                                                          "true") == "true"
+
     def scores(self, ids: list[int]):
         self.llm.reset()
         self.llm.eval(ids)
@@ -165,17 +173,13 @@ def verify(model_dir: str | Path, gguf_path: str | Path, qtype: str, data: str |
     chat = batching.uses_chat_template(tok, "auto")
     convs, refs = prompts_from(data, rows)
     prompts = [batching.render_prompt_ids(tok, c, chat) for c in convs]
+    rendered = [batching.render_prompt_text(tok, c, chat) for c in convs]
     llm = _Llama(Path(gguf_path), n_ctx=max(len(p) for p in prompts) + max_new_tokens + 8)
 
     # 1. tokenization: the fixed strings, the tokenizer's own special tokens, and the rendered prompts
-    texts = strings + [" ".join(tok.all_special_tokens)] + [tok.decode(p) for p in prompts]
-    bad = [(t, tok.encode(t, add_special_tokens=False), llm.tokenize(t)) for t in texts]
-    bad = [b for b in bad if b[1] != b[2]]
-    verdict.tokenization = {"strings": len(texts), "mismatches": len(bad)}
-    if bad:
-        text, hf_ids, ll_ids = bad[0]
-        verdict.failures.append(f"tokenization differs on {len(bad)} of {len(texts)} strings; first: {text[:60]!r}: "
-                                f"HF {hf_ids[:12]} vs llama.cpp {ll_ids[:12]}")
+    texts = strings + [" ".join(tok.all_special_tokens)] + rendered
+    _check_tokenization(verdict, tok, llm, texts, prompts=len(rendered))
+    if verdict.failures:
         return verdict
 
     # 2. distributions, teacher-forced on HF's greedy answers; 3. greedy answers
@@ -194,7 +198,7 @@ def verify(model_dir: str | Path, gguf_path: str | Path, qtype: str, data: str |
         kls += k
         top1 += t
         hf_answers.append(answer)
-        gg_answers.append(llm.greedy(prompt, max_new_tokens, stop))
+        gg_answers.append(llm.greedy(llm.tokenize(rendered[i]), max_new_tokens, stop))  # as Ollama: its own ids
     verdict.distributions = {"positions": len(kls), "mean_kl": sum(kls) / len(kls),
                              "max_kl": max(kls), "top1_agreement": sum(top1) / len(top1)}
     same = sum(a == b for a, b in zip(hf_answers, gg_answers))
@@ -208,6 +212,61 @@ def verify(model_dir: str | Path, gguf_path: str | Path, qtype: str, data: str |
         verdict.generations["metrics_gguf"] = metrics.score(decode_gg, refs)
     _judge(verdict, limits)
     return verdict
+
+
+def _check_tokenization(verdict: Verdict, tok, llm: _Llama, texts: list[str], prompts: int) -> None:
+    """llama.cpp's ids must equal HF's. One difference is told apart, not failed: a SentencePiece GGUF puts a space
+    before every text segment (at the start, after each special token), which transformers' Metaspace does not
+    where the segment already starts with a space or (prepend_scheme=first, transformers 5's default for Llama-type
+    tokenizers) follows a special token. No GGUF key expresses that, so it is reported, and the greedy answers
+    below start from llama.cpp's own tokenization of the prompt to show what it costs."""
+    mismatched, shifted, in_prompts = [], 0, 0
+    for k, text in enumerate(texts):
+        hf_ids, ll_ids = tok.encode(text, add_special_tokens=False), llm.tokenize(text)
+        if hf_ids == ll_ids:
+            continue
+        if llm.space_prefix and ll_ids == _spaced_segments(tok, text):
+            shifted += 1
+            in_prompts += k >= len(texts) - prompts
+        else:
+            mismatched.append((text, hf_ids, ll_ids))
+    verdict.tokenization = {"strings": len(texts), "mismatches": len(mismatched), "space_prefix": shifted,
+                            "space_prefix_prompts": in_prompts}
+    if shifted:
+        verdict.notes.append(f"llama.cpp puts a space before a text segment where HF does not in {shifted} of "
+                             f"{len(texts)} strings (SentencePiece add_space_prefix; otherwise identical)")
+    if in_prompts:
+        verdict.notes.append(f"{in_prompts} rendered prompts included: llama.cpp (and Ollama) will give the model a "
+                             "space after the chat's special tokens that it was not trained with (transformers' "
+                             "prepend_scheme=first); the answers below are measured that way. To train as llama.cpp "
+                             "tokenizes, set \"legacy\": true in the base model's tokenizer_config.json")
+    if mismatched:
+        text, hf_ids, ll_ids = mismatched[0]
+        verdict.failures.append(f"tokenization differs on {len(mismatched)} of {len(texts)} strings; first: "
+                                f"{text[:60]!r}: HF {hf_ids[:12]} vs llama.cpp {ll_ids[:12]}")
+
+
+def _spaced_segments(tok, text: str) -> list[int]:
+    """HF's ids for ``text`` cut as llama.cpp's SentencePiece tokenizer cuts it: split at the added tokens (with
+    the whitespace their lstrip/rstrip flags eat), and a space before every text segment."""
+    import re
+
+    added = {t.content: (i, t) for i, t in tok.added_tokens_decoder.items()}
+    if not added:
+        return tok.encode(" " + text, add_special_tokens=False) if text else []
+    pattern = re.compile("|".join(re.escape(c) for c in sorted(added, key=len, reverse=True)))
+    ids: list[int] = []
+    pos, rstrip = 0, False
+    for m in pattern.finditer(text):
+        i, t = added[m.group()]
+        segment = text[pos:m.start()]
+        segment = segment.lstrip() if rstrip else segment
+        segment = segment.rstrip() if t.lstrip else segment
+        ids += tok.encode(" " + segment, add_special_tokens=False) if segment else []
+        ids.append(i)
+        pos, rstrip = m.end(), t.rstrip
+    tail = text[pos:].lstrip() if rstrip else text[pos:]
+    return ids + (tok.encode(" " + tail, add_special_tokens=False) if tail else [])
 
 
 def _as_list(value) -> list:

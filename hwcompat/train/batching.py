@@ -73,8 +73,20 @@ def render_prompt_ids(tokenizer, messages, chat: bool) -> list[int]:
     last = max(i for i, (r, _) in enumerate(msgs) if r == "assistant")
     if chat:
         return _ids(tokenizer.apply_chat_template(_as_dicts(msgs[:last]), tokenize=True, add_generation_prompt=True))
-    text = "".join(f"{PLAIN_HEADERS[r]}{c}\n\n" for r, c in msgs[:last]) + PLAIN_HEADERS["assistant"]
-    return _bos(tokenizer) + tokenizer.encode(text, add_special_tokens=False)
+    return _bos(tokenizer) + tokenizer.encode(_plain_prompt(msgs[:last]), add_special_tokens=False)
+
+
+def render_prompt_text(tokenizer, messages, chat: bool) -> str:
+    """The text of ``render_prompt_ids``: what a runtime that tokenizes it itself (llama.cpp, Ollama) is given."""
+    msgs = list(messages)
+    last = max(i for i, (r, _) in enumerate(msgs) if r == "assistant")
+    if chat:
+        return tokenizer.apply_chat_template(_as_dicts(msgs[:last]), tokenize=False, add_generation_prompt=True)
+    return (tokenizer.bos_token or "") + _plain_prompt(msgs[:last])
+
+
+def _plain_prompt(msgs) -> str:
+    return "".join(f"{PLAIN_HEADERS[r]}{c}\n\n" for r, c in msgs) + PLAIN_HEADERS["assistant"]
 
 
 def _bos(tokenizer) -> list[int]:

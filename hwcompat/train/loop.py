@@ -484,6 +484,8 @@ def _verified_export(merged: Path, res, cfg, say) -> bool:
     data = cfg.eval_data[0] if cfg.method == "sft" and cfg.eval_data else None
     verdict = verify(merged, res.path, res.qtype, data, progress=lambda m: None)
     atomic_write_json(report_path(res.path), verdict.as_json())
+    for note in verdict.notes:
+        say(f"gguf: note: {note}")
     if not verdict.passed:
         say(f"!!! gguf: --verify failed: {verdict.failures[0]}\nno Modelfile written; figures in "
             f"{report_path(res.path)}")
