@@ -2,7 +2,8 @@
 # A real Docker engine with no network, a local base image and a local wheelhouse, for CI.
 #   ci/docker_env.sh start    install docker.io + debootstrap if needed, start dockerd (no bridge, no iptables)
 #   ci/docker_env.sh base     debootstrap a minimal Debian with python3 and `docker import` it (cached)
-#   ci/docker_env.sh wheels   fill wheelhouse/ for offline builds (cached)
+#   ci/docker_env.sh wheels   fill wheelhouse/ for offline builds (cached; builds the llama-cpp-python wheel once)
+#   ci/docker_env.sh llama_wheel   that wheel's folder (built if absent)
 #   ci/docker_env.sh stop     stop the dockerd this script started (by its PID)
 # Nothing in a container reaches any address: builds and runs use --network none.
 set -euo pipefail
@@ -46,12 +47,33 @@ base() {
   echo "base: imported $BASE_TAG"
 }
 
+# llama-cpp-python (the gguf extra) has no CPU wheel on PyPI: build it once from the sdist (about 7 minutes on
+# 2 cores) with hwcompat/export/quantize.py's PORTABLE_CMAKE_ARGS, as the images do. .ci/run installs the same
+# wheel on the host.
+quantize_const() {  # read without importing hwcompat (not installed yet when this runs)
+  python3 -c "import ast, sys; t = ast.parse(open('hwcompat/export/quantize.py').read()); print(next(
+ast.literal_eval(n.value) for n in t.body if isinstance(n, ast.Assign) and getattr(n.targets[0], 'id', '') == sys.argv[1]))" "$1"
+}
+
+llama_wheel() {
+  local dir="$CACHE/llama"
+  if compgen -G "$dir/llama_cpp_python-*.whl" >/dev/null; then echo "$dir"; return; fi
+  mkdir -p "$dir"
+  CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" CMAKE_ARGS="$(quantize_const PORTABLE_CMAKE_ARGS)" \
+    python3 -m pip wheel -q --no-deps --no-cache-dir -w "$dir.tmp" "$(quantize_const REQUIREMENT)" >&2
+  mv "$dir.tmp"/llama_cpp_python-*.whl "$dir"/ && rm -rf "$dir.tmp"
+  echo "$dir"
+}
+
 wheels() {
-  local wh="$CACHE/wheelhouse"
+  local wh="$CACHE/wheelhouse" llama
   mkdir -p "$wh"
-  # torch first and pinned (the CPU build); then everything hwcompat[train] needs, and the build backend.
-  # One resolve, so the pinned CPU torch satisfies hwcompat's torch requirement (no CUDA wheels pulled).
-  python3 -m pip download -q -d "$wh" torch==2.13.0 ".[train]" hatchling 2>&1 | grep -v "is ignored" || true
+  llama=$(llama_wheel)
+  # torch first and pinned (the CPU build); then everything hwcompat[train,gguf] needs, and the build backend.
+  # One resolve, so the pinned CPU torch satisfies hwcompat's torch requirement (no CUDA wheels pulled);
+  # llama-cpp-python comes from the wheel built above (pip prefers a wheel to the sdist).
+  python3 -m pip download -q -d "$wh" --find-links "$llama" --only-binary llama-cpp-python torch==2.13.0 \
+    ".[train,gguf]" hatchling 2>&1 | grep -v "is ignored" || true
   rm -f "$wh"/hwcompat-*.whl
   find wheelhouse -name '*.whl' -delete
   ln "$wh"/*.whl wheelhouse/ 2>/dev/null || cp "$wh"/*.whl wheelhouse/

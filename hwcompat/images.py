@@ -72,7 +72,7 @@ TEMPLATE = """\
 
 ARG BASE_IMAGE={base}
 
-# --- builder: a venv with torch ({build}) and hwcompat[train]; the wheelhouse stays in this stage ---
+# --- builder: a venv with torch ({build}) and hwcompat[train,gguf]; the wheelhouse stays in this stage ---
 FROM ${{BASE_IMAGE}} AS builder
 ARG TORCH_INDEX_URL={index_url}
 ARG TORCH_SPEC="{torch_spec}"
@@ -90,14 +90,22 @@ RUN python3 -m venv /opt/hwcompat \\
     && if compgen -G "/tmp/wheelhouse/*.whl" >/dev/null; then src=(--no-index --find-links /tmp/wheelhouse); \\
        else src=(--index-url "$TORCH_INDEX_URL"); fi \\
     && /opt/hwcompat/bin/pip install "${{src[@]}}" "$TORCH_SPEC"
+# hwcompat[gguf] (llama.cpp's quantizer and runtime: k-quants, export --verify) has no CPU wheel on PyPI: without
+# one in the wheelhouse, pip compiles llama.cpp here (a compiler in this stage only; about 7 minutes on 2 cores).
+ENV CMAKE_ARGS="{llama_cmake}"
+# DL3008: the base release's compiler.
+# hadolint ignore=DL3008
+RUN if ! compgen -G "/tmp/wheelhouse/llama_cpp_python-*.whl" >/dev/null; then \\
+      apt-get update && apt-get install -y --no-install-recommends g++ cmake \\
+      && rm -rf /var/lib/apt/lists/*; fi
 COPY pyproject.toml README.md /src/
 COPY hwcompat/ /src/hwcompat/
 COPY profiles/ /src/profiles/
 COPY catalog/ /src/catalog/
 RUN if compgen -G "/tmp/wheelhouse/*.whl" >/dev/null; then src=(--no-index --find-links /tmp/wheelhouse); \\
     else src=(); fi \\
-    && /opt/hwcompat/bin/pip install "${{src[@]}}" "/src[train]" \\
-    && /opt/hwcompat/bin/python -c "import torch, transformers, peft, hwcompat"
+    && /opt/hwcompat/bin/pip install "${{src[@]}}" "/src[train,gguf]" \\
+    && /opt/hwcompat/bin/python -c "import torch, transformers, peft, llama_cpp, hwcompat"
 
 # --- the image: base + venv, a non-root user, documented volumes ---
 FROM ${{BASE_IMAGE}}
@@ -144,6 +152,8 @@ RUN_HINTS = {
 
 
 def render(spec: ImageSpec) -> str:
+    from hwcompat.export.quantize import PORTABLE_CMAKE_ARGS
+
     first = spec.profiles[0]
     env = spec.shared_env
     env_lines = "".join(f" \\\n    {k}={v}" for k, v in env.items())
@@ -152,7 +162,7 @@ def render(spec: ImageSpec) -> str:
         base=spec.base, build=first.torch.build, index_url=first.torch.index_url, torch_spec=spec.torch_spec,
         env_lines=env_lines, titles="; ".join(p.title for p in spec.profiles), version=__version__,
         profile_names=",".join(p.name for p in spec.profiles),
-        run_hint=RUN_HINTS[first.vendor].format(tag=spec.tag))
+        run_hint=RUN_HINTS[first.vendor].format(tag=spec.tag), llama_cmake=PORTABLE_CMAKE_ARGS)
 
 
 def dockerfile_path(family: str, root: Path = REPO) -> Path:

@@ -190,3 +190,31 @@ def test_bad_ollama_tag_is_refused_before_anything_is_written(model, tmp_path, c
     assert main(["export", str(model), "--gguf", str(tmp_path / "m.gguf"), "--ollama", "--tag", tag]) == 2
     assert "expected NAME:VERSION" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("tok,expected", [
+    ({"normalizer": {"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "\u2581"},
+                                                         {"type": "Replace"}]}}, True),  # Llama 2 as published
+    ({"pre_tokenizer": {"type": "Metaspace", "prepend_scheme": "always"}}, True),
+    ({"pre_tokenizer": {"type": "Metaspace", "prepend_scheme": "first"}}, True),  # transformers 5, legacy=False
+    ({"pre_tokenizer": {"type": "Metaspace", "prepend_scheme": "never"}}, False),
+    ({"pre_tokenizer": {"type": "Metaspace", "add_prefix_space": False}}, False),  # tokenizers < 0.14
+    ({"normalizer": {"type": "Replace"}, "pre_tokenizer": {"type": "Split"}}, False),  # Gemma
+])
+def test_space_prefix_follows_the_tokenizer_shape(tok, expected):
+    from hwcompat.export.vocab import adds_space_prefix
+
+    assert adds_space_prefix(tok) is expected
+
+
+@pytest.mark.parametrize("model", [{"type": "Unigram"}, {"type": "WordPiece"}])
+def test_a_tokenizer_llama_cpp_would_read_differently_is_refused(tmp_path, model, run_cli):
+    from hwcompat.train.tiny import write_tiny
+
+    src = write_tiny(tmp_path / "m", TEXTS, hidden=64, layers=2)
+    tok = json.loads((src / "tokenizer.json").read_text())
+    tok["model"] = {**model, "vocab": tok["model"]["vocab"]}
+    (src / "tokenizer.json").write_text(json.dumps(tok))
+    r = run_cli("export", str(src), "--gguf", str(tmp_path / "o.gguf"), "--no-verify")
+    assert r.returncode == 2 and f"tokenizer is {model['type']}" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "o.gguf").exists()

@@ -128,6 +128,22 @@ def test_train_in_image_writes_adapter_as_non_root(images, tmp_path, tiny_model)
     assert json.loads((out / "run" / "summary.json").read_text())["profile_env_applied"] is True
 
 
+def test_image_carries_llama_cpp_for_k_quants_and_verify(images, tmp_path, tiny_model):
+    """hwcompat[gguf] is in the images (the wheelhouse's portable build): llama.cpp's quantizer makes a q4_k_m, and
+    --verify runs the GGUF in llama.cpp, inside the CPU image as its non-root user."""
+    data, out = _train_dir(tmp_path, tiny_model)
+    vols = [f"{data}:/data:ro", f"{out}:/output"]
+    res = _run("hwcompat:cpu", "export", "/data/model", "--gguf", "/output/m-q4_k_m.gguf", "--type", "q4_k_m",
+               "--no-verify", volumes=vols)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "q4_k_m" in res.stdout and (out / "m-q4_k_m.gguf").stat().st_uid == 1000
+    res = _run("hwcompat:cpu", "export", "/data/model", "--gguf", "/output/m.gguf", "--type", "f32", "--verify",
+               volumes=vols)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "verified in llama.cpp" in res.stdout
+    assert json.loads((out / "m.export.json").read_text())["passed"] is True
+
+
 def test_docker_stop_checkpoints(images, tmp_path, tiny_model):
     data, out = _train_dir(tmp_path, tiny_model, max_steps=1_000_000, eval_at_start=False, learning_rate=1e-5)
     name = f"hwcompat-stop-{os.getpid()}"

@@ -25,6 +25,10 @@ BITS_PER_WEIGHT = {"q4_k_m": 4.9, "q5_k_m": 5.7, "q6_k": 6.6, "q4_0": 4.5, "q5_0
 #: The binding, pinned to the version the tests ran; it compiles llama.cpp (~10 min on 2 cores, CPU build).
 REQUIREMENT = "llama-cpp-python==0.3.36"
 INSTALL = f"python3 -m pip install '{REQUIREMENT}'"
+#: How the images and CI compile it: library only, portable (no -march=native: the wheel runs on any x86-64 the
+#: image lands on), ggml's own threads (no OpenMP runtime needed in the image).
+PORTABLE_CMAKE_ARGS = ("-DGGML_NATIVE=OFF -DGGML_OPENMP=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF "
+                       "-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF")
 
 
 def missing(qtype: str | None) -> InputError:
