@@ -92,10 +92,9 @@ RUN python3 -m venv /opt/hwcompat \\
     && /opt/hwcompat/bin/pip install "${{src[@]}}" "$TORCH_SPEC"
 # hwcompat[gguf] (llama.cpp's quantizer and runtime: k-quants, export --verify) has no CPU wheel on PyPI: without
 # one in the wheelhouse, pip compiles llama.cpp here (a compiler in this stage only; about 7 minutes on 2 cores).
-ENV CMAKE_ARGS="{llama_cmake}"
 # DL3008: the base release's compiler.
 # hadolint ignore=DL3008
-RUN if ! compgen -G "/tmp/wheelhouse/llama_cpp_python-*.whl" >/dev/null; then \\
+RUN if ! ls /tmp/wheelhouse/llama_cpp_python-*.whl >/dev/null 2>&1; then \\
       apt-get update && apt-get install -y --no-install-recommends g++ cmake \\
       && rm -rf /var/lib/apt/lists/*; fi
 COPY pyproject.toml README.md /src/
@@ -104,7 +103,7 @@ COPY profiles/ /src/profiles/
 COPY catalog/ /src/catalog/
 RUN if compgen -G "/tmp/wheelhouse/*.whl" >/dev/null; then src=(--no-index --find-links /tmp/wheelhouse); \\
     else src=(); fi \\
-    && /opt/hwcompat/bin/pip install "${{src[@]}}" "/src[train,gguf]" \\
+    && CMAKE_ARGS="{llama_cmake}" /opt/hwcompat/bin/pip install "${{src[@]}}" "/src[train,gguf]" \\
     && /opt/hwcompat/bin/python -c "import torch, transformers, peft, llama_cpp, hwcompat"
 
 # --- the image: base + venv, a non-root user, documented volumes ---
