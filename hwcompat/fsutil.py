@@ -12,10 +12,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
+
+from hwcompat.userfile import read_regular
 
 
 def umask() -> int:
@@ -83,6 +86,42 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         raise
 
 
+def open_nofollow(path: str | Path, flags: int) -> int:
+    """``os.open`` for a file hwcompat creates or writes, never through a symbolic link planted at its name and
+    never anything but a regular file (a FIFO would block, a device would be written).
+
+    Why: lock files and logs live in shared folders (``/tmp``, a run folder); a link there must not let
+    hwcompat truncate or append to its target.
+    """
+    import errno
+
+    from hwcompat.errors import InputError
+
+    odd = InputError(f"{path} is not a regular file (a FIFO, device or socket sits at a name hwcompat writes); "
+                     "remove it and run again")
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o666 & ~umask())
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise InputError(f"{path} is a symbolic link; hwcompat never writes through a link at a name it uses "
+                             "(it could truncate the link's target). Remove the link and run again") from None
+        if exc.errno in (errno.ENXIO, errno.EISDIR):  # a FIFO with no reader, a folder
+            raise odd from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise odd
+    os.set_blocking(fd, True)
+    return fd
+
+
+def append_line(path: str | Path, line: str) -> None:
+    """Append one line to a log hwcompat owns (metrics.jsonl), without following a planted link."""
+    fd = open_nofollow(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    with os.fdopen(fd, "a", encoding="utf-8") as fh:
+        fh.write(line + "\n")
+
+
 def clean_stale(folder: str | Path, target: str | None = None) -> list[str]:
     """Remove hwcompat's own leftovers in ``folder`` (``.NAME.<random>.tmp``, ``.NAME.old``); returns their names.
 
@@ -106,6 +145,36 @@ def clean_stale(folder: str | Path, target: str | None = None) -> list[str]:
                 entry.unlink(missing_ok=True)
             removed.append(entry.name)
     return removed
+
+
+#: The ledger of what hwcompat wrote in a folder (a run folder): the only names it may ever remove there.
+LEDGER = ".hwcompat-outputs.json"
+
+
+def ledger_names(folder: str | Path) -> set[str] | None:
+    """The names recorded in ``folder``'s ledger; None when it has none, empty when it cannot be read."""
+    path = Path(folder) / LEDGER
+    if not os.path.lexists(path):
+        return None
+    try:
+        names = json.loads(read_regular(path, "ledger", limit=1 << 20))["written"]
+        return {n for n in names if isinstance(n, str) and "/" not in n and n not in ("", ".", "..")}
+    except (ValueError, KeyError, TypeError, Exception):  # a damaged ledger owns nothing
+        return set()
+
+
+def record_written(folder: str | Path, *names: str, only_if_ledger: bool = False) -> None:
+    """Add ``names`` (that exist) to ``folder``'s ledger; call with the folder's or the output's lock held,
+    after the write. ``only_if_ledger``: record only in a folder that keeps one (a run folder), so a merge or
+    export into any other folder leaves nothing beside its output."""
+    folder = Path(folder)
+    have = ledger_names(folder)
+    if have is None and only_if_ledger:
+        return
+    have = have or set()
+    names = tuple(n for n in names if os.path.lexists(folder / n))
+    if not set(names) <= have:
+        atomic_write_json(folder / LEDGER, {"written": sorted(have | set(names))})
 
 
 LOCK_NAME = ".hwcompat.lock"
@@ -140,7 +209,7 @@ class FolderLock:
 
         from hwcompat.errors import InputError
 
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666 & ~umask())
+        fd = open_nofollow(self.path, os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -165,14 +234,26 @@ class FolderLock:
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM (``docker stop``, ``kill``) turned into an exception, so ``with``/``finally`` cleanups run."""
+    """SIGTERM (``docker stop``, ``kill``) or SIGHUP (the terminal or ssh session closed) turned into an
+    exception, so ``with``/``finally`` cleanups run."""
 
     exit_code = 143
+
+    def __init__(self, signum: int = 15) -> None:
+        super().__init__()
+        self.signum = signum
+        self.exit_code = 128 + signum
+
+
+#: The signals that end a user's process and that hwcompat turns into a clean exit (SIGINT is Python's
+#: KeyboardInterrupt already): ``docker stop`` / ``kill`` and a closed terminal.
+STOP_SIGNALS = ("SIGTERM", "SIGHUP")
 
 
 @contextmanager
 def terminate_cleanly() -> Iterator[None]:
-    """While inside: SIGTERM raises ``Terminated`` (exit 143) instead of killing the process mid-write."""
+    """While inside: SIGTERM / SIGHUP raise ``Terminated`` (exit 143 / 129) instead of killing the process
+    mid-write. A SIGHUP that the parent set to be ignored (``nohup``) stays ignored."""
     import signal
     import threading
 
@@ -181,13 +262,19 @@ def terminate_cleanly() -> Iterator[None]:
         return
 
     def handler(signum, frame):
-        raise Terminated()
+        raise Terminated(signum)
 
-    old = signal.signal(signal.SIGTERM, handler)
+    old = {}
+    for name in STOP_SIGNALS:
+        sig = getattr(signal, name)
+        if signal.getsignal(sig) is signal.SIG_IGN and name == "SIGHUP":
+            continue
+        old[sig] = signal.signal(sig, handler)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, old)
+        for sig, prev in old.items():
+            signal.signal(sig, prev)
 
 
 @contextmanager
@@ -211,6 +298,7 @@ def output_target(path: str | Path, what: str, overwrite: bool, kind: str = "fil
         clean_stale(path.parent, path.name)
         with terminate_cleanly():
             yield path
+        record_written(path.parent, path.name, only_if_ledger=True)  # e.g. a Modelfile exported into a run
     except BaseException:
         clean_stale(path.parent, path.name)  # whatever the writer had in flight (we still hold the lock)
         raise

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from hwcompat.userfile import read_json_object
 from hwcompat.errors import HwcompatError, InputError, excerpt
 from hwcompat.fsutil import atomic_dir, output_target, require_space
 
@@ -183,12 +184,19 @@ def read_header(path: Path) -> dict[str, Any]:
             continue
         try:
             start, stop = (int(x) for x in info["data_offsets"])
-            info["dtype"], list(info["shape"])
+            dtype, shape = info["dtype"], [int(d) for d in info["shape"]]
         except (KeyError, TypeError, ValueError):
             raise bad(f"tensor {name[:80]!r} has no valid dtype / shape / data_offsets") from None
         end = max(end, stop)
         if not 0 <= start <= stop:
             raise bad(f"tensor {name[:80]!r} has offsets {start}..{stop}")
+        if dtype not in ST_DTYPES:
+            raise InputError(f"{path}: tensor {name[:80]!r} is stored as {str(dtype)[:20]}, which hwcompat does not "
+                             f"read (it reads {', '.join(ST_DTYPES)}); use the model's unquantised (F16/BF16/F32) "
+                             "release")
+        if any(d < 0 for d in shape) or math.prod(shape) * ST_DTYPES[dtype][1] != stop - start:
+            raise bad(f"tensor {name[:80]!r}: shape {shape} of {dtype} needs {math.prod(shape) * ST_DTYPES[dtype][1]:,} "
+                      f"bytes, its offsets hold {stop - start:,}")
     if 8 + n + end > size:
         raise bad(f"truncated: the tensors need {8 + n + end:,} bytes, the file has {size:,}")
     return header
@@ -220,23 +228,52 @@ def _read_tensors(path: Path, names: list[str]):
             yield name, t.reshape(info["shape"])
 
 
+def _recorded_base(adapter: Adapter) -> str:
+    """The base weights' digest the adapter's run recorded (run.json beside adapter/), or "" when unknown."""
+    run_json = adapter.path.parent / "run.json"
+    try:
+        inputs = json.loads(run_json.read_text(encoding="utf-8")).get("inputs") or {}
+        return str(inputs.get("base") or "") if isinstance(inputs, dict) else ""
+    except (OSError, ValueError, AttributeError):
+        return ""
+
+
+def _same_base(adapter: Adapter, base: Path) -> None:
+    """The adapter goes into the model it was trained on: by what identifies the model (config + weights digest,
+    recorded by the run), not by the folder's name; an already-merged model is never a base."""
+    from hwcompat.fingerprint import weights_digest
+
+    record = base / "hwcompat_merge.json"
+    if record.exists():
+        raise InputError(f"--base {base} is a merged model ({record.name}: an adapter is already in its weights); "
+                         "merging again would add the adapter's change twice. Give the original base model "
+                         "(--force merges anyway)")
+    recorded = _recorded_base(adapter)
+    if recorded:
+        if weights_digest(base) != recorded:
+            raise InputError(f"--base {base} is not the model the adapter was trained on: its config.json or weights "
+                             "differ from what the run recorded (run.json inputs.base). Give the run's own base "
+                             "model (--force merges anyway)")
+        return
+    named = str(adapter.config.get("base_model_name_or_path") or "")
+    if named and Path(named).name != base.resolve().name and Path(named).resolve() != base.resolve():
+        raise InputError(f"the adapter was trained on {named!r} but --base is {base}; if that is the same model "
+                         "under another name, pass --force")
+
+
 def validate(adapter: Adapter, base: Path, force: bool = False) -> dict[str, list[str]]:
     """Every check that can fail, before anything is written."""
     cfg_path = base / "config.json"
     if not cfg_path.exists():
         raise InputError(f"--base {base}: no config.json; give the base model folder")
-    base_cfg = json.loads(cfg_path.read_text())
+    base_cfg = read_json_object(cfg_path, "--base config")
     q = base_cfg.get("quantization_config") or {}
     if q.get("load_in_4bit") or q.get("load_in_8bit") or q.get("quant_method") in ("bitsandbytes", "gptq", "awq"):
         raise InputError(f"--base {base} is a quantised checkpoint ({q.get('quant_method', 'bitsandbytes')}); merge "
                          "into the unquantised base model (a QLoRA run trained on 4-bit weights, but its adapter "
                          "belongs to the full-precision model)")
-    named = str(adapter.config.get("base_model_name_or_path") or "")
-    if named and not force:
-        same = Path(named).name == base.resolve().name or Path(named).resolve() == base.resolve()
-        if not same:
-            raise InputError(f"the adapter was trained on {named!r} but --base is {base}; if that is the same model "
-                             "under another name, pass --force")
+    if not force:
+        _same_base(adapter, base)
     shards = _shards(base)
     shapes: dict[str, list[int]] = {}
     for f, names in shards.items():
@@ -295,7 +332,7 @@ def merge(adapter_path: str | Path, base: str | Path, out: str | Path, dtype: st
     if out.exists() and any(out.iterdir()):
         raise InputError(f"--out {out} exists and is not empty; choose a new folder")
     shards = validate(adapter, base, force)
-    base_cfg = json.loads((base / "config.json").read_text())
+    base_cfg = read_json_object(base / "config.json", "--base config")
     if dtype is None:
         dtype = str(base_cfg.get("dtype") or base_cfg.get("torch_dtype") or "float32")
     if dtype not in TORCH_TO_ST:

@@ -11,13 +11,15 @@ from hwcompat import envvars
 from hwcompat.errors import InputError
 
 
+#: A YAML document hwcompat reads (a config, a profile, a list of readings) is small; a bigger one is a mistake.
+MAX_BYTES = 64 << 20
+
+
 def _read(p: Path, what: str, error: type[InputError]) -> bytes:
-    try:
-        return p.read_bytes()
-    except FileNotFoundError:
-        raise error(f"{what} {p}: not found") from None
-    except OSError as exc:
-        raise error(f"{what} {p}: cannot read it ({exc})") from None
+    """A regular file only, with a bound: a FIFO with no writer or /dev/zero must not hang or fill memory."""
+    from hwcompat.userfile import read_regular
+
+    return read_regular(p, what, error, limit=MAX_BYTES)
 
 
 def load_yaml(path: str | Path, what: str, error: type[InputError] = InputError) -> Any:
@@ -35,14 +37,17 @@ def _parse(data: bytes, p: Path, what: str, error: type[InputError]) -> Any:
         raise error(f"{what} {p}: cannot read it ({exc})") from None
     # libyaml's C parser when PyYAML has it (about 10x faster), else the pure-Python one; both are the
     # *safe* loaders: plain data, never Python objects.
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    loader = _strict(getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     if _nesting(text) > MAX_DEPTH:
-        raise error(f"{what} {p}: nests more than {MAX_DEPTH} levels deep; flatten the document")
+        # Maybe deep, maybe brackets inside a quoted string (a system prompt of "[[[…"): the pure-Python loader
+        # tells them apart safely (it raises RecursionError where the C one would crash).
+        loader = _strict(yaml.SafeLoader)
     try:
         value = yaml.load(text, Loader=loader)  # noqa: S506 (a safe loader, chosen above)
         too_big = _expanded_size(value, {}) > MAX_VALUES
     except RecursionError:
-        raise error(f"{what} {p}: nests deeper than hwcompat follows; flatten the document") from None
+        raise error(f"{what} {p}: nests more than {MAX_DEPTH} levels deep (or deeper than hwcompat follows); "
+                    "flatten the document") from None
     except ValueError as exc:  # e.g. a 5,000-digit integer: Python refuses to convert it
         raise error(f"{what} {p}: a value cannot be read ({str(exc)[:120]})") from None
     except yaml.YAMLError as exc:
@@ -53,6 +58,36 @@ def _parse(data: bytes, p: Path, what: str, error: type[InputError]) -> Any:
         raise error(f"{what} {p}: expands to more than {MAX_VALUES:,} values through YAML aliases (& and *); "
                     "hwcompat refuses documents like that (an 'alias bomb'); write the values out")
     return value
+
+
+_STRICT: dict[type, type] = {}
+
+
+def _strict(base: type) -> type:
+    """``base`` (a safe loader) that refuses a key given twice in one mapping: YAML keeps the last silently, so
+    ``learning_rate`` written twice would train with whichever came last. Merge keys (``<<``) may still be
+    overridden, as YAML defines."""
+    if base in _STRICT:
+        return _STRICT[base]
+    import yaml
+
+    class Strict(base):  # type: ignore[misc, valid-type]
+        def construct_mapping(self, node, deep=False):
+            if isinstance(node, yaml.MappingNode):
+                seen: dict[Any, int] = {}
+                for key_node, _ in node.value:
+                    if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                        continue
+                    key = self.construct_object(key_node)
+                    if key in seen:
+                        raise yaml.constructor.ConstructorError(
+                            None, None, f"key {str(key)[:60]!r} is given twice (first on line {seen[key] + 1}); "
+                            "YAML would silently keep the last one: remove one", key_node.start_mark)
+                    seen[key] = key_node.start_mark.line
+            return super().construct_mapping(node, deep)
+
+    _STRICT[base] = Strict
+    return Strict
 
 
 #: Values a document may expand to once its aliases are followed; real configs have hundreds.

@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM inside fsutil.terminate_cleanly (Terminated)
         code = getattr(exc, "exit_code", 130)
-        print(f"hwcompat: {'terminated' if code == 143 else 'interrupted'}; nothing half-written was left",
+        print(f"hwcompat: {'interrupted' if code == 130 else 'terminated'}; nothing half-written was left",
               file=sys.stderr)
         return code
     except BrokenPipeError:

@@ -31,8 +31,14 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from hwcompat.errors import InputError
+    from hwcompat.train.config import RANGES, inside
+
     from hwcompat.train.data import Report, check_rows, read_jsonl
 
+    if not inside(args.max_seq_len, RANGES["max_seq_len"]):  # the flag's mistake, not every row's
+        raise InputError(f"--max-seq-len {args.max_seq_len}: must be in {RANGES['max_seq_len']} (tokens per example, "
+                         "as the run's max_seq_len)")
     report = Report()
     if args.method == "dpo":
         _pair_checks(args, report)
@@ -56,15 +62,10 @@ def run(args: argparse.Namespace) -> int:
 
 def _token_checks(args: argparse.Namespace, train, evals, report) -> None:
     """The checks the trainer runs after tokenising, with the same code."""
-    from transformers import AutoTokenizer
-
-    from hwcompat.errors import InputError
+    from hwcompat import hfload
     from hwcompat.train import batching
 
-    try:
-        tok = AutoTokenizer.from_pretrained(args.tokenizer)
-    except (OSError, ValueError) as exc:
-        raise InputError(f"--tokenizer {args.tokenizer}: cannot load it ({str(exc).splitlines()[0]})") from None
+    tok = hfload.tokenizer(args.tokenizer, "--tokenizer")
     chat = batching.uses_chat_template(tok, args.chat_template)
     batching.tokenize_all(tok, train, chat, args.max_seq_len, args.overlong, report, "train")
     batching.tokenize_all(tok, evals, chat, args.max_seq_len, args.overlong, report, "eval")
@@ -80,17 +81,12 @@ def _pair_checks(args: argparse.Namespace, report) -> None:
     if not report.errors:
         check_rows(train, evals, report, "duplicate pairs in train", "eval prompts also in train")
     if not report.errors and args.tokenizer:
-        from transformers import AutoTokenizer
-
-        from hwcompat.errors import InputError
+        from hwcompat import hfload
         from hwcompat.train import batching
         from hwcompat.train.config import TrainConfig
         from hwcompat.train.objectives.dpo import DPO
 
-        try:
-            tok = AutoTokenizer.from_pretrained(args.tokenizer)
-        except (OSError, ValueError) as exc:
-            raise InputError(f"--tokenizer {args.tokenizer}: cannot load it ({str(exc).splitlines()[0]})") from None
+        tok = hfload.tokenizer(args.tokenizer, "--tokenizer")
         dpo = DPO(TrainConfig(max_seq_len=args.max_seq_len), None, None)
         dpo.tokenizer, dpo.chat = tok, batching.uses_chat_template(tok, args.chat_template)
         dpo._tokenize(train, report, "train")

@@ -123,12 +123,13 @@ def _dpo_stage(sft: dict) -> dict:
 
 
 def _demo_owns(output_dir: str) -> bool:
-    """The demo may replace its default folder, or a folder that holds a demo run; never another run."""
+    """The demo may replace a folder that holds a demo run (its run.json says the data was the demo's), or one
+    that is empty or missing; never another run, not even in the demo's default folder."""
     import json
     from pathlib import Path
 
     out = Path(os.path.abspath(output_dir))
-    if out in (Path(os.path.abspath(c["output_dir"])) for c in (DEMO_CONFIG, DPO_CONFIG)) or not out.exists():
+    if not out.exists():
         return True
     try:
         origins = json.loads((out / "run.json").read_text())["origins"]

@@ -52,7 +52,8 @@ def _dotenv_quote(name: str, value: str) -> str:
         raise InputError(f"{name}: a value with a line break cannot be written as dotenv; use --shell bash")
     if _PLAIN.fullmatch(value):
         return value
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("$", "\\$") + '"'
+    # inside POSIX double quotes \, ", $ and ` keep a meaning (` runs a command): each is escaped
+    return '"' + re.sub(r'([\\"$`])', r"\\\1", value) + '"'
 
 
 def format_env(env: dict[str, str], shell: str) -> str:

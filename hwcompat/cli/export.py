@@ -40,6 +40,16 @@ def run(args: argparse.Namespace) -> int:
             raise InputError("--tag names the Ollama model: use it with --ollama")
         check_tag(args.tag)
 
+    if args.ollama:  # everything the Modelfile needs is checked before the GGUF is written
+        from hwcompat.export.ollama import check_gguf_name, check_system
+        from hwcompat.sampling import check_temperature
+
+        check_gguf_name(Path(args.gguf))
+        check_system(args.system)
+        check_temperature(args.temperature)
+        if (Path(args.gguf).parent / "Modelfile").is_dir():
+            raise InputError(f"{Path(args.gguf).parent / 'Modelfile'} is a folder; the Modelfile is written at that "
+                             "name: move the folder or export into another folder (nothing was written)")
     if args.ollama and (Path(args.gguf).parent / "Modelfile").exists() and not args.overwrite:
         raise InputError(f"{Path(args.gguf).parent / 'Modelfile'} already exists; pass --overwrite to replace it "
                          "(nothing was written)")
@@ -81,6 +91,10 @@ def _verify_wanted(args) -> bool:
         from hwcompat.export.quantize import missing
 
         raise missing(None)  # before the GGUF is written, not after
+    if args.verify and args.data:
+        from hwcompat.export.verify import prompts_from
+
+        prompts_from(args.data, args.verify_rows)  # its rows are checked now, not after the GGUF is written
     return args.verify
 
 

@@ -58,7 +58,13 @@ def run_generate(args: argparse.Namespace) -> int:
         raise InputError("generate: give one prompt, or --file prompts.jsonl (not both)")
     if args.file and not Path(args.file).is_file():
         raise InputError(f"--file {args.file}: not found")
-    if args.max_new_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
+    from hwcompat.sampling import check_temperature
+    from hwcompat.textcheck import text_problem
+
+    check_temperature(args.temperature)
+    if args.prompt is not None and text_problem(args.prompt):
+        raise InputError(f"generate: the prompt: {text_problem(args.prompt)}")
+    if args.max_new_tokens < 1 or not 0 < args.top_p <= 1:
         raise InputError("generate: --max-new-tokens >= 1, --temperature >= 0 and 0 < --top-p <= 1")
     tail = ["--prompt", args.prompt] if args.prompt is not None else ["--file", args.file]
     return _exec(["generate", args.run_dir, *tail, "--max-new-tokens", str(args.max_new_tokens),

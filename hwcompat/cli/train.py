@@ -129,7 +129,8 @@ def launch(args, loaded) -> int:
                          "host copy. Train on one device (drop --devices/--nnodes) or set offload=none")
     nodes = L.Nodes.parse(getattr(args, "nnodes", None), getattr(args, "node_rank", None),
                           getattr(args, "rdzv_endpoint", None))
-    run = L.prepare_run_dir(loaded, profile, device, plan, args.resume, args.overwrite, cpu_emulation)
+    run = L.prepare_run_dir(loaded, profile, device, plan, args.resume, args.overwrite, cpu_emulation,
+                            world_size=nproc * nodes.nnodes)
     for note in run.notes:
         print(f"note: {note}", file=sys.stderr)
     for key, change in run.changes.items():

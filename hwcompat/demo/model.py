@@ -49,8 +49,8 @@ def ensure_model() -> Path:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one line from us instead of three progress bars
-    tok = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
-    loaded = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name)
+    tok = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name, trust_remote_code=False)
+    loaded = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, trust_remote_code=False)
     config = loaded.config
     # The GGUF loader records quantization_config=gguf; the converted weights are plain float32, and
     # trainers (transformers' Trainer among them) refuse to train a model that claims GGUF quantisation.

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hwcompat.errors import HwcompatError, InputError
+from hwcompat.errors import HwcompatError, InputError, excerpt
 from hwcompat.fsutil import user_mode
 
 from hwcompat.export import EXPORT_TYPES as TYPES
@@ -100,16 +100,30 @@ def _check(src: Path, qtype: str) -> dict[str, Any]:
         binding(qtype)  # without the extra, say how to get it
     if not (src / "config.json").exists():
         raise InputError(f"{src}: no config.json; give a model folder (e.g. the output of `hwcompat merge`)")
-    cfg = json.loads((src / "config.json").read_text())
+    from hwcompat.userfile import read_json_object
+
+    cfg = read_json_object(src / "config.json", "model config")
     mt = cfg.get("model_type")
     if mt not in ARCHS:
         raise InputError(f"{src}: model_type {mt!r} cannot be exported yet; supported: {', '.join(ARCHS)} "
                          f"({', '.join(dict.fromkeys(a.label for a in ARCHS.values()))})")
     if cfg.get("quantization_config"):
         raise InputError(f"{src}: a quantised checkpoint; export the merged full-precision model")
+    for key in REQUIRED_SIZES:
+        value = cfg.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise InputError(f"{src / 'config.json'}: {key}: expected a positive integer, got {excerpt(value)}; the "
+                             "GGUF header needs it (restore config.json from the model's release). Nothing was written")
+    for name in ("tokenizer_config.json", "tokenizer.json", "special_tokens_map.json"):
+        if (src / name).exists():  # gguf's vocabulary reader would crash on a damaged one, mid-write
+            read_json_object(src / name, "tokenizer file")
     kind(src)
     check(src, mt, cfg)
     return cfg
+
+
+#: config.json sizes every exported family's GGUF header is built from.
+REQUIRED_SIZES = ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads")
 
 
 def _write_header(writer, src: Path, cfg: dict[str, Any], written: str, name: str | None) -> tuple[str, str, list]:

@@ -21,6 +21,7 @@ import re
 from pathlib import Path
 
 from hwcompat.errors import InputError
+from hwcompat.sampling import check_temperature
 
 LAST = "{{- $last := eq (len (slice $.Messages $i)) 1 }}"  # Ollama's own idiom for "the last message"
 
@@ -63,7 +64,9 @@ def chat_template(model_dir: Path) -> str:
     tcfg = model_dir / "tokenizer_config.json"
     template = ""
     if tcfg.exists():
-        template = json.loads(tcfg.read_text()).get("chat_template") or ""
+        from hwcompat.userfile import read_json_object
+
+        template = read_json_object(tcfg, "tokenizer config").get("chat_template") or ""
     if not template and (model_dir / "chat_template.jinja").exists():
         template = (model_dir / "chat_template.jinja").read_text()
     return template if isinstance(template, str) else ""
@@ -85,9 +88,9 @@ def default_system(model_dir: Path, kind: str) -> str | None:
     read by rendering the template with and without a system message."""
     if kind not in DEFAULT_BLOCKS:
         return None
-    from transformers import AutoTokenizer
+    from hwcompat import hfload
 
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    tok = hfload.tokenizer(model_dir, "model")
     user = [{"role": "user", "content": "\x00user\x00"}]
     plain = tok.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
     head = plain[:plain.index("\x00user\x00")]
@@ -121,6 +124,35 @@ def check_tag(tag: str) -> str:
     return tag
 
 
+#: A GGUF file name the Modelfile's ``FROM ./NAME`` line can hold as is (no quoting rule of Ollama's is needed).
+GGUF_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,200}")
+
+
+def check_gguf_name(path: Path) -> None:
+    """The GGUF's file name goes into ``FROM ./NAME``: a line break there would add Modelfile directives."""
+    if not GGUF_NAME.fullmatch(path.name):
+        raise InputError(f"--gguf {str(path)!r}: the file name {path.name!r} is written into the Modelfile's FROM line, "
+                         "so it may hold only letters, digits, '.', '_', '+' and '-' (no spaces, quotes or line "
+                         "breaks); e.g. --gguf out/model-q4_k_m.gguf. Nothing was written")
+
+
+def check_system(system: str | None) -> None:
+    """SYSTEM is written as a triple-quoted block, which Ollama's parser ends at the first \"\"\" (it has no
+    escape): a prompt holding one would close the block and add directives (FROM, ADAPTER, PARAMETER …)."""
+    if system is None:
+        return
+    from hwcompat.textcheck import text_problem
+
+    problem = text_problem(system)
+    if problem:
+        raise InputError(f"--system: {problem}. Nothing was written")
+    if '"""' in system or system.endswith('"'):
+        raise InputError("--system: the prompt holds three double quotes (\"\"\") or ends with a double quote; "
+                         "Ollama's Modelfile has no escape inside a triple-quoted block, so it would end the SYSTEM "
+                         "text there and read the rest as directives. Reword it (e.g. use ' or “”). Nothing was "
+                         "written")
+
+
 def release_commands(tag: str, modelfile: Path) -> list[str]:
     """The release flow: a versioned tag first; `latest` only after the export was verified."""
     import shlex
@@ -133,8 +165,15 @@ def write_modelfile(gguf_path: Path, model_dir: Path, temperature: float = 0.0, 
                     num_ctx: int | None = None, overwrite: bool = False, tag: str | None = None) -> tuple[Path, str]:
     """Write ``Modelfile`` beside the GGUF (never over a hand-written one without ``overwrite``);
     returns (path, the `ollama create` command: with ``tag``, that versioned name)."""
+    import shlex
+
     from hwcompat.fsutil import atomic_write_text, output_target
 
+    check_gguf_name(gguf_path)
+    check_system(system)
+    temperature = check_temperature(temperature, "temperature")
+    if num_ctx is not None and (not isinstance(num_ctx, int) or not 0 < num_ctx <= 1 << 24):
+        raise InputError(f"num_ctx {num_ctx}: give a positive number of tokens")
     kind = detect_template(model_dir)
     default = default_system(model_dir, kind)
     _, stops = TEMPLATES[kind]
@@ -151,5 +190,5 @@ def write_modelfile(gguf_path: Path, model_dir: Path, temperature: float = 0.0, 
         atomic_write_text(path, "\n".join(lines) + "\n")
     if tag:
         return path, release_commands(tag, path)[0]
-    name = gguf_path.stem.lower().replace("_", "-")
-    return path, f"ollama create {name} -f {path}"
+    name = re.sub(r"[^a-z0-9.-]+", "-", gguf_path.stem.lower()).strip(".-") or "model"
+    return path, f"ollama create {name} -f {shlex.quote(str(path))}"

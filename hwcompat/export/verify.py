@@ -71,15 +71,17 @@ def limits_for(qtype: str) -> tuple[Limits, list[str]]:
 def prompts_from(data: str | None, rows: int) -> tuple[list[tuple], list[str] | None]:
     """(conversations up to the answer, reference answers or None): ``--data`` (SFT rows), else the bundled
     general prompts (no references: identical-answer rate only)."""
-    from hwcompat.train.data import Report, read_jsonl
+    from hwcompat.train.data import Report, read_prompts
 
     if data:
         report = Report()
-        examples = read_jsonl(data, "auto", report)
+        picked = read_prompts(data, report, rows)
         if report.errors:
-            raise InputError(f"--data {data}: not usable for --verify\n" + report.render())
-        examples = examples[:rows]
-        return [e.messages for e in examples], [e.response for e in examples]
+            raise InputError(f"--data {data}: not usable for --verify (nothing was written)\n" + report.render())
+        refs = [ref for _, ref, _ in picked]
+        # task metrics need every row's answer; prompt-only rows still give tokenization, KL and greedy answers
+        return ([(*msgs, ("assistant", ref or "")) for msgs, ref, _ in picked],
+                refs if all(r is not None for r in refs) else None)
     from hwcompat.train.inspect_run import GENERAL
 
     lines = GENERAL.read_text(encoding="utf-8").splitlines()
@@ -163,13 +165,12 @@ def verify(model_dir: str | Path, gguf_path: str | Path, qtype: str, data: str |
            max_new_tokens: int = 48, progress=print) -> Verdict:
     """Run the three checks; the verdict lists every failure (the CLI shows the first and exits 1)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    from hwcompat import hfload
     from hwcompat.train import batching, metrics
 
     limits, strings = limits_for(qtype)
     verdict = Verdict(str(gguf_path), qtype, asdict(limits))
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    tok = hfload.tokenizer(model_dir, "model")
     chat = batching.uses_chat_template(tok, "auto")
     convs, refs = prompts_from(data, rows)
     prompts = [batching.render_prompt_ids(tok, c, chat) for c in convs]
@@ -183,7 +184,7 @@ def verify(model_dir: str | Path, gguf_path: str | Path, qtype: str, data: str |
         return verdict
 
     # 2. distributions, teacher-forced on HF's greedy answers; 3. greedy answers
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype="auto")
+    model = hfload.causal_lm(model_dir, dtype="auto")
     model.eval()
     stop = {t for t in (tok.eos_token_id, *_as_list(model.generation_config.eos_token_id)) if t is not None}
     kls, top1, hf_answers, gg_answers = [], [], [], []

@@ -184,7 +184,7 @@ def pre_tokenizer_name(src: Path, tok: dict[str, Any], model_type: str) -> str:
 
     table = yaml.safe_load((data_dir("catalog") / "gguf_pretokenizers.yaml").read_text(encoding="utf-8"))
     try:
-        ids = AutoTokenizer.from_pretrained(str(src)).encode(table["chktxt"])
+        ids = AutoTokenizer.from_pretrained(str(src), trust_remote_code=False).encode(table["chktxt"])
     except (OSError, ValueError) as exc:  # no loadable tokenizer here: the shape decides
         ids = f"unloadable: {exc}"
     return table["hashes"].get(hashlib.sha256(str(ids).encode()).hexdigest()) or "default"

@@ -57,6 +57,22 @@ def _ids(encoded: Any) -> list[int]:
     return list(encoded)
 
 
+def _template(tokenizer, messages, where: str = "", **kw: Any):
+    """``apply_chat_template``; a template that refuses the conversation (Gemma's "System role not supported",
+    "roles must alternate") raises ValueError naming the row, like every other data problem."""
+    try:
+        return tokenizer.apply_chat_template(_as_dicts(messages), **kw)
+    except ValueError:
+        raise
+    except Exception as exc:  # jinja2's TemplateError (raise_exception in the template) and its kin
+        if type(exc).__module__.split(".")[0] != "jinja2":
+            raise
+        at = f"{where}: " if where else ""
+        raise ValueError(f"{at}the tokenizer's chat template refused this conversation ({str(exc)[:160]}); fix the "
+                         "row (e.g. fold a system message into the first user turn for models without a system "
+                         "role), or set chat_template=false") from None
+
+
 def uses_chat_template(tokenizer, setting: str) -> bool:
     has = bool(getattr(tokenizer, "chat_template", None))
     if setting == "true" and not has:
@@ -72,7 +88,7 @@ def render_prompt_ids(tokenizer, messages, chat: bool) -> list[int]:
     msgs = list(messages)
     last = max(i for i, (r, _) in enumerate(msgs) if r == "assistant")
     if chat:
-        return _ids(tokenizer.apply_chat_template(_as_dicts(msgs[:last]), tokenize=True, add_generation_prompt=True))
+        return _ids(_template(tokenizer, msgs[:last], tokenize=True, add_generation_prompt=True))
     return _bos(tokenizer) + tokenizer.encode(_plain_prompt(msgs[:last]), add_special_tokens=False)
 
 
@@ -81,7 +97,7 @@ def render_prompt_text(tokenizer, messages, chat: bool) -> str:
     msgs = list(messages)
     last = max(i for i, (r, _) in enumerate(msgs) if r == "assistant")
     if chat:
-        return tokenizer.apply_chat_template(_as_dicts(msgs[:last]), tokenize=False, add_generation_prompt=True)
+        return _template(tokenizer, msgs[:last], tokenize=False, add_generation_prompt=True)
     return (tokenizer.bos_token or "") + _plain_prompt(msgs[:last])
 
 
@@ -104,9 +120,8 @@ def tokenize_example(tokenizer, ex: Example, chat: bool) -> Tokenized:
         prev: list[int] = []
         for k, (role, _) in enumerate(msgs):
             if role == "assistant":
-                with_prompt = _ids(tokenizer.apply_chat_template(_as_dicts(msgs[:k]), tokenize=True,
-                                                                 add_generation_prompt=True))
-                full = _ids(tokenizer.apply_chat_template(_as_dicts(msgs[:k + 1]), tokenize=True))
+                with_prompt = _ids(_template(tokenizer, msgs[:k], where, tokenize=True, add_generation_prompt=True))
+                full = _ids(_template(tokenizer, msgs[:k + 1], where, tokenize=True))
                 if with_prompt[:len(prev)] != prev or full[:len(with_prompt)] != with_prompt:
                     raise ValueError(f"{where}: the chat template does not render prefixes stably, so prompt and "
                                      "response tokens cannot be told apart; set chat_template=false")

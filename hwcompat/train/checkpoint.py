@@ -24,13 +24,43 @@ def checkpoint_dir(run_dir: Path) -> Path:
     return run_dir / "checkpoints"
 
 
-def latest(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint (temp folders start with a dot and are ignored)."""
+FILES = ("trainable.safetensors", "optim.pt", "rng.pt", "state.json")
+
+
+def candidates(run_dir: Path) -> list[Path]:
+    """Checkpoint folders, newest first (temp folders start with a dot and are ignored)."""
     d = checkpoint_dir(run_dir)
     if not d.is_dir():
-        return None
-    done = sorted(p for p in d.iterdir() if p.name.startswith(PREFIX) and (p / "state.json").exists())
-    return done[-1] if done else None
+        return []
+    return sorted((p for p in d.iterdir() if p.name.startswith(PREFIX) and p.is_dir()), reverse=True)
+
+
+def problem(ck: Path) -> str | None:
+    """Why a checkpoint cannot be resumed from (a file missing, empty, torn), or None; cheap, no torch."""
+    from hwcompat.errors import InputError
+    from hwcompat.merge import read_header
+
+    for name in FILES:
+        f = ck / name
+        if not f.is_file() or f.stat().st_size == 0:
+            return f"{name} is {'empty' if f.is_file() else 'missing'}"
+    try:
+        state = json.loads((ck / "state.json").read_text(encoding="utf-8"))
+        int(state["step"])
+        state["python_random"][1]
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
+        return f"state.json is damaged ({type(exc).__name__})"
+    try:
+        read_header(ck / "trainable.safetensors")
+    except InputError as exc:
+        return f"trainable.safetensors is damaged ({str(exc).split('(', 1)[-1].rstrip(')')[:120]})"
+    return None
+
+
+def latest(run_dir: Path) -> Path | None:
+    """The newest checkpoint with a state.json (what a resume starts from; ``--resume`` then passes over a
+    damaged one to the one before it, see loop._load_checkpoint)."""
+    return next((ck for ck in candidates(run_dir) if (ck / "state.json").is_file()), None)
 
 
 def rng_state() -> dict[str, Any]:
@@ -62,6 +92,9 @@ def save(run_dir: Path, step: int, model, optimizer, scheduler, scaler, state: d
         raise HwcompatError(f"no space left on the device of {run_dir} while writing the checkpoint for step {step} "
                             f"(about {need / 2**20:,.0f} MB needed); the partial checkpoint was removed and earlier "
                             "ones are intact: free some space, then resume with --resume") from None
+    from hwcompat.train.rundir import record_written
+
+    record_written(run_dir, checkpoint_dir(run_dir).name)
     done = sorted(p for p in checkpoint_dir(run_dir).iterdir() if p.name.startswith(PREFIX))
     for old in done[:-keep]:
         shutil.rmtree(old, ignore_errors=True)

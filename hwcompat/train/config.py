@@ -206,22 +206,60 @@ _RANGE_HINT = {"max_grad_norm": " (the clipping threshold: 0 would zero every up
                "learning_rate": " (LoRA learning rates are usually 1e-5 to 1e-3)"}
 
 
-def _inside(value: float, interval: str) -> bool:
+def inside(value: float, interval: str) -> bool:
     low, high = (float(x) for x in interval[1:-1].split(","))
     return (low <= value if interval[0] == "[" else low < value) and (value <= high if interval[-1] == "]"
                                                                       else value < high)
 
 
-def _validate(cfg: TrainConfig, where: str) -> None:
-    """Every numeric key finite and in its interval; messages name the key, the interval and the bad value."""
+#: Settings that are paths: each must be text a file system and a JSON record can both hold.
+PATH_KEYS = ("model", "tokenizer", "output_dir", "init_adapter", "train_data", "eval_data")
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, e.g. a container's cpuset), not the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _validate(cfg: TrainConfig, where: str, origins: dict[str, str] | None = None) -> None:
+    """Every numeric key finite and in its interval, paths and text sound; messages name the key, where it was
+    set (the config file or the command line), the interval and the bad value."""
     import math
 
+    from hwcompat.textcheck import text_problem
+
+    file_where = where
+
+    def at(key: str) -> str:
+        return "command line" if origins and origins.get(key) == ORIGIN_CLI else file_where
+
+    for key in PATH_KEYS:
+        values = getattr(cfg, key)
+        for value in (values if isinstance(values, list) else [values]):
+            if value and text_problem(value):
+                raise InputError(f"{at(key)}: {key}: the path {value.encode('utf-8', 'replace').decode()!r} holds a "
+                                 "byte that is not UTF-8 (or a NUL); hwcompat records every path as text: rename "
+                                 "the file or folder")
+    if not cfg.output_dir.strip():
+        raise InputError(f"{at('output_dir')}: output_dir is empty; give the run a folder, e.g. output_dir=runs/NAME "
+                         "(an empty value would silently mean the current folder)")
+    if cfg.system_prompt is not None and text_problem(cfg.system_prompt):
+        raise InputError(f"{at('system_prompt')}: system_prompt: {text_problem(cfg.system_prompt)}")
     for key, interval in RANGES.items():
+        where = at(key)
         value = getattr(cfg, key)
         if isinstance(value, float) and not math.isfinite(value):
             raise InputError(f"{where}: {key} must be a finite number, got {value}")
-        if not _inside(value, interval):
+        if not inside(value, interval):
             raise InputError(f"{where}: {key} must be in {interval}, got {excerpt(value)}{_RANGE_HINT.get(key, '')}")
+    if cfg.num_threads > usable_cores():
+        raise InputError(f"{at('num_threads')}: num_threads={cfg.num_threads}, but this process may use "
+                         f"{usable_cores()} core(s); more threads than cores make every step many times slower. "
+                         f"Set num_threads to at most {usable_cores()}, or 0 for all of them")
+    where = file_where
     if not (cfg.epochs > 0 or cfg.max_steps > 0):
         raise InputError(f"{where}: set epochs > 0 or max_steps > 0")
     if cfg.offload == "layers" and cfg.qlora:
@@ -270,7 +308,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None,
             if origins[key] == ORIGIN_FILE:
                 setattr(cfg, key, [os.path.abspath(p.parent / v) if not Path(v).is_absolute() else v
                                    for v in getattr(cfg, key)])
-    _validate(cfg, f"config {p}" if p else "config")
+    _validate(cfg, f"config {p}" if p else "config", origins)
     if not cfg.model:
         raise InputError("config: model: missing; set model: /path/to/model in the YAML or model=PATH")
     if not cfg.train_data:

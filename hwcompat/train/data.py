@@ -14,6 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from hwcompat.errors import InputError
+from hwcompat.textcheck import text_problem
+
 ROLES = ("system", "user", "assistant")
 MAX_ERRORS_SHOWN = 20
 #: Characters per token no real text reaches: a row longer than this many characters per allowed token
@@ -89,18 +92,12 @@ def _detect_format(row: dict) -> str | None:
     return None
 
 
-def _bad_text(value: str, where: str, report: Report) -> bool:
+def bad_text(value: str, where: str, report: Report) -> bool:
     """Decoded text that would corrupt training: escaped NUL (an error, like a raw NUL byte), lone surrogates
     (not Unicode: the tokenizer crashes on them), other control characters (a warning)."""
-    if "\x00" in value:
-        report.error(f"{where}: NUL character (\\u0000) at character {value.index(chr(0)) + 1}: the text is "
-                     "corrupted (often a scraper or an encoding bug); remove it or the row")
-        return True
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        report.error(f"{where}: lone surrogate \\u{ord(value[exc.start]):04x} at character {exc.start + 1}: not "
-                     "valid Unicode (a broken \\ud8xx escape, usually half of an emoji); fix or drop the row")
+    problem = text_problem(value, in_row=True)
+    if problem:
+        report.error(f"{where}: {problem}")
         return True
     controls = [ch for ch in value if ord(ch) < 32 and ch not in "\t\n\r"]
     if controls:
@@ -121,7 +118,7 @@ def _text_field(row: dict, key: str, where: str, report: Report, required: bool 
     if required and not value.strip():
         report.error(f"{where}: {key}: empty")
         return None
-    if _bad_text(value, f"{where}: {key}", report):
+    if bad_text(value, f"{where}: {key}", report):
         return None
     return value
 
@@ -152,38 +149,44 @@ def _messages(row: dict, where: str, report: Report) -> list[tuple[str, str]] | 
         if not content.strip():
             report.error(f"{w}.content: empty")
             return None
-        if _bad_text(content, f"{w}.content", report):
+        if bad_text(content, f"{w}.content", report):
             return None
         out.append((role, content))
-    # Order: an optional system turn, then user/assistant alternating, ending with assistant.
-    start = 1 if out[0][0] == "system" else 0
-    expected = "user"
-    for i in range(start, len(out)):
-        role = out[i][0]
-        if role != expected:
-            prev = out[i - 1][0] if i else "the start"
-            report.error(f"{where}: messages[{i}].role: expected {expected!r} after {prev!r}, got {role!r}")
-            return None
-        expected = "assistant" if role == "user" else "user"
-    if out[-1][0] != "assistant":
-        report.error(f"{where}: messages: the last turn must be 'assistant' (nothing to train on), "
-                     f"got {out[-1][0]!r}")
+    problem = order_problem(out, "assistant")
+    if problem:
+        report.error(f"{where}: messages{problem}")
         return None
     return out
+
+
+def order_problem(turns: list[tuple[str, str]], last: str) -> str | None:
+    """The one conversation rule (SFT rows, DPO prompts): an optional system turn first, then user and assistant
+    alternating from a user turn, ending with ``last``. Returns what is wrong (after the field name), or None."""
+    start = 1 if turns and turns[0][0] == "system" else 0
+    expected = "user"
+    for i in range(start, len(turns)):
+        role = turns[i][0]
+        if role != expected:
+            prev = turns[i - 1][0] if i else "the start"
+            return f"[{i}].role: expected {expected!r} after {prev!r}, got {role!r}"
+        expected = "assistant" if role == "user" else "user"
+    if not turns or turns[-1][0] != last:
+        why = "nothing to train on" if last == "assistant" else "the answers follow it"
+        return f": the last turn must be {last!r} ({why}), got {turns[-1][0] if turns else 'none'!r}"
+    return None
 
 
 def json_rows(path: str | Path, report: Report, max_seq_len: int | None = None) -> Iterator[tuple[int, str, dict]]:
     """(line number, "file:line", object) for every JSON object line of a JSONL file, after the byte-level
     checks (NUL bytes, UTF-8, BOM, JSON, far-too-long rows); every problem goes to ``report`` with file:line."""
     max_chars = max_seq_len * CHARS_PER_TOKEN_LIMIT if max_seq_len else None
+    from hwcompat.userfile import read_regular
+
     p = Path(path)
     try:
-        raw = p.read_bytes()
-    except FileNotFoundError:
-        report.error(f"{p}: not found")
-        return
-    except OSError as exc:
-        report.error(f"{p}: cannot read ({exc})")
+        raw = read_regular(p, "data file")  # a regular file only: a FIFO, a pipe (<(…)) or /dev/zero is refused
+    except InputError as exc:
+        report.error(str(exc))
         return
     lines = raw.split(b"\n")
     if lines and lines[-1] == b"":
@@ -288,6 +291,49 @@ def _row_messages(row: dict, fmt: str, where: str, report: Report) -> list[tuple
     if instruction and output:
         return [("user", instruction + (f"\n\n{extra}" if extra and extra.strip() else "")), ("assistant", output)]
     return None
+
+
+#: What stands in for a missing answer while a prompt-only row goes through the strict row checks.
+_NO_ANSWER = "(no answer given)"
+
+
+def _with_placeholder_answer(row: dict, fmt: str) -> tuple[dict, bool]:
+    """A prompt-only row completed with a placeholder answer, so it passes through the same checks as a training
+    row (roles, order, types, text); returns (row, whether it had its own answer)."""
+    if fmt == "prompt_completion" and row.get("completion") is None:
+        return {**row, "completion": _NO_ANSWER}, False
+    if fmt == "alpaca" and row.get("output") is None:
+        return {**row, "output": _NO_ANSWER}, False
+    msgs = row.get("messages")
+    if fmt == "messages" and isinstance(msgs, list) and msgs and isinstance(msgs[-1], dict) and (
+            msgs[-1].get("role") in ("user", "system")):
+        return {**row, "messages": [*msgs, {"role": "assistant", "content": _NO_ANSWER}]}, False
+    return row, True
+
+
+def read_prompts(path: str | Path, report: Report, max_rows: int | None = None
+                 ) -> list[tuple[tuple[tuple[str, str], ...], str | None, str]]:
+    """Rows to generate for: (the conversation up to the answer, the reference answer or None, "file:line").
+
+    Training rows (their answer is the reference) or prompt-only rows (``prompt`` without ``completion``,
+    ``messages`` ending with a user turn), each checked with the training rows' own rules and located by
+    file:line (``generate --file``, ``export --verify --data``)."""
+    out = []
+    for _, where, row in json_rows(path, report):
+        fmt = _detect_format(row)
+        if fmt is None:
+            report.error(f"{where}: expected \"prompt\" (a string), \"messages\" (a list of {{role, content}}) or "
+                         f"\"instruction\", got keys {sorted(row)[:6]}")
+            continue
+        full, answered = _with_placeholder_answer(row, fmt)
+        msgs = _row_messages(full, fmt, where, report)
+        if msgs is not None:
+            out.append((tuple(msgs[:-1]), msgs[-1][1] if answered else None, where))
+        if max_rows and len(out) >= max_rows:
+            break
+    if not out and not report.errors:
+        report.error(f"{path}: no rows (the file is empty)")
+    return out
 
 
 def check_rows(train: list, evals: list, report: Report, duplicates: str = "exact duplicates in train",

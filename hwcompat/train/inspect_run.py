@@ -23,7 +23,7 @@ def _load(run_dir: Path):
     """(spec, model with the adapter, tokenizer, device) for a finished run."""
     import torch
     from peft import PeftModel
-    from transformers import AutoTokenizer
+    from hwcompat import hfload
 
     from hwcompat.train.model import load_model
     from hwcompat.train.spec import load_spec
@@ -32,12 +32,20 @@ def _load(run_dir: Path):
     adapter = run_dir / "adapter"
     if not (adapter / "adapter_model.safetensors").exists():
         raise InputError(f"{run_dir}: no adapter/ yet (the run has not finished); train it to the end first")
+    from hwcompat.merge import read_header
+
+    base = Path(spec.config.model)
+    if not (base / "config.json").is_file() and not spec.config.allow_network:
+        raise InputError(f"{run_dir}: the run's base model {base} is gone (no config.json there); the adapter needs "
+                         "it: put the model back at that path, or merge the adapter into a copy of it with "
+                         f"`hwcompat merge {run_dir} --base NEW_PATH --out DIR`")
+    read_header(adapter / "adapter_model.safetensors")  # a half-written adapter is an error naming the file
     device = torch.device("cuda" if spec.device.kind == "cuda" and torch.cuda.is_available() else "cpu")
     cfg = replace(spec.config, init_adapter=str(adapter), qlora=False)
     model = load_model(cfg, spec.profile, device).eval()
     if not isinstance(model, PeftModel):
         raise HwcompatError(f"{adapter}: did not load as a PEFT adapter")
-    tokenizer = AutoTokenizer.from_pretrained(str(adapter))
+    tokenizer = hfload.tokenizer(adapter, "adapter", trust_remote_code=spec.config.trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return spec, model, tokenizer, device
@@ -45,24 +53,18 @@ def _load(run_dir: Path):
 
 def _prompts(args) -> list[list[tuple[str, str]]]:
     """--prompt text, or --file JSONL rows with "prompt" (a string) or "messages" (ending with a user turn)."""
-    if args.prompt is not None:
-        return [[("user", args.prompt)]]
-    from hwcompat.train.data import Report, json_rows
+    from hwcompat.textcheck import text_problem
+    from hwcompat.train.data import Report, read_prompts
 
-    report, out = Report(), []
-    for _, where, row in json_rows(args.file, report):
-        if isinstance(row.get("prompt"), str) and row["prompt"].strip():
-            out.append([("user", row["prompt"])])
-        elif isinstance(row.get("messages"), list) and row["messages"]:
-            msgs = [(m.get("role"), m.get("content")) for m in row["messages"] if isinstance(m, dict)]
-            if msgs[-1][0] == "assistant":
-                msgs = msgs[:-1]
-            out.append(msgs)
-        else:
-            report.error(f"{where}: expected \"prompt\" (a string) or \"messages\"")
+    if args.prompt is not None:
+        if text_problem(args.prompt):
+            raise InputError(f"--prompt: {text_problem(args.prompt)}")
+        return [[("user", args.prompt)]]
+    report = Report()
+    rows = read_prompts(args.file, report)
     if report.errors:
-        raise InputError("prompts file: " + "; ".join(report.errors[:5]))
-    return out
+        raise InputError(f"--file {args.file}: " + "; ".join(report.errors[:5]))
+    return [list(msgs) for msgs, _, _ in rows]
 
 
 def generate(args) -> int:
@@ -127,6 +129,8 @@ def forgetting(model, tokenizer, chat: bool, device, dtype: str, new_tokens: int
 
 def evaluate(args) -> int:
     """The objective's metrics on a data file, adapted model and base side by side; --general: forgetting."""
+    if args.general:
+        _summary(Path(args.run_dir))  # a damaged summary.json is said before the compute, not after it
     spec, model, tokenizer, device = _load(Path(args.run_dir))
     out: dict = {}
     if args.data:
@@ -150,11 +154,24 @@ def _record(run_dir: Path, general: dict) -> None:
     """summary.json carries the forgetting figures (replaced atomically)."""
     from hwcompat.fsutil import atomic_write_json
 
-    path = run_dir / "summary.json"
-    if path.exists():
-        summary = json.loads(path.read_text(encoding="utf-8"))
+    summary = _summary(run_dir)
+    if summary is not None:
         summary["forgetting"] = general
-        atomic_write_json(path, summary)
+        atomic_write_json(run_dir / "summary.json", summary)
+
+
+def _summary(run_dir: Path) -> dict | None:
+    """The run's summary.json (None when it has none), or an error naming it when it is damaged."""
+    from hwcompat.userfile import read_json_object
+
+    path = run_dir / "summary.json"
+    if not path.exists():
+        return None
+    try:
+        return read_json_object(path, "summary")
+    except InputError as exc:
+        raise InputError(f"{exc}. (It is the run's record of its results: rerun `hwcompat train` with --overwrite "
+                         "to rebuild it, or move it away to evaluate without recording.)") from None
 
 
 def _task_eval(args, spec, model, tokenizer, device) -> dict:

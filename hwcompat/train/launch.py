@@ -21,7 +21,7 @@ from hwcompat.errors import DataError, HwcompatError, InputError
 from hwcompat.fsutil import atomic_write_json
 from hwcompat.resolve import HostPlan, Overrides, ResolvedDevice, ResolvedProfile, resolve_device
 from hwcompat.train.config import ORIGIN_DEFAULT, ORIGIN_PROFILE, LoadedConfig, save_yaml
-from hwcompat.train.rundir import RunDir, open_run_dir
+from hwcompat.train.rundir import EXPORTS, RECORDS, RESULTS, RunDir, open_run_dir, record_written
 from hwcompat.train.spec import RunSpec, TrainDevice
 
 HARDWARE_KEYS = ("dtype", "attention", "compile_backend")
@@ -105,16 +105,22 @@ def check_data(loaded: LoadedConfig) -> tuple[str, float]:
 
 
 def prepare_run_dir(loaded: LoadedConfig, profile: ResolvedProfile, device: ResolvedDevice, plan: HostPlan,
-                    resume: bool, overwrite: bool, cpu_emulation: bool = False) -> RunDir:
+                    resume: bool, overwrite: bool, cpu_emulation: bool = False, world_size: int = 1) -> RunDir:
     """Lock the run folder, apply its rules (``rundir``), then write the run's records and its spec."""
+    from hwcompat.fingerprint import run_inputs
+
     cfg = loaded.config.to_dict()
-    run = open_run_dir(loaded.config.output_dir, cfg, resume, overwrite)
+    outputs = RECORDS + RESULTS + (EXPORTS if loaded.config.export == "gguf" else ())
+    run = open_run_dir(loaded.config.output_dir, cfg, resume, overwrite, outputs)
     cfg["output_dir"] = str(run.path)
+    inputs = run_inputs(loaded.config, world_size)
     resumes = []
     if run.resume:
-        resumes = json.loads((run.path / "run.json").read_text()).get("resumes", [])
-        if run.changes:
-            resumes.append({"at_step": run.from_step, "changed": run.changes})
+        try:
+            resumes, inputs = _resume_record(run, inputs, loaded.config.force)
+        except BaseException:
+            run.lock.release()
+            raise
     # config.yaml holds the user's settings (not the profile's), so a resume re-resolves the same way.
     save_yaml({k: v for k, v in cfg.items()
                if loaded.origins.get(k, ORIGIN_DEFAULT) != ORIGIN_DEFAULT or k in ("model", "output_dir")},
@@ -123,9 +129,32 @@ def prepare_run_dir(loaded: LoadedConfig, profile: ResolvedProfile, device: Reso
     atomic_write_json(run.path / "devices.json", plan.to_dict())
     spec = RunSpec(config=replace(loaded.config, output_dir=str(run.path)), profile=profile,
                    device=TrainDevice.choose(device, profile, cpu_emulation), origins=dict(loaded.origins),
-                   cpu_emulation=cpu_emulation, resumes=resumes, hwcompat=__version__)
+                   cpu_emulation=cpu_emulation, resumes=resumes, hwcompat=__version__, inputs=inputs)
     atomic_write_json(run.path / "run.json", spec.to_dict())
+    record_written(run.path, *RECORDS)
     return run
+
+
+def _resume_record(run: RunDir, inputs: dict[str, Any], force: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The resumes so far plus this one; a resume whose inputs differ from what the run trained on is refused
+    (with force=true it goes on, and the difference is recorded)."""
+    from hwcompat.fingerprint import changed_inputs
+
+    recorded = json.loads((run.path / "run.json").read_text())
+    resumes = recorded.get("resumes", [])
+    changed = changed_inputs(recorded.get("inputs") or {}, inputs)
+    if changed and not force:
+        raise InputError(f"--resume: the run in {run.path} trained on other inputs than this start has: "
+                         f"{'; '.join(changed)}. A resume must continue the same training; restore them, or "
+                         "start a new run in another output_dir (force=true resumes anyway, and records it)")
+    entry: dict[str, Any] = {"at_step": run.from_step}
+    if run.changes:
+        entry["changed"] = run.changes
+    if changed:
+        entry["inputs_changed"] = changed
+    if len(entry) > 1:
+        resumes.append(entry)
+    return resumes, inputs
 
 
 def is_hub_id(model: str) -> bool:
@@ -186,6 +215,18 @@ def check_init_adapter(cfg) -> None:
         saved = json.loads(meta.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise InputError(f"init_adapter {meta}: cannot read it ({str(exc)[:100]})") from None
+    if not isinstance(saved, dict):
+        raise InputError(f"init_adapter {meta}: expected a JSON object (PEFT's adapter config), got "
+                         f"{type(saved).__name__}; use an adapter folder that PEFT wrote")
+    for key in ("r", "lora_alpha"):
+        value = saved.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise InputError(f"init_adapter {meta}: {key}: expected a number, got {json.dumps(value)[:40]}; the file "
+                             "was edited by hand or not written by PEFT")
+    from hwcompat.merge import read_header
+
+    read_header(folder / "adapter_model.safetensors")  # truncated: an error naming the file, not a crash
+    _same_base_as(folder, cfg.model)
     targets = saved.get("target_modules")
     targets = sorted(targets) if isinstance(targets, list) else targets
     ours = "all-linear" if cfg.lora_target_modules == ["all-linear"] else sorted(cfg.lora_target_modules)
@@ -197,6 +238,31 @@ def check_init_adapter(cfg) -> None:
                          "set the same in this config (the adapter keeps its shape)")
     if ours != "all-linear" and targets != ours:
         raise InputError(f"init_adapter {folder} targets {targets}; set lora_target_modules to the same")
+
+
+def _same_base_as(adapter: Path, model: str) -> None:
+    """An adapter continues only on the model it was trained on (its run's recorded digest, else PEFT's name)."""
+    from hwcompat.fingerprint import weights_digest
+
+    try:
+        recorded = (json.loads((adapter.parent / "run.json").read_text(encoding="utf-8")).get("inputs") or {}).get("base")
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    if recorded:
+        if weights_digest(model) != recorded:
+            raise InputError(f"init_adapter {adapter} was trained on another base model than model={model} (its "
+                             "run's run.json records the base's config + weights digest, and this model differs); "
+                             "train from the adapter's own base model")
+        return
+    try:
+        named = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        named = None
+    if isinstance(named, str) and named and Path(named).name != Path(model).name and \
+            os.path.abspath(named) != os.path.abspath(model):
+        raise InputError(f"init_adapter {adapter} was trained on {named!r}, not model={model}; train from that base "
+                         "model (if it is the same model under another name, copy the adapter and fix "
+                         "base_model_name_or_path in its adapter_config.json)")
 
 
 def child_env(profile: ResolvedProfile, device: ResolvedDevice, group: list[int] | None,

@@ -25,12 +25,13 @@ from pathlib import Path
 from typing import Any
 
 from hwcompat.errors import HwcompatError, InputError
-from hwcompat.fsutil import atomic_dir, atomic_write_json, atomic_write_text
+from hwcompat.fsutil import Terminated, atomic_dir, atomic_write_json, atomic_write_text
 from hwcompat.train import batching, checkpoint, distributed, metrics, objectives
 from hwcompat.train.distributed import Dist, log
 from hwcompat.train.model import load_model
 from hwcompat.train.optim import make_optimizer
 from hwcompat.train.objectives.sft import ResponseLoss, evaluate_loss, generate, task_metrics  # noqa: F401 (API)
+from hwcompat.train.rundir import record_written
 from hwcompat.train.spec import RunSpec, load_spec
 from hwcompat.train.stopping import (NONFINITE_STEPS, SecondInterrupt, Signals,  # noqa: F401 (worker's API)
                                      divergence_advice, oom_advice)
@@ -71,21 +72,30 @@ class Recipe:
 
 
 def run(run_dir: Path, resume: bool = False) -> int:
-    """Train as described by ``run_dir/run.json``; returns the process exit code."""
+    """Train as described by ``run_dir/run.json``; returns the process exit code.
+
+    One ``Signals`` handler lives from the first line to the last write, so SIGINT, SIGTERM and SIGHUP in any
+    phase (load, eval, steps, checkpoint, adapter, export) end with what exists saved and a true message.
+    """
     t_start = time.time()
-    spec = load_spec(run_dir / "run.json")
-    dist = distributed.init(spec.device.kind)
-    distributed.check_same_run(dist, _identity(spec))
-    r = setup(spec, run_dir, dist, resume)
-    r.t_start = t_start
-    if r.dist.writer and r.start_step == 0 and r.cfg.eval_at_start:
-        evaluate(r, 0, with_tasks=True)
-    distributed.barrier(dist)
-    code = train(r)
-    if code == 0:
-        code = finish(r)
-    distributed.close(dist)
-    return code
+    signals = Signals()
+    try:
+        spec = load_spec(run_dir / "run.json")
+        dist = distributed.init(spec.device.kind)
+        distributed.check_same_run(dist, _identity(spec))
+        with signals.at_once():  # before the first step there is nothing new to save: stop where it is
+            r = setup(spec, run_dir, dist, resume)
+            r.t_start = t_start
+            if r.dist.writer and r.start_step == 0 and r.cfg.eval_at_start:
+                evaluate(r, 0, with_tasks=True)
+        distributed.barrier(dist)
+        code = train(r, signals)
+        if code == 0:
+            code = finish(r, signals)
+        distributed.close(dist)
+        return code
+    finally:
+        signals.restore()
 
 
 def _identity(spec: RunSpec) -> dict[str, str]:
@@ -160,12 +170,15 @@ def _bind_device(spec: RunSpec, dist: Dist):
 
 
 def _tokenizer(cfg):
-    from transformers import AutoTokenizer
+    from hwcompat import hfload
 
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code)
-    except OSError as exc:
-        raise InputError(f"tokenizer {cfg.tokenizer or cfg.model}: cannot load it ({str(exc).splitlines()[0]})") from None
+    source = cfg.tokenizer or cfg.model
+    if Path(source).exists() or not cfg.allow_network:
+        tokenizer = hfload.tokenizer(source, "tokenizer", trust_remote_code=cfg.trust_remote_code)
+    else:  # a hub id the user allowed (the launcher checked it)
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -208,10 +221,7 @@ def _restore(r: Recipe, resume: bool) -> None:
         if r.dist.writer:
             r.metrics_path.unlink(missing_ok=True)
         return
-    ck = checkpoint.latest(r.run_dir)
-    if ck is None:
-        raise InputError(f"--resume: no checkpoint in {checkpoint.checkpoint_dir(r.run_dir)}; start without --resume")
-    state = checkpoint.load(ck, r.model, r.optimizer, r.scheduler, r.scaler)
+    ck, state = _load_checkpoint(r)
     r.start_step = state["step"]
     if r.start_step > r.total_steps:
         raise InputError(f"--resume: the run already made {r.start_step} steps, but these settings give "
@@ -219,10 +229,48 @@ def _restore(r: Recipe, resume: bool) -> None:
                          "max_steps, or start a new run)")
     r.history = state.get("history", r.history)
     if r.dist.writer and r.metrics_path.exists():
-        kept = [ln for ln in r.metrics_path.read_text().splitlines()
-                if json.loads(ln).get("step", 0) <= r.start_step]
-        atomic_write_text(r.metrics_path, "".join(ln + "\n" for ln in kept))
+        _trim_metrics(r)
     log(r.dist, f"resumed from {ck} at step {r.start_step}/{r.total_steps}")
+
+
+def _load_checkpoint(r: Recipe) -> tuple[Path, dict[str, Any]]:
+    """The newest checkpoint that loads; a damaged one is named and the one before it used."""
+    import pickle
+
+    skipped = []
+    for ck in checkpoint.candidates(r.run_dir):
+        why = checkpoint.problem(ck)
+        if why is None:
+            try:
+                return ck, checkpoint.load(ck, r.model, r.optimizer, r.scheduler, r.scaler)
+            except InputError:
+                raise  # the checkpoint is sound but belongs to other settings: said as it is
+            except (OSError, RuntimeError, ValueError, KeyError, TypeError, EOFError, pickle.UnpicklingError) as exc:
+                why = f"it does not load ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''})"
+        skipped.append(f"{ck.name}: {why}")
+        log(r.dist, f"warning: checkpoint {ck} is damaged ({why}); trying the one before it")
+    if skipped:
+        raise InputError(f"--resume: no usable checkpoint in {checkpoint.checkpoint_dir(r.run_dir)} ("
+                         f"{'; '.join(skipped)}); start the run again with --overwrite")
+    raise InputError(f"--resume: no checkpoint in {checkpoint.checkpoint_dir(r.run_dir)}; start without --resume")
+
+
+def _trim_metrics(r: Recipe) -> None:
+    """Keep the log up to the resumed step; a torn or blank line (a crash mid-write) is dropped and said."""
+    kept, torn = [], 0
+    for ln in r.metrics_path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            rec = json.loads(ln)
+            step = rec.get("step", 0) if isinstance(rec, dict) else None
+        except ValueError:
+            step = None
+        if not isinstance(step, int):
+            torn += 1
+        elif step <= r.start_step:
+            kept.append(ln)
+    if torn:
+        log(r.dist, f"note: {r.metrics_path}: dropped {torn} torn or blank line(s) (an interrupted write)")
+    atomic_write_text(r.metrics_path, "".join(ln + "\n" for ln in kept))
 
 
 def _engine(model, objective, dist: Dist, device):
@@ -256,12 +304,11 @@ def micro_batches(r: Recipe, start_micro: int):
         m += 1
 
 
-def train(r: Recipe) -> int:
-    """Optimizer steps until ``total_steps``, or a signal (checkpoint, exit 130/143); returns the exit code."""
+def train(r: Recipe, signals: Signals) -> int:
+    """Optimizer steps until ``total_steps``, or a signal (checkpoint, exit 130/143/129); returns the exit code."""
     import torch
     from tqdm.auto import tqdm
 
-    signals = Signals()
     stream = micro_batches(r, r.start_step * r.cfg.gradient_accumulation)
     bar = tqdm(total=r.total_steps, initial=r.start_step, disable=not r.dist.writer, unit="step", mininterval=1.0,
                dynamic_ncols=True, file=sys.stderr)
@@ -284,7 +331,11 @@ def train(r: Recipe) -> int:
             _log_step(r, bar, step, loss, grad_norm, epoch)
             stop = distributed.any_rank(r.dist, signals.received is not None, r.device)
             if r.cfg.eval_every and step % r.cfg.eval_every == 0 and step < r.total_steps and r.dist.writer:
-                evaluate(r, step, with_tasks=True)
+                try:
+                    with _at_once(r, signals):  # an eval with generation can take minutes: stop inside it
+                        evaluate(r, step, with_tasks=True)
+                except Terminated:
+                    return _interrupted(r, step, signals, during="the eval after it")
             if stop:
                 return _interrupted(r, step, signals)
             if r.cfg.checkpoint_every and step % r.cfg.checkpoint_every == 0 and step < r.total_steps:
@@ -292,7 +343,6 @@ def train(r: Recipe) -> int:
     except torch.OutOfMemoryError:
         raise HwcompatError(oom_advice(r.cfg, r.spec.profile, step)) from None
     finally:
-        signals.restore()
         bar.close()
     r.train_seconds = time.time() - t_loop
     return 0
@@ -364,15 +414,24 @@ def _save(r: Recipe, step: int, rng: dict[str, Any] | None = None) -> Path | Non
     return path
 
 
+def _at_once(r: Recipe, signals: Signals):
+    """A phase that stops where it is on a signal. One process only: in a DDP group the writer must not leave
+    for the checkpoint barrier while the others wait in a step's collective; there the flag acts next step."""
+    return signals.at_once() if r.dist.world == 1 else nullcontext()
+
+
 def _interrupted(r: Recipe, step: int, signals: Signals, rng: dict[str, Any] | None = None,
-                 mid_step: int | None = None) -> int:
+                 mid_step: int | None = None, during: str | None = None) -> int:
     """A signal: save the last completed step (a partial one is redone on resume), say how to resume."""
     path = _save(r, step, rng)
     where = "" if mid_step is None else (f" (micro-batch {mid_step} of {r.cfg.gradient_accumulation}; that step is "
                                          "redone on resume)")
+    if during:
+        where += f" (during {during}; it is redone on resume)"
+    then = " (all steps are done: the resume runs the final eval and writes the adapter)" if (
+        step >= r.total_steps) else ""
     log(r.dist, f"\ninterrupted at step {step}/{r.total_steps}{where}: checkpoint saved to {path}\n"
-                f"resume with: hwcompat train {r.run_dir / 'config.yaml'} --resume")
-    signals.restore()
+                f"resume with: hwcompat train {r.run_dir / 'config.yaml'} --resume{then}")
     return signals.exit_code()
 
 
@@ -388,34 +447,57 @@ def evaluate(r: Recipe, step: int, with_tasks: bool) -> dict[str, Any]:
 
 
 def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(record) + "\n")
+    from hwcompat.fsutil import append_line
+
+    new = not os.path.lexists(path)
+    append_line(path, json.dumps(record))
+    if new:
+        record_written(path.parent, path.name)
 
 
 # --- finish ------------------------------------------------------------------------------------------------
 
-def finish(r: Recipe) -> int:
+def finish(r: Recipe, signals: Signals) -> int:
     """Final eval, the adapter, summary.json and (export=gguf, unless a task metric regressed) the merged model,
-    on each machine's writer; returns the exit code."""
+    on each machine's writer; returns the exit code. A signal in the final eval saves a checkpoint at the last
+    step; during the (short) adapter and summary writes it waits; during the export the adapter is kept."""
     if not r.dist.writer:
         return 0
-    final = evaluate(r, r.total_steps, with_tasks=True)
+    try:
+        with _at_once(r, signals):
+            final = evaluate(r, r.total_steps, with_tasks=True)
+    except Terminated:
+        return _interrupted(r, r.total_steps, signals, during="the final eval")
     with atomic_dir(r.run_dir / "adapter") as tmp:
         r.model.save_pretrained(str(tmp), safe_serialization=True)
         r.tokenizer.save_pretrained(str(tmp))
+    record_written(r.run_dir, "adapter")
     summary = _summary(r, final)
     summary["regressed"] = metrics.regressions(summary["eval_before"], final, r.cfg.regression_tolerance)
     atomic_write_json(r.run_dir / "summary.json", summary)
+    record_written(r.run_dir, "summary.json")
     log(r.dist, _summary_text(summary, r.run_dir))
     if summary["regressed"]:
         log(r.dist, _regression_text(summary["regressed"], r.cfg.regression_tolerance))
+    if signals.received is not None:
+        log(r.dist, "interrupted after the run finished: the adapter and summary.json are saved"
+                    + ("; the export was not started" if r.cfg.export == "gguf" else ""))
+        return signals.exit_code()
     if r.cfg.export == "gguf":
         if summary["regressed"] and not r.cfg.force:  # said and returned, not raised: other ranks wait to close
             log(r.dist, "hwcompat: error: export refused: a task metric regressed (above); the adapter is kept in "
                         f"{r.run_dir / 'adapter'}. Export anyway with --force (or force=true), or fix the data and "
                         "train again")
             return 1
-        export_run(r.run_dir, r.cfg, lambda m: log(r.dist, m))
+        try:
+            with _at_once(r, signals):
+                export_run(r.run_dir, r.cfg, lambda m: log(r.dist, m))
+        except Terminated:
+            log(r.dist, f"\ninterrupted during the export: training finished and the adapter is saved in "
+                        f"{r.run_dir / 'adapter'}; the export left nothing half-written. Export it with: hwcompat "
+                        f"merge {r.run_dir} --out {r.run_dir / 'merged'} && hwcompat export {r.run_dir / 'merged'} "
+                        f"--gguf {r.run_dir / 'model.gguf'} --type {r.cfg.export_type} --ollama")
+            return signals.exit_code()
     return 0
 
 
@@ -458,14 +540,22 @@ def export_run(run_dir: Path, cfg, say) -> None:
     from hwcompat.export.ollama import write_modelfile
     from hwcompat.merge import merge
 
+    from hwcompat.train.rundir import EXPORTS, record_written, refuse_foreign
+
+    refuse_foreign(run_dir, EXPORTS)  # checked at the start too; a file may have appeared since
     merged = run_dir / "merged"
-    shutil.rmtree(merged, ignore_errors=True)
+    shutil.rmtree(merged, ignore_errors=True)  # ours (the ledger says so), from an earlier export
     merge(run_dir / "adapter", cfg.model, merged, log=lambda m: None)
+    record_written(run_dir, "merged")
     say(f"merged: {merged}")
     res = export_gguf(merged, run_dir / "model.gguf", cfg.export_type, overwrite=True)  # the run's own outputs
-    if not _verified_export(merged, res, cfg, say):
+    record_written(run_dir, "model.gguf")
+    verified = _verified_export(merged, res, cfg, say)
+    record_written(run_dir, "model.export.json")
+    if not verified:
         return
     path, cmd = write_modelfile(res.path, merged, overwrite=True)
+    record_written(run_dir, "Modelfile")
     say(f"gguf: {res.path} ({res.qtype}); Modelfile: {path}\nrun: {cmd}")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from hwcompat.errors import InputError
@@ -26,6 +27,10 @@ def load_model(cfg: TrainConfig, profile: ResolvedProfile, device):
                               "use_safetensors": True}  # never unpickle weights (the launcher refused .bin-only)
     if cfg.qlora:
         kwargs.update(_nf4(profile, dtype, device))
+    if Path(cfg.model).exists():
+        from hwcompat.hfload import check_folder
+
+        check_folder(cfg.model, "model", cfg.trust_remote_code)
     try:
         model = AutoModelForCausalLM.from_pretrained(cfg.model, **kwargs)
     except OSError as exc:

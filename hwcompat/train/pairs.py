@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hwcompat.train.data import (CHARS_PER_TOKEN_LIMIT, ROLES, Example, Report, _bad_text, check_rows, json_rows,
-                                  split_eval, too_long)
+from hwcompat.train.data import (CHARS_PER_TOKEN_LIMIT, ROLES, Example, Report, bad_text, check_rows, json_rows,
+                                 order_problem, split_eval, too_long)
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ def _turns(value: Any, where: str, report: Report) -> list[tuple[str, str]] | No
         if not isinstance(content, str) or not content.strip():
             report.error(f"{w}.content: {'empty' if isinstance(content, str) else 'expected a string'}")
             return None
-        if _bad_text(content, f"{w}.content", report):
+        if bad_text(content, f"{w}.content", report):
             return None
         out.append((m["role"], content))
     return out
@@ -85,7 +85,7 @@ def _answer(row: dict, key: str, where: str, report: Report) -> str | None:
     if not value.strip():
         report.error(f"{where}: {key}: empty")
         return None
-    return None if _bad_text(value, f"{where}: {key}", report) else value
+    return None if bad_text(value, f"{where}: {key}", report) else value
 
 
 def _prompt(row: dict, where: str, report: Report) -> list[tuple[str, str]] | None:
@@ -94,10 +94,11 @@ def _prompt(row: dict, where: str, report: Report) -> list[tuple[str, str]] | No
         if not value.strip():
             report.error(f"{where}: prompt: empty")
             return None
-        return None if _bad_text(value, f"{where}: prompt", report) else [("user", value)]
+        return None if bad_text(value, f"{where}: prompt", report) else [("user", value)]
     turns = _turns(value, f"{where}: prompt", report)
-    if turns is not None and turns[-1][0] != "user":
-        report.error(f"{where}: prompt: the last turn must be 'user' (the answers follow it), got {turns[-1][0]!r}")
+    problem = order_problem(turns, "user") if turns is not None else None
+    if problem:
+        report.error(f"{where}: prompt{problem}")
         return None
     return turns
 
@@ -111,6 +112,10 @@ def _implicit(row: dict, where: str, report: Report) -> tuple[list, str, str] | 
             return None
         if turns[-1][0] != "assistant" or len(turns) < 2:
             report.error(f"{where}: {key}: the conversation must end with the assistant's answer after a prompt")
+            return None
+        problem = order_problem(turns, "assistant")
+        if problem:
+            report.error(f"{where}: {key}{problem}")
             return None
         sides.append(turns)
     if sides[0][:-1] != sides[1][:-1]:

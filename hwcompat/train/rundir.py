@@ -11,6 +11,10 @@
   schedule may change (``RESUMABLE``), each change is recorded in run.json with the step it applies from,
   and a resume never moves a run backwards (fewer steps than it already made).
 - Leftovers of a killed writer (hwcompat's own temp names only) are removed once the lock is held.
+- Only what hwcompat wrote is ever removed or replaced: each output is recorded in the folder's ledger
+  (``.hwcompat-outputs.json``) when it is written, a restart or ``--overwrite`` clears only the ledger's names,
+  and a run refuses to start when a name it would write is taken by something the ledger does not list
+  (the user's own config.yaml with ``output_dir: .``, a hand-written Modelfile): nothing is guessed.
 """
 
 from __future__ import annotations
@@ -28,9 +32,42 @@ from hwcompat.errors import InputError
 #: the checkpoint's weights, optimizer state or data order mean.
 RESUMABLE = ("epochs", "max_steps", "eval_every", "eval_at_start", "eval_metrics", "eval_max_rows",
              "eval_max_new_tokens", "checkpoint_every", "keep_checkpoints", "export", "export_type", "force", "num_threads", "output_dir")
-#: What the run folder holds; cleared on --overwrite or when a run starts over.
-RUN_FILES = ("adapter", "checkpoints", "metrics.jsonl", "summary.json", "merged", "model.gguf", "Modelfile",
-             "export.json", "config.yaml", "profile.json", "devices.json", "run.json")
+#: What a run writes in its folder: the records at the start, then the logs, checkpoints and results.
+RECORDS = ("config.yaml", "profile.json", "devices.json", "run.json")
+RESULTS = ("metrics.jsonl", "checkpoints", "adapter", "summary.json")
+#: What ``export: gguf`` adds (the export chain's outputs in the run folder).
+EXPORTS = ("merged", "model.gguf", "model.export.json", "Modelfile")
+#: The ledger of what hwcompat wrote in a run folder (see the module docstring).
+LEDGER = fsutil.LEDGER
+record_written = fsutil.record_written
+#: A run folder made before the ledger existed: what the trainer wrote there.
+LEGACY_OWNED = RECORDS + RESULTS
+
+
+def written(run_dir: Path) -> set[str]:
+    """Names hwcompat recorded as its own writes in ``run_dir`` (a folder from before the ledger: see below)."""
+    names = fsutil.ledger_names(run_dir)
+    return _legacy_owned(run_dir) if names is None else names
+
+
+def _legacy_owned(run_dir: Path) -> set[str]:
+    """A run folder from before the ledger (it has run.json): the trainer's own names. Not the export's
+    names, which a user may have made by hand; a folder without run.json owns nothing."""
+    return set(LEGACY_OWNED) if (run_dir / "run.json").is_file() else set()
+
+
+def foreign(run_dir: Path, names: tuple[str, ...] | list[str]) -> list[str]:
+    """Which of ``names`` exist in ``run_dir`` but are not hwcompat's writes (symbolic links included)."""
+    ours = written(run_dir)
+    return [n for n in names if n not in ours and os.path.lexists(run_dir / n)]
+
+
+def refuse_foreign(run_dir: Path, names: tuple[str, ...] | list[str]) -> None:
+    taken = foreign(run_dir, names)
+    if taken:
+        raise InputError(f"output_dir {run_dir} holds {', '.join(taken)}, which hwcompat did not write, at "
+                         f"name(s) this run writes; hwcompat never replaces what it did not make (even with "
+                         "--overwrite). Choose another output_dir (e.g. runs/NAME), or move those files away")
 
 
 @dataclass
@@ -54,6 +91,13 @@ def _checkpoint_step(run_dir: Path) -> int | None:
         return int(json.loads((ck / "state.json").read_text())["step"])
     except (OSError, ValueError, KeyError, TypeError):
         return int(ck.name.removeprefix(checkpoint.PREFIX))
+
+
+def _state_step(ck: Path) -> int | None:
+    try:
+        return int(json.loads((ck / "state.json").read_text(encoding="utf-8"))["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _finished_step(run_dir: Path) -> int | None:
@@ -100,15 +144,22 @@ def resume_changes(recorded: dict[str, Any], new: dict[str, Any], done: int) -> 
     return changes
 
 
-def _clear(run_dir: Path) -> None:
+def _clear(run_dir: Path) -> list[str]:
+    """Remove the previous run's outputs: only the names the ledger lists. Returns what was removed."""
     import shutil
 
-    for name in RUN_FILES:
+    removed = []
+    for name in sorted(written(run_dir)):
         target = run_dir / name
+        if not os.path.lexists(target):
+            continue
         if target.is_dir() and not target.is_symlink():
             shutil.rmtree(target, ignore_errors=True)
         else:
             target.unlink(missing_ok=True)
+        removed.append(name)
+    (run_dir / LEDGER).unlink(missing_ok=True)
+    return removed
 
 
 def _make(run_dir: Path) -> None:
@@ -133,8 +184,27 @@ def _writable(folder: Path) -> bool:
     return os.access(folder, os.W_OK | os.X_OK)
 
 
-def open_run_dir(output_dir: str, new_config: dict[str, Any], resume: bool, overwrite: bool) -> RunDir:
-    """Lock the run folder and decide start / restart / resume before anything in it changes."""
+def _refuse_all_damaged(run_dir: Path, resume: bool, ck_step: int | None) -> None:
+    """A resume whose every checkpoint lost its state.json (so no step can be told) must not quietly start over
+    and clear them; other damage is found by the trainer, which falls back to an older checkpoint."""
+    from hwcompat.train import checkpoint
+
+    found = checkpoint.candidates(run_dir)
+    if resume and found and all(_state_step(ck) is None for ck in found):
+        why = "; ".join(f"{ck.name}: {checkpoint.problem(ck)}" for ck in found[:3])
+        raise InputError(f"--resume: no usable checkpoint in {run_dir / 'checkpoints'} ({why}); nothing was changed. "
+                         "Start the run again with --overwrite")
+
+
+def open_run_dir(output_dir: str, new_config: dict[str, Any], resume: bool, overwrite: bool,
+                 outputs: tuple[str, ...] = RECORDS + RESULTS) -> RunDir:
+    """Lock the run folder and decide start / restart / resume before anything in it changes.
+
+    ``outputs``: the names this run will write (``EXPORTS`` too when it exports), none of which may be taken.
+    """
+    if not str(output_dir).strip():
+        raise InputError("output_dir is empty; give the run a folder, e.g. output_dir=runs/NAME (an empty value "
+                         "would mean the current folder)")
     run_dir = Path(os.path.abspath(output_dir))  # no symlink resolution: a loop is an error below, not a crash
     _make(run_dir)
     lock = fsutil.FolderLock(run_dir, "hwcompat train")
@@ -149,6 +219,8 @@ def open_run_dir(output_dir: str, new_config: dict[str, Any], resume: bool, over
             raise InputError(f"--resume: the run in {run_dir} finished (step {end_step}) and kept no checkpoint to "
                              "go on from (checkpoint_every=0 keeps one only on an interrupt); start a new run in "
                              "another output_dir, or --overwrite")
+        refuse_foreign(run_dir, outputs)
+        _refuse_all_damaged(run_dir, resume, ck_step)
         if resume and ck_step is None:
             out.resume = False
             out.notes.append("--resume: no checkpoint yet (the run stopped before its first one); starting over")

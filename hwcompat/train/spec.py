@@ -45,6 +45,7 @@ class RunSpec:
     cpu_emulation: bool = False  # the profile's choices run on the CPU (plumbing, not the card)
     resumes: list[dict[str, Any]] = field(default_factory=list)  # settings changed at each resume
     hwcompat: str = ""  # the version that wrote it
+    inputs: dict[str, Any] = field(default_factory=dict)  # what it trained on (fingerprint.run_inputs)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import signal
+from contextlib import contextmanager
+from typing import Iterator
 
+from hwcompat.fsutil import Terminated
 from hwcompat.resolve import ResolvedProfile
 from hwcompat.train.config import TrainConfig
 
-EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
+EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129}
 
 #: Consecutive optimizer steps with a non-finite loss or gradient norm after which a run is stopped.
 NONFINITE_STEPS = 3
@@ -18,29 +21,52 @@ class SecondInterrupt(KeyboardInterrupt):
 
 
 class Signals:
-    """SIGINT/SIGTERM set a flag; the loop checkpoints at the next micro-batch boundary and exits.
+    """One handler for the worker's whole life: SIGINT, SIGTERM and SIGHUP (a closed terminal or ssh session).
 
-    Acting at a micro-batch, not an optimizer step, bounds the time to exit by one forward/backward pass,
-    so ``docker stop`` (SIGKILL after 10 s) never lands before the checkpoint even with long accumulation.
+    In the training loop a signal only sets a flag; the loop checkpoints at the next micro-batch boundary
+    and exits. Acting at a micro-batch, not an optimizer step, bounds the time to exit by one
+    forward/backward pass, so ``docker stop`` (SIGKILL after 10 s) never lands before the checkpoint. Inside
+    ``at_once()`` (model load, evals with generation, export) the handler raises ``Terminated`` instead, so a
+    long phase stops within one forward pass too and its caller saves what exists. A SIGHUP the parent set to
+    be ignored (``nohup``) stays ignored.
     """
 
     def __init__(self) -> None:
         self.received: int | None = None
+        self._raise = False
         self._old = {}
         for sig in EXIT_SIGNAL:
+            if sig == signal.SIGHUP and signal.getsignal(sig) is signal.SIG_IGN:
+                continue
             self._old[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
         if self.received is not None and signum == signal.SIGINT:
             raise SecondInterrupt  # second Ctrl-C: stop now
         self.received = signum
+        if self._raise:
+            self._raise = False  # raised once; whoever catches it saves, with the flag still set
+            raise Terminated(signum)
+
+    @contextmanager
+    def at_once(self) -> Iterator[None]:
+        """While inside, a signal (or one already received) raises ``Terminated`` where the code is."""
+        if self.received is not None:
+            raise Terminated(self.received)
+        self._raise = True
+        try:
+            yield
+        finally:
+            self._raise = False
 
     def restore(self) -> None:
         for sig, old in self._old.items():
             signal.signal(sig, old)
+        self._old = {}
 
     def exit_code(self) -> int:
-        """130 for Ctrl-C, 143 for SIGTERM (and for a rank that stopped because another was signalled)."""
+        """130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP (and 143 for a rank that stopped because another
+        was signalled)."""
         return EXIT_SIGNAL.get(self.received or signal.SIGTERM, 143)
 
 

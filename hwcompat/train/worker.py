@@ -24,28 +24,25 @@ def main(argv: list[str] | None = None) -> int:
     # bitsandbytes' CPU backend warns on import (peft imports it whenever it is installed) that an optional
     # 4-bit kernel package is missing; hwcompat never runs 4-bit on the CPU, so the line is noise to the user.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-    from hwcompat.fsutil import Terminated, terminate_cleanly
     from hwcompat.train.loop import SecondInterrupt, run
 
-    # From the first line on, SIGTERM (docker stop) is a clean exit 143 with a message, during the model load
-    # and the first eval too; the training loop installs its own handlers (checkpoint, then exit).
+    # From the first line on, a signal is a clean exit with a true message: loop.run holds one handler for the
+    # whole life of the process (load, evals, steps, adapter, export) and saves what exists.
     try:
-        with terminate_cleanly():
-            return run(Path(paths[0]), resume=resume)
+        return run(Path(paths[0]), resume=resume)
     except HwcompatError as exc:
         print(f"hwcompat: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except Terminated:
-        print("hwcompat: terminated before training started (model load or first eval); no step was made, so "
-              "there is nothing to save: run the same command again to start", file=sys.stderr)
-        return 143
-    except KeyboardInterrupt as exc:
-        if isinstance(exc, SecondInterrupt):
-            print("hwcompat: interrupted (second Ctrl-C); no checkpoint written", file=sys.stderr)
-        else:
-            print("hwcompat: interrupted before training started (model load or first eval); no step was made, "
-                  "so there is nothing to save: run the same command again to start", file=sys.stderr)
+    except SecondInterrupt:
+        print("hwcompat: interrupted (second Ctrl-C); no new checkpoint written"
+              + ("; the earlier checkpoints are untouched" if resume else ""), file=sys.stderr)
         return 130
+    except KeyboardInterrupt as exc:  # Terminated (any signal) before the first step: load or first eval
+        kept = ("the run's checkpoints are untouched: resume again with --resume" if resume else
+                "no step was made, so there is nothing to save: run the same command again to start")
+        print(f"hwcompat: {'interrupted' if getattr(exc, 'exit_code', 130) == 130 else 'terminated'} before "
+              f"training started (model load or first eval); {kept}", file=sys.stderr)
+        return getattr(exc, "exit_code", 130)
 
 
 if __name__ == "__main__":
