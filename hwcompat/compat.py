@@ -165,6 +165,18 @@ def pypi_family(release: tuple[int, int]) -> str | None:
     return None
 
 
+def last_wheels_for(cc: str) -> tuple[str, str] | None:
+    """(wheel family, newest torch release) of the last wheels with kernels for compute capability ``cc``, from
+    the wheel table (the one place that fact lives); None when no wheel ever had them."""
+    best = None
+    for row in wheel_table()["cuda"]:
+        if covers_nvidia(row["targets"], cc):
+            top = _mm(row["torch"]["max"])
+            if best is None or top > best[0]:
+                best = (top, row["build"], row["torch"]["max"])
+    return (best[1], best[2]) if best else None
+
+
 def family_targets(build: str, release: tuple[int, int]) -> tuple[str, ...] | None:
     """Targets of wheel family ``build`` (e.g. "cu126") at ``release``; None when the table has no row."""
     for kind in ("cuda", "rocm"):

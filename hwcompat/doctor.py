@@ -129,8 +129,11 @@ def _device_findings(pos: int, d: ResolvedDevice, stack: Stack, environ: Mapping
                     f"sm_{cc.replace('.', '')}")
             floor = driver_floors().get(stack.torch_cuda.split(".")[0])
             if floor and r.driver_version and _vt(r.driver_version) < _vt(floor):
+                # torch must change anyway when it has no kernels for the card: a driver for its runtime would only
+                # strand an old card (R580 is the last branch for Maxwell, Pascal and Volta)
+                fix = _pip_fix(d) if why else f"upgrade the NVIDIA driver to >= {floor}, or {_pip_fix(d)}"
                 add("error", "driver", f"driver {r.driver_version} is older than {floor}, the minimum for torch's "
-                    f"CUDA {stack.torch_cuda} runtime", f"upgrade the NVIDIA driver to >= {floor}, or {_pip_fix(d)}")
+                    f"CUDA {stack.torch_cuda} runtime", fix)
             elif floor and r.driver_version:
                 add("ok", "driver", f"driver {r.driver_version} >= {floor} (CUDA {stack.torch_cuda})")
     elif r.vendor == "amd":

@@ -172,9 +172,12 @@ def _unsupported_reason(r: DeviceReading) -> str:
     if r.vendor == "nvidia":
         cc = parse_cc(r.compute_capability or "0.0")
         if cc < MIN_CUDA_CC:
+            last = compat.last_wheels_for(r.compute_capability or "0.0")
+            ended = (f" (its last wheels were the {last[0]} ones, torch <= {last[1]})" if last else
+                     " (no PyTorch wheel ever had them)")
             return (f"compute capability {r.compute_capability} is below {_cc_text(MIN_CUDA_CC)}: no current PyTorch "
-                    "wheel has kernels for it (Kepler support ended with the cu118 wheels, torch <= 2.6). "
-                    "Train on the CPU profile, use a newer card, or an old torch built from source")
+                    f"wheel has kernels for it{ended}. Train on the CPU profile, use a newer card, or an old torch "
+                    "built from source")
         return (f"compute capability {r.compute_capability} is newer than every known profile; "
                 "try the closest one with --profile blackwell and report the result")
     if r.vendor == "amd":

@@ -128,8 +128,8 @@ def test_known_bad_targets():
 def test_kepler_message():
     d = resolve_device(from_catalog(["k80"])[0], PROFILES, NO_FA)
     assert d.problems == ["compute capability 3.7 is below 5.0: no current PyTorch wheel has kernels for it "
-                          "(Kepler support ended with the cu118 wheels, torch <= 2.6). Train on the CPU profile, "
-                          "use a newer card, or an old torch built from source"]
+                          "(its last wheels were the cu118 ones, torch <= 2.7). Train on the CPU profile, "
+                          "use a newer card, or an old torch built from source"]  # #23: the wheel table's ceiling
 
 
 # --- overrides ---------------------------------------------------------------------------------

@@ -1,0 +1,101 @@
+"""#23, hardware truth third pass: wheel-table facts that were wrong, each checked against its corrected row."""
+
+import pytest
+
+from hwcompat import compat
+from tests.test_compat import _problems
+
+
+@pytest.mark.parametrize("card", ["p40", "v100", "m40"])
+def test_torch_2_7_cu128_has_no_kernels_for_maxwell_pascal_volta(card):
+    """The 2.7 cu128 builds were 7.5;8.0;8.6;9.0;10.0;12.0 (release/2.7 build_cuda.sh); 2.8 brought 7.0 back."""
+    probs = _problems(card, "2.7.1+cu128")
+    assert any("has no kernels for" in p and "no kernel image is available" in p for p in probs), probs
+
+
+def test_torch_2_7_cu128_still_runs_turing_and_newer():
+    for card in ("t4", "rtx4090", "h100"):
+        assert _problems(card, "2.7.1+cu128") == [], card
+
+
+def test_torch_2_8_cu128_runs_volta_again():
+    assert _problems("v100", "2.8.0+cu128") == []
+
+
+@pytest.mark.parametrize("release,family", [((2, 4), "cu121"), ((2, 5), "cu124"), ((2, 6), "cu124"),
+                                            ((2, 7), "cu126"), ((2, 13), "cu130"), ((2, 14), "cu130"),
+                                            ((2, 15), "cu132")])
+def test_the_pypi_default_build_per_release(release, family):
+    assert compat.pypi_family(release) == family
+
+
+def test_the_kepler_ceiling_is_the_wheel_tables():
+    assert compat.last_wheels_for("3.7") == ("cu118", "2.7")
+    from hwcompat.probe.emulate import from_catalog
+    from hwcompat.resolve import resolve_device
+    from hwcompat.software import Software
+    from tests.test_compat import PROFILES
+
+    (problem,) = resolve_device(from_catalog(["k80"])[0], PROFILES, Software.with_torch("2.13.0", "13.0")).problems
+    assert "torch <= 2.7" in problem and "2.6" not in problem
+
+
+# --- 9. driver advice never strands Maxwell, Pascal or Volta: R580 is their last branch ------------------------------
+
+def _old_nvidia_cards():
+    from hwcompat.probe.emulate import catalog, from_catalog
+
+    out = []
+    for name in catalog():
+        (r,) = from_catalog([name])
+        if r.vendor == "nvidia" and r.compute_capability and (5, 0) <= tuple(
+                int(x) for x in r.compute_capability.split(".")) < (7, 5):
+            out.append(name)
+    return out
+
+
+def _printed_fixes(name, stack, driver):
+    from dataclasses import replace
+
+    from hwcompat.doctor import diagnose
+    from hwcompat.probe.emulate import from_catalog
+    from hwcompat.profiles import load_profiles
+    from hwcompat.readings import HostReading
+    from hwcompat.resolve import resolve_host
+    from hwcompat.software import Software
+
+    (r,) = from_catalog([name])
+    r = replace(r, emulated=False, driver_version=driver)
+    plan = resolve_host(HostReading((r,) + tuple(from_catalog(["cpu"]))), load_profiles(),
+                        Software.with_torch(stack.torch_version, stack.torch_cuda))
+    texts = [p for d in plan.devices for p in d.problems]
+    texts += [d.profile.torch_install for d in plan.devices if d.profile]
+    texts += [f.fix for f in diagnose(plan, stack, {}) if f.fix]
+    return texts
+
+
+def test_no_printed_fix_moves_an_old_card_past_r580_or_cuda_13():
+    import re
+
+    from packaging.requirements import Requirement
+
+    from hwcompat.doctor import Stack
+
+    cards = _old_nvidia_cards()
+    assert {"m40", "p40", "v100"} <= set(cards)
+    stacks = [Stack("2.13.0+cu130", "13.0", None, ("sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120")),
+              Stack("2.14.0+cu132", "13.2", None, ("sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120")),
+              Stack("2.13.0+cu126", "12.6", None, ("sm_50", "sm_60", "sm_70", "sm_75", "sm_80", "sm_86", "sm_90"))]
+    for name in cards:
+        for stack in stacks:
+            for driver in ("470.256.02", "535.230.02", "580.95.05"):
+                for text in _printed_fixes(name, stack, driver):
+                    assert "whl/cu13" not in text, (name, stack.torch_version, driver, text)
+                    for want in re.findall(r"driver to >= (\d+)", text):
+                        assert int(want) <= 580, (name, stack.torch_version, driver, text)
+                    if stack.torch_cuda.startswith("13"):  # a driver for a runtime with no kernels for the card
+                        assert "upgrade the NVIDIA driver" not in text, (name, stack.torch_version, driver, text)
+                    for req in re.findall(r"pip install '([^']+)'", text):
+                        r = Requirement(req)
+                        if r.name == "torch" and "whl/cpu" not in text:  # the CPU profile's wheel
+                            assert not r.specifier.contains("2.15.0"), (name, text)
