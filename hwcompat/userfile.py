@@ -33,6 +33,8 @@ def read_regular(path: str | Path, what: str, error: type | None = None, limit: 
         raise error(f"{what} {p}: cannot read it ({exc.strerror or exc})") from None
     try:
         st = os.fstat(fd)
+        if stat.S_ISCHR(st.st_mode) and _is_dev_null(st):
+            return b""  # the one stated exception: /dev/null, the usual "empty file" (`train /dev/null key=value`)
         if not stat.S_ISREG(st.st_mode):
             kind = ("a folder" if stat.S_ISDIR(st.st_mode) else "a pipe or FIFO (e.g. <(...))"
                     if stat.S_ISFIFO(st.st_mode) else "a device" if stat.S_ISCHR(st.st_mode) or
@@ -56,6 +58,14 @@ def read_regular(path: str | Path, what: str, error: type | None = None, limit: 
         raise error(f"{what} {p}: cannot read it ({exc.strerror or exc})") from None
     finally:
         os.close(fd)
+
+
+def _is_dev_null(st: os.stat_result) -> bool:
+    try:
+        null = os.stat(os.devnull)
+    except OSError:
+        return False
+    return st.st_rdev == null.st_rdev
 
 
 def read_json_object(path: str | Path, what: str, limit: int = 64 << 20) -> dict:

@@ -99,3 +99,42 @@ def test_no_printed_fix_moves_an_old_card_past_r580_or_cuda_13():
                         r = Requirement(req)
                         if r.name == "torch" and "whl/cpu" not in text:  # the CPU profile's wheel
                             assert not r.specifier.contains("2.15.0"), (name, text)
+
+
+# --- 5, 6, 7: profile reasons that were false -------------------------------------------------------------------
+
+def _profile(name):
+    from tests.test_compat import PROFILES
+
+    return PROFILES[name]
+
+
+def test_no_profile_says_triton_supports_7_0():
+    """Compute capability 7.0 is torch's gate (GPUTooOldForTriton); upstream Triton lists 8.0+ (#23.6)."""
+    from tests.test_compat import PROFILES
+
+    for p in PROFILES.values():
+        assert "Triton supports compute capability >= 7.0" not in p.compile_backend.reason, p.name
+    for name in ("volta", "turing"):
+        reason = _profile(name).compile_backend.reason
+        assert "triton#5066" in reason and "not yet measured" in reason and "8.0+" in reason
+
+
+def test_maxwell_quantization_points_to_no_removed_source_build():
+    """bitsandbytes 0.49 removed the sm_5x build (PR #1806): nothing 4-bit runs on Maxwell (#23.7)."""
+    q = _profile("maxwell").quantization
+    for key in ("nf4", "optim8bit"):
+        assert "COMPUTE_CAPABILITY=52" not in q[key].reason and "#1806" in q[key].reason
+
+
+def test_mi100_bf16_is_explained_at_its_real_rate():
+    """MI100: bf16 92.3 vs fp16 184.6 TFLOPS (its datasheet, catalog/throughput.yaml) (#23.5)."""
+    import yaml
+
+    from hwcompat.datafiles import data_dir
+
+    reason = _profile("cdna1").dtype.reason
+    assert "at the fp16 rate" not in reason and "half the fp16 rate" in reason
+    peaks = yaml.safe_load((data_dir("catalog") / "throughput.yaml").read_text())["devices"]
+    mi100 = next(d for d in peaks if d["match"] == "MI100")
+    assert mi100["bfloat16"] * 2 == mi100["float16"] and "92.3" in reason and "184.6" in reason

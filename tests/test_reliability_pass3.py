@@ -219,6 +219,12 @@ def test_data_check_of_dev_zero_is_refused_at_once(tmp_path):
     assert res.returncode == 1 and "is a device" in res.stderr
 
 
+def test_dev_null_is_the_one_stated_exception():
+    from hwcompat.userfile import read_regular
+
+    assert read_regular("/dev/null", "config") == b""
+
+
 def test_a_fifo_config_and_emulate_file_do_not_hang(tmp_path):
     res = cli("train", _fifo(tmp_path, "config.yaml"), timeout=60)
     assert_clean_error(res, 2, "pipe or FIFO")
