@@ -189,16 +189,27 @@ def family_targets(build: str, release: tuple[int, int]) -> tuple[str, ...] | No
 
 # --- the verdict --------------------------------------------------------------------------------------
 
+def tegra_targets() -> frozenset[str]:
+    """NVIDIA's Tegra (Jetson) compute capabilities, as ``sm_XY`` (catalog/wheels.yaml ``tegra``)."""
+    return frozenset(wheel_table().get("tegra", {}).get("targets", ()))
+
+
+def is_tegra(cc: str | None) -> bool:
+    return bool(cc) and f"sm_{cc.replace('.', '')}" in tegra_targets()
+
+
 def covers_nvidia(targets: Iterable[str], cc: str) -> bool:
-    """A cubin of the same major and a minor <= the card's, or PTX at or below the card (JIT)."""
+    """A cubin of the same major and a minor <= the card's, or PTX at or below the card (JIT). A Tegra part
+    (Jetson) runs only a cubin built for itself: torch excludes it from the same-major rule."""
     major, minor = (int(x) for x in cc.split("."))
+    tegra = is_tegra(cc)
     for a in targets:
         kind, _, num = a.partition("_")
         num = num.rstrip("af")  # sm_90a / sm_100f are arch-specific variants of sm_90 / sm_100
         if not num.isdigit() or len(num) < 2:
             continue
         m, n = int(num[:-1]), int(num[-1])
-        if kind == "sm" and m == major and n <= minor:
+        if kind == "sm" and m == major and (n == minor if tegra else n <= minor):
             return True
         if kind == "compute" and (m, n) <= (major, minor):
             return True

@@ -168,6 +168,13 @@ def _why_matched(r: DeviceReading, p: Profile) -> str:
     return "the CPU profile covers every CPU"
 
 
+def _tegra_reason(r: DeviceReading) -> str:
+    table = compat.wheel_table().get("tegra", {})
+    return (f"{r.name} (sm_{(r.compute_capability or '').replace('.', '')}) is an NVIDIA Jetson (Tegra) GPU: the "
+            "desktop PyTorch wheels have no kernels for it (a desktop sm_80/sm_86 cubin does not run on a Tegra "
+            f"part; {table.get('source', 'torch/cuda/__init__.py')}). To train there, {table.get('advice', '')}")
+
+
 def _unsupported_reason(r: DeviceReading) -> str:
     if r.vendor == "nvidia":
         cc = parse_cc(r.compute_capability or "0.0")
@@ -290,8 +297,10 @@ def resolve_device(reading: DeviceReading, profiles: dict[str, Profile], softwar
     label = _device_label(reading)
     problems: list[str] = []
     reasons: dict[str, str] = {}
-    base = match_profile(reading, profiles)
     forced = overrides.profile if apply_overrides else None
+    if reading.vendor == "nvidia" and compat.is_tegra(reading.compute_capability) and not forced:
+        return ResolvedDevice(reading, None, False, [_tegra_reason(reading)], None)
+    base = match_profile(reading, profiles)
     if forced:
         if forced not in profiles:
             near = _close(forced, profiles, n=1)

@@ -138,3 +138,31 @@ def test_mi100_bf16_is_explained_at_its_real_rate():
     peaks = yaml.safe_load((data_dir("catalog") / "throughput.yaml").read_text())["devices"]
     mi100 = next(d for d in peaks if d["match"] == "MI100")
     assert mi100["bfloat16"] * 2 == mi100["float16"] and "92.3" in reason and "184.6" in reason
+
+
+# --- 2. Jetson: a Tegra part runs only its own cubins, and is never given the desktop wheels -------------------------
+
+@pytest.mark.parametrize("cc,desktop,desktop_card", [("8.7", ["sm_80", "sm_86"], "8.9"), ("7.2", ["sm_70"], "7.5"),
+                                                     ("5.3", ["sm_50", "sm_52"], "5.2"), ("6.2", ["sm_60", "sm_61"], "6.1")])
+def test_desktop_cubins_do_not_cover_tegra_parts(cc, desktop, desktop_card):
+    assert not compat.covers_nvidia(desktop, cc)
+    assert compat.covers_nvidia([f"sm_{cc.replace('.', '')}"], cc)
+    assert compat.covers_nvidia(desktop, desktop_card)  # the same-major rule still holds for desktop cards
+
+
+def test_a_jetson_orin_is_refused_with_the_jetpack_advice(tmp_path):
+    import subprocess
+    import sys
+
+    readings = tmp_path / "orin.yaml"
+    readings.write_text('- {vendor: nvidia, name: "Orin (nvgpu)", memory_bytes: 34359738368, '
+                        'compute_capability: "8.7"}\n')
+    res = subprocess.run([sys.executable, "-m", "hwcompat", "detect", "--emulate-file", str(readings), "--json"],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    import json
+
+    orin = json.loads(res.stdout)["devices"][0]
+    assert orin["supported"] is False and orin["profile"] is None
+    assert "JetPack" in orin["problems"][0] and "expandable_segments off" in orin["problems"][0]
+    assert "whl/cu13" not in res.stdout

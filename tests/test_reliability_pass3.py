@@ -398,3 +398,22 @@ def test_export_data_rows_are_checked_before_the_gguf_is_written(model, tmp_path
     answered = tmp_path / "answered.jsonl"
     answered.write_text(json.dumps({"prompt": "hello", "completion": "hi"}) + "\n")
     assert prompts_from(str(answered), 4)[1] == ["hi"]
+
+
+# --- 7. SIGHUP (a closed terminal) ends merge and export as cleanly as SIGTERM ----------------------------------------
+
+def test_sighup_during_export_exits_129_and_leaves_nothing(model, tmp_path):
+    from tests.test_outputs_reliability import _cli
+
+    res = _cli("export", model, "--gguf", tmp_path / "m.gguf", "--no-verify", code="""
+        import os, signal
+        import hwcompat.export.gguf as G
+        real = G._convert
+        def convert(*a, **k):
+            os.kill(os.getpid(), signal.SIGHUP)
+            return real(*a, **k)
+        G._convert = convert
+    """)
+    assert res.returncode == 129, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr and "terminated" in res.stderr
+    assert list(tmp_path.iterdir()) == []
