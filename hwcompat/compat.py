@@ -189,6 +189,19 @@ def family_targets(build: str, release: tuple[int, int]) -> tuple[str, ...] | No
 
 # --- the verdict --------------------------------------------------------------------------------------
 
+def bnb_table() -> dict:
+    return load_packaged_yaml(data_dir("catalog") / "bitsandbytes.yaml", "bitsandbytes table")
+
+
+def bnb_rocm_targets(build: str) -> tuple[str, tuple[str, ...], str] | None:
+    """(library, its gfx targets, bitsandbytes version) the ROCm torch ``build`` loads; None when unknown."""
+    table = bnb_table()
+    lib = table.get("builds", {}).get(build)
+    if lib is None or lib not in table.get("libraries", {}):
+        return None
+    return f"libbitsandbytes_{lib}.so", tuple(table["libraries"][lib]), str(table.get("version", ""))
+
+
 def tegra_targets() -> frozenset[str]:
     """NVIDIA's Tegra (Jetson) compute capabilities, as ``sm_XY`` (catalog/wheels.yaml ``tegra``)."""
     return frozenset(wheel_table().get("tegra", {}).get("targets", ()))

@@ -260,6 +260,24 @@ def _run_target(r: DeviceReading, env: dict[str, str]) -> str | None:
     return r.gfx_target_effective or r.gfx_target
 
 
+def _amd_quantization(r: DeviceReading, p: Profile, env: dict[str, str], reasons: dict[str, str]) -> list[str]:
+    """On AMD, bitsandbytes (NF4, LLM.int8, 8-bit optimizers) runs where the library the profile's torch loads
+    has kernels for the target the card runs as (catalog/bitsandbytes.yaml, read from the wheel)."""
+    found = compat.bnb_rocm_targets(p.torch.build)
+    run = _run_target(r, env)
+    if found is None or run is None:
+        return [k for k, q in p.quantization.items() if q.supported]
+    lib, targets, version = found
+    as_ = f" ({r.gfx_target} runs as {run})" if run != r.gfx_target else ""
+    ok = run in targets
+    why = (f"bitsandbytes {version}'s {lib} (loaded by the {p.torch.build} torch) "
+           f"{'has' if ok else 'has no'} {run} kernels{as_} (catalog/bitsandbytes.yaml)")
+    for k in p.quantization:
+        reasons[f"quantization.{k}"] = why + ("; the 8-bit optimizers use the same library" if k == "optim8bit"
+                                              else "")
+    return list(p.quantization) if ok else []
+
+
 def _torch_problems(r: DeviceReading, p: Profile, sw: Software, env: dict[str, str]) -> list[str]:
     """Does the installed torch run this real device? Emulated devices are not this host's hardware."""
     t = sw.torch
@@ -376,6 +394,8 @@ def resolve_device(reading: DeviceReading, profiles: dict[str, Profile], softwar
     quant = [k for k, q in p.quantization.items() if q.supported]
     for k, q in p.quantization.items():
         reasons[f"quantization.{k}"] = q.reason
+    if reading.vendor == "amd":
+        quant = _amd_quantization(reading, p, env, reasons)
     reasons["torch_build"] = p.torch.reason
     reasons["image"] = f"{p.image.tag} carries the {p.torch.build} torch build this family needs"
     if p.driver_min:

@@ -102,10 +102,12 @@ def test_apu_without_wheel_kernels_is_sent_to_native_wheels_not_a_hanging_overri
 
 
 def test_known_bad_target_blocks():
+    """gfx1033 on the pytorch.org wheels: no kernels, and the fix is AMD's native gfx1033 wheel (#23.3), never
+    the override that gave wrong gradients."""
     deck = parse_reading({"vendor": "amd", "name": "AMD Custom GPU 0405", "gfx_target": "gfx1033",
                           "memory_bytes": 1 << 30}, "t")
-    f = _find(diagnose(_plan(readings=[deck]), ROCM, {}), "supported", "error")
-    assert "wrong gradients" in f.message
+    f = _find(diagnose(_plan(readings=[deck]), ROCM, {}), "kernels", "error")
+    assert "gfx1033" in f.message and "torch[device-gfx1033]" in f.fix and "HSA_OVERRIDE" not in f.fix
 
 
 def test_cuda_wheel_on_amd_card():

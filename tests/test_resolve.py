@@ -115,10 +115,12 @@ def test_newer_than_known_nvidia_is_unsupported_with_hint():
 
 
 def test_known_bad_targets():
-    """gfx1033 gives wrong gradients even natively: refused. gfx1103's override hangs: never set."""
+    """gfx1033's override gave wrong gradients: it runs on AMD's native kernels only (#23.3, which found the old
+    refusal unsourced). gfx1103's override hangs: never set."""
     d = resolve_device(parse_reading({"vendor": "amd", "name": "APU", "gfx_target": "gfx1033",
                                       "memory_bytes": 1 << 30}, "t"), PROFILES, NO_FA)
-    assert d.supported is False and "wrong gradients" in d.problems[0]
+    assert d.supported and "HSA_OVERRIDE_GFX_VERSION" not in d.profile.env
+    assert "torch[device-gfx1033]" in d.profile.torch_install
     d = resolve_device(parse_reading({"vendor": "amd", "name": "APU", "gfx_target": "gfx1103",
                                       "memory_bytes": 1 << 30}, "t"), PROFILES, NO_FA)
     assert d.supported and "HSA_OVERRIDE_GFX_VERSION" not in d.profile.env
