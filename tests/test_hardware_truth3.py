@@ -166,3 +166,29 @@ def test_a_jetson_orin_is_refused_with_the_jetpack_advice(tmp_path):
     assert orin["supported"] is False and orin["profile"] is None
     assert "JetPack" in orin["problems"][0] and "expandable_segments off" in orin["problems"][0]
     assert "whl/cu13" not in res.stdout
+
+
+# --- small ones: the AOTriton experimental flag only where AOTriton calls a target experimental -----------------------
+
+@pytest.mark.parametrize("gfx,needs", [("gfx1100", False), ("gfx1151", False), ("gfx1201", False),
+                                       ("gfx1101", True), ("gfx1102", True), ("gfx1103", True), ("gfx1150", True),
+                                       ("gfx1152", True), ("gfx1153", True), ("gfx1200", True)])
+def test_aotriton_experimental_flag_per_target(gfx, needs):
+    from hwcompat.readings import DeviceReading
+    from hwcompat.resolve import resolve_device
+    from hwcompat.software import Software
+    from tests.test_compat import PROFILES
+
+    r = DeviceReading(index=0, vendor="amd", name=f"Radeon {gfx}", memory_bytes=16 << 30, gfx_target=gfx,
+                      emulated=True, source="test")
+    d = resolve_device(r, PROFILES, Software())
+    assert ("TORCH_ROCM_AOTRITON_ENABLE_EXPERIMENTAL" in d.profile.env) is needs
+
+
+def test_rdna_profiles_do_not_credit_ck_with_rdna():
+    from tests.test_compat import PROFILES
+
+    for name in ("rdna2", "rdna3", "rdna4"):
+        p = PROFILES[name]
+        texts = [p.hardware.source, p.attention.reason, p.attention.source]
+        assert not any("CK" in t and "RDNA3/4" in t and "Instinct-only" not in t for t in texts), (name, texts)

@@ -36,7 +36,7 @@ ROWS = [
     ("rx6700xt", "rdna2", "float16", "sdpa", "eager", True, {"HSA_OVERRIDE_GFX_VERSION": "10.3.0"}),  # gfx1031
     ("rx6800", "rdna2", "float16", "sdpa", "eager", True, {}),  # gfx1030 is in the wheels: no override
     ("rx5700xt", "rdna1", "float16", "sdpa", "eager", True, {}),  # gfx1010: AMD's native wheels, no override
-    ("rx7900xt", "rdna3", "bfloat16", "sdpa", "inductor", True, {"TORCH_ROCM_AOTRITON_ENABLE_EXPERIMENTAL": "1"}),
+    ("rx7900xt", "rdna3", "bfloat16", "sdpa", "inductor", True, {}),  # gfx1100: AOTriton's flag only where experimental
     ("rx7900xtx", "rdna3", "bfloat16", "sdpa", "inductor", True, {}),
     ("rx9070xt", "rdna4", "bfloat16", "sdpa", "inductor", True, {}),  # gfx1201
     ("mi100", "cdna1", "bfloat16", "sdpa", "eager", True, {"TORCHDYNAMO_DISABLE": "1"}),  # no AOTriton for gfx908
