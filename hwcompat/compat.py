@@ -32,6 +32,7 @@ class InstalledTorch:
     hip: str | None = None  # torch.version.hip, "7.2.26015"
     targets: tuple[str, ...] | None = None  # sm_XY / compute_XY / gfxNNNN compiled in; None = unknown
     targets_from: str = ""  # where the targets came from (wheel table row, torch itself, device packages)
+    xpu: str | None = None  # torch.version.xpu (the SYCL toolchain date) on Intel XPU builds, else None
 
     @property
     def release(self) -> tuple[int, int] | None:
@@ -40,7 +41,7 @@ class InstalledTorch:
 
     @property
     def kind(self) -> str:
-        return "cuda" if self.cuda else "rocm" if self.hip else "cpu"
+        return "cuda" if self.cuda else "rocm" if self.hip else "xpu" if self.xpu else "cpu"
 
     @property
     def family(self) -> str:
@@ -49,24 +50,26 @@ class InstalledTorch:
             return "cu" + "".join(self.cuda.split(".")[:2])
         if self.hip:
             return "rocm" + ".".join(self.hip.split(".")[:2])
-        return "cpu"
+        return "xpu" if self.xpu else "cpu"
 
     def describe(self) -> str:
         build = {"cuda": f"CUDA {self.cuda}", "rocm": f"ROCm {'.'.join((self.hip or '').split('.')[:2])}",
-                 "cpu": "CPU"}[self.kind]
+                 "xpu": "Intel XPU", "cpu": "CPU"}[self.kind]
         return f"torch {self.version} ({build} build)"
 
     @classmethod
     def from_version(cls, version: str, cuda: str | None = None, hip: str | None = None,
-                     device_packages: Iterable[str] = ()) -> "InstalledTorch":
+                     device_packages: Iterable[str] = (), xpu: str | None = None) -> "InstalledTorch":
         """From the version facts alone; the runtime is taken from the +tag when not given."""
         tag = version.partition("+")[2]
         if cuda is None and hip is None and re.fullmatch(r"cu\d{3}", tag):
             cuda = f"{tag[2:-1]}.{tag[-1]}"
         if cuda is None and hip is None and tag.startswith("rocm"):
             hip = tag[4:]
+        if cuda is None and hip is None and xpu is None and tag == "xpu":
+            xpu = "unknown"
         targets, source = lookup(version, cuda, hip, tuple(device_packages))
-        return cls(version, cuda, hip, targets, source)
+        return cls(version, cuda, hip, targets, source, xpu)
 
     @classmethod
     def from_arch_list(cls, version: str, cuda: str | None, hip: str | None,
@@ -122,7 +125,7 @@ def installed(find_spec: Callable = importlib.util.find_spec) -> InstalledTorch 
         version = facts.get("__version__")
         if version:
             return InstalledTorch.from_version(version, facts.get("cuda"), facts.get("hip"),
-                                               _device_packages(Path(location)))
+                                               _device_packages(Path(location)), facts.get("xpu"))
     return None
 
 
@@ -245,6 +248,8 @@ def kernel_problem(torch: InstalledTorch, vendor: str, cc: str | None, gfx: str 
         return f"{torch.describe()} cannot use an NVIDIA GPU"
     if vendor == "amd" and torch.kind != "rocm":
         return f"{torch.describe()} cannot use an AMD GPU"
+    if vendor == "intel" and torch.kind != "xpu":
+        return f"{torch.describe()} cannot use an Intel GPU (it needs torch's XPU build)"
     if torch.targets is None:
         return None
     if vendor == "nvidia" and cc and not covers_nvidia(torch.targets, cc):

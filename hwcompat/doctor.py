@@ -38,6 +38,17 @@ class Stack:
     flash_attn: str | None = None
     transformers: str | None = None
     peft: str | None = None
+    torch_xpu: str | None = None  # torch.version.xpu on Intel XPU builds
+
+
+@dataclass(frozen=True)
+class IntelHost:
+    """What an Intel GPU needs from the host, as the filesystem shows it (``intel_facts``)."""
+
+    level_zero: str | None = None  # the Level Zero loader found (libze_loader.so.1), or None
+    render_nodes: tuple[str, ...] = ()  # /dev/dri/renderD* present
+    readable: tuple[str, ...] = ()  # of those, the ones this process may open read-write
+    render_group: bool = False  # this process is in the group that owns the render nodes
 
 
 @dataclass(frozen=True)
@@ -74,7 +85,58 @@ def gather_stack() -> Stack:
         torch_version=torch.__version__, torch_cuda=getattr(torch.version, "cuda", None),
         torch_hip=getattr(torch.version, "hip", None), arch_list=tuple(flags.split()),
         bitsandbytes=_version("bitsandbytes"), flash_attn=_version("flash_attn") or _version("flash-attn"),
-        transformers=_version("transformers"), peft=_version("peft"))
+        transformers=_version("transformers"), peft=_version("peft"), torch_xpu=getattr(torch.version, "xpu", None))
+
+
+#: Where the Level Zero loader lives on the distributions Intel's GPU packages support.
+LEVEL_ZERO_PATHS = ("usr/lib/x86_64-linux-gnu/libze_loader.so.1", "usr/lib64/libze_loader.so.1",
+                    "usr/lib/libze_loader.so.1", "usr/local/lib/libze_loader.so.1")
+
+
+def intel_facts(root: str | Path = "/") -> IntelHost:
+    """Level Zero and the DRM render nodes, read from the filesystem (no library is loaded)."""
+    root = Path(root)
+    loader = next((str(root / p) for p in LEVEL_ZERO_PATHS if (root / p).exists()), None)
+    nodes = tuple(sorted(str(p) for p in (root / "dev/dri").glob("renderD*"))) if (root / "dev/dri").is_dir() else ()
+    readable = tuple(n for n in nodes if os.access(n, os.R_OK | os.W_OK))
+    groups = set(os.getgroups()) | {os.getegid()}
+    owners = set()
+    for n in nodes:
+        try:
+            owners.add(os.stat(n).st_gid)
+        except OSError:
+            pass
+    return IntelHost(loader, nodes, readable, bool(owners) and owners <= groups)
+
+
+def _intel_findings(d: ResolvedDevice, stack: Stack, intel: IntelHost | None, add) -> None:
+    """An Intel GPU needs torch's XPU build, the Level Zero loader and a render node this user may open."""
+    if not stack.torch_xpu:
+        build = f"CUDA {stack.torch_cuda}" if stack.torch_cuda else f"ROCm {stack.torch_hip}" if stack.torch_hip \
+            else "CPU"
+        add("error", "torch_build", f"torch {stack.torch_version} is a {build} build: it cannot use this Intel GPU",
+            _pip_fix(d))
+    else:
+        add("ok", "torch_build", f"torch {stack.torch_version}: XPU build (SYCL {stack.torch_xpu})")
+    if intel is None:
+        return
+    if intel.level_zero is None:
+        add("error", "level_zero", "the Level Zero loader (libze_loader.so.1) is not installed, so torch's XPU "
+            "build sees no device (Ubuntu 24.04+ packages it; older releases get it from Intel's GPU driver "
+            "repository)", "sudo apt-get install -y libze1 libze-intel-gpu1 intel-opencl-icd")
+    else:
+        add("ok", "level_zero", f"Level Zero loader: {intel.level_zero}")
+    if not intel.render_nodes:
+        add("error", "render_node", "no /dev/dri/renderD* node: the kernel driver is not loaded (xe for Battlemage, "
+            "Linux 6.12+; i915 for Alchemist), or the container was started without --device=/dev/dri",
+            "sudo modprobe xe   (or i915; in a container: docker run --device=/dev/dri)")
+    elif not intel.readable:
+        add("error", "render_node", f"{', '.join(intel.render_nodes)} exist but this user may not open them"
+            + ("" if intel.render_group else " (not in the render group)"),
+            "sudo usermod -aG render \"$USER\"   (then log out and in; in a container: --group-add "
+            "\"$(stat -c %g /dev/dri/renderD128)\")")
+    else:
+        add("ok", "render_node", f"{', '.join(intel.readable)} readable")
 
 
 @lru_cache(maxsize=1)
@@ -100,7 +162,8 @@ def _installed(stack: Stack) -> compat.InstalledTorch:
                                                 stack.arch_list)
 
 
-def _device_findings(pos: int, d: ResolvedDevice, stack: Stack, environ: Mapping[str, str]) -> list[Finding]:
+def _device_findings(pos: int, d: ResolvedDevice, stack: Stack, environ: Mapping[str, str],
+                     intel: IntelHost | None = None) -> list[Finding]:
     r, p = d.reading, d.profile
     label = f"{r.name} ({d.arch or 'unknown'})"
     out: list[Finding] = []
@@ -136,6 +199,8 @@ def _device_findings(pos: int, d: ResolvedDevice, stack: Stack, environ: Mapping
                     f"CUDA {stack.torch_cuda} runtime", fix)
             elif floor and r.driver_version:
                 add("ok", "driver", f"driver {r.driver_version} >= {floor} (CUDA {stack.torch_cuda})")
+    elif r.vendor == "intel":
+        _intel_findings(d, stack, intel, add)
     elif r.vendor == "amd":
         if not stack.torch_hip:
             add("error", "torch_build", f"torch {stack.torch_version} is not a ROCm build: it cannot use this AMD GPU",
@@ -195,7 +260,7 @@ def _device_findings(pos: int, d: ResolvedDevice, stack: Stack, environ: Mapping
 
 
 def diagnose(plan: HostPlan, stack: Stack, environ: Mapping[str, str], shm_bytes: int | None = None,
-             in_container: bool = False) -> list[Finding]:
+             in_container: bool = False, intel: IntelHost | None = None) -> list[Finding]:
     """All findings for this host; any 'error' means training is blocked."""
     out: list[Finding] = []
     has_gpu = any(d.reading.vendor != "cpu" for d in plan.devices)
@@ -205,7 +270,7 @@ def diagnose(plan: HostPlan, stack: Stack, environ: Mapping[str, str], shm_bytes
                            "for your card below"))
     else:
         build = (f"CUDA {stack.torch_cuda}" if stack.torch_cuda else f"ROCm (HIP {stack.torch_hip})" if stack.torch_hip
-                 else "CPU")
+                 else f"XPU (SYCL {stack.torch_xpu})" if stack.torch_xpu else "CPU")
         out.append(Finding("ok", "torch", f"torch {stack.torch_version}: {build} build"
                            + (f"; kernels: {' '.join(stack.arch_list)}" if stack.arch_list else "")))
     for pos, d in enumerate(plan.devices):
@@ -214,8 +279,8 @@ def diagnose(plan: HostPlan, stack: Stack, environ: Mapping[str, str], shm_bytes
                 out.append(Finding("ok", "cpu", f"no GPU found: training runs on {d.reading.name} "
                                    f"({d.reading.cpu_cores} cores) with the cpu profile", device=pos))
             continue
-        out += _device_findings(pos, d, stack, environ)
-    for var in ("CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES"):
+        out += _device_findings(pos, d, stack, environ, intel)
+    for var in ("CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ZE_AFFINITY_MASK"):
         if environ.get(var) is not None:
             out.append(Finding("warning", "visible_devices", f"{var}={environ[var]!r} is set: torch sees only those "
                                "devices, in that order, while `hwcompat detect` lists all of them",

@@ -19,7 +19,8 @@ from hwcompat import envvars
 NEEDS_GPU = {"train", "selftest", "demo"}
 SHELLS = {"shell", "bash", "sh"}
 GPU_HINT = ("no GPU is visible in this container: NVIDIA needs `docker run --gpus all`, AMD needs "
-            "`--device=/dev/kfd --device=/dev/dri --group-add video`")
+            "`--device=/dev/kfd --device=/dev/dri --group-add video`, Intel needs `--device=/dev/dri --group-add "
+            "\"$(stat -c %g /dev/dri/renderD128)\"`")
 
 
 def _option(args: list[str], name: str) -> str | None:

@@ -23,6 +23,7 @@ READS: dict[str, str] = {
     "CUDA_DEVICE_ORDER": "read by doctor: must be PCI_BUS_ID so NVML and torch indices agree",
     "PYTORCH_CUDA_ALLOC_CONF": "read by doctor: compared with the profile's allocator setting",
     "PYTORCH_HIP_ALLOC_CONF": "read by doctor: ROCm allocator setting",
+    "ZE_AFFINITY_MASK": "read by doctor: Level Zero's device mask, the Intel counterpart of CUDA_VISIBLE_DEVICES",
 }
 
 #: Variables a profile may set in the training process (validated by the profile schema).
@@ -32,6 +33,8 @@ SETS: dict[str, str] = {
     "CUDA_DEVICE_ORDER": "PCI_BUS_ID makes CUDA indices match NVML's (and nvidia-smi's)",
     "CUDA_VISIBLE_DEVICES": "pin the training process to the chosen NVIDIA device(s)",
     "HIP_VISIBLE_DEVICES": "pin the training process to the chosen AMD device(s)",
+    "ZE_AFFINITY_MASK": "pin the training process to the chosen Intel device(s) (Level Zero's device mask)",
+    "SYCL_CACHE_PERSISTENT": "1 keeps JIT-compiled SYCL kernels on disk (Intel XPU): later runs skip compiling them",
     "TORCHDYNAMO_DISABLE": "1 turns torch.compile into a no-op; needed where Triton cannot run (CC < 7.0)",
     "HSA_OVERRIDE_GFX_VERSION": "run a gfx target the ROCm wheels lack as a close one they have",
     "TORCH_ROCM_AOTRITON_ENABLE_EXPERIMENTAL": "1 enables AOTriton flash/mem-efficient SDPA on RDNA3/4",
@@ -39,6 +42,12 @@ SETS: dict[str, str] = {
     "TOKENIZERS_PARALLELISM": "false silences the fork warning of HF tokenizers in data loaders",
     "HF_HUB_OFFLINE": "1 in the trainer (and the images) unless the config names a hub id with allow_network: true",
 }
+
+
+#: The variable that pins a process to some of a vendor's devices (a fact used by the launcher, ``env`` and
+#: ``selftest``): CUDA and ROCm take device indices, Level Zero a comma list of them too.
+VISIBILITY: dict[str, str] = {"nvidia": "CUDA_VISIBLE_DEVICES", "amd": "HIP_VISIBLE_DEVICES",
+                              "intel": "ZE_AFFINITY_MASK"}
 
 
 def get(name: str, environ: Mapping[str, str] | None = None) -> str | None:

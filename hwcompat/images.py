@@ -117,7 +117,7 @@ RUN if ! command -v python3 >/dev/null; then \\
     && groupadd --gid 1000 hwcompat \\
     && useradd --create-home --uid 1000 --gid 1000 --groups video hwcompat \\
     && mkdir -p /data /output /cache \\
-    && chown hwcompat:hwcompat /data /output /cache
+    && chown hwcompat:hwcompat /data /output /cache{packages}
 COPY --from=builder /opt/hwcompat /opt/hwcompat
 # DL3064: flags such as TOKENIZERS_PARALLELISM match its secret-name pattern; none of these is a secret.
 # hadolint ignore=DL3064
@@ -146,6 +146,8 @@ RUN_HINTS = {
     "nvidia": "docker run --gpus all --ipc=host -v $PWD:/data -v $PWD/runs:/output {tag} train /data/config.yaml",
     "amd": ("docker run --device=/dev/kfd --device=/dev/dri --group-add video --ipc=host -v $PWD:/data "
             "-v $PWD/runs:/output {tag} train /data/config.yaml"),
+    "intel": ("docker run --device=/dev/dri --group-add \"$(stat -c %g /dev/dri/renderD128)\" --ipc=host "
+              "-v $PWD:/data -v $PWD/runs:/output {tag} train /data/config.yaml"),
     "cpu": "docker run --ipc=host -v $PWD:/data -v $PWD/runs:/output {tag} train /data/config.yaml",
 }
 
@@ -161,7 +163,17 @@ def render(spec: ImageSpec) -> str:
         base=spec.base, build=first.torch.build, index_url=first.torch.index_url, torch_spec=spec.torch_spec,
         env_lines=env_lines, titles="; ".join(p.title for p in spec.profiles), version=__version__,
         profile_names=",".join(p.name for p in spec.profiles),
-        run_hint=RUN_HINTS[first.vendor].format(tag=spec.tag), llama_cmake=PORTABLE_CMAKE_ARGS)
+        run_hint=RUN_HINTS[first.vendor].format(tag=spec.tag), llama_cmake=PORTABLE_CMAKE_ARGS,
+        packages=_packages_step(first.image.packages))
+
+
+def _packages_step(packages: tuple[str, ...]) -> str:
+    """The final stage's extra distribution packages (the vendor's user-space runtime the base lacks)."""
+    if not packages:
+        return ""
+    return ("\n# DL3008: the base release's builds of the vendor runtime.\n# hadolint ignore=DL3008\n"
+            "RUN apt-get update && apt-get install -y --no-install-recommends " + " ".join(packages)
+            + " \\\n    && rm -rf /var/lib/apt/lists/*")
 
 
 def dockerfile_path(family: str, root: Path = REPO) -> Path:

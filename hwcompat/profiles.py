@@ -9,6 +9,7 @@ a reason and a source. Unknown keys are errors; vocabularies are closed.
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any
 from hwcompat import envvars
 from hwcompat.datafiles import data_dir
 from hwcompat.errors import ProfileError
-from hwcompat.readings import VENDORS, is_gfx_target, parse_cc
+from hwcompat.readings import VENDORS, XE_ARCHS, is_gfx_target, parse_cc
 from hwcompat.yamlfile import load_packaged_yaml
 
 
@@ -110,6 +111,7 @@ class Image:
     base: str  # production base image (a build argument; CI substitutes a local one)
     family: str  # images/<family>/Dockerfile; families with an identical image share one
     source: str = ""
+    packages: tuple[str, ...] = ()  # distribution packages the final image adds (Intel: Level Zero, GPU runtime)
 
 
 @dataclass(frozen=True)
@@ -124,10 +126,13 @@ class Match:
     cc_min: tuple[int, int] | None = None
     cc_max: tuple[int, int] | None = None
     gfx_targets: tuple[str, ...] = ()
+    xe_archs: tuple[str, ...] = ()  # Intel: Xe generations (readings.XE_ARCHS)
 
-    def covers(self, vendor: str, cc: str | None, gfx: str | None) -> bool:
+    def covers(self, vendor: str, cc: str | None, gfx: str | None, xe: str | None = None) -> bool:
         if vendor != self.vendor:
             return False
+        if vendor == "intel":
+            return xe is not None and xe in self.xe_archs
         if vendor == "nvidia":
             if cc is None or self.cc_min is None or self.cc_max is None:
                 return False
@@ -141,6 +146,8 @@ class Match:
             return f"compute capability {self.cc_min[0]}.{self.cc_min[1]}–{self.cc_max[0]}.{self.cc_max[1]}"
         if self.vendor == "amd":
             return "gfx targets " + ", ".join(self.gfx_targets)
+        if self.vendor == "intel":
+            return "Xe generation " + ", ".join(self.xe_archs)
         return self.vendor
 
 
@@ -177,10 +184,10 @@ class Profile:
     path: str = ""
     variant_note: str | None = None
 
-    def for_device(self, vendor: str, cc: str | None, gfx: str | None) -> "Profile":
+    def for_device(self, vendor: str, cc: str | None, gfx: str | None, xe: str | None = None) -> "Profile":
         """This profile with the first matching variant applied."""
         for v in self.variants:
-            if v.match.covers(vendor, cc, gfx):
+            if v.match.covers(vendor, cc, gfx, xe):
                 merged = dict(v.fields)
                 if "hardware" in merged:
                     merged["hardware"] = replace(self.hardware, **merged["hardware"])
@@ -286,6 +293,12 @@ def _match(ctx: _Ctx, where: str, raw: Any, vendor: str) -> Match:
                                                                    for t in targets):
             raise ctx.fail(f"{where}.gfx_targets", f"expected a list like [gfx1030, gfx1031], got {targets!r}")
         return Match(vendor, gfx_targets=tuple(t.lower() for t in targets))
+    if vendor == "intel":
+        _keys(ctx, where, raw, {"xe_archs"}, {"xe_archs"})
+        archs = raw["xe_archs"]
+        if not isinstance(archs, list) or not archs or not all(a in XE_ARCHS for a in archs):
+            raise ctx.fail(f"{where}.xe_archs", f"expected a list of {', '.join(XE_ARCHS)}, got {archs!r}")
+        return Match(vendor, xe_archs=tuple(archs))
     _keys(ctx, where, raw or {}, set())
     return Match(vendor)
 
@@ -376,7 +389,11 @@ def parse_profile(raw: Any, path: str) -> Profile:
     vendor = raw["vendor"]
     if vendor not in VENDORS:
         raise ctx.fail("vendor", f"{vendor!r} is not one of: {', '.join(VENDORS)}")
-    img = _keys(ctx, "image", raw["image"], {"tag", "base", "family", "source"}, {"tag", "base", "family"})
+    img = _keys(ctx, "image", raw["image"], {"tag", "base", "family", "source", "packages"}, {"tag", "base", "family"})
+    packages = img.get("packages") or []
+    if not isinstance(packages, list) or not all(isinstance(x, str) and re.fullmatch(r"[a-z0-9][a-z0-9.+-]+", x)
+                                                 for x in packages):
+        raise ctx.fail("image.packages", f"expected a list of distribution package names, got {packages!r}")
     drv = None
     if raw.get("driver") is not None:
         d = _keys(ctx, "driver", raw["driver"], {"min_version", "reason", "source"}, {"min_version", "reason"})
@@ -419,7 +436,7 @@ def parse_profile(raw: Any, path: str) -> Profile:
         torch=_torch(ctx, "torch", raw["torch"]),
         driver_min=drv,
         image=Image(_str(ctx, "image.tag", img["tag"]), _str(ctx, "image.base", img["base"]),
-                    _str(ctx, "image.family", img["family"]), img.get("source", "")),
+                    _str(ctx, "image.family", img["family"]), img.get("source", ""), tuple(packages)),
         evidence=_enum(ctx, "evidence", raw["evidence"], Evidence),
         peak_tflops=peak_tflops, peak_card=peak_card,
         caveats=_caveats(ctx, "caveats", raw.get("caveats") or []),

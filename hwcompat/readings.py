@@ -10,20 +10,24 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-VENDORS = ("nvidia", "amd", "cpu")
+VENDORS = ("nvidia", "amd", "intel", "cpu")
+#: Intel Xe generations hwcompat knows (catalog/intel.yaml), the typed fact an Intel reading carries.
+XE_ARCHS = ("xe-hpg", "xe2-hpg")
 
 
 @dataclass(frozen=True)
 class DeviceReading:
     """One device as a probe reported it."""
 
-    vendor: str  # "nvidia" | "amd" | "cpu"
+    vendor: str  # "nvidia" | "amd" | "intel" | "cpu"
     index: int  # the vendor's own index (NVML / amdsmi / kfd order); 0 for the CPU
     name: str  # marketing name as the driver reports it, e.g. "Tesla M40 24GB"
     memory_bytes: int  # total device memory; system RAM for the CPU
     compute_capability: str | None = None  # NVIDIA only, "major.minor", e.g. "5.2"
     gfx_target: str | None = None  # AMD only: the physical target, e.g. "gfx1032"
     gfx_target_effective: str | None = None  # AMD: target the runtime uses (HSA_OVERRIDE_GFX_VERSION), else None
+    xe_arch: str | None = None  # Intel only: the Xe generation, "xe-hpg" (Alchemist) | "xe2-hpg" (Battlemage)
+    pci_device_id: str | None = None  # Intel: the PCI device ID ("e20b"), what the generation was read from
     pci_bus_id: str | None = None  # "0000:01:00.0" (lower case); None for the CPU or when unknown
     uuid: str | None = None  # "GPU-…" (NVIDIA) or the amdsmi UUID
     driver_version: str | None = None  # kernel driver, e.g. "550.54.14"
@@ -46,7 +50,7 @@ class DeviceReading:
 class HostReading:
     """Everything the probes saw on one host, plus what went wrong while looking."""
 
-    devices: tuple[DeviceReading, ...]  # GPUs first (NVIDIA, then AMD), the CPU last
+    devices: tuple[DeviceReading, ...]  # GPUs first (NVIDIA, then AMD, then Intel), the CPU last
     problems: tuple[str, ...] = ()  # probe failures worth telling the user; never swallowed
     emulated: bool = False  # any device came from emulation
     facts: dict[str, str] = field(default_factory=dict)  # os, kernel, python, hostname

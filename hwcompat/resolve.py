@@ -148,14 +148,15 @@ def _cc_text(cc: tuple[int, int]) -> str:
 
 
 def _device_label(r: DeviceReading) -> str:
-    arch = f"sm_{r.compute_capability.replace('.', '')}" if r.compute_capability else (r.gfx_target or r.vendor)
+    arch = f"sm_{r.compute_capability.replace('.', '')}" if r.compute_capability else (
+        r.gfx_target or r.xe_arch or r.vendor)
     return f"{r.name} ({arch})"
 
 
 def match_profile(reading: DeviceReading, profiles: dict[str, Profile]) -> Profile | None:
     """The profile whose match rule covers this reading's physical capability."""
     for p in profiles.values():
-        if p.match.covers(reading.vendor, reading.compute_capability, reading.gfx_target):
+        if p.match.covers(reading.vendor, reading.compute_capability, reading.gfx_target, reading.xe_arch):
             return p
     return None
 
@@ -165,6 +166,8 @@ def _why_matched(r: DeviceReading, p: Profile) -> str:
         return f"compute capability {r.compute_capability} is in {p.name}'s range ({p.match.describe()})"
     if r.vendor == "amd":
         return f"physical target {r.gfx_target} is one of {p.name}'s {p.match.describe()}"
+    if r.vendor == "intel":
+        return f"PCI device 0x{r.pci_device_id or '?'} is {r.xe_arch}, {p.name}'s {p.match.describe()}"
     return "the CPU profile covers every CPU"
 
 
@@ -338,7 +341,7 @@ def resolve_device(reading: DeviceReading, profiles: dict[str, Profile], softwar
     else:
         chosen = base
         reasons["profile"] = _why_matched(reading, chosen)
-    p = chosen.for_device(reading.vendor, reading.compute_capability, reading.gfx_target)
+    p = chosen.for_device(reading.vendor, reading.compute_capability, reading.gfx_target, reading.xe_arch)
     if p.variant_note:
         reasons["profile"] += f"; variant: {p.variant_note}"
     hw = _hardware_for(reading, p)

@@ -51,7 +51,7 @@ def test_actionlint_clean():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("device", ["p100", "k80"])  # fp16 + loss scaling on the CPU; a refused card
+@pytest.mark.parametrize("device", ["p100", "k80", "b580"])  # fp16 + loss scaling on the CPU; a refused card; Intel
 def test_one_emulated_job(device, tmp_path):
     out = tmp_path / "r.json"
     res = subprocess.run([sys.executable, "ci/matrix.py", "one", device, "--out", str(out)], cwd=ROOT,

@@ -24,6 +24,8 @@ def _cap(d) -> str:
     if r.gfx_target:
         eff = f"→{r.gfx_target_effective}" if r.gfx_target_effective and r.gfx_target_effective != r.gfx_target else ""
         return r.gfx_target + eff
+    if r.xe_arch:
+        return r.xe_arch
     return "cpu"
 
 

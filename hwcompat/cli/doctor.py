@@ -26,7 +26,8 @@ def run(args: argparse.Namespace) -> int:
     plan = plan_from_args(args)
     stack = doctor.gather_stack()
     shm, container = doctor.host_facts()
-    findings = doctor.diagnose(plan, stack, dict(os.environ), shm, container)
+    intel = doctor.intel_facts() if any(d.reading.vendor == "intel" for d in plan.devices) else None
+    findings = doctor.diagnose(plan, stack, dict(os.environ), shm, container, intel)
     if args.json:
         print_json(doctor.to_dict(findings, stack))
     else:

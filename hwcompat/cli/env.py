@@ -10,9 +10,8 @@ import re
 import shlex
 
 from hwcompat.cli.common import add_device_options, plan_from_args, select_device
+from hwcompat.envvars import VISIBILITY
 from hwcompat.errors import HwcompatError, InputError
-
-VISIBILITY = {"nvidia": "CUDA_VISIBLE_DEVICES", "amd": "HIP_VISIBLE_DEVICES"}
 
 
 def add_parser(sub) -> None:

@@ -69,10 +69,18 @@ def probe_host(
             found, errs = amd.probe(sys_root=sys_root, environ=env, present=True)
             gpus += found
             problems += errs
+        if "intel" in vendors:  # sysfs only (no vendor library): iGPUs are skipped by the probe itself
+            from hwcompat.probe import intel
+
+            found, errs = intel.probe(sys_root=sys_root)
+            gpus += found
+            problems += errs
     if cpu_reading is None:
         cpu_reading, errs = cpu.probe(sys_root=sys_root)
         problems += errs
     uname = os.uname()  # platform.* would import the platform module (milliseconds) for the same facts
+    if not emulated:
+        problems += apple_silicon(uname.sysname, uname.machine)
     facts = {
         "os": uname.sysname,
         "kernel": uname.release,
@@ -83,13 +91,22 @@ def probe_host(
                        emulated=emulated, facts=facts)
 
 
+def apple_silicon(sysname: str, machine: str) -> list[str]:
+    """Apple silicon is named, with why hwcompat does not train on its GPU and what to use instead."""
+    if sysname != "Darwin" or machine not in ("arm64", "aarch64"):
+        return []
+    return ["Apple silicon (M-series) GPU: reached through torch's MPS backend, which hwcompat has no profile for "
+            "yet (and Docker on macOS cannot pass the GPU to a container); hwcompat trains on the CPU profile here. "
+            "For the GPU, use MLX (mlx-lm LoRA) or torch with device='mps' directly"]
+
+
 def _reindex(readings: list[DeviceReading]) -> list[DeviceReading]:
     """Give emulated devices per-vendor indices in the order they were named."""
     from dataclasses import replace
 
     counters: dict[str, int] = {}
     out = []
-    for r in sorted(readings, key=lambda r: 0 if r.vendor == "nvidia" else 1):
+    for r in sorted(readings, key=lambda r: {"nvidia": 0, "amd": 1, "intel": 2}.get(r.vendor, 3)):
         i = counters.get(r.vendor, 0)
         counters[r.vendor] = i + 1
         out.append(replace(r, index=i))

@@ -14,7 +14,7 @@ from typing import Any
 
 from hwcompat.datafiles import data_dir
 from hwcompat.errors import InputError, excerpt
-from hwcompat.readings import VENDORS, DeviceReading, is_gfx_target, parse_cc
+from hwcompat.readings import VENDORS, XE_ARCHS, DeviceReading, is_gfx_target, parse_cc
 from hwcompat.yamlfile import load_packaged_yaml, load_yaml
 
 REQUIRED = ("vendor", "name", "memory_bytes")
@@ -22,7 +22,7 @@ _FIELDS = {f.name: f for f in fields(DeviceReading)}
 _INT_FIELDS = {"memory_bytes", "index", "pcie_generation", "pcie_width", "cpu_cores"}
 _FLOAT_FIELDS = {"power_limit_watts"}
 _STR_FIELDS = {"name", "compute_capability", "gfx_target", "gfx_target_effective", "pci_bus_id", "uuid",
-               "driver_version", "runtime_version"}
+               "driver_version", "runtime_version", "xe_arch", "pci_device_id"}
 _SETTABLE = sorted(set(_FIELDS) - {"source", "emulated"})
 
 
@@ -120,5 +120,8 @@ def parse_reading(entry: Any, where: str, source: str = "") -> DeviceReading:
                 if not is_gfx_target(values[key]):
                     raise InputError(f"{where}: field {excerpt(key)}: expected a gfx target like \"gfx1031\", "
                                      f"got {excerpt(entry[key])}")
+    if vendor == "intel" and values.get("xe_arch") not in XE_ARCHS:
+        raise InputError(f"{where}: field 'xe_arch': expected one of {', '.join(XE_ARCHS)} (Alchemist: xe-hpg, "
+                         f"Battlemage: xe2-hpg), got {excerpt(values.get('xe_arch'))}")
     values.setdefault("index", 0)
     return DeviceReading(**values, source=source, emulated=True)

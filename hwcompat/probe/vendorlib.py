@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
-PCI_VENDORS = {"0x10de": "nvidia", "0x1002": "amd"}
+PCI_VENDORS = {"0x10de": "nvidia", "0x1002": "amd", "0x8086": "intel"}
 #: Driver nodes that mean "this vendor's GPU is here" where the PCI bus is not visible (WSL2, some containers).
 DRIVER_NODES = {"nvidia": ("dev/nvidiactl", "dev/dxg", "proc/driver/nvidia/version"),
                 "amd": ("sys/class/kfd/kfd/topology/nodes", "dev/kfd")}

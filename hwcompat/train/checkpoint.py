@@ -70,6 +70,8 @@ def rng_state() -> dict[str, Any]:
     rng: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
+    if hasattr(torch, "xpu") and torch.xpu.is_available():
+        rng["xpu"] = torch.xpu.get_rng_state_all()
     return rng
 
 
@@ -141,6 +143,8 @@ def load(path: Path, model, optimizer, scheduler, scaler) -> dict[str, Any]:
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
+    if "xpu" in rng and hasattr(torch, "xpu") and torch.xpu.is_available():
+        torch.xpu.set_rng_state_all(rng["xpu"])
     state = json.loads((path / "state.json").read_text())
     v, internal, gauss = state["python_random"]
     random.setstate((v, tuple(internal), gauss))

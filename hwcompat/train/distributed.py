@@ -48,7 +48,7 @@ def init(device_kind: str) -> Dist:
         return Dist()
     import torch.distributed as td
 
-    td.init_process_group("nccl" if device_kind == "cuda" else "gloo")
+    td.init_process_group({"cuda": "nccl", "xpu": "xccl"}.get(device_kind, "gloo"))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
     return Dist(td.get_rank(), td.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")),
                 max(1, world // max(1, local_world)))

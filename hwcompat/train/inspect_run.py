@@ -40,7 +40,10 @@ def _load(run_dir: Path):
                          "it: put the model back at that path, or merge the adapter into a copy of it with "
                          f"`hwcompat merge {run_dir} --base NEW_PATH --out DIR`")
     read_header(adapter / "adapter_model.safetensors")  # a half-written adapter is an error naming the file
-    device = torch.device("cuda" if spec.device.kind == "cuda" and torch.cuda.is_available() else "cpu")
+    from hwcompat.train.loop import accelerator
+
+    backend = accelerator(spec.device.kind)
+    device = torch.device(spec.device.kind if backend is not None and backend.is_available() else "cpu")
     cfg = replace(spec.config, init_adapter=str(adapter), qlora=False)
     model = load_model(cfg, spec.profile, device).eval()
     if not isinstance(model, PeftModel):

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from hwcompat import __version__
+from hwcompat.envvars import VISIBILITY  # noqa: F401 (one table for the launcher, env and selftest)
 from hwcompat.errors import DataError, HwcompatError, InputError
 from hwcompat.fsutil import atomic_write_json
 from hwcompat.resolve import HostPlan, Overrides, ResolvedDevice, ResolvedProfile, resolve_device
@@ -25,7 +26,6 @@ from hwcompat.train.rundir import EXPORTS, RECORDS, RESULTS, RunDir, open_run_di
 from hwcompat.train.spec import RunSpec, TrainDevice
 
 HARDWARE_KEYS = ("dtype", "attention", "compile_backend")
-VISIBILITY = {"nvidia": "CUDA_VISIBLE_DEVICES", "amd": "HIP_VISIBLE_DEVICES"}
 
 
 def training_device(plan: HostPlan, spec: str | None) -> tuple[int, ResolvedDevice]:

@@ -161,12 +161,20 @@ def _bind_device(spec: RunSpec, dist: Dist):
         if spec.cpu_emulation:
             log(dist, f"cpu emulation: running the {spec.profile.name} profile on the CPU (plumbing, not the card)")
         return torch.device("cpu")
-    if not torch.cuda.is_available():
+    backend = accelerator(spec.device.kind)  # torch.cuda (CUDA and ROCm) or torch.xpu (Intel)
+    if backend is None or not backend.is_available():
         raise HwcompatError(f"the {spec.profile.name} profile needs a GPU, but this torch ({torch.__version__}) sees "
                             "none; run `hwcompat doctor` for the install command, or use the "
                             f"{spec.profile.image} image")
-    torch.cuda.set_device(dist.local_rank)
-    return torch.device("cuda", dist.local_rank)
+    backend.set_device(dist.local_rank)
+    return torch.device(spec.device.kind, dist.local_rank)
+
+
+def accelerator(kind: str):
+    """torch's module for a device kind ("cuda" covers ROCm builds too); None for the CPU or a torch without it."""
+    import torch
+
+    return getattr(torch, kind, None) if kind in ("cuda", "xpu") else None
 
 
 def _tokenizer(cfg):
@@ -510,15 +518,15 @@ def _summary(r: Recipe, final: dict[str, Any]) -> dict[str, Any]:
 
     p = r.spec.profile
     first = r.history["eval"][0] if r.history["eval"] and r.history["eval"][0]["step"] == 0 else {}
-    cuda = r.device.type == "cuda"
+    backend = accelerator(r.device.type)
     return {
         "steps": r.total_steps, "total_steps": r.total_steps, "objective": r.objective.name,
         "train_rows": len(r.objective.train), "eval_rows": len(r.objective.evals),
         "final_train_loss": r.last_loss, "eval_before": first, "eval_after": final,
         "tokens_per_s": r.tokens * r.dist.world / max(r.train_seconds, 1e-9), "train_seconds": r.train_seconds,
         "wall_seconds": time.time() - r.t_start,
-        "peak_memory_bytes": torch.cuda.max_memory_allocated() if cuda else _rss_peak_bytes(),
-        "peak_memory_kind": "torch.cuda.max_memory_allocated" if cuda else "process max RSS",
+        "peak_memory_bytes": backend.max_memory_allocated() if backend else _rss_peak_bytes(),
+        "peak_memory_kind": f"torch.{r.device.type}.max_memory_allocated" if backend else "process max RSS",
         "world_size": r.dist.world, "nnodes": r.dist.nnodes, "batching": r.mode,
         "profile_env_applied": all(os.environ.get(k) == v for k, v in p.env.items()),
         "cpu_emulation": r.spec.cpu_emulation, "profile": p.name, "env_seen": {k: os.environ.get(k) for k in p.env},

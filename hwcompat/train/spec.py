@@ -23,9 +23,9 @@ RESTART = "start the run again with hwcompat train CONFIG (add --overwrite to re
 
 @dataclass(frozen=True)
 class TrainDevice:
-    """Where the worker trains: ``kind`` is torch's device type (ROCm builds are "cuda" too)."""
+    """Where the worker trains: ``kind`` is torch's device type (ROCm builds are "cuda" too, Intel is "xpu")."""
 
-    kind: str  # "cpu" | "cuda"
+    kind: str  # "cpu" | "cuda" | "xpu"
     vendor: str
     name: str
     emulated: bool = False
@@ -33,7 +33,8 @@ class TrainDevice:
     @classmethod
     def choose(cls, device: ResolvedDevice, profile: ResolvedProfile, cpu_emulation: bool) -> "TrainDevice":
         gpu = profile.name != "cpu" and not cpu_emulation
-        return cls("cuda" if gpu else "cpu", device.reading.vendor, device.reading.name, device.reading.emulated)
+        kind = ("xpu" if device.reading.vendor == "intel" else "cuda") if gpu else "cpu"
+        return cls(kind, device.reading.vendor, device.reading.name, device.reading.emulated)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,184 @@
+"""#23: Intel Arc as the third vendor — detection from sysfs, profiles per Xe generation, doctor, launcher, plan."""
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from packaging.requirements import Requirement
+
+from hwcompat.probe import intel
+from hwcompat.probe.vendorlib import gpu_vendors
+
+CLEAN_ENV = {k: v for k, v in os.environ.items() if not k.startswith("HWCOMPAT_")}
+
+
+def _pci(root: Path, bus: str, device: str, driver: str | None, bar_bytes: int, cls: str = "0x030000") -> None:
+    dev = root / "sys/bus/pci/devices" / bus
+    dev.mkdir(parents=True)
+    (dev / "vendor").write_text("0x8086\n")
+    (dev / "device").write_text(f"0x{device}\n")
+    (dev / "class").write_text(cls + "\n")
+    # resource: BAR0 (registers, 16 MiB), then BAR2 (local memory window)
+    bar0 = f"0x00000000a0000000 0x00000000a0ffffff 0x0000000000040200"
+    bar2 = f"0x0000006000000000 0x{0x6000000000 + bar_bytes - 1:016x} 0x000000000014220c"
+    (dev / "resource").write_text("\n".join([bar0, "0x0 0x0 0x0", bar2]) + "\n")
+    if driver:
+        drv = root / "sys/bus/pci/drivers" / driver
+        drv.mkdir(parents=True, exist_ok=True)
+        os.symlink(drv, dev / "driver")
+
+
+def test_sysfs_probe_reads_arc_cards_and_skips_the_igpu(tmp_path):
+    _pci(tmp_path, "0000:03:00.0", "e20b", "xe", 12 << 30)          # B580, resizable BAR on
+    _pci(tmp_path, "0000:04:00.0", "56a0", "i915", 256 << 20)       # A770, BAR window only: the table's 16 GiB
+    _pci(tmp_path, "0000:00:02.0", "7d55", "i915", 256 << 20)       # an integrated GPU
+    assert "intel" in gpu_vendors(tmp_path)
+    readings, problems = intel.probe(tmp_path)
+    assert problems == []
+    assert [(r.name, r.xe_arch, r.memory_bytes, r.driver_version, r.pci_bus_id) for r in readings] == [
+        ("Intel Arc B580 Graphics", "xe2-hpg", 12 << 30, "xe", "0000:03:00.0"),
+        ("Intel Arc A770 Graphics", "xe-hpg", 16 << 30, "i915", "0000:04:00.0")]
+
+
+def test_a_card_without_a_driver_is_said(tmp_path):
+    _pci(tmp_path, "0000:03:00.0", "e20c", None, 10 << 30)
+    readings, problems = intel.probe(tmp_path)
+    assert readings[0].name == "Intel Arc B570 Graphics"
+    assert "no kernel driver bound" in problems[0] and "xe (Battlemage; Linux 6.12+)" in problems[0]
+
+
+def test_every_generation_id_is_unique_and_every_named_card_has_a_generation():
+    t = intel.table()
+    seen = [i for g in t["generations"].values() for i in g["ids"]]
+    assert len(seen) == len(set(seen))
+    for did in t["cards"]:
+        assert intel.generation(did), did
+
+
+@pytest.mark.parametrize("readings,profile", [
+    ('{vendor: intel, name: "Intel Arc B580 Graphics", memory_bytes: 12884901888, xe_arch: xe2-hpg}', "battlemage"),
+    ('{vendor: intel, name: "Intel Arc A770 Graphics", memory_bytes: 17179869184, xe_arch: xe-hpg}', "alchemist"),
+])
+def test_detect_resolves_arc_cards_to_the_xpu_wheels(tmp_path, readings, profile):
+    f = tmp_path / "r.yaml"
+    f.write_text(f"- {readings}\n")
+    res = subprocess.run([sys.executable, "-m", "hwcompat", "detect", "--emulate-file", str(f), "--json"],
+                         capture_output=True, text=True, env=CLEAN_ENV, timeout=60)
+    assert res.returncode == 0, res.stderr
+    d = json.loads(res.stdout)["devices"][0]
+    assert d["supported"] and d["arch"] == profile
+    p = d["profile"]
+    assert p["dtype"] == "bfloat16" and p["compile_backend"] == "eager" and p["attention"] == "sdpa"
+    argv = shlex.split(p["torch_install"])
+    req = Requirement(argv[2])
+    assert argv[:2] == ["pip", "install"] and req.name == "torch" and req.specifier.contains("2.13.0")
+    assert argv[argv.index("--index-url") + 1] == "https://download.pytorch.org/whl/xpu"
+
+
+def test_doctor_lists_the_intel_checks(tmp_path):
+    from dataclasses import replace
+
+    from hwcompat.doctor import IntelHost, Stack, diagnose, intel_facts
+    from hwcompat.probe.emulate import from_catalog
+    from hwcompat.profiles import load_profiles
+    from hwcompat.readings import HostReading
+    from hwcompat.resolve import resolve_host
+    from hwcompat.software import Software
+
+    (b580,) = from_catalog(["b580"])
+    plan = resolve_host(HostReading((replace(b580, emulated=False),) + tuple(from_catalog(["cpu"]))),
+                        load_profiles(), Software())
+    cpu_torch = Stack("2.13.0+cpu")
+    findings = diagnose(plan, cpu_torch, {}, intel=IntelHost())
+    by = {f.check: f for f in findings if f.device == 0}
+    assert by["torch_build"].severity == "error" and "whl/xpu" in by["torch_build"].fix
+    assert by["level_zero"].severity == "error" and "libze1" in by["level_zero"].fix
+    assert by["render_node"].severity == "error" and "--device=/dev/dri" in by["render_node"].fix
+    for f in (by["torch_build"], by["level_zero"], by["render_node"]):
+        shlex.split(f.fix)  # every printed fix is shell syntax
+    # a host that has it all: the fake root's loader and render node, a user who may open it
+    (tmp_path / "usr/lib/x86_64-linux-gnu").mkdir(parents=True)
+    (tmp_path / "usr/lib/x86_64-linux-gnu/libze_loader.so.1").write_bytes(b"")
+    (tmp_path / "dev/dri").mkdir(parents=True)
+    (tmp_path / "dev/dri/renderD128").write_bytes(b"")
+    facts = intel_facts(tmp_path)
+    assert facts.level_zero and facts.readable == (str(tmp_path / "dev/dri/renderD128"),)
+    xpu = Stack("2.9.0+xpu", torch_xpu="20250201")
+    ok = {f.check: f.severity for f in diagnose(plan, xpu, {}, intel=facts) if f.device == 0}
+    assert ok["torch_build"] == ok["level_zero"] == ok["render_node"] == "ok"
+
+
+def test_doctor_emulate_shows_intel_checks_from_the_cli():
+    res = subprocess.run([sys.executable, "-m", "hwcompat", "doctor", "--emulate", "b580"], capture_output=True,
+                         text=True, env=CLEAN_ENV, timeout=120)
+    assert "Intel Arc B580 Graphics (battlemage)" in res.stdout
+    assert "Level Zero" in res.stdout or "level_zero" in res.stdout
+
+
+def test_the_launcher_pins_level_zero_and_env_prints_it():
+    from hwcompat.probe.emulate import from_catalog
+    from hwcompat.profiles import load_profiles
+    from hwcompat.readings import HostReading
+    from hwcompat.resolve import resolve_host
+    from hwcompat.software import Software
+    from hwcompat.train.launch import child_env
+    from dataclasses import replace
+
+    (b580,) = from_catalog(["b580"])
+    plan = resolve_host(HostReading((replace(b580, emulated=False),) + tuple(from_catalog(["cpu"]))),
+                        load_profiles(), Software())
+    env = child_env(plan.devices[0].profile, plan.devices[0], None)
+    assert env["ZE_AFFINITY_MASK"] == "0" and env["SYCL_CACHE_PERSISTENT"] == "1"
+    res = subprocess.run([sys.executable, "-m", "hwcompat", "env", "--emulate", "b580", "--device", "0"],
+                         capture_output=True, text=True, env=CLEAN_ENV, timeout=60)
+    out = subprocess.run(["bash", "-c", res.stdout + '\nprintf %s "$ZE_AFFINITY_MASK"'], capture_output=True,
+                         text=True)
+    assert out.stdout == "0"
+
+
+def test_train_device_kind_is_xpu_unless_cpu_emulated():
+    from hwcompat.probe.emulate import from_catalog
+    from hwcompat.profiles import load_profiles
+    from hwcompat.readings import HostReading
+    from hwcompat.resolve import resolve_host
+    from hwcompat.software import Software
+    from hwcompat.train.spec import TrainDevice
+
+    plan = resolve_host(HostReading(tuple(from_catalog(["b580", "cpu"]))), load_profiles(), Software())
+    d = plan.devices[0]
+    assert TrainDevice.choose(d, d.profile, cpu_emulation=False).kind == "xpu"
+    assert TrainDevice.choose(d, d.profile, cpu_emulation=True).kind == "cpu"
+
+
+def test_plan_for_a_b580(tmp_path):
+    """The planner counts Intel's runtime context and fits against the card's memory."""
+    from hwcompat import plan as P
+    from hwcompat.probe.emulate import from_catalog
+    from hwcompat.profiles import load_profiles
+    from hwcompat.readings import HostReading
+    from hwcompat.resolve import resolve_host
+    from hwcompat.software import Software
+
+    host = resolve_host(HostReading(tuple(from_catalog(["b580", "cpu"]))), load_profiles(), Software())
+    d = host.devices[0]
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "llama", "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": True,
+        "max_position_embeddings": 4096}))
+    shape = P.load_shape(str(tmp_path))
+    result = P.estimate(shape, P.PlanInput(), d.profile.dtype, d.profile.attention, "intel",
+                        d.reading.memory_bytes, "nf4" in d.profile.quantization)
+    assert result.breakdown["runtime_overhead"] >= P.RUNTIME_CONTEXT["intel"]
+    assert result.device_bytes == 12 << 30 and result.fits
+
+
+def test_apple_silicon_is_named_with_a_reason():
+    from hwcompat.probe import apple_silicon
+
+    (note,) = apple_silicon("Darwin", "arm64")
+    assert "Apple silicon" in note and "MPS" in note and "mlx-lm" in note
+    assert apple_silicon("Linux", "x86_64") == [] and apple_silicon("Darwin", "x86_64") == []
