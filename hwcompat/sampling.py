@@ -18,6 +18,6 @@ MAX_TEMPERATURE = 100.0
 def check_temperature(value: float, what: str = "--temperature") -> float:
     if (not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)
             or not (value == 0 or MIN_TEMPERATURE <= value <= MAX_TEMPERATURE)):
-        raise InputError(f"{what} {value}: give 0 (greedy, deterministic) or a number from {MIN_TEMPERATURE:g} to "
-                         f"{MAX_TEMPERATURE:g} (about 0.7-1.0 is usual for sampling)")
+        raise InputError(f"{what} {value}: use {what} >= 0: 0 is greedy (deterministic), a sampled run takes "
+                         f"{MIN_TEMPERATURE:g} to {MAX_TEMPERATURE:g} (about 0.7-1.0 is usual)")
     return float(value)

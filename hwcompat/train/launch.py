@@ -223,10 +223,6 @@ def check_init_adapter(cfg) -> None:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise InputError(f"init_adapter {meta}: {key}: expected a number, got {json.dumps(value)[:40]}; the file "
                              "was edited by hand or not written by PEFT")
-    from hwcompat.merge import read_header
-
-    read_header(folder / "adapter_model.safetensors")  # truncated: an error naming the file, not a crash
-    _same_base_as(folder, cfg.model)
     targets = saved.get("target_modules")
     targets = sorted(targets) if isinstance(targets, list) else targets
     ours = "all-linear" if cfg.lora_target_modules == ["all-linear"] else sorted(cfg.lora_target_modules)
@@ -238,6 +234,10 @@ def check_init_adapter(cfg) -> None:
                          "set the same in this config (the adapter keeps its shape)")
     if ours != "all-linear" and targets != ours:
         raise InputError(f"init_adapter {folder} targets {targets}; set lora_target_modules to the same")
+    from hwcompat.merge import read_header
+
+    read_header(folder / "adapter_model.safetensors")  # truncated: an error naming the file, not a crash
+    _same_base_as(folder, cfg.model)
 
 
 def _same_base_as(adapter: Path, model: str) -> None:
