@@ -153,13 +153,15 @@ LEDGER = ".hwcompat-outputs.json"
 
 def ledger_names(folder: str | Path) -> set[str] | None:
     """The names recorded in ``folder``'s ledger; None when it has none, empty when it cannot be read."""
+    from hwcompat.errors import InputError
+
     path = Path(folder) / LEDGER
     if not os.path.lexists(path):
         return None
     try:
         names = json.loads(read_regular(path, "ledger", limit=1 << 20))["written"]
         return {n for n in names if isinstance(n, str) and "/" not in n and n not in ("", ".", "..")}
-    except (ValueError, KeyError, TypeError, Exception):  # a damaged ledger owns nothing
+    except (InputError, ValueError, KeyError, TypeError):  # a damaged ledger owns nothing
         return set()
 
 
