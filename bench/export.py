@@ -74,7 +74,7 @@ def measure(cmd: list[str]) -> dict:
 
 
 def main() -> int:
-    from hwcompat.export.quantize import LLAMA_TYPES
+    from hwcompat.choices import LLAMA_TYPES
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--type", default="q4_k_m", choices=sorted(LLAMA_TYPES))

@@ -16,24 +16,21 @@ import json
 import math
 import re
 import shutil
-import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from hwcompat.userfile import read_json_object
 from hwcompat.errors import HwcompatError, InputError, excerpt
 from hwcompat.fsutil import atomic_dir, output_target, require_space
+from hwcompat import weights
+from hwcompat.choices import DTYPE_BYTES
+from hwcompat.weights import TORCH_TO_ST, read_header
 
 #: Files copied from the base (tokenizer files prefer the adapter folder's copy: that is what trained).
 COPY_FROM_BASE = ("generation_config.json",)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "chat_template.jinja", "vocab.json", "merges.txt", "added_tokens.json")
-#: safetensors dtype tag -> (torch dtype name, bytes per element)
-ST_DTYPES = {"F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2), "F64": ("float64", 8),
-             "I64": ("int64", 8), "I32": ("int32", 4), "I16": ("int16", 2), "I8": ("int8", 1), "U8": ("uint8", 1),
-             "BOOL": ("bool", 1)}
-TORCH_TO_ST = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 
 
 @dataclass(frozen=True)
@@ -113,10 +110,10 @@ def load_adapter(path: Path) -> Adapter:
                              "adapter with safe_serialization=True")
         raise InputError(f"{path}: adapter_model.safetensors missing")
     read_header(files[0])  # a damaged file is an error naming it, before safetensors parses it
-    weights = load_file(str(files[0]))
+    stored = load_file(str(files[0]))
     pairs: dict[str, dict[str, Any]] = {}
     replace: dict[str, Any] = {}
-    for key, t in weights.items():
+    for key, t in stored.items():
         name = key[len("base_model.model."):] if key.startswith("base_model.model.") else key
         m = re.match(r"(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$", name)
         if m:
@@ -142,90 +139,12 @@ def _shards(base: Path) -> dict[str, list[str]]:
         return out
     single = base / "model.safetensors"
     if single.exists():
-        return {"model.safetensors": [k for k in _header(single) if k != "__metadata__"]}
+        return {"model.safetensors": [k for k in weights.read_header(single) if k != "__metadata__"]}
     if list(base.glob("*.bin")):
         raise InputError(f"{base}: the base weights are pickle .bin files; hwcompat reads safetensors only. "
                          "Convert once with transformers: from_pretrained(...).save_pretrained(..., safe_serialization=True)")
     raise InputError(f"{base}: no model.safetensors or model.safetensors.index.json; --base must be the "
                      "unquantised model folder")
-
-
-_DTYPE_SIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
-
-#: A safetensors header larger than this is not a header (the format caps it at 100 MB).
-MAX_HEADER_BYTES = 100 << 20
-
-
-def read_header(path: Path) -> dict[str, Any]:
-    """A safetensors file's header, checked: a corrupt or truncated file is an error naming it, not a crash."""
-    def bad(why: str) -> InputError:
-        return InputError(f"{path}: not a valid safetensors file ({why}); the download or copy is damaged: "
-                          "fetch or copy it again")
-
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as fh:
-            prefix = fh.read(8)
-            if len(prefix) < 8:
-                raise bad(f"{size} bytes, shorter than the 8-byte header length")
-            n = struct.unpack("<Q", prefix)[0]
-            if n > min(MAX_HEADER_BYTES, size - 8):
-                raise bad(f"header length {n:,} bytes in a {size:,}-byte file")
-            header = json.loads(fh.read(n))
-    except OSError as exc:
-        raise InputError(f"{path}: cannot read it ({exc.strerror or exc})") from None
-    except (ValueError, RecursionError) as exc:
-        raise bad(f"the header is not JSON: {str(exc)[:80]}") from None
-    if not isinstance(header, dict):
-        raise bad("the header is not a JSON object")
-    end = 0
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            start, stop = (int(x) for x in info["data_offsets"])
-            dtype, shape = info["dtype"], [int(d) for d in info["shape"]]
-        except (KeyError, TypeError, ValueError):
-            raise bad(f"tensor {name[:80]!r} has no valid dtype / shape / data_offsets") from None
-        end = max(end, stop)
-        if not 0 <= start <= stop:
-            raise bad(f"tensor {name[:80]!r} has offsets {start}..{stop}")
-        if dtype not in ST_DTYPES:
-            raise InputError(f"{path}: tensor {name[:80]!r} is stored as {str(dtype)[:20]}, which hwcompat does not "
-                             f"read (it reads {', '.join(ST_DTYPES)}); use the model's unquantised (F16/BF16/F32) "
-                             "release")
-        if any(d < 0 for d in shape) or math.prod(shape) * ST_DTYPES[dtype][1] != stop - start:
-            raise bad(f"tensor {name[:80]!r}: shape {shape} of {dtype} needs {math.prod(shape) * ST_DTYPES[dtype][1]:,} "
-                      f"bytes, its offsets hold {stop - start:,}")
-    if 8 + n + end > size:
-        raise bad(f"truncated: the tensors need {8 + n + end:,} bytes, the file has {size:,}")
-    return header
-
-
-_header = read_header  # the name export uses
-
-
-def _read_tensors(path: Path, names: list[str]):
-    """Yield (name, tensor) by plain reads at the header's offsets.
-
-    safe_open memory-maps the file, and every page it touches counts towards the process's
-    resident memory until the mapping closes, so a streamed merge would still "use" the whole
-    shard. Reading each tensor into its own buffer keeps resident memory at one tensor.
-    """
-    import torch
-
-    header = _header(path)
-    with open(path, "rb") as fh:
-        n = struct.unpack("<Q", fh.read(8))[0]
-        base = 8 + n
-        for name in names:
-            info = header[name]
-            start, end = info["data_offsets"]
-            fh.seek(base + start)
-            buf = bytearray(fh.read(end - start))
-            dtype = getattr(torch, ST_DTYPES[info["dtype"]][0])
-            t = torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)
-            yield name, t.reshape(info["shape"])
 
 
 def _recorded_base(adapter: Adapter) -> str:
@@ -277,13 +196,13 @@ def validate(adapter: Adapter, base: Path, force: bool = False) -> dict[str, lis
     shards = _shards(base)
     shapes: dict[str, list[int]] = {}
     for f, names in shards.items():
-        h = _header(base / f)
+        h = read_header(base / f)
         for n in names:
             shapes[n] = h[n]["shape"]
     for key, (a, b) in adapter.lora.items():
         if key not in shapes:
             raise InputError(f"adapter targets {key}, which the base model does not have: adapter and base do not "
-                             f"match (adapter from {named or adapter.path})")
+                             f"match (adapter from {adapter.config.get('base_model_name_or_path') or adapter.path})")
         out_f, in_f = (shapes[key][1], shapes[key][0]) if adapter.config.get("fan_in_fan_out") else shapes[key]
         if list(b.shape)[0] != out_f or list(a.shape)[1] != in_f or a.shape[0] != b.shape[1]:
             raise InputError(f"{key}: base weight is {shapes[key]} but the adapter's B x A is "
@@ -292,31 +211,6 @@ def validate(adapter: Adapter, base: Path, force: bool = False) -> dict[str, lis
         if key not in shapes or list(t.shape) != shapes[key]:
             raise InputError(f"adapter replaces {key} with shape {list(t.shape)}, base has {shapes.get(key)}")
     return shards
-
-
-def _write_streaming(path: Path, entries: list[tuple[str, str, list[int]]], tensors: Iterator[tuple[str, Any]],
-                     metadata: dict[str, str]) -> None:
-    """safetensors with the header computed first, then each tensor's bytes as it comes."""
-    import torch
-
-    header: dict[str, Any] = {"__metadata__": metadata}
-    offset = 0
-    for name, st_dtype, shape in entries:
-        size = math.prod(shape) * ST_DTYPES[st_dtype][1]
-        header[name] = {"dtype": st_dtype, "shape": shape, "data_offsets": [offset, offset + size]}
-        offset += size
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # 8-byte alignment, as safetensors writes it
-    with open(path, "wb") as fh:
-        fh.write(struct.pack("<Q", len(raw)))
-        fh.write(raw)
-        for (name, st_dtype, shape), (tname, t) in zip(entries, tensors):
-            assert name == tname
-            t = t.contiguous()
-            if t.dtype == torch.bfloat16:
-                fh.write(t.view(torch.int16).numpy().tobytes())
-            else:
-                fh.write(t.numpy().tobytes())
 
 
 def merge(adapter_path: str | Path, base: str | Path, out: str | Path, dtype: str | None = None,
@@ -347,14 +241,14 @@ def merge(adapter_path: str | Path, base: str | Path, out: str | Path, dtype: st
     out.parent.mkdir(parents=True, exist_ok=True)
     source_bytes = sum((base / s).stat().st_size for s in shards)
     base_dtype = str(base_cfg.get("dtype") or base_cfg.get("torch_dtype") or "float32")
-    require_space(out.parent, source_bytes * _DTYPE_SIZE[dtype] // _DTYPE_SIZE.get(base_dtype, 4), "the merged model")
+    require_space(out.parent, source_bytes * DTYPE_BYTES[dtype] // DTYPE_BYTES.get(base_dtype, 4), "the merged model")
     merged = 0
     # output_target: locked, a killed merge's temp folder removed, SIGTERM -> Terminated (exit 143), which
     # unwinds through atomic_dir and removes the partial output.
     with output_target(out, "hwcompat merge", overwrite=True, kind="folder"), atomic_dir(out) as tmp:
         weight_map: dict[str, str] = {}
         for shard, names in shards.items():
-            h = _header(base / shard)
+            h = read_header(base / shard)
             entries = []
             for n in names:
                 floating = h[n]["dtype"] in ("F32", "F16", "BF16")
@@ -363,7 +257,7 @@ def merge(adapter_path: str | Path, base: str | Path, out: str | Path, dtype: st
 
             def tensors(shard=shard, names=names):
                 nonlocal merged
-                for n, t in _read_tensors(base / shard, names):
+                for n, t in weights.read_tensors(base / shard, names):
                     if n in adapter.replace:
                         t = adapter.replace[n]
                     if n in lora:
@@ -376,7 +270,7 @@ def merge(adapter_path: str | Path, base: str | Path, out: str | Path, dtype: st
                         merged += 1
                     yield n, (t.to(target) if t.is_floating_point() else t)
 
-            _write_streaming(tmp / shard, entries, tensors(), {"format": "pt"})
+            weights.write_streaming(tmp / shard, entries, tensors(), {"format": "pt"})
             log(f"merged {shard}")
         if len(shards) > 1:
             index = json.loads((base / "model.safetensors.index.json").read_text())

@@ -45,10 +45,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from hwcompat.choices import DTYPE_BYTES, OPTIMIZERS
 from hwcompat.errors import InputError, excerpt
 
 GIB = 2**30
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 #: config.json "model_type" values the planner understands (Llama-style decoder blocks).
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3")
@@ -60,8 +60,6 @@ ALLOCATOR_SLACK = 0.08  # caching-allocator fragmentation and 2 MiB rounding, fr
 
 NF4_BYTES_PER_PARAM = 0.5
 QUANT_CONST_BYTES = {True: 1 / 64 + 4 / (64 * 256), False: 4 / 64}  # double quantisation on / off
-#: The optimizers `hwcompat train` accepts (config key ``optimizer``); their state bytes: optimizer_state_bytes.
-OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
 #: bitsandbytes' 8-bit blockwise AdamW (bitsandbytes/optim/optimizer.py, Optimizer2State.init_state, 0.45-0.50):
 #: two uint8 states plus a float32 absmax per 256-value block; tensors under 4,096 values keep float32 states;
 #: two shared 256-entry float32 quantisation maps.

@@ -17,27 +17,11 @@ from typing import Any
 
 
 from hwcompat import envvars
+from hwcompat.choices import Attention, CompileBackend, Dtype
 from hwcompat.datafiles import data_dir
 from hwcompat.errors import ProfileError
 from hwcompat.readings import VENDORS, XE_ARCHS, is_gfx_target, parse_cc
 from hwcompat.yamlfile import load_packaged_yaml
-
-
-class Dtype(str, enum.Enum):
-    float32 = "float32"
-    float16 = "float16"
-    bfloat16 = "bfloat16"
-
-
-class Attention(str, enum.Enum):
-    eager = "eager"
-    sdpa = "sdpa"
-    flash_attention_2 = "flash_attention_2"
-
-
-class CompileBackend(str, enum.Enum):
-    eager = "eager"
-    inductor = "inductor"
 
 
 class Fp16Rate(str, enum.Enum):

@@ -128,13 +128,13 @@ def test_dora_and_quantised_base_are_refused(tmp_path, base):
 
 
 def test_interrupted_merge_leaves_nothing(tmp_path, base, monkeypatch):
-    import hwcompat.merge as M
+    import hwcompat.weights as W
     adapter = _adapter(base, tmp_path / "adapter")
 
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(M, "_write_streaming", boom)
+    monkeypatch.setattr(W, "write_streaming", boom)
     with pytest.raises(KeyboardInterrupt):
         merge(adapter, base, tmp_path / "merged", log=lambda m: None)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # no output, no temp folder

@@ -96,10 +96,10 @@ def test_merge_sigterm_exits_143_and_a_killed_merges_leftovers_are_removed(run_w
     (tmp_path / ".other.abcdefgh.tmp").mkdir()  # another target's: not ours to touch
     res = _cli("merge", run_with_adapter, "--out", tmp_path / "merged", code="""
         import os, signal
-        import hwcompat.merge as M
+        import hwcompat.weights as W
         def boom(*a, **k):
             os.kill(os.getpid(), signal.SIGTERM)
-        M._write_streaming = boom
+        W.write_streaming = boom
     """)
     assert res.returncode == 143, res.stderr[-2000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == [".other.abcdefgh.tmp"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from hwcompat.train.config import DATA_FORMATS
+from hwcompat.choices import DATA_FORMATS
 from hwcompat.train.objectives import OBJECTIVES
 
 

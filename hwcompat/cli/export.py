@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from hwcompat.export import EXPORT_TYPES
+from hwcompat.choices import EXPORT_TYPES
 
 
 def add_parser(sub) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from hwcompat.cli.common import add_device_options, gib, plan_from_args, print_json
-from hwcompat.plan import OPTIMIZERS
+from hwcompat.choices import OPTIMIZERS
 
 
 def add_parser(sub) -> None:

@@ -9,7 +9,7 @@ import sys
 from hwcompat.cli.common import plan_from_args
 from hwcompat.cli.plan import host_ram
 from hwcompat.errors import InputError
-from hwcompat.export import EXPORT_TYPES
+from hwcompat.choices import EXPORT_TYPES
 
 
 def add_parser(sub) -> None:

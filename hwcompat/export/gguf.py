@@ -17,9 +17,9 @@ from typing import Any
 from hwcompat.errors import HwcompatError, InputError, excerpt
 from hwcompat.fsutil import user_mode
 
-from hwcompat.export import EXPORT_TYPES as TYPES
+from hwcompat.choices import EXPORT_TYPE_TABLE, EXPORT_TYPES as TYPES, LLAMA_TYPES
 from hwcompat.export.archs import ARCHS, check, head_dim, rope, rope_dims, write_specific
-from hwcompat.export.quantize import BITS_PER_WEIGHT, LLAMA_TYPES, binding, quantize
+from hwcompat.export.quantize import binding, quantize
 from hwcompat.export.vocab import write_vocab
 
 
@@ -46,10 +46,6 @@ def _convert(data, ggml_type, gguf, np):
 def _permute(w, n_head: int):
     """llama.cpp's LlamaModel.permute: HF half-split rotary layout -> interleaved."""
     return (w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape))
-
-
-#: Bytes per weight in each output type (q8_0: 34 bytes per block of 32), for the free-space check.
-BYTES_PER_ELEMENT = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32}
 
 
 def lossless_type(cfg: dict) -> str:
@@ -168,13 +164,13 @@ def _plan(writer, src: Path, files: list[str], cfg: dict[str, Any], written: str
     import gguf
     import numpy as np
 
-    from hwcompat.merge import _header
+    from hwcompat.weights import read_header
 
     arch = ARCHS[cfg["model_type"]]
     tmap = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.gguf), int(cfg["num_hidden_layers"]))
     plan: list[tuple[str, str, str, Any]] = []  # (file, hf key, gguf name, ggml type)
     for f in files:
-        for key, info in _header(src / f).items():
+        for key, info in read_header(src / f).items():
             if key == "__metadata__" or key.endswith("rotary_emb.inv_freq") or key in arch.drop:
                 continue
             new = tmap.get_name(key, try_suffixes=(".weight", ".bias"))
@@ -198,14 +194,14 @@ def _write_tensors(writer, src: Path, files: list[str], plan: list[tuple], cfg: 
     import numpy as np
     import torch
 
-    from hwcompat.merge import _read_tensors
+    from hwcompat.weights import read_tensors
 
     arch = ARCHS[cfg["model_type"]]
     n_head = int(cfg["num_attention_heads"])
     n_kv = int(cfg.get("num_key_value_heads") or n_head)
     for f in files:
         types = {k: t for (ff, k, _, t) in plan if ff == f}
-        for key, tensor in _read_tensors(src / f, list(types)):
+        for key, tensor in read_tensors(src / f, list(types)):
             t = tensor.to(torch.float32)
             if arch.permute_qk and key.endswith("q_proj.weight"):
                 t = _permute(t, n_head)
@@ -223,19 +219,17 @@ def _export_gguf(model_dir: str | Path, out: Path, qtype: str, name: str | None)
     import numpy as np
 
     from hwcompat.fsutil import require_space
-    from hwcompat.merge import _header
+    from hwcompat.weights import read_header, shard_files
 
     src, out = Path(model_dir), Path(out)
     cfg = _check(src, qtype)
-    index = src / "model.safetensors.index.json"
-    files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists()
-             else ["model.safetensors"])
-    elems = sum(int(np.prod(info["shape"])) for f in files for k, info in _header(src / f).items()
+    files = shard_files(src)
+    elems = sum(int(np.prod(info["shape"])) for f in files for k, info in read_header(src / f).items()
                 if k != "__metadata__")
     # llama.cpp quantizes from a lossless GGUF of the merged weights (their own dtype), written first
     written = lossless_type(cfg) if qtype in LLAMA_TYPES else qtype
-    quantized = elems * BITS_PER_WEIGHT[qtype] / 8 if qtype in LLAMA_TYPES else 0
-    require_space(out.parent, elems * BYTES_PER_ELEMENT[written] + quantized, f"the {qtype} GGUF")
+    quantized = elems * EXPORT_TYPE_TABLE[qtype].bits / 8 if qtype in LLAMA_TYPES else 0
+    require_space(out.parent, elems * EXPORT_TYPE_TABLE[written].bits / 8 + quantized, f"the {qtype} GGUF")
     tmp = _temp_beside(out)
     final, note = None, None
     arch_str = gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, ARCHS[cfg["model_type"]].gguf)]

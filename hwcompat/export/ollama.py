@@ -16,7 +16,6 @@ with ``apply_chat_template``. Go templates have no trim: content with surroundin
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 

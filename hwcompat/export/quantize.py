@@ -15,13 +15,9 @@ import ctypes
 import os
 from pathlib import Path
 
+from hwcompat.choices import LLAMA_TYPES
 from hwcompat.errors import HwcompatError, InputError
 
-#: --type -> llama.cpp's llama_ftype name (llama.h).
-LLAMA_TYPES = {"q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
-               "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K", "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "q5_0": "LLAMA_FTYPE_MOSTLY_Q5_0"}
-#: Bits per weight of each output, for the free-space check (llama.cpp's block sizes; k-quant mixes rounded up).
-BITS_PER_WEIGHT = {"q4_k_m": 4.9, "q5_k_m": 5.7, "q6_k": 6.6, "q4_0": 4.5, "q5_0": 5.5}
 #: The binding, pinned to the version the tests ran; it compiles llama.cpp (~10 min on 2 cores, CPU build).
 REQUIREMENT = "llama-cpp-python==0.3.36"
 INSTALL = f"python3 -m pip install '{REQUIREMENT}'"

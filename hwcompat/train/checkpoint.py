@@ -38,7 +38,7 @@ def candidates(run_dir: Path) -> list[Path]:
 def problem(ck: Path) -> str | None:
     """Why a checkpoint cannot be resumed from (a file missing, empty, torn), or None; cheap, no torch."""
     from hwcompat.errors import InputError
-    from hwcompat.merge import read_header
+    from hwcompat.weights import read_header
 
     for name in FILES:
         f = ck / name

@@ -18,19 +18,12 @@ from typing import Any, get_args, get_origin, get_type_hints
 import yaml
 
 from hwcompat.errors import InputError, excerpt
-from hwcompat.export import EXPORT_TYPES
-from hwcompat.plan import OPTIMIZERS
-from hwcompat.profiles import Attention, CompileBackend, Dtype
+from hwcompat.choices import EXPORT_TYPES
+from hwcompat.choices import (BATCHING, CHAT_TEMPLATE, DATA_FORMATS, EXPORTS, METRICS, OFFLOAD, OPTIMIZERS,
+                              OVERLONG, SCHEDULES, Attention, CompileBackend, Dtype)
 from hwcompat.train.objectives import OBJECTIVES
 from hwcompat.yamlfile import load_yaml
 
-DATA_FORMATS = ("auto", "prompt_completion", "messages", "alpaca")
-SCHEDULES = ("cosine", "linear", "constant")
-METRICS = ("auto", "exact", "json", "label", "none")
-OVERLONG = ("truncate", "drop")
-BATCHING = ("auto", "packed", "length_grouped", "padded")
-OFFLOAD = ("auto", "none", "layers")
-CHAT_TEMPLATE = ("auto", "true", "false")
 
 
 @dataclass
@@ -123,7 +116,7 @@ def _fields() -> dict[str, Any]:
 CHOICES = {"data_format": DATA_FORMATS, "lr_schedule": SCHEDULES, "eval_metrics": METRICS, "overlong": OVERLONG,
            "batching": BATCHING, "offload": OFFLOAD, "chat_template": CHAT_TEMPLATE,
            "dtype": tuple(d.value for d in Dtype), "attention": tuple(a.value for a in Attention),
-           "compile_backend": tuple(c.value for c in CompileBackend), "export": ("none", "gguf"),
+           "compile_backend": tuple(c.value for c in CompileBackend), "export": EXPORTS,
            "export_type": EXPORT_TYPES, "method": OBJECTIVES,
            "optimizer": OPTIMIZERS}  # the hardware and export vocabularies are defined once, imported here
 

@@ -32,7 +32,7 @@ def _load(run_dir: Path):
     adapter = run_dir / "adapter"
     if not (adapter / "adapter_model.safetensors").exists():
         raise InputError(f"{run_dir}: no adapter/ yet (the run has not finished); train it to the end first")
-    from hwcompat.merge import read_header
+    from hwcompat.weights import read_header
 
     base = Path(spec.config.model)
     if not (base / "config.json").is_file() and not spec.config.allow_network:

@@ -186,7 +186,7 @@ def check_model(model: str, allow_network: bool, what: str = "model") -> None:
                 f"AutoModelForCausalLM as M; M.from_pretrained('{model}').save_pretrained('{model}-safetensors')\"")
         raise InputError(f"model {model}: no *.safetensors weights in this folder")
     if what == "model":
-        from hwcompat.merge import read_header
+        from hwcompat.weights import read_header
 
         for f in sorted(path.glob("*.safetensors")):
             read_header(f)  # a truncated download is an error naming the file, not a crash in the loader
@@ -196,7 +196,8 @@ def check_export(cfg) -> None:
     """A k-quant export needs llama.cpp's quantizer: found missing now, not after the training it follows."""
     import importlib.util
 
-    from hwcompat.export.quantize import LLAMA_TYPES, missing
+    from hwcompat.choices import LLAMA_TYPES
+    from hwcompat.export.quantize import missing
 
     if cfg.export == "gguf" and cfg.export_type in LLAMA_TYPES and importlib.util.find_spec("llama_cpp") is None:
         raise missing(cfg.export_type)
@@ -234,7 +235,7 @@ def check_init_adapter(cfg) -> None:
                          "set the same in this config (the adapter keeps its shape)")
     if ours != "all-linear" and targets != ours:
         raise InputError(f"init_adapter {folder} targets {targets}; set lora_target_modules to the same")
-    from hwcompat.merge import read_header
+    from hwcompat.weights import read_header
 
     read_header(folder / "adapter_model.safetensors")  # truncated: an error naming the file, not a crash
     _same_base_as(folder, cfg.model)

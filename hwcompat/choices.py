@@ -1,0 +1,64 @@
+"""Every user vocabulary, once: what a config key, a flag or a table may name.
+
+The CLI's ``choices=``, the config's closed vocabularies, the profile schema, the planner and the exporter
+all read these; a new value is added here and nowhere else. Data only: no logic, no imports of our own.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class Dtype(str, enum.Enum):
+    float32 = "float32"
+    float16 = "float16"
+    bfloat16 = "bfloat16"
+
+
+class Attention(str, enum.Enum):
+    eager = "eager"
+    sdpa = "sdpa"
+    flash_attention_2 = "flash_attention_2"
+
+
+class CompileBackend(str, enum.Enum):
+    eager = "eager"
+    inductor = "inductor"
+
+
+#: Bytes per element of each training dtype (the planner's and the merge's free-space arithmetic).
+DTYPE_BYTES = {Dtype.float32.value: 4, Dtype.float16.value: 2, Dtype.bfloat16.value: 2}
+
+#: The optimizers `hwcompat train` accepts (config key ``optimizer``); their state bytes: plan.optimizer_state_bytes.
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
+
+#: Config vocabularies of the recipe (their meaning: the field comments in train/config.py).
+DATA_FORMATS = ("auto", "prompt_completion", "messages", "alpaca")
+SCHEDULES = ("cosine", "linear", "constant")
+METRICS = ("auto", "exact", "json", "label", "none")
+OVERLONG = ("truncate", "drop")
+BATCHING = ("auto", "packed", "length_grouped", "padded")
+OFFLOAD = ("auto", "none", "layers")
+CHAT_TEMPLATE = ("auto", "true", "false")
+EXPORTS = ("none", "gguf")
+
+
+@dataclass(frozen=True)
+class ExportType:
+    """One GGUF output type: its bits per weight (the free-space check) and who encodes it."""
+
+    name: str
+    bits: float  # per weight; q8_0: 34 bytes per block of 32; k-quant mixes rounded up (llama.cpp's block sizes)
+    llama_ftype: str = ""  # llama.cpp's llama_ftype name (llama.h) when its quantizer makes it (hwcompat[gguf])
+
+
+#: The GGUF types hwcompat writes; the `gguf` package encodes the first four, llama.cpp's quantizer the rest.
+EXPORT_TYPE_TABLE = {t.name: t for t in (
+    ExportType("f32", 32.0), ExportType("f16", 16.0), ExportType("bf16", 16.0), ExportType("q8_0", 8.5),
+    ExportType("q6_k", 6.6, "LLAMA_FTYPE_MOSTLY_Q6_K"), ExportType("q5_k_m", 5.7, "LLAMA_FTYPE_MOSTLY_Q5_K_M"),
+    ExportType("q4_k_m", 4.9, "LLAMA_FTYPE_MOSTLY_Q4_K_M"), ExportType("q5_0", 5.5, "LLAMA_FTYPE_MOSTLY_Q5_0"),
+    ExportType("q4_0", 4.5, "LLAMA_FTYPE_MOSTLY_Q4_0"))}
+EXPORT_TYPES = tuple(EXPORT_TYPE_TABLE)
+#: --type -> llama_ftype name, for the types llama.cpp's quantizer makes.
+LLAMA_TYPES = {t.name: t.llama_ftype for t in EXPORT_TYPE_TABLE.values() if t.llama_ftype}
