@@ -166,3 +166,18 @@ def test_merge_equals_peft_on_the_demo_model(tmp_path):
     ref = _reference(base, adapter)
     ours = AutoModelForCausalLM.from_pretrained(out)
     assert (_logits(ref) - _logits(ours)).abs().max().item() < 1e-4
+
+
+def test_an_adapter_for_a_deeper_model_names_the_missing_weight(tmp_path, base):
+    """Was a NameError (an undefined name in the message) when the adapter targets a layer the base lacks."""
+    from pathlib import Path
+    from hwcompat.train.tiny import write_tiny
+
+    layers = json.loads((Path(base) / "config.json").read_text())["num_hidden_layers"]
+    hidden = json.loads((Path(base) / "config.json").read_text())["hidden_size"]
+    deeper = write_tiny(tmp_path / "deeper", TEXTS, hidden=hidden, layers=layers + 1)
+    adapter = _adapter(deeper, tmp_path / "adapter")
+    with pytest.raises(InputError) as e:
+        merge(adapter, base, tmp_path / "merged", force=True, log=lambda m: None)
+    assert f"layers.{layers}." in str(e.value) and "the base model does not have" in str(e.value)
+    assert not (tmp_path / "merged").exists()
