@@ -96,7 +96,7 @@ def eval_loss(model_dir: Path, adapter: Path, eval_file: Path, max_len: int) -> 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from hwcompat.train import batching
-    from hwcompat.train.data import Report, read_jsonl
+    from hwcompat.data.rows import Report, read_jsonl
     from hwcompat.train.loop import evaluate_loss
 
     tok = AutoTokenizer.from_pretrained(model_dir)

@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     from hwcompat.errors import InputError
     from hwcompat.train.config import RANGES, inside
 
-    from hwcompat.train.data import Report, check_rows, read_jsonl
+    from hwcompat.data.rows import Report, check_rows, read_jsonl
 
     if not inside(args.max_seq_len, RANGES["max_seq_len"]):  # the flag's mistake, not every row's
         raise InputError(f"--max-seq-len {args.max_seq_len}: must be in {RANGES['max_seq_len']} (tokens per example, "
@@ -73,8 +73,8 @@ def _token_checks(args: argparse.Namespace, train, evals, report) -> None:
 
 def _pair_checks(args: argparse.Namespace, report) -> None:
     """Preference pairs: the reader's checks, then (with --tokenizer) the trainer's own tokenisation of both sides."""
-    from hwcompat.train.data import check_rows
-    from hwcompat.train.pairs import read_pairs
+    from hwcompat.data.rows import check_rows
+    from hwcompat.data.pairs import read_pairs
 
     train = [x for f in args.files for x in read_pairs(f, report, max_seq_len=args.max_seq_len)]
     evals = [x for f in args.eval for x in read_pairs(f, report, max_seq_len=args.max_seq_len)]

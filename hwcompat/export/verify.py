@@ -71,7 +71,7 @@ def limits_for(qtype: str) -> tuple[Limits, list[str]]:
 def prompts_from(data: str | None, rows: int) -> tuple[list[tuple], list[str] | None]:
     """(conversations up to the answer, reference answers or None): ``--data`` (SFT rows), else the bundled
     general prompts (no references: identical-answer rate only)."""
-    from hwcompat.train.data import Report, read_prompts
+    from hwcompat.data.rows import Report, read_prompts
 
     if data:
         report = Report()
@@ -82,7 +82,7 @@ def prompts_from(data: str | None, rows: int) -> tuple[list[tuple], list[str] | 
         # task metrics need every row's answer; prompt-only rows still give tokenization, KL and greedy answers
         return ([(*msgs, ("assistant", ref or "")) for msgs, ref, _ in picked],
                 refs if all(r is not None for r in refs) else None)
-    from hwcompat.train.inspect_run import GENERAL
+    from hwcompat.data import GENERAL_PROMPTS as GENERAL
 
     lines = GENERAL.read_text(encoding="utf-8").splitlines()
     step = max(1, len(lines) // rows)  # spread over the kinds (facts, arithmetic, code, instructions)
@@ -166,15 +166,15 @@ def verify(model_dir: str | Path, gguf_path: str | Path, qtype: str, data: str |
     """Run the three checks; the verdict lists every failure (the CLI shows the first and exits 1)."""
     import torch
     from hwcompat import hfload
-    from hwcompat.train import batching, metrics
+    from hwcompat.data import chat as render, metrics
 
     limits, strings = limits_for(qtype)
     verdict = Verdict(str(gguf_path), qtype, asdict(limits))
     tok = hfload.tokenizer(model_dir, "model")
-    chat = batching.uses_chat_template(tok, "auto")
+    chat = render.uses_chat_template(tok, "auto")
     convs, refs = prompts_from(data, rows)
-    prompts = [batching.render_prompt_ids(tok, c, chat) for c in convs]
-    rendered = [batching.render_prompt_text(tok, c, chat) for c in convs]
+    prompts = [render.render_prompt_ids(tok, c, chat) for c in convs]
+    rendered = [render.render_prompt_text(tok, c, chat) for c in convs]
     llm = _Llama(Path(gguf_path), n_ctx=max(len(p) for p in prompts) + max_new_tokens + 8)
 
     # 1. tokenization: the fixed strings, the tokenizer's own special tokens, and the rendered prompts
@@ -296,7 +296,7 @@ def _judge(verdict: Verdict, limits: Limits) -> None:
 
 
 def _guarded() -> tuple[str, ...]:
-    from hwcompat.train.metrics import GUARDED
+    from hwcompat.data.metrics import GUARDED
 
     return GUARDED
 

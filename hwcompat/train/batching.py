@@ -25,13 +25,12 @@ import statistics
 from dataclasses import dataclass
 from typing import Any
 
-from hwcompat.train.data import Example, Report
+from hwcompat.data.chat import PLAIN_HEADERS, bos_ids, ids_of, template
+# the recipe's rendering, re-exported so a caller that tokenises also renders through this one module
+from hwcompat.data.chat import render_prompt_ids, render_prompt_text, uses_chat_template  # noqa: F401
+from hwcompat.data.rows import Example, Report
 
 IGNORE = -100
-
-# Used when the tokenizer has no chat template (or chat_template=false).
-PLAIN_HEADERS = {"system": "### System:\n", "user": "### User:\n", "assistant": "### Assistant:\n"}
-
 
 @dataclass(frozen=True)
 class Tokenized:
@@ -44,72 +43,6 @@ class Tokenized:
         return sum(1 for x in self.labels if x != IGNORE)
 
 
-def _as_dicts(messages) -> list[dict[str, str]]:
-    return [{"role": r, "content": c} for r, c in messages]
-
-
-def _ids(encoded: Any) -> list[int]:
-    """apply_chat_template returns a list, or a BatchEncoding (transformers 5)."""
-    if isinstance(encoded, dict) or hasattr(encoded, "keys"):
-        encoded = encoded["input_ids"]
-    if encoded and isinstance(encoded[0], list):
-        encoded = encoded[0]
-    return list(encoded)
-
-
-def _template(tokenizer, messages, where: str = "", **kw: Any):
-    """``apply_chat_template``; a template that refuses the conversation (Gemma's "System role not supported",
-    "roles must alternate") raises ValueError naming the row, like every other data problem."""
-    try:
-        return tokenizer.apply_chat_template(_as_dicts(messages), **kw)
-    except ValueError:
-        raise
-    except Exception as exc:  # jinja2's TemplateError (raise_exception in the template) and its kin
-        if type(exc).__module__.split(".")[0] != "jinja2":
-            raise
-        at = f"{where}: " if where else ""
-        raise ValueError(f"{at}the tokenizer's chat template refused this conversation ({str(exc)[:160]}); fix the "
-                         "row (e.g. fold a system message into the first user turn for models without a system "
-                         "role), or set chat_template=false") from None
-
-
-def uses_chat_template(tokenizer, setting: str) -> bool:
-    has = bool(getattr(tokenizer, "chat_template", None))
-    if setting == "true" and not has:
-        from hwcompat.errors import InputError
-
-        raise InputError("chat_template=true but the tokenizer has no chat template; set chat_template=false "
-                         "(plain '### User:' headers) or use a tokenizer that has one")
-    return has if setting == "auto" else setting == "true"
-
-
-def render_prompt_ids(tokenizer, messages, chat: bool) -> list[int]:
-    """Token ids of everything before the last assistant turn, ready for generation."""
-    msgs = list(messages)
-    last = max(i for i, (r, _) in enumerate(msgs) if r == "assistant")
-    if chat:
-        return _ids(_template(tokenizer, msgs[:last], tokenize=True, add_generation_prompt=True))
-    return _bos(tokenizer) + tokenizer.encode(_plain_prompt(msgs[:last]), add_special_tokens=False)
-
-
-def render_prompt_text(tokenizer, messages, chat: bool) -> str:
-    """The text of ``render_prompt_ids``: what a runtime that tokenizes it itself (llama.cpp, Ollama) is given."""
-    msgs = list(messages)
-    last = max(i for i, (r, _) in enumerate(msgs) if r == "assistant")
-    if chat:
-        return _template(tokenizer, msgs[:last], tokenize=False, add_generation_prompt=True)
-    return (tokenizer.bos_token or "") + _plain_prompt(msgs[:last])
-
-
-def _plain_prompt(msgs) -> str:
-    return "".join(f"{PLAIN_HEADERS[r]}{c}\n\n" for r, c in msgs) + PLAIN_HEADERS["assistant"]
-
-
-def _bos(tokenizer) -> list[int]:
-    bos = getattr(tokenizer, "bos_token_id", None)
-    return [bos] if bos is not None else []
-
-
 def tokenize_example(tokenizer, ex: Example, chat: bool) -> Tokenized:
     """Token ids and labels; raises ValueError when the template is not prefix-stable."""
     msgs = list(ex.messages)
@@ -120,8 +53,8 @@ def tokenize_example(tokenizer, ex: Example, chat: bool) -> Tokenized:
         prev: list[int] = []
         for k, (role, _) in enumerate(msgs):
             if role == "assistant":
-                with_prompt = _ids(_template(tokenizer, msgs[:k], where, tokenize=True, add_generation_prompt=True))
-                full = _ids(_template(tokenizer, msgs[:k + 1], where, tokenize=True))
+                with_prompt = ids_of(template(tokenizer, msgs[:k], where, tokenize=True, add_generation_prompt=True))
+                full = ids_of(template(tokenizer, msgs[:k + 1], where, tokenize=True))
                 if with_prompt[:len(prev)] != prev or full[:len(with_prompt)] != with_prompt:
                     raise ValueError(f"{where}: the chat template does not render prefixes stably, so prompt and "
                                      "response tokens cannot be told apart; set chat_template=false")
@@ -131,7 +64,7 @@ def tokenize_example(tokenizer, ex: Example, chat: bool) -> Tokenized:
                 labels += full[len(with_prompt):]
                 prev = full
         return Tokenized(ids, labels, where)
-    ids += _bos(tokenizer)
+    ids += bos_ids(tokenizer)
     labels += [IGNORE] * len(ids)
     for role, content in msgs:
         if role == "assistant":

@@ -16,6 +16,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from hwcompat.data import GENERAL_PROMPTS
 from hwcompat.errors import HwcompatError, InputError
 
 
@@ -57,7 +58,7 @@ def _load(run_dir: Path):
 def _prompts(args) -> list[list[tuple[str, str]]]:
     """--prompt text, or --file JSONL rows with "prompt" (a string) or "messages" (ending with a user turn)."""
     from hwcompat.textcheck import text_problem
-    from hwcompat.train.data import Report, read_prompts
+    from hwcompat.data.rows import Report, read_prompts
 
     if args.prompt is not None:
         if text_problem(args.prompt):
@@ -94,7 +95,7 @@ def generate(args) -> int:
     return 0
 
 
-GENERAL = Path(__file__).resolve().parent.parent / "demo" / "data" / "general_prompts.jsonl"
+GENERAL = GENERAL_PROMPTS  # the name eval --general reports
 
 
 def forgetting(model, tokenizer, chat: bool, device, dtype: str, new_tokens: int = 32) -> dict[str, float]:

@@ -26,7 +26,8 @@ from typing import Any
 
 from hwcompat.errors import HwcompatError, InputError
 from hwcompat.fsutil import Terminated, atomic_dir, atomic_write_json, atomic_write_text
-from hwcompat.train import batching, checkpoint, distributed, metrics, objectives
+from hwcompat.data import metrics
+from hwcompat.train import batching, checkpoint, distributed, objectives
 from hwcompat.train.distributed import Dist, log
 from hwcompat.train.model import load_model
 from hwcompat.train.optim import make_optimizer

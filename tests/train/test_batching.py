@@ -4,7 +4,7 @@ import pytest
 
 from hwcompat.train import batching
 from hwcompat.train.batching import IGNORE
-from hwcompat.train.data import Example, Report
+from hwcompat.data.rows import Example, Report
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from hwcompat.cli import main
-from hwcompat.train.data import Report, load_datasets, read_jsonl
+from hwcompat.data.rows import Report, load_datasets, read_jsonl
 
 GOOD = '{"prompt": "p", "completion": "c"}\n'
 

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from hwcompat.train.data import Report, read_jsonl
+from hwcompat.data.rows import Report, read_jsonl
 
 
 def _read(tmp_path, body: bytes, **kw):

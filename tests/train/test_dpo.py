@@ -8,8 +8,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from hwcompat.train.data import Report
-from hwcompat.train.pairs import read_pairs
+from hwcompat.data.rows import Report
+from hwcompat.data.pairs import read_pairs
 from tests.train.conftest import COLORS, make_config, write_jsonl
 
 WRONG = {"red": "blue", "yellow": "green", "green": "red", "blue": "yellow"}
@@ -202,7 +202,7 @@ def test_preference_formats_and_dataset_warnings(tmp_path):
     assert not report.errors
     assert [p.prompt for p in pairs[:2]] == [(("system", "s"), ("user", "q")), (("user", "q"),)]
     assert (pairs[1].chosen, pairs[1].rejected) == ("a", "b")
-    from hwcompat.train.data import check_rows
+    from hwcompat.data.rows import check_rows
 
     check_rows(pairs, [], report, "duplicate pairs in train")
     # the implicit-prompt row and the plain rows are the same pair, whatever the format
@@ -245,7 +245,7 @@ def test_dpo_run_end_to_end_on_cpu(tmp_path, tiny_model, pair_files):
 
 
 def test_regressions_are_measured_in_points():
-    from hwcompat.train.metrics import regressions
+    from hwcompat.data.metrics import regressions
 
     got = regressions({"exact_match": 0.9, "field_f1": 0.8, "eval_loss": 0.1},
                       {"exact_match": 0.5, "field_f1": 0.79, "eval_loss": 0.9}, 2.0)

@@ -1,4 +1,4 @@
-from hwcompat.train.metrics import detect_kind, headline, score
+from hwcompat.data.metrics import detect_kind, headline, score
 
 
 def test_json_field_f1():

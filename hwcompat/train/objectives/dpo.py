@@ -29,9 +29,9 @@ from hwcompat.errors import DataError
 from hwcompat.resolve import ResolvedProfile
 from hwcompat.train import batching, prefix
 from hwcompat.train.config import TrainConfig
-from hwcompat.train.data import Report
+from hwcompat.data.rows import Report
 from hwcompat.train.model import autocast
-from hwcompat.train.pairs import load_pairs
+from hwcompat.data.pairs import load_pairs
 
 
 def _response_share(pairs) -> float:

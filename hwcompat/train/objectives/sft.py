@@ -6,9 +6,10 @@ from typing import Any
 
 from hwcompat.errors import DataError
 from hwcompat.resolve import ResolvedProfile
-from hwcompat.train import batching, metrics
+from hwcompat.data import metrics
+from hwcompat.train import batching
 from hwcompat.train.config import TrainConfig
-from hwcompat.train.data import Report, load_datasets
+from hwcompat.data.rows import Report, load_datasets
 from hwcompat.train.model import autocast
 
 

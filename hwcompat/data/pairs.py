@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hwcompat.train.data import (CHARS_PER_TOKEN_LIMIT, ROLES, Example, Report, bad_text, check_rows, json_rows,
+from hwcompat.data.rows import (CHARS_PER_TOKEN_LIMIT, ROLES, Example, Report, bad_text, check_rows, json_rows,
                                  order_problem, split_eval, too_long)
 
 
