@@ -123,6 +123,12 @@ class HostPlan:
                             for i, d in enumerate(self.devices))
         raise InputError(f"--device {spec}: no such device; this host has: {listing}")
 
+    @property
+    def host_ram_bytes(self) -> int | None:
+        """The host's RAM: the CPU reading's memory (what streamed weights are pinned in)."""
+        cpus = [d for d in self.devices if d.reading.vendor == "cpu"]
+        return cpus[-1].reading.memory_bytes if cpus else None
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "host": {"problems": list(self.host.problems), "emulated": self.host.emulated,

@@ -125,7 +125,7 @@ def test_the_launcher_pins_level_zero_and_env_prints_it():
     from hwcompat.readings import HostReading
     from hwcompat.resolve import resolve_host
     from hwcompat.software import Software
-    from hwcompat.train.launch import child_env
+    from hwcompat.pipeline.launch import child_env
     from dataclasses import replace
 
     (b580,) = from_catalog(["b580"])

@@ -167,7 +167,7 @@ def test_response_fraction_scales_only_the_logits(qwen7b):
 
 def test_train_plans_with_its_datas_response_share(tmp_path):
     from hwcompat.train.config import load_config
-    from hwcompat.train.launch import check_data
+    from hwcompat.pipeline.launch import check_data
 
     data = tmp_path / "t.jsonl"
     data.write_text(json.dumps({"prompt": "x" * 90, "completion": "y" * 10}) + "\n")

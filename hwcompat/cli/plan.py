@@ -88,12 +88,6 @@ def render_stream(st) -> list[str]:
             f"(~{st.link_bytes_per_s / 1e9:.1f} GB/s): {step}"]
 
 
-def host_ram(host) -> int | None:
-    """The host's RAM: the CPU reading's memory (what streamed weights are pinned in)."""
-    cpus = [d for d in host.devices if d.reading.vendor == "cpu"]
-    return cpus[-1].reading.memory_bytes if cpus else None
-
-
 def render(result, shape, device, model: str) -> str:
     prof = device.profile
     inp = result.inputs
@@ -122,7 +116,7 @@ def render(result, shape, device, model: str) -> str:
 def run(args: argparse.Namespace) -> int:
     from hwcompat import plan as P
     from hwcompat.errors import HwcompatError
-    from hwcompat.train.launch import training_device
+    from hwcompat.pipeline.launch import training_device
 
     shape = P.load_shape(args.model)
     host = plan_from_args(args)
@@ -135,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
             raise InputError(f"{name} must be >= 1, got {value}")
     cfg = train_config(args)
     inp = P.plan_input(cfg, method=args.method, logit_fraction=args.response_fraction)
-    result = make_plan(shape, device, inp, args.suggest, cfg.offload, host_ram(host))
+    result = make_plan(shape, device, inp, args.suggest, cfg.offload, host.host_ram_bytes)
     if args.json:
         print_json(result.to_dict())
     else:

@@ -26,7 +26,7 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from hwcompat.doctor import _pip_fix
     from hwcompat.errors import HwcompatError
-    from hwcompat.train.launch import VISIBILITY, training_device
+    from hwcompat.pipeline.launch import VISIBILITY, training_device
 
     plan = plan_from_args(args)
     _, device = training_device(plan, args.device)

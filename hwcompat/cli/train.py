@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import json
-import sys
+from typing import TYPE_CHECKING
 
 from hwcompat.cli.common import plan_from_args
-from hwcompat.cli.plan import host_ram
 from hwcompat.errors import InputError
 from hwcompat.choices import EXPORT_TYPES
+
+if TYPE_CHECKING:  # imported when called, so `hwcompat detect` stays light
+    from hwcompat.pipeline.launch import LaunchOptions
 
 
 def add_parser(sub) -> None:
@@ -52,98 +53,22 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.set_defaults(set=[])
 
 
-def _nproc(args, plan, pos, device) -> tuple[int, list[int] | None]:
-    if not args.devices:
-        return 1, None
-    group = next((g for g in plan.groups if pos in g["devices"]), None)
-    members = group["devices"] if group else [pos]
-    if args.devices == "all":
-        n = len(members)
-    elif args.devices.isdigit() and int(args.devices) > 0:
-        n = int(args.devices)
-        if device.reading.vendor != "cpu" and n > len(members):
-            raise InputError(f"--devices {n}: only {len(members)} identical {device.arch} device(s) here")
-    else:
-        raise InputError(f"--devices {args.devices}: use 'all' or a positive number")
-    if device.reading.vendor == "cpu":
-        return n, None
-    return n, [plan.devices[i].reading.index for i in members[:n]]
+def options(args: argparse.Namespace) -> LaunchOptions:
+    """The typed form of the train flags the launcher reads (the demo's parser has the same ones)."""
+    from hwcompat.pipeline.launch import LaunchOptions
+
+    return LaunchOptions(print_config=args.print_config, resume=args.resume, overwrite=args.overwrite,
+                         force=bool(getattr(args, "force", False)), export=getattr(args, "export", None),
+                         export_type=getattr(args, "export_type", None), devices=args.devices, device=args.device,
+                         profile=args.profile, cpu_emulation=bool(getattr(args, "cpu_emulation", False)),
+                         nnodes=getattr(args, "nnodes", None), node_rank=getattr(args, "node_rank", None),
+                         rdzv_endpoint=getattr(args, "rdzv_endpoint", None))
 
 
-def _decide_offload(L, loaded, device, profile, plan, logit_fraction: float, strict: bool = False) -> str | None:
-    """The plan's verdict; ``offload: auto`` becomes none or layers here, so the run's spec carries the decision."""
-    from hwcompat.errors import HwcompatError
+def launch(args: argparse.Namespace, loaded) -> int:
+    from hwcompat.pipeline.launch import launch as launch_run
 
-    try:
-        note, offload = L.check_plan(loaded, device, profile, logit_fraction, host_ram(plan))
-    except HwcompatError as exc:
-        if strict:
-            raise
-        return str(exc)
-    if offload != loaded.config.offload:
-        loaded.config.offload = offload
-        loaded.origins["offload"] = "plan (offload: auto)"
-    return note
-
-
-def launch(args, loaded) -> int:
-    from hwcompat.profiles import load_profiles
-    from hwcompat.software import installed
-    from hwcompat.train import launch as L
-
-    for key in ("export", "export_type"):
-        if getattr(args, key, None):
-            setattr(loaded.config, key, getattr(args, key))
-            loaded.origins[key] = "command line"
-    if getattr(args, "force", False):
-        loaded.config.force = True
-        loaded.origins["force"] = "command line"
-    plan = plan_from_args(args)
-    pos, device = L.training_device(plan, args.device)
-    profile, hw_origins, warnings = L.apply_profile(loaded, device, load_profiles(), installed(), args.profile)
-    for w in warnings:
-        print(f"warning: {w}", file=sys.stderr)
-    if args.print_config:
-        verdict = _decide_offload(L, loaded, device, profile, plan, 1.0)  # worst case: no data read
-        print(L.render_config(loaded, profile, hw_origins, device) + (f"\n# {verdict}" if verdict else ""))
-        return 0
-    cpu_emulation = bool(getattr(args, "cpu_emulation", False))
-    if device.reading.emulated and device.reading.vendor != "cpu" and not cpu_emulation:
-        raise InputError(f"{device.reading.name} is emulated: there is no such card to train on. "
-                         "Use --print-config to see the resolved run, --cpu-emulation to run its profile on the "
-                         "CPU, or drop --emulate")
-    cfg = loaded.config
-    report, logit_fraction = L.check_data(loaded)
-    print(report, file=sys.stderr)
-    note = _decide_offload(L, loaded, device, profile, plan, logit_fraction, strict=True)  # config.json only
-    if note:
-        print(note, file=sys.stderr)
-    L.check_model(cfg.model, cfg.allow_network)
-    L.check_init_adapter(cfg)
-    L.check_export(cfg)
-    if cfg.tokenizer:
-        L.check_model(cfg.tokenizer, cfg.allow_network, what="tokenizer")
-    nproc, group = _nproc(args, plan, pos, device)
-    if cfg.offload == "layers" and (nproc > 1 or (getattr(args, "nnodes", None) or 1) > 1):
-        raise InputError("offload=layers streams the base to one card; several processes would each pin their own "
-                         "host copy. Train on one device (drop --devices/--nnodes) or set offload=none")
-    nodes = L.Nodes.parse(getattr(args, "nnodes", None), getattr(args, "node_rank", None),
-                          getattr(args, "rdzv_endpoint", None))
-    run = L.prepare_run_dir(loaded, profile, device, plan, args.resume, args.overwrite, cpu_emulation,
-                            world_size=nproc * nodes.nnodes)
-    for note in run.notes:
-        print(f"note: {note}", file=sys.stderr)
-    for key, change in run.changes.items():
-        print(f"resume: {key} {json.dumps(change['from'])} -> {json.dumps(change['to'])} from step {run.from_step}",
-              file=sys.stderr)
-    print(f"training on {device.reading.name} with profile {profile.name} ({profile.dtype}, "
-          f"{profile.attention}, compile {profile.compile_backend})"
-          f"{f' x{nproc} processes' if nproc > 1 else ''}"
-          f"{f' on machine {nodes.node_rank} of {nodes.nnodes}' if nodes.nnodes > 1 else ''} → {run.path}",
-          file=sys.stderr)
-    online = cfg.allow_network and L.is_hub_id(cfg.model)
-    L.exec_worker(run, L.child_env(profile, device, group, online), nproc, nodes)
-    return 0  # not reached: exec replaced this process
+    return launch_run(options(args), loaded, plan_from_args(args))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -72,14 +72,16 @@ class Recipe:
         return self.run_dir / "metrics.jsonl"
 
 
-def run(run_dir: Path, resume: bool = False) -> int:
+def run(run_dir: Path, resume: bool = False, signals: Signals | None = None) -> int:
     """Train as described by ``run_dir/run.json``; returns the process exit code.
 
     One ``Signals`` handler lives from the first line to the last write, so SIGINT, SIGTERM and SIGHUP in any
-    phase (load, eval, steps, checkpoint, adapter, export) end with what exists saved and a true message.
+    phase (load, eval, steps, checkpoint, adapter) end with what exists saved and a true message. The worker
+    passes its own, which then also covers the export that follows.
     """
     t_start = time.time()
-    signals = Signals()
+    owned = signals is None
+    signals = signals or Signals()
     try:
         spec = load_spec(run_dir / "run.json")
         dist = distributed.init(spec.device.kind)
@@ -96,7 +98,8 @@ def run(run_dir: Path, resume: bool = False) -> int:
         distributed.close(dist)
         return code
     finally:
-        signals.restore()
+        if owned:
+            signals.restore()
 
 
 def _identity(spec: RunSpec) -> dict[str, str]:
@@ -467,9 +470,10 @@ def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
 # --- finish ------------------------------------------------------------------------------------------------
 
 def finish(r: Recipe, signals: Signals) -> int:
-    """Final eval, the adapter, summary.json and (export=gguf, unless a task metric regressed) the merged model,
-    on each machine's writer; returns the exit code. A signal in the final eval saves a checkpoint at the last
-    step; during the (short) adapter and summary writes it waits; during the export the adapter is kept."""
+    """Final eval, the adapter and summary.json, on each machine's writer; returns the exit code. The recipe
+    ends here: an export is the pipeline's next step (``hwcompat.pipeline.worker``), from these files. A signal
+    in the final eval saves a checkpoint at the last step; during the (short) adapter and summary writes it
+    waits."""
     if not r.dist.writer:
         return 0
     try:
@@ -492,21 +496,6 @@ def finish(r: Recipe, signals: Signals) -> int:
         log(r.dist, "interrupted after the run finished: the adapter and summary.json are saved"
                     + ("; the export was not started" if r.cfg.export == "gguf" else ""))
         return signals.exit_code()
-    if r.cfg.export == "gguf":
-        if summary["regressed"] and not r.cfg.force:  # said and returned, not raised: other ranks wait to close
-            log(r.dist, "hwcompat: error: export refused: a task metric regressed (above); the adapter is kept in "
-                        f"{r.run_dir / 'adapter'}. Export anyway with --force (or force=true), or fix the data and "
-                        "train again")
-            return 1
-        try:
-            with _at_once(r, signals):
-                export_run(r.run_dir, r.cfg, lambda m: log(r.dist, m))
-        except Terminated:
-            log(r.dist, f"\ninterrupted during the export: training finished and the adapter is saved in "
-                        f"{r.run_dir / 'adapter'}; the export left nothing half-written. Export it with: hwcompat "
-                        f"merge {r.run_dir} --out {r.run_dir / 'merged'} && hwcompat export {r.run_dir / 'merged'} "
-                        f"--gguf {r.run_dir / 'model.gguf'} --type {r.cfg.export_type} --ollama")
-            return signals.exit_code()
     return 0
 
 
@@ -539,60 +528,6 @@ def _summary(r: Recipe, final: dict[str, Any]) -> dict[str, Any]:
 
 def _rss_peak_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def export_run(run_dir: Path, cfg, say) -> None:
-    """train -> merge -> export in one command: merged/ (safetensors), model.gguf and a Modelfile."""
-    import shutil
-
-    from hwcompat.export.gguf import export_gguf
-    from hwcompat.export.ollama import write_modelfile
-    from hwcompat.merge import merge
-
-    from hwcompat.train.rundir import EXPORTS, record_written, refuse_foreign
-
-    refuse_foreign(run_dir, EXPORTS)  # checked at the start too; a file may have appeared since
-    merged = run_dir / "merged"
-    shutil.rmtree(merged, ignore_errors=True)  # ours (the ledger says so), from an earlier export
-    merge(run_dir / "adapter", cfg.model, merged, log=lambda m: None)
-    record_written(run_dir, "merged")
-    say(f"merged: {merged}")
-    res = export_gguf(merged, run_dir / "model.gguf", cfg.export_type, overwrite=True)  # the run's own outputs
-    record_written(run_dir, "model.gguf")
-    verified = _verified_export(merged, res, cfg, say)
-    record_written(run_dir, "model.export.json")
-    if not verified:
-        return
-    path, cmd = write_modelfile(res.path, merged, overwrite=True)
-    record_written(run_dir, "Modelfile")
-    say(f"gguf: {res.path} ({res.qtype}); Modelfile: {path}\nrun: {cmd}")
-
-
-def _verified_export(merged: Path, res, cfg, say) -> bool:
-    """With hwcompat[gguf] installed, the GGUF is checked in llama.cpp (export/verify.py) on the run's SFT eval
-    data; a GGUF that fails gets no Modelfile, so Ollama is never pointed at it."""
-    import importlib.util
-
-    from hwcompat.fsutil import atomic_write_json
-
-    if importlib.util.find_spec("llama_cpp") is None:
-        say("gguf: not verified in llama.cpp (install hwcompat[gguf] for that)")
-        return True
-    from hwcompat.export.verify import report_path, verify
-
-    data = cfg.eval_data[0] if cfg.method == "sft" and cfg.eval_data else None
-    verdict = verify(merged, res.path, res.qtype, data, progress=lambda m: None)
-    atomic_write_json(report_path(res.path), verdict.as_json())
-    for note in verdict.notes:
-        say(f"gguf: note: {note}")
-    if not verdict.passed:
-        say(f"!!! gguf: --verify failed: {verdict.failures[0]}\nno Modelfile written; figures in "
-            f"{report_path(res.path)}")
-        return False
-    d = verdict.distributions
-    say(f"gguf: verified in llama.cpp (mean KL {d['mean_kl']:.4f}, top-1 {d['top1_agreement']:.1%}, "
-        f"{verdict.generations['identical']}/{verdict.generations['prompts']} greedy answers identical)")
-    return True
 
 
 def _regression_text(regressed: list[dict[str, Any]], tolerance: float) -> str:

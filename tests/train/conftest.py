@@ -71,7 +71,7 @@ def prepare_run(config_path):
     from hwcompat.cli.common import plan_from_args
     from hwcompat.profiles import load_profiles
     from hwcompat.software import installed
-    from hwcompat.train import launch as L
+    from hwcompat.pipeline import launch as L
     from hwcompat.train.config import load_config
 
     loaded = load_config(config_path)

@@ -107,6 +107,6 @@ def test_run_json_is_validated_again_when_the_trainer_reads_it(tmp_path, tiny_mo
     spec = json.loads((run_dir / "run.json").read_text())
     edit(spec)
     (run_dir / "run.json").write_text(json.dumps(spec))
-    res = subprocess.run([sys.executable, "-m", "hwcompat.train.worker", str(run_dir)], capture_output=True,
+    res = subprocess.run([sys.executable, "-m", "hwcompat.pipeline.worker", str(run_dir)], capture_output=True,
                          text=True, timeout=120)
     assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr, res.stderr[-1500:]

@@ -13,8 +13,8 @@ import time
 import pytest
 
 from hwcompat.errors import InputError
-from hwcompat.train.elastic import exit_code
-from hwcompat.train.launch import Nodes
+from hwcompat.pipeline.elastic import exit_code
+from hwcompat.pipeline.launch import Nodes
 from tests.train.conftest import make_config
 
 

@@ -199,7 +199,7 @@ def test_two_trainings_into_one_folder(tmp_path, tiny_model, task_files):
 # --- models: local safetensors only, no network unless asked ---------------------------------------------
 
 def test_model_checks_before_any_load(tmp_path):
-    from hwcompat.train.launch import check_model, child_env, is_hub_id
+    from hwcompat.pipeline.launch import check_model, child_env, is_hub_id
 
     with pytest.raises(InputError, match="no such folder. It looks like a Hugging Face Hub id"):
         check_model("HuggingFaceTB/SmolLM2-135M", allow_network=False)
@@ -223,7 +223,7 @@ def test_model_checks_before_any_load(tmp_path):
 def test_trainer_environment_is_offline_unless_allowed():
     from types import SimpleNamespace
 
-    from hwcompat.train.launch import child_env
+    from hwcompat.pipeline.launch import child_env
 
     dev = SimpleNamespace(reading=SimpleNamespace(vendor="cpu", emulated=False, index=0))
     profile = SimpleNamespace(env={})
@@ -285,7 +285,7 @@ def during_setup(*a, **k):
     os.kill(os.getpid(), {int(sig)})
     return real(*a, **k)
 L.load_datasets = during_setup
-from hwcompat.train.worker import main
+from hwcompat.pipeline.worker import main
 sys.exit(main([{str(run_dir)!r}]))
 """
     # A job started with `&` by a non-interactive shell inherits SIGINT ignored, and Python then installs no

@@ -29,7 +29,7 @@ def _worker(run_dir, patch: str, *flags, timeout=180):  # noqa: D103
     code = f"""
 import os, signal, sys, time
 {patch}
-from hwcompat.train.worker import main
+from hwcompat.pipeline.worker import main
 sys.exit(main([{str(run_dir)!r}, *{list(flags)!r}]))
 """
 

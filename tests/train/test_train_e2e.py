@@ -183,7 +183,7 @@ def test_out_of_memory_is_answered_with_what_to_change(tmp_path, tiny_model, tas
     from hwcompat.cli.common import plan_from_args
     from hwcompat.profiles import load_profiles
     from hwcompat.software import installed
-    from hwcompat.train import launch as L
+    from hwcompat.pipeline import launch as L
     from hwcompat.train.config import load_config
     import argparse
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from hwcompat import __version__
 from hwcompat.envvars import VISIBILITY  # noqa: F401 (one table for the launcher, env and selftest)
-from hwcompat.errors import DataError, HwcompatError, InputError
+from hwcompat.errors import HwcompatError, InputError
 from hwcompat.fsutil import atomic_write_json
 from hwcompat.resolve import HostPlan, Overrides, ResolvedDevice, ResolvedProfile, resolve_device
 from hwcompat.train.config import ORIGIN_DEFAULT, ORIGIN_PROFILE, LoadedConfig, save_yaml
@@ -319,10 +319,10 @@ def exec_worker(run: RunDir, env: dict[str, str], nproc: int, nodes: Nodes = Nod
     run.lock.keep_across_exec()
     tail = [str(run_dir)] + (["--resume"] if resume else [])
     if nproc > 1 or nodes.nnodes > 1:
-        argv = [sys.executable, "-m", "hwcompat.train.elastic", *nodes.torchrun_args(), f"--nproc-per-node={nproc}",
-                "-m", "hwcompat.train.worker", *tail]
+        argv = [sys.executable, "-m", "hwcompat.pipeline.elastic", *nodes.torchrun_args(), f"--nproc-per-node={nproc}",
+                "-m", "hwcompat.pipeline.worker", *tail]
     else:
-        argv = [sys.executable, "-m", "hwcompat.train.worker", *tail]
+        argv = [sys.executable, "-m", "hwcompat.pipeline.worker", *tail]
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, argv, env)
@@ -377,3 +377,128 @@ def check_plan(loaded: LoadedConfig, device: ResolvedDevice, profile: ResolvedPr
     limit = _host_limit(inp, result, run) if vendor != "cpu" and not cfg.qlora else ""
     raise HwcompatError(f"this run will not fit on {device.reading.name}: {note}. {limit + ' ' if limit else ''}"
                         f"Change: {hint} (`hwcompat plan --suggest` shows the breakdown; --force tries anyway)")
+
+
+@dataclass(frozen=True)
+class LaunchOptions:
+    """The train command's flags, typed: what the launcher reads besides the config and the host's plan."""
+
+    print_config: bool = False
+    resume: bool = False
+    overwrite: bool = False
+    force: bool = False
+    export: str | None = None
+    export_type: str | None = None
+    devices: str | None = None  # all | N
+    device: str | None = None  # a detect position or VENDOR:INDEX
+    profile: str | None = None
+    cpu_emulation: bool = False
+    nnodes: int | None = None
+    node_rank: int | None = None
+    rdzv_endpoint: str | None = None
+
+
+def process_count(opts: LaunchOptions, plan: HostPlan, pos: int, device: ResolvedDevice
+                  ) -> tuple[int, list[int] | None]:
+    """--devices: how many processes, and which device indices they see (None on the CPU)."""
+    if not opts.devices:
+        return 1, None
+    group = next((g for g in plan.groups if pos in g["devices"]), None)
+    members = group["devices"] if group else [pos]
+    if opts.devices == "all":
+        n = len(members)
+    elif opts.devices.isdigit() and int(opts.devices) > 0:
+        n = int(opts.devices)
+        if device.reading.vendor != "cpu" and n > len(members):
+            raise InputError(f"--devices {n}: only {len(members)} identical {device.arch} device(s) here")
+    else:
+        raise InputError(f"--devices {opts.devices}: use 'all' or a positive number")
+    if device.reading.vendor == "cpu":
+        return n, None
+    return n, [plan.devices[i].reading.index for i in members[:n]]
+
+
+def decide_offload(loaded: LoadedConfig, device: ResolvedDevice, profile: ResolvedProfile, plan: HostPlan,
+                   logit_fraction: float, strict: bool = False) -> str | None:
+    """The plan's verdict; ``offload: auto`` becomes none or layers here, so the run's spec carries the decision."""
+    try:
+        note, offload = check_plan(loaded, device, profile, logit_fraction, plan.host_ram_bytes)
+    except HwcompatError as exc:
+        if strict:
+            raise
+        return str(exc)
+    if offload != loaded.config.offload:
+        loaded.config.offload = offload
+        loaded.origins["offload"] = "plan (offload: auto)"
+    return note
+
+
+def _apply_flags(opts: LaunchOptions, loaded: LoadedConfig) -> None:
+    """--export / --type / --force are config keys given as flags; their origin says so."""
+    for key in ("export", "export_type", "force"):
+        value = getattr(opts, key)
+        if value:
+            setattr(loaded.config, key, value)
+            loaded.origins[key] = "command line"
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+def launch(opts: LaunchOptions, loaded: LoadedConfig, plan: HostPlan) -> int:
+    """resolve -> preflight -> run spec -> exec: everything before the first torch import, in the CLI process."""
+    from hwcompat.profiles import load_profiles
+    from hwcompat.software import installed
+
+    _apply_flags(opts, loaded)
+    pos, device = training_device(plan, opts.device)
+    profile, hw_origins, warnings = apply_profile(loaded, device, load_profiles(), installed(), opts.profile)
+    for w in warnings:
+        _say(f"warning: {w}")
+    if opts.print_config:
+        verdict = decide_offload(loaded, device, profile, plan, 1.0)  # worst case: no data read
+        print(render_config(loaded, profile, hw_origins, device) + (f"\n# {verdict}" if verdict else ""))
+        return 0
+    if device.reading.emulated and device.reading.vendor != "cpu" and not opts.cpu_emulation:
+        raise InputError(f"{device.reading.name} is emulated: there is no such card to train on. "
+                         "Use --print-config to see the resolved run, --cpu-emulation to run its profile on the "
+                         "CPU, or drop --emulate")
+    preflight(loaded, device, profile, plan)
+    nproc, group = process_count(opts, plan, pos, device)
+    if loaded.config.offload == "layers" and (nproc > 1 or (opts.nnodes or 1) > 1):
+        raise InputError("offload=layers streams the base to one card; several processes would each pin their own "
+                         "host copy. Train on one device (drop --devices/--nnodes) or set offload=none")
+    nodes = Nodes.parse(opts.nnodes, opts.node_rank, opts.rdzv_endpoint)
+    run = prepare_run_dir(loaded, profile, device, plan, opts.resume, opts.overwrite, opts.cpu_emulation,
+                          world_size=nproc * nodes.nnodes)
+    _announce(run, device, profile, nproc, nodes)
+    cfg = loaded.config
+    exec_worker(run, child_env(profile, device, group, cfg.allow_network and is_hub_id(cfg.model)), nproc, nodes)
+    return 0  # not reached: exec replaced this process
+
+
+def preflight(loaded: LoadedConfig, device: ResolvedDevice, profile: ResolvedProfile, plan: HostPlan) -> None:
+    """The data, the plan, the model, the adapter to start from and the export: each checked before any load."""
+    cfg = loaded.config
+    report, logit_fraction = check_data(loaded)
+    _say(report)
+    note = decide_offload(loaded, device, profile, plan, logit_fraction, strict=True)  # config.json only
+    if note:
+        _say(note)
+    check_model(cfg.model, cfg.allow_network)
+    check_init_adapter(cfg)
+    check_export(cfg)
+    if cfg.tokenizer:
+        check_model(cfg.tokenizer, cfg.allow_network, what="tokenizer")
+
+
+def _announce(run: RunDir, device: ResolvedDevice, profile: ResolvedProfile, nproc: int, nodes: Nodes) -> None:
+    for note in run.notes:
+        _say(f"note: {note}")
+    for key, change in run.changes.items():
+        _say(f"resume: {key} {json.dumps(change['from'])} -> {json.dumps(change['to'])} from step {run.from_step}")
+    _say(f"training on {device.reading.name} with profile {profile.name} ({profile.dtype}, "
+         f"{profile.attention}, compile {profile.compile_backend})"
+         f"{f' x{nproc} processes' if nproc > 1 else ''}"
+         f"{f' on machine {nodes.node_rank} of {nodes.nnodes}' if nodes.nnodes > 1 else ''} → {run.path}")

@@ -1,4 +1,4 @@
-"""torchrun, with the exit code a user (or ``docker stop``) expects: ``python -m hwcompat.train.elastic ARGS``.
+"""torchrun, with the exit code a user (or ``docker stop``) expects: ``python -m hwcompat.pipeline.elastic ARGS``.
 
 torchrun's own entry point turns any worker exit other than 0 into exit 1 and a ChildFailedError report.
 When every failed worker agrees on one of hwcompat's codes (2: bad input, 130: Ctrl-C, 143: SIGTERM, all

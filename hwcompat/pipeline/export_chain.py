@@ -1,0 +1,182 @@
+"""The one export chain: merged weights -> GGUF -> verification in llama.cpp -> Ollama Modelfile.
+
+``hwcompat export`` runs it on a merged folder; ``hwcompat train --export gguf`` runs the merge first and then
+the same steps, so the two commands check, write, verify and report alike. Everything the Modelfile needs is
+checked before the GGUF is written; a GGUF that fails verification gets no Modelfile, so Ollama is never
+pointed at it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from hwcompat.errors import InputError
+
+Say = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """What to write and check: the typed form of ``hwcompat export``'s flags (and of a run's export keys)."""
+
+    gguf: Path
+    qtype: str = "f16"
+    ollama: bool = False
+    temperature: float = 0.0
+    system: str | None = None
+    tag: str | None = None
+    overwrite: bool = False
+    verify: bool | None = None  # None: verify when llama.cpp (hwcompat[gguf]) is installed
+    data: str | None = None  # SFT rows to verify on (default: the bundled general prompts)
+    verify_rows: int = 8
+
+
+def _modelfile(opts: ExportOptions) -> Path:
+    return opts.gguf.parent / "Modelfile"
+
+
+def preflight(opts: ExportOptions) -> bool:
+    """Every check that needs no GGUF, before anything is written; returns whether to verify."""
+    if opts.tag:
+        from hwcompat.export.ollama import check_tag
+
+        if not opts.ollama:
+            raise InputError("--tag names the Ollama model: use it with --ollama")
+        check_tag(opts.tag)
+    if opts.ollama:
+        _check_modelfile_inputs(opts)
+    return _verify_wanted(opts)
+
+
+def _check_modelfile_inputs(opts: ExportOptions) -> None:
+    from hwcompat.export.ollama import check_gguf_name, check_system
+    from hwcompat.sampling import check_temperature
+
+    check_gguf_name(opts.gguf)
+    check_system(opts.system)
+    check_temperature(opts.temperature)
+    target = _modelfile(opts)
+    if target.is_dir():
+        raise InputError(f"{target} is a folder; the Modelfile is written at that name: move the folder or export "
+                         "into another folder (nothing was written)")
+    if target.exists() and not opts.overwrite:
+        raise InputError(f"{target} already exists; pass --overwrite to replace it (nothing was written)")
+
+
+def _verify_wanted(opts: ExportOptions) -> bool:
+    have = importlib.util.find_spec("llama_cpp") is not None
+    verify = have if opts.verify is None else opts.verify
+    if opts.verify_rows < 1:
+        raise InputError(f"--verify-rows {opts.verify_rows}: give 1 or more")
+    if verify and opts.data and not Path(opts.data).is_file():
+        raise InputError(f"--data {opts.data}: no such file (nothing was written)")
+    if verify and not have:
+        from hwcompat.export.quantize import missing
+
+        raise missing(None)  # before the GGUF is written, not after
+    if verify and opts.data:
+        from hwcompat.export.verify import prompts_from
+
+        prompts_from(opts.data, opts.verify_rows)  # its rows are checked now, not after the GGUF is written
+    return verify
+
+
+def export_model(model: Path, opts: ExportOptions, say: Say = print, on_written: Callable[[Path], None] = lambda p: None
+                 ) -> int:
+    """GGUF, then (when wanted) verification, then the Modelfile; 0, or 1 when verification failed."""
+    from hwcompat.export.gguf import export_gguf
+
+    verify = preflight(opts)
+    res = export_gguf(model, opts.gguf, opts.qtype, overwrite=opts.overwrite)
+    on_written(res.path)
+    say(f"wrote {res.path} ({res.arch}, {res.tensors} tensors, {res.qtype}, pre-tokenizer {res.pre_tokenizer})")
+    if res.note:
+        say(f"llama.cpp: {res.note} (rows not a multiple of the type's block; see `--verify`)")
+    if res.tokenizer == "gpt2" and res.pre_tokenizer == "default":
+        say("note: the pre-tokenizer was not recognised; llama.cpp will use its default regex")
+    if verify:
+        passed = _verified(model, res, opts, say)
+        on_written(_report(res.path))
+        if not passed:
+            return 1
+    else:
+        from hwcompat.export.quantize import INSTALL
+
+        say("not verified in llama.cpp" + (" (--no-verify)" if opts.verify is False else
+            f" (that needs the extra hwcompat[gguf]: {INSTALL})") + ": its tokenization, next-token distributions "
+            "and greedy answers were not compared with the merged model")
+    if opts.ollama:
+        _write_modelfile(model, res.path, opts, say)
+        on_written(_modelfile(opts))
+    return 0
+
+
+def _report(gguf: Path) -> Path:
+    from hwcompat.export.verify import report_path
+
+    return Path(report_path(gguf))
+
+
+def _write_modelfile(model: Path, gguf: Path, opts: ExportOptions, say: Say) -> None:
+    from hwcompat.export.ollama import release_commands, write_modelfile
+
+    path, cmd = write_modelfile(gguf, model, opts.temperature, opts.system, overwrite=opts.overwrite, tag=opts.tag)
+    say(f"wrote {path}\nrun: {cmd}")
+    if opts.tag:
+        say(f"then try it (ollama run {opts.tag}), and only when it answers right: "
+            f"{release_commands(opts.tag, path)[1]}")
+
+
+def _verified(model: Path, res, opts: ExportOptions, say: Say) -> bool:
+    """Verify the written GGUF; its figures go beside it. False (and the first failure shown) when it fails."""
+    from hwcompat.export.verify import verify
+    from hwcompat.fsutil import atomic_write_json
+
+    verdict = verify(model, res.path, res.qtype, opts.data, opts.verify_rows,
+                     progress=lambda m: print(m, file=sys.stderr))
+    atomic_write_json(_report(res.path), verdict.as_json())
+    d, g = verdict.distributions, verdict.generations
+    for note in verdict.notes:
+        say(f"note: {note}")
+    if d:
+        t = verdict.tokenization
+        shifted = f" (but for a leading space in {t['space_prefix']})" if t.get("space_prefix") else ""
+        say(f"verified in llama.cpp: tokenization identical on {t['strings']} strings{shifted}; "
+            f"mean KL {d['mean_kl']:.4f}, top-1 {d['top1_agreement']:.1%} over {d['positions']} positions; "
+            f"{g['identical']}/{g['prompts']} greedy answers identical")
+    for key in g.get("metrics_hf", {}):
+        say(f"  {key:14} HF {g['metrics_hf'][key]:.3f}   GGUF {g['metrics_gguf'][key]:.3f}")
+    if not verdict.passed:
+        print(f"error: --verify failed: {verdict.failures[0]}"
+              + (f" (and {len(verdict.failures) - 1} more)" if len(verdict.failures) > 1 else "")
+              + f"\nthe GGUF is kept for inspection; figures in {_report(res.path)}. Not writing a Modelfile.",
+              file=sys.stderr)
+        return False
+    say(f"wrote {_report(res.path)}")
+    return True
+
+
+def run_export_options(run_dir: Path, cfg) -> ExportOptions:
+    """A run's export: its own outputs (replaced freely: the ledger says they are ours), verified on its SFT
+    eval rows when llama.cpp is installed."""
+    data = cfg.eval_data[0] if cfg.method == "sft" and cfg.eval_data else None
+    return ExportOptions(gguf=run_dir / "model.gguf", qtype=cfg.export_type, ollama=True, overwrite=True, data=data)
+
+
+def export_run(run_dir: Path, cfg, say: Say) -> int:
+    """train -> merge -> export in one command: merged/ (safetensors), model.gguf and a Modelfile."""
+    from hwcompat.merge import merge
+    from hwcompat.train.rundir import EXPORTS, record_written, refuse_foreign
+
+    refuse_foreign(run_dir, EXPORTS)  # checked at the start too; a file may have appeared since
+    merged = run_dir / "merged"
+    shutil.rmtree(merged, ignore_errors=True)  # ours (the ledger says so), from an earlier export
+    merge(run_dir / "adapter", cfg.model, merged, log=lambda m: None)
+    record_written(run_dir, "merged")
+    say(f"merged: {merged}")
+    return export_model(merged, run_export_options(run_dir, cfg), say, lambda p: record_written(run_dir, p.name))
