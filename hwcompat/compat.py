@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from hwcompat.datafiles import data_dir
+from hwcompat.readings import Capability
 from hwcompat.yamlfile import load_packaged_yaml
 
 AMD_DEVICE_PACKAGE = "amd-torch-device-"  # TheRock: one distribution per compiled gfx target
@@ -168,7 +169,7 @@ def pypi_family(release: tuple[int, int]) -> str | None:
     return None
 
 
-def last_wheels_for(cc: str) -> tuple[str, str] | None:
+def last_wheels_for(cc: Capability | str) -> tuple[str, str] | None:
     """(wheel family, newest torch release) of the last wheels with kernels for compute capability ``cc``, from
     the wheel table (the one place that fact lives); None when no wheel ever had them."""
     best = None
@@ -210,14 +211,14 @@ def tegra_targets() -> frozenset[str]:
     return frozenset(wheel_table().get("tegra", {}).get("targets", ()))
 
 
-def is_tegra(cc: str | None) -> bool:
-    return bool(cc) and f"sm_{cc.replace('.', '')}" in tegra_targets()
+def is_tegra(cc: Capability | str | None) -> bool:
+    return bool(cc) and Capability.of(cc).sm in tegra_targets()
 
 
-def covers_nvidia(targets: Iterable[str], cc: str) -> bool:
+def covers_nvidia(targets: Iterable[str], cc: Capability | str) -> bool:
     """A cubin of the same major and a minor <= the card's, or PTX at or below the card (JIT). A Tegra part
     (Jetson) runs only a cubin built for itself: torch excludes it from the same-major rule."""
-    major, minor = (int(x) for x in cc.split("."))
+    major, minor = Capability.of(cc)
     tegra = is_tegra(cc)
     for a in targets:
         kind, _, num = a.partition("_")
@@ -239,7 +240,7 @@ def _span(targets: tuple[str, ...], prefix: str) -> str:
     return " ".join(hits) if len(hits) <= 8 else f"{hits[0]} … {hits[-1]}"
 
 
-def kernel_problem(torch: InstalledTorch, vendor: str, cc: str | None, gfx: str | None) -> str | None:
+def kernel_problem(torch: InstalledTorch, vendor: str, cc: Capability | str | None, gfx: str | None) -> str | None:
     """Why this torch build cannot run this card, or None when it can (or the targets are unknown).
 
     ``gfx`` is the target the ROCm runtime will use (after any HSA_OVERRIDE_GFX_VERSION).
@@ -253,7 +254,7 @@ def kernel_problem(torch: InstalledTorch, vendor: str, cc: str | None, gfx: str 
     if torch.targets is None:
         return None
     if vendor == "nvidia" and cc and not covers_nvidia(torch.targets, cc):
-        return (f"{torch.describe()} has no kernels for sm_{cc.replace('.', '')} (it has "
+        return (f"{torch.describe()} has no kernels for {Capability.of(cc).sm} (it has "
                 f"{_span(torch.targets, 'sm_')}): training fails with 'no kernel image is available for "
                 "execution on the device'")
     if vendor == "amd" and gfx and gfx not in torch.targets:

@@ -20,6 +20,7 @@ import yaml
 
 from hwcompat import compat
 from hwcompat.datafiles import data_dir
+from hwcompat.readings import Capability
 from hwcompat.resolve import HostPlan, ResolvedDevice
 
 SEVERITIES = ("error", "warning", "info", "ok")
@@ -115,7 +116,7 @@ def _intel_findings(d: ResolvedDevice, stack: Stack, intel: IntelHost | None, ad
         build = f"CUDA {stack.torch_cuda}" if stack.torch_cuda else f"ROCm {stack.torch_hip}" if stack.torch_hip \
             else "CPU"
         add("error", "torch_build", f"torch {stack.torch_version} is a {build} build: it cannot use this Intel GPU",
-            _pip_fix(d))
+            pip_fix(d))
     else:
         add("ok", "torch_build", f"torch {stack.torch_version}: XPU build (SYCL {stack.torch_xpu})")
     if intel is None:
@@ -153,7 +154,7 @@ def _vt(text: str) -> tuple[int, ...]:
     return tuple(out)
 
 
-def _pip_fix(d: ResolvedDevice) -> str:
+def pip_fix(d: ResolvedDevice) -> str:
     return f"{d.profile.torch_install}   (or use the {d.profile.image} image)"
 
 
@@ -175,64 +176,81 @@ def _device_findings(pos: int, d: ResolvedDevice, stack: Stack, environ: Mapping
         add("error", "supported", "; ".join(d.problems) or "no profile covers this device")
         return out
     if stack.torch_version is None:
-        add("error", "torch", "torch is not installed", _pip_fix(d))
+        add("error", "torch", "torch is not installed", pip_fix(d))
         return out
     if r.vendor == "nvidia":
-        if not stack.torch_cuda:
-            build = f"a ROCm build (HIP {stack.torch_hip})" if stack.torch_hip else "a CPU build"
-            add("error", "torch_build", f"torch {stack.torch_version} is {build}: it cannot use this NVIDIA GPU",
-                _pip_fix(d))
-        else:
-            cc = r.compute_capability or "0.0"
-            why = compat.kernel_problem(_installed(stack), "nvidia", cc, None)
-            if why:
-                add("error", "kernels", why, _pip_fix(d))
-            else:
-                add("ok", "kernels", f"torch {stack.torch_version} (CUDA {stack.torch_cuda}) has kernels for "
-                    f"sm_{cc.replace('.', '')}")
-            floor = driver_floors().get(stack.torch_cuda.split(".")[0])
-            if floor and r.driver_version and _vt(r.driver_version) < _vt(floor):
-                # torch must change anyway when it has no kernels for the card: a driver for its runtime would only
-                # strand an old card (R580 is the last branch for Maxwell, Pascal and Volta)
-                fix = _pip_fix(d) if why else f"upgrade the NVIDIA driver to >= {floor}, or {_pip_fix(d)}"
-                add("error", "driver", f"driver {r.driver_version} is older than {floor}, the minimum for torch's "
-                    f"CUDA {stack.torch_cuda} runtime", fix)
-            elif floor and r.driver_version:
-                add("ok", "driver", f"driver {r.driver_version} >= {floor} (CUDA {stack.torch_cuda})")
+        _nvidia_findings(d, stack, add)
     elif r.vendor == "intel":
         _intel_findings(d, stack, intel, add)
     elif r.vendor == "amd":
-        if not stack.torch_hip:
-            add("error", "torch_build", f"torch {stack.torch_version} is not a ROCm build: it cannot use this AMD GPU",
-                _pip_fix(d))
-        else:
-            want = p.env.get("HSA_OVERRIDE_GFX_VERSION")
-            have = environ.get("HSA_OVERRIDE_GFX_VERSION")
-            effective = r.gfx_target_effective or r.gfx_target
-            if want and have != want:
-                if have:
-                    add("error", "gfx_override", f"HSA_OVERRIDE_GFX_VERSION={have} is set, but {r.gfx_target} needs "
-                        f"{want}", f"export HSA_OVERRIDE_GFX_VERSION={want}")
-                else:
-                    add("warning", "gfx_override", f"{r.gfx_target} is not in the ROCm wheels and needs "
-                        f"HSA_OVERRIDE_GFX_VERSION={want}; `hwcompat train` sets it, your own scripts must "
-                        "('HIP error: invalid device function' otherwise)", f"export HSA_OVERRIDE_GFX_VERSION={want}")
-            elif not want and have:
-                add("warning", "gfx_override", f"HSA_OVERRIDE_GFX_VERSION={have} is set but {r.gfx_target} needs "
-                    "no override", "unset HSA_OVERRIDE_GFX_VERSION")
-            elif not want and compat.kernel_problem(_installed(stack), "amd", None, effective):
-                add("error", "kernels", compat.kernel_problem(_installed(stack), "amd", None, effective), _pip_fix(d))
-            else:
-                add("ok", "kernels", f"torch {stack.torch_version} (HIP {stack.torch_hip}) runs {r.gfx_target}"
-                    + (f" as {want}" if want else ""))
-            if r.runtime_version and _vt(stack.torch_hip)[:2] != _vt(r.runtime_version)[:2]:
-                add("info", "rocm", f"torch is built for ROCm {'.'.join(map(str, _vt(stack.torch_hip)[:2]))}, the "
-                    f"system has ROCm {r.runtime_version}; the wheel bundles its runtime, the kernel driver must "
-                    "support it")
+        _amd_findings(d, stack, environ, add)
     if p.torch_max_version and _vt(stack.torch_version)[:2] > _vt(p.torch_max_version)[:2] and r.vendor != "cpu":
         add("error", "torch_version", f"torch {stack.torch_version} is newer than {p.torch_max_version}, the last "
-            f"release with {d.arch} kernels", _pip_fix(d))
-    # quantization and attention packages
+            f"release with {d.arch} kernels", pip_fix(d))
+    _package_findings(p, stack, environ, add)
+    return out
+
+
+def _nvidia_findings(d: ResolvedDevice, stack: Stack, add) -> None:
+    """A CUDA build, kernels for the card's sm_XY, and a driver new enough for torch's CUDA runtime."""
+    r = d.reading
+    if not stack.torch_cuda:
+        build = f"a ROCm build (HIP {stack.torch_hip})" if stack.torch_hip else "a CPU build"
+        add("error", "torch_build", f"torch {stack.torch_version} is {build}: it cannot use this NVIDIA GPU",
+            pip_fix(d))
+    else:
+        cc = r.capability or Capability(0, 0)
+        why = compat.kernel_problem(_installed(stack), "nvidia", cc, None)
+        if why:
+            add("error", "kernels", why, pip_fix(d))
+        else:
+            add("ok", "kernels", f"torch {stack.torch_version} (CUDA {stack.torch_cuda}) has kernels for "
+                f"{cc.sm}")
+        floor = driver_floors().get(stack.torch_cuda.split(".")[0])
+        if floor and r.driver_version and _vt(r.driver_version) < _vt(floor):
+            # torch must change anyway when it has no kernels for the card: a driver for its runtime would only
+            # strand an old card (R580 is the last branch for Maxwell, Pascal and Volta)
+            fix = pip_fix(d) if why else f"upgrade the NVIDIA driver to >= {floor}, or {pip_fix(d)}"
+            add("error", "driver", f"driver {r.driver_version} is older than {floor}, the minimum for torch's "
+                f"CUDA {stack.torch_cuda} runtime", fix)
+        elif floor and r.driver_version:
+            add("ok", "driver", f"driver {r.driver_version} >= {floor} (CUDA {stack.torch_cuda})")
+
+
+def _amd_findings(d: ResolvedDevice, stack: Stack, environ: Mapping[str, str], add) -> None:
+    """A ROCm build, the GFX override the card needs (and no other), kernels, and the ROCm runtime's version."""
+    r, p = d.reading, d.profile
+    if not stack.torch_hip:
+        add("error", "torch_build", f"torch {stack.torch_version} is not a ROCm build: it cannot use this AMD GPU",
+            pip_fix(d))
+    else:
+        want = p.env.get("HSA_OVERRIDE_GFX_VERSION")
+        have = environ.get("HSA_OVERRIDE_GFX_VERSION")
+        effective = r.gfx_target_effective or r.gfx_target
+        if want and have != want:
+            if have:
+                add("error", "gfx_override", f"HSA_OVERRIDE_GFX_VERSION={have} is set, but {r.gfx_target} needs "
+                    f"{want}", f"export HSA_OVERRIDE_GFX_VERSION={want}")
+            else:
+                add("warning", "gfx_override", f"{r.gfx_target} is not in the ROCm wheels and needs "
+                    f"HSA_OVERRIDE_GFX_VERSION={want}; `hwcompat train` sets it, your own scripts must "
+                    "('HIP error: invalid device function' otherwise)", f"export HSA_OVERRIDE_GFX_VERSION={want}")
+        elif not want and have:
+            add("warning", "gfx_override", f"HSA_OVERRIDE_GFX_VERSION={have} is set but {r.gfx_target} needs "
+                "no override", "unset HSA_OVERRIDE_GFX_VERSION")
+        elif not want and compat.kernel_problem(_installed(stack), "amd", None, effective):
+            add("error", "kernels", compat.kernel_problem(_installed(stack), "amd", None, effective), pip_fix(d))
+        else:
+            add("ok", "kernels", f"torch {stack.torch_version} (HIP {stack.torch_hip}) runs {r.gfx_target}"
+                + (f" as {want}" if want else ""))
+        if r.runtime_version and _vt(stack.torch_hip)[:2] != _vt(r.runtime_version)[:2]:
+            add("info", "rocm", f"torch is built for ROCm {'.'.join(map(str, _vt(stack.torch_hip)[:2]))}, the "
+                f"system has ROCm {r.runtime_version}; the wheel bundles its runtime, the kernel driver must "
+                "support it")
+
+
+def _package_findings(p, stack: Stack, environ: Mapping[str, str], add) -> None:
+    """bitsandbytes and flash_attn against what the card runs, and the allocator setting against the profile's."""
     nf4 = "nf4" in p.quantization
     if stack.bitsandbytes and not nf4:
         add("warning", "bitsandbytes", f"bitsandbytes {stack.bitsandbytes} is installed but QLoRA will fail here: "
@@ -256,7 +274,6 @@ def _device_findings(pos: int, d: ResolvedDevice, stack: Stack, environ: Mapping
     if alloc and want_alloc and alloc != want_alloc:
         add("warning", "allocator", f"PYTORCH_CUDA_ALLOC_CONF={alloc} differs from the profile's {want_alloc} "
             "(fragmentation OOMs on long runs)", f"export PYTORCH_CUDA_ALLOC_CONF={want_alloc}")
-    return out
 
 
 def diagnose(plan: HostPlan, stack: Stack, environ: Mapping[str, str], shm_bytes: int | None = None,

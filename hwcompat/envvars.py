@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from typing import Mapping
 
+from hwcompat.readings import VENDOR_FACTS
+
 #: Variables hwcompat itself reads.
 READS: dict[str, str] = {
     "HWCOMPAT_EMULATE": "comma list of catalog device names to emulate instead of probing (containers, CI)",
@@ -44,10 +46,9 @@ SETS: dict[str, str] = {
 }
 
 
-#: The variable that pins a process to some of a vendor's devices (a fact used by the launcher, ``env`` and
-#: ``selftest``): CUDA and ROCm take device indices, Level Zero a comma list of them too.
-VISIBILITY: dict[str, str] = {"nvidia": "CUDA_VISIBLE_DEVICES", "amd": "HIP_VISIBLE_DEVICES",
-                              "intel": "ZE_AFFINITY_MASK"}
+#: The variable that pins a process to some of a vendor's devices (the launcher, ``env`` and ``selftest``);
+#: the fact itself is a column of ``readings.VENDOR_FACTS``.
+VISIBILITY: dict[str, str] = {vendor: f.visibility for vendor, f in VENDOR_FACTS.items() if f.visibility}
 
 
 def get(name: str, environ: Mapping[str, str] | None = None) -> str | None:

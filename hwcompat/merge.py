@@ -213,85 +213,92 @@ def validate(adapter: Adapter, base: Path, force: bool = False) -> dict[str, lis
     return shards
 
 
+def _check_out(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file; give a folder path for the merged model")
+    if out.exists() and any(out.iterdir()):
+        raise InputError(f"--out {out} exists and is not empty; choose a new folder")
+
+
+def _merge_shard(src: Path, dst: Path, names: list[str], adapter: Adapter, lora: dict[str, tuple[Any, Any]],
+                 dtype: str, dev) -> int:
+    """One shard: each base tensor read, its delta added (fp32), cast and written as it comes; returns how many
+    adapter tensors were merged into it."""
+    import torch
+
+    target, fan = getattr(torch, dtype), bool(adapter.config.get("fan_in_fan_out"))
+    h = read_header(src)
+    entries = [(n, TORCH_TO_ST[dtype] if h[n]["dtype"] in ("F32", "F16", "BF16") else h[n]["dtype"], h[n]["shape"])
+               for n in names]
+    merged = [0]
+
+    def tensors():
+        for n, t in weights.read_tensors(src, names):
+            t = adapter.replace.get(n, t)
+            if n in lora:
+                a, b = lora[n]
+                delta = (b @ a) * adapter.scaling(n[: -len(".weight")])
+                t = (t.to(dev, torch.float32) + (delta.T if fan else delta)).cpu()
+                merged[0] += 1
+            yield n, (t.to(target) if t.is_floating_point() else t)
+
+    weights.write_streaming(dst, entries, tensors(), {"format": "pt"})
+    return merged[0]
+
+
+def _write_model_files(tmp: Path, base: Path, base_cfg: dict[str, Any], adapter: Adapter, dtype: str, merged: int,
+                       weight_map: dict[str, str] | None) -> None:
+    """Beside the weights: the shard index, config.json in the new dtype, the tokenizer that trained, a record."""
+    if weight_map is not None:
+        index = json.loads((base / "model.safetensors.index.json").read_text())
+        index["weight_map"] = weight_map
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    cfg = {k: v for k, v in base_cfg.items() if k not in ("quantization_config", "torch_dtype")}
+    cfg["dtype"] = dtype
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+    for name in COPY_FROM_BASE:
+        if (base / name).exists():
+            shutil.copy2(base / name, tmp / name)
+    source = adapter.path if (adapter.path / "tokenizer_config.json").exists() else base
+    for name in TOKENIZER_FILES:
+        if (source / name).exists():
+            shutil.copy2(source / name, tmp / name)
+    (tmp / "hwcompat_merge.json").write_text(json.dumps({
+        "adapter": str(adapter.path), "base": str(base), "dtype": dtype, "merged_tensors": merged,
+        "lora_r": adapter.config["r"], "lora_alpha": adapter.config["lora_alpha"],
+        "use_rslora": bool(adapter.config.get("use_rslora"))}, indent=2))
+
+
 def merge(adapter_path: str | Path, base: str | Path, out: str | Path, dtype: str | None = None,
           device: str = "cpu", force: bool = False, log=print) -> Path:
     """Stream-merge; returns the output folder. Raises InputError before writing on any mismatch."""
     import torch
 
     adapter = load_adapter(find_adapter(adapter_path))
-    base = Path(base)
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out} is a file; give a folder path for the merged model")
-    if out.exists() and any(out.iterdir()):
-        raise InputError(f"--out {out} exists and is not empty; choose a new folder")
+    base, out = Path(base), Path(out)
+    _check_out(out)
     shards = validate(adapter, base, force)
     base_cfg = read_json_object(base / "config.json", "--base config")
-    if dtype is None:
-        dtype = str(base_cfg.get("dtype") or base_cfg.get("torch_dtype") or "float32")
+    base_dtype = str(base_cfg.get("dtype") or base_cfg.get("torch_dtype") or "float32")
+    dtype = base_dtype if dtype is None else dtype
     if dtype not in TORCH_TO_ST:
         raise InputError(f"--dtype {dtype}: use float32, float16 or bfloat16")
     if device != "cpu" and not torch.cuda.is_available():
         raise HwcompatError(f"--device {device}: torch sees no GPU here; merge on the CPU (the default)")
-    target = getattr(torch, dtype)
     dev = torch.device(device)
     lora = {k: (a.to(dev, torch.float32), b.to(dev, torch.float32)) for k, (a, b) in adapter.lora.items()}
-    fan = bool(adapter.config.get("fan_in_fan_out"))
-
     out.parent.mkdir(parents=True, exist_ok=True)
     source_bytes = sum((base / s).stat().st_size for s in shards)
-    base_dtype = str(base_cfg.get("dtype") or base_cfg.get("torch_dtype") or "float32")
     require_space(out.parent, source_bytes * DTYPE_BYTES[dtype] // DTYPE_BYTES.get(base_dtype, 4), "the merged model")
-    merged = 0
     # output_target: locked, a killed merge's temp folder removed, SIGTERM -> Terminated (exit 143), which
     # unwinds through atomic_dir and removes the partial output.
     with output_target(out, "hwcompat merge", overwrite=True, kind="folder"), atomic_dir(out) as tmp:
-        weight_map: dict[str, str] = {}
+        merged, weight_map = 0, {}
         for shard, names in shards.items():
-            h = read_header(base / shard)
-            entries = []
-            for n in names:
-                floating = h[n]["dtype"] in ("F32", "F16", "BF16")
-                entries.append((n, TORCH_TO_ST[dtype] if floating else h[n]["dtype"], h[n]["shape"]))
-                weight_map[n] = shard
-
-            def tensors(shard=shard, names=names):
-                nonlocal merged
-                for n, t in weights.read_tensors(base / shard, names):
-                    if n in adapter.replace:
-                        t = adapter.replace[n]
-                    if n in lora:
-                        a, b = lora[n]
-                        module = n[: -len(".weight")]
-                        delta = (b @ a) * adapter.scaling(module)
-                        if fan:
-                            delta = delta.T
-                        t = (t.to(dev, torch.float32) + delta).cpu()
-                        merged += 1
-                    yield n, (t.to(target) if t.is_floating_point() else t)
-
-            weights.write_streaming(tmp / shard, entries, tensors(), {"format": "pt"})
+            merged += _merge_shard(base / shard, tmp / shard, names, adapter, lora, dtype, dev)
+            weight_map.update({n: shard for n in names})
             log(f"merged {shard}")
-        if len(shards) > 1:
-            index = json.loads((base / "model.safetensors.index.json").read_text())
-            index["weight_map"] = weight_map
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        cfg = dict(base_cfg)
-        cfg.pop("quantization_config", None)
-        cfg["dtype"] = dtype
-        cfg.pop("torch_dtype", None)
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
-        for name in COPY_FROM_BASE:
-            if (base / name).exists():
-                shutil.copy2(base / name, tmp / name)
-        source = adapter.path if (adapter.path / "tokenizer_config.json").exists() else base
-        for name in TOKENIZER_FILES:
-            if (source / name).exists():
-                shutil.copy2(source / name, tmp / name)
-        (tmp / "hwcompat_merge.json").write_text(json.dumps({
-            "adapter": str(adapter.path), "base": str(base), "dtype": dtype, "merged_tensors": merged,
-            "lora_r": adapter.config["r"], "lora_alpha": adapter.config["lora_alpha"],
-            "use_rslora": bool(adapter.config.get("use_rslora"))}, indent=2))
+        _write_model_files(tmp, base, base_cfg, adapter, dtype, merged, weight_map if len(shards) > 1 else None)
         if merged != len(lora):  # inside the temp folder: an incomplete merge is never renamed into place
             raise HwcompatError(f"merged {merged} of {len(lora)} adapter tensors; nothing was written")
     return out

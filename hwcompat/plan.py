@@ -173,7 +173,7 @@ def _sizes(cfg: dict[str, Any], where: str) -> dict[str, int]:
     return out
 
 
-def _shape(cfg: dict[str, Any], where: str) -> ModelShape:
+def shape_from_config(cfg: dict[str, Any], where: str) -> ModelShape:
     if not isinstance(cfg, dict):
         raise InputError(f"{where}: config.json must hold a JSON object, got {type(cfg).__name__}")
     mt = cfg.get("model_type")
@@ -218,7 +218,7 @@ def load_shape(model: str) -> ModelShape:
         raise InputError(f"{path}: cannot read it as JSON ({str(exc)[:150]})") from None
     if isinstance(cfg, dict) and isinstance(cfg.get("text_config"), dict):
         cfg = {**cfg["text_config"], "model_type": cfg["text_config"].get("model_type", cfg.get("model_type"))}
-    return _shape(cfg, str(path))
+    return shape_from_config(cfg, str(path))
 
 
 @dataclass(frozen=True)
@@ -312,26 +312,20 @@ def activation_elems_per_token_layer(s: ModelShape, rank: int, lora: bool, dropo
     return n
 
 
-def estimate(shape: ModelShape, inp: PlanInput, dtype: str, attention: str, vendor: str, device_bytes: int,
-             quant_ok: bool = True, host: Host | None = None) -> Plan:
-    """The pure estimate; raises InputError for combinations the profile cannot run."""
+def _checked(inp: PlanInput) -> PlanInput:
+    """The inputs the planner can plan; a streamed run always recomputes (each layer is re-fetched in backward)."""
     if inp.method not in ("lora", "qlora", "full"):
         raise InputError(f"--method {inp.method}: use lora, qlora or full")
     streamed = inp.offload == "layers"
     if streamed and inp.method != "lora":
         raise InputError(f"offload=layers streams a frozen LoRA base; it does not apply to {inp.method}")
-    if streamed:
-        inp = replace(inp, gradient_checkpointing=True)  # each streamed layer is recomputed in backward
     if inp.optimizer not in OPTIMIZERS:
         raise InputError(f"optimizer={inp.optimizer}: use one of {', '.join(OPTIMIZERS)}")
-    notes: list[str] = []
-    db = DTYPE_BYTES[dtype]
-    b, t = inp.batch_size * inp.sequences_per_row, inp.seq_len
-    if inp.sequences_per_row == 2:
-        notes.append("dpo: chosen and rejected run in one forward, counted as 2 sequences per pair (an upper bound: "
-                     "with SDPA or eager attention the shared prompt runs once); the reference log-probabilities are "
-                     "computed once per row without gradients and kept, so no reference activations are held")
-    tokens = b * t
+    return replace(inp, gradient_checkpointing=True) if streamed else inp
+
+
+def _weight_terms(shape: ModelShape, inp: PlanInput, db: int, quant_ok: bool, notes: list[str]) -> dict[str, int]:
+    """Base weights (NF4, streamed slots or resident), the adapter, its gradients and the optimizer's states."""
     bd: dict[str, int] = {}
     if inp.method == "qlora":
         if not quant_ok:
@@ -339,7 +333,7 @@ def estimate(shape: ModelShape, inp: PlanInput, dtype: str, attention: str, vend
         compute = 2 if db == 4 else db  # bnb computes in fp16/bf16
         bd["base_weights"] = int(shape.linear_params() * NF4_BYTES_PER_PARAM + shape.other_params() * compute)
         bd["quant_constants"] = int(shape.linear_params() * QUANT_CONST_BYTES[True])
-    elif streamed:
+    elif inp.offload == "layers":
         bd["base_weights"] = shape.resident_params() * db
         bd["streamed_slots"] = (inp.prefetch + 1) * shape.layer_params() * db
     else:
@@ -351,8 +345,18 @@ def estimate(shape: ModelShape, inp: PlanInput, dtype: str, attention: str, vend
     bd["gradients"] = trainable * (4 if lora else db)
     sizes = shape.lora_tensor_sizes(inp.lora_rank, inp.lora_targets) if lora else shape.tensor_sizes()
     bd["optimizer_states"] = optimizer_state_bytes(inp.optimizer, sizes)
+    return bd
+
+
+def _activation_terms(shape: ModelShape, inp: PlanInput, db: int, attention: str, notes: list[str]
+                      ) -> dict[str, int]:
+    """Saved activations (per layer, or one layer's worth plus checkpoints), attention scores, logits."""
+    b, t = inp.batch_size * inp.sequences_per_row, inp.seq_len
+    tokens = b * t
+    lora = inp.method in ("lora", "qlora")
     act_db = db if inp.method != "qlora" else (2 if db == 4 else db)
     per_layer = activation_elems_per_token_layer(shape, inp.lora_rank, lora, inp.lora_dropout) * act_db
+    bd: dict[str, int] = {}
     if inp.gradient_checkpointing:
         bd["activations"] = tokens * (shape.layers * shape.hidden * act_db + per_layer)
     else:
@@ -364,13 +368,30 @@ def estimate(shape: ModelShape, inp: PlanInput, dtype: str, attention: str, vend
     else:
         bd["attention_scores"] = 0
     bd["logits"] = int(tokens * min(1.0, max(0.0, inp.logit_fraction)) * shape.vocab * (act_db + 4 + 4))
+    return bd
+
+
+def estimate(shape: ModelShape, inp: PlanInput, dtype: str, attention: str, vendor: str, device_bytes: int,
+             quant_ok: bool = True, host: Host | None = None) -> Plan:
+    """The pure estimate; raises InputError for combinations the profile cannot run."""
+    inp = _checked(inp)
+    notes: list[str] = []
+    db = DTYPE_BYTES[dtype]
+    if inp.sequences_per_row == 2:
+        notes.append("dpo: chosen and rejected run in one forward, counted as 2 sequences per pair (an upper bound: "
+                     "with SDPA or eager attention the shared prompt runs once); the reference log-probabilities are "
+                     "computed once per row without gradients and kept, so no reference activations are held")
+    bd = _weight_terms(shape, inp, db, quant_ok, notes)
+    bd.update(_activation_terms(shape, inp, db, attention, notes))
     allocated = sum(bd.values())
     bd["runtime_overhead"] = RUNTIME_CONTEXT.get(vendor, 0) + int(ALLOCATOR_SLACK * allocated)
     peak = sum(bd.values())
-    stream = stream_terms(shape, inp, db, host or Host()) if streamed else None
+    stream = stream_terms(shape, inp, db, host or Host()) if inp.offload == "layers" else None
     if stream is not None and not stream.host_fits:
         notes.append(f"offload=layers needs {stream.host_bytes / GIB:.1f} GiB of host RAM (the base is loaded there, "
                      f"then pinned); this host has {stream.host_ram_bytes / GIB:.1f} GiB: host RAM is the limit")
+    lora = inp.method in ("lora", "qlora")
+    trainable = shape.lora_params(inp.lora_rank, inp.lora_targets) if lora else shape.params()
     return Plan(fits=peak <= device_bytes and (stream is None or stream.host_fits), peak_bytes=peak,
                 device_bytes=device_bytes, breakdown=bd, inputs=inp, dtype=dtype, attention=attention,
                 params=shape.params(), trainable_params=trainable, notes=notes, stream=stream)

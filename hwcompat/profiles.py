@@ -20,7 +20,7 @@ from hwcompat import envvars
 from hwcompat.choices import Attention, CompileBackend, Dtype
 from hwcompat.datafiles import data_dir
 from hwcompat.errors import ProfileError
-from hwcompat.readings import VENDORS, XE_ARCHS, is_gfx_target, parse_cc
+from hwcompat.readings import VENDORS, XE_ARCHS, Capability, is_gfx_target
 from hwcompat.yamlfile import load_packaged_yaml
 
 
@@ -112,7 +112,7 @@ class Match:
     gfx_targets: tuple[str, ...] = ()
     xe_archs: tuple[str, ...] = ()  # Intel: Xe generations (readings.XE_ARCHS)
 
-    def covers(self, vendor: str, cc: str | None, gfx: str | None, xe: str | None = None) -> bool:
+    def covers(self, vendor: str, cc: Capability | str | None, gfx: str | None, xe: str | None = None) -> bool:
         if vendor != self.vendor:
             return False
         if vendor == "intel":
@@ -120,7 +120,7 @@ class Match:
         if vendor == "nvidia":
             if cc is None or self.cc_min is None or self.cc_max is None:
                 return False
-            return self.cc_min <= parse_cc(cc) <= self.cc_max
+            return self.cc_min <= Capability.of(cc) <= self.cc_max
         if vendor == "amd":
             return gfx is not None and gfx in self.gfx_targets
         return True
@@ -168,7 +168,7 @@ class Profile:
     path: str = ""
     variant_note: str | None = None
 
-    def for_device(self, vendor: str, cc: str | None, gfx: str | None, xe: str | None = None) -> "Profile":
+    def for_device(self, vendor: str, cc: Capability | str | None, gfx: str | None, xe: str | None = None) -> "Profile":
         """This profile with the first matching variant applied."""
         for v in self.variants:
             if v.match.covers(vendor, cc, gfx, xe):
@@ -264,7 +264,7 @@ def _match(ctx: _Ctx, where: str, raw: Any, vendor: str) -> Match:
         _keys(ctx, where, raw, {"compute_capability"}, {"compute_capability"})
         cc = _keys(ctx, f"{where}.compute_capability", raw["compute_capability"], {"min", "max"}, {"min", "max"})
         try:
-            lo, hi = parse_cc(cc["min"]), parse_cc(cc["max"])
+            lo, hi = Capability.of(cc["min"]), Capability.of(cc["max"])
         except ValueError as exc:
             raise ctx.fail(f"{where}.compute_capability", str(exc)) from None
         if lo > hi:
@@ -362,6 +362,38 @@ def _torch(ctx: _Ctx, where: str, raw: Any) -> TorchBuild:
                       _str(ctx, f"{where}.extra", tb.get("extra"), allow_none=True))
 
 
+def _image(ctx: "_Ctx", raw: Any) -> Image:
+    img = _keys(ctx, "image", raw, {"tag", "base", "family", "source", "packages"}, {"tag", "base", "family"})
+    packages = img.get("packages") or []
+    if not isinstance(packages, list) or not all(isinstance(x, str) and re.fullmatch(r"[a-z0-9][a-z0-9.+-]+", x)
+                                                 for x in packages):
+        raise ctx.fail("image.packages", f"expected a list of distribution package names, got {packages!r}")
+    return Image(_str(ctx, "image.tag", img["tag"]), _str(ctx, "image.base", img["base"]),
+                 _str(ctx, "image.family", img["family"]), img.get("source", ""), tuple(packages))
+
+
+_CHOICE_KINDS = {"dtype": Dtype, "attention": Attention, "compile_backend": CompileBackend}
+
+
+def _variant(ctx: "_Ctx", w: str, vraw: Any, vendor: str) -> Variant:
+    """One ``variants[i]``: a narrower match and the fields it replaces, each checked like the profile's own."""
+    _keys(ctx, w, vraw, _VARIANT_KEYS, {"match", "note"})
+    parse = {"hardware": lambda k, v: _hardware(ctx, f"{w}.{k}", v, partial=True),
+             "env": lambda k, v: _env(ctx, f"{w}.{k}", v),
+             "quantization": lambda k, v: _quant(ctx, f"{w}.{k}", v, partial=True),
+             "caveats": lambda k, v: _caveats(ctx, f"{w}.{k}", v),
+             "supported": lambda k, v: _supported(ctx, f"{w}.{k}", v),
+             "torch": lambda k, v: _torch(ctx, f"{w}.{k}", v),
+             **{k: (lambda k, v: _choice(ctx, f"{w}.{k}", v, _CHOICE_KINDS[k])) for k in _CHOICE_KINDS}}
+    f: dict[str, Any] = {}
+    for key, value in vraw.items():
+        if key == "peak_tflops":
+            f["peak_tflops"], f["peak_card"] = _peak(ctx, f"{w}.peak_tflops", value)
+        elif key in parse:
+            f[key] = parse[key](key, value)
+    return Variant(_match(ctx, f"{w}.match", vraw["match"], vendor), _str(ctx, f"{w}.note", vraw["note"]), f)
+
+
 def parse_profile(raw: Any, path: str) -> Profile:
     """Validate one profile mapping; every error names the file and the key path."""
     ctx = _Ctx(path)
@@ -373,41 +405,14 @@ def parse_profile(raw: Any, path: str) -> Profile:
     vendor = raw["vendor"]
     if vendor not in VENDORS:
         raise ctx.fail("vendor", f"{vendor!r} is not one of: {', '.join(VENDORS)}")
-    img = _keys(ctx, "image", raw["image"], {"tag", "base", "family", "source", "packages"}, {"tag", "base", "family"})
-    packages = img.get("packages") or []
-    if not isinstance(packages, list) or not all(isinstance(x, str) and re.fullmatch(r"[a-z0-9][a-z0-9.+-]+", x)
-                                                 for x in packages):
-        raise ctx.fail("image.packages", f"expected a list of distribution package names, got {packages!r}")
+    image = _image(ctx, raw["image"])
     drv = None
     if raw.get("driver") is not None:
         d = _keys(ctx, "driver", raw["driver"], {"min_version", "reason", "source"}, {"min_version", "reason"})
         drv = Choice(_str(ctx, "driver.min_version", d["min_version"]), _str(ctx, "driver.reason", d["reason"]),
                      d.get("source", ""))
     peak_tflops, peak_card = _peak(ctx, "peak_tflops", raw.get("peak_tflops") or {})
-    variants = []
-    for i, vraw in enumerate(raw.get("variants") or []):
-        w = f"variants[{i}]"
-        _keys(ctx, w, vraw, _VARIANT_KEYS, {"match", "note"})
-        f: dict[str, Any] = {}
-        for key, value in vraw.items():
-            if key in ("dtype", "attention", "compile_backend"):
-                kind = {"dtype": Dtype, "attention": Attention, "compile_backend": CompileBackend}[key]
-                f[key] = _choice(ctx, f"{w}.{key}", value, kind)
-            elif key == "hardware":
-                f[key] = _hardware(ctx, f"{w}.hardware", value, partial=True)
-            elif key == "env":
-                f[key] = _env(ctx, f"{w}.env", value)
-            elif key == "quantization":
-                f[key] = _quant(ctx, f"{w}.quantization", value, partial=True)
-            elif key == "caveats":
-                f[key] = _caveats(ctx, f"{w}.caveats", value)
-            elif key == "supported":
-                f[key] = _supported(ctx, f"{w}.supported", value)
-            elif key == "peak_tflops":
-                f["peak_tflops"], f["peak_card"] = _peak(ctx, f"{w}.peak_tflops", value)
-            elif key == "torch":
-                f[key] = _torch(ctx, f"{w}.torch", value)
-        variants.append(Variant(_match(ctx, f"{w}.match", vraw["match"], vendor), _str(ctx, f"{w}.note", vraw["note"]), f))
+    variants = tuple(_variant(ctx, f"variants[{i}]", vraw, vendor) for i, vraw in enumerate(raw.get("variants") or []))
     return Profile(
         name=name, vendor=vendor, title=_str(ctx, "title", raw["title"]),
         match=_match(ctx, "match", raw["match"], vendor),
@@ -419,14 +424,13 @@ def parse_profile(raw: Any, path: str) -> Profile:
         quantization=_quant(ctx, "quantization", raw["quantization"], partial=False),
         torch=_torch(ctx, "torch", raw["torch"]),
         driver_min=drv,
-        image=Image(_str(ctx, "image.tag", img["tag"]), _str(ctx, "image.base", img["base"]),
-                    _str(ctx, "image.family", img["family"]), img.get("source", ""), tuple(packages)),
+        image=image,
         evidence=_enum(ctx, "evidence", raw["evidence"], Evidence),
         peak_tflops=peak_tflops, peak_card=peak_card,
         caveats=_caveats(ctx, "caveats", raw.get("caveats") or []),
         supported=_supported(ctx, "supported", raw["supported"]) if "supported" in raw else Choice(
             "true", "a profile covers this device"),
-        variants=tuple(variants), path=path,
+        variants=variants, path=path,
     )
 
 

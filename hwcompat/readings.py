@@ -8,11 +8,45 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 VENDORS = ("nvidia", "amd", "intel", "cpu")
 #: Intel Xe generations hwcompat knows (catalog/intel.yaml), the typed fact an Intel reading carries.
 XE_ARCHS = ("xe-hpg", "xe2-hpg")
+
+
+class Capability(NamedTuple):
+    """An NVIDIA compute capability, typed once at the reading (vLLM's ``DeviceCapability``): compared as a tuple,
+    printed as the driver prints it ("5.2"), labelled as the compiler does (``sm_52``)."""
+
+    major: int
+    minor: int
+
+    @classmethod
+    def of(cls, value: "Capability | str") -> "Capability":
+        """A Capability from itself or from its text ("5.2"); raises ValueError on anything else."""
+        return value if isinstance(value, Capability) else cls(*parse_cc(value))
+
+    def __str__(self) -> str:
+        return f"{self.major}.{self.minor}"
+
+    @property
+    def sm(self) -> str:
+        return f"sm_{self.major}{self.minor}"
+
+
+@dataclass(frozen=True)
+class VendorFacts:
+    """What a vendor's cards need from hwcompat, in one row: the variable that pins a process to some of them
+    (CUDA and ROCm take device indices, Level Zero a comma list of them too) and torch's device type (ROCm
+    builds reuse "cuda")."""
+
+    visibility: str | None
+    torch_device: str
+
+
+VENDOR_FACTS = {"nvidia": VendorFacts("CUDA_VISIBLE_DEVICES", "cuda"), "amd": VendorFacts("HIP_VISIBLE_DEVICES", "cuda"),
+                "intel": VendorFacts("ZE_AFFINITY_MASK", "xpu"), "cpu": VendorFacts(None, "cpu")}
 
 
 @dataclass(frozen=True)
@@ -39,6 +73,31 @@ class DeviceReading:
     cpu_flags: tuple[str, ...] = ()  # CPU only: ISA flags that matter for training (avx2, avx512_bf16, amx_bf16 …)
     source: str = ""  # which probe produced it: nvml | amdsmi | sysfs | cpuinfo | catalog:NAME | file:PATH
     emulated: bool = False  # True when it came from --emulate / --emulate-file, not from hardware
+
+    def __post_init__(self) -> None:
+        """The capability is parsed here, once; a malformed one is an error at the probe, not four places later."""
+        cap = Capability.of(self.compute_capability) if self.compute_capability else None
+        object.__setattr__(self, "_capability", cap)
+
+    @property
+    def capability(self) -> Capability | None:
+        """NVIDIA only: the typed compute capability."""
+        return self._capability
+
+    @property
+    def is_gpu(self) -> bool:
+        return self.vendor != "cpu"
+
+    @property
+    def facts(self) -> VendorFacts:
+        return VENDOR_FACTS[self.vendor]
+
+    @property
+    def arch(self) -> str:
+        """The architecture as its toolchain names it: ``sm_52``, ``gfx1032``, ``xe-hpg``, or the vendor."""
+        if self.capability:
+            return self.capability.sm
+        return self.gfx_target or self.xe_arch or self.vendor
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

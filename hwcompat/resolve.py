@@ -14,14 +14,14 @@ from typing import Any
 from hwcompat import compat
 from hwcompat.errors import InputError
 from hwcompat.profiles import Attention, CompileBackend, Dtype, Fp16Rate, Profile
-from hwcompat.readings import DeviceReading, HostReading, gfx_from_override, override_from_gfx, parse_cc
+from hwcompat.readings import Capability, DeviceReading, HostReading, gfx_from_override, override_from_gfx
 from hwcompat.software import Software
 
 #: CPU ISA flags that give PyTorch's CPU kernels native bf16 (oneDNN AVX512-BF16 / AMX paths).
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 #: Oldest compute capability any current PyTorch CUDA wheel carries (cu126: sm_50).
-MIN_CUDA_CC = (5, 0)
+MIN_CUDA_CC = Capability(5, 0)
 
 SETTABLE = ("dtype", "attention", "compile_backend")  # plus env.NAME
 
@@ -149,20 +149,14 @@ def _check_env_name(name: str, item: str, allowed: list[str]) -> None:
                          f"--allow-env {name}")
 
 
-def _cc_text(cc: tuple[int, int]) -> str:
-    return f"{cc[0]}.{cc[1]}"
-
-
 def _device_label(r: DeviceReading) -> str:
-    arch = f"sm_{r.compute_capability.replace('.', '')}" if r.compute_capability else (
-        r.gfx_target or r.xe_arch or r.vendor)
-    return f"{r.name} ({arch})"
+    return f"{r.name} ({r.arch})"
 
 
 def match_profile(reading: DeviceReading, profiles: dict[str, Profile]) -> Profile | None:
     """The profile whose match rule covers this reading's physical capability."""
     for p in profiles.values():
-        if p.match.covers(reading.vendor, reading.compute_capability, reading.gfx_target, reading.xe_arch):
+        if p.match.covers(reading.vendor, reading.capability, reading.gfx_target, reading.xe_arch):
             return p
     return None
 
@@ -179,19 +173,19 @@ def _why_matched(r: DeviceReading, p: Profile) -> str:
 
 def _tegra_reason(r: DeviceReading) -> str:
     table = compat.wheel_table().get("tegra", {})
-    return (f"{r.name} (sm_{(r.compute_capability or '').replace('.', '')}) is an NVIDIA Jetson (Tegra) GPU: the "
+    return (f"{r.name} ({r.arch}) is an NVIDIA Jetson (Tegra) GPU: the "
             "desktop PyTorch wheels have no kernels for it (a desktop sm_80/sm_86 cubin does not run on a Tegra "
             f"part; {table.get('source', 'torch/cuda/__init__.py')}). To train there, {table.get('advice', '')}")
 
 
 def _unsupported_reason(r: DeviceReading) -> str:
     if r.vendor == "nvidia":
-        cc = parse_cc(r.compute_capability or "0.0")
+        cc = r.capability or Capability(0, 0)
         if cc < MIN_CUDA_CC:
-            last = compat.last_wheels_for(r.compute_capability or "0.0")
+            last = compat.last_wheels_for(cc)
             ended = (f" (its last wheels were the {last[0]} ones, torch <= {last[1]})" if last else
                      " (no PyTorch wheel ever had them)")
-            return (f"compute capability {r.compute_capability} is below {_cc_text(MIN_CUDA_CC)}: no current PyTorch "
+            return (f"compute capability {r.compute_capability} is below {MIN_CUDA_CC}: no current PyTorch "
                     f"wheel has kernels for it{ended}. Train on the CPU profile, use a newer card, or an old torch "
                     "built from source")
         return (f"compute capability {r.compute_capability} is newer than every known profile; "
@@ -294,7 +288,7 @@ def _torch_problems(r: DeviceReading, p: Profile, sw: Software, env: dict[str, s
         return []
     fix = f"{p.torch.install_command()} (or use the {p.image.tag} image)"
     problems = []
-    why = compat.kernel_problem(t, r.vendor, r.compute_capability, _run_target(r, env))
+    why = compat.kernel_problem(t, r.vendor, r.capability, _run_target(r, env))
     if why:
         problems.append(f"installed {why}: {fix}")
     elif t.targets is None:
@@ -318,99 +312,124 @@ def _native_override(r: DeviceReading, sw: Software, env: dict[str, str], reason
                                                    f"{r.gfx_target} kernels ({t.targets_from})")
 
 
+def _choose(reading: DeviceReading, profiles: dict[str, Profile], forced: str | None
+            ) -> tuple[Profile | None, str, list[str]]:
+    """The profile family: the one that matches, or the one ``--profile`` forces; (profile, reason, problems)."""
+    base = match_profile(reading, profiles)
+    if not forced:
+        return base, (_why_matched(reading, base) if base else ""), []
+    if forced not in profiles:
+        near = _close(forced, profiles, n=1)
+        hint = f" Did you mean {near[0]!r}?" if near else ""
+        raise InputError(f"unknown profile {forced!r}.{hint} Known: {', '.join(sorted(profiles))}")
+    chosen = profiles[forced]
+    if chosen.vendor != reading.vendor:
+        raise InputError(f"--profile {forced}: that profile is for {chosen.vendor} devices, "
+                         f"but device {reading.index} is {reading.vendor} ({reading.name})")
+    problems = []
+    if base is None or base.name != forced:
+        problems.append(f"warning: forced profile {forced} does not match this device "
+                        f"({_why_matched(reading, base) if base else 'no profile matches it'}); "
+                        "its choices may not run here")
+    return chosen, f"forced with --profile {forced}", problems
+
+
+def _dtype(reading: DeviceReading, p: Profile, hw: dict[str, Any], sets: dict[str, str], label: str
+           ) -> tuple[str, str]:
+    reason = p.dtype.reason
+    if reading.vendor == "cpu" and hw["bf16"]:
+        reason += "; this CPU has native bf16 (set dtype=bfloat16 to use it)"
+    if "dtype" in sets:
+        return sets["dtype"], _check_dtype(sets["dtype"], hw, label, p.dtype.value)
+    return p.dtype.value, reason
+
+
+def _attention(p: Profile, hw: dict[str, Any], sets: dict[str, str], software: Software, label: str
+               ) -> tuple[str, str]:
+    if "attention" in sets:
+        return sets["attention"], _check_attention(sets["attention"], hw, software, label)
+    if p.attention.value == "flash_attention_2" and not software.flash_attn:
+        return "sdpa", ("flash-attention-2 would be the choice here, but the flash_attn package is not "
+                        "installed (pip install flash-attn --no-build-isolation); using PyTorch SDPA")
+    return p.attention.value, p.attention.reason
+
+
+def _compile(p: Profile, hw: dict[str, Any], sets: dict[str, str], label: str) -> tuple[str, str]:
+    if "compile_backend" in sets:
+        return sets["compile_backend"], _check_compile(sets["compile_backend"], hw, label)
+    return p.compile_backend.value, p.compile_backend.reason
+
+
+def _environment(reading: DeviceReading, p: Profile, sets: dict[str, str], software: Software,
+                 reasons: dict[str, str]) -> tuple[dict[str, str], list[str]]:
+    """The profile's variables, the user's ``env.NAME`` sets, and the ROCm override checked against the shell's."""
+    env = {e.name: e.value for e in p.env}
+    reasons.update({f"env.{e.name}": e.reason for e in p.env})
+    for key, value in sets.items():
+        if key.startswith("env."):
+            env[key[4:]] = value
+            reasons[key] = "set by the user"
+    problems = _override_problems(reading, env)
+    _native_override(reading, software, env, reasons)
+    return env, problems
+
+
+def _override_problems(reading: DeviceReading, env: dict[str, str]) -> list[str]:
+    """An HSA_OVERRIDE_GFX_VERSION already in the shell that differs from what the card needs."""
+    if reading.vendor != "amd" or not reading.gfx_target_effective:
+        return []
+    wanted = env.get("HSA_OVERRIDE_GFX_VERSION")
+    have = override_from_gfx(reading.gfx_target_effective)
+    if wanted and have != wanted:
+        return [f"HSA_OVERRIDE_GFX_VERSION={have} is set (runs {reading.gfx_target} as "
+                f"{reading.gfx_target_effective}), but {reading.gfx_target} needs {wanted}: "
+                f"export HSA_OVERRIDE_GFX_VERSION={wanted}"]
+    if not wanted and reading.gfx_target_effective != reading.gfx_target:
+        return [f"HSA_OVERRIDE_GFX_VERSION={have} is set but {reading.gfx_target} is in the ROCm "
+                "wheels and needs no override: unset HSA_OVERRIDE_GFX_VERSION"]
+    return []
+
+
+def _quantization(reading: DeviceReading, p: Profile, env: dict[str, str], reasons: dict[str, str]) -> list[str]:
+    reasons.update({f"quantization.{k}": q.reason for k, q in p.quantization.items()})
+    if reading.vendor == "amd":
+        return _amd_quantization(reading, p, env, reasons)
+    return [k for k, q in p.quantization.items() if q.supported]
+
+
+def _build_reasons(p: Profile, reasons: dict[str, str]) -> None:
+    reasons["torch_build"] = p.torch.reason
+    reasons["image"] = f"{p.image.tag} carries the {p.torch.build} torch build this family needs"
+    if p.driver_min:
+        reasons["driver"] = p.driver_min.reason
+
+
 def resolve_device(reading: DeviceReading, profiles: dict[str, Profile], software: Software,
                    overrides: Overrides = Overrides(), apply_overrides: bool = True) -> ResolvedDevice:
-    """Resolve one device. Raises InputError for an override the hardware cannot honour."""
+    """Resolve one device: each choice from its own small rule, with its reason. Raises InputError for an
+    override the hardware cannot honour."""
     label = _device_label(reading)
-    problems: list[str] = []
-    reasons: dict[str, str] = {}
     forced = overrides.profile if apply_overrides else None
-    if reading.vendor == "nvidia" and compat.is_tegra(reading.compute_capability) and not forced:
+    if reading.vendor == "nvidia" and compat.is_tegra(reading.capability) and not forced:
         return ResolvedDevice(reading, None, False, [_tegra_reason(reading)], None)
-    base = match_profile(reading, profiles)
-    if forced:
-        if forced not in profiles:
-            near = _close(forced, profiles, n=1)
-            hint = f" Did you mean {near[0]!r}?" if near else ""
-            raise InputError(f"unknown profile {forced!r}.{hint} Known: {', '.join(sorted(profiles))}")
-        chosen = profiles[forced]
-        if chosen.vendor != reading.vendor:
-            raise InputError(f"--profile {forced}: that profile is for {chosen.vendor} devices, "
-                             f"but device {reading.index} is {reading.vendor} ({reading.name})")
-        reasons["profile"] = f"forced with --profile {forced}"
-        if base is None or base.name != forced:
-            problems.append(f"warning: forced profile {forced} does not match this device "
-                            f"({_why_matched(reading, base) if base else 'no profile matches it'}); "
-                            "its choices may not run here")
-    elif base is None:
+    chosen, why, problems = _choose(reading, profiles, forced)
+    if chosen is None:
         return ResolvedDevice(reading, None, False, [_unsupported_reason(reading)], None)
-    else:
-        chosen = base
-        reasons["profile"] = _why_matched(reading, chosen)
-    p = chosen.for_device(reading.vendor, reading.compute_capability, reading.gfx_target, reading.xe_arch)
-    if p.variant_note:
-        reasons["profile"] += f"; variant: {p.variant_note}"
+    p = chosen.for_device(reading.vendor, reading.capability, reading.gfx_target, reading.xe_arch)
+    reasons = {"profile": why + (f"; variant: {p.variant_note}" if p.variant_note else "")}
     hw = _hardware_for(reading, p)
     supported = p.supported.value == "true"
     reasons["supported"] = p.supported.reason + (f" ({p.supported.source})" if p.supported.source else "")
     if not supported:
         problems.append(p.supported.reason)
-
     sets = overrides.sets if apply_overrides else {}
-    dtype = p.dtype.value
-    reasons["dtype"] = p.dtype.reason
-    if reading.vendor == "cpu" and hw["bf16"]:
-        reasons["dtype"] += "; this CPU has native bf16 (set dtype=bfloat16 to use it)"
-    if "dtype" in sets:
-        reasons["dtype"] = _check_dtype(sets["dtype"], hw, label, p.dtype.value)
-        dtype = sets["dtype"]
-
-    attention = p.attention.value
-    reasons["attention"] = p.attention.reason
-    if attention == "flash_attention_2" and not software.flash_attn:
-        attention = "sdpa"
-        reasons["attention"] = ("flash-attention-2 would be the choice here, but the flash_attn package is not "
-                                "installed (pip install flash-attn --no-build-isolation); using PyTorch SDPA")
-    if "attention" in sets:
-        reasons["attention"] = _check_attention(sets["attention"], hw, software, label)
-        attention = sets["attention"]
-
-    compile_backend = p.compile_backend.value
-    reasons["compile_backend"] = p.compile_backend.reason
-    if "compile_backend" in sets:
-        reasons["compile_backend"] = _check_compile(sets["compile_backend"], hw, label)
-        compile_backend = sets["compile_backend"]
-
-    env = {e.name: e.value for e in p.env}
-    for e in p.env:
-        reasons[f"env.{e.name}"] = e.reason
-    for key, value in sets.items():
-        if key.startswith("env."):
-            env[key[4:]] = value
-            reasons[key] = "set by the user"
-    if reading.vendor == "amd" and reading.gfx_target_effective:
-        wanted = env.get("HSA_OVERRIDE_GFX_VERSION")
-        have = override_from_gfx(reading.gfx_target_effective)
-        if wanted and have != wanted:
-            problems.append(f"HSA_OVERRIDE_GFX_VERSION={have} is set (runs {reading.gfx_target} as "
-                            f"{reading.gfx_target_effective}), but {reading.gfx_target} needs {wanted}: "
-                            f"export HSA_OVERRIDE_GFX_VERSION={wanted}")
-        elif not wanted and reading.gfx_target_effective != reading.gfx_target:
-            problems.append(f"HSA_OVERRIDE_GFX_VERSION={have} is set but {reading.gfx_target} is in the ROCm "
-                            "wheels and needs no override: unset HSA_OVERRIDE_GFX_VERSION")
-
-    _native_override(reading, software, env, reasons)
-    quant = [k for k, q in p.quantization.items() if q.supported]
-    for k, q in p.quantization.items():
-        reasons[f"quantization.{k}"] = q.reason
-    if reading.vendor == "amd":
-        quant = _amd_quantization(reading, p, env, reasons)
-    reasons["torch_build"] = p.torch.reason
-    reasons["image"] = f"{p.image.tag} carries the {p.torch.build} torch build this family needs"
-    if p.driver_min:
-        reasons["driver"] = p.driver_min.reason
-    problems += _torch_problems(reading, p, software, env)
-
+    dtype, reasons["dtype"] = _dtype(reading, p, hw, sets, label)
+    attention, reasons["attention"] = _attention(p, hw, sets, software, label)
+    compile_backend, reasons["compile_backend"] = _compile(p, hw, sets, label)
+    env, env_problems = _environment(reading, p, sets, software, reasons)
+    quant = _quantization(reading, p, env, reasons)
+    _build_reasons(p, reasons)
+    problems += env_problems + _torch_problems(reading, p, software, env)
     resolved = ResolvedProfile(
         name=p.name, dtype=dtype, attention=attention, compile_backend=compile_backend, env=env,
         quantization=quant, torch_build=p.torch.build, torch_index_url=p.torch.index_url,

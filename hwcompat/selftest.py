@@ -62,9 +62,6 @@ class SelftestResult:
 def run_selftest(device: ResolvedDevice, steps: int = 30, seq_len: int | None = None, batch: int | None = None,
                  fix_hint: str = "") -> SelftestResult:
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from hwcompat import plan as P
 
     prof = device.profile
     assert prof is not None
@@ -75,51 +72,15 @@ def run_selftest(device: ResolvedDevice, steps: int = 30, seq_len: int | None = 
     checks: list[Check] = []
     res = SelftestResult(device=device.reading.name, profile=prof.name, dtype=prof.dtype, attention=prof.attention,
                          compile_backend=prof.compile_backend, passed=False, checks=checks,
-                         peak_card=prof.peak_card, versions={"torch": torch.__version__})
+                         peak_card=prof.peak_card, versions={"torch": torch.__version__},
+                         peak_tflops=prof.peak_tflops.get(prof.dtype))
     if on_gpu and not torch.cuda.is_available():
         checks.append(Check("kernels", False, f"torch {torch.__version__} sees no GPU", fix_hint))
         return res
     # The CLI pins the process to the chosen card (CUDA/HIP_VISIBLE_DEVICES), so it is always device 0.
     dev = torch.device("cuda", 0) if on_gpu else torch.device("cpu")
-    dtype = getattr(torch, prof.dtype)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(**shape, max_position_embeddings=max(2048, seq_len), tie_word_embeddings=False)
-    cfg._attn_implementation = prof.attention
     try:
-        model = LlamaForCausalLM(cfg).to(dev)
-        if on_gpu:
-            torch.cuda.reset_peak_memory_stats(dev)
-        fwd = torch.compile(model) if prof.compile_backend == "inductor" else model
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        scaler = torch.amp.GradScaler(dev.type) if prof.dtype == "float16" else None
-        # A repeated pattern: a working stack learns it within a few steps.
-        pattern = torch.randint(0, shape["vocab_size"], (64,), generator=torch.Generator().manual_seed(1))
-        ids = pattern.repeat(batch, seq_len // 64 + 1)[:, :seq_len].to(dev)
-        losses: list[float] = []
-        grads_finite = True
-        timed_tokens, t0 = 0, None
-        for step in range(steps):
-            if step == 3:  # after warm-up (and compilation)
-                if on_gpu:
-                    torch.cuda.synchronize(dev)
-                t0 = time.perf_counter()
-                timed_tokens = 0
-            ctx = torch.autocast(dev.type, dtype=dtype) if prof.dtype != "float32" else _null()
-            with ctx:
-                out = fwd(input_ids=ids, labels=ids, use_cache=False)
-            loss = out.loss
-            (scaler.scale(loss) if scaler else loss).backward()
-            if scaler:
-                scaler.unscale_(opt)
-            gn = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            grads_finite &= bool(torch.isfinite(gn))
-            (scaler.step(opt), scaler.update()) if scaler else opt.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(float(loss.detach().float()))
-            timed_tokens += batch * seq_len
-        if on_gpu:
-            torch.cuda.synchronize(dev)
-        elapsed = time.perf_counter() - (t0 or time.perf_counter())
+        run = _train(prof, shape, dev, steps, seq_len, batch)
     except RuntimeError as exc:
         msg = str(exc).splitlines()[0]
         kernel = "no kernel image" in msg or "invalid device function" in msg
@@ -127,40 +88,107 @@ def run_selftest(device: ResolvedDevice, steps: int = 30, seq_len: int | None = 
         return res
     checks.append(Check("kernels", True, f"forward/backward ran in {prof.dtype} with {prof.attention} attention, "
                                          f"compile {prof.compile_backend}"))
-    res.losses = losses
-    finite = all(math.isfinite(x) for x in losses) and grads_finite
-    checks.append(Check("finite", finite, "loss and gradients finite" if finite else
-                        f"non-finite loss or gradients ({losses[-3:]})",
-                        "" if finite else "try dtype=float32 for this card (fp16 overflow) and run `hwcompat doctor`"))
-    first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
-    down = last < first * 0.7
-    checks.append(Check("learns", down, f"loss {first:.3f} -> {last:.3f}",
-                        "" if down else "the stack computes but does not learn: check the dtype and driver"))
-    n_params = sum(p.numel() for p in model.parameters())
-    res.tokens_per_s = timed_tokens / elapsed if elapsed > 0 else 0.0
-    # 6 FLOPs per parameter per token (forward 2, backward 4) plus causal attention (Kaplan et al. 2020).
-    attn = 6 * shape["num_hidden_layers"] * seq_len * shape["hidden_size"]
-    res.achieved_tflops = res.tokens_per_s * (6 * n_params + attn) / 1e12
-    peak = prof.peak_tflops.get(prof.dtype)
-    res.peak_tflops = peak
-    res.mfu = res.achieved_tflops / peak if peak else None
+    res.losses = run.losses
+    checks += _learning_checks(run)
+    _speed(res, run, shape, seq_len)
     if on_gpu:
-        res.peak_memory_bytes = int(torch.cuda.max_memory_allocated(dev))
-        planned = P.estimate(P._shape({**shape, "model_type": "llama", "tie_word_embeddings": False}, "selftest"),
-                             P.PlanInput(method="full", seq_len=seq_len, batch_size=batch, optimizer="adamw",
-                                         lora_dropout=False),
-                             prof.dtype, prof.attention, device.reading.vendor, device.reading.memory_bytes)
-        # compare the allocator's view: the plan without context/slack (max_memory_allocated excludes both)
-        res.planned_memory_bytes = planned.peak_bytes - planned.breakdown["runtime_overhead"]
-        ratio = res.peak_memory_bytes / max(1, res.planned_memory_bytes)
-        ok = abs(ratio - 1) <= MEMORY_MARGIN
-        checks.append(Check("memory", ok, f"measured {res.peak_memory_bytes / 2**20:.0f} MiB vs planned "
-                                          f"{res.planned_memory_bytes / 2**20:.0f} MiB ({ratio:.2f}x)",
-                            "" if ok else "the planner is off for this card: please report this result"))
+        checks.append(_memory_check(res, device, shape, seq_len, batch, int(torch.cuda.max_memory_allocated(dev))))
     else:
         checks.append(Check("memory", None, "not measured on the CPU (no allocator statistics)"))
     res.passed = all(c.ok is not False for c in checks)
     return res
+
+
+@dataclass
+class _Run:
+    losses: list[float]
+    grads_finite: bool
+    timed_tokens: int
+    elapsed: float
+    n_params: int
+
+
+def _train(prof, shape: dict[str, Any], dev, steps: int, seq_len: int, batch: int) -> _Run:
+    """A small Llama, full fine-tuning on a repeated pattern in the profile's dtype, attention and compile."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    on_gpu = dev.type != "cpu"
+    dtype = getattr(torch, prof.dtype)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(**shape, max_position_embeddings=max(2048, seq_len), tie_word_embeddings=False)
+    cfg._attn_implementation = prof.attention
+    model = LlamaForCausalLM(cfg).to(dev)
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats(dev)
+    fwd = torch.compile(model) if prof.compile_backend == "inductor" else model
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler(dev.type, enabled=prof.dtype == "float16")
+    # A repeated pattern: a working stack learns it within a few steps.
+    pattern = torch.randint(0, shape["vocab_size"], (64,), generator=torch.Generator().manual_seed(1))
+    ids = pattern.repeat(batch, seq_len // 64 + 1)[:, :seq_len].to(dev)
+    run = _Run([], True, 0, 0.0, sum(p.numel() for p in model.parameters()))
+    t0 = None
+    for step in range(steps):
+        if step == 3:  # after warm-up (and compilation)
+            if on_gpu:
+                torch.cuda.synchronize(dev)
+            t0, run.timed_tokens = time.perf_counter(), 0
+        with torch.autocast(dev.type, dtype=dtype) if prof.dtype != "float32" else _null():
+            loss = fwd(input_ids=ids, labels=ids, use_cache=False).loss
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        gn = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        run.grads_finite &= bool(torch.isfinite(gn))
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        run.losses.append(float(loss.detach().float()))
+        run.timed_tokens += batch * seq_len
+    if on_gpu:
+        torch.cuda.synchronize(dev)
+    run.elapsed = time.perf_counter() - (t0 or time.perf_counter())
+    return run
+
+
+def _learning_checks(run: _Run) -> list[Check]:
+    losses = run.losses
+    finite = all(math.isfinite(x) for x in losses) and run.grads_finite
+    first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+    down = last < first * 0.7
+    return [Check("finite", finite, "loss and gradients finite" if finite else
+                  f"non-finite loss or gradients ({losses[-3:]})",
+                  "" if finite else "try dtype=float32 for this card (fp16 overflow) and run `hwcompat doctor`"),
+            Check("learns", down, f"loss {first:.3f} -> {last:.3f}",
+                  "" if down else "the stack computes but does not learn: check the dtype and driver")]
+
+
+def _speed(res: SelftestResult, run: _Run, shape: dict[str, Any], seq_len: int) -> None:
+    res.tokens_per_s = run.timed_tokens / run.elapsed if run.elapsed > 0 else 0.0
+    # 6 FLOPs per parameter per token (forward 2, backward 4) plus causal attention (Kaplan et al. 2020).
+    attn = 6 * shape["num_hidden_layers"] * seq_len * shape["hidden_size"]
+    res.achieved_tflops = res.tokens_per_s * (6 * run.n_params + attn) / 1e12
+    res.mfu = res.achieved_tflops / res.peak_tflops if res.peak_tflops else None
+
+
+def _memory_check(res: SelftestResult, device: ResolvedDevice, shape: dict[str, Any], seq_len: int, batch: int,
+                  measured: int) -> Check:
+    """The allocator's peak against the planner's, without context and slack (max_memory_allocated excludes both)."""
+    from hwcompat import plan
+
+    prof = device.profile
+    res.peak_memory_bytes = measured
+    planned = plan.estimate(plan.shape_from_config({**shape, "model_type": "llama", "tie_word_embeddings": False},
+                                                   "selftest"),
+                            plan.PlanInput(method="full", seq_len=seq_len, batch_size=batch, optimizer="adamw",
+                                           lora_dropout=False),
+                            prof.dtype, prof.attention, device.reading.vendor, device.reading.memory_bytes)
+    res.planned_memory_bytes = planned.peak_bytes - planned.breakdown["runtime_overhead"]
+    ratio = res.peak_memory_bytes / max(1, res.planned_memory_bytes)
+    ok = abs(ratio - 1) <= MEMORY_MARGIN
+    return Check("memory", ok, f"measured {res.peak_memory_bytes / 2**20:.0f} MiB vs planned "
+                               f"{res.planned_memory_bytes / 2**20:.0f} MiB ({ratio:.2f}x)",
+                 "" if ok else "the planner is off for this card: please report this result")
 
 
 class _null:

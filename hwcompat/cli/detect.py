@@ -19,14 +19,8 @@ def add_parser(sub) -> None:
 
 def _cap(d) -> str:
     r = d.reading
-    if r.compute_capability:
-        return f"sm_{r.compute_capability.replace('.', '')}"
-    if r.gfx_target:
-        eff = f"→{r.gfx_target_effective}" if r.gfx_target_effective and r.gfx_target_effective != r.gfx_target else ""
-        return r.gfx_target + eff
-    if r.xe_arch:
-        return r.xe_arch
-    return "cpu"
+    shifted = r.gfx_target and r.gfx_target_effective and r.gfx_target_effective != r.gfx_target
+    return r.arch + (f"→{r.gfx_target_effective}" if shifted else "")
 
 
 def render_table(plan, explain: bool = False) -> str:

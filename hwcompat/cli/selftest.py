@@ -24,7 +24,7 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hwcompat.doctor import _pip_fix
+    from hwcompat.doctor import pip_fix
     from hwcompat.errors import HwcompatError
     from hwcompat.pipeline.launch import VISIBILITY, training_device
 
@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
                   {**os.environ, **env, MARKER: "1"})
     from hwcompat.selftest import render, run_selftest
 
-    res = run_selftest(device, steps=args.steps, fix_hint=_pip_fix(device))
+    res = run_selftest(device, steps=args.steps, fix_hint=pip_fix(device))
     data = res.to_dict()
     data["profile_env"] = env
     data["host"] = {"driver": device.reading.driver_version, "runtime": device.reading.runtime_version,

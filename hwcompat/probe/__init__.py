@@ -36,45 +36,11 @@ def probe_host(
         names = envvars.get("HWCOMPAT_EMULATE", env)
         emulate = [n.strip().lower() for n in names.split(",") if n.strip()] if names else None
         emulate_file = envvars.get("HWCOMPAT_EMULATE_FILE", env)
-
-    problems: list[str] = []
-    gpus: list[DeviceReading] = []
-    cpu_reading: DeviceReading | None = None
     emulated = bool(emulate or emulate_file)
     if emulated:
-        from hwcompat.probe import emulate as emu
-
-        readings = []
-        if emulate:
-            readings += emu.from_catalog(emulate, flag)
-        if emulate_file:
-            readings += emu.from_file(emulate_file)
-        gpus = [r for r in readings if r.vendor != "cpu"]
-        cpus = [r for r in readings if r.vendor == "cpu"]
-        cpu_reading = cpus[0] if cpus else None
-        gpus = _reindex(gpus)
+        gpus, cpu_reading, problems = *_emulated(emulate, emulate_file, flag), []
     else:
-        from hwcompat.probe.vendorlib import gpu_vendors
-
-        vendors = gpu_vendors(sys_root)  # vendor probes (and their libraries) load only where their cards are
-        if "nvidia" in vendors:
-            from hwcompat.probe import nvidia
-
-            found, errs = nvidia.probe(sys_root=sys_root, present=True)
-            gpus += found
-            problems += errs
-        if "amd" in vendors:
-            from hwcompat.probe import amd
-
-            found, errs = amd.probe(sys_root=sys_root, environ=env, present=True)
-            gpus += found
-            problems += errs
-        if "intel" in vendors:  # sysfs only (no vendor library): iGPUs are skipped by the probe itself
-            from hwcompat.probe import intel
-
-            found, errs = intel.probe(sys_root=sys_root)
-            gpus += found
-            problems += errs
+        (gpus, problems), cpu_reading = _probe_gpus(sys_root, env), None
     if cpu_reading is None:
         cpu_reading, errs = cpu.probe(sys_root=sys_root)
         problems += errs
@@ -89,6 +55,45 @@ def probe_host(
     }
     return HostReading(devices=tuple(gpus) + (cpu_reading,), problems=tuple(problems),
                        emulated=emulated, facts=facts)
+
+
+def _emulated(emulate: list[str] | None, emulate_file: str | None, flag: str
+              ) -> tuple[list[DeviceReading], DeviceReading | None]:
+    """Readings from the catalog and/or an emulate file: (GPUs re-indexed, the CPU reading if one was given)."""
+    from hwcompat.probe import emulate as emu
+
+    readings = []
+    if emulate:
+        readings += emu.from_catalog(emulate, flag)
+    if emulate_file:
+        readings += emu.from_file(emulate_file)
+    cpus = [r for r in readings if r.vendor == "cpu"]
+    return _reindex([r for r in readings if r.vendor != "cpu"]), (cpus[0] if cpus else None)
+
+
+def _probe_gpus(sys_root: str | Path, env: Mapping[str, str]) -> tuple[list[DeviceReading], list[str]]:
+    """Each vendor's probe, loaded (with its library) only where the PCI bus shows its cards."""
+    from hwcompat.probe.vendorlib import gpu_vendors
+
+    gpus: list[DeviceReading] = []
+    problems: list[str] = []
+    vendors = gpu_vendors(sys_root)
+    if "nvidia" in vendors:
+        from hwcompat.probe import nvidia
+
+        found, errs = nvidia.probe(sys_root=sys_root, present=True)
+        gpus, problems = gpus + found, problems + errs
+    if "amd" in vendors:
+        from hwcompat.probe import amd
+
+        found, errs = amd.probe(sys_root=sys_root, environ=env, present=True)
+        gpus, problems = gpus + found, problems + errs
+    if "intel" in vendors:  # sysfs only (no vendor library): iGPUs are skipped by the probe itself
+        from hwcompat.probe import intel
+
+        found, errs = intel.probe(sys_root=sys_root)
+        gpus, problems = gpus + found, problems + errs
+    return gpus, problems
 
 
 def apple_silicon(sysname: str, machine: str) -> list[str]:

@@ -101,10 +101,10 @@ def parse_reading(entry: Any, where: str, source: str = "") -> DeviceReading:
                 raise InputError(f"{where}: field 'cpu_flags': expected a list of strings, got {excerpt(value)}")
             value = tuple(value)
         values[key] = value
-    if vendor == "nvidia":
-        cc = values.get("compute_capability")
-        if cc is None:
-            raise InputError(f"{where}: field 'compute_capability': missing (required for NVIDIA, e.g. \"6.1\")")
+    cc = values.get("compute_capability")
+    if vendor == "nvidia" and cc is None:
+        raise InputError(f"{where}: field 'compute_capability': missing (required for NVIDIA, e.g. \"6.1\")")
+    if cc is not None:  # the reading parses it once; any vendor's entry that has one must be readable
         try:
             parse_cc(cc)
         except ValueError:
