@@ -62,3 +62,14 @@ EXPORT_TYPE_TABLE = {t.name: t for t in (
 EXPORT_TYPES = tuple(EXPORT_TYPE_TABLE)
 #: --type -> llama_ftype name, for the types llama.cpp's quantizer makes.
 LLAMA_TYPES = {t.name: t.llama_ftype for t in EXPORT_TYPE_TABLE.values() if t.llama_ftype}
+
+
+#: config.json ``model_type`` values hwcompat plans, trains and exports (Llama-style decoder blocks), with the
+#: name users call each family; the planner and the GGUF writer both take this list and this refusal.
+MODEL_FAMILIES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "gemma": "Gemma",
+                  "gemma2": "Gemma 2", "phi3": "Phi-3"}
+
+
+def families_text() -> str:
+    """What a refusal lists: the model types, then their families' names."""
+    return f"{', '.join(MODEL_FAMILIES)} ({', '.join(MODEL_FAMILIES.values())})"

@@ -45,13 +45,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from hwcompat.choices import DTYPE_BYTES, OPTIMIZERS
+from hwcompat.choices import DTYPE_BYTES, MODEL_FAMILIES, OPTIMIZERS, families_text
 from hwcompat.errors import InputError, excerpt
 
 GIB = 2**30
 
 #: config.json "model_type" values the planner understands (Llama-style decoder blocks).
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3")
+SUPPORTED = tuple(MODEL_FAMILIES)
 
 #: Runtime context + workspaces, bytes (torch CUDA context with cuBLAS/cuDNN handles; ROCm's is larger).
 RUNTIME_CONTEXT = {"nvidia": int(0.5 * GIB), "amd": int(0.75 * GIB), "cpu": int(0.3 * GIB),
@@ -179,7 +179,7 @@ def shape_from_config(cfg: dict[str, Any], where: str) -> ModelShape:
     mt = cfg.get("model_type")
     if mt not in SUPPORTED:
         raise InputError(f"{where}: model_type {excerpt(mt)} is not supported by the planner; supported: "
-                         f"{', '.join(SUPPORTED)} (Llama, Mistral, Qwen2/Qwen3, Gemma, Phi-3)")
+                         f"{families_text()}")
     s = _sizes(cfg, where)
     heads, hidden = s["num_attention_heads"], s["hidden_size"]
     return ModelShape(

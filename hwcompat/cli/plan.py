@@ -49,20 +49,20 @@ def train_config(args: argparse.Namespace):
 
 def make_plan(shape, device, inp, with_suggestions: bool, offload: str = "none", host_ram: int | None = None):
     """The plan on ``device``; ``offload: auto`` decided here as `hwcompat train` decides it."""
-    from hwcompat import plan as P
+    from hwcompat import plan as planner
 
     prof = device.profile
     quant_ok = "nf4" in prof.quantization
-    host = P.host_for(device, host_ram, prof.dtype)
+    host = planner.host_for(device, host_ram, prof.dtype)
 
     def run(i):
-        return P.estimate(shape, i, prof.dtype, prof.attention, device.reading.vendor, device.reading.memory_bytes,
-                          quant_ok, host)
+        return planner.estimate(shape, i, prof.dtype, prof.attention, device.reading.vendor,
+                                device.reading.memory_bytes, quant_ok, host)
 
     if device.reading.vendor == "cpu":  # the host's RAM is the device's: nothing to stream to
         result = run(inp)
     else:
-        choice, result = P.decide_offload(shape, inp, offload, run)
+        choice, result = planner.decide_offload(shape, inp, offload, run)
         if offload == "auto" and choice == "layers":
             result.notes.append("offload=auto: the resident run does not fit and the streamed one does, so "
                                 "`hwcompat train` streams (offload=layers)")
@@ -71,7 +71,7 @@ def make_plan(shape, device, inp, with_suggestions: bool, offload: str = "none",
     if with_suggestions:
         from dataclasses import replace
 
-        result = replace(result, suggestions=P.suggest(shape, result, device.reading.vendor, quant_ok,
+        result = replace(result, suggestions=planner.suggest(shape, result, device.reading.vendor, quant_ok,
                                                        "optim8bit" in prof.quantization, host))
     return result
 
@@ -114,11 +114,11 @@ def render(result, shape, device, model: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hwcompat import plan as P
+    from hwcompat import plan as planner
     from hwcompat.errors import HwcompatError
     from hwcompat.pipeline.launch import training_device
 
-    shape = P.load_shape(args.model)
+    shape = planner.load_shape(args.model)
     host = plan_from_args(args)
     _, device = training_device(host, args.device)
     if device.profile is None:
@@ -128,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
             from hwcompat.errors import InputError
             raise InputError(f"{name} must be >= 1, got {value}")
     cfg = train_config(args)
-    inp = P.plan_input(cfg, method=args.method, logit_fraction=args.response_fraction)
+    inp = planner.plan_input(cfg, method=args.method, logit_fraction=args.response_fraction)
     result = make_plan(shape, device, inp, args.suggest, cfg.offload, host.host_ram_bytes)
     if args.json:
         print_json(result.to_dict())

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hwcompat.data.rows import (CHARS_PER_TOKEN_LIMIT, ROLES, Example, Report, bad_text, check_rows, json_rows,
-                                 order_problem, split_eval, too_long)
+from hwcompat.data.rows import (CHARS_PER_TOKEN_LIMIT, ROLES, Example, Report, bad_text, check_rows, clean_text,
+                                json_rows, order_problem, split_eval, too_long)
 
 
 @dataclass(frozen=True)
@@ -79,13 +79,7 @@ def _answer(row: dict, key: str, where: str, report: Report) -> str | None:
                          f"{[r for r, _ in turns]}; put earlier turns in prompt")
             return None
         return turns[0][1]
-    if not isinstance(value, str):
-        report.error(f"{where}: {key}: expected a string or an assistant message, got {type(value).__name__}")
-        return None
-    if not value.strip():
-        report.error(f"{where}: {key}: empty")
-        return None
-    return None if bad_text(value, f"{where}: {key}", report) else value
+    return clean_text(value, f"{where}: {key}", report, "a string or an assistant message")
 
 
 def _prompt(row: dict, where: str, report: Report) -> list[tuple[str, str]] | None:

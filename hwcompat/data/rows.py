@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from hwcompat.errors import InputError
+from hwcompat.errors import DataError, InputError
 from hwcompat.textcheck import text_problem
 
 ROLES = ("system", "user", "assistant")
@@ -65,6 +65,10 @@ class Report:
     def ok(self) -> bool:
         return not self.errors
 
+    def failure(self) -> DataError:
+        """The error a run stops with when these checks failed: before any step, so nothing was trained."""
+        return DataError("data checks failed; nothing was trained\n" + self.render())
+
     def render(self) -> str:
         lines = []
         shown = self.errors[:MAX_ERRORS_SHOWN]
@@ -106,6 +110,17 @@ def bad_text(value: str, where: str, report: Report) -> bool:
     return False
 
 
+def clean_text(value: Any, where: str, report: Report, expected: str = "a string") -> str | None:
+    """A non-empty string of clean text, or None with the error reported at ``where``."""
+    if not isinstance(value, str):
+        report.error(f"{where}: expected {expected}, got {type(value).__name__}")
+        return None
+    if not value.strip():
+        report.error(f"{where}: empty")
+        return None
+    return None if bad_text(value, where, report) else value
+
+
 def _text_field(row: dict, key: str, where: str, report: Report, required: bool = True) -> str | None:
     if key not in row or row[key] is None:
         if required:
@@ -142,14 +157,8 @@ def _messages(row: dict, where: str, report: Report) -> list[tuple[str, str]] | 
         if role not in ROLES:
             report.error(f"{w}.role: expected one of {', '.join(ROLES)}, got {role!r}")
             return None
-        content = m.get("content")
-        if not isinstance(content, str):
-            report.error(f"{w}.content: expected a string, got {type(content).__name__}")
-            return None
-        if not content.strip():
-            report.error(f"{w}.content: empty")
-            return None
-        if bad_text(content, f"{w}.content", report):
+        content = clean_text(m.get("content"), f"{w}.content", report)
+        if content is None:
             return None
         out.append((role, content))
     problem = order_problem(out, "assistant")

@@ -12,24 +12,31 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from hwcompat.choices import MODEL_FAMILIES
+
 
 @dataclass(frozen=True)
 class Arch:
     gguf: str  # gguf.MODEL_ARCH member
-    label: str  # how users call the family
+    family: str  # config.json model_type (choices.MODEL_FAMILIES: the one list of supported families)
     permute_qk: bool = False  # HF half-split rotary -> GGUF interleaved (llama.cpp's "normal" RoPE)
     norm_shift: float = 0.0  # Gemma's RMSNorm multiplies by (1 + w); llama.cpp stores 1 + w
     drop: tuple[str, ...] = ()  # HF tensors llama.cpp does not read (Gemma ties the head to the embedding)
 
+    @property
+    def label(self) -> str:
+        """How users call the family."""
+        return MODEL_FAMILIES[self.family]
+
 
 ARCHS: dict[str, Arch] = {
-    "llama": Arch("LLAMA", "Llama", permute_qk=True),
-    "mistral": Arch("LLAMA", "Mistral", permute_qk=True),
-    "qwen2": Arch("QWEN2", "Qwen2"),
-    "qwen3": Arch("QWEN3", "Qwen3"),
-    "gemma": Arch("GEMMA", "Gemma", norm_shift=1.0, drop=("lm_head.weight",)),
-    "gemma2": Arch("GEMMA2", "Gemma 2", norm_shift=1.0, drop=("lm_head.weight",)),
-    "phi3": Arch("PHI3", "Phi-3"),
+    "llama": Arch("LLAMA", "llama", permute_qk=True),
+    "mistral": Arch("LLAMA", "mistral", permute_qk=True),
+    "qwen2": Arch("QWEN2", "qwen2"),
+    "qwen3": Arch("QWEN3", "qwen3"),
+    "gemma": Arch("GEMMA", "gemma", norm_shift=1.0, drop=("lm_head.weight",)),
+    "gemma2": Arch("GEMMA2", "gemma2", norm_shift=1.0, drop=("lm_head.weight",)),
+    "phi3": Arch("PHI3", "phi3"),
 }
 
 

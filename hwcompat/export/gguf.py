@@ -17,7 +17,7 @@ from typing import Any
 from hwcompat.errors import HwcompatError, InputError, excerpt
 from hwcompat.fsutil import user_mode
 
-from hwcompat.choices import EXPORT_TYPE_TABLE, EXPORT_TYPES as TYPES, LLAMA_TYPES
+from hwcompat.choices import EXPORT_TYPE_TABLE, EXPORT_TYPES as TYPES, LLAMA_TYPES, families_text
 from hwcompat.export.archs import ARCHS, check, head_dim, rope, rope_dims, write_specific
 from hwcompat.export.quantize import binding, quantize
 from hwcompat.export.vocab import write_vocab
@@ -101,8 +101,7 @@ def _check(src: Path, qtype: str) -> dict[str, Any]:
     cfg = read_json_object(src / "config.json", "model config")
     mt = cfg.get("model_type")
     if mt not in ARCHS:
-        raise InputError(f"{src}: model_type {mt!r} cannot be exported yet; supported: {', '.join(ARCHS)} "
-                         f"({', '.join(dict.fromkeys(a.label for a in ARCHS.values()))})")
+        raise InputError(f"{src}: model_type {mt!r} cannot be exported yet; supported: {families_text()}")
     if cfg.get("quantization_config"):
         raise InputError(f"{src}: a quantised checkpoint; export the merged full-precision model")
     for key in REQUIRED_SIZES:
@@ -158,7 +157,8 @@ def _ggml_type(shape, written: str, gguf):
     return gguf.GGMLQuantizationType.F16
 
 
-def _plan(writer, src: Path, files: list[str], cfg: dict[str, Any], written: str, extra: list) -> list[tuple]:
+def _declare_tensors(writer, src: Path, files: list[str], cfg: dict[str, Any], written: str, extra: list
+                     ) -> list[tuple]:
     """Declare every tensor (name, stored shape, type) from the safetensors headers alone, so that pass 2 can read,
     convert and write them one at a time in the same order: only one tensor is ever in memory."""
     import gguf
@@ -236,11 +236,11 @@ def _export_gguf(model_dir: str | Path, out: Path, qtype: str, name: str | None)
     writer = gguf.GGUFWriter(str(tmp), arch_str)
     try:
         model, pre, extra = _write_header(writer, src, cfg, written, name)
-        plan = _plan(writer, src, files, cfg, written, extra)
+        declared = _declare_tensors(writer, src, files, cfg, written, extra)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        _write_tensors(writer, src, files, plan, cfg, extra)
+        _write_tensors(writer, src, files, declared, cfg, extra)
         writer.close()
         final = tmp
         if qtype in LLAMA_TYPES:
@@ -259,4 +259,4 @@ def _export_gguf(model_dir: str | Path, out: Path, qtype: str, name: str | None)
             if final is not None:
                 final.unlink(missing_ok=True)
         raise
-    return ExportResult(out, arch_str, len(plan) + len(extra), qtype, pre, note, model)
+    return ExportResult(out, arch_str, len(declared) + len(extra), qtype, pre, note, model)

@@ -344,34 +344,36 @@ def check_plan(loaded: LoadedConfig, device: ResolvedDevice, profile: ResolvedPr
     Returns (a one-line note for the log or None when the model type is unknown to the planner,
     the offload the run uses: none | layers).
     """
-    from hwcompat import plan as P
+    from hwcompat import plan as planner
 
     cfg = loaded.config
     try:
-        shape = P.load_shape(cfg.model)
+        shape = planner.load_shape(cfg.model)
     except InputError as exc:
         return f"plan: skipped ({exc})", "layers" if cfg.offload == "layers" else "none"
     quant_ok = "nf4" in profile.quantization
     vendor = device.reading.vendor
-    host = P.host_for(device, host_ram, profile.dtype)
+    host = planner.host_for(device, host_ram, profile.dtype)
 
     def run(inp):
-        return P.estimate(shape, inp, profile.dtype, profile.attention, vendor, device.reading.memory_bytes,
-                          quant_ok, host)
+        return planner.estimate(shape, inp, profile.dtype, profile.attention, vendor, device.reading.memory_bytes,
+                                quant_ok, host)
 
-    inp = P.plan_input(cfg, logit_fraction=logit_fraction)
-    offload, result = (P.decide_offload(shape, inp, cfg.offload, run) if vendor != "cpu" or cfg.offload == "layers"
+    inp = planner.plan_input(cfg, logit_fraction=logit_fraction)
+    decide = vendor != "cpu" or cfg.offload == "layers"
+    offload, result = (planner.decide_offload(shape, inp, cfg.offload, run) if decide
                        else ("none", run(inp)))
-    note = (f"plan: peak {result.peak_bytes / P.GIB:.2f} GiB of {result.device_bytes / P.GIB:.1f} GiB "
+    note = (f"plan: peak {result.peak_bytes / planner.GIB:.2f} GiB of {result.device_bytes / planner.GIB:.1f} GiB "
             f"(worst case: every micro-batch {cfg.max_seq_len} tokens long)")
     if offload == "layers" and result.stream is not None:
         st = result.stream
         note += (f"; offload=layers{' (auto: resident does not fit)' if cfg.offload == 'auto' else ''}: "
-                 f"{st.host_bytes / P.GIB:.1f} GiB pinned host RAM, {st.bytes_per_micro_step / P.GIB:.1f} GiB "
+                 f"{st.host_bytes / planner.GIB:.1f} GiB pinned host RAM, "
+                 f"{st.bytes_per_micro_step / planner.GIB:.1f} GiB "
                  f"copied per micro-step over {st.link}")
     if result.fits or cfg.force:
         return note + ("" if result.fits else "; does not fit, trying anyway (force)"), offload
-    fits = [s for s in P.suggest(shape, result, vendor, quant_ok, "optim8bit" in profile.quantization, host)
+    fits = [s for s in planner.suggest(shape, result, vendor, quant_ok, "optim8bit" in profile.quantization, host)
             if s["fits"]]
     hint = "; ".join(s["change"] for s in fits[:3]) or "a smaller model"
     limit = _host_limit(inp, result, run) if vendor != "cpu" and not cfg.qlora else ""

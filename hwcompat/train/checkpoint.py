@@ -112,7 +112,7 @@ def _write(target: Path, model, optimizer, scheduler, scaler, state: dict[str, A
         trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
         save_file(trainable, str(tmp / "trainable.safetensors"))
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict() if scaler is not None else None}, tmp / "optim.pt")
+                    "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None}, tmp / "optim.pt")
         torch.save(rng, tmp / "rng.pt")
         (tmp / "state.json").write_text(json.dumps({**state, "step": step,
                                                     "python_random": [py_state[0], list(py_state[1]), py_state[2]]}))

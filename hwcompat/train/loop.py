@@ -142,7 +142,7 @@ def setup(spec: RunSpec, run_dir: Path, dist: Dist, resume: bool) -> Recipe:
     optimizer = make_optimizer(cfg.optimizer, trainable, cfg.learning_rate, cfg.weight_decay, profile)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(cfg.lr_schedule, int(cfg.warmup_ratio * total), total))
-    scaler = torch.amp.GradScaler(device.type) if profile.dtype == "float16" else None
+    scaler = torch.amp.GradScaler(device.type, enabled=profile.dtype == "float16")  # a no-op unless fp16
     r = Recipe(spec, run_dir, dist, device, objective, model, None, tokenizer, optimizer, scheduler, scaler, mode,
                per_rank, total)
     _restore(r, resume)  # before DDP: its construction broadcasts rank 0's weights to the group
@@ -381,22 +381,17 @@ def _step(r: Recipe, stream, signals: Signals):
         with (r.engine.no_sync() if r.dist.world > 1 and not last else nullcontext()):  # reduce once, at the end
             with _autocast(r):
                 loss = r.engine(b, max(1.0, n_target) / r.dist.world)
-            (r.scaler.scale(loss) if r.scaler else loss).backward()
+            r.scaler.scale(loss).backward()
         loss_sum += loss.detach().float().item()
         r.tokens += b["n_tokens"]
     loss_sum = distributed.all_sum(r.dist, loss_sum, r.device)
     trainable = [p for p in r.model.parameters() if p.requires_grad]
-    if r.scaler:
-        r.scaler.unscale_(r.optimizer)
+    r.scaler.unscale_(r.optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable, r.cfg.max_grad_norm).item()
-    overflow = False
-    if r.scaler:
-        scale = r.scaler.get_scale()
-        r.scaler.step(r.optimizer)
-        r.scaler.update()
-        overflow = r.scaler.get_scale() < scale  # fp16 overflow: the scaler skipped this step, by design
-    else:
-        r.optimizer.step()
+    scale = r.scaler.get_scale()
+    r.scaler.step(r.optimizer)
+    r.scaler.update()
+    overflow = r.scaler.is_enabled() and r.scaler.get_scale() < scale  # fp16 overflow: the step was skipped, by design
     return loss_sum, grad_norm, epoch, overflow
 
 

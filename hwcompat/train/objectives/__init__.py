@@ -51,3 +51,16 @@ def objective_class(name: str) -> type:
 
 def create(name: str, cfg, profile, device) -> Objective:
     return objective_class(name)(cfg, profile, device)
+
+
+def head_split(model):
+    """(base model, decoder, LM head) when a loss may run the head on the positions it needs itself, else None.
+
+    The one rule SFT's and DPO's fast paths share: the usual ``.model`` / ``.lm_head`` split and plain logits
+    (no soft-capping, no logit scale: the model's own forward applies those after the head)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cfg = getattr(base, "config", None)
+    plain = not getattr(cfg, "final_logit_softcapping", None) and not getattr(cfg, "logit_scale", None)
+    if hasattr(base, "model") and hasattr(base, "lm_head") and plain:
+        return base, base.model, base.lm_head
+    return None

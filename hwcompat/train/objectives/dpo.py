@@ -25,13 +25,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from hwcompat.errors import DataError
 from hwcompat.resolve import ResolvedProfile
 from hwcompat.train import batching, prefix
 from hwcompat.train.config import TrainConfig
 from hwcompat.data.rows import Report
 from hwcompat.train.model import autocast
 from hwcompat.data.pairs import load_pairs
+from hwcompat.train.objectives import head_split
 
 
 def _response_share(pairs) -> float:
@@ -67,7 +67,7 @@ class DPO:
         train, _, report = load_pairs(cfg.train_data, cfg.eval_data, cfg.eval_fraction, cfg.seed, cfg.system_prompt,
                                       cfg.max_seq_len)
         if report.errors:
-            raise DataError("data checks failed; nothing was trained\n" + report.render())
+            raise report.failure()
         return report.render(), _response_share(train)
 
     def load(self, tokenizer, log) -> None:
@@ -75,14 +75,14 @@ class DPO:
         train, self.eval_pairs, report = load_pairs(cfg.train_data, cfg.eval_data, cfg.eval_fraction, cfg.seed,
                                                     cfg.system_prompt, cfg.max_seq_len)
         if report.errors:
-            raise DataError("data checks failed; nothing was trained\n" + report.render())
+            raise report.failure()
         self.tokenizer = tokenizer
         self.chat = batching.uses_chat_template(tokenizer, cfg.chat_template)
         tok = Report()
         self.train = self._tokenize(train, tok, "train")
         self.evals = self._tokenize(self.eval_pairs, tok, "eval")
         if tok.errors or not self.train:
-            raise DataError("data checks failed; nothing was trained\n" + tok.render())
+            raise tok.failure()
         if tok.warnings:
             log(tok.render())
 
@@ -132,14 +132,14 @@ class DPO:
 
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.model = model
-        self.fast = hasattr(base, "model") and hasattr(base, "lm_head") and not getattr(
-            base.config, "final_logit_softcapping", None)
-        self.decoder = base.model if self.fast else None
+        split = head_split(model)
+        self.fast = split is not None
+        self.decoder = split[1] if split else None
         longest = max(len(c.input_ids) + len(r.input_ids) for c, r in self.train + self.evals)
         self.shared = self.fast and prefix.supported(base.config, base.config._attn_implementation, longest)
         self.mask_dtype = base.get_input_embeddings().weight.dtype
         self.additive = base.config._attn_implementation == "eager"  # eager adds the mask to the scores
-        self.head = base.lm_head if self.fast else None
+        self.head = split[2] if split else None
         if compile_backend == "inductor" and self.fast:
             self.decoder = torch.compile(self.decoder)
         # init_adapter: the reference is base + the adapter as loaded now (before a resume's checkpoint): keep it

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from hwcompat.errors import DataError
 from hwcompat.resolve import ResolvedProfile
 from hwcompat.data import metrics
 from hwcompat.train import batching
 from hwcompat.train.config import TrainConfig
 from hwcompat.data.rows import Report, load_datasets
+from hwcompat.train.objectives import head_split
 from hwcompat.train.model import autocast
 
 
@@ -26,14 +26,11 @@ class ResponseLoss:
     def __init__(self, model, compile_backend: str = "eager"):
         import torch
 
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        cfg = getattr(base, "config", None)
-        self.fast = (hasattr(base, "model") and hasattr(base, "lm_head")
-                     and not getattr(cfg, "final_logit_softcapping", None)
-                     and not getattr(cfg, "logit_scale", None))
+        split = head_split(model)
+        self.fast = split is not None
         self.model = model
-        self.decoder = base.model if self.fast else None
-        self.head = base.lm_head if self.fast else None
+        self.decoder = split[1] if split else None
+        self.head = split[2] if split else None
         if compile_backend == "inductor":
             if self.fast:
                 self.decoder = torch.compile(self.decoder)
@@ -133,7 +130,7 @@ class SFT:
         train, _, report = load_datasets(cfg.train_data, cfg.eval_data, cfg.data_format, cfg.eval_fraction, cfg.seed,
                                          cfg.system_prompt, cfg.max_seq_len)
         if report.errors:
-            raise DataError("data checks failed; nothing was trained\n" + report.render())
+            raise report.failure()
         share = 0.0
         for ex in train:
             total = sum(len(c) for _, c in ex.messages)
@@ -154,7 +151,7 @@ class SFT:
                                                            cfg.eval_fraction, cfg.seed, cfg.system_prompt,
                                                            cfg.max_seq_len)
         if report.errors:
-            raise DataError("data checks failed; nothing was trained\n" + report.render())
+            raise report.failure()
         self.tokenizer = tokenizer
         self.chat = batching.uses_chat_template(tokenizer, cfg.chat_template)
         tok = Report()
@@ -163,7 +160,7 @@ class SFT:
                                            "eval")
         report.errors += tok.errors
         if report.errors or not self.train:
-            raise DataError("data checks failed; nothing was trained\n" + report.render())
+            raise report.failure()
         if tok.warnings:  # the launcher already printed the text-level report
             log(tok.render())
 
