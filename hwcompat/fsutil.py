@@ -73,6 +73,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     user_mode(tmp, directory=True)
     try:
         yield tmp
+        _files_to_user_mode(tmp)
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -120,6 +121,21 @@ def append_line(path: str | Path, line: str) -> None:
     fd = open_nofollow(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
     with os.fdopen(fd, "a", encoding="utf-8") as fh:
         fh.write(line + "\n")
+
+
+def _files_to_user_mode(folder: Path) -> None:
+    """Files a library wrote into a temp folder get the user's umask too: safetensors' writer makes them 0600, so a
+    host user could not read what a uid-1000 container wrote (the README promises the umask)."""
+    mode = 0o666 & ~umask()
+    for root, dirs, files in os.walk(folder):
+        for name in files:
+            p = os.path.join(root, name)
+            if not os.path.islink(p):
+                os.chmod(p, mode)
+        for name in dirs:
+            p = os.path.join(root, name)
+            if not os.path.islink(p):
+                os.chmod(p, (0o777 & ~umask()))
 
 
 def clean_stale(folder: str | Path, target: str | None = None) -> list[str]:

@@ -259,3 +259,21 @@ def test_every_checkpoint_damaged_is_a_clear_error_and_changes_nothing(checkpoin
     res = _train(checkpointed / "config.yaml", "--resume")
     assert res.returncode == 2 and "no usable checkpoint" in res.stderr and "state.json" in res.stderr, res.stderr
     assert _files(checkpointed) == before
+
+
+# --- #27 (newcomer): weights follow the user's umask like every other output ------------------------------------
+
+def test_adapter_and_checkpoint_files_follow_the_umask(checkpointed):
+    """safetensors writes 0600; under umask 022 every file hwcompat writes is 0644 (checked on a real run)."""
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        res = _train(checkpointed / "config.yaml", "--resume")
+    finally:
+        os.umask(old)
+    assert res.returncode == 0, res.stderr[-2000:]
+    files = [checkpointed / "adapter" / "adapter_model.safetensors",
+             *sorted((checkpointed / "checkpoints").glob("step-*/trainable.safetensors"))]
+    for f in files:
+        assert stat.S_IMODE(f.stat().st_mode) == 0o644, (f, oct(f.stat().st_mode))
