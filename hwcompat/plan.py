@@ -22,11 +22,13 @@ and the device's resolved profile (dtype, attention kernel, quantization):
 - the S^2 attention term: eager / math attention materialises the
   probabilities (a x s x s per layer); SDPA's efficient kernels and
   flash-attention do not.
-- logits: batch x seq x vocab in the compute dtype, its fp32 upcast for the
-  loss, and the fp32 gradient of the logits: the term that makes large-vocab
-  models (Gemma, Qwen) surprisingly hungry at long sequence lengths. hwcompat's
-  trainer projects only response positions, so `train` scales this term by its
-  data's largest response share (``logit_fraction``).
+- logits: the loss projects response positions onto the vocabulary one chunk
+  of ``logit_chunk_rows(vocab)`` rows at a time (train/objectives/linear_logps.py),
+  so the term is one chunk: its fp32 logits, plus the compute-dtype copy a half
+  dtype needs beside them, plus tanh' for a soft-capped model (Gemma 2). Fewer
+  response rows than a chunk (``logit_fraction`` of the tokens, the data's
+  largest response share) make it smaller. Unchunked, batch x seq x vocab in
+  three copies was the term that made large-vocab models (Gemma, Qwen) hungry.
 - streamed (``offload: layers``, train/stream.py): the decoder layers' frozen weights live in pinned host
   memory; the card holds ``prefetch + 1`` layer-sized slots instead, plus what is not streamed (embeddings,
   final norm, LM head). Per-layer recomputation is implied, so activations are the checkpointed ones. The
@@ -41,6 +43,7 @@ and the device's resolved profile (dtype, attention kernel, quantization):
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -56,6 +59,9 @@ SUPPORTED = tuple(MODEL_FAMILIES)
 #: Runtime context + workspaces, bytes (torch CUDA context with cuBLAS/cuDNN handles; ROCm's is larger).
 RUNTIME_CONTEXT = {"nvidia": int(0.5 * GIB), "amd": int(0.75 * GIB), "cpu": int(0.3 * GIB),
                    "intel": int(0.75 * GIB)}  # Intel: not yet measured on an Arc card; ROCm's, the larger figure
+#: fp32 logits one loss chunk may hold: 220 rows at Qwen3's 151,936-token vocabulary, 682 at SmolLM2's 49,152
+#: (Liger's FLCE sizes its chunks alike: about as many logits as the hidden states hold).
+LOGIT_CHUNK_BYTES = 128 << 20
 ALLOCATOR_SLACK = 0.08  # caching-allocator fragmentation and 2 MiB rounding, fraction of allocated bytes
 
 NF4_BYTES_PER_PARAM = 0.5
@@ -91,6 +97,7 @@ class ModelShape:
     qk_norm: bool
     fused: bool  # Phi-3: qkv_proj and gate_up_proj are single Linear layers
     max_positions: int
+    softcapped: bool = False  # Gemma 2's final_logit_softcapping: the loss keeps tanh' beside a chunk's logits
 
     @property
     def q_dim(self) -> int:
@@ -173,6 +180,11 @@ def _sizes(cfg: dict[str, Any], where: str) -> dict[str, int]:
     return out
 
 
+def logit_chunk_rows(vocab: int) -> int:
+    """Rows of logits the loss computes at once (the planner's logits term and the loss share this rule)."""
+    return max(16, LOGIT_CHUNK_BYTES // (4 * max(1, vocab)))
+
+
 def shape_from_config(cfg: dict[str, Any], where: str) -> ModelShape:
     if not isinstance(cfg, dict):
         raise InputError(f"{where}: config.json must hold a JSON object, got {type(cfg).__name__}")
@@ -187,7 +199,7 @@ def shape_from_config(cfg: dict[str, Any], where: str) -> ModelShape:
         heads=heads, kv_heads=s.get("num_key_value_heads", heads), head_dim=s.get("head_dim", hidden // heads),
         vocab=s["vocab_size"], tied=bool(cfg.get("tie_word_embeddings", mt in ("gemma", "gemma2"))),
         qkv_bias=bool(cfg.get("attention_bias", mt == "qwen2")), qk_norm=mt == "qwen3", fused=mt == "phi3",
-        max_positions=s.get("max_position_embeddings", 4096),
+        max_positions=s.get("max_position_embeddings", 4096), softcapped=bool(cfg.get("final_logit_softcapping")),
     )
 
 
@@ -367,8 +379,15 @@ def _activation_terms(shape: ModelShape, inp: PlanInput, db: int, attention: str
         notes.append("eager attention materialises the S^2 score matrix; sdpa or flash-attention avoid it")
     else:
         bd["attention_scores"] = 0
-    bd["logits"] = int(tokens * min(1.0, max(0.0, inp.logit_fraction)) * shape.vocab * (act_db + 4 + 4))
+    bd["logits"] = logit_chunk_bytes(shape, tokens * min(1.0, max(0.0, inp.logit_fraction)), act_db)
     return bd
+
+
+def logit_chunk_bytes(shape: ModelShape, response_rows: float, act_db: int) -> int:
+    """The loss's largest live logits: one chunk in fp32, its half-dtype copy, tanh' when soft-capped."""
+    rows = min(math.ceil(response_rows), logit_chunk_rows(shape.vocab))
+    per = 4 + (act_db if act_db != 4 else 0) + (4 if shape.softcapped else 0)
+    return rows * shape.vocab * per
 
 
 def estimate(shape: ModelShape, inp: PlanInput, dtype: str, attention: str, vendor: str, device_bytes: int,

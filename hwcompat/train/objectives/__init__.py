@@ -9,7 +9,7 @@ its name below (the config's ``method`` vocabulary: ``method: sft``). This modul
 from __future__ import annotations
 
 import importlib
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 #: objective name -> "module:class" under this package. The config's `method:` accepts these keys.
 REGISTRY = {"sft": "sft:SFT", "dpo": "dpo:DPO"}
@@ -53,14 +53,26 @@ def create(name: str, cfg, profile, device) -> Objective:
     return objective_class(name)(cfg, profile, device)
 
 
-def head_split(model):
-    """(base model, decoder, LM head) when a loss may run the head on the positions it needs itself, else None.
+class HeadSplit(NamedTuple):
+    """A causal LM taken apart for a loss that runs the head itself: where the logits come from and how."""
 
-    The one rule SFT's and DPO's fast paths share: the usual ``.model`` / ``.lm_head`` split and plain logits
-    (no soft-capping, no logit scale: the model's own forward applies those after the head)."""
+    base: Any
+    decoder: Any  # hidden states
+    head: Any  # the LM head (hidden -> vocabulary)
+    scale: float | None  # Cohere's logit_scale: logits * scale
+    cap: float | None  # Gemma 2's final_logit_softcapping: cap * tanh(logits / cap)
+
+
+def head_split(model) -> HeadSplit | None:
+    """The parts a loss needs to compute logits chunk by chunk at the positions it needs, else None.
+
+    The one rule SFT's and DPO's losses share: the usual ``.model`` / ``.lm_head`` split, with the logit transform
+    the model's own forward applies after the head (soft-capping, logit scale) carried along, so the chunked loss
+    (``linear_logps``) gives exactly the model's logits."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not (hasattr(base, "model") and hasattr(base, "lm_head")):
+        return None
     cfg = getattr(base, "config", None)
-    plain = not getattr(cfg, "final_logit_softcapping", None) and not getattr(cfg, "logit_scale", None)
-    if hasattr(base, "model") and hasattr(base, "lm_head") and plain:
-        return base, base.model, base.lm_head
-    return None
+    scale = getattr(cfg, "logit_scale", None) or None
+    cap = getattr(cfg, "final_logit_softcapping", None) or None
+    return HeadSplit(base, base.model, base.lm_head, scale, cap)

@@ -32,6 +32,7 @@ from hwcompat.data.rows import Report
 from hwcompat.train.model import autocast
 from hwcompat.data.pairs import load_pairs
 from hwcompat.train.objectives import head_split
+from hwcompat.train.objectives.linear_logps import target_logps
 
 
 def _response_share(pairs) -> float:
@@ -132,14 +133,13 @@ class DPO:
 
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.model = model
-        split = head_split(model)
+        self.split = split = head_split(model)
         self.fast = split is not None
-        self.decoder = split[1] if split else None
+        self.decoder = split.decoder if split else None
         longest = max(len(c.input_ids) + len(r.input_ids) for c, r in self.train + self.evals)
         self.shared = self.fast and prefix.supported(base.config, base.config._attn_implementation, longest)
         self.mask_dtype = base.get_input_embeddings().weight.dtype
         self.additive = base.config._attn_implementation == "eager"  # eager adds the mask to the scores
-        self.head = split[2] if split else None
         if compile_backend == "inductor" and self.fast:
             self.decoder = torch.compile(self.decoder)
         # init_adapter: the reference is base + the adapter as loaded now (before a resume's checkpoint): keep it
@@ -162,10 +162,11 @@ class DPO:
         keep = targets != batching.IGNORE
         if self.fast:
             hidden = self.decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-            logits = self.head(hidden[:, :-1][keep]).float()
+            s = self.split
+            token_logp = target_logps(s.head, hidden[:, :-1][keep], targets[keep], s.scale, s.cap)
         else:
             logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1][keep].float()
-        token_logp = logits.log_softmax(-1).gather(-1, targets[keep].unsqueeze(-1)).squeeze(-1)
+            token_logp = logits.log_softmax(-1).gather(-1, targets[keep].unsqueeze(-1)).squeeze(-1)
         rows = torch.arange(ids.shape[0], device=ids.device).unsqueeze(1).expand_as(targets)[keep]
         return torch.zeros(ids.shape[0], dtype=token_logp.dtype, device=ids.device).index_add(0, rows, token_logp)
 
@@ -178,8 +179,8 @@ class DPO:
         mask = prefix.attention_mask(segments, self.mask_dtype, self.additive)
         hidden = self.decoder(input_ids=ids, attention_mask=mask, position_ids=positions,
                               use_cache=False).last_hidden_state
-        logits = self.head(hidden.reshape(-1, hidden.shape[-1])[src]).float()
-        token_logp = logits.log_softmax(-1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
+        s = self.split
+        token_logp = target_logps(s.head, hidden.reshape(-1, hidden.shape[-1])[src], target, s.scale, s.cap)
         return torch.zeros(2 * ids.shape[0], dtype=token_logp.dtype, device=ids.device).index_add(0, row, token_logp)
 
     def _terms(self, batch: dict[str, Any], ref):

@@ -10,27 +10,27 @@ from hwcompat.train import batching
 from hwcompat.train.config import TrainConfig
 from hwcompat.data.rows import Report, load_datasets
 from hwcompat.train.objectives import head_split
+from hwcompat.train.objectives.linear_logps import target_logps
 from hwcompat.train.model import autocast
 
 
 class ResponseLoss:
-    """Summed cross-entropy over response tokens only, computing logits only where they are needed.
+    """Summed cross-entropy over response tokens only, never holding more than one chunk of logits.
 
-    A causal-LM forward projects every position onto the vocabulary (hidden x vocab per token, then
-    an fp32 copy for the loss): for prompt tokens, whose labels are -100, that work and memory are
-    thrown away. Here the decoder runs as usual and the LM head runs on the response positions
-    alone, the same loss to float precision. Models without the usual ``.model`` / ``.lm_head``
-    split, or with logit soft-capping, use the plain forward.
+    A causal-LM forward projects every position onto the vocabulary (hidden x vocab per token, then an fp32 copy
+    for the loss): for prompt tokens, whose labels are -100, that work and memory are thrown away, and for the
+    response tokens all of it is live at once. Here the decoder runs as usual and the head runs on the response
+    positions alone, a chunk at a time (``linear_logps``), the same loss to float precision. Models without the
+    usual ``.model`` / ``.lm_head`` split use the plain forward.
     """
 
     def __init__(self, model, compile_backend: str = "eager"):
         import torch
 
-        split = head_split(model)
-        self.fast = split is not None
+        self.split = head_split(model)
+        self.fast = self.split is not None
         self.model = model
-        self.decoder = split[1] if split else None
-        self.head = split[2] if split else None
+        self.decoder = self.split.decoder if self.fast else None
         if compile_backend == "inductor":
             if self.fast:
                 self.decoder = torch.compile(self.decoder)
@@ -39,8 +39,6 @@ class ResponseLoss:
 
     def __call__(self, batch: dict, n_items: float):
         """Loss = sum over this batch's response tokens / n_items (the window's token count)."""
-        import torch.nn.functional as F
-
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
         labels = batch["labels"]
         if not self.fast:
@@ -48,8 +46,8 @@ class ResponseLoss:
         hidden = self.decoder(**inputs, use_cache=False).last_hidden_state
         targets = labels[:, 1:]
         keep = targets != batching.IGNORE
-        logits = self.head(hidden[:, :-1][keep])
-        return F.cross_entropy(logits.float(), targets[keep], reduction="sum") / n_items
+        s = self.split
+        return -target_logps(s.head, hidden[:, :-1][keep], targets[keep], s.scale, s.cap).sum() / n_items
 
 
 def evaluate_loss(model, data: list, micro_batch: int, pad_id: int, device, dtype_name: str) -> float:
