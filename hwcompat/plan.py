@@ -59,6 +59,8 @@ SUPPORTED = tuple(MODEL_FAMILIES)
 #: Runtime context + workspaces, bytes (torch CUDA context with cuBLAS/cuDNN handles; ROCm's is larger).
 RUNTIME_CONTEXT = {"nvidia": int(0.5 * GIB), "amd": int(0.75 * GIB), "cpu": int(0.3 * GIB),
                    "intel": int(0.75 * GIB)}  # Intel: not yet measured on an Arc card; ROCm's, the larger figure
+#: Shorter than this, a max_seq_len suggested beside other changes is no fine-tune worth suggesting.
+MIN_SUGGESTED_SEQ = 256
 #: fp32 logits one loss chunk may hold: 220 rows at Qwen3's 151,936-token vocabulary, 682 at SmolLM2's 49,152
 #: (Liger's FLCE sizes its chunks alike: about as many logits as the hidden states hold).
 LOGIT_CHUNK_BYTES = 128 << 20
@@ -470,19 +472,42 @@ def host_for(device, cpu_ram_bytes: int | None, dtype: str) -> Host:
                 peak_tflops=peak_tflops(r.name, dtype))
 
 
-def decide_offload(shape: ModelShape, inp: PlanInput, setting: str, run) -> tuple[str, Plan]:
-    """``offload: auto``: stream only when the resident run does not fit and the streamed one does.
+@dataclass(frozen=True)
+class MemoryChoice:
+    """What ``offload: auto`` settled on: the offload, the checkpointing, that plan, and what changed and why."""
 
-    ``run(PlanInput) -> Plan`` estimates on the card; returns (none | layers, the plan of that choice)."""
+    offload: str  # none | layers
+    gradient_checkpointing: bool
+    plan: Plan
+    changed: str = ""  # '' when the run is as configured
+
+
+def decide_offload(shape: ModelShape, inp: PlanInput, setting: str, run, may_checkpoint: bool = True
+                   ) -> MemoryChoice:
+    """``offload: auto`` takes the cheapest change that fits, in ``--suggest``'s order: gradient checkpointing
+    (recomputes activations on the card) before streaming (recomputes them too, and copies every layer over PCIe
+    twice per micro-step). ``may_checkpoint`` is False when the user wrote ``gradient_checkpointing: false``: then
+    neither is chosen (streaming implies checkpointing) and the run is refused with the suggestion instead.
+
+    ``run(PlanInput) -> Plan`` estimates on the card."""
     resident = run(replace(inp, offload="none"))
     if setting == "none" or (setting == "auto" and resident.fits):
-        return "none", resident
-    if inp.method != "lora":
-        return "none", resident
+        return MemoryChoice("none", inp.gradient_checkpointing, resident)
+    if setting == "auto" and not inp.gradient_checkpointing and may_checkpoint:
+        checkpointed = run(replace(inp, offload="none", gradient_checkpointing=True))
+        if checkpointed.fits:
+            return MemoryChoice("none", True, checkpointed, "gradient_checkpointing=true (offload: auto): the resident "
+                                "run does not fit without it and does with it, which is cheaper than streaming")
+    if inp.method != "lora" or (setting == "auto" and not inp.gradient_checkpointing and not may_checkpoint):
+        return MemoryChoice("none", inp.gradient_checkpointing, resident)
     streamed = run(replace(inp, offload="layers"))
     if setting == "layers" or streamed.fits:
-        return "layers", streamed
-    return "none", resident
+        why = ("" if setting == "layers" else "offload=layers (offload: auto): the resident run does not fit, even "
+               "with gradient checkpointing, and the streamed one does")
+        if why and not inp.gradient_checkpointing:
+            why += "; each layer is recomputed in backward (gradient checkpointing implied)"
+        return MemoryChoice("layers", inp.gradient_checkpointing, streamed, why)
+    return MemoryChoice("none", inp.gradient_checkpointing, resident)
 
 
 #: PlanInput field -> the `hwcompat train` config key it is (suggestions speak the config's language).
@@ -519,6 +544,41 @@ def _candidates(inp: PlanInput, quant_ok: bool, optim8_ok: bool, can_stream: boo
     return out
 
 
+def _with_shorter_sequences(combined, seq_len: int, run) -> list[dict[str, Any]]:
+    """Each change set (none included) that does not fit at ``seq_len``, with the longest max_seq_len that fits
+    with it: on an 8 GB RX 6600 a 7B fits streamed at 1664 tokens, though no change fits at 2048."""
+    out = []
+    for settings, new in combined:
+        if run(new).fits:
+            continue
+        seq = _round(_largest(lambda v: run(replace(new, seq_len=v)).fits, 64, seq_len))
+        if seq and (seq >= MIN_SUGGESTED_SEQ or not settings):
+            out.append(_fix({**settings, "max_seq_len": seq}, run(replace(new, seq_len=seq))))
+    return out
+
+
+def _minimal(out: list[dict[str, Any]], seq_len: int) -> list[dict[str, Any]]:
+    """Drop a fitting suggestion when another fits with a subset of its changes and no shorter sequences (streaming
+    already recomputes each layer, so checkpointing on top of it adds nothing); and a change that still does not fit
+    once something does, unless it is a single change (the table of what each one saves)."""
+    def parts(x):
+        rest = {k: v for k, v in x["settings"].items() if k != "max_seq_len"}
+        return set(rest.items()), x["settings"].get("max_seq_len", seq_len)
+
+    fitting = [x for x in out if x["fits"]]
+    keep = []
+    for x in out:
+        changes, seq = parts(x)
+        if x["fits"]:
+            if any(y is not x and parts(y)[0] <= changes and parts(y)[1] >= seq and
+                   (parts(y)[0] < changes or parts(y)[1] > seq or id(y) < id(x)) for y in fitting):
+                continue
+        elif fitting and len(changes - {("gradient_accumulation", v) for _, v in changes}) > 1:
+            continue
+        keep.append(x)
+    return keep
+
+
 def suggest(shape: ModelShape, plan: Plan, vendor: str, quant_ok: bool, optim8_ok: bool = False,
             host: Host | None = None) -> list[dict[str, Any]]:
     """If it does not fit: the cheapest changes that make it fit. If it fits: the largest seq / batch.
@@ -541,6 +601,7 @@ def suggest(shape: ModelShape, plan: Plan, vendor: str, quant_ok: bool, optim8_o
                      f"largest at max_seq_len={inp.seq_len}")]
     candidates = _candidates(inp, quant_ok, optim8_ok, can_stream=vendor != "cpu")
     out += [_fix(settings, run(new), note) for settings, new, note in candidates]
+    combined: list[tuple[dict[str, Any], PlanInput]] = [({}, inp)] + [(s_, new) for s_, new, _ in candidates]
     for k in range(2, len(candidates) + 1):  # combinations of 2, 3 … changes
         for combo in itertools.combinations(candidates, k):
             settings, new = {}, inp
@@ -552,9 +613,8 @@ def suggest(shape: ModelShape, plan: Plan, vendor: str, quant_ok: bool, optim8_o
                 out.append(_fix(settings, run(new)))
             except InputError:  # a combination that cannot run together (offload=layers with qlora)
                 continue
-    seq = _round(_largest(lambda v: run(replace(inp, seq_len=v)).fits, 64, inp.seq_len))
-    if seq:
-        out.append(_fix({"max_seq_len": seq}, run(replace(inp, seq_len=seq))))
+            combined.append((settings, new))
+    out = _minimal(out + _with_shorter_sequences(combined, inp.seq_len, run), inp.seq_len)
     # cheapest first: single changes before combinations, in the order tried (least disruptive first)
     order = {id(x): i for i, x in enumerate(out)}
     out.sort(key=lambda x: (not x["fits"], len(x["settings"]) - ("gradient_accumulation" in x["settings"]), order[id(x)]))

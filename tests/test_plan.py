@@ -1,10 +1,12 @@
 """The planner's deterministic terms checked exactly against real tiny models; CLI and train gate."""
 
 import json
+import re
 import subprocess
 import sys
 
 import pytest
+from dataclasses import replace
 
 from hwcompat import plan as P
 from hwcompat.cli import main
@@ -360,13 +362,57 @@ def test_auto_offload_streams_only_when_resident_does_not_fit_and_streamed_does(
         return lambda i: P.estimate(shape, i, "float32", "sdpa", "nvidia", card_bytes, host=P.Host(ram_bytes=ram))
 
     inp = P.PlanInput(seq_len=2048)
-    assert P.decide_offload(shape, inp, "auto", on(200 * P.GIB, 64 * P.GIB))[0] == "none"  # fits resident
-    choice, plan = P.decide_offload(shape, inp, "auto", on(24 * P.GIB, 64 * P.GIB))
-    assert choice == "layers" and plan.fits and plan.stream is not None
-    assert P.decide_offload(shape, inp, "auto", on(24 * P.GIB, 16 * P.GIB))[0] == "none"  # host RAM too small
-    assert P.decide_offload(shape, inp, "auto", on(2 * P.GIB, 64 * P.GIB))[0] == "none"  # nothing fits
-    assert P.decide_offload(shape, inp, "none", on(24 * P.GIB, 64 * P.GIB))[0] == "none"
-    assert P.decide_offload(shape, inp, "layers", on(200 * P.GIB, 64 * P.GIB))[0] == "layers"  # asked for
+    assert P.decide_offload(shape, inp, "auto", on(200 * P.GIB, 64 * P.GIB)).offload == "none"  # fits resident
+    choice = P.decide_offload(shape, inp, "auto", on(24 * P.GIB, 64 * P.GIB))
+    assert choice.offload == "layers" and choice.plan.fits and choice.plan.stream is not None
+    assert "even with gradient checkpointing" in choice.changed and not choice.gradient_checkpointing
+    assert P.decide_offload(shape, inp, "auto", on(24 * P.GIB, 16 * P.GIB)).offload == "none"  # host RAM too small
+    assert P.decide_offload(shape, inp, "auto", on(2 * P.GIB, 64 * P.GIB)).offload == "none"  # nothing fits
+    assert P.decide_offload(shape, inp, "none", on(24 * P.GIB, 64 * P.GIB)).offload == "none"
+    asked = P.decide_offload(shape, inp, "layers", on(200 * P.GIB, 64 * P.GIB))
+    assert asked.offload == "layers" and asked.changed == ""  # asked for: nothing to explain
+
+
+QWEN3_4B = {"model_type": "qwen3", "hidden_size": 2560, "intermediate_size": 9728, "num_hidden_layers": 36,
+            "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936,
+            "tie_word_embeddings": True, "max_position_embeddings": 40960}
+
+
+def test_auto_takes_checkpointing_before_streaming_and_keeps_a_setting_the_user_wrote(tmp_path):
+    """#25: Qwen3-4B at seq 4096 on a 24 GB card fits resident with checkpointing; auto used to stream it."""
+    (tmp_path / "config.json").write_text(json.dumps(QWEN3_4B))
+    shape = P.load_shape(str(tmp_path))
+
+    def run(i):
+        return P.estimate(shape, i, "bfloat16", "sdpa", "nvidia", 24 * P.GIB, host=P.Host(ram_bytes=64 * P.GIB))
+
+    inp = P.PlanInput(seq_len=4096, batch_size=4)
+    assert not run(inp).fits and run(replace(inp, gradient_checkpointing=True)).fits
+    choice = P.decide_offload(shape, inp, "auto", run)
+    assert (choice.offload, choice.gradient_checkpointing) == ("none", True) and choice.plan.fits
+    assert "gradient_checkpointing=true" in choice.changed and "cheaper than streaming" in choice.changed
+    kept = P.decide_offload(shape, inp, "auto", run, may_checkpoint=False)  # the user wrote false: not changed
+    assert (kept.offload, kept.gradient_checkpointing, kept.plan.fits, kept.changed) == ("none", False, False, "")
+    suggestions = P.suggest(shape, kept.plan, "nvidia", quant_ok=True)
+    assert suggestions[0]["fits"] and suggestions[0]["settings"] == {"gradient_checkpointing": True}
+
+
+def test_train_says_what_auto_changed_and_keeps_a_written_setting(tmp_path, capsys):
+    """--print-config of `hwcompat train` on an emulated 4090: the origin and the note say it; written false refuses."""
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text(json.dumps(QWEN3_4B))
+    (tmp_path / "d.jsonl").write_text(json.dumps({"prompt": "p", "completion": "c"}) + "\n")
+    (tmp_path / "c.yaml").write_text(json.dumps({"model": str(tmp_path / "model"), "max_seq_len": 4096,
+                                                  "train_data": [str(tmp_path / "d.jsonl")],
+                                                  "output_dir": str(tmp_path / "run")}))
+    args = ["train", str(tmp_path / "c.yaml"), "--emulate", "rtx4090", "--print-config"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"gradient_checkpointing\s*: true  # plan \(offload: auto\)", out), out
+    assert "changed: gradient_checkpointing=true (offload: auto)" in out
+    assert main(args + ["gradient_checkpointing=false"]) == 0  # print-config shows the verdict, runs nothing
+    out = capsys.readouterr().out
+    assert "this run will not fit" in out and "Change: gradient_checkpointing=true" in out
 
 
 @pytest.mark.parametrize("config,card,dtype", [(LLAMA7B, "m40", "float32"), (QWEN3_14B, "v100-16", "float16")])
@@ -394,3 +440,41 @@ def test_suggestion_names_host_ram_as_the_limit(tmp_path, capsys):
                  "--suggest"]) == 0
     out = capsys.readouterr().out
     assert "offload=layers" in out and "host RAM is the limit" in out
+
+
+def test_plan_of_a_train_config_is_what_train_runs(tmp_path, capsys):
+    """#25: one set of defaults; `hwcompat plan CONFIG` plans `hwcompat train CONFIG` (data share, auto decision)."""
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text(json.dumps(QWEN3_4B))
+    rows = [{"prompt": "question " * 30, "completion": "answer " * 10}] * 4
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "c.yaml").write_text(json.dumps({"model": str(tmp_path / "model"), "max_seq_len": 4096,
+                                                  "train_data": [str(tmp_path / "d.jsonl")],
+                                                  "output_dir": str(tmp_path / "run")}))
+    assert main(["plan", str(tmp_path / "c.yaml"), "--emulate", "rtx4090", "--json"]) == 0
+    planned = json.loads(capsys.readouterr().out)
+    assert main(["train", str(tmp_path / "c.yaml"), "--emulate", "rtx4090", "--print-config"]) == 0
+    note = capsys.readouterr().out.rsplit("# plan: peak ", 1)[1]
+    assert note.startswith(f"{planned['peak_bytes'] / P.GIB:.2f} GiB")
+    inputs = planned["inputs"]
+    assert (inputs["seq_len"], inputs["batch_size"], inputs["gradient_checkpointing"]) == (4096, 4, True)
+    assert 0 < inputs["logit_fraction"] < 0.5  # the data's response share, as train computes it
+    assert any("`hwcompat train` changes: gradient_checkpointing=true" in n for n in planned["notes"])
+
+    from hwcompat.train.config import TrainConfig
+
+    assert main(["plan", "--model", str(tmp_path / "model"), "--emulate", "rtx4090", "--json"]) == 0
+    bare = json.loads(capsys.readouterr().out)["inputs"]
+    assert (bare["seq_len"], bare["batch_size"]) == (TrainConfig.max_seq_len, TrainConfig.micro_batch_size)
+
+
+def test_suggest_combines_changes_with_a_shorter_sequence(qwen7b, capsys):
+    """#25: a 7B at seq 8192 x 2 on an 8 GB RX 6600: no set of changes fits at 8192, streaming at a shorter one does."""
+    main(["plan", "--model", qwen7b, "--emulate", "rx6600,cpu", "--seq-len", "8192", "--batch-size", "2",
+          "--suggest", "--json"])
+    s = json.loads(capsys.readouterr().out)["suggestions"]
+    fits = [x for x in s if x["fits"]]
+    assert fits and all("max_seq_len" in x["settings"] for x in fits)
+    assert fits[0]["settings"] == {"offload": "layers", "max_seq_len": 3392}
+    assert not any({"offload", "gradient_checkpointing"} <= set(x["settings"]) for x in fits)  # streaming implies it
+    assert all(x["settings"]["max_seq_len"] >= P.MIN_SUGGESTED_SEQ for x in fits)

@@ -11,22 +11,26 @@ from hwcompat.choices import OPTIMIZERS
 def add_parser(sub) -> None:
     p = sub.add_parser("plan", help="estimate peak memory of a fine-tune on a device (no torch, no weights)",
                        description="Estimate peak device memory with a per-term breakdown and say whether it fits.")
-    p.add_argument("--model", required=True, help="model folder, config.json path, or a cached hub id")
+    p.add_argument("config", nargs="?", metavar="CONFIG.yaml",
+                   help="a `hwcompat train` config: plans exactly what `hwcompat train CONFIG.yaml` runs (its "
+                        "defaults, its data's response share, the same offload decision)")
+    p.add_argument("--model", help="model folder, config.json path, or a cached hub id (= model; required "
+                                    "without a config that names one)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="`hwcompat train` config keys, e.g. max_seq_len=2048 micro_batch_size=4 optimizer=adamw_8bit")
-    p.add_argument("--method", choices=("lora", "qlora", "full", "dpo"), default="lora",
+    p.add_argument("--method", choices=("lora", "qlora", "full", "dpo"),
                    help="dpo: LoRA preference tuning (= method=dpo; with qlora=true for an NF4 base)")
-    p.add_argument("--seq-len", "--max-seq-len", dest="seq_len", type=int, default=2048, help="= max_seq_len")
-    p.add_argument("--batch-size", "--micro-batch-size", dest="batch_size", type=int, default=1,
-                   help="= micro_batch_size")
-    p.add_argument("--lora-rank", "--lora-r", dest="lora_rank", type=int, default=16, help="= lora_r")
+    p.add_argument("--seq-len", "--max-seq-len", dest="seq_len", type=int, help="= max_seq_len (train's default)")
+    p.add_argument("--batch-size", "--micro-batch-size", dest="batch_size", type=int,
+                   help="= micro_batch_size (train's default)")
+    p.add_argument("--lora-rank", "--lora-r", dest="lora_rank", type=int, help="= lora_r")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--gradient-checkpointing", dest="gc", action="store_true", default=False)
+    g.add_argument("--gradient-checkpointing", dest="gc", action="store_true", default=None)
     g.add_argument("--no-gradient-checkpointing", dest="gc", action="store_false")
-    p.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS, help="= optimizer")
-    p.add_argument("--response-fraction", type=float, default=1.0, metavar="F",
+    p.add_argument("--optimizer", choices=OPTIMIZERS, help="= optimizer")
+    p.add_argument("--response-fraction", type=float, metavar="F",
                    help="share of tokens that are response (hwcompat's trainer computes logits only there); "
-                        "default 1.0 = a plain forward's worst case")
+                        "default: the config's data's largest share, else 1.0 = the worst case")
     p.add_argument("--device", metavar="N", help="device position from `hwcompat detect` (default: first GPU)")
     p.add_argument("--suggest", action="store_true", help="say what does fit (or the cheapest change that fits)")
     p.add_argument("--json", action="store_true")
@@ -34,22 +38,38 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
+FLAG_KEYS = {"model": "model", "seq_len": "max_seq_len", "batch_size": "micro_batch_size", "lora_rank": "lora_r",
+             "gc": "gradient_checkpointing", "optimizer": "optimizer"}
+
+
 def train_config(args: argparse.Namespace):
-    """The flags and KEY=VALUE settings as the `hwcompat train` config they describe (validated the same way)."""
-    from hwcompat.train.config import TrainConfig, apply_overrides
+    """The config `hwcompat train` would run (LoadedConfig): its defaults, the file, then flags and KEY=VALUE
+    settings as command-line overrides, validated the same way."""
+    from hwcompat.errors import InputError
+    from hwcompat.train.config import load_config
 
-    cfg = TrainConfig(model=args.model, max_seq_len=args.seq_len, micro_batch_size=args.batch_size,
-                      lora_r=args.lora_rank, gradient_checkpointing=args.gc, optimizer=args.optimizer,
-                      qlora=args.method == "qlora", method="dpo" if args.method == "dpo" else "sft")
-    cfg = apply_overrides(cfg, list(args.overrides or []))
-    if args.method != "full":
-        args.method = "qlora" if cfg.qlora else "lora"
-    return cfg
+    items = list(args.overrides or [])
+    path = args.config
+    if path and "=" in path:  # `plan --model M key=value`: the first override landed in the config slot
+        items.insert(0, path)
+        path = None
+    flags = [f"{key}={str(v).lower() if isinstance(v, bool) else v}" for attr, key in FLAG_KEYS.items()
+             if (v := getattr(args, attr)) is not None]
+    method = args.method
+    if method in ("dpo", "qlora"):
+        flags.append("method=dpo" if method == "dpo" else "qlora=true")
+    if not path and not args.model and not any(i.startswith("model=") for i in items):
+        raise InputError("plan: which model? Give --model PATH (a folder with config.json) or a train config")
+    loaded = load_config(path, flags + items, require_data=False)
+    if method not in (None, "full"):
+        method = None
+    return loaded, method
 
 
-def make_plan(shape, device, inp, with_suggestions: bool, offload: str = "none", host_ram: int | None = None):
-    """The plan on ``device``; ``offload: auto`` decided here as `hwcompat train` decides it."""
+def make_plan(shape, device, loaded, inp, with_suggestions: bool, host_ram: int | None = None):
+    """The plan on ``device``; ``offload: auto`` decided here exactly as `hwcompat train` decides it."""
     from hwcompat import plan as planner
+    from hwcompat.pipeline.launch import memory_choice
 
     prof = device.profile
     quant_ok = "nf4" in prof.quantization
@@ -59,13 +79,10 @@ def make_plan(shape, device, inp, with_suggestions: bool, offload: str = "none",
         return planner.estimate(shape, i, prof.dtype, prof.attention, device.reading.vendor,
                                 device.reading.memory_bytes, quant_ok, host)
 
-    if device.reading.vendor == "cpu":  # the host's RAM is the device's: nothing to stream to
-        result = run(inp)
-    else:
-        choice, result = planner.decide_offload(shape, inp, offload, run)
-        if offload == "auto" and choice == "layers":
-            result.notes.append("offload=auto: the resident run does not fit and the streamed one does, so "
-                                "`hwcompat train` streams (offload=layers)")
+    choice = memory_choice(loaded, shape, inp, run, device.reading.vendor)
+    result = choice.plan
+    if choice.changed:
+        result.notes.append(f"`hwcompat train` changes: {choice.changed}")
     if inp.method == "qlora" and not quant_ok:
         result.notes.append(f"{prof.name}: {prof.reasons.get('quantization.nf4', 'no NF4 support')}")
     if with_suggestions:
@@ -118,20 +135,24 @@ def run(args: argparse.Namespace) -> int:
     from hwcompat.errors import HwcompatError
     from hwcompat.pipeline.launch import training_device
 
-    shape = planner.load_shape(args.model)
+    loaded, method = train_config(args)
+    cfg = loaded.config
+    shape = planner.load_shape(cfg.model)
     host = plan_from_args(args)
     _, device = training_device(host, args.device)
     if device.profile is None:
         raise HwcompatError(f"{device.reading.name}: no profile ({'; '.join(device.problems)})")
-    for name, value in (("--seq-len", args.seq_len), ("--batch-size", args.batch_size), ("--lora-rank", args.lora_rank)):
-        if value < 1:
-            from hwcompat.errors import InputError
-            raise InputError(f"{name} must be >= 1, got {value}")
-    cfg = train_config(args)
-    inp = planner.plan_input(cfg, method=args.method, logit_fraction=args.response_fraction)
-    result = make_plan(shape, device, inp, args.suggest, cfg.offload, host.host_ram_bytes)
+    fraction = args.response_fraction
+    if fraction is None:
+        fraction = 1.0
+        if cfg.train_data:  # as `hwcompat train` plans: its data's largest response share
+            from hwcompat.pipeline.launch import check_data
+
+            fraction = check_data(loaded)[1]
+    inp = planner.plan_input(cfg, method=method, logit_fraction=fraction)
+    result = make_plan(shape, device, loaded, inp, args.suggest, host.host_ram_bytes)
     if args.json:
         print_json(result.to_dict())
     else:
-        print(render(result, shape, device, args.model))
+        print(render(result, shape, device, cfg.model))
     return 0

@@ -337,6 +337,17 @@ def _host_limit(inp, result, run) -> str:
     return ""
 
 
+def memory_choice(loaded: LoadedConfig, shape, inp, run, vendor: str):
+    """`offload: auto` as train and plan both decide it; a ``gradient_checkpointing`` the user wrote is kept."""
+    from hwcompat import plan as planner
+
+    cfg = loaded.config
+    if vendor == "cpu" and cfg.offload != "layers":  # the host's RAM is the device's: nothing to stream to
+        return planner.MemoryChoice("none", cfg.gradient_checkpointing, run(inp))
+    written = loaded.origins.get("gradient_checkpointing", ORIGIN_DEFAULT) != ORIGIN_DEFAULT
+    return planner.decide_offload(shape, inp, cfg.offload, run, may_checkpoint=not written)
+
+
 def check_plan(loaded: LoadedConfig, device: ResolvedDevice, profile: ResolvedProfile,
                logit_fraction: float = 1.0, host_ram: int | None = None) -> tuple[str | None, str]:
     """Refuse early, before any model load, when the planner says the run will not fit; decide ``offload``.
@@ -360,15 +371,18 @@ def check_plan(loaded: LoadedConfig, device: ResolvedDevice, profile: ResolvedPr
                                 quant_ok, host)
 
     inp = planner.plan_input(cfg, logit_fraction=logit_fraction)
-    decide = vendor != "cpu" or cfg.offload == "layers"
-    offload, result = (planner.decide_offload(shape, inp, cfg.offload, run) if decide
-                       else ("none", run(inp)))
+    choice = memory_choice(loaded, shape, inp, run, vendor)
+    offload, result = choice.offload, choice.plan
+    if choice.gradient_checkpointing != cfg.gradient_checkpointing:
+        cfg.gradient_checkpointing = choice.gradient_checkpointing
+        loaded.origins["gradient_checkpointing"] = "plan (offload: auto)"
     note = (f"plan: peak {result.peak_bytes / planner.GIB:.2f} GiB of {result.device_bytes / planner.GIB:.1f} GiB "
             f"(worst case: every micro-batch {cfg.max_seq_len} tokens long)")
+    if choice.changed:
+        note += f"; changed: {choice.changed}"
     if offload == "layers" and result.stream is not None:
         st = result.stream
-        note += (f"; offload=layers{' (auto: resident does not fit)' if cfg.offload == 'auto' else ''}: "
-                 f"{st.host_bytes / planner.GIB:.1f} GiB pinned host RAM, "
+        note += (f"; offload=layers: {st.host_bytes / planner.GIB:.1f} GiB pinned host RAM, "
                  f"{st.bytes_per_micro_step / planner.GIB:.1f} GiB "
                  f"copied per micro-step over {st.link}")
     if result.fits or cfg.force:

@@ -261,8 +261,10 @@ def _validate(cfg: TrainConfig, where: str, origins: dict[str, str] | None = Non
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None,
-                base: dict[str, Any] | None = None) -> LoadedConfig:
-    """Defaults <- ``base`` (e.g. the demo's) <- the YAML file <- ``key=value`` overrides."""
+                base: dict[str, Any] | None = None, require_data: bool = True) -> LoadedConfig:
+    """Defaults <- ``base`` (e.g. the demo's) <- the YAML file <- ``key=value`` overrides.
+
+    ``require_data=False``: `hwcompat plan` plans a model without data (the worst-case response share)."""
     kinds = _fields()
     cfg = TrainConfig()
     origins = {k: ORIGIN_DEFAULT for k in kinds}
@@ -304,7 +306,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None,
     _validate(cfg, f"config {p}" if p else "config", origins)
     if not cfg.model:
         raise InputError("config: model: missing; set model: /path/to/model in the YAML or model=PATH")
-    if not cfg.train_data:
+    if not cfg.train_data and require_data:
         raise InputError("config: train_data: missing; set train_data: [train.jsonl] in the YAML or train_data=PATH")
     return LoadedConfig(cfg, origins, p)
 
