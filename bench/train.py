@@ -89,6 +89,38 @@ print(json.dumps({"train_seconds": elapsed, "real_tokens": tokens["n"]}))
 '''
 
 
+TRL = r'''
+# TRL's SFTTrainer at its best CPU settings: completion-only loss (prompt-completion rows), length-grouped sampling.
+import json, resource, sys, time, torch
+from datasets import Dataset
+from peft import LoraConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl import SFTConfig, SFTTrainer
+model_dir, train_file, out, steps, batch, max_len, lr, threads = sys.argv[1:9]
+torch.set_num_threads(int(threads))
+tok = AutoTokenizer.from_pretrained(model_dir)
+tok.pad_token = tok.pad_token or tok.eos_token
+rows = [json.loads(x) for x in open(train_file)]
+ds = Dataset.from_list([{"prompt": "### User:\n" + r["prompt"] + "\n\n### Assistant:\n",
+                         "completion": r["completion"] + tok.eos_token} for r in rows])
+model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+peft = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+args = SFTConfig(output_dir=out, per_device_train_batch_size=int(batch), max_steps=int(steps), learning_rate=float(lr),
+                 lr_scheduler_type="cosine", logging_steps=10, save_strategy="no", report_to=[], seed=42,
+                 dataloader_num_workers=0, use_cpu=True, bf16=False, fp16=False, max_length=int(max_len),
+                 completion_only_loss=True, train_sampling_strategy="group_by_length")
+trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, peft_config=peft)
+t = time.time()
+trainer.train()
+elapsed = time.time() - t
+trainer.model.save_pretrained(out + "/adapter")
+used = min(len(trainer.train_dataset), int(steps) * int(batch))
+tokens = sum(len(x) for x in trainer.train_dataset["input_ids"][:used])
+print(json.dumps({"train_seconds": elapsed, "real_tokens": tokens,
+                  "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+'''
+
+
 def eval_loss(model_dir: Path, adapter: Path, eval_file: Path, max_len: int) -> float:
     """One scorer for both adapters: token-weighted loss on response tokens."""
     import torch
@@ -116,6 +148,8 @@ def main() -> int:
     ap.add_argument("--max-len", type=int, default=512)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "train-cpu-smollm2.json"))
+    ap.add_argument("--trl-python", help="an interpreter with TRL installed (e.g. a venv made with "
+                                         "--system-site-packages): adds TRL's SFTTrainer to the comparison")
     args = ap.parse_args()
     threads = os.cpu_count() or 1
     tmp = Path(tempfile.mkdtemp(prefix="hwcompat-bench-"))
@@ -144,6 +178,16 @@ def main() -> int:
         print(res.stderr[-3000:], file=sys.stderr)
         return 1
     plain = json.loads(res.stdout.strip().splitlines()[-1])
+    trl = None
+    if args.trl_python:
+        (tmp / "trl.py").write_text(TRL)
+        res = subprocess.run([args.trl_python, str(tmp / "trl.py"), str(model), str(train), str(tmp / "trl"),
+                              str(args.steps), str(args.batch), str(args.max_len), str(args.lr), str(threads)],
+                             capture_output=True, text=True, env={**env, "TOKENIZERS_PARALLELISM": "false"})
+        if res.returncode:
+            print(res.stderr[-3000:], file=sys.stderr)
+            return 1
+        trl = json.loads(res.stdout.strip().splitlines()[-1])
 
     hw_loss = eval_loss(model, tmp / "hw" / "adapter", evals, args.max_len)
     plain_loss = eval_loss(model, tmp / "plain" / "adapter", evals, args.max_len)
@@ -159,11 +203,23 @@ def main() -> int:
                           "real_tokens": plain["real_tokens"]},
         "speedup": hw_tps / plain_tps,
     }
+    if trl is not None:
+        trl_loss = eval_loss(model, tmp / "trl" / "adapter", evals, args.max_len)
+        trl_tps = trl["real_tokens"] / trl["train_seconds"]
+        report["trl_sft"] = {"tokens_per_s": trl_tps, "train_seconds": trl["train_seconds"], "eval_loss": trl_loss,
+                             "peak_rss_bytes": trl["peak_rss_bytes"], "settings": "completion_only_loss, train_sampling_strategy=group_by_length"}
+        report["speedup_vs_trl"] = hw_tps / trl_tps
+        report["memory_vs_trl"] = hw["peak_memory_bytes"] / trl["peak_rss_bytes"]
+    report["hwcompat"]["peak_memory_bytes"] = hw["peak_memory_bytes"]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(f"{'':16} {'tokens/s':>10} {'train s':>9} {'eval loss':>10}")
     print(f"{'hwcompat':16} {hw_tps:10.0f} {hw['train_seconds']:9.1f} {hw_loss:10.4f}")
     print(f"{'plain Trainer':16} {plain_tps:10.0f} {plain['train_seconds']:9.1f} {plain_loss:10.4f}")
+    if trl is not None:
+        t = report["trl_sft"]
+        print(f"{'TRL SFTTrainer':16} {t['tokens_per_s']:10.0f} {t['train_seconds']:9.1f} {t['eval_loss']:10.4f}")
+        print(f"vs TRL: {report['speedup_vs_trl']:.2f}x tokens/s at {report['memory_vs_trl']:.2f}x its peak RSS")
     print(f"speedup: {report['speedup']:.2f}x   wrote {args.out}")
     return 0
 

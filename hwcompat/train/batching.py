@@ -123,8 +123,13 @@ def resolve_batching(setting: str, attention: str, objective_default: str | None
     return "packed" if attention == "flash_attention_2" else "length_grouped"
 
 
-def plan_batches(lengths: list[int], micro_batch: int, mode: str, seed: int) -> list[list[int]]:
-    """Index lists, one per micro-batch, deterministic for (seed, lengths)."""
+def plan_batches(lengths: list[int], micro_batch: int, mode: str, seed: int, largest_first: int = 0
+                 ) -> list[list[int]]:
+    """Index lists, one per micro-batch, deterministic for (seed, lengths).
+
+    ``largest_first=N`` (the first epoch, N = processes) moves the N costliest micro-batches to the front, each
+    process's first, so a run that will run out of memory does so in its first step, not hours in (the order is
+    otherwise the same shuffle, and a resume recomputes the same plan)."""
     rng = random.Random(seed)
     idx = list(range(len(lengths)))
     rng.shuffle(idx)
@@ -136,8 +141,22 @@ def plan_batches(lengths: list[int], micro_batch: int, mode: str, seed: int) -> 
             grouped += sorted(idx[s:s + chunk], key=lambda i: lengths[i], reverse=True)
         batches = [grouped[s:s + micro_batch] for s in range(0, len(grouped), micro_batch)]
         rng.shuffle(batches)
-        return batches
-    return [idx[s:s + micro_batch] for s in range(0, len(idx), micro_batch)]
+    else:
+        batches = [idx[s:s + micro_batch] for s in range(0, len(idx), micro_batch)]
+    return _largest_first(batches, lengths, mode, largest_first) if largest_first else batches
+
+
+def batch_cost(batch: list[int], lengths: list[int], mode: str) -> int:
+    """Token positions a micro-batch puts through the model: the packed window's length, else rows x the longest."""
+    if mode == "packed":
+        return sum(lengths[i] for i in batch)
+    return len(batch) * max(lengths[i] for i in batch)
+
+
+def _largest_first(batches: list[list[int]], lengths: list[int], mode: str, n: int) -> list[list[int]]:
+    front = sorted(range(len(batches)), key=lambda b: -batch_cost(batches[b], lengths, mode))[:n]  # stable
+    chosen = set(front)
+    return [batches[b] for b in front] + [b for i, b in enumerate(batches) if i not in chosen]
 
 
 def collate(items: list[Tokenized], mode: str, pad_id: int) -> dict[str, Any]:

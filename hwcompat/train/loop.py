@@ -310,7 +310,8 @@ def micro_batches(r: Recipe, start_micro: int):
     while True:
         epoch, pos = divmod(m, r.per_rank)
         if epoch != planned:
-            plan = batching.plan_batches(lengths, r.cfg.micro_batch_size, r.mode, r.cfg.seed + epoch)
+            plan = batching.plan_batches(lengths, r.cfg.micro_batch_size, r.mode, r.cfg.seed + epoch,
+                                         largest_first=r.dist.world if epoch == 0 else 0)
             mine, planned = plan[r.dist.rank::r.dist.world][:r.per_rank], epoch
         yield epoch, r.objective.collate(mine[pos], r.mode, r.tokenizer.pad_token_id)
         m += 1
@@ -340,6 +341,8 @@ def train(r: Recipe, signals: Signals) -> int:
             r.optimizer.zero_grad(set_to_none=True)
             step, r.last_loss = step + 1, loss
             r.train_seconds = time.time() - t_loop
+            if step == 1:
+                _first_step_peak(r)
             _log_step(r, bar, step, loss, grad_norm, epoch)
             stop = distributed.any_rank(r.dist, signals.received is not None, r.device)
             if r.cfg.eval_every and step % r.cfg.eval_every == 0 and step < r.total_steps and r.dist.writer:
@@ -494,6 +497,13 @@ def finish(r: Recipe, signals: Signals) -> int:
     return 0
 
 
+def _first_step_peak(r: Recipe) -> None:
+    """The first step runs the largest micro-batch (batching.plan_batches): its peak is the run's, beside the plan."""
+    backend = accelerator(r.device.type)
+    if backend is not None:
+        r.history["first_step_peak_bytes"] = backend.max_memory_allocated()
+
+
 def _summary(r: Recipe, final: dict[str, Any]) -> dict[str, Any]:
     import peft
     import torch
@@ -512,6 +522,7 @@ def _summary(r: Recipe, final: dict[str, Any]) -> dict[str, Any]:
         "wall_seconds": time.time() - r.t_start,
         "peak_memory_bytes": backend.max_memory_allocated() if backend else _rss_peak_bytes(),
         "peak_memory_kind": f"torch.{r.device.type}.max_memory_allocated" if backend else "process max RSS",
+        "first_step_peak_bytes": r.history.get("first_step_peak_bytes"),  # GPU: its largest micro-batch's peak
         "world_size": r.dist.world, "nnodes": r.dist.nnodes, "batching": r.mode,
         "profile_env_applied": all(os.environ.get(k) == v for k, v in p.env.items()),
         "cpu_emulation": r.spec.cpu_emulation, "profile": p.name, "env_seen": {k: os.environ.get(k) for k in p.env},
