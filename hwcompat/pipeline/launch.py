@@ -129,7 +129,8 @@ def prepare_run_dir(loaded: LoadedConfig, profile: ResolvedProfile, device: Reso
     atomic_write_json(run.path / "devices.json", plan.to_dict())
     spec = RunSpec(config=replace(loaded.config, output_dir=str(run.path)), profile=profile,
                    device=TrainDevice.choose(device, profile, cpu_emulation), origins=dict(loaded.origins),
-                   cpu_emulation=cpu_emulation, resumes=resumes, hwcompat=__version__, inputs=inputs)
+                   cpu_emulation=cpu_emulation, resumes=resumes, hwcompat=__version__, inputs=inputs,
+                   planned_peak_bytes=loaded.planned_peak_bytes)
     atomic_write_json(run.path / "run.json", spec.to_dict())
     record_written(run.path, *RECORDS)
     return run
@@ -373,6 +374,7 @@ def check_plan(loaded: LoadedConfig, device: ResolvedDevice, profile: ResolvedPr
     inp = planner.plan_input(cfg, logit_fraction=logit_fraction)
     choice = memory_choice(loaded, shape, inp, run, vendor)
     offload, result = choice.offload, choice.plan
+    loaded.planned_peak_bytes = result.peak_bytes
     if choice.gradient_checkpointing != cfg.gradient_checkpointing:
         cfg.gradient_checkpointing = choice.gradient_checkpointing
         loaded.origins["gradient_checkpointing"] = "plan (offload: auto)"

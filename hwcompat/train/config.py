@@ -106,6 +106,7 @@ class LoadedConfig:
     config: TrainConfig
     origins: dict[str, str]  # field -> where its value came from
     path: Path | None
+    planned_peak_bytes: int | None = None  # the launcher's plan of this config on its device (check_plan)
 
 
 def _fields() -> dict[str, Any]:

@@ -523,6 +523,7 @@ def _summary(r: Recipe, final: dict[str, Any]) -> dict[str, Any]:
         "peak_memory_bytes": backend.max_memory_allocated() if backend else _rss_peak_bytes(),
         "peak_memory_kind": f"torch.{r.device.type}.max_memory_allocated" if backend else "process max RSS",
         "first_step_peak_bytes": r.history.get("first_step_peak_bytes"),  # GPU: its largest micro-batch's peak
+        "planned_peak_bytes": r.spec.planned_peak_bytes,  # the plan's, beside it
         "world_size": r.dist.world, "nnodes": r.dist.nnodes, "batching": r.mode,
         "profile_env_applied": all(os.environ.get(k) == v for k, v in p.env.items()),
         "cpu_emulation": r.spec.cpu_emulation, "profile": p.name, "env_seen": {k: os.environ.get(k) for k in p.env},

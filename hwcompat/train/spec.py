@@ -47,6 +47,7 @@ class RunSpec:
     resumes: list[dict[str, Any]] = field(default_factory=list)  # settings changed at each resume
     hwcompat: str = ""  # the version that wrote it
     inputs: dict[str, Any] = field(default_factory=dict)  # what it trained on (fingerprint.run_inputs)
+    planned_peak_bytes: int | None = None  # the launcher's plan for this device (None: the planner skipped)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
