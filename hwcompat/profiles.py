@@ -48,11 +48,10 @@ class Choice:
 
 
 @dataclass(frozen=True)
-class EnvVar:
-    name: str
-    value: str
-    reason: str
-    source: str = ""
+class EnvVar(Choice):
+    """An environment variable a profile sets: its name, and the value with why and where that fact comes from."""
+
+    name: str = field(kw_only=True)
 
 
 @dataclass(frozen=True)
@@ -313,7 +312,7 @@ def _env(ctx: _Ctx, where: str, raw: Any) -> tuple[EnvVar, ...]:
             raise ctx.fail(f"{w}.name", f"{name!r} is not in hwcompat.envvars.SETS; register it there first")
         if not isinstance(item["value"], str):
             raise ctx.fail(f"{w}.value", f"expected a string (quote it), got {item['value']!r}")
-        out.append(EnvVar(name, item["value"], _str(ctx, f"{w}.reason", item["reason"]), item.get("source", "")))
+        out.append(EnvVar(item["value"], _str(ctx, f"{w}.reason", item["reason"]), item.get("source", ""), name=name))
     return tuple(out)
 
 

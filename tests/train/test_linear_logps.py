@@ -160,6 +160,32 @@ def test_bf16_autocast_matches_one_pass_to_bf16_precision(small_chunks, monkeypa
         torch.testing.assert_close(ga[name], gb[name], rtol=5e-2, atol=5e-3, msg=name)
 
 
+def test_fp16_under_the_grad_scaler_matches_one_pass(small_chunks, monkeypatch):
+    """Volta, Pascal P100, RDNA2: fp16 autocast with loss scaling; the unscaled gradients agree with one pass."""
+    import torch
+
+    from hwcompat.train.objectives.sft import ResponseLoss
+
+    model = _tiny()
+    batch = batching.collate(_rows(), "padded", 0)
+    results = []
+    for chunked in (True, False):
+        if not chunked:
+            monkeypatch.setattr(linear_logps, "logit_chunk_rows", lambda vocab: 10**9)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = ResponseLoss(model)(batch, float(batch["n_target"]))
+        scaler.scale(loss).backward()
+        grads = {n: p.grad / scaler.get_scale() for n, p in model.named_parameters() if p.requires_grad}
+        results.append((loss.detach().float(), grads))
+        model.zero_grad()
+    (a, ga), (b, gb) = results
+    torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)
+    for name in ga:
+        assert torch.isfinite(ga[name]).all()
+        torch.testing.assert_close(ga[name], gb[name], rtol=5e-2, atol=2e-3, msg=name)
+
+
 @pytest.mark.parametrize("shared", [False, True])
 def test_dpo_losses_and_gradients_equal_one_pass(small_chunks, monkeypatch, tiny_model, tmp_path, shared):
     """DPO's per-row sums of per-token log-probabilities, padded rows and prefix-shared rows."""
