@@ -66,10 +66,12 @@ class Hardware:
 
 
 @dataclass(frozen=True)
-class Quant:
-    supported: bool
-    reason: str
-    source: str = ""
+class Quant(Choice):
+    """Whether a quantisation kind runs on this profile: a Choice of "true" / "false" with its reason and source."""
+
+    @property
+    def supported(self) -> bool:
+        return self.value == "true"
 
 
 @dataclass(frozen=True)
@@ -322,7 +324,8 @@ def _quant(ctx: _Ctx, where: str, raw: Any, partial: bool) -> dict[str, Quant]:
     for key, item in raw.items():
         w = f"{where}.{key}"
         _keys(ctx, w, item, {"supported", "reason", "source"}, {"supported", "reason"})
-        out[key] = Quant(_bool(ctx, f"{w}.supported", item["supported"]), _str(ctx, f"{w}.reason", item["reason"]),
+        supported = _bool(ctx, f"{w}.supported", item["supported"])
+        out[key] = Quant("true" if supported else "false", _str(ctx, f"{w}.reason", item["reason"]),
                          item.get("source", ""))
     return out
 
