@@ -180,8 +180,8 @@ def main() -> int:
     plain = json.loads(res.stdout.strip().splitlines()[-1])
     trl = None
     if args.trl_python:
-        (tmp / "trl.py").write_text(TRL)
-        res = subprocess.run([args.trl_python, str(tmp / "trl.py"), str(model), str(train), str(tmp / "trl"),
+        (tmp / "trl_sft.py").write_text(TRL)  # not trl.py: that name would shadow the package
+        res = subprocess.run([args.trl_python, str(tmp / "trl_sft.py"), str(model), str(train), str(tmp / "trl"),
                               str(args.steps), str(args.batch), str(args.max_len), str(args.lr), str(threads)],
                              capture_output=True, text=True, env={**env, "TOKENIZERS_PARALLELISM": "false"})
         if res.returncode:
@@ -207,7 +207,7 @@ def main() -> int:
         trl_loss = eval_loss(model, tmp / "trl" / "adapter", evals, args.max_len)
         trl_tps = trl["real_tokens"] / trl["train_seconds"]
         report["trl_sft"] = {"tokens_per_s": trl_tps, "train_seconds": trl["train_seconds"], "eval_loss": trl_loss,
-                             "peak_rss_bytes": trl["peak_rss_bytes"], "settings": "completion_only_loss, train_sampling_strategy=group_by_length"}
+                             "peak_rss_bytes": trl["peak_rss_bytes"], "settings": "completion_only_loss, train_sampling_strategy=group_by_length, TRL defaults otherwise (gradient checkpointing on)"}
         report["speedup_vs_trl"] = hw_tps / trl_tps
         report["memory_vs_trl"] = hw["peak_memory_bytes"] / trl["peak_rss_bytes"]
     report["hwcompat"]["peak_memory_bytes"] = hw["peak_memory_bytes"]
