@@ -127,9 +127,10 @@ def plan_batches(lengths: list[int], micro_batch: int, mode: str, seed: int, lar
                  ) -> list[list[int]]:
     """Index lists, one per micro-batch, deterministic for (seed, lengths).
 
-    ``largest_first=N`` (the first epoch, N = processes) moves the N costliest micro-batches to the front, each
-    process's first, so a run that will run out of memory does so in its first step, not hours in (the order is
-    otherwise the same shuffle, and a resume recomputes the same plan)."""
+    ``largest_first=N`` (the first epoch; N = processes x accumulation, the first optimizer step's window) moves
+    the N costliest micro-batches to the front, costliest first, so a run that will run out of memory does so in its
+    first step, not hours in. The order is otherwise the same shuffle, a resume recomputes the same plan, and the
+    plan does not depend on how the window is split between processes."""
     rng = random.Random(seed)
     idx = list(range(len(lengths)))
     rng.shuffle(idx)

@@ -311,10 +311,17 @@ def micro_batches(r: Recipe, start_micro: int):
         epoch, pos = divmod(m, r.per_rank)
         if epoch != planned:
             plan = batching.plan_batches(lengths, r.cfg.micro_batch_size, r.mode, r.cfg.seed + epoch,
-                                         largest_first=r.dist.world if epoch == 0 else 0)
+                                         largest_first=_first_window(r) if epoch == 0 else 0)
             mine, planned = plan[r.dist.rank::r.dist.world][:r.per_rank], epoch
         yield epoch, r.objective.collate(mine[pos], r.mode, r.tokenizer.pad_token_id)
         m += 1
+
+
+def _first_window(r: Recipe) -> int:
+    """Micro-batches in the first optimizer step, all processes together: it gets the costliest, so the largest
+    micro-batch runs in the first minute, and N processes still equal one process with N x the accumulation (each
+    step takes the same contiguous block of the plan either way)."""
+    return r.dist.world * r.cfg.gradient_accumulation
 
 
 def train(r: Recipe, signals: Signals) -> int:

@@ -162,7 +162,7 @@ def test_response_loss_equals_the_standard_loss(tiny_model, mode):
 @pytest.mark.parametrize("mode", ["padded", "length_grouped", "packed"])
 @pytest.mark.parametrize("world", [1, 2])
 def test_the_first_micro_batches_are_the_costliest_and_the_rest_keep_their_order(mode, world):
-    """#25: an out-of-memory run fails in its first step. Each process's first micro-batch is one of the `world`
+    """#25: an out-of-memory run fails in its first step. With `world` leading slots each process's first micro-batch is one of the `world`
     costliest; the others keep the seed's shuffled order; a resume (same seed) recomputes the same plan."""
     import random
 
