@@ -478,3 +478,25 @@ def test_suggest_combines_changes_with_a_shorter_sequence(qwen7b, capsys):
     assert fits[0]["settings"] == {"offload": "layers", "max_seq_len": 3392}
     assert not any({"offload", "gradient_checkpointing"} <= set(x["settings"]) for x in fits)  # streaming implies it
     assert all(x["settings"]["max_seq_len"] >= P.MIN_SUGGESTED_SEQ for x in fits)
+
+
+def test_memory_limit_plans_the_smaller_card_and_is_refused_where_nothing_enforces_it(tmp_path, capsys):
+    """#26: memory_limit_gib=16 on a 24 GB card plans 16 GiB (train and plan alike); on the CPU it is an input error."""
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text(json.dumps(QWEN3_4B))
+    (tmp_path / "d.jsonl").write_text(json.dumps({"prompt": "p", "completion": "c"}) + "\n")
+    (tmp_path / "c.yaml").write_text(json.dumps({"model": str(tmp_path / "model"), "max_seq_len": 512,
+                                                  "train_data": [str(tmp_path / "d.jsonl")],
+                                                  "output_dir": str(tmp_path / "run")}))
+    args = ["train", str(tmp_path / "c.yaml"), "--emulate", "rtx4090", "--print-config"]
+    assert main(args + ["memory_limit_gib=16"]) == 0
+    assert re.search(r"# plan: peak [\d.]+ GiB of 16\.0 GiB", capsys.readouterr().out)
+    assert main(["plan", str(tmp_path / "c.yaml"), "--emulate", "rtx4090", "--json", "memory_limit_gib=16"]) == 0
+    assert json.loads(capsys.readouterr().out)["device_bytes"] == 16 * P.GIB
+    assert main(args + ["memory_limit_gib=64"]) == 0  # --print-config shows the verdict, runs nothing
+    assert "# memory_limit_gib=64: NVIDIA GeForce RTX 4090 has only 24.0 GiB" in capsys.readouterr().out
+    assert main(["plan", str(tmp_path / "c.yaml"), "--emulate", "rtx4090", "memory_limit_gib=64"]) == 2
+    assert "has only 24.0 GiB" in capsys.readouterr().err
+    cpu = ["train", str(tmp_path / "c.yaml"), "--emulate", "rtx4090", "--cpu-emulation", "memory_limit_gib=16"]
+    assert main(cpu) == 2
+    assert "nothing enforces it" in capsys.readouterr().err

@@ -1,26 +1,76 @@
-"""selftest on this machine's CPU for real, and on a GPU when there is one."""
+"""selftest on this machine's CPU for real (through `hwcompat train`), and on a GPU when there is one."""
 
 import json
 
 import pytest
 
+from hwcompat import selftest
 
-def test_selftest_cpu(run_cli, tmp_path):
-    out = tmp_path / "st.json"
-    res = run_cli("selftest", "--json", "--steps", "20", "--out", str(out), timeout=600)
+
+def test_selftest_cpu_runs_the_shipped_recipe(run_cli, tmp_path):
+    """The selftest's training is `hwcompat train`: the run folder holds the recipe's own records."""
+    out, keep = tmp_path / "st.json", tmp_path / "work"
+    res = run_cli("selftest", "--json", "--steps", "12", "--out", str(out), "--keep", str(keep), timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr
     data = json.loads(out.read_text())
-    assert data["passed"] and data["profile"] == "cpu"
+    assert data["passed"] and data["profile"] == "cpu" and not data["emulated"]
     checks = {c["name"]: c for c in data["checks"]}
     assert checks["kernels"]["ok"] and checks["finite"]["ok"] and checks["learns"]["ok"]
     assert checks["memory"]["ok"] is None  # no allocator statistics on the CPU
     assert data["tokens_per_s"] > 0 and data["achieved_tflops"] > 0 and data["mfu"] is None
+    run = keep / "run"
+    spec = json.loads((run / "run.json").read_text())
+    assert spec["config"]["method"] == "sft" and spec["profile"]["name"] == "cpu"
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    steps = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in steps if r["kind"] == "train"] == data["losses"] and len(data["losses"]) == 12
+    assert json.loads((run / "summary.json").read_text())["profile"] == "cpu"
 
 
-def test_selftest_text_output(run_cli):
-    res = run_cli("selftest", "--steps", "12", timeout=600)
-    assert res.returncode == 0
-    assert "PASS  kernels" in res.stdout and res.stdout.strip().endswith("PASS")
+def test_selftest_emulated_profile_path_on_the_cpu(run_cli, tmp_path):
+    """--emulate m40 --cpu-emulation: the Maxwell profile's choices through the launcher, no MFU against a card."""
+    out = tmp_path / "st.json"
+    res = run_cli("selftest", "--steps", "6", "--emulate", "m40", "--cpu-emulation", "--out", str(out), timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    data = json.loads(out.read_text())
+    assert data["profile"] == "maxwell" and data["dtype"] == "float32" and data["emulated"]
+    assert data["mfu"] is None and "PASS  learns" in res.stdout and res.stdout.strip().endswith("PASS")
+
+
+def test_selftest_refuses_an_emulated_card_without_cpu_emulation_and_a_used_folder(run_cli, tmp_path):
+    res = run_cli("selftest", "--emulate", "v100")
+    assert res.returncode == 2 and "--cpu-emulation" in res.stderr
+    (tmp_path / "mine.txt").write_text("keep")
+    res = run_cli("selftest", "--keep", str(tmp_path))
+    assert res.returncode == 2 and "not an empty folder" in res.stderr
+    assert (tmp_path / "mine.txt").read_text() == "keep"
+
+
+def test_failed_training_is_a_failed_check_with_the_reason(tmp_path):
+    import subprocess
+
+    res = selftest.SelftestResult("card", "volta", "float16", "sdpa", "eager", False, [])
+    proc = subprocess.CompletedProcess([], 1, "", "RuntimeError: CUDA error: no kernel image is available\n")
+    selftest._judge(res, proc, tmp_path / "run", on_gpu=True, fix_hint="pip install torch --index-url X")
+    (check,) = res.checks
+    assert check.ok is False and "no kernel image" in check.detail and check.fix.startswith("pip install")
+
+
+def test_learning_checks():
+    ok = selftest.learning_checks([6.0, 5.0, 4.0, 3.0, 2.0, 1.0], [1.0] * 6)
+    assert [c.ok for c in ok] == [True, True]
+    flat = selftest.learning_checks([6.0] * 6, [1.0] * 6)
+    assert [c.ok for c in flat] == [True, False]
+    nan = selftest.learning_checks([6.0, float("nan")], [1.0, 1.0])
+    assert nan[0].ok is False and "float32" in nan[0].fix
+
+
+def test_lora_flops_count_frozen_weights_at_four_and_trained_at_six():
+    cfg = dict(hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+               num_key_value_heads=1, vocab_size=10)
+    frozen = 8 * 8 * 2 + 8 * 4 * 2 + 8 * 16 * 3 + 8 * 10  # q o, k v, MLP, head
+    trained = 2 * ((8 + 8) * 2 + (8 + 4) * 2 + (8 + 16) * 3)
+    assert selftest.lora_flops_per_token(cfg, 2, 32) == 4 * frozen + 6 * trained + 6 * 32 * 8
 
 
 @pytest.mark.gpu
@@ -30,3 +80,4 @@ def test_selftest_gpu(run_cli, tmp_path):
     data = json.loads(out.read_text())
     assert res.returncode == 0 and data["passed"], res.stdout + res.stderr
     assert data["mfu"] is None or 0 < data["mfu"] < 1
+    assert {c["name"]: c["ok"] for c in data["checks"]}["memory"] is True

@@ -69,15 +69,15 @@ def train_config(args: argparse.Namespace):
 def make_plan(shape, device, loaded, inp, with_suggestions: bool, host_ram: int | None = None):
     """The plan on ``device``; ``offload: auto`` decided here exactly as `hwcompat train` decides it."""
     from hwcompat import plan as planner
-    from hwcompat.pipeline.launch import memory_choice
+    from hwcompat.pipeline.launch import device_memory, memory_choice
 
     prof = device.profile
     quant_ok = "nf4" in prof.quantization
     host = planner.host_for(device, host_ram, prof.dtype)
+    memory = device_memory(loaded.config, device)
 
     def run(i):
-        return planner.estimate(shape, i, prof.dtype, prof.attention, device.reading.vendor,
-                                device.reading.memory_bytes, quant_ok, host)
+        return planner.estimate(shape, i, prof.dtype, prof.attention, device.reading.vendor, memory, quant_ok, host)
 
     choice = memory_choice(loaded, shape, inp, run, device.reading.vendor)
     result = choice.plan

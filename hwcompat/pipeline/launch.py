@@ -130,7 +130,8 @@ def prepare_run_dir(loaded: LoadedConfig, profile: ResolvedProfile, device: Reso
     spec = RunSpec(config=replace(loaded.config, output_dir=str(run.path)), profile=profile,
                    device=TrainDevice.choose(device, profile, cpu_emulation), origins=dict(loaded.origins),
                    cpu_emulation=cpu_emulation, resumes=resumes, hwcompat=__version__, inputs=inputs,
-                   planned_peak_bytes=loaded.planned_peak_bytes)
+                   planned_peak_bytes=loaded.planned_peak_bytes,
+                   planned_allocated_bytes=loaded.planned_allocated_bytes)
     atomic_write_json(run.path / "run.json", spec.to_dict())
     record_written(run.path, *RECORDS)
     return run
@@ -338,6 +339,26 @@ def _host_limit(inp, result, run) -> str:
     return ""
 
 
+def device_memory(cfg, device: ResolvedDevice) -> int:
+    """The memory this run may use on its card: the whole card, or ``memory_limit_gib`` of it (GPU only)."""
+    card = device.reading.memory_bytes
+    if not cfg.memory_limit_gib or device.reading.vendor == "cpu":
+        return card
+    limit = int(cfg.memory_limit_gib * 2**30)
+    if card and limit > card:
+        raise InputError(f"memory_limit_gib={cfg.memory_limit_gib:g}: {device.reading.name} has only "
+                         f"{card / 2**30:.1f} GiB; give a smaller limit, or 0 for the whole card")
+    return limit
+
+
+def check_memory_limit(cfg, device: ResolvedDevice, cpu_emulation: bool) -> None:
+    """A limit is enforced by the GPU's allocator; on the CPU nothing would hold the run to it, so say so."""
+    if cfg.memory_limit_gib and (device.reading.vendor == "cpu" or cpu_emulation):
+        raise InputError(f"memory_limit_gib={cfg.memory_limit_gib:g} caps a GPU's memory, but this run trains on "
+                         "the CPU, where nothing enforces it; set memory_limit_gib=0")
+    device_memory(cfg, device)
+
+
 def memory_choice(loaded: LoadedConfig, shape, inp, run, vendor: str):
     """`offload: auto` as train and plan both decide it; a ``gradient_checkpointing`` the user wrote is kept."""
     from hwcompat import plan as planner
@@ -366,15 +387,16 @@ def check_plan(loaded: LoadedConfig, device: ResolvedDevice, profile: ResolvedPr
     quant_ok = "nf4" in profile.quantization
     vendor = device.reading.vendor
     host = planner.host_for(device, host_ram, profile.dtype)
+    memory = device_memory(cfg, device)
 
     def run(inp):
-        return planner.estimate(shape, inp, profile.dtype, profile.attention, vendor, device.reading.memory_bytes,
-                                quant_ok, host)
+        return planner.estimate(shape, inp, profile.dtype, profile.attention, vendor, memory, quant_ok, host)
 
     inp = planner.plan_input(cfg, logit_fraction=logit_fraction)
     choice = memory_choice(loaded, shape, inp, run, vendor)
     offload, result = choice.offload, choice.plan
     loaded.planned_peak_bytes = result.peak_bytes
+    loaded.planned_allocated_bytes = result.peak_bytes - result.breakdown["runtime_overhead"]
     if choice.gradient_checkpointing != cfg.gradient_checkpointing:
         cfg.gradient_checkpointing = choice.gradient_checkpointing
         loaded.origins["gradient_checkpointing"] = "plan (offload: auto)"
@@ -482,6 +504,7 @@ def launch(opts: LaunchOptions, loaded: LoadedConfig, plan: HostPlan) -> int:
         raise InputError(f"{device.reading.name} is emulated: there is no such card to train on. "
                          "Use --print-config to see the resolved run, --cpu-emulation to run its profile on the "
                          "CPU, or drop --emulate")
+    check_memory_limit(loaded.config, device, opts.cpu_emulation)
     preflight(loaded, device, profile, plan)
     nproc, group = process_count(opts, plan, pos, device)
     if loaded.config.offload == "layers" and (nproc > 1 or (opts.nnodes or 1) > 1):

@@ -86,6 +86,9 @@ class TrainConfig:
     attention: str | None = None  # eager | sdpa | flash_attention_2
     compile_backend: str | None = None  # eager | inductor
     num_threads: int = 0  # CPU threads; 0: all cores this process may use
+    # GPU: use at most this much of the card (torch's per-process memory fraction) and plan for that much;
+    # rehearse a smaller card on a bigger one, or leave room for another job. 0: the whole card
+    memory_limit_gib: float = 0.0
     # --- after training -------------------------------------------------------------------------
     export: str = "none"  # none | gguf: merge the adapter into the base and write model.gguf + Modelfile
     export_type: str = "f16"  # f32 | f16 | bf16 | q8_0 | q6_k | q5_k_m | q4_k_m | q5_0 | q4_0 (hwcompat[gguf])
@@ -107,6 +110,7 @@ class LoadedConfig:
     origins: dict[str, str]  # field -> where its value came from
     path: Path | None
     planned_peak_bytes: int | None = None  # the launcher's plan of this config on its device (check_plan)
+    planned_allocated_bytes: int | None = None  # the same without the runtime context and allocator slack
 
 
 def _fields() -> dict[str, Any]:
@@ -193,7 +197,7 @@ RANGES: dict[str, str] = {
     "weight_decay": "[0, 10]", "max_grad_norm": "(0, 1e6]", "keep_checkpoints": "[1, 10000]",
     "eval_every": "[0, 1e8]", "checkpoint_every": "[0, 1e8]", "eval_max_rows": "[1, 1e7]",
     "eval_max_new_tokens": "[0, 1048576]", "beta": "(0, 100]", "rpo_alpha": "[0, 100]", "regression_tolerance": "[0, 100]",
-    "offload_prefetch": "[1, 16]", "num_threads": "[0, 4096]", "seed": "[0, 4294967295]",
+    "offload_prefetch": "[1, 16]", "num_threads": "[0, 4096]", "memory_limit_gib": "[0, 1e6]", "seed": "[0, 4294967295]",
 }
 _RANGE_HINT = {"max_grad_norm": " (the clipping threshold: 0 would zero every update, a negative one would run "
                                 "gradient ascent)",

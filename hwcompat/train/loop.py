@@ -171,7 +171,19 @@ def _bind_device(spec: RunSpec, dist: Dist):
                             "none; run `hwcompat doctor` for the install command, or use the "
                             f"{spec.profile.image} image")
     backend.set_device(dist.local_rank)
-    return torch.device(spec.device.kind, dist.local_rank)
+    device = torch.device(spec.device.kind, dist.local_rank)
+    if spec.config.memory_limit_gib:
+        _limit_memory(backend, device, spec.config.memory_limit_gib, dist)
+    return device
+
+
+def _limit_memory(backend, device, limit_gib: float, dist: Dist) -> None:
+    """memory_limit_gib: the allocator refuses beyond it, as a card of that size would (the plan used it too)."""
+    total = backend.get_device_properties(device).total_memory
+    if not hasattr(backend, "set_per_process_memory_fraction"):
+        raise HwcompatError(f"memory_limit_gib: this torch cannot cap {device.type} memory; set memory_limit_gib=0")
+    backend.set_per_process_memory_fraction(min(1.0, limit_gib * 2**30 / total), device)
+    log(dist, f"memory limit: {limit_gib:g} GiB of this card's {total / 2**30:.1f} GiB")
 
 
 def accelerator(kind: str):
@@ -416,7 +428,8 @@ def _log_step(r: Recipe, bar, step: int, loss: float, grad_norm: float, epoch: i
     if r.dist.writer:
         _append_jsonl(r.metrics_path, {"step": step, "kind": "train", "loss": loss,
                                        "lr": r.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                                       "epoch": epoch, "tokens_per_s": tps})
+                                       "epoch": epoch, "tokens_per_s": tps, "tokens": r.tokens * r.dist.world,
+                                       "train_seconds": r.train_seconds})
     bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:,.0f}", refresh=False)
     bar.update(1)
 
@@ -531,6 +544,7 @@ def _summary(r: Recipe, final: dict[str, Any]) -> dict[str, Any]:
         "peak_memory_kind": f"torch.{r.device.type}.max_memory_allocated" if backend else "process max RSS",
         "first_step_peak_bytes": r.history.get("first_step_peak_bytes"),  # GPU: its largest micro-batch's peak
         "planned_peak_bytes": r.spec.planned_peak_bytes,  # the plan's, beside it
+        "planned_allocated_bytes": r.spec.planned_allocated_bytes,  # the plan's allocator side (max_memory_allocated)
         "world_size": r.dist.world, "nnodes": r.dist.nnodes, "batching": r.mode,
         "profile_env_applied": all(os.environ.get(k) == v for k, v in p.env.items()),
         "cpu_emulation": r.spec.cpu_emulation, "profile": p.name, "env_seen": {k: os.environ.get(k) for k in p.env},

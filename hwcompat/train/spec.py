@@ -48,6 +48,8 @@ class RunSpec:
     hwcompat: str = ""  # the version that wrote it
     inputs: dict[str, Any] = field(default_factory=dict)  # what it trained on (fingerprint.run_inputs)
     planned_peak_bytes: int | None = None  # the launcher's plan for this device (None: the planner skipped)
+    # what max_memory_allocated can be compared with: the plan without the runtime context and allocator slack
+    planned_allocated_bytes: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
