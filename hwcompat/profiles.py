@@ -32,6 +32,9 @@ class Fp16Rate(str, enum.Enum):
 
 class Evidence(str, enum.Enum):
     emulated = "emulated"  # decisions checked on emulated devices only
+    # a bigger card of the same vendor ran this profile's code path (dtype, attention, compile, env) under the
+    # family's usual memory: proves the path and the planner under the cap, not the old card's kernels
+    path_verified = "path-verified"
     verified = "verified"  # a committed selftest result on the real card backs it
 
 
@@ -162,6 +165,7 @@ class Profile:
     image: Image
     evidence: Evidence
     peak_tflops: dict[str, float]
+    evidence_note: str = ""  # path-verified: which card, under which limit, when, and the result file
     peak_card: str = ""
     caveats: tuple[Caveat, ...] = ()
     supported: Choice = field(default_factory=lambda: Choice("true", "a profile covers this device"))
@@ -248,6 +252,28 @@ def _enum(ctx: _Ctx, where: str, value: Any, kind: type[enum.Enum]):
     except ValueError:
         allowed = ", ".join(m.value for m in kind)
         raise ctx.fail(where, f"{value!r} is not one of: {allowed}") from None
+
+
+_PATH_KEYS = {"level", "card", "memory_limit_gib", "date", "source"}
+
+
+def _evidence(ctx: _Ctx, raw: Any) -> tuple[Evidence, str]:
+    """``emulated`` / ``verified``, or path-verified with its card, limit, date and result file (all required)."""
+    if not isinstance(raw, dict):
+        level = _enum(ctx, "evidence", raw, Evidence)
+        if level is Evidence.path_verified:
+            raise ctx.fail("evidence", "path-verified needs {level, card, memory_limit_gib, date, source}: the card "
+                                       "it ran on, the limit, the date and the committed result file")
+        return level, ""
+    _keys(ctx, "evidence", raw, _PATH_KEYS, _PATH_KEYS)
+    if raw["level"] != Evidence.path_verified.value:
+        raise ctx.fail("evidence.level", f"{raw['level']!r}: only path-verified takes a mapping")
+    limit = raw["memory_limit_gib"]
+    if isinstance(limit, bool) or not isinstance(limit, (int, float)) or limit <= 0:
+        raise ctx.fail("evidence.memory_limit_gib", f"{limit!r} is not a positive number of GiB")
+    return Evidence.path_verified, (f"{_str(ctx, 'evidence.card', raw['card'])} under a {limit:g} GiB limit, "
+                                    f"{_str(ctx, 'evidence.date', str(raw['date']))} "
+                                    f"({_str(ctx, 'evidence.source', raw['source'])})")
 
 
 def _choice(ctx: _Ctx, where: str, raw: Any, kind: type[enum.Enum] | None) -> Choice:
@@ -415,6 +441,7 @@ def parse_profile(raw: Any, path: str) -> Profile:
                      d.get("source", ""))
     peak_tflops, peak_card = _peak(ctx, "peak_tflops", raw.get("peak_tflops") or {})
     variants = tuple(_variant(ctx, f"variants[{i}]", vraw, vendor) for i, vraw in enumerate(raw.get("variants") or []))
+    evidence, evidence_note = _evidence(ctx, raw["evidence"])
     return Profile(
         name=name, vendor=vendor, title=_str(ctx, "title", raw["title"]),
         match=_match(ctx, "match", raw["match"], vendor),
@@ -427,7 +454,7 @@ def parse_profile(raw: Any, path: str) -> Profile:
         torch=_torch(ctx, "torch", raw["torch"]),
         driver_min=drv,
         image=image,
-        evidence=_enum(ctx, "evidence", raw["evidence"], Evidence),
+        evidence=evidence, evidence_note=evidence_note,
         peak_tflops=peak_tflops, peak_card=peak_card,
         caveats=_caveats(ctx, "caveats", raw.get("caveats") or []),
         supported=_supported(ctx, "supported", raw["supported"]) if "supported" in raw else Choice(

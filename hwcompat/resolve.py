@@ -72,13 +72,14 @@ class ResolvedProfile:
     driver_min_version: str | None
     image: str
     image_family: str
-    evidence: str  # "emulated" | "verified"
+    evidence: str  # "emulated" | "path-verified" | "verified"
     variant: str | None  # the note of the variant that applied, if any
     caveats: list[str]
     reasons: dict[str, str]
     hardware: dict[str, Any]  # the hardware facts the choices were checked against
     peak_tflops: dict[str, float] = field(default_factory=dict)  # datasheet peaks of peak_card, by dtype
     peak_card: str = ""
+    evidence_note: str = ""  # path-verified: the card, the memory limit, the date, the result file
 
 
 @dataclass(frozen=True)
@@ -438,7 +439,7 @@ def resolve_device(reading: DeviceReading, profiles: dict[str, Profile], softwar
         driver_min_version=p.driver_min.value if p.driver_min else None, image=p.image.tag,
         image_family=p.image.family, evidence=p.evidence.value, variant=p.variant_note,
         caveats=[c.text for c in p.caveats], reasons=reasons, hardware=hw,
-        peak_tflops=dict(p.peak_tflops), peak_card=p.peak_card,
+        peak_tflops=dict(p.peak_tflops), peak_card=p.peak_card, evidence_note=p.evidence_note,
     )
     return ResolvedDevice(reading, p.name, supported, problems, resolved)
 

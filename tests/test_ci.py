@@ -84,3 +84,29 @@ def test_verified_evidence_only_from_committed_real_results():
             real.add(data["profile"])
     for name, p in load_profiles().items():
         assert (p.evidence.value == "verified") == (name in real), name
+
+
+def _real_path_results() -> dict[str, dict]:
+    """Passing path runs on a real card (not smoke, not emulated), by the profile they ran."""
+    out = {}
+    for f in (ROOT / "bench" / "results").glob("path-*.json"):
+        data = json.loads(f.read_text())
+        if data.get("passed") and not data.get("emulated", True) and data.get("memory_limit_gib"):
+            out[data["profile"]] = data | {"file": f"bench/results/{f.name}"}
+    return out
+
+
+def test_path_verified_evidence_only_from_committed_path_results():
+    """#26: `path-verified` exactly where a committed real path run passed (and no verified result outranks it);
+    its card, limit, date and source are that file's."""
+    from hwcompat.profiles import load_profiles
+
+    path = _real_path_results()
+    for name, p in load_profiles().items():
+        if p.evidence.value == "verified":
+            continue
+        assert (p.evidence.value == "path-verified") == (name in path), name
+        if name in path:
+            r = path[name]
+            note = f"{r['device']} under a {r['memory_limit_gib']:g} GiB limit, {r['date'][:10]} ({r['file']})"
+            assert p.evidence_note == note, name

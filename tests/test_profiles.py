@@ -60,6 +60,12 @@ def _raw():
     (lambda r: r["match"]["compute_capability"].update(min="8.0"), "match.compute_capability: min is above max"),
     (lambda r: r.pop("torch"), "top level: missing required key 'torch'"),
     (lambda r: r["env"][0].update(value=1), "env[0].value: expected a string (quote it), got 1"),
+    (lambda r: r.update(evidence="path-verified"), "evidence: path-verified needs {level, card, memory_limit_gib"),
+    (lambda r: r.update(evidence={"level": "path-verified", "card": "H100", "date": "2026-12-02", "source": "x"}),
+     "evidence: missing required key 'memory_limit_gib'"),
+    (lambda r: r.update(evidence={"level": "path-verified", "card": "H100", "memory_limit_gib": -1,
+                                  "date": "2026-12-02", "source": "x"}),
+     "evidence.memory_limit_gib: -1 is not a positive number of GiB"),
 ])
 def test_schema_errors_name_the_key(mutate, message):
     raw = _raw()
@@ -113,3 +119,14 @@ def test_catalog_memory_is_the_datasheet_size_in_whole_gib():
     for name, entry in catalog().items():
         if entry["vendor"] != "cpu":
             assert entry["memory_bytes"] % 2**30 == 0, (name, entry["memory_bytes"] / 2**30)
+
+
+def test_path_verified_evidence_carries_its_card_limit_date_and_source():
+    """#26: the level between emulated and verified, with what it was measured on (detect --explain prints it)."""
+    raw = _raw()
+    raw["evidence"] = {"level": "path-verified", "card": "NVIDIA H100 80GB HBM3", "memory_limit_gib": 16,
+                       "date": "2026-12-02", "source": "bench/results/path-volta-nvidia-h100-80gb-hbm3.json"}
+    p = parse_profile(raw, "profiles/volta.yaml")
+    assert p.evidence.value == "path-verified"
+    assert p.evidence_note == ("NVIDIA H100 80GB HBM3 under a 16 GiB limit, 2026-12-02 "
+                               "(bench/results/path-volta-nvidia-h100-80gb-hbm3.json)")

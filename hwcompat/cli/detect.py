@@ -29,7 +29,8 @@ def render_table(plan, explain: bool = False) -> str:
     for pos, d in enumerate(plan.devices):
         p = d.profile
         status = "ok" if d.supported and not d.problems else ("unsupported" if not d.supported else "warning")
-        # evidence: "verified" only when a real-card selftest result backs the profile (bench/results/)
+        # evidence: "verified" only when a real-card selftest result backs the profile, "path-verified" when a
+        # bigger card ran its code path under the family's memory (both from committed bench/results/ files)
         rows.append([str(pos), d.reading.name, d.arch or "-", _cap(d), gib(d.reading.memory_bytes),
                      p.dtype if p else "-", p.attention if p else "-", p.compile_backend if p else "-",
                      p.image if p else "-", p.evidence if p else "-", status])
@@ -42,7 +43,7 @@ def render_table(plan, explain: bool = False) -> str:
             notes.append(f"  env: {' '.join(f'{k}={v}' for k, v in p.env.items()) or '(none)'}")
             notes.append(f"  quantization: {', '.join(p.quantization) or 'none'}; torch: {p.torch_build}"
                          f"{'; driver >= ' + p.driver_min_version if p.driver_min_version else ''}"
-                         f"; evidence: {p.evidence}")
+                         f"; evidence: {p.evidence}{f' ({p.evidence_note})' if p.evidence_note else ''}")
             notes.append(f"  install torch: {p.torch_install}")
             notes += [f"  why {k}: {v}" for k, v in p.reasons.items()]
             notes += [f"  caveat: {c}" for c in p.caveats]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from datetime import datetime, timezone
 from pathlib import Path
 
 from hwcompat.cli.common import plan_from_args, print_json
@@ -70,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
     res = run_selftest(device, opts, fix_hint=pip_fix(device))
     data = res.to_dict()
     data["emulated"] = bool(device.reading.emulated)
+    data["date"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     data["host"] = {"driver": device.reading.driver_version, "runtime": device.reading.runtime_version,
                     "memory_bytes": device.reading.memory_bytes, "compute_capability": device.reading.compute_capability,
                     "gfx_target": device.reading.gfx_target}
