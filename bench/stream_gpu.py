@@ -11,6 +11,15 @@ Models are built from a config with random weights (no hub). An H100 is capped w
 - 8b-fp32 at a 24 GB cap (an M40's memory) and 14b-bf16 at a 16 GB cap (a V100's): resident does not
   fit; streamed trains with peak memory under the cap. Reports tokens/s, bytes moved per step and the
   achieved host -> device GB/s (a pinned layer copy timed alone) against the link's peak from NVML.
+- QLoRA under the same caps (``qlora`` engine): the decoder's linear layers as bitsandbytes NF4
+  ``Linear4bit`` (quantised in place as they move to the card; no saved 4-bit checkpoint needed), LoRA
+  on top, gradient checkpointing: the other way a 24 or 16 GB card trains these models.
+
+Each engine's measured peak sits beside the planner's allocator-side estimate for the same setting
+(``plan.estimate``: offload=layers for streamed, method=qlora for qlora), so the planner's accuracy under a
+cap is measured too. ``--engines`` picks engines (gpu_evidence.sh runs the capped cases streamed + qlora
+within its budget). The JSON is rewritten after every engine, so a run stopped by its time limit keeps what
+it measured.
 
 ``--smoke`` runs the same code on the CPU with tiny shapes (no caps, no streams): a check that the script
 works, not a measurement. Results: JSON plus a short table.
@@ -48,11 +57,14 @@ CASES = {
     "8b-fp32": ("8b", "float32", 24, 1, 2048, ("resident", "streamed", "fsdp2_cpu_offload")),
     "14b-bf16": ("14b", "bfloat16", 16, 1, 2048, ("resident", "streamed")),
 }
-SMOKE = {"fits": ("tiny", "float32", None, 2, 32, ("resident", "streamed", "fsdp2_cpu_offload"))}
+SMOKE = {"fits": ("tiny", "float32", None, 2, 32, ("resident", "streamed", "fsdp2_cpu_offload", "qlora")),
+         "tiny-bf16": ("tiny", "bfloat16", None, 1, 32, ("streamed", "qlora"))}
+ENGINES = ("resident", "streamed", "fsdp2_cpu_offload", "qlora")
 
 
-def build(shape: str, dtype: str):
-    """A random-weight Llama on the host, LoRA r=16 on every linear (adapters fp32)."""
+def build(shape: str, dtype: str, qlora_on=None):
+    """A random-weight Llama on the host, LoRA r=16 on every linear (adapters fp32); with ``qlora_on`` (a
+    device) the decoder's linears are NF4 first, quantised as they move there."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, LlamaConfig
@@ -61,18 +73,48 @@ def build(shape: str, dtype: str):
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, dtype))
     model = model.to_empty(device="cpu")
-    gen = torch.Generator().manual_seed(0)
+    _fill(model)
     with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.02, generator=gen)
         model.model.rotary_emb.__init__(cfg)  # buffers are not parameters: recompute inv_freq
     model.config.use_cache = False
+    if qlora_on is not None:
+        model = _nf4(model, getattr(torch, dtype), qlora_on)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
                                              task_type="CAUSAL_LM"))
     for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.float()
     return model
+
+
+def _fill(model) -> None:
+    """Random N(0, 0.02) weights at memory speed: one 16M-value block tiled over every parameter (an 8B fp32
+    model drawn value by value takes minutes; step time and memory do not depend on which random values)."""
+    import torch
+
+    block = torch.empty(1 << 24).normal_(0.0, 0.02, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for i, p in enumerate(model.parameters()):
+            flat, n = p.view(-1), p.numel()
+            src = block.roll(i * 7919)[: min(n, block.numel())].to(p.dtype)  # another phase per tensor
+            for start in range(0, n, src.numel()):
+                flat[start:start + src.numel()].copy_(src[: n - start])
+
+
+def _nf4(model, compute_dtype, device):
+    """Every linear of the decoder layers as a bitsandbytes NF4 Linear4bit, then the model on ``device``."""
+    import bitsandbytes as bnb
+    import torch
+
+    for layer in model.model.layers:
+        for name, mod in list(layer.named_modules()):
+            if isinstance(mod, torch.nn.Linear):
+                q = bnb.nn.Linear4bit(mod.in_features, mod.out_features, bias=mod.bias is not None,
+                                      compute_dtype=compute_dtype, quant_type="nf4")
+                q.weight = bnb.nn.Params4bit(mod.weight.data, requires_grad=False, quant_type="nf4")
+                parent, _, leaf = name.rpartition(".")
+                setattr(layer.get_submodule(parent) if parent else layer, leaf, q)
+    return model.to(device)
 
 
 def _batch(vocab: int, batch: int, seq: int, device):
@@ -93,7 +135,7 @@ def _prepare(engine: str, model, device):
     """Place the model the engine's way; returns the module whose forward runs the loss."""
     import torch
 
-    if engine == "resident":
+    if engine in ("resident", "qlora"):
         model.to(device)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -127,7 +169,9 @@ def run_engine(engine: str, case: tuple, device, steps: int) -> dict:
     from hwcompat.train.objectives.sft import ResponseLoss
 
     shape, dtype, cap, batch, seq, _ = case
-    model = build(shape, dtype)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    model = build(shape, dtype, qlora_on=device if engine == "qlora" else None)
     model = _prepare(engine, model, device)
     loss_fn = ResponseLoss(model)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -135,8 +179,6 @@ def run_engine(engine: str, case: tuple, device, steps: int) -> dict:
     autocast = (torch.autocast(device.type, dtype=getattr(torch, dtype)) if dtype != "float32"
                 else torch.autocast(device.type, enabled=False))
     times = []
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     streamer = getattr(model, "hwcompat_streamer", None)
     for i in range(steps + 1):
         _sync(device)
@@ -152,7 +194,8 @@ def run_engine(engine: str, case: tuple, device, steps: int) -> dict:
         if i > 0:
             times.append(time.perf_counter() - t)
     step = sorted(times)[len(times) // 2]
-    out = {"step_seconds": step, "tokens_per_s": batch * seq / step, "loss": float(loss.detach())}
+    out = {"step_seconds": step, "tokens_per_s": batch * seq / step, "loss": float(loss.detach()),
+           "planned_allocated_bytes": planned_allocated(engine, case, device)}
     if device.type == "cuda":
         out["peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
         out["peak_reserved_bytes"] = torch.cuda.max_memory_reserved(device)
@@ -165,6 +208,26 @@ def run_engine(engine: str, case: tuple, device, steps: int) -> dict:
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return out
+
+
+def planned_allocated(engine: str, case: tuple, device) -> int | None:
+    """The planner's allocator-side peak for this engine's setting (what max_memory_allocated sees)."""
+    from hwcompat import plan as P
+
+    if engine == "fsdp2_cpu_offload":
+        return None  # the planner has no FSDP term; FSDP2 is a comparison, not a path hwcompat runs
+    shape, dtype, cap, batch, seq, _ = case
+    dims = {**SHAPES[shape], "model_type": "llama", "tie_word_embeddings": False}
+    inp = P.PlanInput(method="qlora" if engine == "qlora" else "lora", seq_len=seq, batch_size=batch,
+                      gradient_checkpointing=engine != "streamed", lora_dropout=False,
+                      offload="layers" if engine == "streamed" else "none")
+    try:
+        plan = P.estimate(P.shape_from_config(dims, shape), inp, dtype, "sdpa", device.type if device.type != "cuda"
+                          else "nvidia", int((cap or 80) * GIB))
+    except Exception as exc:  # noqa: BLE001 (a bench records what the planner refused)
+        print(f"   planner: {exc}", flush=True)
+        return None
+    return plan.peak_bytes - plan.breakdown["runtime_overhead"]
 
 
 def _copy_rate(streamer, device) -> float | None:
@@ -202,7 +265,7 @@ def _link() -> dict:
             "peak_gb_per_s": lane["gt_per_s"] * lane["encoding"] * width / 8}
 
 
-def run_case(name: str, case: tuple, device, steps: int) -> dict:
+def run_case(name: str, case: tuple, device, steps: int, only: tuple[str, ...] = (), save=None) -> dict:
     import torch
 
     shape, dtype, cap, batch, seq, engines = case
@@ -211,6 +274,8 @@ def run_case(name: str, case: tuple, device, steps: int) -> dict:
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, cap * GIB / total), device)
     for engine in engines:
+        if only and engine not in only:
+            continue
         print(f"== {name}: {engine}", flush=True)
         try:
             result[engine] = run_engine(engine, case, device, steps)
@@ -221,7 +286,12 @@ def run_case(name: str, case: tuple, device, steps: int) -> dict:
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        print(f"   {result[engine]}", flush=True)
+        e = result[engine]
+        if e.get("peak_allocated_bytes") and e.get("planned_allocated_bytes"):
+            e["planned_over_measured"] = e["planned_allocated_bytes"] / e["peak_allocated_bytes"]
+        print(f"   {e}", flush=True)
+        if save is not None:
+            save(result)
     if cap and device.type == "cuda":
         torch.cuda.set_per_process_memory_fraction(1.0, device)
     res, st = result.get("resident", {}), result.get("streamed", {})
@@ -237,6 +307,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None)
     ap.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {', '.join(CASES)}")
+    ap.add_argument("--engines", default="", help=f"comma-separated subset of {', '.join(ENGINES)} (default: each "
+                                                  "case's own list)")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: the script works, nothing measured")
     args = ap.parse_args()
@@ -254,15 +326,18 @@ def main() -> int:
     report = {"benchmark": "stream_gpu", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "device": name, "torch": torch.__version__, "smoke": args.smoke,
               "link": _link() if device.type == "cuda" else None, "cases": {}}
-    for case_name, case in cases.items():
-        report["cases"][case_name] = run_case(case_name, case, device, args.steps)
     slug = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
     out = Path(args.out or ROOT / "bench" / "results" / f"stream-gpu-{'smoke' if args.smoke else slug}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"{'case':10} {'engine':18} {'step s':>8} {'tok/s':>9} {'peak GiB':>9} {'copy GB/s':>9}")
+    only = tuple(e for e in args.engines.split(",") if e)
+    for case_name, case in cases.items():
+        def save(partial, case_name=case_name):  # after every engine: a run stopped at its limit keeps its results
+            report["cases"][case_name] = partial
+            out.write_text(json.dumps(report, indent=2) + "\n")
+        save(run_case(case_name, case, device, args.steps, only, save))
+    print(f"{'case':10} {'engine':18} {'step s':>8} {'tok/s':>9} {'peak GiB':>9} {'plan/meas':>9} {'copy GB/s':>9}")
     for case_name, r in report["cases"].items():
-        for engine in ("resident", "streamed", "fsdp2_cpu_offload"):
+        for engine in ENGINES:
             e = r.get(engine)
             if e is None:
                 continue
@@ -271,7 +346,8 @@ def main() -> int:
                 continue
             peak = e.get("peak_allocated_bytes")
             print(f"{case_name:10} {engine:18} {e['step_seconds']:8.3f} {e['tokens_per_s']:9.0f} "
-                  f"{(peak or 0) / GIB:9.2f} {e.get('copy_gb_per_s') or 0:9.1f}")
+                  f"{(peak or 0) / GIB:9.2f} {e.get('planned_over_measured') or 0:9.2f} "
+                  f"{e.get('copy_gb_per_s') or 0:9.1f}")
         if "streamed_over_resident" in r:
             print(f"{case_name:10} streamed / resident step time: {r['streamed_over_resident']:.2f}x (goal <= 1.15x)")
         if "fsdp2_over_streamed" in r:

@@ -1,11 +1,18 @@
-"""Tokens/s of `hwcompat train` vs the plain transformers Trainer + PEFT script from the docs.
+"""Tokens/s of `hwcompat train` vs the plain transformers Trainer + PEFT script from the docs (and TRL).
 
     python bench/train.py [--model smollm2|small] [--steps 20] [--batch 8] [--out bench/results/train-cpu-smollm2.json]
+    python bench/train.py --gpu [--smoke] [--trl-python PY] [--out bench/results/train-gpu-<card>.json]
 
 Same model, data, max sequence length, batch size, steps, learning rate and LoRA config, run one after
 the other in this process's run. Data has a realistic length spread (prompts 30-400 tokens). Tokens/s
 counts real tokens only (no padding), over the training phase only. Both adapters are then scored by
-the same token-weighted eval loss on the same eval rows. Goal: >= 1.5x with an equal or better loss.
+the same token-weighted eval loss on the same eval rows. Goal: >= 2.5x TRL's tokens/s at no more peak memory
+and no worse eval loss.
+
+``--gpu``: the same comparison on the card at hand (see ``gpu_main``): a random-weight Llama of TinyLlama's
+shape built from a config, `hwcompat train` and TRL's SFTTrainer each in bf16 and in fp16 (fp16 under a
+GradScaler, the Volta/Turing path), tokens/s after warm-up, peak device memory, and MFU counted both as NeMo
+AutoModel counts it (model FLOPs) and as a LoRA run does its work. ``--smoke`` runs it on the CPU, tiny.
 """
 
 from __future__ import annotations
@@ -121,6 +128,182 @@ print(json.dumps({"train_seconds": elapsed, "real_tokens": tokens,
 '''
 
 
+TRL_TIMED = r"""
+# TRL's SFTTrainer on the card: completion-only loss, length-grouped sampling, bf16 or fp16 mixed precision.
+# Tokens are counted from the batches the collator hands over; time and tokens after WARMUP steps are kept apart.
+import json, sys, time, torch
+from datasets import Dataset
+from peft import LoraConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+from trl import SFTConfig, SFTTrainer
+model_dir, train_file, out, steps, batch, max_len, lr, dtype, warmup = sys.argv[1:10]
+cuda = torch.cuda.is_available()
+tok = AutoTokenizer.from_pretrained(model_dir)
+tok.pad_token = tok.pad_token or tok.eos_token
+rows = [json.loads(x) for x in open(train_file)]
+ds = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"] + tok.eos_token} for r in rows])
+model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+peft = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+args = SFTConfig(output_dir=out, per_device_train_batch_size=int(batch), max_steps=int(steps), learning_rate=float(lr),
+                 lr_scheduler_type="cosine", logging_steps=10, save_strategy="no", report_to=[], seed=42,
+                 dataloader_num_workers=0, use_cpu=not cuda, bf16=dtype == "bfloat16", fp16=dtype == "float16",
+                 max_length=int(max_len), completion_only_loss=True, train_sampling_strategy="group_by_length")
+trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, peft_config=peft)
+seen = {"tokens": 0, "marks": []}
+collate = trainer.data_collator
+def counting(features):
+    b = collate(features)
+    seen["tokens"] += int(b["attention_mask"].sum()) if "attention_mask" in b else int(b["input_ids"].numel())
+    return b
+trainer.data_collator = counting
+class Marks(TrainerCallback):
+    def on_step_end(self, a, state, control, **kw):
+        if cuda:
+            torch.cuda.synchronize()
+        seen["marks"].append((state.global_step, time.perf_counter(), seen["tokens"]))
+trainer.add_callback(Marks())
+if cuda:
+    torch.cuda.reset_peak_memory_stats()
+t = time.perf_counter()
+trainer.train()
+total = time.perf_counter() - t
+w = seen["marks"][int(warmup) - 1]
+end = seen["marks"][-1]
+print(json.dumps({"train_seconds": total, "real_tokens": seen["tokens"],
+                  "tokens_per_s_after_warmup": (end[2] - w[2]) / (end[1] - w[1]),
+                  "peak_memory_bytes": torch.cuda.max_memory_allocated() if cuda else None,
+                  "grad_checkpointing": bool(args.gradient_checkpointing)}))
+"""
+
+GPU_SHAPE = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                 num_key_value_heads=4, vocab_size=32000)  # TinyLlama-1.1B's shape, random weights
+SMOKE_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, vocab_size=512)
+GPU_WARMUP = 3  # steps not timed: allocation, autotuning, compilation
+
+
+def _hwcompat_gpu(model: Path, data: tuple[Path, Path], tmp: Path, dtype: str, args, device_args: list[str]) -> dict:
+    """`hwcompat train` with the card's profile and ``dtype``; tokens/s after warm-up from its metrics."""
+    run = tmp / f"hw-{dtype}"
+    cfg = {"model": str(model), "train_data": [str(data[0])], "eval_data": [str(data[1])], "max_seq_len": args.max_len,
+           "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "max_steps": args.steps, "learning_rate": args.lr,
+           "warmup_ratio": 0.0, "micro_batch_size": args.batch, "eval_at_start": False, "eval_metrics": "none",
+           "eval_max_rows": 8, "chat_template": "false", "output_dir": str(run), "dtype": dtype,
+           # smoke: the script is checked, not inductor's CPU compile (the path runs compile each dtype)
+           **({"compile_backend": "eager"} if args.smoke else {})}
+    (tmp / f"hw-{dtype}.yaml").write_text(json.dumps(cfg))
+    res = subprocess.run([sys.executable, "-m", "hwcompat", "train", str(tmp / f"hw-{dtype}.yaml"), *device_args],
+                         capture_output=True, text=True, env=_bench_env())
+    if res.returncode:
+        return {"error": f"exit {res.returncode}", "stderr_tail": res.stderr[-1500:]}
+    summary = json.loads((run / "summary.json").read_text())
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    recs = [r for r in recs if r["kind"] == "train"]
+    a, b = recs[GPU_WARMUP - 1], recs[-1]
+    return {"tokens_per_s_after_warmup": (b["tokens"] - a["tokens"]) / (b["train_seconds"] - a["train_seconds"]),
+            "train_seconds": summary["train_seconds"], "peak_memory_bytes": summary["peak_memory_bytes"],
+            "peak_memory_kind": summary["peak_memory_kind"], "dtype": summary["dtype"],
+            "compile_backend": summary["compile_backend"], "attention": summary["attention"],
+            "profile": summary["profile"], "final_loss": recs[-1]["loss"]}
+
+
+def _trl_gpu(python: str, model: Path, train: Path, tmp: Path, dtype: str, args) -> dict:
+    (tmp / "trl_timed.py").write_text(TRL_TIMED)  # not trl.py: that name would shadow the package
+    res = subprocess.run([python, str(tmp / "trl_timed.py"), str(model), str(train), str(tmp / f"trl-{dtype}"),
+                          str(args.steps), str(args.batch), str(args.max_len), str(args.lr), dtype, str(GPU_WARMUP)],
+                         capture_output=True, text=True, env={**_bench_env(), "TOKENIZERS_PARALLELISM": "false"})
+    if res.returncode:
+        return {"error": f"exit {res.returncode}", "stderr_tail": res.stderr[-1500:]}
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def _bench_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HWCOMPAT_")}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def _has_trl(python: str) -> bool:
+    return subprocess.run([python, "-c", "import trl, datasets"], capture_output=True).returncode == 0
+
+
+def _mfu(entry: dict, config: dict, seq: int, peak: float | None) -> None:
+    """Achieved TFLOP/s and MFU under both counts (NeMo's model FLOPs; the work a LoRA step really does)."""
+    from hwcompat.selftest import lora_flops_per_token, model_flops_per_token
+
+    tps = entry.get("tokens_per_s_after_warmup")
+    if not tps:
+        return
+    for name, per_token in (("nemo", model_flops_per_token(config, seq)), ("lora", lora_flops_per_token(config, 16, seq))):
+        tflops = tps * per_token / 1e12
+        entry[f"tflops_{name}"] = tflops
+        entry[f"mfu_{name}"] = tflops / peak if peak else None
+
+
+def gpu_main(args) -> int:
+    """hwcompat and TRL on the card at hand, bf16 and fp16, side by side in one run (alternating by dtype)."""
+    import torch
+
+    from hwcompat.profiles import load_profiles
+    from hwcompat.selftest import write_model
+
+    on_gpu = torch.cuda.is_available() and not args.smoke
+    if not on_gpu and not args.smoke:
+        print("train --gpu: no GPU (add --smoke to check the script on the CPU)", file=sys.stderr)
+        return 2
+    device_args = [] if on_gpu else ["--emulate", "h100", "--cpu-emulation"]
+    shape = GPU_SHAPE if on_gpu else SMOKE_SHAPE
+    name = torch.cuda.get_device_name(0) if on_gpu else "cpu (smoke, emulated h100 profile)"
+    profile = load_profiles()["hopper"] if not on_gpu else None
+    tmp = Path(tempfile.mkdtemp(prefix="hwcompat-bench-gpu-"))
+    train, evals = make_data(tmp, n_train=args.steps * args.batch, n_eval=8)
+    texts = [json.loads(x)["prompt"] + " " + json.loads(x)["completion"] for x in train.read_text().splitlines()]
+    write_model(tmp / "model", shape, texts[:200], dtype="bfloat16" if on_gpu else "float32")
+    config = json.loads((tmp / "model" / "config.json").read_text())
+    python = args.trl_python or sys.executable
+    trl_ok = _has_trl(python)
+    if on_gpu:  # the profile `hwcompat detect` resolves for this card: its datasheet peak for MFU
+        detect = json.loads(subprocess.run([sys.executable, "-m", "hwcompat", "detect", "--json"], capture_output=True,
+                                           text=True, env=_bench_env()).stdout)
+        gpu = next(d for d in detect["devices"] if d["vendor"] != "cpu")
+        profile = load_profiles().get((gpu.get("profile") or {}).get("name", ""))
+    report = {"benchmark": "train_gpu", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "device": name, "smoke": args.smoke, "torch": torch.__version__, "shape": shape,
+              "steps": args.steps, "batch": args.batch, "max_seq_len": args.max_len, "warmup_steps": GPU_WARMUP,
+              "profile": profile.name if profile else None, "peak_card": profile.peak_card if profile else None,
+              "trl": "installed" if trl_ok else f"not installed for {python}: pip install trl datasets", "runs": {}}
+    for dtype in ("bfloat16", "float16"):
+        peak = profile.peak_tflops.get(dtype) if profile and on_gpu else None
+        runs = {"hwcompat": _hwcompat_gpu(tmp / "model", (train, evals), tmp, dtype, args, device_args)}
+        if trl_ok:
+            runs["trl_sft"] = _trl_gpu(python, tmp / "model", train, tmp, dtype, args)
+        for entry in runs.values():
+            _mfu(entry, config, args.max_len, peak)
+        hw, trl = runs["hwcompat"], runs.get("trl_sft", {})
+        if hw.get("tokens_per_s_after_warmup") and trl.get("tokens_per_s_after_warmup"):
+            runs["speedup_vs_trl"] = hw["tokens_per_s_after_warmup"] / trl["tokens_per_s_after_warmup"]
+            if hw.get("peak_memory_bytes") and trl.get("peak_memory_bytes"):
+                runs["memory_vs_trl"] = hw["peak_memory_bytes"] / trl["peak_memory_bytes"]
+        report["runs"][dtype] = runs
+    slug = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+    out = Path(args.out or ROOT / "bench" / "results" / f"train-gpu-{'smoke' if args.smoke else slug}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"{'dtype':9} {'trainer':9} {'tok/s':>9} {'peak GiB':>9} {'MFU nemo':>9} {'MFU lora':>9}")
+    for dtype, runs in report["runs"].items():
+        for who in ("hwcompat", "trl_sft"):
+            e = runs.get(who)
+            if e is None or "error" in e:
+                print(f"{dtype:9} {who:9} {e['error'] if e else 'not run'}")
+                continue
+            mfu = [f"{e[k]:9.1%}" if e.get(k) is not None else f"{'-':>9}" for k in ("mfu_nemo", "mfu_lora")]
+            print(f"{dtype:9} {who:9} {e['tokens_per_s_after_warmup']:9.0f} "
+                  f"{(e.get('peak_memory_bytes') or 0) / 2**30:9.2f} {' '.join(mfu)}")
+    print(f"wrote {out}")
+    failed = [d for d, r in report["runs"].items() if "error" in r["hwcompat"]]
+    return 1 if failed else 0
+
+
 def eval_loss(model_dir: Path, adapter: Path, eval_file: Path, max_len: int) -> float:
     """One scorer for both adapters: token-weighted loss on response tokens."""
     import torch
@@ -147,10 +330,16 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--max-len", type=int, default=512)
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "train-cpu-smollm2.json"))
+    ap.add_argument("--out", default=None, help="default: bench/results/train-cpu-smollm2.json "
+                                               "(--gpu: train-gpu-<card>.json)")
+    ap.add_argument("--gpu", action="store_true", help="the card at hand: hwcompat vs TRL in bf16 and fp16, MFU")
+    ap.add_argument("--smoke", action="store_true", help="with --gpu: tiny shapes on the CPU (the script works)")
     ap.add_argument("--trl-python", help="an interpreter with TRL installed (e.g. a venv made with "
                                          "--system-site-packages): adds TRL's SFTTrainer to the comparison")
     args = ap.parse_args()
+    if args.gpu:
+        return gpu_main(args)
+    args.out = args.out or str(ROOT / "bench" / "results" / "train-cpu-smollm2.json")
     threads = os.cpu_count() or 1
     tmp = Path(tempfile.mkdtemp(prefix="hwcompat-bench-"))
     train, evals = make_data(tmp, n_train=args.steps * args.batch, n_eval=48)

@@ -73,6 +73,22 @@ def test_lora_flops_count_frozen_weights_at_four_and_trained_at_six():
     assert selftest.lora_flops_per_token(cfg, 2, 32) == 4 * frozen + 6 * trained + 6 * 32 * 8
 
 
+def test_model_flops_match_nemo_automodel_count():
+    """#25: NeMo AutoModel's llama3_flops per token: 6 FLOPs per weight (GEMM forward, wgrad, dgrad) plus causal
+    attention and the head. On a GQA-free Llama it is 6N + 6 * layers * seq * hidden, counted by hand here."""
+    from hwcompat import selftest
+
+    cfg = dict(hidden_size=8, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+               num_key_value_heads=2, vocab_size=10)
+    weights = 2 * (4 * 8 * 8 + 3 * 8 * 16) + 8 * 10  # q k v o, gate up down per layer; the head
+    assert selftest.model_flops_per_token(cfg, 32) == 6 * weights + 6 * 2 * 32 * 8
+    # Llama-3-8B at 8,192 tokens: NeMo's count is ~1.3x our LoRA count (no weight gradients of frozen weights)
+    l3 = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+              num_key_value_heads=8, vocab_size=128256)
+    ratio = selftest.model_flops_per_token(l3, 8192) / selftest.lora_flops_per_token(l3, 16, 8192)
+    assert 1.2 < ratio < 1.6
+
+
 @pytest.mark.gpu
 def test_selftest_gpu(run_cli, tmp_path):
     out = tmp_path / "st.json"
