@@ -49,6 +49,7 @@ SMOKE_CARD = "h100"  # the catalog card whose profile the smoke run emulates on 
 #: (profile, GiB, the card that memory stands for)
 PATHS = (("maxwell", 24, "Tesla M40 24GB"), ("pascal", 24, "Tesla P40"), ("volta", 16, "Tesla V100 16GB"),
          ("turing", 16, "Tesla T4"), ("ada", 24, "RTX 4090"))
+BF16_PATHS = ("ada",)  # paths whose profile dtype is bfloat16 (tests/test_gpu_evidence.py checks the profiles)
 PATH_STEPS = 10  # selftest steps per path run (3 warm-up + 7 timed): compiling, not stepping, is their cost
 
 
@@ -62,6 +63,8 @@ class Ctx:
     profile: str  # the profile `hwcompat detect` resolved for it
     memory_gib: float
     smoke: bool
+    vendor: str = "nvidia"
+    bf16: bool = True  # the card's profile says its silicon has bf16
 
     def device(self) -> list[str]:
         return ["--emulate", SMOKE_CARD, "--cpu-emulation"] if self.smoke else []
@@ -104,8 +107,14 @@ def _path_step(profile: str, gib: int, card: str) -> Step:
                          str(5 if ctx.smoke else PATH_STEPS), *limit)
 
     def needs(ctx: Ctx) -> str:
-        if not ctx.smoke and ctx.memory_gib < gib:
+        if ctx.smoke:
+            return ""
+        if ctx.vendor != "nvidia":
+            return f"the {profile} path is an NVIDIA family's; this card is {ctx.vendor}"
+        if ctx.memory_gib < gib:
             return f"this card has {ctx.memory_gib:.0f} GiB, under the {gib} GiB of a {card}"
+        if profile in BF16_PATHS and not ctx.bf16:
+            return f"the {profile} path trains in bf16, which this card's silicon lacks"
         return ""
 
     compiled = profile in ("volta", "turing", "ada")  # inductor: the first run of a dtype compiles
@@ -249,8 +258,10 @@ def main() -> int:
         print("gpu_evidence: no GPU found by `hwcompat detect`; run this on a machine with a CUDA or ROCm card, "
               "or add --smoke to check the script on the CPU", file=sys.stderr)
         return 2
-    ctx = Ctx(py=sys.executable, out=out, card=_slug(gpu["name"]), profile=(gpu.get("profile") or {}).get("name", "none"),
-              memory_gib=gpu["memory_bytes"] / 2**30, smoke=args.smoke)
+    prof = gpu.get("profile") or {}
+    ctx = Ctx(py=sys.executable, out=out, card=_slug(gpu["name"]), profile=prof.get("name", "none"),
+              memory_gib=gpu["memory_bytes"] / 2**30, smoke=args.smoke, vendor=gpu["vendor"],
+              bf16=bool((prof.get("hardware") or {}).get("bf16", True)))
     only = {s for s in args.only.split(",") if s}
     start, steps = time.monotonic(), []
     for step in STEPS:

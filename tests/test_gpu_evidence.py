@@ -102,6 +102,22 @@ def test_a_path_the_card_is_too_small_for_is_skipped_with_the_reason(tmp_path):
     assert "--memory-limit" not in step.argv(_ctx(tmp_path, 80.0, smoke=True))
 
 
+def test_a_path_needs_an_nvidia_card_and_bf16_silicon_for_a_bf16_family(tmp_path):
+    from hwcompat.profiles import load_profiles
+
+    profiles = load_profiles()
+    for profile, _, _ in gpu_evidence.PATHS:
+        assert (profiles[profile].dtype.value == "bfloat16") == (profile in gpu_evidence.BF16_PATHS), profile
+    ada = next(s for s in gpu_evidence.STEPS if s.name == "path-ada")
+    volta = next(s for s in gpu_evidence.STEPS if s.name == "path-volta")
+    p40 = gpu_evidence.Ctx(py=sys.executable, out=tmp_path, card="p40", profile="pascal", memory_gib=24.0,
+                           smoke=False, bf16=False)
+    assert "lacks" in ada.needs(p40) and volta.needs(p40) == ""
+    amd = gpu_evidence.Ctx(py=sys.executable, out=tmp_path, card="mi300", profile="cdna3", memory_gib=192.0,
+                           smoke=False, vendor="amd")
+    assert "NVIDIA family" in volta.needs(amd)
+
+
 def test_a_step_the_budget_has_no_room_for_is_skipped_and_a_slow_one_is_stopped(tmp_path):
     step = next(s for s in gpu_evidence.STEPS if s.name == "plan")
     assert "budget had 5 s left" in gpu_evidence.run_step(step, _ctx(tmp_path, 80.0), left_s=5)["skipped"]
