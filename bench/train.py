@@ -92,7 +92,9 @@ t = time.time()
 trainer.train()
 elapsed = time.time() - t
 model.save_pretrained(out + "/adapter")
-print(json.dumps({"train_seconds": elapsed, "real_tokens": tokens["n"]}))
+import resource
+print(json.dumps({"train_seconds": elapsed, "real_tokens": tokens["n"],
+                  "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 '''
 
 
@@ -322,6 +324,44 @@ def eval_loss(model_dir: Path, adapter: Path, eval_file: Path, max_len: int) -> 
     return evaluate_loss(model, data, 8, tok.pad_token_id, torch.device("cpu"), "float32")
 
 
+def cfg_base(args, model: Path, train: Path, evals: Path, threads: int) -> dict:
+    return {"model": str(model), "train_data": [str(train)], "eval_data": [str(evals)], "max_seq_len": args.max_len,
+            "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "max_steps": args.steps, "learning_rate": args.lr,
+            "warmup_ratio": 0.0, "micro_batch_size": args.batch, "eval_at_start": False, "eval_metrics": "none",
+            "chat_template": "false", "num_threads": threads}
+
+
+def _cpu_hwcompat(tmp: Path, name: str, cfg: dict, malloc: str, env: dict) -> dict:
+    """`hwcompat train` as a user runs it (malloc auto: tcmalloc where installed), or on the system malloc."""
+    cfg = {**cfg, "output_dir": str(tmp / name), "cpu_allocator": malloc}
+    (tmp / f"{name}.yaml").write_text(json.dumps(cfg))
+    res = subprocess.run([sys.executable, "-m", "hwcompat", "train", str(tmp / f"{name}.yaml")], capture_output=True,
+                         text=True, env=env)
+    if res.returncode:
+        return {"error": f"exit {res.returncode}", "stderr_tail": res.stderr[-3000:]}
+    hw = json.loads((tmp / name / "summary.json").read_text())
+    return {"tokens_per_s": hw["tokens_per_s"], "train_seconds": hw["train_seconds"], "batching": hw["batching"],
+            "peak_memory_bytes": hw["peak_memory_bytes"], "cpu_allocator": hw.get("cpu_allocator")}
+
+
+def _cpu_script(python: str, code: str, tmp: Path, name: str, argv: list[str], malloc: str, env: dict) -> dict:
+    """A peer's script (the plain Trainer, TRL) in its own process; ``malloc`` tcmalloc preloads it there too."""
+    from hwcompat.probe.malloc import QUIET, find_tcmalloc
+
+    script = tmp / f"{name}_run.py"  # never trl.py: that name would shadow the package
+    script.write_text(code)
+    run_env = {**env, "TOKENIZERS_PARALLELISM": "false"}
+    if malloc == "tcmalloc":
+        run_env.update({"LD_PRELOAD": str(find_tcmalloc()), **QUIET})
+    args = [*argv[:2], str(tmp / name), *argv[3:]]
+    res = subprocess.run([python, str(script), *args], capture_output=True, text=True, env=run_env)
+    if res.returncode:
+        return {"error": f"exit {res.returncode}", "stderr_tail": res.stderr[-3000:]}
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    return {"tokens_per_s": out["real_tokens"] / out["train_seconds"], "train_seconds": out["train_seconds"],
+            "real_tokens": out["real_tokens"], "peak_memory_bytes": out.get("peak_rss_bytes"), "malloc": malloc}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=("smollm2", "small"), default="smollm2",
@@ -336,6 +376,9 @@ def main() -> int:
     ap.add_argument("--smoke", action="store_true", help="with --gpu: tiny shapes on the CPU (the script works)")
     ap.add_argument("--trl-python", help="an interpreter with TRL installed (e.g. a venv made with "
                                          "--system-site-packages): adds TRL's SFTTrainer to the comparison")
+    ap.add_argument("--skip-plain", action="store_true", help="leave out the plain transformers Trainer")
+    ap.add_argument("--malloc-ab", action="store_true", help="also hwcompat on the system malloc and TRL on "
+                                                             "tcmalloc: what the allocator gives each side")
     args = ap.parse_args()
     if args.gpu:
         return gpu_main(args)
@@ -344,72 +387,47 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="hwcompat-bench-"))
     train, evals = make_data(tmp, n_train=args.steps * args.batch, n_eval=48)
     model = make_model(args.model, tmp, train)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HWCOMPAT_")}
-
-    cfg = {"model": str(model), "train_data": [str(train)], "eval_data": [str(evals)], "max_seq_len": args.max_len,
-           "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "max_steps": args.steps, "learning_rate": args.lr,
-           "warmup_ratio": 0.0, "micro_batch_size": args.batch, "eval_at_start": False, "eval_metrics": "none",
-           "chat_template": "false", "output_dir": str(tmp / "hw"), "num_threads": threads}
-    (tmp / "hw.yaml").write_text(json.dumps(cfg))
-    res = subprocess.run([sys.executable, "-m", "hwcompat", "train", str(tmp / "hw.yaml")], capture_output=True,
-                         text=True, env=env)
-    if res.returncode:
-        print(res.stderr[-3000:], file=sys.stderr)
-        return 1
-    hw = json.loads((tmp / "hw" / "summary.json").read_text())
-
-    script = tmp / "plain.py"
-    script.write_text(PLAIN)
-    res = subprocess.run([sys.executable, str(script), str(model), str(train), str(tmp / "plain"), str(args.steps),
-                          str(args.batch), str(args.max_len), str(args.lr), str(threads)],
-                         capture_output=True, text=True, env=env)
-    if res.returncode:
-        print(res.stderr[-3000:], file=sys.stderr)
-        return 1
-    plain = json.loads(res.stdout.strip().splitlines()[-1])
-    trl = None
-    if args.trl_python:
-        (tmp / "trl_sft.py").write_text(TRL)  # not trl.py: that name would shadow the package
-        res = subprocess.run([args.trl_python, str(tmp / "trl_sft.py"), str(model), str(train), str(tmp / "trl"),
-                              str(args.steps), str(args.batch), str(args.max_len), str(args.lr), str(threads)],
-                             capture_output=True, text=True, env={**env, "TOKENIZERS_PARALLELISM": "false"})
-        if res.returncode:
-            print(res.stderr[-3000:], file=sys.stderr)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HWCOMPAT_") and k != "LD_PRELOAD"}
+    argv = [str(model), str(train), "", str(args.steps), str(args.batch), str(args.max_len), str(args.lr), str(threads)]
+    runs: dict[str, dict] = {}
+    # alternating: hwcompat (its default malloc), TRL as users run it, then the other malloc of each
+    order = [("hwcompat", "auto"), ("trl_sft", "system"), ("hwcompat_system_malloc", "system"),
+             ("trl_sft_tcmalloc", "tcmalloc")] if args.malloc_ab else [("hwcompat", "auto"), ("trl_sft", "system")]
+    for name, malloc in order:
+        if name.startswith("trl") and not args.trl_python:
+            continue
+        runs[name] = (_cpu_hwcompat(tmp, name, cfg_base(args, model, train, evals, threads), malloc, env)
+                      if name.startswith("hwcompat") else _cpu_script(args.trl_python, TRL, tmp, name, argv, malloc, env))
+    if not args.skip_plain:
+        runs["plain_trainer"] = _cpu_script(sys.executable, PLAIN, tmp, "plain_trainer", argv, "system", env)
+    for name, r in runs.items():
+        if "error" in r:
+            print(f"{name}: {r['error']}\n{r.get('stderr_tail', '')}", file=sys.stderr)
             return 1
-        trl = json.loads(res.stdout.strip().splitlines()[-1])
-
-    hw_loss = eval_loss(model, tmp / "hw" / "adapter", evals, args.max_len)
-    plain_loss = eval_loss(model, tmp / "plain" / "adapter", evals, args.max_len)
-    hw_tps = hw["tokens_per_s"]
-    plain_tps = plain["real_tokens"] / plain["train_seconds"]
-    report = {
-        "benchmark": "train", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "device": "cpu", "machine": platform.machine(), "threads": threads, "model": args.model,
-        "steps": args.steps, "batch": args.batch, "max_seq_len": args.max_len, "length_spread_tokens": "30-400",
-        "hwcompat": {"tokens_per_s": hw_tps, "train_seconds": hw["train_seconds"], "eval_loss": hw_loss,
-                     "batching": hw["batching"]},
-        "plain_trainer": {"tokens_per_s": plain_tps, "train_seconds": plain["train_seconds"], "eval_loss": plain_loss,
-                          "real_tokens": plain["real_tokens"]},
-        "speedup": hw_tps / plain_tps,
-    }
-    if trl is not None:
-        trl_loss = eval_loss(model, tmp / "trl" / "adapter", evals, args.max_len)
-        trl_tps = trl["real_tokens"] / trl["train_seconds"]
-        report["trl_sft"] = {"tokens_per_s": trl_tps, "train_seconds": trl["train_seconds"], "eval_loss": trl_loss,
-                             "peak_rss_bytes": trl["peak_rss_bytes"], "settings": "completion_only_loss, train_sampling_strategy=group_by_length, TRL defaults otherwise (gradient checkpointing on)"}
-        report["speedup_vs_trl"] = hw_tps / trl_tps
-        report["memory_vs_trl"] = hw["peak_memory_bytes"] / trl["peak_rss_bytes"]
-    report["hwcompat"]["peak_memory_bytes"] = hw["peak_memory_bytes"]
+        r["eval_loss"] = eval_loss(model, tmp / name / "adapter", evals, args.max_len)
+    report = {"benchmark": "train", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "device": "cpu", "machine": platform.machine(), "threads": threads, "model": args.model,
+              "steps": args.steps, "batch": args.batch, "max_seq_len": args.max_len, "length_spread_tokens": "30-400",
+              **runs}
+    hw = runs["hwcompat"]
+    for other, key in (("plain_trainer", "speedup"), ("trl_sft", "speedup_vs_trl")):
+        if other in runs:
+            report[key] = hw["tokens_per_s"] / runs[other]["tokens_per_s"]
+    if "trl_sft" in runs:
+        report["memory_vs_trl"] = hw["peak_memory_bytes"] / runs["trl_sft"]["peak_memory_bytes"]
+    if "trl_sft_tcmalloc" in runs:  # the same malloc on both sides: what is left is the trainer
+        report["speedup_vs_trl_tcmalloc"] = hw["tokens_per_s"] / runs["trl_sft_tcmalloc"]["tokens_per_s"]
+        report["memory_vs_trl_tcmalloc"] = hw["peak_memory_bytes"] / runs["trl_sft_tcmalloc"]["peak_memory_bytes"]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"{'':16} {'tokens/s':>10} {'train s':>9} {'eval loss':>10}")
-    print(f"{'hwcompat':16} {hw_tps:10.0f} {hw['train_seconds']:9.1f} {hw_loss:10.4f}")
-    print(f"{'plain Trainer':16} {plain_tps:10.0f} {plain['train_seconds']:9.1f} {plain_loss:10.4f}")
-    if trl is not None:
-        t = report["trl_sft"]
-        print(f"{'TRL SFTTrainer':16} {t['tokens_per_s']:10.0f} {t['train_seconds']:9.1f} {t['eval_loss']:10.4f}")
-        print(f"vs TRL: {report['speedup_vs_trl']:.2f}x tokens/s at {report['memory_vs_trl']:.2f}x its peak RSS")
-    print(f"speedup: {report['speedup']:.2f}x   wrote {args.out}")
+    print(f"{'':24} {'tokens/s':>10} {'train s':>9} {'eval loss':>10} {'peak GiB':>9}")
+    for name, r in runs.items():
+        print(f"{name:24} {r['tokens_per_s']:10.0f} {r['train_seconds']:9.1f} {r['eval_loss']:10.4f} "
+              f"{(r.get('peak_memory_bytes') or 0) / 2**30:9.2f}")
+    for key in ("speedup", "speedup_vs_trl", "memory_vs_trl", "speedup_vs_trl_tcmalloc", "memory_vs_trl_tcmalloc"):
+        if key in report:
+            print(f"{key}: {report[key]:.2f}x")
+    print(f"wrote {args.out}")
     return 0
 
 

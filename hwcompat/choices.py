@@ -40,6 +40,7 @@ METRICS = ("auto", "exact", "json", "label", "none")
 OVERLONG = ("truncate", "drop")
 BATCHING = ("auto", "packed", "length_grouped", "padded")
 OFFLOAD = ("auto", "none", "layers")
+CPU_ALLOCATORS = ("auto", "tcmalloc", "system")
 CHAT_TEMPLATE = ("auto", "true", "false")
 EXPORTS = ("none", "gguf")
 

@@ -26,6 +26,8 @@ READS: dict[str, str] = {
     "PYTORCH_CUDA_ALLOC_CONF": "read by doctor: compared with the profile's allocator setting",
     "PYTORCH_HIP_ALLOC_CONF": "read by doctor: ROCm allocator setting",
     "ZE_AFFINITY_MASK": "read by doctor: Level Zero's device mask, the Intel counterpart of CUDA_VISIBLE_DEVICES",
+    "LD_PRELOAD": "read by the launcher: a preload the user set is kept (a malloc of their own wins over tcmalloc)",
+    "CONDA_PREFIX": "read by the launcher: an active conda env's lib/ is searched for tcmalloc",
 }
 
 #: Variables a profile may set in the training process (validated by the profile schema).
@@ -43,6 +45,8 @@ SETS: dict[str, str] = {
     "OMP_NUM_THREADS": "CPU training: one thread per physical core",
     "TOKENIZERS_PARALLELISM": "false silences the fork warning of HF tokenizers in data loaders",
     "HF_HUB_OFFLINE": "1 in the trainer (and the images) unless the config names a hub id with allow_network: true",
+    "LD_PRELOAD": "a CPU run: the launcher preloads tcmalloc in the worker (cpu_allocator; probe/malloc.py)",
+    "TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": "with tcmalloc: 1 TiB, so loading a model prints no 'large alloc' lines",
 }
 
 

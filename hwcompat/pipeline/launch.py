@@ -268,6 +268,29 @@ def _same_base_as(adapter: Path, model: str) -> None:
                          "base_model_name_or_path in its adapter_config.json)")
 
 
+def cpu_allocator(setting: str, on_cpu: bool, environ: dict[str, str] | None = None,
+                  dirs: list[Path] | None = None) -> tuple[dict[str, str], str]:
+    """The worker's malloc on a CPU run: (variables to set, a line for the log). tcmalloc where installed halves
+    the trainer's peak memory (probe/malloc.py says why); a preload the user set is kept."""
+    from hwcompat.probe import malloc
+
+    if not on_cpu or setting == "system":
+        return {}, ""
+    env = os.environ if environ is None else environ
+    preload = env.get("LD_PRELOAD", "")
+    if "malloc" in preload:  # tcmalloc, jemalloc, mimalloc: the user chose one
+        return {}, f"allocator: the user's LD_PRELOAD ({preload})"
+    lib = malloc.find_tcmalloc(dirs)
+    if lib is None:
+        hint = malloc.install_hint()
+        if setting == "tcmalloc":
+            raise InputError(f"cpu_allocator=tcmalloc: no tcmalloc library on this host; install it ({hint}) or set "
+                             "cpu_allocator=auto")
+        return {}, (f"allocator: the system malloc; with tcmalloc this CPU run needs about half the memory and runs "
+                    f"~10 % faster: {hint}")
+    return {"LD_PRELOAD": ":".join(x for x in (str(lib), preload) if x), **malloc.QUIET}, f"allocator: tcmalloc ({lib})"
+
+
 def child_env(profile: ResolvedProfile, device: ResolvedDevice, group: list[int] | None,
               online: bool = False) -> dict[str, str]:
     env = dict(os.environ)
@@ -511,11 +534,15 @@ def launch(opts: LaunchOptions, loaded: LoadedConfig, plan: HostPlan) -> int:
         raise InputError("offload=layers streams the base to one card; several processes would each pin their own "
                          "host copy. Train on one device (drop --devices/--nnodes) or set offload=none")
     nodes = Nodes.parse(opts.nnodes, opts.node_rank, opts.rdzv_endpoint)
+    malloc_env, note = cpu_allocator(loaded.config.cpu_allocator, device.reading.vendor == "cpu" or opts.cpu_emulation)
     run = prepare_run_dir(loaded, profile, device, plan, opts.resume, opts.overwrite, opts.cpu_emulation,
                           world_size=nproc * nodes.nnodes)
     _announce(run, device, profile, nproc, nodes)
     cfg = loaded.config
-    exec_worker(run, child_env(profile, device, group, cfg.allow_network and is_hub_id(cfg.model)), nproc, nodes)
+    env = child_env(profile, device, group, cfg.allow_network and is_hub_id(cfg.model))
+    if note:
+        _say(note)
+    exec_worker(run, env | malloc_env, nproc, nodes)
     return 0  # not reached: exec replaced this process
 
 

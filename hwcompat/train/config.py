@@ -19,7 +19,7 @@ import yaml
 
 from hwcompat.errors import InputError, excerpt
 from hwcompat.choices import EXPORT_TYPES
-from hwcompat.choices import (BATCHING, CHAT_TEMPLATE, DATA_FORMATS, EXPORTS, METRICS, OFFLOAD, OPTIMIZERS,
+from hwcompat.choices import (BATCHING, CHAT_TEMPLATE, CPU_ALLOCATORS, DATA_FORMATS, EXPORTS, METRICS, OFFLOAD, OPTIMIZERS,
                               OVERLONG, SCHEDULES, Attention, CompileBackend, Dtype)
 from hwcompat.train.objectives import OBJECTIVES
 from hwcompat.yamlfile import load_yaml
@@ -86,6 +86,7 @@ class TrainConfig:
     attention: str | None = None  # eager | sdpa | flash_attention_2
     compile_backend: str | None = None  # eager | inductor
     num_threads: int = 0  # CPU threads; 0: all cores this process may use
+    cpu_allocator: str = "auto"  # auto | tcmalloc | system: a CPU run's malloc (auto: tcmalloc where installed)
     # GPU: use at most this much of the card (torch's per-process memory fraction) and plan for that much;
     # rehearse a smaller card on a bigger one, or leave room for another job. 0: the whole card
     memory_limit_gib: float = 0.0
@@ -119,7 +120,7 @@ def _fields() -> dict[str, Any]:
 
 
 CHOICES = {"data_format": DATA_FORMATS, "lr_schedule": SCHEDULES, "eval_metrics": METRICS, "overlong": OVERLONG,
-           "batching": BATCHING, "offload": OFFLOAD, "chat_template": CHAT_TEMPLATE,
+           "batching": BATCHING, "offload": OFFLOAD, "cpu_allocator": CPU_ALLOCATORS, "chat_template": CHAT_TEMPLATE,
            "dtype": tuple(d.value for d in Dtype), "attention": tuple(a.value for a in Attention),
            "compile_backend": tuple(c.value for c in CompileBackend), "export": EXPORTS,
            "export_type": EXPORT_TYPES, "method": OBJECTIVES,

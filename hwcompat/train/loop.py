@@ -27,6 +27,7 @@ from typing import Any
 from hwcompat.errors import HwcompatError, InputError
 from hwcompat.fsutil import Terminated, atomic_dir, atomic_write_json, atomic_write_text
 from hwcompat.data import metrics
+from hwcompat.probe import malloc
 from hwcompat.train import batching, checkpoint, distributed, objectives
 from hwcompat.train.distributed import Dist, log
 from hwcompat.train.model import load_model
@@ -542,6 +543,7 @@ def _summary(r: Recipe, final: dict[str, Any]) -> dict[str, Any]:
         "wall_seconds": time.time() - r.t_start,
         "peak_memory_bytes": backend.max_memory_allocated() if backend else _rss_peak_bytes(),
         "peak_memory_kind": f"torch.{r.device.type}.max_memory_allocated" if backend else "process max RSS",
+        "cpu_allocator": malloc.in_use() if r.device.type == "cpu" else None,  # what the process really ran on
         "first_step_peak_bytes": r.history.get("first_step_peak_bytes"),  # GPU: its largest micro-batch's peak
         "planned_peak_bytes": r.spec.planned_peak_bytes,  # the plan's, beside it
         "planned_allocated_bytes": r.spec.planned_allocated_bytes,  # the plan's allocator side (max_memory_allocated)
