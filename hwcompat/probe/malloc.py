@@ -3,7 +3,7 @@
 Why: glibc's malloc keeps what a training step frees (its mmap threshold grows to the largest freed block, so
 later activations land on a heap that fragments): measured on SmolLM2-135M LoRA, 8 x 394 tokens, the process
 peaked at 9.6 GiB RSS for 4.4 GiB of saved activations. tcmalloc reuses that memory: 5.1 GiB peak and 11 %
-more tokens/s (bench/results/malloc-cpu.json). PyTorch's own CPU launcher preloads it the same way
+more tokens/s (bench/profile_step.py; bench/results/profile-step-cpu.json). PyTorch's own CPU launcher preloads it the same way
 (``python -m torch.backends.xeon.run_cpu --enable-tcmalloc``, torch/backends/xeon/run_cpu.py), as Intel's
 PyTorch CPU tuning guide recommends. The worker is a fresh process (exec), so LD_PRELOAD takes effect there.
 """
