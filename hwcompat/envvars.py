@@ -45,6 +45,10 @@ SETS: dict[str, str] = {
     "OMP_NUM_THREADS": "CPU training: one thread per physical core",
     "TOKENIZERS_PARALLELISM": "false silences the fork warning of HF tokenizers in data loaders",
     "HF_HUB_OFFLINE": "1 in the trainer (and the images) unless the config names a hub id with allow_network: true",
+}
+
+#: Variables the launcher sets from what the host has, never from a profile (a profile may not preload code).
+HOST_SETS: dict[str, str] = {
     "LD_PRELOAD": "a CPU run: the launcher preloads tcmalloc in the worker (cpu_allocator; probe/malloc.py)",
     "TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": "with tcmalloc: 1 TiB, so loading a model prints no 'large alloc' lines",
 }

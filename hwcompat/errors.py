@@ -19,6 +19,12 @@ class InputError(HwcompatError):
     exit_code = 2
 
 
+class NothingToDo(HwcompatError):
+    """The work asked for is already done (``--resume`` of a finished run): said, nothing touched, exit 0."""
+
+    exit_code = 0
+
+
 class DataError(InputError):
     """The data checks failed: one class and one exit code, whether the launcher or the trainer found it."""
 

@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except HwcompatError as exc:
-        print(f"hwcompat: error: {exc}", file=sys.stderr)
+        print(f"hwcompat: {'error: ' if exc.exit_code else ''}{exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM inside fsutil.terminate_cleanly (Terminated)
         code = getattr(exc, "exit_code", 130)

@@ -15,7 +15,9 @@ def add_parser(sub) -> None:
     dsub.required = True
     c = dsub.add_parser("check", help="check JSONL files: encoding, NUL bytes, JSON, fields, roles, duplicates",
                         description="Exit 0 when the files can be trained on, 1 when any row has an error.")
-    c.add_argument("files", nargs="+", metavar="FILE")
+    c.add_argument("files", nargs="+", metavar="FILE",
+                   help="JSONL training data: prompt/completion, messages (chat) or alpaca rows; with --method dpo "
+                        "preference pairs. Without --tokenizer only the text checks run")
     c.add_argument("--eval", nargs="*", default=[], metavar="FILE", help="eval files (checked for leakage)")
     c.add_argument("--format", choices=DATA_FORMATS, default="auto")
     c.add_argument("--method", choices=OBJECTIVES, default="sft",

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from hwcompat.cli.common import plan_from_args
 from hwcompat.errors import InputError
 from hwcompat.choices import EXPORT_TYPES
+from hwcompat.train.config import keys_help
 
 if TYPE_CHECKING:  # imported when called, so `hwcompat detect` stays light
     from hwcompat.pipeline.launch import LaunchOptions
@@ -17,7 +18,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("train", help="LoRA fine-tune a model with the device's profile applied",
                        description="Resolve the device profile, check the data, then train in a fresh process "
                                    "with the profile's environment. Example: hwcompat train config.yaml "
-                                   "learning_rate=1e-4 max_steps=200")
+                                   "learning_rate=1e-4 max_steps=200",
+                       epilog=keys_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", nargs="?", help="training config (YAML)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override config keys")
     add_train_options(p)

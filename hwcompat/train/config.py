@@ -187,7 +187,17 @@ def _unknown(key: Any, where: str) -> InputError:
     names = list(_fields())
     near = difflib.get_close_matches(key, names, n=1, cutoff=0.5) if isinstance(key, str) else []
     hint = f"; did you mean {near[0]!r}?" if near else ""
-    return InputError(f"{where}: unknown key {excerpt(key)}{hint} (hwcompat train --print-config lists every key)")
+    return InputError(f"{where}: unknown key {excerpt(key)}{hint} (`hwcompat train --help` lists every key)")
+
+
+def keys_help() -> str:
+    """Every config key with its default, for ``hwcompat train --help`` (the field comments in this file say more)."""
+    import textwrap
+
+    defaults = dataclasses.asdict(TrainConfig())
+    items = [f"{name}={value!r}".replace("'", "") for name, value in defaults.items()]
+    return "config keys (KEY=VALUE or YAML), with their defaults:\n" + textwrap.fill(
+        ", ".join(items), width=100, initial_indent="  ", subsequent_indent="  ", break_on_hyphens=False)
 
 
 #: Numeric keys and their allowed interval, in interval notation. Every float must also be finite.

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from hwcompat import fsutil
-from hwcompat.errors import InputError
+from hwcompat.errors import InputError, NothingToDo
 
 #: Settings a resume may change: they decide how long to go on and what to do along the way, not what
 #: the checkpoint's weights, optimizer state or data order mean.
@@ -144,6 +144,13 @@ def resume_changes(recorded: dict[str, Any], new: dict[str, Any], done: int) -> 
     return changes
 
 
+def nothing_left(recorded: dict[str, Any], new: dict[str, Any], end_step: int) -> bool:
+    """A resume of a finished run that asks for no more steps than it made (same max_steps, or the same epochs)."""
+    if new.get("max_steps", 0):
+        return new["max_steps"] <= end_step
+    return not recorded.get("max_steps", 0) and new.get("epochs") == recorded.get("epochs")
+
+
 def _clear(run_dir: Path) -> list[str]:
     """Remove the previous run's outputs: only the names the ledger lists. Returns what was removed."""
     import shutil
@@ -225,7 +232,12 @@ def open_run_dir(output_dir: str, new_config: dict[str, Any], resume: bool, over
             out.resume = False
             out.notes.append("--resume: no checkpoint yet (the run stopped before its first one); starting over")
         if out.resume:
-            out.changes = resume_changes(recorded_config(run_dir), new_config, max(ck_step or 0, end_step or 0))
+            recorded = recorded_config(run_dir)
+            out.changes = resume_changes(recorded, new_config, max(ck_step or 0, end_step or 0))
+            if end_step and nothing_left(recorded, new_config, end_step):
+                raise NothingToDo(f"the run in {run_dir} finished at step {end_step} (summary.json): nothing to "
+                                  "resume, nothing changed. To train on, give it more steps: hwcompat train "
+                                  f"{run_dir / 'config.yaml'} --resume max_steps={2 * end_step}")
             out.from_step = ck_step or 0
         elif ck_step is not None or finished:
             if not overwrite:
