@@ -1,9 +1,9 @@
 """Which malloc the CPU trainer runs on: gperftools' tcmalloc where the host has it, else the C library's.
 
 Why: glibc's malloc keeps what a training step frees (its mmap threshold grows to the largest freed block, so
-later activations land on a heap that fragments): measured on SmolLM2-135M LoRA, 8 x 394 tokens, the process
-peaked at 9.6 GiB RSS for 4.4 GiB of saved activations. tcmalloc reuses that memory: 5.1 GiB peak and 11 %
-more tokens/s (bench/profile_step.py; bench/results/profile-step-cpu.json). PyTorch's own CPU launcher preloads it the same way
+later activations land on a heap that fragments): measured on SmolLM2-135M LoRA, 8 x 419 tokens, the process
+peaked at 8.4-9.0 GiB RSS for 4.6 GiB of saved activations. tcmalloc reuses that memory: 5.1 GiB peak and 1.2x
+the tokens/s (bench/profile_step.py, bench/results/profile-step-cpu.json; jemalloc: the same memory, 0.8x speed). PyTorch's own CPU launcher preloads it the same way
 (``python -m torch.backends.xeon.run_cpu --enable-tcmalloc``, torch/backends/xeon/run_cpu.py), as Intel's
 PyTorch CPU tuning guide recommends. The worker is a fresh process (exec), so LD_PRELOAD takes effect there.
 """
