@@ -127,6 +127,24 @@ CHOICES = {"data_format": DATA_FORMATS, "lr_schedule": SCHEDULES, "eval_metrics"
            "optimizer": OPTIMIZERS}  # the hardware and export vocabularies are defined once, imported here
 
 
+def _text_list(key: str, text: str, where: str) -> list[str]:
+    """A list typed on the command line: ``a,b`` or a YAML flow list ``[a.jsonl, "b c.jsonl"]`` (as Hydra and
+    torchtune users type them); either way a list of strings, never a nested value."""
+    text = text.strip()
+    if not text.startswith("["):
+        return [v.strip() for v in text.split(",") if v.strip()]
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise InputError(f"{where}: {key}: {excerpt(text)} is not a YAML flow list ({e.problem}); write "
+                         f"{key}=[a.jsonl,b.jsonl] or {key}=a.jsonl,b.jsonl (quote the whole argument in the shell)"
+                         ) from None
+    if not isinstance(value, list) or not all(isinstance(v, (str, int, float)) and not isinstance(v, bool)
+                                              for v in value):
+        raise InputError(f"{where}: {key}: expected a list of strings, e.g. {key}=[a.jsonl,b.jsonl], got {excerpt(text)}")
+    return [str(v) for v in value]
+
+
 def _coerce(key: str, value: Any, kind: Any, where: str, from_text: bool) -> Any:
     """Convert and type-check one value; `from_text` values came from the command line."""
     origin = get_origin(kind)
@@ -139,7 +157,7 @@ def _coerce(key: str, value: Any, kind: Any, where: str, from_text: bool) -> Any
         origin = get_origin(kind)
     if origin is list:
         if from_text:
-            value = [v.strip() for v in str(value).split(",") if v.strip()]
+            value = _text_list(key, str(value), where)
         elif isinstance(value, str):
             value = [value]
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):

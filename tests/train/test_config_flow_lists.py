@@ -1,0 +1,46 @@
+"""#27: `key=value` overrides take YAML flow lists (`train_data=[a.jsonl,b.jsonl]`), as Hydra/torchtune users type
+them; the comma form still works, and a bad flow list is refused with the key and the two forms that work."""
+
+import pytest
+
+from hwcompat.errors import InputError
+from hwcompat.train.config import load_config
+
+BASE = "model: m\ntrain_data: [t.jsonl]\n"
+
+
+def _load(tmp_path, *overrides):
+    p = tmp_path / "c.yaml"
+    p.write_text(BASE)
+    return load_config(p, list(overrides)).config
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("train_data=[a.jsonl,b.jsonl]", ["a.jsonl", "b.jsonl"]),
+    ("train_data=[a.jsonl, 'my data/b.jsonl']", ["a.jsonl", "my data/b.jsonl"]),
+    ("train_data=a.jsonl,b.jsonl", ["a.jsonl", "b.jsonl"]),
+    ("eval_data=[]", []),
+    ("lora_target_modules=[q_proj, v_proj]", ["q_proj", "v_proj"]),
+])
+def test_flow_lists_and_the_comma_form_give_the_same_list(tmp_path, override, expected):
+    cfg = _load(tmp_path, override)
+    key = override.split("=")[0]
+    assert getattr(cfg, key) == expected
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train_data=[a.jsonl, [b.jsonl]]", "train_data: expected a list of strings, e.g. train_data=[a.jsonl,b.jsonl]"),
+    ("train_data=[a.jsonl, {x: 1}]", "train_data: expected a list of strings"),
+    ("train_data=[a.jsonl, b.jsonl", "train_data: '[a.jsonl, b.jsonl' is not a YAML flow list"),
+])
+def test_a_bad_flow_list_is_refused_with_the_key_and_the_forms_that_work(tmp_path, override, message):
+    with pytest.raises(InputError) as e:
+        _load(tmp_path, override)
+    assert message in str(e.value) and str(e.value).startswith("command line"), str(e.value)
+
+
+def test_the_cli_takes_a_flow_list_as_typed(run_cli, tmp_path):
+    (tmp_path / "c.yaml").write_text(BASE)
+    res = run_cli("train", str(tmp_path / "c.yaml"), "train_data=[a.jsonl, b.jsonl]", "--print-config")
+    assert res.returncode == 0, res.stderr
+    assert 'train_data             : ["a.jsonl", "b.jsonl"]  # command line' in res.stdout
