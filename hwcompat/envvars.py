@@ -50,6 +50,8 @@ SETS: dict[str, str] = {
 #: Variables the launcher sets from what the host has, never from a profile (a profile may not preload code).
 HOST_SETS: dict[str, str] = {
     "LD_PRELOAD": "a CPU run: the launcher preloads tcmalloc in the worker (cpu_allocator; probe/malloc.py)",
+    "TQDM_DISABLE": "1 when stderr is not a terminal (a file, a pipe, docker logs): third-party bars (weight loading, "
+                    "GGUF dequantisation) would write carriage-return frames there; hwcompat prints plain lines",
     "TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": "with tcmalloc: 1 TiB, so loading a model prints no 'large alloc' lines",
 }
 

@@ -63,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides or []) + extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    from hwcompat.progress import quiet_library_bars
+
+    quiet_library_bars()  # before any library that draws a bar is imported; the worker inherits it
     try:
         return int(args.func(args) or 0)
     except HwcompatError as exc:

@@ -80,11 +80,12 @@ def generate(args) -> int:
     spec, model, tokenizer, device = _load(Path(args.run_dir))
     chat = batching.uses_chat_template(tokenizer, spec.config.chat_template)
     torch.manual_seed(args.seed)
-    from tqdm.auto import tqdm
+    from hwcompat.progress import Progress
 
     sample = args.temperature > 0
     prompts = _prompts(args)
-    for msgs in tqdm(prompts, desc="generate", file=sys.stderr, mininterval=1.0, disable=len(prompts) < 2):
+    bar = Progress(len(prompts), desc="generate", unit="prompt", transient=True, enabled=len(prompts) > 1)
+    for msgs in prompts:
         ids = batching.render_prompt_ids(tokenizer, msgs + [("assistant", "")], chat)
         with torch.no_grad(), autocast(device, spec.profile.dtype):
             out = model.generate(input_ids=torch.tensor([ids], device=device), max_new_tokens=args.max_new_tokens,
@@ -92,6 +93,8 @@ def generate(args) -> int:
                                  top_p=args.top_p if sample else None, pad_token_id=tokenizer.pad_token_id)
         text = tokenizer.decode(out[0, len(ids):], skip_special_tokens=True).strip()
         print(text if args.prompt is not None else json.dumps({"prompt": msgs[-1][1], "output": text}), flush=True)
+        bar.update(1)
+    bar.close()
     return 0
 
 
@@ -104,8 +107,8 @@ def forgetting(model, tokenizer, chat: bool, device, dtype: str, new_tokens: int
     greedy answers, and those answers' mean per-token log-likelihood under the base and under the adapted model.
     A fine-tune that forgot shows a large KL and a likelihood that falls."""
     import torch
-    from tqdm.auto import tqdm
 
+    from hwcompat.progress import Progress
     from hwcompat.train import batching
     from hwcompat.train.model import autocast
 
@@ -113,8 +116,10 @@ def forgetting(model, tokenizer, chat: bool, device, dtype: str, new_tokens: int
     kl = ll_base = ll_adapted = 0.0
     n = 0
     model.eval()
-    with torch.no_grad(), autocast(device, dtype):
-        for prompt in tqdm(prompts, desc="general prompts", file=sys.stderr, mininterval=1.0):
+    with Progress(len(prompts), desc="general prompts", unit="prompt", transient=True) as bar, torch.no_grad(), \
+            autocast(device, dtype):
+        for prompt in prompts:
+            bar.update(1)
             ids = torch.tensor([batching.render_prompt_ids(tokenizer, [("user", prompt), ("assistant", "")], chat)],
                                device=device)
             with model.disable_adapter():

@@ -340,11 +340,11 @@ def _first_window(r: Recipe) -> int:
 def train(r: Recipe, signals: Signals) -> int:
     """Optimizer steps until ``total_steps``, or a signal (checkpoint, exit 130/143/129); returns the exit code."""
     import torch
-    from tqdm.auto import tqdm
+
+    from hwcompat.progress import Progress
 
     stream = micro_batches(r, r.start_step * r.cfg.gradient_accumulation)
-    bar = tqdm(total=r.total_steps, initial=r.start_step, disable=not r.dist.writer, unit="step", mininterval=1.0,
-               dynamic_ncols=True, file=sys.stderr)
+    bar = Progress(r.total_steps, initial=r.start_step, enabled=r.dist.writer)
     step, diverged, t_loop = r.start_step, 0, time.time()
     r.model.train()
     try:
@@ -431,8 +431,7 @@ def _log_step(r: Recipe, bar, step: int, loss: float, grad_norm: float, epoch: i
                                        "lr": r.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                                        "epoch": epoch, "tokens_per_s": tps, "tokens": r.tokens * r.dist.world,
                                        "train_seconds": r.train_seconds})
-    bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:,.0f}", refresh=False)
-    bar.update(1)
+    bar.update(1, loss=f"{loss:.4f}", tok_s=f"{tps:,.0f}")
 
 
 def _save(r: Recipe, step: int, rng: dict[str, Any] | None = None) -> Path | None:

@@ -73,19 +73,19 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, de
     """Greedy decoding, left-padded batches; returns the decoded continuations. A progress bar (gone when done)
     when there is more than one batch: on a CPU, generating 64 eval rows takes minutes."""
     import os
-    import sys
 
     import torch
-    from tqdm.auto import tqdm
+
+    from hwcompat.progress import Progress
 
     model.eval()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     outs: list[str] = []
     starts = range(0, len(prompts), batch_size)
-    bar = tqdm(starts, desc="task metrics (generating)", unit="batch", file=sys.stderr, leave=False,
-               mininterval=1.0, disable=len(starts) < 2 or os.environ.get("LOCAL_RANK", "0") != "0")
-    with torch.no_grad(), autocast(device, dtype_name):
-        for s in bar:
+    bar = Progress(len(starts), desc="task metrics (generating)", unit="batch", transient=True,
+                   enabled=len(starts) > 1 and os.environ.get("LOCAL_RANK", "0") == "0")
+    with bar, torch.no_grad(), autocast(device, dtype_name):
+        for s in starts:
             chunk = prompts[s:s + batch_size]
             width = max(len(p) for p in chunk)
             ids = torch.full((len(chunk), width), pad, dtype=torch.long)
@@ -98,6 +98,7 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, de
                                  use_cache=True)
             for row in gen[:, width:]:
                 outs.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+            bar.update(1)
     model.train()
     return outs
 
