@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "hwcompat"
 #: or from itself. Floor 0 is the shared base (errors, vocabularies, readings, safe file access).
 FLOORS = {
     0: ("hwcompat", "errors", "envvars", "choices", "readings", "datafiles", "userfile", "yamlfile", "fsutil",
-        "textcheck", "sampling"),
+        "textcheck", "sampling", "progress"),
     1: ("probe", "compat", "software"),  # facts: what the machine has, what the wheel table says
     2: ("profiles",),
     3: ("resolve",),
