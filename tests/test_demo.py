@@ -72,3 +72,53 @@ def test_demo_dpo_stage_starts_from_the_sft_adapter(tmp_path, cache_dir):
     assert {"reward_accuracy", "field_f1"} <= set(after) and "regressed" in summary
     spec = json.loads((tmp_path / "runs" / "demo-dpo" / "run.json").read_text())
     assert spec["config"]["init_adapter"] == str(tmp_path / "runs" / "demo" / "adapter")
+
+
+def _cli(cache_dir, *args, cwd=None):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HWCOMPAT_")}
+    env["HWCOMPAT_CACHE_DIR"] = str(cache_dir)
+    return subprocess.run([sys.executable, "-m", "hwcompat", *args], capture_output=True, text=True, env=env,
+                          timeout=600, cwd=cwd)
+
+
+@pytest.mark.slow
+def test_print_model_says_where_the_demo_model_is_and_a_config_can_name_it(tmp_path, cache_dir):
+    """#27 newcomer item: the demo's model is printed (one line, stdout) and a user's own config names it."""
+    from hwcompat.cli.demo import DEMO_MODEL
+
+    res = _cli(cache_dir, "demo", "--print-model")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout == f"{cache_dir / 'models' / 'smollm2-135m-instruct'}\n"
+    assert (cache_dir / "models" / "smollm2-135m-instruct" / "model.safetensors").exists()
+    demo_data = os.path.join(os.path.dirname(__file__), "..", "hwcompat", "demo", "data")
+    (tmp_path / "c.yaml").write_text(f"model: {DEMO_MODEL}\ntrain_data: [{demo_data}/train.jsonl]\n"
+                                     f"eval_data: [{demo_data}/eval.jsonl]\nmax_steps: 1\nmax_seq_len: 128\n"
+                                     "eval_at_start: false\neval_metrics: none\nmicro_batch_size: 2\n"
+                                     f"output_dir: {tmp_path / 'run'}\n")
+    planned = _cli(cache_dir, "plan", str(tmp_path / "c.yaml"))  # plan names it too, without importing torch
+    assert planned.returncode == 0 and "smollm2-135m-instruct" in planned.stdout, planned.stderr[-2000:]
+    trained = _cli(cache_dir, "train", str(tmp_path / "c.yaml"))
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["config"]["model"] == res.stdout.strip()
+
+
+def test_a_demo_model_not_prepared_yet_is_named_with_the_command_that_prepares_it(tmp_path):
+    cache = tmp_path / "empty-cache"
+    (tmp_path / "c.yaml").write_text("model: demo:tiny\n")
+    res = _cli(cache, "plan", str(tmp_path / "c.yaml"))
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "model: demo:tiny is not prepared yet; `hwcompat demo --print-model --tiny` prepares it" in res.stderr
+    hint = res.stderr.split("`")[1].split()
+    printed = _cli(cache, *hint[1:])  # the command, as printed
+    assert printed.returncode == 0 and printed.stdout.strip() == str(cache / "models" / "tiny-demo")
+    again = _cli(cache, "plan", str(tmp_path / "c.yaml"))
+    assert again.returncode == 0, again.stderr[-2000:]
+
+
+def test_an_unknown_demo_name_lists_the_names(tmp_path):
+    (tmp_path / "c.yaml").write_text("model: demo:llama\ntrain_data: [t.jsonl]\n")
+    res = _cli(tmp_path / "cache", "train", str(tmp_path / "c.yaml"))
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert ("model: 'demo:llama' is not a demo model; the names are demo:smollm2-135m-instruct (SmolLM2-135M-Instruct"
+            in res.stderr)

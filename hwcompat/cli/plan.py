@@ -60,7 +60,9 @@ def train_config(args: argparse.Namespace):
         flags.append("method=dpo" if method == "dpo" else "qlora=true")
     if not path and not args.model and not any(i.startswith("model=") for i in items):
         raise InputError("plan: which model? Give --model PATH (a folder with config.json) or a train config")
-    loaded = load_config(path, flags + items, require_data=False)
+    from hwcompat.cli.demo import named_model
+
+    loaded = named_model(load_config(path, flags + items, require_data=False), prepare=False)
     if method not in (None, "full"):
         method = None
     return loaded, method

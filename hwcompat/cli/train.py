@@ -78,5 +78,7 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.config:
         raise InputError("train: give a config file (hwcompat train config.yaml), or run `hwcompat demo`")
-    loaded = load_config(args.config, args.overrides)
+    from hwcompat.cli.demo import named_model
+
+    loaded = named_model(load_config(args.config, args.overrides))
     return launch(args, loaded)

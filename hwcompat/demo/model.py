@@ -38,7 +38,7 @@ def gguf_path() -> Path:
 def ensure_model() -> Path:
     """Converted model folder in the cache (converted on first use, about 20 s)."""
     target = cache_root() / "models" / MODEL_NAME
-    if (target / "model.safetensors").exists() and "quantization_config" not in _read(target / "config.json"):
+    if prepared(target):
         return target
     src = gguf_path()
     try:
@@ -65,6 +65,12 @@ def ensure_model() -> Path:
         model.save_pretrained(str(tmp), safe_serialization=True)
         tok.save_pretrained(str(tmp))
     return target
+
+
+def prepared(target: Path) -> bool:
+    """The folder holds a converted model (a tiny one has no quantization_config either)."""
+    config = _read(target / "config.json")
+    return bool(config) and any(target.glob("*.safetensors")) and "quantization_config" not in config
 
 
 def _read(path: Path) -> str:
