@@ -120,13 +120,13 @@ def test_train_export_chain(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     run = tmp_path / "run"
     assert (run / "merged" / "model.safetensors").exists() and (run / "model.gguf").exists()
-    assert "FROM ./model.gguf" in (run / "Modelfile").read_text() and "### Assistant:" in (run / "Modelfile").read_text()
+    assert "FROM ./model.gguf" in (run / "model.Modelfile").read_text() and "### Assistant:" in (run / "model.Modelfile").read_text()
     assert "ollama create model -f" in res.stderr
     import gguf
 
     name = gguf.GGUFReader(str(run / "model.gguf")).fields["general.name"].contents()
     assert name == "base"  # the base model's name, not the "merged" folder's
-    mode = (run / "Modelfile").stat().st_mode & 0o777
+    mode = (run / "model.Modelfile").stat().st_mode & 0o777
     assert mode == 0o666 & ~_umask()  # what a plain open() gives, not a temp file's 0600
 
 
@@ -177,7 +177,7 @@ def test_ollama_tag_prints_the_versioned_release_flow(model, tmp_path, capsys):
     text = capsys.readouterr().out
     create = next(line for line in text.splitlines() if line.startswith("run: "))[5:]
     argv = shlex.split(create)
-    assert argv[:3] == ["ollama", "create", "me/tickets:v3"] and argv[3:] == ["-f", str(tmp_path / "Modelfile")]
+    assert argv[:3] == ["ollama", "create", "me/tickets:v3"] and argv[3:] == ["-f", str(tmp_path / "m.Modelfile")]
     promote = text.split("only when it answers right: ", 1)[1].strip()
     assert shlex.split(promote) == ["ollama", "cp", "me/tickets:v3", "me/tickets:latest"]
     assert all(TAG.fullmatch(t) for t in ("me/tickets:v3", "me/tickets:latest"))

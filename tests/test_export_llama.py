@@ -109,7 +109,7 @@ def test_export_cli_verifies_and_writes_its_figures(llama_cpp, trained, tmp_path
     report = json.loads((tmp_path / "model.export.json").read_text())
     assert report["passed"] and report["qtype"] == "q8_0"
     assert report["generations"]["identical"] == report["generations"]["prompts"] == 8  # --verify-rows default
-    assert (tmp_path / "Modelfile").exists()
+    assert (tmp_path / "model.Modelfile").exists()
 
 
 def test_verify_catches_a_wrong_rope_permutation(llama_cpp, trained, tmp_path, monkeypatch):
@@ -142,7 +142,7 @@ def test_verify_failure_is_exit_1_with_the_first_mismatch(llama_cpp, trained, tm
     assert r.returncode == 1, r.stderr
     assert "error: --verify failed: next-token distributions differ: mean KL" in r.stderr
     assert "Traceback" not in r.stderr
-    assert out.exists() and not (tmp_path / "Modelfile").exists()
+    assert out.exists() and not (tmp_path / "model.Modelfile").exists()
     assert json.loads((tmp_path / "model.export.json").read_text())["passed"] is False
 
 
@@ -237,4 +237,5 @@ def test_verify_without_the_extra_or_with_missing_data_is_refused_before_writing
     assert "--verify runs the GGUF in llama.cpp" in err and quantize.INSTALL in err and "--no-verify" in err
     assert not out.exists()
     assert main(["export", str(trained[0]), "--gguf", str(out), "--type", "f16"]) == 0  # default: off without it
-    assert not (out.parent / "m.export.json").exists()
+    report = json.loads((out.parent / "m.export.json").read_text())  # what was checked, and that it was not run
+    assert report["verified"] is False and report["passed"] is None and "hwcompat[gguf]" in report["why_not"]

@@ -52,15 +52,15 @@ def test_existing_gguf_and_handwritten_modelfile_are_kept(model, tmp_path):
     res = _cli("export", model, "--gguf", out)
     assert res.returncode == 2 and "already exists; pass --overwrite" in res.stderr and out.read_bytes() == b"mine"
     out.unlink()
-    (tmp_path / "Modelfile").write_text("FROM ./m.gguf\n# my own\n")
+    (tmp_path / "m.Modelfile").write_text("FROM ./m.gguf\n# my own\n")
     res = _cli("export", model, "--gguf", out, "--ollama")
-    assert res.returncode == 2 and "Modelfile already exists" in res.stderr and not out.exists()
+    assert res.returncode == 2 and "m.Modelfile already exists" in res.stderr and not out.exists()
     res = _cli("export", model, "--gguf", out, "--ollama", "--overwrite")
     assert res.returncode == 0, res.stderr
-    assert out.stat().st_size > 1000 and "# my own" not in (tmp_path / "Modelfile").read_text()
-    assert (tmp_path / "Modelfile").stat().st_mode & 0o044 == 0o044  # readable by others (umask 022), not 0600
-    report = ["m.export.json"] if importlib.util.find_spec("llama_cpp") else []  # --verify's figures (hwcompat[gguf])
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["Modelfile", "m.gguf"] + report)  # no temp, no lock
+    assert out.stat().st_size > 1000 and "# my own" not in (tmp_path / "m.Modelfile").read_text()
+    assert (tmp_path / "m.Modelfile").stat().st_mode & 0o044 == 0o044  # readable by others (umask 022), not 0600
+    # m.export.json: --verify's figures (hwcompat[gguf]), or what was checked without it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.Modelfile", "m.export.json", "m.gguf"]  # no temp, no lock
 
 
 def test_export_to_a_folder_or_a_locked_target(model, tmp_path):
@@ -112,3 +112,57 @@ def test_merge_out_that_is_a_file(run_with_adapter, tmp_path):
     (tmp_path / "m").write_text("x")
     res = _cli("merge", run_with_adapter, "--out", tmp_path / "m")
     assert res.returncode == 2 and "is a file; give a folder path" in res.stderr
+
+
+def _without_llama_cpp(monkeypatch):
+    """As on a machine without the extra hwcompat[gguf] (CI has it installed)."""
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "llama_cpp" else real(n, *a))
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import llama_cpp -> ImportError
+
+
+def test_two_variants_exported_into_one_folder_each_get_their_own_modelfile(model, tmp_path):
+    """#27 newcomer item: the fixed name `Modelfile` collided when a second variant went into the same folder."""
+    for name in ("f16", "q8"):
+        res = _cli("export", model, "--gguf", tmp_path / f"{name}.gguf", "--type", "q8_0" if name == "q8" else "f16",
+                   "--ollama", "--no-verify")
+        assert res.returncode == 0, res.stderr[-2000:]
+        assert f"run: ollama create {name} -f {tmp_path / (name + '.Modelfile')}" in res.stdout
+    for name in ("f16", "q8"):
+        assert f"FROM ./{name}.gguf\n" in (tmp_path / f"{name}.Modelfile").read_text()
+
+
+def test_a_missing_extra_is_said_before_an_existing_modelfile(model, tmp_path, monkeypatch, capsys):
+    """#27 newcomer item: fixing the first message must not lead to a second that was already known."""
+    from hwcompat.cli import main
+
+    _without_llama_cpp(monkeypatch)
+    (tmp_path / "m.Modelfile").write_text("FROM ./m.gguf\n# my own\n")
+    assert main(["export", str(model), "--gguf", str(tmp_path / "m.gguf"), "--type", "q4_k_m", "--ollama"]) == 2
+    err = capsys.readouterr().err
+    assert "--type q4_k_m is made by llama.cpp's quantizer, which needs the optional extra hwcompat[gguf]" in err
+    assert "already exists" not in err and not (tmp_path / "m.gguf").exists()
+    assert (tmp_path / "m.Modelfile").read_text() == "FROM ./m.gguf\n# my own\n"
+
+
+def test_export_with_data_but_without_llama_cpp_says_not_verified_and_writes_what_was_checked(model, tmp_path,
+                                                                                          monkeypatch, capsys):
+    """#27 newcomer item: `export --data eval.jsonl` without the extra skipped --verify in silence, no export.json."""
+    import json
+
+    from hwcompat.cli import main
+    from hwcompat.export.quantize import INSTALL
+
+    _without_llama_cpp(monkeypatch)
+    data = tmp_path / "eval.jsonl"
+    data.write_text('{"prompt": "the quick", "completion": "brown fox"}\n')
+    out = tmp_path / "m.gguf"
+    assert main(["export", str(model), "--gguf", str(out), "--data", str(data)]) == 0
+    said = capsys.readouterr().out
+    assert (f"not verified in llama.cpp (that needs the extra hwcompat[gguf]: {INSTALL}); --data {data} was not "
+            "used: its tokenization, next-token distributions and greedy answers were not compared") in said
+    assert f"what was checked: {tmp_path / 'm.export.json'}" in said
+    report = json.loads((tmp_path / "m.export.json").read_text())
+    assert report["verified"] is False and report["passed"] is None and report["data"] == str(data)
+    assert report["gguf"] == str(out) and report["qtype"] == "f16" and report["tensors"] > 0
+    assert "greedy answers" in report["not_checked"]

@@ -180,8 +180,8 @@ def test_the_printed_ollama_create_is_quoted_and_the_modelfile_parses(model, tmp
     assert res.returncode == 0, res.stderr
     cmd = next(x for x in res.stdout.splitlines() if x.startswith("run: ")).removeprefix("run: ")
     argv = shlex.split(cmd)
-    assert argv[:2] == ["ollama", "create"] and argv[3] == "-f" and argv[4] == str(out / "Modelfile")
-    lines = (out / "Modelfile").read_text().splitlines()
+    assert argv[:2] == ["ollama", "create"] and argv[3] == "-f" and argv[4] == str(out / "My_Model.Modelfile")
+    lines = (out / "My_Model.Modelfile").read_text().splitlines()
     directives = [x.split()[0] for x in lines if x and not x.startswith("#") and x.split()[0].isupper()]
     assert "ADAPTER" not in directives and directives.count("FROM") == 1 and directives.count("SYSTEM") == 1
 
@@ -195,7 +195,7 @@ def test_modelfile_temperature_must_be_usable(model, tmp_path, temperature):
 
 
 def test_a_modelfile_that_is_a_folder_is_said_before_the_gguf_is_written(model, tmp_path):
-    (tmp_path / "Modelfile").mkdir()
+    (tmp_path / "m.Modelfile").mkdir()
     res = cli("export", model, "--gguf", tmp_path / "m.gguf", "--ollama", "--no-verify")
     assert_clean_error(res, 2, "is a folder")
     assert not (tmp_path / "m.gguf").exists()

@@ -160,9 +160,15 @@ def release_commands(tag: str, modelfile: Path) -> list[str]:
     return [f"ollama create {tag} -f {shlex.quote(str(modelfile))}", f"ollama cp {tag} {name}:latest"]
 
 
+def modelfile_path(gguf_path: Path) -> Path:
+    """``q4.gguf`` -> ``q4.Modelfile`` beside it: one Modelfile per GGUF, so two variants exported into one folder
+    never fight over one ``Modelfile`` (``ollama create NAME -f q4.Modelfile`` takes any file name)."""
+    return gguf_path.with_name(f"{gguf_path.stem}.Modelfile")
+
+
 def write_modelfile(gguf_path: Path, model_dir: Path, temperature: float = 0.0, system: str | None = None,
                     num_ctx: int | None = None, overwrite: bool = False, tag: str | None = None) -> tuple[Path, str]:
-    """Write ``Modelfile`` beside the GGUF (never over a hand-written one without ``overwrite``);
+    """Write ``<stem>.Modelfile`` beside the GGUF (never over a hand-written one without ``overwrite``);
     returns (path, the `ollama create` command: with ``tag``, that versioned name)."""
     import shlex
 
@@ -185,7 +191,7 @@ def write_modelfile(gguf_path: Path, model_dir: Path, temperature: float = 0.0, 
     lines.append(f"PARAMETER temperature {temperature:g}")
     if num_ctx:
         lines.append(f"PARAMETER num_ctx {num_ctx}")
-    with output_target(gguf_path.parent / "Modelfile", "hwcompat export", overwrite) as path:
+    with output_target(modelfile_path(gguf_path), "hwcompat export", overwrite) as path:
         atomic_write_text(path, "\n".join(lines) + "\n")
     if tag:
         return path, release_commands(tag, path)[0]

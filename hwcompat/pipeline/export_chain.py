@@ -37,11 +37,22 @@ class ExportOptions:
 
 
 def _modelfile(opts: ExportOptions) -> Path:
-    return opts.gguf.parent / "Modelfile"
+    from hwcompat.export.ollama import modelfile_path
+
+    return modelfile_path(opts.gguf)
 
 
 def preflight(opts: ExportOptions) -> bool:
-    """Every check that needs no GGUF, before anything is written; returns whether to verify."""
+    """Every check that needs no GGUF, before anything is written; returns whether to verify. What the user must
+    install comes first (a k-quant's or --verify's llama.cpp), then what is in the way (an existing Modelfile), so
+    fixing one message never leads to another that was known already."""
+    from hwcompat.choices import LLAMA_TYPES
+
+    if opts.qtype in LLAMA_TYPES:
+        from hwcompat.export.quantize import binding
+
+        binding(opts.qtype)
+    verify = _verify_wanted(opts)
     if opts.tag:
         from hwcompat.export.ollama import check_tag
 
@@ -50,7 +61,7 @@ def preflight(opts: ExportOptions) -> bool:
         check_tag(opts.tag)
     if opts.ollama:
         _check_modelfile_inputs(opts)
-    return _verify_wanted(opts)
+    return verify
 
 
 def _check_modelfile_inputs(opts: ExportOptions) -> None:
@@ -105,15 +116,31 @@ def export_model(model: Path, opts: ExportOptions, say: Say = print, on_written:
         if not passed:
             return 1
     else:
-        from hwcompat.export.quantize import INSTALL
-
-        say("not verified in llama.cpp" + (" (--no-verify)" if opts.verify is False else
-            f" (that needs the extra hwcompat[gguf]: {INSTALL})") + ": its tokenization, next-token distributions "
-            "and greedy answers were not compared with the merged model")
+        say(_not_verified(res, opts))
+        on_written(_report(res.path))
     if opts.ollama:
         _write_modelfile(model, res.path, opts, say)
         on_written(_modelfile(opts))
     return 0
+
+
+def _not_verified(res, opts: ExportOptions) -> str:
+    """Say that the GGUF was not run in llama.cpp, and write what was checked (the header and tensors written, no
+    behaviour) to the same report a verified export writes, so a script finds ``"verified": false``, not nothing."""
+    from hwcompat.export.quantize import INSTALL
+    from hwcompat.fsutil import atomic_write_json
+
+    why = "--no-verify" if opts.verify is False else f"that needs the extra hwcompat[gguf]: {INSTALL}"
+    unused = f"; --data {opts.data} was not used" if opts.data else ""
+    atomic_write_json(_report(res.path), {
+        "gguf": str(res.path), "qtype": res.qtype, "arch": res.arch, "tensors": res.tensors,
+        "pre_tokenizer": res.pre_tokenizer, "tokenizer": res.tokenizer, "quantizer_note": res.note,
+        "verified": False, "passed": None, "why_not": why, "data": opts.data,
+        "checked": ["the model folder (config, tokenizer, architecture) before writing",
+                    "every tensor written with its GGUF type and shape"],
+        "not_checked": ["tokenization in llama.cpp", "next-token distributions (KL, top-1)", "greedy answers"]})
+    return (f"not verified in llama.cpp ({why}){unused}: its tokenization, next-token distributions and greedy "
+            f"answers were not compared with the merged model; what was checked: {_report(res.path)}")
 
 
 def _report(gguf: Path) -> Path:

@@ -14,7 +14,7 @@
 - Only what hwcompat wrote is ever removed or replaced: each output is recorded in the folder's ledger
   (``.hwcompat-outputs.json``) when it is written, a restart or ``--overwrite`` clears only the ledger's names,
   and a run refuses to start when a name it would write is taken by something the ledger does not list
-  (the user's own config.yaml with ``output_dir: .``, a hand-written Modelfile): nothing is guessed.
+  (the user's own config.yaml with ``output_dir: .``, a hand-written model.Modelfile): nothing is guessed.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ RESUMABLE = ("epochs", "max_steps", "eval_every", "eval_at_start", "eval_metrics
 RECORDS = ("config.yaml", "profile.json", "devices.json", "run.json")
 RESULTS = ("metrics.jsonl", "checkpoints", "adapter", "summary.json")
 #: What ``export: gguf`` adds (the export chain's outputs in the run folder).
-EXPORTS = ("merged", "model.gguf", "model.export.json", "Modelfile")
+EXPORTS = ("merged", "model.gguf", "model.export.json", "model.Modelfile")
 #: The ledger of what hwcompat wrote in a run folder (see the module docstring).
 LEDGER = fsutil.LEDGER
 record_written = fsutil.record_written

@@ -37,7 +37,7 @@ def _failed_run(run):
 
 
 def _users_files(run):
-    (run / "Modelfile").write_text("FROM mine\n")
+    (run / "model.Modelfile").write_text("FROM mine\n")
     (run / "model.gguf").write_bytes(b"GGUF mine")
     (run / "merged").mkdir()
     (run / "merged" / "weights").write_text("mine")
@@ -51,7 +51,7 @@ def test_a_rerun_over_a_failed_run_keeps_the_users_own_files(tmp_path):
     out.lock.release()
     assert "starting over" in " ".join(out.notes)
     assert not (run / "run.json").exists()  # hwcompat's own record was cleared
-    assert (run / "Modelfile").read_text() == "FROM mine\n" and (run / "model.gguf").read_bytes() == b"GGUF mine"
+    assert (run / "model.Modelfile").read_text() == "FROM mine\n" and (run / "model.gguf").read_bytes() == b"GGUF mine"
     assert (run / "merged" / "weights").read_text() == "mine"
 
 
@@ -67,7 +67,7 @@ def test_overwrite_removes_only_the_ledgers_names(tmp_path):
     out = open_run_dir(str(run), _cfg(run), False, True)
     out.lock.release()
     assert not (run / "adapter").exists() and not (run / "summary.json").exists()
-    assert (run / "Modelfile").exists() and (run / "model.gguf").exists() and (run / "merged").exists()
+    assert (run / "model.Modelfile").exists() and (run / "model.gguf").exists() and (run / "merged").exists()
 
 
 def test_an_export_run_refuses_a_folder_with_a_handwritten_modelfile(tmp_path):
@@ -75,10 +75,10 @@ def test_an_export_run_refuses_a_folder_with_a_handwritten_modelfile(tmp_path):
 
     run = tmp_path / "run"
     run.mkdir()
-    (run / "Modelfile").write_text("FROM mine\n")
-    with pytest.raises(InputError, match=r"holds Modelfile, which hwcompat did not write"):
+    (run / "model.Modelfile").write_text("FROM mine\n")
+    with pytest.raises(InputError, match=r"holds model.Modelfile, which hwcompat did not write"):
         open_run_dir(str(run), _cfg(run, export="gguf"), False, True, RECORDS + RESULTS + EXPORTS)
-    assert (run / "Modelfile").read_text() == "FROM mine\n"
+    assert (run / "model.Modelfile").read_text() == "FROM mine\n"
 
 
 def test_a_run_folder_from_before_the_ledger_still_resumes_and_keeps_exports(tmp_path):
@@ -86,12 +86,12 @@ def test_a_run_folder_from_before_the_ledger_still_resumes_and_keeps_exports(tmp
     (run / "checkpoints" / "step-0000004").mkdir(parents=True)
     (run / "run.json").write_text(json.dumps({"config": _cfg(run)}))
     (run / "config.yaml").write_text("model: /m\n")
-    (run / "Modelfile").write_text("FROM mine\n")
+    (run / "model.Modelfile").write_text("FROM mine\n")
     assert not (run / LEDGER).exists()
     out = open_run_dir(str(run), _cfg(run), False, True)
     out.lock.release()
     assert not (run / "run.json").exists() and not (run / "checkpoints").exists()
-    assert (run / "Modelfile").read_text() == "FROM mine\n"
+    assert (run / "model.Modelfile").read_text() == "FROM mine\n"
 
 
 # --- 9. a run folder never overwrites the config it was started from ------------------------------------------------

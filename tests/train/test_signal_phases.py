@@ -148,7 +148,7 @@ M.merge = merge
                              else [sys.executable, "-m", "hwcompat", *argv[1:]], capture_output=True, text=True,
                              timeout=300)
         assert out.returncode == 0, (cmd, out.stderr[-2000:])
-    assert (run_dir / "model.gguf").exists() and (run_dir / "Modelfile").exists()
+    assert (run_dir / "model.gguf").exists() and (run_dir / "model.Modelfile").exists()
 
 
 def test_sighup_in_training_checkpoints_like_sigterm(tmp_path, tiny_model, task_files):
