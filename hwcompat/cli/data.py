@@ -17,9 +17,13 @@ def add_parser(sub) -> None:
                         description="Exit 0 when the files can be trained on, 1 when any row has an error.")
     c.add_argument("files", nargs="+", metavar="FILE",
                    help="JSONL training data: prompt/completion, messages (chat) or alpaca rows; with --method dpo "
-                        "preference pairs. Without --tokenizer only the text checks run")
+                        "preference pairs. Also ShareGPT conversations, and gzip JSONL (.gz), CSV/TSV, Parquet, Arrow "
+                        "or a datasets save_to_disk folder. Without --tokenizer only the text checks run")
     c.add_argument("--eval", nargs="*", default=[], metavar="FILE", help="eval files (checked for leakage)")
     c.add_argument("--format", choices=DATA_FORMATS, default="auto")
+    c.add_argument("--columns", metavar="MAPPING", default="",
+                   help="the file's columns as the format's fields, as the config's columns: key, e.g. "
+                        "'{prompt: question, completion: answer}'")
     c.add_argument("--method", choices=OBJECTIVES, default="sft",
                    help="dpo: the files hold preference pairs (prompt, chosen, rejected), checked as `train` does")
     c.add_argument("--tokenizer", metavar="DIR", help="also run the token-level checks (over-long rows, rows left "
@@ -41,12 +45,17 @@ def run(args: argparse.Namespace) -> int:
     if not inside(args.max_seq_len, RANGES["max_seq_len"]):  # the flag's mistake, not every row's
         raise InputError(f"--max-seq-len {args.max_seq_len}: must be in {RANGES['max_seq_len']} (tokens per example, "
                          "as the run's max_seq_len)")
+    from hwcompat.train.config import columns_mapping
+
+    args.columns = columns_mapping("columns", args.columns, "--columns", from_text=True)
     report = Report()
     if args.method == "dpo":
         _pair_checks(args, report)
     else:
-        train = [e for f in args.files for e in read_jsonl(f, args.format, report, max_seq_len=args.max_seq_len)]
-        evals = [e for f in args.eval for e in read_jsonl(f, args.format, report, max_seq_len=args.max_seq_len)]
+        train = [e for f in args.files for e in read_jsonl(f, args.format, report, max_seq_len=args.max_seq_len,
+                                                           columns=args.columns)]
+        evals = [e for f in args.eval for e in read_jsonl(f, args.format, report, max_seq_len=args.max_seq_len,
+                                                          columns=args.columns)]
         if not report.errors:
             check_rows(train, evals, report)
         if not report.errors and args.tokenizer:
@@ -54,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         from hwcompat.cli.common import print_json
 
-        print_json({"ok": report.ok, "errors": report.errors, "warnings": report.warnings, "rows": report.counts})
+        print_json({"ok": report.ok, "errors": report.errors, "warnings": report.warnings, "rows": report.counts,
+                    "containers": report.sources, "formats": report.formats})
     else:
         print(report.render(), file=sys.stdout if report.ok else sys.stderr)
         if report.ok:
@@ -78,8 +88,8 @@ def _pair_checks(args: argparse.Namespace, report) -> None:
     from hwcompat.data.rows import check_rows
     from hwcompat.data.pairs import read_pairs
 
-    train = [x for f in args.files for x in read_pairs(f, report, max_seq_len=args.max_seq_len)]
-    evals = [x for f in args.eval for x in read_pairs(f, report, max_seq_len=args.max_seq_len)]
+    train = [x for f in args.files for x in read_pairs(f, report, max_seq_len=args.max_seq_len, columns=args.columns)]
+    evals = [x for f in args.eval for x in read_pairs(f, report, max_seq_len=args.max_seq_len, columns=args.columns)]
     if not report.errors:
         check_rows(train, evals, report, "duplicate pairs in train", "eval prompts also in train")
     if not report.errors and args.tokenizer:

@@ -131,12 +131,13 @@ def _pair(row: dict, where: str, report: Report) -> tuple[list, str, str] | None
 
 
 def read_pairs(path: str | Path, report: Report, system_prompt: str | None = None,
-               max_seq_len: int | None = None) -> list[Pair]:
-    """One JSONL file of preference pairs; problems go to ``report`` with file:line."""
+               max_seq_len: int | None = None, columns: dict[str, str] | None = None) -> list[Pair]:
+    """One file of preference pairs (JSONL or any container ``sources`` reads); problems go to ``report`` with
+    their location."""
     p = Path(path)
     max_chars = max_seq_len * CHARS_PER_TOKEN_LIMIT if max_seq_len else None
     pairs: list[Pair] = []
-    for lineno, where, row in json_rows(p, report, max_seq_len):
+    for lineno, where, row in json_rows(p, report, max_seq_len, columns):
         parsed = _pair(row, where, report)
         if parsed is None:
             continue
@@ -150,18 +151,19 @@ def read_pairs(path: str | Path, report: Report, system_prompt: str | None = Non
             prompt = [("system", system_prompt)] + prompt
         pairs.append(Pair(tuple(prompt), chosen, rejected, str(p), lineno))
     report.counts[str(p)] = len(pairs)
+    report.formats[str(p)] = "preference pairs"
     if not pairs and not any(e.startswith(f"{p}") for e in report.errors):
         report.error(f"{p}: no preference pairs (the file is empty)")
     return pairs
 
 
 def load_pairs(train_files: list[str], eval_files: list[str], eval_fraction: float, seed: int,
-               system_prompt: str | None = None, max_seq_len: int | None = None
-               ) -> tuple[list[Pair], list[Pair], Report]:
+               system_prompt: str | None = None, max_seq_len: int | None = None,
+               columns: dict[str, str] | None = None) -> tuple[list[Pair], list[Pair], Report]:
     """Read and check every file; the caller refuses to train when ``report.errors``."""
     report = Report()
-    train = [x for f in train_files for x in read_pairs(f, report, system_prompt, max_seq_len)]
-    evals = [x for f in eval_files for x in read_pairs(f, report, system_prompt, max_seq_len)]
+    train = [x for f in train_files for x in read_pairs(f, report, system_prompt, max_seq_len, columns)]
+    evals = [x for f in eval_files for x in read_pairs(f, report, system_prompt, max_seq_len, columns)]
     if report.errors:
         return train, evals, report
     if not eval_files:

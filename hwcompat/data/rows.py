@@ -31,7 +31,8 @@ class Example:
 
     messages: tuple[tuple[str, str], ...]  # (role, content)
     file: str
-    line: int
+    line: int  # the line (text) or row (Parquet/Arrow) in ``file``
+    untrained: frozenset[int] = frozenset()  # assistant turns that are context only (an OpenAI row's weight: 0)
 
     @property
     def key(self) -> str:
@@ -54,6 +55,8 @@ class Report:
     errors: list[str] = field(default_factory=list)
     warnings: dict[str, list[str]] = field(default_factory=dict)  # kind -> example locations/messages
     counts: dict[str, int] = field(default_factory=dict)  # file -> rows read
+    sources: dict[str, str] = field(default_factory=dict)  # file -> its container (JSONL, gzip JSONL, CSV, Parquet …)
+    formats: dict[str, str] = field(default_factory=dict)  # file -> the row format detected (or given)
 
     def error(self, msg: str) -> None:
         self.errors.append(msg)
@@ -80,15 +83,22 @@ class Report:
             more = f" (+{len(items) - 3} more)" if len(items) > 3 else ""
             lines.append(f"warning: {kind}: {len(items)} row(s): {examples}{more}")
         for f, n in self.counts.items():
-            lines.append(f"read {n} row(s) from {f}")
+            kind = ", ".join(x for x in (self.sources.get(f), self.formats.get(f)) if x)
+            lines.append(f"read {n} row(s) from {f}" + (f" ({kind})" if kind else ""))
         if self.errors:
             lines.append(f"{len(self.errors)} error(s): fix them and run `hwcompat data check` again")
         return "\n".join(lines)
 
 
+FORMAT_NAMES = {"messages": "chat messages", "sharegpt": "ShareGPT conversations", "prompt_completion":
+                "prompt/completion", "alpaca": "alpaca instruction/output"}
+
+
 def _detect_format(row: dict) -> str | None:
     if "messages" in row:
         return "messages"
+    if "conversations" in row:
+        return "sharegpt"
     if "prompt" in row or "completion" in row:
         return "prompt_completion"
     if "instruction" in row or "output" in row:
@@ -139,6 +149,9 @@ def _text_field(row: dict, key: str, where: str, report: Report, required: bool 
 
 
 def _messages(row: dict, where: str, report: Report) -> list[tuple[str, str]] | None:
+    """OpenAI chat rows: ``messages`` of {role, content}; content may be a list of text parts, an assistant turn may
+    carry ``weight`` 0 or 1 (0: context, not trained) and a ``name``. Tool calls are refused with the row: how a
+    tool call is written into the prompt is each chat template's own, and a wrong rendering trains the wrong text."""
     msgs = row.get("messages")
     if not isinstance(msgs, list):
         report.error(f"{where}: messages: expected a list of {{role, content}}, "
@@ -149,21 +162,105 @@ def _messages(row: dict, where: str, report: Report) -> list[tuple[str, str]] | 
         return None
     out: list[tuple[str, str]] = []
     for i, m in enumerate(msgs):
-        w = f"{where}: messages[{i}]"
-        if not isinstance(m, dict):
-            report.error(f"{w}: expected an object with role and content, got {type(m).__name__}")
+        turn = _message(m, f"{where}: messages[{i}]", report)
+        if turn is None:
             return None
-        role = m.get("role")
-        if role not in ROLES:
-            report.error(f"{w}.role: expected one of {', '.join(ROLES)}, got {role!r}")
-            return None
-        content = clean_text(m.get("content"), f"{w}.content", report)
-        if content is None:
-            return None
-        out.append((role, content))
+        out.append(turn)
     problem = order_problem(out, "assistant")
     if problem:
         report.error(f"{where}: messages{problem}")
+        return None
+    if all(m.get("weight") == 0 for m in msgs if m.get("role") == "assistant"):
+        report.error(f"{where}: messages: every assistant turn has weight 0: nothing to train")
+        return None
+    return out
+
+
+TOOL_ROLES = ("tool", "function", "ipython")
+TOOL_KEYS = ("tool_calls", "function_call")
+
+
+def _message(m: Any, w: str, report: Report) -> tuple[str, str] | None:
+    """One OpenAI-style message as (role, text), or None with the problem at ``w``."""
+    if not isinstance(m, dict):
+        report.error(f"{w}: expected an object with role and content, got {type(m).__name__}")
+        return None
+    role = m.get("role")
+    tool = next((k for k in TOOL_KEYS if m.get(k)), None)
+    if role in TOOL_ROLES or tool:
+        report.error(f"{w}{'.' + tool if tool else '.role'}: a tool {'call' if tool else 'result'}; hwcompat does "
+                     "not train tool use yet (each chat template writes tool calls its own way): drop the row, or "
+                     "its tool turns")
+        return None
+    if role not in ROLES:
+        report.error(f"{w}.role: expected one of {', '.join(ROLES)}, got {role!r}")
+        return None
+    if "weight" in m and (role != "assistant" or m["weight"] not in (0, 1) or isinstance(m["weight"], bool)):
+        report.error(f"{w}.weight: {'only an assistant turn has a weight' if role != 'assistant' else 'expected 0 (context, not trained) or 1, got ' + repr(m['weight'])}")
+        return None
+    content = _content_text(m.get("content"), f"{w}.content", report)
+    if content is None:
+        return None
+    content = clean_text(content, f"{w}.content", report)
+    return None if content is None else (role, content)
+
+
+def _content_text(content: Any, where: str, report: Report) -> Any:
+    """OpenAI's list of content parts joined (text parts only); anything else is passed on to the text checks."""
+    if not isinstance(content, list):
+        return content
+    texts = []
+    for k, part in enumerate(content):
+        if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            report.error(f"{where}[{k}]: expected a text part {{type: text, text}}, got {kind!r}; hwcompat trains "
+                         "text only")
+            return None
+        texts.append(part["text"])
+    return "".join(texts)
+
+
+def untrained_turns(row: dict, fmt: str) -> frozenset[int]:
+    """The assistant turns a row marks as context only (OpenAI's ``weight: 0``), by message index."""
+    msgs = row.get("messages") if fmt == "messages" else None
+    if not isinstance(msgs, list):
+        return frozenset()
+    return frozenset(i for i, m in enumerate(msgs) if isinstance(m, dict) and m.get("weight") == 0)
+
+
+#: ShareGPT's speakers (``from``) as chat roles; its tool turns are refused like OpenAI's.
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "chatgpt": "assistant", "bard": "assistant", "bing": "assistant", "model": "assistant"}
+SHAREGPT_TOOLS = ("function_call", "observation", "tool", "function_response", "function")
+
+
+def _sharegpt(row: dict, where: str, report: Report) -> list[tuple[str, str]] | None:
+    """ShareGPT rows: ``conversations`` of {from: human | gpt | system …, value}."""
+    turns = row.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        report.error(f"{where}: conversations: expected a non-empty list of {{from, value}}, got "
+                     f"{type(turns).__name__ if turns else 'nothing'}")
+        return None
+    out: list[tuple[str, str]] = []
+    for i, t in enumerate(turns):
+        w = f"{where}: conversations[{i}]"
+        speaker = t.get("from") if isinstance(t, dict) else None
+        if speaker in SHAREGPT_TOOLS:
+            report.error(f"{w}.from: {speaker!r} is a tool turn; hwcompat does not train tool use yet: drop the row, "
+                         "or its tool turns")
+            return None
+        if speaker not in SHAREGPT_ROLES:
+            report.error(f"{w}.from: expected one of human, gpt, system (or user, assistant, model), got "
+                         f"{speaker!r}" if isinstance(t, dict) else f"{w}: expected {{from, value}}, got "
+                         f"{type(t).__name__}")
+            return None
+        value = clean_text(t.get("value"), f"{w}.value", report)
+        if value is None:
+            return None
+        out.append((SHAREGPT_ROLES[speaker], value))
+    problem = order_problem(out, "assistant")
+    if problem:
+        report.error(f"{where}: conversations{problem}")
         return None
     return out
 
@@ -185,30 +282,18 @@ def order_problem(turns: list[tuple[str, str]], last: str) -> str | None:
     return None
 
 
-def json_rows(path: str | Path, report: Report, max_seq_len: int | None = None) -> Iterator[tuple[int, str, dict]]:
-    """(line number, "file:line", object) for every JSON object line of a JSONL file, after the byte-level
-    checks (NUL bytes, UTF-8, BOM, JSON, far-too-long rows); every problem goes to ``report`` with file:line."""
-    max_chars = max_seq_len * CHARS_PER_TOKEN_LIMIT if max_seq_len else None
-    from hwcompat.userfile import read_regular
+def json_rows(path: str | Path, report: Report, max_seq_len: int | None = None,
+              columns: dict[str, str] | None = None) -> Iterator[tuple[int, str, dict]]:
+    """(line or row number, its location, object) for every row of a data file in any container (JSONL, gzip
+    JSONL, CSV/TSV, Parquet, Arrow, a save_to_disk folder: ``sources``), after the byte-level checks (NUL bytes,
+    UTF-8, BOM, JSON, far-too-long rows); every problem goes to ``report`` with its location."""
+    from hwcompat.data.sources import rows
 
-    p = Path(path)
-    try:
-        raw = read_regular(p, "data file")  # a regular file only: a FIFO, a pipe (<(…)) or /dev/zero is refused
-    except InputError as exc:
-        report.error(str(exc))
-        return
-    lines = raw.split(b"\n")
-    if lines and lines[-1] == b"":
-        lines.pop()
-    for lineno, bline in enumerate(lines, start=1):
-        where = f"{p}:{lineno}"
-        row = _json_line(bline.removesuffix(b"\r"), lineno, where, report, max_chars, max_seq_len)
-        if row is not None:
-            yield lineno, where, row
+    yield from rows(path, report, max_seq_len, columns)
 
 
-def _json_line(bline: bytes, lineno: int, where: str, report: Report, max_chars: int | None,
-               max_seq_len: int | None) -> dict | None:
+def json_line(bline: bytes, lineno: int, where: str, report: Report, max_chars: int | None,
+              max_seq_len: int | None) -> dict | None:
     if lineno == 1 and bline.startswith(BOM):
         bline = bline[len(BOM):]
         report.warn("byte order mark", f"{where}: the file starts with a UTF-8 BOM; it was ignored")
@@ -247,8 +332,9 @@ def _json_line(bline: bytes, lineno: int, where: str, report: Report, max_chars:
 
 
 def read_jsonl(path: str | Path, fmt: str, report: Report, system_prompt: str | None = None,
-               max_seq_len: int | None = None) -> list[Example]:
-    """Read one JSONL file; append problems to ``report``; return the good rows.
+               max_seq_len: int | None = None, columns: dict[str, str] | None = None) -> list[Example]:
+    """Read one data file (JSONL or any container ``sources`` reads); append problems to ``report``; return the
+    good rows. ``columns`` renames the file's columns to the format's fields.
 
     With ``max_seq_len``, rows far beyond it in characters are errors found here, cheaply, before any
     tokenizer sees them (``CHARS_PER_TOKEN_LIMIT``)."""
@@ -256,22 +342,28 @@ def read_jsonl(path: str | Path, fmt: str, report: Report, system_prompt: str | 
     p = Path(path)
     examples: list[Example] = []
     seen_format: str | None = None if fmt == "auto" else fmt
-    for lineno, where, row in json_rows(p, report, max_seq_len):
+    for lineno, where, row in json_rows(p, report, max_seq_len, columns):
         if seen_format is None:
             seen_format = _detect_format(row)
             if seen_format is None:
-                report.error(f"{where}: cannot tell the data format: expected 'messages', 'prompt'/'completion' "
-                             f"or 'instruction'/'output' keys, got {sorted(row)}")
+                report.error(f"{where}: cannot tell the data format: expected 'messages', 'conversations' "
+                             f"(ShareGPT), 'prompt'/'completion' or 'instruction'/'output' keys, got "
+                             f"{sorted(map(str, row))[:12]}; a CSV or Parquet file with other column names "
+                             "needs columns: {prompt: YOUR_COLUMN, completion: YOUR_COLUMN}")
                 continue
         msgs = _row_messages(row, seen_format, where, report)
         if msgs is None:
             continue
         if too_long(msgs, max_chars, where, report, max_seq_len):
             continue
+        untrained = untrained_turns(row, seen_format)
         if system_prompt and msgs[0][0] != "system":
             msgs = [("system", system_prompt)] + msgs
-        examples.append(Example(tuple(msgs), str(p), lineno))
+            untrained = frozenset(i + 1 for i in untrained)
+        examples.append(Example(tuple(msgs), str(p), lineno, untrained))
     report.counts[str(p)] = len(examples)
+    if seen_format:
+        report.formats[str(p)] = FORMAT_NAMES.get(seen_format, seen_format)
     if not examples and not any(e.startswith(f"{p}") for e in report.errors):
         report.error(f"{p}: no examples (the file is empty)")
     return examples
@@ -290,6 +382,8 @@ def _row_messages(row: dict, fmt: str, where: str, report: Report) -> list[tuple
     """One SFT row in its format as chat turns, or None (the problem is in ``report``)."""
     if fmt == "messages":
         return _messages(row, where, report)
+    if fmt == "sharegpt":
+        return _sharegpt(row, where, report)
     if fmt == "prompt_completion":
         prompt = _text_field(row, "prompt", where, report)
         completion = _text_field(row, "completion", where, report)
@@ -374,16 +468,16 @@ def split_eval(examples: list[Example], fraction: float, seed: int) -> tuple[lis
 
 
 def load_datasets(train_files: list[str], eval_files: list[str], fmt: str, eval_fraction: float, seed: int,
-                  system_prompt: str | None = None, max_seq_len: int | None = None
-                  ) -> tuple[list[Example], list[Example], Report]:
+                  system_prompt: str | None = None, max_seq_len: int | None = None,
+                  columns: dict[str, str] | None = None) -> tuple[list[Example], list[Example], Report]:
     """Read and check everything; the caller refuses to train when ``report.errors``."""
     report = Report()
     train: list[Example] = []
     for f in train_files:
-        train += read_jsonl(f, fmt, report, system_prompt, max_seq_len)
+        train += read_jsonl(f, fmt, report, system_prompt, max_seq_len, columns)
     evals: list[Example] = []
     for f in eval_files:
-        evals += read_jsonl(f, fmt, report, system_prompt, max_seq_len)
+        evals += read_jsonl(f, fmt, report, system_prompt, max_seq_len, columns)
     if report.errors:
         return train, evals, report
     if not eval_files:

@@ -61,18 +61,18 @@ def tokenize_example(tokenizer, ex: Example, chat: bool) -> Tokenized:
                 ids += with_prompt[len(prev):]
                 labels += [IGNORE] * (len(with_prompt) - len(prev))
                 ids += full[len(with_prompt):]
-                labels += full[len(with_prompt):]
+                labels += [IGNORE] * (len(full) - len(with_prompt)) if k in ex.untrained else full[len(with_prompt):]
                 prev = full
         return Tokenized(ids, labels, where)
     ids += bos_ids(tokenizer)
     labels += [IGNORE] * len(ids)
-    for role, content in msgs:
+    for k, (role, content) in enumerate(msgs):
         if role == "assistant":
             head = tokenizer.encode(PLAIN_HEADERS[role], add_special_tokens=False)
             body = tokenizer.encode(content, add_special_tokens=False)
             eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
             ids += head + body + eos
-            labels += [IGNORE] * len(head) + body + eos
+            labels += [IGNORE] * len(head) + ([IGNORE] * len(body + eos) if k in ex.untrained else body + eos)
             sep = tokenizer.encode("\n\n", add_special_tokens=False)
             ids += sep
             labels += [IGNORE] * len(sep)

@@ -39,7 +39,9 @@ class TrainConfig:
     train_data: list[str] = field(default_factory=list)  # JSONL file(s)
     eval_data: list[str] = field(default_factory=list)  # JSONL file(s); empty: split eval_fraction off train
     eval_fraction: float = 0.1  # used only without eval_data; split with `seed`
-    data_format: str = "auto"  # auto | prompt_completion | messages | alpaca
+    data_format: str = "auto"  # auto | prompt_completion | messages | sharegpt | alpaca
+    # a file's column names -> the format's fields, e.g. {prompt: question, completion: answer} (CSV, Parquet, JSONL)
+    columns: dict[str, str] = field(default_factory=dict)
     chat_template: str = "auto"  # auto (use the tokenizer's if it has one) | true | false
     system_prompt: str | None = None  # prepended as a system message when a row has none
     max_seq_len: int = 1024  # tokens per example, prompt + response
@@ -145,6 +147,29 @@ def _text_list(key: str, text: str, where: str) -> list[str]:
     return [str(v) for v in value]
 
 
+#: The fields a ``columns`` mapping may fill: every row format's keys (SFT and preference pairs).
+ROW_FIELDS = ("prompt", "completion", "messages", "conversations", "instruction", "input", "output", "chosen",
+              "rejected")
+
+
+def columns_mapping(key: str, value: Any, where: str, from_text: bool) -> dict[str, str]:
+    """``columns``: YAML ``{prompt: question}`` in a file, or the same flow mapping on the command line."""
+    if from_text:
+        try:
+            value = yaml.safe_load(str(value)) if str(value).strip() else {}
+        except yaml.YAMLError:
+            value = str(value)
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) and v for k, v in
+                                              value.items()):
+        raise InputError(f"{where}: {key}: expected a mapping of field: column, e.g. {key}={{prompt: question, "
+                         f"completion: answer}}, got {excerpt(value)}")
+    unknown = [k for k in value if k not in ROW_FIELDS]
+    if unknown:
+        raise InputError(f"{where}: {key}: {', '.join(map(repr, unknown))} is not a row field; the fields are "
+                         f"{', '.join(ROW_FIELDS)} (the mapping reads field: the file's column)")
+    return dict(value)
+
+
 def _coerce(key: str, value: Any, kind: Any, where: str, from_text: bool) -> Any:
     """Convert and type-check one value; `from_text` values came from the command line."""
     origin = get_origin(kind)
@@ -155,6 +180,8 @@ def _coerce(key: str, value: Any, kind: Any, where: str, from_text: bool) -> Any
             return None
         kind = next(a for a in args if a is not type(None))
         origin = get_origin(kind)
+    if origin is dict:
+        return columns_mapping(key, value, where, from_text)
     if origin is list:
         if from_text:
             value = _text_list(key, str(value), where)

@@ -39,8 +39,8 @@ def _check(tmp_path, capsys, content: bytes, *extra):
      ":1: messages[0].role: expected one of system, user, assistant, got 'bot'"),
     (b'{"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "x"}]}\n',
      ":1: messages[0].content: empty"),
-    (b'{"text": "hello"}\n', ":1: cannot tell the data format: expected 'messages', 'prompt'/'completion' or "
-                             "'instruction'/'output' keys, got ['text']"),
+    (b'{"text": "hello"}\n', ":1: cannot tell the data format: expected 'messages', 'conversations' "
+                             "(ShareGPT), 'prompt'/'completion' or 'instruction'/'output' keys, got ['text']"),
     (b'', ": no examples (the file is empty)"),
     (b'{"instruction": "do", "input": 5, "output": "x"}\n', ":1: input: expected a string, got int"),
 ])

@@ -66,7 +66,7 @@ class DPO:
     def check(cfg: TrainConfig) -> tuple[str, float]:
         """The launcher's text-level checks (no tokenizer): the report, and the planner's worst logit share."""
         train, _, report = load_pairs(cfg.train_data, cfg.eval_data, cfg.eval_fraction, cfg.seed, cfg.system_prompt,
-                                      cfg.max_seq_len)
+                                      cfg.max_seq_len, cfg.columns)
         if report.errors:
             raise report.failure()
         return report.render(), _response_share(train)
@@ -74,7 +74,7 @@ class DPO:
     def load(self, tokenizer, log) -> None:
         cfg = self.cfg
         train, self.eval_pairs, report = load_pairs(cfg.train_data, cfg.eval_data, cfg.eval_fraction, cfg.seed,
-                                                    cfg.system_prompt, cfg.max_seq_len)
+                                                    cfg.system_prompt, cfg.max_seq_len, cfg.columns)
         if report.errors:
             raise report.failure()
         self.tokenizer = tokenizer

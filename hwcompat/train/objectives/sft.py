@@ -127,7 +127,7 @@ class SFT:
         Returns the report text and the largest share of any row's characters that are response (trained)
         text: the planner's worst case for how many positions need logits."""
         train, _, report = load_datasets(cfg.train_data, cfg.eval_data, cfg.data_format, cfg.eval_fraction, cfg.seed,
-                                         cfg.system_prompt, cfg.max_seq_len)
+                                         cfg.system_prompt, cfg.max_seq_len, cfg.columns)
         if report.errors:
             raise report.failure()
         share = 0.0
@@ -148,7 +148,7 @@ class SFT:
         cfg = self.cfg
         train_rows, self.eval_rows, report = load_datasets(cfg.train_data, cfg.eval_data, cfg.data_format,
                                                            cfg.eval_fraction, cfg.seed, cfg.system_prompt,
-                                                           cfg.max_seq_len)
+                                                           cfg.max_seq_len, cfg.columns)
         if report.errors:
             raise report.failure()
         self.tokenizer = tokenizer
