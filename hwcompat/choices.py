@@ -34,6 +34,7 @@ DTYPE_BYTES = {Dtype.float32.value: 4, Dtype.float16.value: 2, Dtype.bfloat16.va
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
 
 #: Config vocabularies of the recipe (their meaning: the field comments in train/config.py).
+TRACKERS = ("tensorboard", "trackio", "mlflow", "wandb")  # report_to: experiment trackers (train/trackers.py)
 DATA_FORMATS = ("auto", "prompt_completion", "messages", "sharegpt", "alpaca")
 SCHEDULES = ("cosine", "linear", "constant")
 METRICS = ("auto", "exact", "json", "label", "none")

@@ -50,6 +50,10 @@ SETS: dict[str, str] = {
 #: Variables the launcher sets from what the host has, never from a profile (a profile may not preload code).
 HOST_SETS: dict[str, str] = {
     "LD_PRELOAD": "a CPU run: the launcher preloads tcmalloc in the worker (cpu_allocator; probe/malloc.py)",
+    "TRACKIO_DIR": "report_to: [trackio]: Trackio's local store, RUN/trackio unless the user set it (read at import)",
+    "MLFLOW_TRACKING_URI": "report_to: [mlflow]: MLflow's file store RUN/mlruns unless the user set a tracking URI",
+    "MLFLOW_ALLOW_FILE_STORE": "true with that file store: MLflow 3 keeps it in maintenance and asks for this opt-in",
+    "WANDB_MODE": "report_to: [wandb]: offline unless the user set it (nothing leaves the machine by default)",
     "TQDM_DISABLE": "1 when stderr is not a terminal (a file, a pipe, docker logs): third-party bars (weight loading, "
                     "GGUF dequantisation) would write carriage-return frames there; hwcompat prints plain lines",
     "TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": "with tcmalloc: 1 TiB, so loading a model prints no 'large alloc' lines",

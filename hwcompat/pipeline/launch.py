@@ -24,6 +24,7 @@ from hwcompat.resolve import HostPlan, Overrides, ResolvedDevice, ResolvedProfil
 from hwcompat.train.config import ORIGIN_DEFAULT, ORIGIN_PROFILE, LoadedConfig, save_yaml
 from hwcompat.train.rundir import EXPORTS, RECORDS, RESULTS, RunDir, open_run_dir, record_written
 from hwcompat.train.spec import RunSpec, TrainDevice
+from hwcompat.train import trackers
 
 HARDWARE_KEYS = ("dtype", "attention", "compile_backend")
 
@@ -540,6 +541,7 @@ def launch(opts: LaunchOptions, loaded: LoadedConfig, plan: HostPlan) -> int:
     _announce(run, device, profile, nproc, nodes)
     cfg = loaded.config
     env = child_env(profile, device, group, cfg.allow_network and is_hub_id(cfg.model))
+    env |= trackers.child_env(cfg.report_to, run.path, env)
     if note:
         _say(note)
     exec_worker(run, env | malloc_env, nproc, nodes)
@@ -557,6 +559,7 @@ def preflight(loaded: LoadedConfig, device: ResolvedDevice, profile: ResolvedPro
     check_model(cfg.model, cfg.allow_network)
     check_init_adapter(cfg)
     check_export(cfg)
+    trackers.check_installed(cfg.report_to)
     if cfg.tokenizer:
         check_model(cfg.tokenizer, cfg.allow_network, what="tokenizer")
 

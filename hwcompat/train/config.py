@@ -20,7 +20,7 @@ import yaml
 from hwcompat.errors import InputError, excerpt
 from hwcompat.choices import EXPORT_TYPES
 from hwcompat.choices import (BATCHING, CHAT_TEMPLATE, CPU_ALLOCATORS, DATA_FORMATS, EXPORTS, METRICS, OFFLOAD, OPTIMIZERS,
-                              OVERLONG, SCHEDULES, Attention, CompileBackend, Dtype)
+                              OVERLONG, SCHEDULES, TRACKERS, Attention, CompileBackend, Dtype)
 from hwcompat.train.objectives import OBJECTIVES
 from hwcompat.yamlfile import load_yaml
 
@@ -93,6 +93,9 @@ class TrainConfig:
     # rehearse a smaller card on a bigger one, or leave room for another job. 0: the whole card
     memory_limit_gib: float = 0.0
     # --- after training -------------------------------------------------------------------------
+    # experiment trackers, any of tensorboard | trackio | mlflow | wandb, each offline in the run folder unless your
+    # environment points it elsewhere (hwcompat[track]); [] : none
+    report_to: list[str] = field(default_factory=list)
     export: str = "none"  # none | gguf: merge the adapter into the base and write model.gguf + Modelfile
     export_type: str = "f16"  # f32 | f16 | bf16 | q8_0 | q6_k | q5_k_m | q4_k_m | q5_0 | q4_0 (hwcompat[gguf])
     force: bool = False  # run even when a setting contradicts the hardware or the plan
@@ -313,6 +316,10 @@ def _validate(cfg: TrainConfig, where: str, origins: dict[str, str] | None = Non
         raise InputError(f"{at('num_threads')}: num_threads={cfg.num_threads}, but this process may use "
                          f"{usable_cores()} core(s); more threads than cores make every step many times slower. "
                          f"Set num_threads to at most {usable_cores()}, or 0 for all of them")
+    unknown = [t for t in cfg.report_to if t not in TRACKERS]
+    if unknown:
+        raise InputError(f"{at('report_to')}: report_to: {', '.join(map(repr, unknown))} is not a tracker; use any of "
+                         f"{', '.join(TRACKERS)}, e.g. report_to=[tensorboard]")
     where = file_where
     if not (cfg.epochs > 0 or cfg.max_steps > 0):
         raise InputError(f"{where}: set epochs > 0 or max_steps > 0")

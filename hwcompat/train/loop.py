@@ -29,6 +29,7 @@ from hwcompat.fsutil import Terminated, atomic_dir, atomic_write_json, atomic_wr
 from hwcompat.data import metrics
 from hwcompat.probe import malloc
 from hwcompat.train import batching, checkpoint, distributed, objectives
+from hwcompat.train import trackers as trackers_mod
 from hwcompat.train.distributed import Dist, log
 from hwcompat.train.model import load_model
 from hwcompat.train.optim import make_optimizer
@@ -63,6 +64,7 @@ class Recipe:
     train_seconds: float = 0.0
     tokens: int = 0
     last_loss: float = float("nan")
+    trackers: Any = field(default_factory=lambda: trackers_mod.Trackers())  # report_to (writer process only)
 
     @property
     def cfg(self):
@@ -83,6 +85,7 @@ def run(run_dir: Path, resume: bool = False, signals: Signals | None = None) -> 
     t_start = time.time()
     owned = signals is None
     signals = signals or Signals()
+    r = None
     try:
         spec = load_spec(run_dir / "run.json")
         dist = distributed.init(spec.device.kind)
@@ -99,6 +102,8 @@ def run(run_dir: Path, resume: bool = False, signals: Signals | None = None) -> 
         distributed.close(dist)
         return code
     finally:
+        if r is not None:
+            r.trackers.close()  # flushed on every way out: a signal, an error, the end
         if owned:
             signals.restore()
 
@@ -148,7 +153,24 @@ def setup(spec: RunSpec, run_dir: Path, dist: Dist, resume: bool) -> Recipe:
                per_rank, total)
     _restore(r, resume)  # before DDP: its construction broadcasts rank 0's weights to the group
     r.engine = _engine(model, objective, dist, device)
+    if dist.writer and cfg.report_to:
+        r.trackers = trackers_mod.Trackers.open(cfg.report_to, run_dir, _tracked_params(spec), r.start_step,
+                                                lambda m: log(dist, m))
+        for name in TRACKER_FOLDERS:
+            if (run_dir / name).exists():
+                record_written(run_dir, name)
     return r
+
+
+#: What the trackers' libraries write in the run folder (theirs, on our behalf: the ledger lists them).
+TRACKER_FOLDERS = ("tensorboard", "mlruns", "trackio", "wandb")
+
+
+def _tracked_params(spec: RunSpec) -> dict[str, Any]:
+    p = spec.profile
+    profile = {"name": p.name, "dtype": p.dtype, "attention": p.attention, "compile_backend": p.compile_backend,
+               "device": spec.device.name}
+    return trackers_mod.flat_params(spec.config.to_dict(), profile)
 
 
 def _warn_missing_env(spec: RunSpec, dist: Dist) -> None:
@@ -430,8 +452,11 @@ def _log_step(r: Recipe, bar, step: int, loss: float, grad_norm: float, epoch: i
         _append_jsonl(r.metrics_path, {"step": step, "kind": "train", "loss": loss,
                                        "lr": r.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                                        "epoch": epoch, "tokens_per_s": tps, "tokens": r.tokens * r.dist.world,
-                                       "train_seconds": r.train_seconds})
+                                       "train_seconds": r.train_seconds, "memory_bytes": _memory_now(r)})
     bar.update(1, loss=f"{loss:.4f}", tok_s=f"{tps:,.0f}")
+    r.trackers.log(step, {"train/loss": loss, "train/learning_rate": r.scheduler.get_last_lr()[0],
+                          "train/grad_norm": grad_norm, "train/tokens_per_s": tps, "train/epoch": epoch,
+                          "train/memory_gib": _memory_now(r) / 2**30})  # the device's peak, or max RSS on a CPU
 
 
 def _save(r: Recipe, step: int, rng: dict[str, Any] | None = None) -> Path | None:
@@ -472,8 +497,14 @@ def evaluate(r: Recipe, step: int, with_tasks: bool) -> dict[str, Any]:
     rec: dict[str, Any] = {"step": step, "kind": "eval", **r.objective.evaluate(r.model, with_tasks)}
     _append_jsonl(r.metrics_path, rec)
     r.history["eval"].append(rec)
+    r.trackers.log(step, {f"eval/{k.removeprefix('eval_')}": v for k, v in _scores(rec).items()})
     log(r.dist, f"eval @ step {step}: loss {rec.get('eval_loss', float('nan')):.4f} {metrics.headline(rec)}")
     return rec
+
+
+def _scores(rec: dict[str, Any]) -> dict[str, Any]:
+    """An eval record's metrics, without its bookkeeping (step, kind, row count)."""
+    return {k: v for k, v in rec.items() if k not in ("step", "kind", "n")}
 
 
 def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
@@ -508,6 +539,10 @@ def finish(r: Recipe, signals: Signals) -> int:
     atomic_write_json(r.run_dir / "summary.json", summary)
     record_written(r.run_dir, "summary.json")
     log(r.dist, _summary_text(summary, r.run_dir))
+    r.trackers.summary({**{f"before/{k}": v for k, v in _scores(summary["eval_before"]).items()},
+                        **{f"after/{k}": v for k, v in _scores(final).items()}, "regressed": len(summary["regressed"]),
+                        "tokens_per_s": summary["tokens_per_s"], "peak_memory_gib": summary["peak_memory_bytes"] / 2**30})
+    r.trackers.close()
     if summary["regressed"]:
         log(r.dist, _regression_text(summary["regressed"], r.cfg.regression_tolerance))
     if signals.received is not None:
@@ -553,6 +588,12 @@ def _summary(r: Recipe, final: dict[str, Any]) -> dict[str, Any]:
         "versions": {"hwcompat": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
                      "peft": peft.__version__, "python": sys.version.split()[0]},
     }
+
+
+def _memory_now(r: Recipe) -> int:
+    """The peak so far: the device allocator's on a GPU, the process's max RSS on the CPU."""
+    backend = accelerator(r.device.type)
+    return backend.max_memory_allocated() if backend else _rss_peak_bytes()
 
 
 def _rss_peak_bytes() -> int:

@@ -1,0 +1,187 @@
+"""#27: report_to — TensorBoard, Trackio, MLflow and W&B, offline in the run folder, read back with each library's own
+reader, across a SIGTERM and a --resume (one curve in each, not two)."""
+
+import json
+import os
+import shlex
+import struct
+
+import pytest
+
+from hwcompat.train import trackers
+
+ALL = ["tensorboard", "trackio", "mlflow", "wandb"]
+
+
+def same(got, expected):
+    """(step, value) pairs: the same steps, in order, and values equal to float32 precision."""
+    return [s for s, _ in got] == [s for s, _ in expected] and all(
+        abs(a - b) <= 1e-5 * max(1.0, abs(b)) for (_, a), (_, b) in zip(got, expected))
+SITE = """
+import os, signal
+if os.environ.get("TEST_SIGTERM_AT_STEP"):
+    import hwcompat.train.loop as L
+    real = L._log_step
+    def log_step(r, bar, step, *a):
+        real(r, bar, step, *a)
+        if step == int(os.environ["TEST_SIGTERM_AT_STEP"]):
+            os.kill(os.getpid(), signal.SIGTERM)  # what `docker stop` sends
+    L._log_step = log_step
+"""
+
+
+def _tensorboard(run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def _mlflow(run, run_id):
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient((run / "mlruns").as_uri())
+    exp = client.get_experiment_by_name("hwcompat")
+    runs = client.search_runs([exp.experiment_id])
+    hist = {k: sorted((m.step, m.value) for m in client.get_metric_history(run_id, k))
+            for k in ("train/loss", "eval/loss")}
+    return runs, hist, client.get_run(run_id).data.params
+
+
+def _trackio(run):
+    """Trackio's own store reader; it reads TRACKIO_DIR when imported, so in a process of its own."""
+    import subprocess
+    import sys
+
+    code = ("import json; from trackio.sqlite_storage import SQLiteStorage as S; "
+            "print(json.dumps([S.get_runs('hwcompat'), S.get_logs('hwcompat', 'run')], default=str))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True,
+                         env={**os.environ, "TRACKIO_DIR": str(run / "trackio")})
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _wandb_records(path):
+    """W&B's offline run file (its LevelDB-style log: 32 KiB blocks of crc32, length, type records) decoded with
+    wandb's own protobuf schema; wandb 0.2x has no Python reader for it any more (its Go core reads it)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data, pos, buf, out = path.read_bytes(), 7, b"", []
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        left = 32768 - pos % 32768
+        if left < 7:
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if kind == 0 and length == 0:
+            pos += left
+            continue
+        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        buf = chunk if kind in (1, 2) else buf + chunk
+        if kind in (1, 4):
+            rec = pb.Record()
+            rec.ParseFromString(buf)
+            out.append(rec)
+    return out
+
+
+def _key(item):
+    return item.key or "/".join(item.nested_key)  # wandb writes "train/loss" as the nested key [train, loss]
+
+
+def _wandb(run):
+    runs = {}
+    for f in sorted(run.glob("wandb/offline-run-*/run-*.wandb")):
+        for rec in _wandb_records(f):
+            kind = rec.WhichOneof("record_type")
+            if kind == "run":
+                runs.setdefault(rec.run.run_id, {"files": 0, "history": [], "config": {}})["files"] += 1
+                current = runs[rec.run.run_id]
+                current["config"].update({_key(i): json.loads(i.value_json) for i in rec.run.config.update})
+            elif kind == "history":
+                current["history"].append({_key(i): json.loads(i.value_json) for i in rec.history.item})
+    return runs
+
+
+@pytest.mark.slow
+def test_all_four_trackers_read_back_and_a_resumed_run_is_one_curve(tmp_path, tiny_model, task_files, run_cli):
+    from tests.train.conftest import make_config
+
+    cfg = make_config(tmp_path, tiny_model, *task_files, max_steps=8, eval_every=4, eval_metrics="exact",
+                      report_to=ALL)
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(SITE)
+    first = run_cli("train", str(cfg), env={"PYTHONPATH": str(site), "TEST_SIGTERM_AT_STEP": "5"}, timeout=600)
+    assert first.returncode == 143, first.stderr[-3000:]
+    run = tmp_path / "run"
+    again = run_cli("train", str(run / "config.yaml"), "--resume", timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    for out in (first, again):  # one plain line each, no library banner or colour in the log
+        assert "\x1b" not in out.stderr + out.stdout and "Trackio project initialized" not in out.stdout
+        assert "tensorboard: " in out.stderr and "wandb: run " in out.stderr
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [(r["step"], r["loss"]) for r in records if r["kind"] == "train"]
+    evals = [(r["step"], r["eval_loss"]) for r in records if r["kind"] == "eval"]
+    assert [s for s, _ in losses] == list(range(1, 9)) and [s for s, _ in evals] == [0, 4, 8]
+    ids = json.loads((run / "trackers.json").read_text())
+
+    tb = _tensorboard(run)
+    assert same(tb["train/loss"], losses) and same(tb["eval/loss"], evals), (tb["train/loss"], tb["eval/loss"])
+    assert {"train/learning_rate", "train/grad_norm", "train/tokens_per_s", "train/memory_gib",
+            "eval/exact_match"} <= set(tb)
+
+    runs, hist, params = _mlflow(run, ids["mlflow_run_id"])
+    assert len(runs) == 1  # the resume continued the run, it did not start a second one
+    assert same(hist["train/loss"], losses) and same(hist["eval/loss"], evals), hist
+    assert params["config/lora_r"] == "16" and params["profile/name"] == "cpu"
+
+    names, logs = _trackio(run)
+    assert names == ["run"]
+    got = [(x["step"], x["train/loss"]) for x in logs if "train/loss" in x]
+    assert same(got, losses), got
+
+    wb = _wandb(run)
+    assert list(wb) == [ids["wandb_run_id"]] and wb[ids["wandb_run_id"]]["files"] == 2  # one run id, two sessions
+    hist = [(h["_step"], h["train/loss"]) for h in wb[ids["wandb_run_id"]]["history"] if "train/loss" in h]
+    assert same(hist, losses), hist
+    assert wb[ids["wandb_run_id"]]["config"]["config/lora_r"] == 16
+    sync = next(line for line in again.stderr.splitlines() if line.startswith("wandb: run "))
+    argv = shlex.split(sync.split("upload later: ", 1)[1].rstrip(")"))
+    assert argv[:2] == ["wandb", "sync"] and (run / "wandb").is_dir() and os.path.isdir(argv[2])
+
+
+def test_a_missing_tracker_is_refused_before_training_with_the_install_line(monkeypatch):
+    import importlib.util
+
+    from hwcompat.errors import InputError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n in ("wandb", "mlflow") else real(n, *a))
+    with pytest.raises(InputError) as e:
+        trackers.check_installed(["tensorboard", "mlflow", "wandb"])
+    assert str(e.value) == ("report_to: mlflow-skinny, wandb not installed; pip install mlflow-skinny wandb (or pip "
+                            "install 'hwcompat[track]' for all four), or remove them from report_to")
+    from packaging.requirements import Requirement
+
+    for req in ("mlflow-skinny", "wandb", "hwcompat[track]"):
+        Requirement(req)
+
+
+def test_an_unknown_tracker_names_the_four(tmp_path, run_cli):
+    (tmp_path / "c.yaml").write_text("model: m\ntrain_data: [t.jsonl]\nreport_to: [tensorbord]\n")
+    res = run_cli("train", str(tmp_path / "c.yaml"))
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "report_to: 'tensorbord' is not a tracker; use any of tensorboard, trackio, mlflow, wandb" in res.stderr
+
+
+def test_the_users_own_tracker_settings_win_and_wandb_is_offline_by_default(tmp_path):
+    env = trackers.child_env(ALL, tmp_path, {})
+    assert env["WANDB_MODE"] == "offline" and env["TRACKIO_DIR"] == str(tmp_path / "trackio")
+    assert env["MLFLOW_TRACKING_URI"] == (tmp_path / "mlruns").as_uri()
+    mine = {"WANDB_MODE": "online", "TRACKIO_DIR": "/srv/trackio", "MLFLOW_TRACKING_URI": "http://mlflow:5000"}
+    assert trackers.child_env(ALL, tmp_path, mine) == {}
+    assert trackers.child_env([], tmp_path, {}) == {}
+
