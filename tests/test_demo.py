@@ -32,6 +32,20 @@ def test_demo_real_model(tmp_path, cache_dir):
     assert (cache_dir / "models" / "smollm2-135m-instruct" / "model.safetensors").exists()
     cfg = json.loads((cache_dir / "models" / "smollm2-135m-instruct" / "config.json").read_text())
     assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["num_hidden_layers"] == 30
+    _demo_report_in_chromium(tmp_path / "demo" / "report.html", tmp_path)
+
+
+def _demo_report_in_chromium(page, tmp_path):
+    """#27: the demo's report.html in a real headless Chromium: offline, no console error, every plot drawn."""
+    from tests.browser import CHROMIUM
+    from tests.test_report import REQUIRE, _checked
+
+    html = page.read_text()
+    assert "field_f1" in html and "finished: 2 steps" in html
+    if CHROMIUM is None and not REQUIRE:
+        pytest.skip("no chromium (apt-get install chromium); .ci/run installs it")
+    plots = _checked(page, tmp_path, "demo-report.png")
+    assert plots == {"loss": 2, "learning rate": 1, "tokens/s": 1, "memory (peak so far)": 1}
 
 
 @pytest.mark.slow

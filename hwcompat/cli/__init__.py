@@ -26,6 +26,7 @@ COMMANDS = {
     "merge": "merge",
     "export": "export",
     "selftest": "selftest",
+    "report": "report",
     "generate": "inspect",
     "eval": "inspect",
 }

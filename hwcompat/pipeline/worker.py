@@ -62,6 +62,7 @@ def export_after_training(run_dir: Path, signals) -> int:
 
     from hwcompat.fsutil import Terminated
     from hwcompat.pipeline.export_chain import export_run
+    from hwcompat.train.loop import write_report
     from hwcompat.train.spec import load_spec
 
     cfg = load_spec(run_dir / "run.json").config
@@ -74,7 +75,9 @@ def export_after_training(run_dir: Path, signals) -> int:
         return 1
     try:
         with signals.at_once():
-            return export_run(run_dir, cfg, _say)
+            code = export_run(run_dir, cfg, _say)
+        write_report(run_dir, _say)  # again, with the export's --verify figures
+        return code
     except Terminated:
         _say(f"\ninterrupted during the export: training finished and the adapter is saved in {run_dir / 'adapter'}; "
              f"the export left nothing half-written. Export it with: hwcompat merge {run_dir} --out "

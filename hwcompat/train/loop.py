@@ -277,6 +277,8 @@ def _restore(r: Recipe, resume: bool) -> None:
     r.history = state.get("history", r.history)
     if r.dist.writer and r.metrics_path.exists():
         _trim_metrics(r)
+    if r.dist.writer:
+        _append_jsonl(r.metrics_path, {"step": r.start_step, "kind": "resume"})  # report.html marks it on the curves
     log(r.dist, f"resumed from {ck} at step {r.start_step}/{r.total_steps}")
 
 
@@ -485,6 +487,8 @@ def _interrupted(r: Recipe, step: int, signals: Signals, rng: dict[str, Any] | N
         where += f" (during {during}; it is redone on resume)"
     then = " (all steps are done: the resume runs the final eval and writes the adapter)" if (
         step >= r.total_steps) else ""
+    if r.dist.writer:
+        write_report(r.run_dir, lambda m: log(r.dist, m))
     log(r.dist, f"\ninterrupted at step {step}/{r.total_steps}{where}: checkpoint saved to {path}\n"
                 f"resume with: hwcompat train {r.run_dir / 'config.yaml'} --resume{then}")
     return signals.exit_code()
@@ -545,6 +549,7 @@ def finish(r: Recipe, signals: Signals) -> int:
     r.trackers.close()
     if summary["regressed"]:
         log(r.dist, _regression_text(summary["regressed"], r.cfg.regression_tolerance))
+    write_report(r.run_dir, lambda m: log(r.dist, m))
     if signals.received is not None:
         log(r.dist, "interrupted after the run finished: the adapter and summary.json are saved"
                     + ("; the export was not started" if r.cfg.export == "gguf" else ""))
@@ -588,6 +593,19 @@ def _summary(r: Recipe, final: dict[str, Any]) -> dict[str, Any]:
         "versions": {"hwcompat": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
                      "peft": peft.__version__, "python": sys.version.split()[0]},
     }
+
+
+def write_report(run_dir: Path, say) -> None:
+    """report.html of a finished or stopped run (the export chain rebuilds it with its figures). A page that cannot
+    be drawn is said, never a lost run."""
+    from hwcompat.train.report import write_run_report
+
+    try:
+        path = write_run_report(run_dir)
+    except (HwcompatError, OSError, ValueError, KeyError, TypeError) as exc:
+        say(f"warning: {run_dir / 'report.html'} was not written ({exc}); `hwcompat report {run_dir}` rebuilds it")
+        return
+    say(f"report: {path}")
 
 
 def _memory_now(r: Recipe) -> int:

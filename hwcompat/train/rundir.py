@@ -34,14 +34,14 @@ RESUMABLE = ("epochs", "max_steps", "eval_every", "eval_at_start", "eval_metrics
              "eval_max_new_tokens", "checkpoint_every", "keep_checkpoints", "export", "export_type", "force", "num_threads", "output_dir", "report_to")
 #: What a run writes in its folder: the records at the start, then the logs, checkpoints and results.
 RECORDS = ("config.yaml", "profile.json", "devices.json", "run.json")
-RESULTS = ("metrics.jsonl", "checkpoints", "adapter", "summary.json")
+RESULTS = ("metrics.jsonl", "checkpoints", "adapter", "summary.json", "report.html")
 #: What ``export: gguf`` adds (the export chain's outputs in the run folder).
 EXPORTS = ("merged", "model.gguf", "model.export.json", "model.Modelfile")
 #: The ledger of what hwcompat wrote in a run folder (see the module docstring).
 LEDGER = fsutil.LEDGER
 record_written = fsutil.record_written
 #: A run folder made before the ledger existed: what the trainer wrote there.
-LEGACY_OWNED = RECORDS + RESULTS
+LEGACY_OWNED = RECORDS + ("metrics.jsonl", "checkpoints", "adapter", "summary.json")  # no report.html back then
 
 
 def written(run_dir: Path) -> set[str]:

@@ -85,3 +85,46 @@ def test_eval_general_measures_forgetting_and_keeps_it(finished_run):
 def test_eval_needs_something_to_measure(finished_run):
     res = _cli("eval", finished_run[0], timeout=60)
     assert res.returncode == 2 and "give --data FILE (task metrics), --general (forgetting), or both" in res.stderr
+
+
+def _one_at_a_time(model, tokenizer, chat, prompts, new_tokens=32):
+    """The textbook measure, one prompt at a time (the implementation before #27 batched it)."""
+    import torch
+
+    from hwcompat.train import batching
+
+    kl = ll_base = ll_adapted = 0.0
+    n = 0
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = torch.tensor([batching.render_prompt_ids(tokenizer, [("user", prompt), ("assistant", "")], chat)])
+            with model.disable_adapter():
+                seq = model.generate(input_ids=ids, max_new_tokens=new_tokens, do_sample=False,
+                                     pad_token_id=tokenizer.pad_token_id)
+                base = model(input_ids=seq).logits[0, ids.shape[1] - 1:-1].float().log_softmax(-1)
+            adapted = model(input_ids=seq).logits[0, ids.shape[1] - 1:-1].float().log_softmax(-1)
+            answer = seq[0, ids.shape[1]:].unsqueeze(-1)
+            kl += float((adapted.exp() * (adapted - base)).sum())
+            ll_base += float(base.gather(-1, answer).sum())
+            ll_adapted += float(adapted.gather(-1, answer).sum())
+            n += answer.shape[0]
+    return {"tokens": n, "kl_per_token": kl / n, "base": ll_base / n, "adapted": ll_adapted / n}
+
+
+def test_batched_forgetting_equals_the_one_prompt_at_a_time_measure(finished_run):
+    """#27: eval --general is batched (prompts of different lengths in one left-padded batch); the figures are the
+    per-prompt loop's."""
+    from hwcompat.data import GENERAL_PROMPTS
+    from hwcompat.train import batching
+    from hwcompat.train.inspect_run import _load, forgetting
+
+    run, _ = finished_run
+    spec, model, tokenizer, device = _load(run)
+    chat = batching.uses_chat_template(tokenizer, spec.config.chat_template)
+    prompts = [json.loads(x)["prompt"] for x in GENERAL_PROMPTS.read_text().splitlines()][:12]
+    got = forgetting(model, tokenizer, chat, device, "float32", new_tokens=12, batch=5, prompts=prompts)
+    want = _one_at_a_time(model, tokenizer, chat, prompts, new_tokens=12)
+    assert got["tokens"] == want["tokens"]
+    assert got["kl_per_token"] == pytest.approx(want["kl_per_token"], rel=1e-4, abs=1e-7)
+    assert got["base_answers_logp_per_token"]["base"] == pytest.approx(want["base"], rel=1e-4)
+    assert got["base_answers_logp_per_token"]["adapted"] == pytest.approx(want["adapted"], rel=1e-4)

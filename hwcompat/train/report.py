@@ -1,0 +1,308 @@
+"""``report.html``: one self-contained page per run (and one that compares runs), from the run folder's own files.
+
+Loss curves (train and eval) with resumes marked, learning rate, tokens/s and memory over steps, task metrics
+before/after with the regression guard's verdict, DPO reward accuracy/margin, the hardware and the profile's
+choices with their reasons, the plan's predicted peak beside the measured one, and the export's ``--verify``
+figures. Plots are inline SVG drawn here: no script, no font, no request leaves the page, so it opens offline
+and in any browser years later. Reads ``metrics.jsonl``, ``summary.json``, ``run.json``, ``profile.json`` and
+``model.export.json``; a run still going (or stopped) gets a page too. No torch import here.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hwcompat.errors import InputError
+
+COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
+W, H, PAD = 560, 220, 56  # one plot's size and margin, in SVG units
+SCORES = ("eval_loss", "reward_accuracy", "reward_margin", "exact_match", "accuracy", "json_valid",
+          "field_precision", "field_recall", "field_f1")
+
+
+@dataclass
+class Run:
+    """What a run folder says about itself."""
+
+    path: Path
+    train: list[dict[str, Any]] = field(default_factory=list)
+    evals: list[dict[str, Any]] = field(default_factory=list)
+    resumes: list[int] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+    spec: dict[str, Any] = field(default_factory=dict)
+    export: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def status(self) -> str:
+        total = self.summary.get("total_steps") or (self.spec.get("config") or {}).get("max_steps")
+        if self.summary:
+            return f"finished: {self.summary['steps']} steps"
+        last = self.train[-1]["step"] if self.train else 0
+        return f"stopped at step {last}" + (f" of {total}" if total else "") + " (resume with --resume)"
+
+
+def load_run(path: str | Path) -> Run:
+    """A run folder's records; a folder that is not a run is an InputError naming what it lacks."""
+    p = Path(path)
+    if not (p / "run.json").is_file():
+        raise InputError(f"{p}: not a run folder (no run.json); give the output_dir of a `hwcompat train` run")
+    run = Run(p, spec=_json(p / "run.json"), summary=_json(p / "summary.json"), export=_json(p / "model.export.json"))
+    for line in _lines(p / "metrics.jsonl"):
+        kind = line.get("kind")
+        if kind == "train":
+            run.train.append(line)
+        elif kind == "eval":
+            run.evals.append(line)
+        elif kind == "resume":
+            run.resumes.append(int(line["step"]))
+    return run
+
+
+def _json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: cannot be read ({exc}); the report needs it as the run wrote it") from None
+    return data if isinstance(data, dict) else {}
+
+
+def _lines(path: Path) -> list[dict[str, Any]]:
+    """metrics.jsonl's records; a line cut short by a kill (the last one) is skipped, not fatal."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return []
+    out = []
+    for line in text.splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("step"), int):
+            out.append(rec)
+    return out
+
+
+# --- plots -------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Series:
+    label: str
+    points: list[tuple[float, float]]
+    color: str
+    dots: bool = False  # eval points: few, shown as markers on the line
+
+
+def chart(title: str, series: list[Series], marks: list[int] | None = None, unit: str = "") -> str:
+    """One line chart as inline SVG: axes with min/max ticks, a legend, dashed lines at ``marks`` (resumes)."""
+    pts = [p for s in series for p in s.points if all(math.isfinite(v) for v in p)]
+    if not pts:
+        return f'<figure class="plot empty" data-title="{_e(title)}"><figcaption>{_e(title)}: no data yet</figcaption></figure>'
+    x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)
+    y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)
+    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + abs(y0) * 0.1 + 1e-9)
+
+    def sx(x: float) -> float:
+        return PAD + (x - x0) / (x1 - x0) * (W - 2 * PAD)
+
+    def sy(y: float) -> float:
+        return H - PAD + (y - y0) / (y1 - y0) * (2 * PAD - H)
+
+    body = [_axes(x0, x1, y0, y1, unit)]
+    body += [f'<line class="resume" x1="{sx(m):.1f}" x2="{sx(m):.1f}" y1="{PAD / 2}" y2="{H - PAD}"/>'
+             f'<text x="{sx(m) + 3:.1f}" y="{PAD / 2 + 10}" class="small">resumed @ {m}</text>'
+             for m in (marks or []) if x0 <= m <= x1]
+    for s in series:
+        good = [p for p in s.points if all(math.isfinite(v) for v in p)]
+        path = " ".join(f"{'M' if i == 0 else 'L'}{sx(x):.1f},{sy(y):.1f}" for i, (x, y) in enumerate(good))
+        body.append(f'<path class="series" d="{path}" stroke="{s.color}"/>')
+        if s.dots:
+            body += [f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3" fill="{s.color}"/>' for x, y in good]
+    legend = "".join(f'<span style="color:{s.color}">&#9632; {_e(s.label)}</span> ' for s in series)
+    return (f'<figure class="plot" data-title="{_e(title)}"><figcaption>{_e(title)} {legend}</figcaption>'
+            f'<svg viewBox="0 0 {W} {H}" width="{W}" height="{H}" role="img" aria-label="{_e(title)}">'
+            + "".join(body) + "</svg></figure>")
+
+
+def _axes(x0: float, x1: float, y0: float, y1: float, unit: str) -> str:
+    b, t = H - PAD, PAD / 2
+    return (f'<line class="axis" x1="{PAD}" y1="{b}" x2="{W - PAD}" y2="{b}"/>'
+            f'<line class="axis" x1="{PAD}" y1="{t}" x2="{PAD}" y2="{b}"/>'
+            f'<text x="{PAD}" y="{b + 16}" class="small">{_num(x0)}</text>'
+            f'<text x="{W - PAD}" y="{b + 16}" class="small" text-anchor="end">step {_num(x1)}</text>'
+            f'<text x="{PAD - 4}" y="{b}" class="small" text-anchor="end">{_num(y0)}{unit}</text>'
+            f'<text x="{PAD - 4}" y="{t + 8}" class="small" text-anchor="end">{_num(y1)}{unit}</text>')
+
+
+def _num(v: float) -> str:
+    return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}"
+
+
+def _e(text: Any) -> str:
+    return html.escape(str(text), quote=True)
+
+
+def _points(records: list[dict[str, Any]], key: str, scale: float = 1.0) -> list[tuple[float, float]]:
+    return [(r["step"], r[key] * scale) for r in records if isinstance(r.get(key), (int, float))]
+
+
+def run_charts(run: Run) -> list[str]:
+    """The per-run plots: loss (train and eval), DPO rewards when there are any, learning rate, tokens/s, memory."""
+    c0, c1 = COLORS[0], COLORS[1]
+    out = [chart("loss", [Series("train", _points(run.train, "loss"), c0),
+                          Series("eval", _points(run.evals, "eval_loss"), c1, dots=True)], run.resumes)]
+    rewards = [Series(k, _points(run.evals, k), COLORS[i + 2], dots=True)
+               for i, k in enumerate(("reward_accuracy", "reward_margin")) if _points(run.evals, k)]
+    if rewards:
+        out.append(chart("DPO rewards (eval)", rewards, run.resumes))
+    out.append(chart("learning rate", [Series("lr", _points(run.train, "lr"), c0)], run.resumes))
+    out.append(chart("tokens/s", [Series("tokens/s", _points(run.train, "tokens_per_s"), c0)], run.resumes))
+    out.append(chart("memory (peak so far)", [Series(run.summary.get("peak_memory_kind", "memory"),
+                                                     _points(run.train, "memory_bytes", 2**-30), c0)],
+                     run.resumes, " GiB"))
+    return out
+
+
+# --- tables ------------------------------------------------------------------------------------------------------
+
+def _table(head: list[str], rows: list[list[Any]], cls: str = "") -> str:
+    th = "".join(f"<th>{_e(h)}</th>" for h in head)
+    trs = "".join("<tr>" + "".join(f"<td>{c if isinstance(c, Markup) else _e(c)}</td>" for c in r) + "</tr>"
+                  for r in rows)
+    return f'<table class="{cls}"><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>'
+
+
+class Markup(str):
+    """Text already escaped (a verdict with its colour), passed through ``_table`` as is."""
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else "-" if v is None else str(v)
+
+
+def metrics_table(run: Run) -> str:
+    before, after = run.summary.get("eval_before") or {}, run.summary.get("eval_after") or {}
+    if not after and run.evals:
+        before, after = (run.evals[0] if run.evals[0]["step"] == 0 else {}), run.evals[-1]
+    keys = [k for k in SCORES if k in after]
+    regressed = {x["metric"] for x in run.summary.get("regressed", [])}
+    rows = [[k, _fmt(before.get(k)), _fmt(after.get(k)),
+             Markup('<b class="bad">regressed</b>' if k in regressed else '<span class="ok">ok</span>')]
+            for k in keys]
+    tol = (run.spec.get("config") or {}).get("regression_tolerance")
+    verdict = ("no metric fell" if not regressed else f"{len(regressed)} metric(s) fell") + (
+        f" by more than {tol:g} points (regression_tolerance)" if isinstance(tol, (int, float)) else "")
+    return f"<h2>Task metrics, before and after</h2><p class=\"verdict\">{_e(verdict)}</p>" + _table(
+        ["metric", "before", "after", "guard"], rows, "metrics")
+
+
+def hardware_table(run: Run) -> str:
+    prof, dev, s = run.spec.get("profile") or {}, run.spec.get("device") or {}, run.summary
+    reasons = prof.get("reasons") or {}
+    rows = [["device", dev.get("name", "?"), f"{dev.get('kind', '?')}{' (emulated)' if dev.get('emulated') else ''}"],
+            ["profile", prof.get("name", "?"), reasons.get("profile", "")]]
+    rows += [[k, prof.get(k, "?"), reasons.get(k, "")] for k in ("dtype", "attention", "compile_backend")]
+    if s.get("cpu_allocator"):
+        rows.append(["malloc", s["cpu_allocator"], ""])
+    gib = 2**30
+    plan, peak = run.spec.get("planned_peak_bytes"), s.get("peak_memory_bytes")
+    rows.append(["memory: planned peak", f"{plan / gib:.2f} GiB" if plan else "-", "the plan, before the run"])
+    rows.append(["memory: measured peak", f"{peak / gib:.2f} GiB" if peak else "-", s.get("peak_memory_kind", "")])
+    if s.get("first_step_peak_bytes"):
+        rows.append(["memory: first step", f"{s['first_step_peak_bytes'] / gib:.2f} GiB", "its largest micro-batch"])
+    rows.append(["speed", f"{s['tokens_per_s']:,.0f} tokens/s" if s.get("tokens_per_s") else "-",
+                 f"{s.get('train_seconds', 0):.1f} s of training" if s else ""])
+    return "<h2>Hardware, profile and plan</h2>" + _table(["", "value", "why / what"], rows, "hardware")
+
+
+def export_table(run: Run) -> str:
+    x = run.export
+    if not x:
+        return ""
+    if not x.get("verified", True) or x.get("passed") is None:
+        return (f"<h2>Export</h2><p>{_e(x.get('gguf', 'model.gguf'))} ({_e(x.get('qtype', '?'))}): not verified in "
+                f"llama.cpp ({_e(x.get('why_not', ''))})</p>")
+    d, g, t = x.get("distributions") or {}, x.get("generations") or {}, x.get("tokenization") or {}
+    rows = [["verdict", "PASS" if x.get("passed") else "FAIL: " + "; ".join(x.get("failures", [])[:2])],
+            ["type", x.get("qtype", "?")], ["tokenization", f"{t.get('mismatches', '?')} mismatches in "
+                                                            f"{t.get('strings', '?')} strings"],
+            ["next-token KL (mean)", _fmt(d.get("mean_kl"))], ["top-1 agreement", _fmt(d.get("top1_agreement"))],
+            ["greedy answers identical", f"{g.get('identical', '?')}/{g.get('prompts', '?')}"]]
+    return "<h2>Export, verified in llama.cpp</h2>" + _table(["", ""], rows, "export")
+
+
+# --- pages -------------------------------------------------------------------------------------------------------
+
+CSS = """body{font:14px/1.45 system-ui,sans-serif;margin:24px auto;max-width:1180px;color:#222}
+h1{font-size:20px;margin:0 0 4px}h2{font-size:16px;margin:22px 0 6px}.sub{color:#666}
+.plots{display:flex;flex-wrap:wrap;gap:10px}.plot{margin:0;border:1px solid #ddd;padding:6px}
+figcaption{font-weight:600;font-size:13px}figcaption span{font-weight:400;margin-left:8px}
+svg .axis{stroke:#888}svg .series{fill:none;stroke-width:1.6}svg .resume{stroke:#999;stroke-dasharray:4 3}
+svg .small{font-size:10px;fill:#555}table{border-collapse:collapse;margin:4px 0}
+td,th{border:1px solid #ddd;padding:3px 8px;text-align:left;vertical-align:top}th{background:#f4f4f4}
+.bad{color:#b00}.ok{color:#070}.verdict{margin:2px 0}"""
+
+
+def _page(title: str, sub: str, body: str) -> str:
+    # a CSP that forbids every fetch: the page cannot reach a network even if a value in it tried to
+    return ("<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">"
+            "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; style-src 'unsafe-inline'; "
+            "img-src data:\">"
+            f"<title>{_e(title)}</title><style>{CSS}</style></head><body><h1>{_e(title)}</h1>"
+            f"<p class=\"sub\">{_e(sub)}</p>{body}</body></html>\n")
+
+
+def render_run(run: Run) -> str:
+    cfg = run.spec.get("config") or {}
+    sub = (f"{run.status} · {cfg.get('method', 'sft')} on {', '.join(map(str, cfg.get('train_data', [])))} · model "
+           f"{cfg.get('model', '?')} · LoRA r={cfg.get('lora_r', '?')}"
+           + (f" · resumed at step {', '.join(map(str, run.resumes))}" if run.resumes else ""))
+    body = (f'<h2>Curves</h2><div class="plots">{"".join(run_charts(run))}</div>' + metrics_table(run)
+            + hardware_table(run) + export_table(run))
+    return _page(f"hwcompat run: {run.name}", sub, body)
+
+
+def render_compare(runs: list[Run]) -> str:
+    """Several runs: their curves overlaid, their metrics and costs side by side (the check before promoting)."""
+    def overlay(title: str, records: str, key: str, dots: bool = False, scale: float = 1.0, unit: str = "") -> str:
+        return chart(title, [Series(r.name, _points(getattr(r, records), key, scale), COLORS[i % len(COLORS)], dots)
+                             for i, r in enumerate(runs)], unit=unit)
+
+    plots = [overlay("train loss", "train", "loss"), overlay("eval loss", "evals", "eval_loss", dots=True),
+             overlay("tokens/s", "train", "tokens_per_s"),
+             overlay("memory (peak so far)", "train", "memory_bytes", scale=2**-30, unit=" GiB")]
+    keys = [k for k in SCORES if any(k in (r.summary.get("eval_after") or {}) for r in runs)]
+    rows = [[k] + [_fmt((r.summary.get("eval_after") or {}).get(k)) for r in runs] for k in keys]
+    rows.append(["regressed"] + [", ".join(x["metric"] for x in r.summary.get("regressed", [])) or "none"
+                                 if r.summary else "-" for r in runs])
+    rows.append(["tokens/s"] + [f"{r.summary['tokens_per_s']:,.0f}" if r.summary else "-" for r in runs])
+    rows.append(["peak memory"] + [f"{r.summary['peak_memory_bytes'] / 2**30:.2f} GiB" if r.summary else "-"
+                                   for r in runs])
+    rows.append(["profile"] + [f"{(r.spec.get('profile') or {}).get('name', '?')} on "
+                               f"{(r.spec.get('device') or {}).get('name', '?')}" for r in runs])
+    rows.append(["status"] + [r.status for r in runs])
+    body = (f'<h2>Curves</h2><div class="plots">{"".join(plots)}</div><h2>After training, side by side</h2>'
+            + _table(["metric"] + [r.name for r in runs], rows, "compare"))
+    return _page(f"hwcompat: {len(runs)} runs compared", " · ".join(str(r.path) for r in runs), body)
+
+
+def write_run_report(run_dir: str | Path) -> Path:
+    """``RUN/report.html``, rebuilt from the run's files (atomic; listed in the folder's ledger as ours)."""
+    from hwcompat.fsutil import atomic_write_text, record_written
+
+    run = load_run(run_dir)
+    target = run.path / "report.html"
+    atomic_write_text(target, render_run(run))
+    record_written(run.path, "report.html")
+    return target
