@@ -102,12 +102,14 @@ GENERAL = GENERAL_PROMPTS  # the name eval --general reports
 
 
 def forgetting(model, tokenizer, chat: bool, device, dtype: str, new_tokens: int = 32, batch: int = 16,
-               prompts: list[str] | None = None) -> dict[str, float]:
+               prompts: list[str] | None = None, gen_batch: int = 50) -> dict[str, float]:
     """How far the adapter moved the model away from its base on general prompts (facts, arithmetic, code,
     instructions; bundled, written for hwcompat): the mean per-token KL(adapted || base) along the base's own
     greedy answers, and those answers' mean per-token log-likelihood under the base and under the adapted model.
     A fine-tune that forgot shows a large KL and a likelihood that falls. Batched: the answers are generated
-    ``batch`` prompts at a time, then scored in two forwards per batch (base, adapted) over fixed tokens."""
+    ``gen_batch`` prompts at a time (measured: 50 is 1.5x faster than 16 on a CPU, and its cache is small), then
+    scored ``batch`` rows at a time in two forwards (base, adapted) over fixed tokens, whose vocabulary-wide
+    distributions are the memory that bounds the batch."""
     import torch
 
     from hwcompat.train import batching
@@ -119,7 +121,7 @@ def forgetting(model, tokenizer, chat: bool, device, dtype: str, new_tokens: int
     model.eval()
     with torch.no_grad(), autocast(device, dtype):
         with model.disable_adapter():
-            answers = _greedy(model, tokenizer, prompt_ids, new_tokens, device, batch)
+            answers = _greedy(model, tokenizer, prompt_ids, new_tokens, device, gen_batch)
         kl, ll_base, ll_adapted, n = _along_answers(model, tokenizer, prompt_ids, answers, device, batch)
     return {"prompts": len(prompts), "tokens": n, "kl_per_token": kl / max(1, n),
             "base_answers_logp_per_token": {"base": ll_base / max(1, n), "adapted": ll_adapted / max(1, n)}}
@@ -171,13 +173,13 @@ def _along_answers(model, tokenizer, prompt_ids, answers, device, batch: int) ->
             ids[i, :len(r)], mask[i, :len(r)] = torch.tensor(r), 1
             scored[i, len(p) - 1:len(r) - 1] = True
         ids, mask, scored = ids.to(device), mask.to(device), scored.to(device)
-        with model.disable_adapter():
-            base = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float().log_softmax(-1)
-        adapted = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float().log_softmax(-1)
-        target = ids[:, 1:].unsqueeze(-1)
-        kl += float((adapted.exp() * (adapted - base)).sum(-1)[scored].sum())
-        ll_base += float(base.gather(-1, target).squeeze(-1)[scored].sum())
-        ll_adapted += float(adapted.gather(-1, target).squeeze(-1)[scored].sum())
+        with model.disable_adapter():  # only the answer positions' distributions: no softmax over prompt tokens
+            base = model(input_ids=ids, attention_mask=mask).logits[:, :-1][scored].float().log_softmax(-1)
+        adapted = model(input_ids=ids, attention_mask=mask).logits[:, :-1][scored].float().log_softmax(-1)
+        target = ids[:, 1:][scored].unsqueeze(-1)
+        kl += float((adapted.exp() * (adapted - base)).sum())
+        ll_base += float(base.gather(-1, target).sum())
+        ll_adapted += float(adapted.gather(-1, target).sum())
         n += int(scored.sum())
     return kl, ll_base, ll_adapted, n
 
