@@ -12,17 +12,6 @@ from tests.browser import CHROMIUM, visit
 
 PLOTS = ("JSON.stringify([...document.querySelectorAll('figure.plot')].map(f => [f.dataset.title, "
          "[...f.querySelectorAll('path.series')].filter(p => p.getTotalLength() > 0).length]))")
-SITE = """
-import os, signal
-if os.environ.get("TEST_SIGTERM_AT_STEP"):
-    import hwcompat.train.loop as L
-    real = L._log_step
-    def log_step(r, bar, step, *a):
-        real(r, bar, step, *a)
-        if step == int(os.environ["TEST_SIGTERM_AT_STEP"]):
-            os.kill(os.getpid(), signal.SIGTERM)
-    L._log_step = log_step
-"""
 
 REQUIRE = os.environ.get("HWCOMPAT_REQUIRE_CHROMIUM") == "1"  # read at import: the autouse fixture clears HWCOMPAT_*
 needs_chromium = pytest.mark.skipif(CHROMIUM is None and not REQUIRE,
@@ -47,12 +36,11 @@ def two_runs(tmp_path_factory, tiny_model_module):
     import subprocess
     import sys
 
-    from tests.train.conftest import make_config, task_rows, write_jsonl
+    from tests.train.conftest import make_config, sigterm_site, task_rows, write_jsonl
 
     base = tmp_path_factory.mktemp("runs")
     train, evals = write_jsonl(base / "train.jsonl", task_rows(160, 1)), write_jsonl(base / "eval.jsonl", task_rows(24, 2))
-    (base / "site").mkdir()
-    (base / "site" / "sitecustomize.py").write_text(SITE)
+    sigterm_site(base / "site")
     env = {k: v for k, v in os.environ.items() if not k.startswith("HWCOMPAT_")}
 
     def train_cli(*args, **extra):

@@ -134,23 +134,14 @@ def _pad_id(tokenizer) -> int:
 def _greedy(model, tokenizer, prompt_ids: list[list[int]], new_tokens: int, device, batch: int) -> list[list[int]]:
     """Greedy answers, left-padded batches; each cut after its first end-of-sequence token (kept), where a
     lone ``generate`` would have stopped."""
-    import torch
-
     from hwcompat.progress import Progress
+    from hwcompat.train.objectives.sft import greedy_batch
 
     pad, eos, out = _pad_id(tokenizer), tokenizer.eos_token_id, []
     starts = range(0, len(prompt_ids), batch)
     with Progress(len(starts), desc="general prompts (generating)", unit="batch", transient=True) as bar:
         for s in starts:
-            chunk = prompt_ids[s:s + batch]
-            width = max(len(p) for p in chunk)
-            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for i, p in enumerate(chunk):
-                ids[i, width - len(p):], mask[i, width - len(p):] = torch.tensor(p), 1
-            gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=new_tokens,
-                                 do_sample=False, pad_token_id=pad)
-            for row in gen[:, width:].tolist():
+            for row in greedy_batch(model, prompt_ids[s:s + batch], new_tokens, pad, device):
                 out.append(row[:row.index(eos) + 1] if eos in row else row)
             bar.update(1)
     return out

@@ -81,3 +81,24 @@ def prepare_run(config_path):
     run = L.prepare_run_dir(loaded, profile, dev, plan, resume=False, overwrite=False)
     run.lock.release()
     return run.path
+
+
+SIGTERM_SITE = """
+import os, signal
+if os.environ.get("TEST_SIGTERM_AT_STEP"):
+    import hwcompat.train.loop as L
+    real = L._log_step
+    def log_step(r, bar, step, *a):
+        real(r, bar, step, *a)
+        if step == int(os.environ["TEST_SIGTERM_AT_STEP"]):
+            os.kill(os.getpid(), signal.SIGTERM)  # what `docker stop` sends
+    L._log_step = log_step
+"""
+
+
+def sigterm_site(folder):
+    """A folder for PYTHONPATH whose sitecustomize makes a real `hwcompat train` (launcher, then the worker it
+    execs) SIGTERM itself right after step TEST_SIGTERM_AT_STEP is logged."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sitecustomize.py").write_text(SIGTERM_SITE)
+    return folder

@@ -91,28 +91,16 @@ def test_eval_needs_something_to_measure(finished_run):
     assert res.returncode == 2 and "give --data FILE (task metrics), --general (forgetting), or both" in res.stderr
 
 
-def _one_at_a_time(model, tokenizer, chat, prompts, new_tokens=32):
-    """The textbook measure, one prompt at a time (the implementation before #27 batched it)."""
-    import torch
+def _one_at_a_time():
+    """The textbook measure, one prompt at a time (the implementation before #27 batched it): bench/eval_general.py's."""
+    import importlib.util
+    from pathlib import Path
 
-    from hwcompat.train import batching
-
-    kl = ll_base = ll_adapted = 0.0
-    n = 0
-    with torch.no_grad():
-        for prompt in prompts:
-            ids = torch.tensor([batching.render_prompt_ids(tokenizer, [("user", prompt), ("assistant", "")], chat)])
-            with model.disable_adapter():
-                seq = model.generate(input_ids=ids, max_new_tokens=new_tokens, do_sample=False,
-                                     pad_token_id=tokenizer.pad_token_id)
-                base = model(input_ids=seq).logits[0, ids.shape[1] - 1:-1].float().log_softmax(-1)
-            adapted = model(input_ids=seq).logits[0, ids.shape[1] - 1:-1].float().log_softmax(-1)
-            answer = seq[0, ids.shape[1]:].unsqueeze(-1)
-            kl += float((adapted.exp() * (adapted - base)).sum())
-            ll_base += float(base.gather(-1, answer).sum())
-            ll_adapted += float(adapted.gather(-1, answer).sum())
-            n += answer.shape[0]
-    return {"tokens": n, "kl_per_token": kl / n, "base": ll_base / n, "adapted": ll_adapted / n}
+    path = Path(__file__).resolve().parents[2] / "bench" / "eval_general.py"
+    spec = importlib.util.spec_from_file_location("eval_general", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.one_at_a_time
 
 
 def test_batched_forgetting_equals_the_one_prompt_at_a_time_measure(finished_run):
@@ -127,8 +115,9 @@ def test_batched_forgetting_equals_the_one_prompt_at_a_time_measure(finished_run
     chat = batching.uses_chat_template(tokenizer, spec.config.chat_template)
     prompts = [json.loads(x)["prompt"] for x in GENERAL_PROMPTS.read_text().splitlines()][:12]
     got = forgetting(model, tokenizer, chat, device, "float32", new_tokens=12, batch=5, prompts=prompts, gen_batch=7)
-    want = _one_at_a_time(model, tokenizer, chat, prompts, new_tokens=12)
+    want = _one_at_a_time()(model, tokenizer, chat, prompts, new_tokens=12)
     assert got["tokens"] == want["tokens"]
     assert got["kl_per_token"] == pytest.approx(want["kl_per_token"], rel=1e-4, abs=1e-7)
-    assert got["base_answers_logp_per_token"]["base"] == pytest.approx(want["base"], rel=1e-4)
-    assert got["base_answers_logp_per_token"]["adapted"] == pytest.approx(want["adapted"], rel=1e-4)
+    for who in ("base", "adapted"):
+        assert got["base_answers_logp_per_token"][who] == pytest.approx(want["base_answers_logp_per_token"][who],
+                                                                        rel=1e-4)

@@ -17,17 +17,6 @@ def same(got, expected):
     """(step, value) pairs: the same steps, in order, and values equal to float32 precision."""
     return [s for s, _ in got] == [s for s, _ in expected] and all(
         abs(a - b) <= 1e-5 * max(1.0, abs(b)) for (_, a), (_, b) in zip(got, expected))
-SITE = """
-import os, signal
-if os.environ.get("TEST_SIGTERM_AT_STEP"):
-    import hwcompat.train.loop as L
-    real = L._log_step
-    def log_step(r, bar, step, *a):
-        real(r, bar, step, *a)
-        if step == int(os.environ["TEST_SIGTERM_AT_STEP"]):
-            os.kill(os.getpid(), signal.SIGTERM)  # what `docker stop` sends
-    L._log_step = log_step
-"""
 
 
 def _tensorboard(run):
@@ -107,13 +96,11 @@ def _wandb(run):
 
 @pytest.mark.slow
 def test_all_four_trackers_read_back_and_a_resumed_run_is_one_curve(tmp_path, tiny_model, task_files, run_cli):
-    from tests.train.conftest import make_config
+    from tests.train.conftest import make_config, sigterm_site
 
     cfg = make_config(tmp_path, tiny_model, *task_files, max_steps=8, eval_every=4, eval_metrics="exact",
                       report_to=ALL)
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(SITE)
+    site = sigterm_site(tmp_path / "site")
     first = run_cli("train", str(cfg), env={"PYTHONPATH": str(site), "TEST_SIGTERM_AT_STEP": "5"}, timeout=600)
     assert first.returncode == 143, first.stderr[-3000:]
     run = tmp_path / "run"
@@ -148,6 +135,13 @@ def test_all_four_trackers_read_back_and_a_resumed_run_is_one_curve(tmp_path, ti
     hist = [(h["_step"], h["train/loss"]) for h in wb[ids["wandb_run_id"]]["history"] if "train/loss" in h]
     assert same(hist, losses), hist
     assert wb[ids["wandb_run_id"]]["config"]["config/lora_r"] == 16
+    # the printed TensorBoard command, run as printed but with --inspect (which reads the files and exits)
+    board = next(line for line in again.stderr.splitlines() if line.startswith("tensorboard: "))
+    argv = shlex.split(board.split("(", 1)[1].rstrip(")"))
+    import subprocess
+
+    seen = subprocess.run([*argv, "--inspect"], capture_output=True, text=True, timeout=120)
+    assert seen.returncode == 0 and "train/loss" in seen.stdout + seen.stderr, seen.stderr[-1000:]
     sync = next(line for line in again.stderr.splitlines() if line.startswith("wandb: run "))
     argv = shlex.split(sync.split("upload later: ", 1)[1].rstrip(")"))
     assert argv[:2] == ["wandb", "sync"] and (run / "wandb").is_dir() and os.path.isdir(argv[2])

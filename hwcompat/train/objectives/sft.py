@@ -68,6 +68,20 @@ def evaluate_loss(model, data: list, micro_batch: int, pad_id: int, device, dtyp
     return total / max(1, count)
 
 
+def greedy_batch(model, chunk: list[list[int]], max_new_tokens: int, pad: int, device) -> list[list[int]]:
+    """Greedy continuations of prompts of different lengths in one left-padded batch: the new tokens per row."""
+    import torch
+
+    width = max(len(p) for p in chunk)
+    ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(chunk), width), dtype=torch.long)
+    for i, p in enumerate(chunk):
+        ids[i, width - len(p):], mask[i, width - len(p):] = torch.tensor(p), 1
+    gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                         do_sample=False, pad_token_id=pad, use_cache=True)
+    return gen[:, width:].tolist()
+
+
 def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, device, dtype_name: str,
              batch_size: int = 16) -> list[str]:
     """Greedy decoding, left-padded batches; returns the decoded continuations. A progress bar (gone when done)
@@ -86,17 +100,7 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, de
                    enabled=len(starts) > 1 and os.environ.get("LOCAL_RANK", "0") == "0")
     with bar, torch.no_grad(), autocast(device, dtype_name):
         for s in starts:
-            chunk = prompts[s:s + batch_size]
-            width = max(len(p) for p in chunk)
-            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for i, p in enumerate(chunk):
-                ids[i, width - len(p):] = torch.tensor(p)
-                mask[i, width - len(p):] = 1
-            gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                 max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
-                                 use_cache=True)
-            for row in gen[:, width:]:
+            for row in greedy_batch(model, prompts[s:s + batch_size], max_new_tokens, pad, device):
                 outs.append(tokenizer.decode(row, skip_special_tokens=True).strip())
             bar.update(1)
     model.train()
