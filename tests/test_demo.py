@@ -26,6 +26,7 @@ def test_demo_real_model(tmp_path, cache_dir):
     res = _demo(tmp_path, cache_dir)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "FALLBACK" not in res.stderr
+    assert "\r" not in res.stderr  # redirected: no bar frames, the GGUF conversion's and weight loading's included
     assert "AMD EPYC" in res.stderr or "cpu" in res.stderr  # the device table comes first
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert summary["steps"] == 2 and "field_f1" in summary["eval_after"]

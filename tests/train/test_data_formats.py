@@ -157,6 +157,10 @@ def test_tsv(tmp_path):
     f = _csv(tmp_path / "t.tsv", [{"prompt": "a, b", "completion": "c"}], delimiter="\t")
     got, report = _read(f)
     assert report.ok and got[0].messages == (("user", "a, b"), ("assistant", "c")) and report.sources[str(f)] == "TSV"
+    f.write_text("prompt\tcompletion\nok?\tyes\nbad\x00row\tno\n")
+    _, report = _read(f)
+    assert report.errors == [f"{f}:3: NUL byte (\\x00): the file is corrupted (often a scraper or an encoding bug); "
+                             "remove the bytes or the row"]
 
 
 # --- Parquet / Arrow / save_to_disk -----------------------------------------------------------------------------
