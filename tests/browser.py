@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -32,9 +33,10 @@ def visit(url: str, expression: str, screenshot: bool = True, timeout: float = 6
     """Load ``url``; evaluate ``expression`` (JSON.stringify'd by the caller) after the load event."""
     from websockets.sync.client import connect
 
-    with tempfile.TemporaryDirectory() as profile:
+    # its helper processes may still write the profile as they exit: cleanup errors are not the page's
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile:
         proc = subprocess.Popen([CHROMIUM, *FLAGS, f"--user-data-dir={profile}", "about:blank"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
                                 env={**os.environ, "DBUS_SESSION_BUS_ADDRESS": "disabled:"})
         try:
             port = _port(proc, timeout)
@@ -43,7 +45,7 @@ def visit(url: str, expression: str, screenshot: bool = True, timeout: float = 6
             with connect(ws_url, max_size=64 << 20, open_timeout=timeout) as ws:
                 return _drive(ws, url, expression, screenshot, timeout)
         finally:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)  # the browser and every helper it started
             proc.wait()
 
 

@@ -198,17 +198,17 @@ def _message(m: Any, w: str, report: Report) -> tuple[str, str] | None:
     if "weight" in m and (role != "assistant" or m["weight"] not in (0, 1) or isinstance(m["weight"], bool)):
         report.error(f"{w}.weight: {'only an assistant turn has a weight' if role != 'assistant' else 'expected 0 (context, not trained) or 1, got ' + repr(m['weight'])}")
         return None
-    content = _content_text(m.get("content"), f"{w}.content", report)
-    if content is None:
-        return None
+    content = m.get("content")
+    if isinstance(content, list):  # OpenAI's content parts; a problem is reported there
+        content = _content_text(content, f"{w}.content", report)
+        if content is None:
+            return None
     content = clean_text(content, f"{w}.content", report)
     return None if content is None else (role, content)
 
 
-def _content_text(content: Any, where: str, report: Report) -> Any:
-    """OpenAI's list of content parts joined (text parts only); anything else is passed on to the text checks."""
-    if not isinstance(content, list):
-        return content
+def _content_text(content: list, where: str, report: Report) -> str | None:
+    """OpenAI's list of content parts joined (text parts only), or None with the part that is not text."""
     texts = []
     for k, part in enumerate(content):
         if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
