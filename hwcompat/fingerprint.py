@@ -26,12 +26,16 @@ WHOLE_BELOW = 64 << 20
 
 
 def data_digest(path: str | Path) -> str:
-    """BLAKE2b of a data file's bytes ("missing" when it cannot be read: the data checks say why)."""
+    """BLAKE2b of a data file's bytes, or of a data folder's (a ``save_to_disk`` folder: every regular file in it,
+    by name); "missing" when it cannot be read (the data checks say why)."""
     h = hashlib.blake2b(digest_size=16)
+    p = Path(path)
     try:
-        with open(path, "rb") as fh:
-            while chunk := fh.read(1 << 20):
-                h.update(chunk)
+        for f in sorted(x for x in p.iterdir() if x.is_file()) if p.is_dir() else [p]:
+            h.update(f.name.encode() + b"\0" if f != p else b"")
+            with open(f, "rb") as fh:
+                while chunk := fh.read(1 << 20):
+                    h.update(chunk)
     except OSError:
         return "missing"
     return h.hexdigest()

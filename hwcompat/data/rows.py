@@ -83,7 +83,10 @@ class Report:
             more = f" (+{len(items) - 3} more)" if len(items) > 3 else ""
             lines.append(f"warning: {kind}: {len(items)} row(s): {examples}{more}")
         for f, n in self.counts.items():
-            kind = ", ".join(x for x in (self.sources.get(f), self.formats.get(f)) if x)
+            container = self.sources.get(f)
+            if container and container.endswith("TSV"):  # the one quoting rule, said where it applies
+                container += ' read quote-aware as pandas reads it: a cell may be quoted with "'
+            kind = ", ".join(x for x in (container, self.formats.get(f)) if x)
             lines.append(f"read {n} row(s) from {f}" + (f" ({kind})" if kind else ""))
         if self.errors:
             lines.append(f"{len(self.errors)} error(s): fix them and run `hwcompat data check` again")
@@ -104,6 +107,16 @@ def _detect_format(row: dict) -> str | None:
     if "instruction" in row or "output" in row:
         return "alpaca"
     return None
+
+
+def shown(value: Any, width: int = 60) -> str:
+    """A user's value in a message: its repr cut to ``width`` characters; a value nested past what repr can
+    walk (a row read from deep JSON) is named by its type."""
+    try:
+        text = repr(value)
+    except RecursionError:
+        return f"a {type(value).__name__} nested too deeply"
+    return text if len(text) <= width else text[:width - 1] + "…"
 
 
 def bad_text(value: str, where: str, report: Report) -> bool:
@@ -170,10 +183,27 @@ def _messages(row: dict, where: str, report: Report) -> list[tuple[str, str]] | 
     if problem:
         report.error(f"{where}: messages{problem}")
         return None
-    if all(m.get("weight") == 0 for m in msgs if m.get("role") == "assistant"):
+    if all(_weight(m) == 0 for m in msgs if m.get("role") == "assistant"):
         report.error(f"{where}: messages: every assistant turn has weight 0: nothing to train")
         return None
     return out
+
+
+def _weight(turn: dict) -> object:
+    """A turn's ``weight``; None when absent. Parquet and Arrow give every struct in a list the same fields, so a
+    file where one turn has a weight has ``weight: null`` on all the others: null is absent, not an error."""
+    return turn.get("weight")
+
+
+def _weight_problem(turn: dict, role: str | None) -> str | None:
+    weight = _weight(turn)
+    if weight is None:
+        return None
+    if role != "assistant":
+        return "only an assistant turn has a weight"
+    if weight not in (0, 1) or isinstance(weight, bool):
+        return f"expected 0 (context, not trained) or 1, got {shown(weight)}"
+    return None
 
 
 TOOL_ROLES = ("tool", "function", "ipython")
@@ -193,10 +223,11 @@ def _message(m: Any, w: str, report: Report) -> tuple[str, str] | None:
                      "its tool turns")
         return None
     if role not in ROLES:
-        report.error(f"{w}.role: expected one of {', '.join(ROLES)}, got {role!r}")
+        report.error(f"{w}.role: expected one of {', '.join(ROLES)}, got {shown(role)}")
         return None
-    if "weight" in m and (role != "assistant" or m["weight"] not in (0, 1) or isinstance(m["weight"], bool)):
-        report.error(f"{w}.weight: {'only an assistant turn has a weight' if role != 'assistant' else 'expected 0 (context, not trained) or 1, got ' + repr(m['weight'])}")
+    problem = _weight_problem(m, role)
+    if problem:
+        report.error(f"{w}.weight: {problem}")
         return None
     content = m.get("content")
     if isinstance(content, list):  # OpenAI's content parts; a problem is reported there
@@ -213,7 +244,7 @@ def _content_text(content: list, where: str, report: Report) -> str | None:
     for k, part in enumerate(content):
         if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
             kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-            report.error(f"{where}[{k}]: expected a text part {{type: text, text}}, got {kind!r}; hwcompat trains "
+            report.error(f"{where}[{k}]: expected a text part {{type: text, text}}, got {shown(kind)}; hwcompat trains "
                          "text only")
             return None
         texts.append(part["text"])
@@ -221,11 +252,12 @@ def _content_text(content: list, where: str, report: Report) -> str | None:
 
 
 def untrained_turns(row: dict, fmt: str) -> frozenset[int]:
-    """The assistant turns a row marks as context only (OpenAI's ``weight: 0``), by message index."""
-    msgs = row.get("messages") if fmt == "messages" else None
+    """The assistant turns a row marks as context only (``weight: 0`` on an OpenAI message or a ShareGPT turn, as
+    Axolotl and LLaMA-Factory read it), by turn index."""
+    msgs = row.get({"messages": "messages", "sharegpt": "conversations"}.get(fmt, ""))
     if not isinstance(msgs, list):
         return frozenset()
-    return frozenset(i for i, m in enumerate(msgs) if isinstance(m, dict) and m.get("weight") == 0)
+    return frozenset(i for i, m in enumerate(msgs) if isinstance(m, dict) and _weight(m) == 0)
 
 
 #: ShareGPT's speakers (``from``) as chat roles; its tool turns are refused like OpenAI's.
@@ -251,8 +283,12 @@ def _sharegpt(row: dict, where: str, report: Report) -> list[tuple[str, str]] | 
             return None
         if speaker not in SHAREGPT_ROLES:
             report.error(f"{w}.from: expected one of human, gpt, system (or user, assistant, model), got "
-                         f"{speaker!r}" if isinstance(t, dict) else f"{w}: expected {{from, value}}, got "
+                         f"{shown(speaker)}" if isinstance(t, dict) else f"{w}: expected {{from, value}}, got "
                          f"{type(t).__name__}")
+            return None
+        problem = _weight_problem(t, SHAREGPT_ROLES[speaker])
+        if problem:
+            report.error(f"{w}.weight: {problem}")
             return None
         value = clean_text(t.get("value"), f"{w}.value", report)
         if value is None:
@@ -261,6 +297,9 @@ def _sharegpt(row: dict, where: str, report: Report) -> list[tuple[str, str]] | 
     problem = order_problem(out, "assistant")
     if problem:
         report.error(f"{where}: conversations{problem}")
+        return None
+    if all(_weight(t) == 0 for t, (role, _) in zip(turns, out) if role == "assistant"):
+        report.error(f"{where}: conversations: every assistant turn has weight 0: nothing to train")
         return None
     return out
 
@@ -443,17 +482,22 @@ def check_rows(train: list, evals: list, report: Report, duplicates: str = "exac
                leaks: str = "eval rows also in train") -> None:
     """Dataset-level warnings: duplicates and eval rows leaking from train (rows with .key, .prompt_key, .file,
     .line: SFT examples and preference pairs alike)."""
+    from hwcompat.data.sources import location
+
     counts = Counter(e.key for e in train)
     first: dict[str, Any] = {}
     for e in train:
         if e.key in first and counts[e.key] > 1:
-            report.warn(duplicates, f"{e.file}:{e.line} repeats line {first[e.key].line}")
+            f = first[e.key]
+            again = f"row {f.line}" if location(f.file, 0).endswith("row 0") else f"line {f.line}"
+            report.warn(duplicates, f"{location(e.file, e.line)} repeats {again}"
+                        + (f" of {f.file}" if f.file != e.file else ""))
         first.setdefault(e.key, e)
     train_prompts = {e.prompt_key: e for e in train}
     for e in evals:
         if e.prompt_key in train_prompts:
             t = train_prompts[e.prompt_key]
-            report.warn(leaks, f"{e.file}:{e.line} = {t.file}:{t.line}")
+            report.warn(leaks, f"{location(e.file, e.line)} = {location(t.file, t.line)}")
 
 
 def split_eval(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:

@@ -29,6 +29,7 @@ from hwcompat.data.chat import PLAIN_HEADERS, bos_ids, ids_of, template
 # the recipe's rendering, re-exported so a caller that tokenises also renders through this one module
 from hwcompat.data.chat import render_prompt_ids, render_prompt_text, uses_chat_template  # noqa: F401
 from hwcompat.data.rows import Example, Report
+from hwcompat.data.sources import location
 
 IGNORE = -100
 
@@ -46,7 +47,7 @@ class Tokenized:
 def tokenize_example(tokenizer, ex: Example, chat: bool) -> Tokenized:
     """Token ids and labels; raises ValueError when the template is not prefix-stable."""
     msgs = list(ex.messages)
-    where = f"{ex.file}:{ex.line}"
+    where = location(ex.file, ex.line)
     ids: list[int] = []
     labels: list[int] = []
     if chat:

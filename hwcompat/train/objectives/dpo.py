@@ -31,6 +31,7 @@ from hwcompat.train.config import TrainConfig
 from hwcompat.data.rows import Report
 from hwcompat.train.model import autocast
 from hwcompat.data.pairs import load_pairs
+from hwcompat.data.sources import location
 from hwcompat.train.objectives import head_split
 from hwcompat.train.objectives.linear_logps import target_logps
 
@@ -98,12 +99,12 @@ class DPO:
                 report.error(str(exc))
                 continue
             if max(len(s.input_ids) for s in sides) > limit:
-                report.warn(f"{split} pairs over max_seq_len={limit}, truncated", f"{p.file}:{p.line}")
+                report.warn(f"{split} pairs over max_seq_len={limit}, truncated", location(p.file, p.line))
                 sides = [batching.Tokenized(s.input_ids[:limit], s.labels[:limit], s.where) for s in sides]
             empty = [name for name, s in zip(("chosen", "rejected"), sides) if s.n_trainable == 0]
             if empty:
-                report.error(f"{p.file}:{p.line}: {' and '.join(empty)}: no answer tokens left after truncation to "
-                             f"max_seq_len={limit} (the prompt fills the window); raise max_seq_len or shorten the "
+                report.error(f"{location(p.file, p.line)}: {' and '.join(empty)}: no answer tokens left after "
+                             f"truncation to max_seq_len={limit} (the prompt fills the window); raise max_seq_len or shorten the "
                              "prompt")
                 continue
             out.append((sides[0], sides[1]))
