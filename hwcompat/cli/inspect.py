@@ -56,7 +56,7 @@ def _exec(args: list[str], run_dir: str) -> int:
 def run_generate(args: argparse.Namespace) -> int:
     if (args.prompt is None) == (args.file is None):
         raise InputError("generate: give one prompt, or --file prompts.jsonl (not both)")
-    if args.file and not Path(args.file).is_file():
+    if args.file and not Path(args.file).exists():  # a file or a save_to_disk folder; the reader checks which
         raise InputError(f"--file {args.file}: not found")
     from hwcompat.sampling import check_temperature
     from hwcompat.textcheck import text_problem
@@ -75,7 +75,7 @@ def run_generate(args: argparse.Namespace) -> int:
 def run_eval(args: argparse.Namespace) -> int:
     if not args.data and not args.general:
         raise InputError("eval: give --data FILE (task metrics), --general (forgetting), or both")
-    if args.data and not Path(args.data).is_file():
+    if args.data and not Path(args.data).exists():
         raise InputError(f"--data {args.data}: not found")
     tail = (["--data", args.data] if args.data else []) + (["--general"] if args.general else [])
     return _exec(["eval", args.run_dir, *tail], args.run_dir)

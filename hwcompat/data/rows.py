@@ -69,15 +69,19 @@ class Report:
         return not self.errors
 
     def failure(self) -> DataError:
-        """The error a run stops with when these checks failed: before any step, so nothing was trained."""
-        return DataError("data checks failed; nothing was trained\n" + self.render())
+        """The error a run stops with when these checks failed: before any step, so nothing was trained. It
+        carries the report, so a caller that was not training (``hwcompat eval``) can say what it was doing."""
+        exc = DataError("data checks failed; nothing was trained\n" + self.render())
+        exc.report = self  # type: ignore[attr-defined]
+        return exc
 
     def render(self) -> str:
         lines = []
-        shown = self.errors[:MAX_ERRORS_SHOWN]
+        errors = list(dict.fromkeys(self.errors))  # one file read as train and eval: each problem once
+        shown = errors[:MAX_ERRORS_SHOWN]
         lines += [f"error: {e}" for e in shown]
-        if len(self.errors) > len(shown):
-            lines.append(f"error: … and {len(self.errors) - len(shown)} more errors")
+        if len(errors) > len(shown):
+            lines.append(f"error: … and {len(errors) - len(shown)} more errors")
         for kind, items in self.warnings.items():
             examples = "; ".join(items[:3])
             more = f" (+{len(items) - 3} more)" if len(items) > 3 else ""
@@ -88,8 +92,8 @@ class Report:
                 container += ' read quote-aware as pandas reads it: a cell may be quoted with "'
             kind = ", ".join(x for x in (container, self.formats.get(f)) if x)
             lines.append(f"read {n} row(s) from {f}" + (f" ({kind})" if kind else ""))
-        if self.errors:
-            lines.append(f"{len(self.errors)} error(s): fix them and run `hwcompat data check` again")
+        if errors:
+            lines.append(f"{len(errors)} error(s): fix them and run `hwcompat data check` again")
         return "\n".join(lines)
 
 
@@ -453,15 +457,15 @@ def _with_placeholder_answer(row: dict, fmt: str) -> tuple[dict, bool]:
     return row, True
 
 
-def read_prompts(path: str | Path, report: Report, max_rows: int | None = None
-                 ) -> list[tuple[tuple[tuple[str, str], ...], str | None, str]]:
+def read_prompts(path: str | Path, report: Report, max_rows: int | None = None,
+                 columns: dict[str, str] | None = None) -> list[tuple[tuple[tuple[str, str], ...], str | None, str]]:
     """Rows to generate for: (the conversation up to the answer, the reference answer or None, "file:line").
 
     Training rows (their answer is the reference) or prompt-only rows (``prompt`` without ``completion``,
     ``messages`` ending with a user turn), each checked with the training rows' own rules and located by
     file:line (``generate --file``, ``export --verify --data``)."""
     out = []
-    for _, where, row in json_rows(path, report):
+    for _, where, row in json_rows(path, report, columns=_present(columns, path, report)):
         fmt = _detect_format(row)
         if fmt is None:
             report.error(f"{where}: expected \"prompt\" (a string), \"messages\" (a list of {{role, content}}) or "
@@ -476,6 +480,22 @@ def read_prompts(path: str | Path, report: Report, max_rows: int | None = None
     if not out and not report.errors:
         report.error(f"{path}: no rows (the file is empty)")
     return out
+
+
+def _present(columns: dict[str, str] | None, path: str | Path, report: Report) -> dict[str, str] | None:
+    """A run's ``columns`` mapping for a prompts file: the prompt's column must be there; the answer's may not be
+    (prompt-only rows), so a mapped answer column the file lacks is dropped from the mapping."""
+    if not columns:
+        return None
+    from hwcompat.data.sources import rows
+
+    first = next(iter(rows(path, Report())), None)
+    if first is None:
+        return columns
+    return {ours: theirs for ours, theirs in columns.items() if theirs in first[2] or ours not in ANSWER_FIELDS}
+
+
+ANSWER_FIELDS = ("completion", "output", "chosen", "rejected")
 
 
 def check_rows(train: list, evals: list, report: Report, duplicates: str = "exact duplicates in train",

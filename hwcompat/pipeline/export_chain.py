@@ -84,7 +84,7 @@ def _verify_wanted(opts: ExportOptions) -> bool:
     verify = have if opts.verify is None else opts.verify
     if opts.verify_rows < 1:
         raise InputError(f"--verify-rows {opts.verify_rows}: give 1 or more")
-    if verify and opts.data and not Path(opts.data).is_file():
+    if verify and opts.data and not Path(opts.data).exists():
         raise InputError(f"--data {opts.data}: no such file (nothing was written)")
     if verify and not have:
         from hwcompat.export.quantize import missing

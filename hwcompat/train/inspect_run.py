@@ -17,7 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from hwcompat.data import GENERAL_PROMPTS
-from hwcompat.errors import HwcompatError, InputError
+from hwcompat.errors import DataError, HwcompatError, InputError
 
 
 def _load(run_dir: Path):
@@ -65,7 +65,7 @@ def _prompts(args) -> list[list[tuple[str, str]]]:
             raise InputError(f"--prompt: {text_problem(args.prompt)}")
         return [[("user", args.prompt)]]
     report = Report()
-    rows = read_prompts(args.file, report)
+    rows = read_prompts(args.file, report, columns=args.columns)
     if report.errors:
         raise InputError(f"--file {args.file}: " + "; ".join(report.errors[:5]))
     return [list(msgs) for msgs, _, _ in rows]
@@ -78,6 +78,7 @@ def generate(args) -> int:
     from hwcompat.train.model import autocast
 
     spec, model, tokenizer, device = _load(Path(args.run_dir))
+    args.columns = spec.config.columns  # a --file in the run's own columns reads as its training data did
     chat = batching.uses_chat_template(tokenizer, spec.config.chat_template)
     torch.manual_seed(args.seed)
     from hwcompat.progress import Progress
@@ -246,7 +247,15 @@ def _task_eval(args, spec, model, tokenizer, device) -> dict:
 
     cfg = replace(spec.config, train_data=[args.data], eval_data=[args.data], init_adapter=None)
     objective = create(cfg.method, cfg, spec.profile, device)
-    objective.load(tokenizer, lambda m: print(m, file=sys.stderr))
+    try:
+        objective.load(tokenizer, lambda m: print(m, file=sys.stderr))
+    except DataError as exc:
+        report = getattr(exc, "report", None)
+        if report is None:
+            raise
+        text = report.render().replace("raise max_seq_len or shorten the prompt", "the run was trained with "
+                                       f"max_seq_len={cfg.max_seq_len}: shorten the prompt or drop the row")
+        raise DataError(f"--data {args.data}: data checks failed; nothing was evaluated\n{text}") from None
     with model.disable_adapter():
         objective.bind(model, "eager")  # a DPO reference is the base
         base = objective.evaluate(model, with_tasks=True)

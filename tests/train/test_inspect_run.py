@@ -121,3 +121,58 @@ def test_batched_forgetting_equals_the_one_prompt_at_a_time_measure(finished_run
     for who in ("base", "adapted"):
         assert got["base_answers_logp_per_token"][who] == pytest.approx(want["base_answers_logp_per_token"][who],
                                                                         rel=1e-4)
+
+
+# --- #35 family 19: the containers training reads, eval and generate read too; an eval error speaks of eval -----
+
+def _save_to_disk(folder, rows):
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_list(rows).save_to_disk(str(folder))
+    return folder
+
+
+def test_eval_and_generate_read_a_save_to_disk_folder(finished_run, tmp_path):
+    run, _ = finished_run
+    folder = _save_to_disk(tmp_path / "ds", task_rows(6, 3))
+    res = _cli("eval", run, "--data", folder)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads(res.stdout)["adapted"]["n"] == 6
+    res = _cli("generate", run, "--file", folder, "--max-new-tokens", "2")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert len(res.stdout.splitlines()) == 6
+
+
+def test_an_eval_data_error_says_nothing_was_evaluated_once(finished_run, tmp_path):
+    run, _ = finished_run
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "What color is the sky?", "completion": ""}])
+    res = _cli("eval", run, "--data", bad)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert f"--data {bad}: data checks failed; nothing was evaluated" in res.stderr
+    assert "nothing was trained" not in res.stderr
+    assert res.stderr.count(f"{bad}:1: completion: empty") == 1
+
+
+def test_an_eval_row_the_run_cannot_fit_names_no_config_key(finished_run, tmp_path):
+    run, _ = finished_run  # trained with max_seq_len: 64
+    long = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "What color is the sky? " * 40, "completion": "blue"}])
+    res = _cli("eval", run, "--data", long)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert "the run was trained with max_seq_len=64: shorten the prompt or drop the row" in res.stderr
+    assert "raise max_seq_len" not in res.stderr
+
+
+def test_generate_reads_a_file_in_the_runs_columns(tiny_model, tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    rows = [{"question": r["prompt"], "answer": r["completion"]} for r in task_rows(32, 1)]
+    train = tmp_path / "train.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), train)
+    res = _cli("train", make_config(tmp_path, tiny_model, train, train, max_steps=2,
+                                    columns={"prompt": "question", "completion": "answer"}))
+    assert res.returncode == 0, res.stderr[-2000:]
+    prompts = tmp_path / "prompts.parquet"
+    pq.write_table(pa.Table.from_pylist([{"question": "What color is the sky?"}]), prompts)
+    res = _cli("generate", tmp_path / "run", "--file", prompts, "--max-new-tokens", "2")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads(res.stdout)["prompt"] == "What color is the sky?"
