@@ -192,6 +192,27 @@ def test_bad_ollama_tag_is_refused_before_anything_is_written(model, tmp_path, c
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_an_output_name_the_same_export_writes_twice_is_refused(model, tmp_path, capsys, overwrite):
+    """#35: --gguf X.Modelfile --ollama wrote the GGUF, then the Modelfile over it (FROM pointing at itself)."""
+    from hwcompat.cli import main
+
+    args = ["export", str(model), "--gguf", str(tmp_path / "X.Modelfile"), "--ollama", "--no-verify"]
+    assert main(args + (["--overwrite"] if overwrite else [])) == 2
+    err = capsys.readouterr().err
+    assert "the Modelfile would be written at" in err and "where this export also writes the GGUF" in err
+    assert "Nothing was written" in err and not list(tmp_path.iterdir())
+
+
+def test_an_export_never_replaces_a_file_of_the_model_it_reads(model, tmp_path, capsys):
+    from hwcompat.cli import main
+
+    before = (model / "config.json").read_bytes()
+    assert main(["export", str(model), "--gguf", str(model / "config.json"), "--overwrite", "--no-verify"]) == 2
+    assert "a file of the model" in capsys.readouterr().err
+    assert (model / "config.json").read_bytes() == before
+
+
 @pytest.mark.parametrize("tok,expected", [
     ({"normalizer": {"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "\u2581"},
                                                          {"type": "Replace"}]}}, True),  # Llama 2 as published

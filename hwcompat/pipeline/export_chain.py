@@ -52,6 +52,7 @@ def preflight(opts: ExportOptions) -> bool:
         from hwcompat.export.quantize import binding
 
         binding(opts.qtype)
+    _check_distinct(opts)
     verify = _verify_wanted(opts)
     if opts.tag:
         from hwcompat.export.ollama import check_tag
@@ -62,6 +63,37 @@ def preflight(opts: ExportOptions) -> bool:
     if opts.ollama:
         _check_modelfile_inputs(opts)
     return verify
+
+
+#: The names an export writes: any other existing file in the model folder is the model's own.
+EXPORT_SUFFIXES = (".gguf", ".Modelfile", ".export.json")
+
+
+def outputs(opts: ExportOptions) -> dict[str, Path]:
+    """Every file this export writes, by what it is."""
+    out = {"the GGUF": opts.gguf, "the export report": _report(opts.gguf)}
+    if opts.ollama:
+        out["the Modelfile"] = _modelfile(opts)
+    return out
+
+
+def _check_distinct(opts: ExportOptions, model: Path | None = None) -> None:
+    """No file this export writes may be another it writes (``--gguf X.Modelfile --ollama`` would write the GGUF,
+    then the Modelfile over it), nor a file of the model it reads: refused before anything is written, with or
+    without --overwrite."""
+    seen: dict[Path, str] = {}
+    for what, path in outputs(opts).items():
+        key = Path(path).resolve()
+        if key in seen:
+            raise InputError(f"--gguf {opts.gguf}: {what} would be written at {path}, where this export also writes "
+                             f"{seen[key]}; name the GGUF NAME.gguf (e.g. --gguf {opts.gguf.with_suffix('.gguf')}). "
+                             "Nothing was written")
+        seen[key] = what
+        if model is not None and key.parent == Path(model).resolve() and key.exists() and not key.name.endswith(
+                EXPORT_SUFFIXES):
+            raise InputError(f"--gguf {opts.gguf}: {what} would replace {path}, a file of the model {model} that "
+                             "this export reads; write the GGUF as NAME.gguf or into another folder. Nothing was "
+                             "written")
 
 
 def _check_modelfile_inputs(opts: ExportOptions) -> None:
@@ -102,6 +134,7 @@ def export_model(model: Path, opts: ExportOptions, say: Say = print, on_written:
     """GGUF, then (when wanted) verification, then the Modelfile; 0, or 1 when verification failed."""
     from hwcompat.export.gguf import export_gguf
 
+    _check_distinct(opts, model)
     verify = preflight(opts)
     res = export_gguf(model, opts.gguf, opts.qtype, overwrite=opts.overwrite)
     on_written(res.path)
