@@ -111,7 +111,11 @@ def prepare_run_dir(loaded: LoadedConfig, profile: ResolvedProfile, device: Reso
     from hwcompat.fingerprint import run_inputs
 
     cfg = loaded.config.to_dict()
-    outputs = RECORDS + RESULTS + (EXPORTS if loaded.config.export == "gguf" else ())
+    from hwcompat.train.trackers import run_folders
+
+    outputs = (RECORDS + RESULTS + (EXPORTS if loaded.config.export == "gguf" else ())
+               + run_folders(loaded.config.report_to, Path(os.path.abspath(loaded.config.output_dir)),
+                             os.environ))
     run = open_run_dir(loaded.config.output_dir, cfg, resume, overwrite, outputs)
     cfg["output_dir"] = str(run.path)
     inputs = run_inputs(loaded.config, world_size)

@@ -156,14 +156,10 @@ def setup(spec: RunSpec, run_dir: Path, dist: Dist, resume: bool) -> Recipe:
     if dist.writer and cfg.report_to:
         r.trackers = trackers_mod.Trackers.open(cfg.report_to, run_dir, _tracked_params(spec), r.start_step,
                                                 lambda m: log(dist, m))
-        for name in TRACKER_FOLDERS:
+        for name in trackers_mod.run_folders(cfg.report_to, run_dir, os.environ):
             if (run_dir / name).exists():
                 record_written(run_dir, name)
     return r
-
-
-#: What the trackers' libraries write in the run folder (theirs, on our behalf: the ledger lists them).
-TRACKER_FOLDERS = ("tensorboard", "mlruns", "trackio", "wandb")
 
 
 def _tracked_params(spec: RunSpec) -> dict[str, Any]:

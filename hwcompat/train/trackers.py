@@ -16,7 +16,7 @@ import json
 import os
 import shlex
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from hwcompat.choices import TRACKERS
 from hwcompat.errors import InputError
@@ -26,6 +26,25 @@ PACKAGES = {"tensorboard": ("tensorboard", "tensorboard"), "trackio": ("trackio"
             "mlflow": ("mlflow", "mlflow-skinny"), "wandb": ("wandb", "wandb")}
 PROJECT = "hwcompat"  # the project / experiment name unless the user's environment names one
 STATE = "trackers.json"
+
+
+#: tracker -> the folder its library writes in the run folder (theirs, on our behalf: the ledger lists them)
+FOLDERS = {"tensorboard": "tensorboard", "mlflow": "mlruns", "trackio": "trackio", "wandb": "wandb"}
+#: tracker -> the variable that moves its store out of the run folder
+ELSEWHERE = {"mlflow": "MLFLOW_TRACKING_URI", "trackio": "TRACKIO_DIR"}
+
+
+def run_folders(names: list[str], run_dir: Path, env: Mapping[str, str]) -> tuple[str, ...]:
+    """The names the trackers asked for write in the run folder, given the environment (the user's, or the
+    training process's, where ``child_env`` set our own stores): a user's own folder at one of these names is
+    refused like any other name hwcompat would write (``rundir.refuse_foreign``), never adopted."""
+    ours = child_env(list(names), run_dir, {})
+
+    def here(name: str) -> bool:
+        var = ELSEWHERE.get(name)
+        return var is None or env.get(var, ours[var]) == ours[var]
+
+    return tuple(FOLDERS[n] for n in TRACKERS if n in names and here(n)) + ((STATE,) if names else ())
 
 
 def check_installed(names: list[str]) -> None:

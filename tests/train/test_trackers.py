@@ -179,3 +179,40 @@ def test_the_users_own_tracker_settings_win_and_wandb_is_offline_by_default(tmp_
     assert trackers.child_env(ALL, tmp_path, mine) == {}
     assert trackers.child_env([], tmp_path, {}) == {}
 
+
+
+# --- #35 family 1: the user's own tracker folders are refused, never adopted, never deleted ---------------------
+
+@pytest.mark.parametrize("tracker,folder", [("mlflow", "mlruns"), ("wandb", "wandb"), ("tensorboard", "tensorboard"),
+                                            ("trackio", "trackio")])
+def test_a_users_own_tracker_folder_in_output_dir_is_refused(tmp_path, tiny_model, task_files, run_cli, tracker,
+                                                             folder):
+    from tests.train.conftest import make_config
+
+    theirs = tmp_path / "run" / folder / "their-experiment"
+    theirs.mkdir(parents=True)
+    (theirs / "results.txt").write_text("a month of work")
+    cfg = make_config(tmp_path, tiny_model, *task_files, max_steps=1, report_to=[tracker])
+    for extra in ([], ["--overwrite"]):
+        res = run_cli("train", str(cfg), *extra, timeout=300)
+        assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
+        assert f"holds {folder}, which hwcompat did not write" in res.stderr
+    assert (theirs / "results.txt").read_text() == "a month of work"
+    assert not (tmp_path / "run" / "run.json").exists()  # refused before anything was written
+
+
+def test_a_tracker_folder_elsewhere_leaves_the_users_folder_alone(tmp_path, tiny_model, task_files, run_cli):
+    """MLFLOW_TRACKING_URI set: hwcompat writes no mlruns/ in the run folder, so the user's is neither refused
+    nor recorded as hwcompat's, and an --overwrite leaves it."""
+    from tests.train.conftest import make_config
+
+    theirs = tmp_path / "run" / "mlruns"
+    theirs.mkdir(parents=True)
+    (theirs / "keep.txt").write_text("theirs")
+    cfg = make_config(tmp_path, tiny_model, *task_files, max_steps=1, report_to=["mlflow"], eval_at_start=False)
+    env = {"MLFLOW_TRACKING_URI": (tmp_path / "store").as_uri(), "MLFLOW_ALLOW_FILE_STORE": "true"}
+    for extra in ([], ["--overwrite"]):
+        res = run_cli("train", str(cfg), *extra, env=env, timeout=600)
+        assert res.returncode == 0, res.stderr[-2000:]
+    assert (theirs / "keep.txt").read_text() == "theirs"
+    assert "mlruns" not in json.loads((tmp_path / "run" / ".hwcompat-outputs.json").read_text())["written"]
