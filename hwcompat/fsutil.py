@@ -181,16 +181,18 @@ def ledger_names(folder: str | Path) -> set[str] | None:
         return set()
 
 
-def record_written(folder: str | Path, *names: str, only_if_ledger: bool = False) -> None:
+def record_written(folder: str | Path, *names: str, only_if_ledger: bool = False, planned: bool = False) -> None:
     """Add ``names`` (that exist) to ``folder``'s ledger; call with the folder's or the output's lock held,
     after the write. ``only_if_ledger``: record only in a folder that keeps one (a run folder), so a merge or
-    export into any other folder leaves nothing beside its output."""
+    export into any other folder leaves nothing beside its output. ``planned``: record names about to be
+    written by a library that creates them when it likes (a tracker's folder), after the caller refused any
+    existing one that was not hwcompat's."""
     folder = Path(folder)
     have = ledger_names(folder)
     if have is None and only_if_ledger:
         return
     have = have or set()
-    names = tuple(n for n in names if os.path.lexists(folder / n))
+    names = tuple(n for n in names if planned or os.path.lexists(folder / n))
     if not set(names) <= have:
         atomic_write_json(folder / LEDGER, {"written": sorted(have | set(names))})
 

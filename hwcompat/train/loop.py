@@ -154,11 +154,11 @@ def setup(spec: RunSpec, run_dir: Path, dist: Dist, resume: bool) -> Recipe:
     _restore(r, resume)  # before DDP: its construction broadcasts rank 0's weights to the group
     r.engine = _engine(model, objective, dist, device)
     if dist.writer and cfg.report_to:
+        # recorded before the libraries write (some create their folder at the first log): the launcher refused
+        # a user's folder at these names, so what appears there is theirs on our behalf
+        record_written(run_dir, *trackers_mod.run_folders(cfg.report_to, run_dir, os.environ), planned=True)
         r.trackers = trackers_mod.Trackers.open(cfg.report_to, run_dir, _tracked_params(spec), r.start_step,
                                                 lambda m: log(dist, m))
-        for name in trackers_mod.run_folders(cfg.report_to, run_dir, os.environ):
-            if (run_dir / name).exists():
-                record_written(run_dir, name)
     return r
 
 
