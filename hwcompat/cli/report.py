@@ -22,13 +22,13 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from hwcompat.errors import InputError
     from hwcompat.fsutil import atomic_write_text, output_target
-    from hwcompat.train.report import load_run, render_compare, render_run
+    from hwcompat.train.report import load_run, render_compare, render_run, rendered
     from hwcompat.train.rundir import foreign
 
     runs = [load_run(r) for r in args.runs]
     if len({r.path.resolve() for r in runs}) < len(runs):
         raise InputError("report: a run is named twice; give each run folder once")
-    page = render_run(runs[0]) if len(runs) == 1 else render_compare(runs)
+    page = rendered(render_run, runs) if len(runs) == 1 else rendered(lambda *rs: render_compare(list(rs)), runs)
     if args.out:
         out, overwrite = Path(args.out), args.overwrite
     elif len(runs) == 1:

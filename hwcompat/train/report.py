@@ -45,13 +45,14 @@ class Run:
     def status(self) -> str:
         total = self.summary.get("total_steps") or (self.spec.get("config") or {}).get("max_steps")
         if self.summary:
-            return f"finished: {self.summary['steps']} steps"
+            return f"finished: {self.summary.get('steps', '?')} steps"
         last = self.train[-1]["step"] if self.train else 0
         return f"stopped at step {last}" + (f" of {total}" if total else "") + " (resume with --resume)"
 
 
 def load_run(path: str | Path) -> Run:
-    """A run folder's records; a folder that is not a run is an InputError naming what it lacks."""
+    """A run folder's records; a folder that is not a run is an InputError naming what it lacks, a damaged or
+    hand-edited record one naming the file ("FILE: damaged …"), never a traceback."""
     p = Path(path)
     if not (p / "run.json").is_file():
         raise InputError(f"{p}: not a run folder (no run.json); give the output_dir of a `hwcompat train` run")
@@ -63,35 +64,92 @@ def load_run(path: str | Path) -> Run:
         elif kind == "eval":
             run.evals.append(line)
         elif kind == "resume":
-            run.resumes.append(int(line["step"]))
+            run.resumes.append(line["step"])
     return run
 
 
-def _json(path: Path) -> dict[str, Any]:
+#: The most bytes of one run record the report reads (metrics.jsonl of a very long run is a few MB).
+MAX_RECORD = 256 << 20
+
+
+def _text(path: Path) -> str | None:
+    """A run file's text, read as a regular file with a bound (a FIFO or /dev/zero planted there is refused, not
+    waited on); None when it is absent."""
+    import os
+
+    from hwcompat.userfile import read_regular
+
+    if not os.path.lexists(path):
+        return None
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+        return read_regular(path, "run record", limit=MAX_RECORD).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(_damaged(path, f"not UTF-8 at byte {exc.start}")) from None
+    except InputError as exc:
+        raise InputError(_damaged(path, str(exc).removeprefix(f"run record {path}: "))) from None
+
+
+def _damaged(path: Path, why: str) -> str:
+    return (f"{path}: damaged ({why}); the report reads it as the run wrote it: restore it, or move it away to "
+            "report without it")
+
+
+def _json(path: Path) -> dict[str, Any]:
+    text = _text(path)
+    if text is None:
         return {}
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{path}: cannot be read ({exc}); the report needs it as the run wrote it") from None
-    return data if isinstance(data, dict) else {}
+    try:
+        data = json.loads(text)
+    except RecursionError:
+        raise InputError(_damaged(path, "nested too deeply")) from None
+    except ValueError as exc:
+        raise InputError(_damaged(path, f"not JSON: {str(exc)[:100]}")) from None
+    if not isinstance(data, dict):
+        raise InputError(_damaged(path, f"expected a JSON object, got {type(data).__name__}"))
+    return _sane(data)
+
+
+def _sane(value: Any, depth: int = 0) -> Any:
+    """A record's values as the page can draw them: numbers finite and within float range (a hand-edited 1e999 or
+    a 400-digit integer becomes None), containers at most 32 deep."""
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)):
+        try:
+            return value if math.isfinite(float(value)) else None
+        except OverflowError:
+            return None
+    if depth > 32:
+        return None
+    if isinstance(value, dict):
+        return {str(k): _sane(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_sane(v, depth + 1) for v in value]
+    return None
 
 
 def _lines(path: Path) -> list[dict[str, Any]]:
-    """metrics.jsonl's records; a line cut short by a kill (the last one) is skipped, not fatal."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
+    """metrics.jsonl's records; a line cut short by a kill (the last one), or not a record, is skipped."""
+    text = _text(path)
+    if text is None:
         return []
     out = []
     for line in text.splitlines():
         try:
-            rec = json.loads(line)
-        except ValueError:
+            rec = _sane(json.loads(line))
+        except (ValueError, RecursionError):
             continue
-        if isinstance(rec, dict) and isinstance(rec.get("step"), int):
+        if isinstance(rec, dict) and _is_step(rec.get("step")):
             out.append(rec)
     return out
+
+
+def _is_step(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 10**12
+
+
+def _num_or_none(v: Any) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 
 # --- plots -------------------------------------------------------------------------------------------------------
@@ -154,7 +212,7 @@ def _e(text: Any) -> str:
 
 
 def _points(records: list[dict[str, Any]], key: str, scale: float = 1.0) -> list[tuple[float, float]]:
-    return [(r["step"], r[key] * scale) for r in records if isinstance(r.get(key), (int, float))]
+    return [(r["step"], r[key] * scale) for r in records if _num_or_none(r.get(key)) is not None]
 
 
 def run_charts(run: Run) -> list[str]:
@@ -273,28 +331,96 @@ def render_run(run: Run) -> str:
     return _page(f"hwcompat run: {run.name}", sub, body)
 
 
-def render_compare(runs: list[Run]) -> str:
-    """Several runs: their curves overlaid, their metrics and costs side by side (the check before promoting)."""
-    def overlay(title: str, records: str, key: str, dots: bool = False, scale: float = 1.0, unit: str = "") -> str:
-        return chart(title, [Series(r.name, _points(getattr(r, records), key, scale), COLORS[i % len(COLORS)], dots)
-                             for i, r in enumerate(runs)], unit=unit)
+#: What each method's eval_loss measures: two methods' losses are different quantities, never one row or curve.
+LOSS_MEANING = {"sft": "token NLL of the answers", "dpo": "DPO sigmoid loss of the pairs"}
 
-    plots = [overlay("train loss", "train", "loss"), overlay("eval loss", "evals", "eval_loss", dots=True),
-             overlay("tokens/s", "train", "tokens_per_s"),
-             overlay("memory (peak so far)", "train", "memory_bytes", scale=2**-30, unit=" GiB")]
+
+def labels(runs: list[Run]) -> list[str]:
+    """A distinct column name per run: its folder's name, or (two ``runs/latest`` links, two ``demo`` folders)
+    the real folder's name, then as much of the path as tells them apart."""
+    names = [r.name for r in runs]
+    if len(set(names)) == len(names):
+        return names
+    real = [r.path.resolve() for r in runs]
+    for depth in range(1, 1 + max(len(p.parts) for p in real)):
+        tails = ["/".join(p.parts[-depth:]) for p in real]
+        if len(set(tails)) == len(tails):
+            return [t if n == t else f"{n} ({t})" for n, t in zip(names, tails)]
+    return [str(p) for p in real]
+
+
+def _method(run: Run) -> str:
+    return str((run.spec.get("config") or {}).get("method") or "sft")
+
+
+def render_compare(runs: list[Run]) -> str:
+    """Several runs: their curves overlaid, their metrics and costs side by side (the check before promoting).
+    Each column says the model, method and data it trained on; losses of different methods are kept apart."""
+    names = labels(runs)
+    methods = sorted({_method(r) for r in runs})
+
+    def overlay(title: str, records: str, key: str, dots: bool = False, scale: float = 1.0, unit: str = "",
+                only: str | None = None) -> str:
+        return chart(title, [Series(n, _points(getattr(r, records), key, scale), COLORS[i % len(COLORS)], dots)
+                             for i, (r, n) in enumerate(zip(runs, names)) if only in (None, _method(r))], unit=unit)
+
+    plots = []
+    for m in methods:
+        tag = f" — {m}: {LOSS_MEANING.get(m, m)}" if len(methods) > 1 else ""
+        plots += [overlay(f"train loss{tag}", "train", "loss", only=m if tag else None),
+                  overlay(f"eval loss{tag}", "evals", "eval_loss", dots=True, only=m if tag else None)]
+    plots += [overlay("tokens/s", "train", "tokens_per_s"),
+              overlay("memory (peak so far)", "train", "memory_bytes", scale=2**-30, unit=" GiB")]
+    cfgs = [r.spec.get("config") or {} for r in runs]
+    rows = [["model"] + [c.get("model", "?") for c in cfgs], ["method"] + [_method(r) for r in runs],
+            ["train data"] + [", ".join(map(str, c.get("train_data") or [])) or "?" for c in cfgs]]
     keys = [k for k in SCORES if any(k in (r.summary.get("eval_after") or {}) for r in runs)]
-    rows = [[k] + [_fmt((r.summary.get("eval_after") or {}).get(k)) for r in runs] for k in keys]
-    rows.append(["regressed"] + [", ".join(x["metric"] for x in r.summary.get("regressed", [])) or "none"
-                                 if r.summary else "-" for r in runs])
-    rows.append(["tokens/s"] + [f"{r.summary['tokens_per_s']:,.0f}" if r.summary else "-" for r in runs])
-    rows.append(["peak memory"] + [f"{r.summary['peak_memory_bytes'] / 2**30:.2f} GiB" if r.summary else "-"
-                                   for r in runs])
+    for k in keys:
+        for m in (methods if k == "eval_loss" and len(methods) > 1 else [None]):
+            label = f"eval_loss ({m}: {LOSS_MEANING.get(m, m)})" if m else k
+            rows.append([label] + [_fmt((r.summary.get("eval_after") or {}).get(k)) if m in (None, _method(r))
+                                   else "-" for r in runs])
+    rows.append(["regressed"] + [", ".join(str(x.get("metric")) for x in r.summary.get("regressed") or []
+                                           if isinstance(x, dict)) or "none" if r.summary else "-" for r in runs])
+    rows.append(["tokens/s"] + [_per(r.summary.get("tokens_per_s"), "{:,.0f}") for r in runs])
+    rows.append(["peak memory"] + [_per(r.summary.get("peak_memory_bytes"), "{:.2f} GiB", 2**-30) for r in runs])
     rows.append(["profile"] + [f"{(r.spec.get('profile') or {}).get('name', '?')} on "
                                f"{(r.spec.get('device') or {}).get('name', '?')}" for r in runs])
     rows.append(["status"] + [r.status for r in runs])
-    body = (f'<h2>Curves</h2><div class="plots">{"".join(plots)}</div><h2>After training, side by side</h2>'
-            + _table(["metric"] + [r.name for r in runs], rows, "compare"))
+    note = (f"<p class=\"verdict\">These runs use different methods ({', '.join(methods)}): their losses measure "
+            "different things and are shown apart; compare them by the task metrics.</p>" if len(methods) > 1 else "")
+    body = (f'{note}<h2>Curves</h2><div class="plots">{"".join(plots)}</div><h2>After training, side by side</h2>'
+            + _table(["metric"] + names, rows, "compare"))
     return _page(f"hwcompat: {len(runs)} runs compared", " · ".join(str(r.path) for r in runs), body)
+
+
+def _per(value: Any, fmt: str, scale: float = 1.0) -> str:
+    v = _num_or_none(value)
+    return "-" if v is None else fmt.format(v * scale)
+
+
+def rendered(render, runs: list[Run]) -> str:
+    """``render(runs…)``, or, when a record has a shape hwcompat never writes (a hand edit: a string where a number
+    goes, a list for a mapping), an InputError naming the file: each record is set aside in turn until the page
+    renders, and the one whose absence fixed it is the one named."""
+    try:
+        return render(*runs)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError, RecursionError) as exc:
+        why = f"{type(exc).__name__}: {str(exc)[:80]}"
+    for run in runs:
+        for name, attr, empty in (("summary.json", "summary", {}), ("run.json", "spec", {}),
+                                  ("model.export.json", "export", {}), ("metrics.jsonl", "train", []),
+                                  ("metrics.jsonl", "evals", [])):
+            kept = getattr(run, attr)
+            setattr(run, attr, empty)
+            try:
+                render(*runs)
+            except Exception:
+                continue
+            finally:
+                setattr(run, attr, kept)
+            raise InputError(_damaged(run.path / name, f"a value of a shape hwcompat never writes; {why}"))
+    raise InputError(f"{', '.join(str(r.path) for r in runs)}: damaged run records ({why})")
 
 
 def write_run_report(run_dir: str | Path) -> Path:
@@ -303,6 +429,6 @@ def write_run_report(run_dir: str | Path) -> Path:
 
     run = load_run(run_dir)
     target = run.path / "report.html"
-    atomic_write_text(target, render_run(run))
+    atomic_write_text(target, rendered(render_run, [run]))
     record_written(run.path, "report.html")
     return target
