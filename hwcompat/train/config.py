@@ -136,18 +136,26 @@ def _text_list(key: str, text: str, where: str) -> list[str]:
     """A list typed on the command line: ``a,b`` or a YAML flow list ``[a.jsonl, "b c.jsonl"]`` (as Hydra and
     torchtune users type them); either way a list of strings, never a nested value."""
     text = text.strip()
+    a, b = LIST_EXAMPLES.get(key, ("a.jsonl", "b.jsonl"))
     if not text.startswith("["):
         return [v.strip() for v in text.split(",") if v.strip()]
     try:
         value = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise InputError(f"{where}: {key}: {excerpt(text)} is not a YAML flow list ({e.problem}); write "
-                         f"{key}=[a.jsonl,b.jsonl] or {key}=a.jsonl,b.jsonl (quote the whole argument in the shell)"
-                         ) from None
+    except yaml.YAMLError as e:  # a ReaderError (a control character, a byte not UTF-8) has no .problem
+        why = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise InputError(f"{where}: {key}: {excerpt(text)} is not a YAML flow list ({why}); write "
+                         f"{key}=[{a},{b}] or {key}={a},{b} (quote the whole argument in the shell)") from None
+    except RecursionError:
+        value = None  # nested past what the parser walks: not a flat list either way
     if not isinstance(value, list) or not all(isinstance(v, (str, int, float)) and not isinstance(v, bool)
                                               for v in value):
-        raise InputError(f"{where}: {key}: expected a list of strings, e.g. {key}=[a.jsonl,b.jsonl], got {excerpt(text)}")
+        raise InputError(f"{where}: {key}: expected a list of strings, e.g. {key}=[{a},{b}], got "
+                         f"{excerpt(text)}")
     return [str(v) for v in value]
+
+
+#: Two values of each list key, for the examples its errors give.
+LIST_EXAMPLES = {"report_to": ("tensorboard", "mlflow"), "lora_target_modules": ("q_proj", "v_proj")}
 
 
 #: The fields a ``columns`` mapping may fill: every row format's keys (SFT and preference pairs).

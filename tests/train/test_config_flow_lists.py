@@ -44,3 +44,31 @@ def test_the_cli_takes_a_flow_list_as_typed(run_cli, tmp_path):
     res = run_cli("train", str(tmp_path / "c.yaml"), "train_data=[a.jsonl, b.jsonl]", "--print-config")
     assert res.returncode == 0, res.stderr
     assert 'train_data             : ["a.jsonl", "b.jsonl"]  # command line' in res.stdout
+
+
+# --- #35 family 17 ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("override,message", [
+    ("train_data=[a.jsonl,\x07b.jsonl]", "is not a YAML flow list (unacceptable character"),
+    ("train_data=[a.jsonl,\udcffb.jsonl]", "is not a YAML flow list ("),  # a byte not UTF-8, as argv decodes it
+    ("train_data=" + "[" * 3000 + "]" * 3000, "train_data: expected a list of strings"),
+    ("report_to=[tensorboard, [mlflow]]", "report_to: expected a list of strings, e.g. report_to=[tensorboard,mlflow]"),
+])
+def test_a_flow_list_with_a_control_byte_or_deep_nesting_is_refused_in_one_line(tmp_path, override, message):
+    with pytest.raises(InputError) as e:
+        _load(tmp_path, override)
+    assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
+    assert "a.jsonl" not in str(e.value).split("e.g.")[-1] or not override.startswith("report_to")
+
+
+def test_a_non_utf8_override_on_the_real_command_line_is_one_clear_error(run_cli, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "c.yaml").write_text(BASE)
+    res = subprocess.run([sys.executable, "-m", "hwcompat", "train", str(tmp_path / "c.yaml"),
+                          b"train_data=[a.jsonl,\xffb.jsonl]", "--print-config"], capture_output=True,
+                         env={k: v for k, v in os.environ.items() if not k.startswith("HWCOMPAT_")})
+    assert res.returncode == 2 and b"Traceback" not in res.stderr, res.stderr
+    assert b"train_data" in res.stderr and b"is not a YAML flow list" in res.stderr
