@@ -72,7 +72,9 @@ def _nf4(profile: ResolvedProfile, dtype, device) -> dict[str, Any]:
         raise InputError("qlora=true needs bitsandbytes: pip install bitsandbytes") from None
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=dtype if dtype != torch.float32 else torch.float16)
-    return {"quantization_config": quant, "device_map": {"": device.index or 0}}
+    # the device this process trains on: the CPU under --cpu-emulation (bitsandbytes has CPU NF4 kernels), else the
+    # local accelerator's index (a bare 0 would mean "accelerator 0" even where there is none)
+    return {"quantization_config": quant, "device_map": {"": "cpu" if device.type == "cpu" else device.index or 0}}
 
 
 def _with_lora(model, cfg: TrainConfig):
