@@ -97,6 +97,15 @@ BAD_FILES = [
     ("- {vendor: nvidia, name: X}\n", "entry 1: field 'memory_bytes': missing (required: vendor, name, memory_bytes)"),
     ("vendor: nvidia\n", "expected a non-empty YAML list of devices (- vendor: nvidia\n  name: ...), got dict"),
     ("- [unclosed\n", ":2: not valid YAML"),
+    # #35 family 11: readings no probe could return
+    ("- {vendor: intel, name: A770, memory_bytes: 17179869184, xe_arch: xe2-hpg, pci_device_id: '56a0'}\n",
+     "entry 1: field 'xe_arch': 'xe2-hpg', but PCI ID 56a0 is xe-hpg (catalog/intel.yaml"),
+    ("- {vendor: intel, name: B580, memory_bytes: 12884901888, xe_arch: xe2-hpg, compute_capability: '8.6'}\n",
+     "entry 1: field 'compute_capability': only NVIDIA readings have it, and this is vendor: intel"),
+    ("- {vendor: nvidia, name: X, memory_bytes: 1, compute_capability: '8.6', gfx_target: gfx1030}\n",
+     "entry 1: field 'gfx_target': only AMD readings have it, and this is vendor: nvidia"),
+    ('- {vendor: nvidia, name: "\\e[31mRED\\e[0m", memory_bytes: 1, compute_capability: "8.6"}\n',
+     "entry 1: field 'name': holds control characters"),
 ]
 
 
@@ -115,6 +124,12 @@ def test_emulate_file_good(tmp_path, capsys):
     f.write_text("- {vendor: nvidia, name: Quadro M6000, memory_bytes: 12884901888, compute_capability: '5.2'}\n")
     assert main(["detect", "--json", "--emulate-file", str(f)]) == 0
     assert json.loads(capsys.readouterr().out)["devices"][0]["arch"] == "maxwell"
+
+
+def test_a_probed_name_with_a_terminal_escape_is_shown_escaped():
+    from hwcompat.cli.detect import printable
+
+    assert printable("Arc\x1b[2J B580\x9b") == "Arc\\x1b[2J B580\\x9b"
 
 
 def test_missing_emulate_file(capsys, tmp_path):

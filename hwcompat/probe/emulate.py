@@ -66,6 +66,34 @@ def from_file(path: str | Path) -> list[DeviceReading]:
             for i, entry in enumerate(data, start=1)]
 
 
+#: Fields only one vendor's probe reads: on another vendor's reading they contradict it.
+VENDOR_FIELDS = {"compute_capability": "nvidia", "gfx_target": "amd", "gfx_target_effective": "amd",
+                 "xe_arch": "intel"}
+VENDOR_NAMES = {"nvidia": "NVIDIA", "amd": "AMD", "intel": "Intel"}
+
+
+def _check_consistent(values: dict[str, Any], vendor: str, where: str) -> None:
+    """A reading no real probe could return is refused: another vendor's field, an Intel PCI ID of one
+    generation claiming another, a control character (a terminal escape in a name would be printed raw)."""
+    for key, owner in VENDOR_FIELDS.items():
+        if key in values and owner != vendor:
+            raise InputError(f"{where}: field {key!r}: only {VENDOR_NAMES[owner]} readings have it, and this is "
+                             f"vendor: {vendor}; remove it, or set vendor: {owner}")
+    for key, value in values.items():
+        if isinstance(value, str) and any(ord(c) < 32 or 0x7f <= ord(c) < 0xa0 for c in value):
+            raise InputError(f"{where}: field {key!r}: holds control characters ({excerpt(value)}); a device "
+                             "reading is plain text")
+    did = values.get("pci_device_id")
+    if vendor == "intel" and did:
+        from hwcompat.probe.intel import generation
+
+        gen = generation(did)
+        if gen is not None and gen != values.get("xe_arch"):
+            raise InputError(f"{where}: field 'xe_arch': {excerpt(values.get('xe_arch'))}, but PCI ID {did} is "
+                             f"{gen} (catalog/intel.yaml, from Intel's compute-runtime); set xe_arch: {gen} or "
+                             "the ID of the card you mean")
+
+
 def parse_reading(entry: Any, where: str, source: str = "") -> DeviceReading:
     """Validate one raw reading (a mapping) and build the dataclass."""
     if not isinstance(entry, dict):
@@ -101,6 +129,7 @@ def parse_reading(entry: Any, where: str, source: str = "") -> DeviceReading:
                 raise InputError(f"{where}: field 'cpu_flags': expected a list of strings, got {excerpt(value)}")
             value = tuple(value)
         values[key] = value
+    _check_consistent(values, vendor, where)
     cc = values.get("compute_capability")
     if vendor == "nvidia" and cc is None:
         raise InputError(f"{where}: field 'compute_capability': missing (required for NVIDIA, e.g. \"6.1\")")
