@@ -279,13 +279,27 @@ def cpu_allocator(setting: str, on_cpu: bool, environ: dict[str, str] | None = N
     the trainer's peak memory (probe/malloc.py says why); a preload the user set is kept."""
     from hwcompat.probe import malloc
 
-    if not on_cpu or setting == "system":
+    if not on_cpu:
         return {}, ""
     env = os.environ if environ is None else environ
     preload = env.get("LD_PRELOAD", "")
-    if "malloc" in preload:  # tcmalloc, jemalloc, mimalloc: the user chose one
+    theirs = [x for x in preload.replace(" ", ":").split(":") if "malloc" in Path(x).name]
+    if setting == "system":
+        if not theirs:
+            return {}, ""
+        rest = ":".join(x for x in preload.replace(" ", ":").split(":") if x and x not in theirs)
+        return {"LD_PRELOAD": rest}, (f"allocator: the system malloc, as cpu_allocator=system asks (the trainer "
+                                      f"runs without {', '.join(theirs)} from your LD_PRELOAD)")
+    if theirs:  # tcmalloc, jemalloc, mimalloc: the user chose one
         return {}, f"allocator: the user's LD_PRELOAD ({preload})"
     lib = malloc.find_tcmalloc(dirs)
+    if lib is not None and not malloc.loads(lib):
+        hint = malloc.install_hint()
+        if setting == "tcmalloc":
+            raise InputError(f"cpu_allocator=tcmalloc: {lib} cannot be preloaded (damaged, or built for another "
+                             f"machine); reinstall it ({hint}) or set cpu_allocator=auto")
+        return {}, (f"allocator: the system malloc; {lib} is there but cannot be preloaded (damaged, or built for "
+                    f"another machine): reinstall it ({hint})")
     if lib is None:
         hint = malloc.install_hint()
         if setting == "tcmalloc":

@@ -44,6 +44,24 @@ def find_tcmalloc(dirs: list[Path] | None = None) -> Path | None:
     return None
 
 
+def loads(lib: Path) -> bool:
+    """Whether the dynamic loader can preload ``lib``: it runs ``true`` with it in LD_PRELOAD. A file that is
+    there but cannot be loaded (truncated, another architecture) is skipped by ld.so with one stderr line, and
+    the trainer would run on the system malloc while the log said tcmalloc. A few milliseconds."""
+    import shutil
+    import subprocess
+
+    true = shutil.which("true")
+    if true is None:
+        return True  # nothing to test with: the worker's own summary records what it ran on
+    try:
+        res = subprocess.run([true], env={"LD_PRELOAD": str(lib), "PATH": os.environ.get("PATH", "")},
+                             capture_output=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return res.returncode == 0 and b"cannot be preloaded" not in res.stderr and not res.stderr.strip()
+
+
 def install_hint() -> str:
     """The install command for this host's package manager (apt-get where none is recognised)."""
     import shutil

@@ -20,10 +20,22 @@ REQUIRE = os.environ.get("HWCOMPAT_REQUIRE_TCMALLOC") == "1"  # read at import: 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _lib(tmp_path, name="libtcmalloc_minimal.so.4"):
+def _lib(tmp_path, name="libtcmalloc_minimal.so.4", loadable=True):
+    """A folder with a shared library of that name: a real, empty one the loader can preload (built with the C
+    compiler), or the first bytes of one only, which ld.so refuses."""
+    import shutil
+
     d = tmp_path / "lib"
     d.mkdir(exist_ok=True)
-    (d / name).write_bytes(b"\x7fELF")
+    if not loadable:
+        (d / name).write_bytes(b"\x7fELF")
+        return d
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler to build a loadable library")
+    src = tmp_path / "empty.c"
+    src.write_text("int hwcompat_test_symbol = 1;\n")
+    subprocess.run([cc, "-shared", "-fPIC", "-o", str(d / name), str(src)], check=True)
     return d
 
 
@@ -51,6 +63,23 @@ def test_no_tcmalloc_says_how_to_install_it_and_tcmalloc_required_is_an_input_er
         cpu_allocator("tcmalloc", True, {}, [tmp_path])
     assert cpu_allocator("system", True, {}, [_lib(tmp_path)]) == ({}, "")
     assert cpu_allocator("auto", False, {}, [_lib(tmp_path)]) == ({}, "")  # a GPU run: its host side is not measured
+
+
+def test_a_tcmalloc_file_the_loader_refuses_is_not_called_found(tmp_path):
+    """#35 family 12: a truncated or foreign-architecture library was logged as tcmalloc; ld.so skipped it and the
+    run used the system malloc."""
+    d = _lib(tmp_path, loadable=False)
+    env, note = cpu_allocator("auto", True, {}, [d])
+    assert env == {} and note.startswith("allocator: the system malloc;") and "cannot be preloaded" in note
+    with pytest.raises(InputError, match="cpu_allocator=tcmalloc: .* cannot be preloaded"):
+        cpu_allocator("tcmalloc", True, {}, [d])
+
+
+def test_cpu_allocator_system_takes_the_users_tcmalloc_out_of_the_trainers_preload(tmp_path):
+    env, note = cpu_allocator("system", True, {"LD_PRELOAD": "/opt/libtcmalloc.so.4:/opt/libfoo.so"}, [_lib(tmp_path)])
+    assert env == {"LD_PRELOAD": "/opt/libfoo.so"}
+    assert note == ("allocator: the system malloc, as cpu_allocator=system asks (the trainer runs without "
+                    "/opt/libtcmalloc.so.4 from your LD_PRELOAD)")
 
 
 def test_the_install_hints_are_commands_and_ci_runs_the_apt_one():
