@@ -547,6 +547,9 @@ def launch(opts: LaunchOptions, loaded: LoadedConfig, plan: HostPlan) -> int:
                          "Use --print-config to see the resolved run, --cpu-emulation to run its profile on the "
                          "CPU, or drop --emulate")
     check_memory_limit(loaded.config, device, opts.cpu_emulation)
+    trackers.check_installed(loaded.config.report_to)
+    trackers.check_settings(loaded.config.report_to, Path(os.path.abspath(loaded.config.output_dir)), os.environ,
+                            opts.resume)
     preflight(loaded, device, profile, plan)
     nproc, group = process_count(opts, plan, pos, device)
     if loaded.config.offload == "layers" and (nproc > 1 or (opts.nnodes or 1) > 1):
@@ -577,7 +580,6 @@ def preflight(loaded: LoadedConfig, device: ResolvedDevice, profile: ResolvedPro
     check_model(cfg.model, cfg.allow_network)
     check_init_adapter(cfg)
     check_export(cfg)
-    trackers.check_installed(cfg.report_to)
     if cfg.tokenizer:
         check_model(cfg.tokenizer, cfg.allow_network, what="tokenizer")
 

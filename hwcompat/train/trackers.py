@@ -55,7 +55,7 @@ def check_installed(names: list[str]) -> None:
                          "pip install 'hwcompat[track]' for all four), or remove them from report_to")
 
 
-def child_env(names: list[str], run_dir: Path, env: dict[str, str]) -> dict[str, str]:
+def child_env(names: list[str], run_dir: Path, env: Mapping[str, str]) -> dict[str, str]:
     """The variables the trackers' libraries read at import, for the training process: local stores in the run
     folder and W&B offline, each only where the user has not set it (their environment wins)."""
     out: dict[str, str] = {}
@@ -63,10 +63,129 @@ def child_env(names: list[str], run_dir: Path, env: dict[str, str]) -> dict[str,
         out["TRACKIO_DIR"] = str(run_dir / "trackio")
     if "mlflow" in names and "MLFLOW_TRACKING_URI" not in env:
         out["MLFLOW_TRACKING_URI"] = (run_dir / "mlruns").as_uri()
+    if "mlflow" in names and "MLFLOW_ALLOW_FILE_STORE" not in env and _mlflow_folder(
+            env.get("MLFLOW_TRACKING_URI", out.get("MLFLOW_TRACKING_URI", ""))) is not None:
         out["MLFLOW_ALLOW_FILE_STORE"] = "true"  # MLflow 3's file store is in maintenance, not gone: no server needed
     if "wandb" in names and "WANDB_MODE" not in env:
         out["WANDB_MODE"] = "offline"
     return out
+
+
+#: WANDB_MODE's values (wandb's Settings.mode): "dryrun" is offline and "run" online, from older releases.
+WANDB_MODES = ("online", "offline", "disabled", "shared", "dryrun", "run")
+#: Characters W&B refuses in a project name, and its length limit (wandb/sdk/wandb_settings.py, validate_project).
+WANDB_PROJECT_BAD, WANDB_PROJECT_MAX = "/\\#?%:", 128
+#: MLflow stores mlflow-skinny can write without more packages; the SQL ones need SQLAlchemy (full mlflow).
+MLFLOW_SQL = ("sqlite", "postgresql", "mysql", "mssql")
+
+
+def check_settings(names: list[str], run_dir: Path, env: Mapping[str, str], resume: bool) -> None:
+    """Before the data and the model load, not as a library traceback minutes later: each tracker's settings in
+    the user's environment can work (a store that can be written or reached, a W&B mode that exists and a key
+    for online, a project name W&B takes), and a resume finds its MLflow run in the store it names."""
+    if "trackio" in names and "TRACKIO_DIR" in env:
+        _check_writable("TRACKIO_DIR", Path(env["TRACKIO_DIR"]))
+    if "mlflow" in names:
+        _check_mlflow(run_dir, env, resume)
+    if "wandb" in names:
+        _check_wandb(env)
+
+
+def _check_writable(var: str, folder: Path) -> None:
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), Path("/"))
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"{var}={folder}: {existing} is {'not a folder' if not existing.is_dir() else 'not writable'}"
+                         f", so the tracker could store nothing; point {var} at a writable folder, or unset it to "
+                         "store in the run folder")
+
+
+def _mlflow_folder(uri: str) -> Path | None:
+    """The folder of a file-store URI (``file:///x`` or a plain path, as MLflow takes both); None for others."""
+    from urllib.parse import unquote, urlparse
+
+    parsed = urlparse(uri)
+    if parsed.scheme == "file":
+        return Path(unquote(parsed.path))
+    return Path(uri) if uri and not parsed.scheme else None
+
+
+def _check_mlflow(run_dir: Path, env: Mapping[str, str], resume: bool) -> None:
+    from urllib.parse import urlparse
+
+    if "MLFLOW_TRACKING_URI" not in env:
+        return
+    uri = env["MLFLOW_TRACKING_URI"].strip()
+    where = f"MLFLOW_TRACKING_URI={uri!r}"
+    scheme = urlparse(uri).scheme
+    folder = _mlflow_folder(uri)
+    if not uri:
+        raise InputError(f"{where}: empty; unset it to log into the run folder's mlruns/, or give a store "
+                         "(file:///path, http://host:5000)")
+    if folder is not None:
+        _check_writable("MLFLOW_TRACKING_URI", folder)
+        run_id = _state(run_dir).get("mlflow_run_id") if resume else None
+        if run_id and not any(folder.glob(f"*/{run_id}/meta.yaml")):
+            raise InputError(f"--resume: {where} does not hold this run's MLflow run {run_id} (trackers.json): the "
+                             "store moved? Point MLFLOW_TRACKING_URI at the store the run started in, or remove "
+                             "mlflow from report_to")
+    elif scheme in ("http", "https"):
+        _reachable(uri, where)
+    elif scheme in MLFLOW_SQL:
+        import importlib.util
+
+        if importlib.util.find_spec("sqlalchemy") is None:
+            raise InputError(f"{where}: a {scheme} store needs the full mlflow package (mlflow-skinny has no SQL "
+                             "store): pip install mlflow; or use a file store (file:///path) or a server")
+    elif scheme not in ("databricks", "databricks-uc"):
+        raise InputError(f"{where}: not a store MLflow knows (file:///path, http(s)://host:port, databricks, "
+                         f"{', '.join(MLFLOW_SQL)}); unset it to log into the run folder's mlruns/")
+
+
+def _reachable(uri: str, where: str, timeout: float = 5.0) -> None:
+    """A TCP connection to the server, in seconds at most: MLflow itself retries for minutes, then fails."""
+    import socket
+    from urllib.parse import urlparse
+
+    u = urlparse(uri)
+    try:
+        port = u.port or (443 if u.scheme == "https" else 80)
+    except ValueError:
+        raise InputError(f"{where}: the port is not a number") from None
+    if not u.hostname:
+        raise InputError(f"{where}: no host in it; write http://host:5000")
+    try:
+        socket.create_connection((u.hostname, port), timeout=timeout).close()
+    except OSError as exc:
+        raise InputError(f"{where}: cannot reach {u.hostname}:{port} ({exc.strerror or exc}); start the server, "
+                         "or unset MLFLOW_TRACKING_URI to log into the run folder's mlruns/") from None
+
+
+def _check_wandb(env: Mapping[str, str]) -> None:
+    mode = env.get("WANDB_MODE", "offline")
+    if mode not in WANDB_MODES:
+        raise InputError(f"WANDB_MODE={mode!r}: not a W&B mode; use one of {', '.join(WANDB_MODES[:3])} "
+                         "(unset: offline, in the run folder)")
+    if mode in ("online", "shared", "run") and not env.get("WANDB_API_KEY") and not _netrc_key(env):
+        raise InputError(f"WANDB_MODE={mode}: no W&B key (WANDB_API_KEY, or `wandb login`'s ~/.netrc entry); log in, "
+                         "or set WANDB_MODE=offline and `wandb sync` the run later")
+    project = env.get("WANDB_PROJECT")
+    if project is not None and (not project or len(project) > WANDB_PROJECT_MAX
+                                or any(c in project for c in WANDB_PROJECT_BAD)):
+        raise InputError(f"WANDB_PROJECT={project!r}: W&B takes a project name of 1-{WANDB_PROJECT_MAX} characters "
+                         f"without {' '.join(WANDB_PROJECT_BAD)}; for a team, set WANDB_ENTITY=team and "
+                         "WANDB_PROJECT=name")
+
+
+def _netrc_key(env: Mapping[str, str]) -> bool:
+    import netrc
+    from urllib.parse import urlparse
+
+    host = urlparse(env.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+    path = env.get("NETRC") or os.path.join(env.get("HOME", os.path.expanduser("~")), ".netrc")
+    try:
+        return netrc.netrc(path).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
 
 
 def flat_params(config: dict[str, Any], profile: dict[str, Any]) -> dict[str, Any]:
@@ -90,6 +209,9 @@ class Trackers:
         """Each library's own chatter (banners, colours, sparklines) is held back; one plain line says where each
         tracker writes and how to look at it."""
         state = _state(run_dir)
+        if not state and (run_dir / STATE).exists():
+            say(f"warning: {run_dir / STATE} is damaged, so the trackers' run ids are lost: each starts a new run "
+                "(this resumed run shows as two in each tracker)")
         writers = []
         for name in (n for n in TRACKERS if n in names):
             with quiet():
@@ -202,7 +324,7 @@ class _Trackio:
         from trackio.utils import TRACKIO_DIR
 
         return (f"run {self.run.name} of project {self.project} in {TRACKIO_DIR} "
-                f"(trackio show --project {shlex.quote(self.project)})")
+                f"(TRACKIO_DIR={shlex.quote(str(TRACKIO_DIR))} trackio show --project {shlex.quote(self.project)})")
 
     def log(self, step: int, values: dict[str, float]) -> None:
         self.run.log(values, step=step)
@@ -223,9 +345,16 @@ class _WandB:
         state["wandb_run_id"] = self.run.id
 
     def where(self) -> str:
-        offline = self.run.settings.mode == "offline"
-        return (f"run {self.run.id} ({'offline' if offline else self.run.settings.mode}) in {Path(self.run.dir).parent}"
-                + (f" (upload later: wandb sync {shlex.quote(str(Path(self.run.dir).parent))})" if offline else ""))
+        mode = os.environ.get("WANDB_MODE", self.run.settings.mode)
+        if mode == "disabled":
+            return "disabled (WANDB_MODE=disabled): nothing is logged to W&B"
+        if mode not in ("offline", "dryrun"):
+            return f"run {self.run.id} ({mode}) at {self.run.url or 'W&B'}"
+        # one offline folder per session: a resumed run's sync needs every one of them, not this session's only
+        here = Path(self.run.dir).parent
+        sessions = sorted(here.parent.glob(f"offline-run-*-{self.run.id}")) or [here]
+        return (f"run {self.run.id} (offline) in {here.parent} (upload later: wandb sync "
+                f"{' '.join(shlex.quote(str(p)) for p in sessions)})")
 
     def log(self, step: int, values: dict[str, float]) -> None:
         self.run.log(values, step=step)

@@ -144,7 +144,11 @@ def test_all_four_trackers_read_back_and_a_resumed_run_is_one_curve(tmp_path, ti
     assert seen.returncode == 0 and "train/loss" in seen.stdout + seen.stderr, seen.stderr[-1000:]
     sync = next(line for line in again.stderr.splitlines() if line.startswith("wandb: run "))
     argv = shlex.split(sync.split("upload later: ", 1)[1].rstrip(")"))
-    assert argv[:2] == ["wandb", "sync"] and (run / "wandb").is_dir() and os.path.isdir(argv[2])
+    # #35 family 9: both sessions' folders, not the second half only
+    assert argv[:2] == ["wandb", "sync"] and len(argv) == 4 and all(os.path.isdir(a) for a in argv[2:]), argv
+    # the printed trackio command names its store: run as printed, it finds the project
+    show = next(line for line in again.stderr.splitlines() if line.startswith("trackio: "))
+    assert f"TRACKIO_DIR={run / 'trackio'} trackio show --project hwcompat" in show
 
 
 def test_a_missing_tracker_is_refused_before_training_with_the_install_line(monkeypatch):
@@ -216,3 +220,81 @@ def test_a_tracker_folder_elsewhere_leaves_the_users_folder_alone(tmp_path, tiny
         assert res.returncode == 0, res.stderr[-2000:]
     assert (theirs / "keep.txt").read_text() == "theirs"
     assert "mlruns" not in json.loads((tmp_path / "run" / ".hwcompat-outputs.json").read_text())["written"]
+
+
+# --- #35 families 9 and 13: tracker settings that cannot work are refused before the data and the model load ------
+
+@pytest.mark.parametrize("env,message", [
+    ({"MLFLOW_TRACKING_URI": ""}, "MLFLOW_TRACKING_URI='': empty"),
+    ({"MLFLOW_TRACKING_URI": "bogus://x"}, "not a store MLflow knows"),
+    ({"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}, "cannot reach 127.0.0.1:9"),
+    ({"MLFLOW_TRACKING_URI": "file://FILE/mlruns"}, "is not a folder, so the tracker could store nothing"),
+    ({"WANDB_MODE": "ofline"}, "WANDB_MODE='ofline': not a W&B mode; use one of online, offline, disabled"),
+    ({"WANDB_MODE": "online", "HOME": "/nonexistent"}, "WANDB_MODE=online: no W&B key"),
+    ({"WANDB_PROJECT": "team/project"}, "WANDB_PROJECT='team/project': W&B takes a project name"),
+    ({"TRACKIO_DIR": "FILE/trackio"}, "TRACKIO_DIR=FILE/trackio: FILE is not a folder"),
+])
+def test_tracker_settings_that_cannot_work_are_refused_in_one_line(tmp_path, env, message):
+    from hwcompat.errors import InputError
+
+    (tmp_path / "a-file").write_text("x")  # a store under a file: no user, root included, can write there
+    env = {k: v.replace("FILE", str(tmp_path / "a-file")) for k, v in env.items()}
+    message = message.replace("FILE", str(tmp_path / "a-file"))
+
+    with pytest.raises(InputError) as e:
+        trackers.check_settings(ALL, tmp_path / "run", env, resume=False)
+    assert message in str(e.value), str(e.value)
+
+
+def test_tracker_settings_that_work_pass(tmp_path):
+    ok = {"MLFLOW_TRACKING_URI": (tmp_path / "store").as_uri(), "WANDB_MODE": "online", "WANDB_API_KEY": "x" * 40,
+          "WANDB_PROJECT": "tickets", "TRACKIO_DIR": str(tmp_path / "t" / "deeper")}
+    trackers.check_settings(ALL, tmp_path / "run", ok, resume=False)
+    trackers.check_settings(ALL, tmp_path / "run", {}, resume=False)
+    netrc = tmp_path / ".netrc"
+    netrc.write_text("machine api.wandb.ai\n  login user\n  password " + "k" * 40 + "\n")
+    netrc.chmod(0o600)
+    trackers.check_settings(["wandb"], tmp_path / "run", {"WANDB_MODE": "online", "HOME": str(tmp_path)}, False)
+
+
+def test_the_users_own_file_store_gets_the_opt_in_mlflow_3_needs(tmp_path):
+    env = trackers.child_env(["mlflow"], tmp_path, {"MLFLOW_TRACKING_URI": (tmp_path / "mine").as_uri()})
+    assert env == {"MLFLOW_ALLOW_FILE_STORE": "true"}
+    assert trackers.child_env(["mlflow"], tmp_path, {"MLFLOW_TRACKING_URI": "http://h:5000"}) == {}
+
+
+def test_a_resume_whose_mlflow_store_moved_is_refused(tmp_path):
+    from hwcompat.errors import InputError
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "trackers.json").write_text(json.dumps({"mlflow_run_id": "abc123"}))
+    store = tmp_path / "elsewhere"
+    with pytest.raises(InputError, match="does not hold this run's MLflow run abc123"):
+        trackers.check_settings(["mlflow"], run, {"MLFLOW_TRACKING_URI": store.as_uri()}, resume=True)
+    (store / "0" / "abc123").mkdir(parents=True)
+    (store / "0" / "abc123" / "meta.yaml").write_text("run_id: abc123\n")
+    trackers.check_settings(["mlflow"], run, {"MLFLOW_TRACKING_URI": store.as_uri()}, resume=True)
+
+
+def test_a_bad_tracker_setting_stops_train_before_the_data_checks(tmp_path, run_cli):
+    (tmp_path / "c.yaml").write_text("model: m\ntrain_data: [missing.jsonl]\nreport_to: [wandb]\n")
+    res = run_cli("train", str(tmp_path / "c.yaml"), env={"WANDB_MODE": "onlin"})
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "WANDB_MODE='onlin': not a W&B mode" in res.stderr and "missing.jsonl" not in res.stderr
+
+
+def test_wandb_disabled_says_nothing_is_logged(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    said = []
+    trackers.Trackers.open(["wandb"], tmp_path, {}, 0, say=said.append).close()
+    assert said == ["wandb: disabled (WANDB_MODE=disabled): nothing is logged to W&B"]
+    assert not (tmp_path / "wandb").exists()
+
+
+def test_a_torn_trackers_json_is_said(tmp_path, monkeypatch):
+    (tmp_path / "trackers.json").write_text('{"mlflow_run_id": "ab')
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    said = []
+    trackers.Trackers.open(["wandb"], tmp_path, {}, 5, say=said.append).close()
+    assert any("trackers.json is damaged" in m and "starts a new run" in m for m in said), said
