@@ -38,6 +38,12 @@ def main(argv: list[str] | None = None) -> int:
         return export_after_training(Path(paths[0]), signals) if code == 0 else code
     except HwcompatError as exc:
         print(f"hwcompat: error: {exc}", file=sys.stderr)
+        if getattr(exc, "quiet_exit", False):  # out of host memory: the interpreter's teardown would print dozens
+            import os                            # of "Exception ignored" lines; every file is written atomically
+
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(exc.exit_code)
         return exc.exit_code
     except SecondInterrupt:
         print("hwcompat: interrupted (second Ctrl-C); no new checkpoint written"

@@ -81,19 +81,9 @@ def save(run_dir: Path, step: int, model, optimizer, scheduler, scaler, state: d
     rng = dict(rng or rng_state())
     py_state = rng.pop("python")
     target = checkpoint_dir(run_dir) / f"{PREFIX}{step:07d}"
-    try:
-        _write(target, model, optimizer, scheduler, scaler, state, step, rng, py_state)
-    except OSError as exc:
-        import errno
-
-        from hwcompat.errors import HwcompatError
-
-        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
-        need = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad) * 3
-        raise HwcompatError(f"no space left on the device of {run_dir} while writing the checkpoint for step {step} "
-                            f"(about {need / 2**20:,.0f} MB needed); the partial checkpoint was removed and earlier "
-                            "ones are intact: free some space, then resume with --resume") from None
+    # a full disk raises here (OSError, or torch.save's RuntimeError); the partial folder is removed by atomic_dir
+    # and the loop decides (train/diskspace.py): the reserve's space, then a clear stop
+    _write(target, model, optimizer, scheduler, scaler, state, step, rng, py_state)
     from hwcompat.train.rundir import record_written
 
     record_written(run_dir, checkpoint_dir(run_dir).name)
@@ -101,6 +91,14 @@ def save(run_dir: Path, step: int, model, optimizer, scheduler, scaler, state: d
     for old in done[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return target
+
+
+def size_estimate(model) -> int:
+    """Bytes one checkpoint takes at most: the trainable weights, AdamW's two moments in fp32 beside them, and
+    a MiB for the RNG, the schedule and state.json; a tenth more for the filesystem's own blocks."""
+    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return int((weights + 8 * n + (1 << 20)) * 1.1)
 
 
 def _write(target: Path, model, optimizer, scheduler, scaler, state: dict[str, Any], step: int,

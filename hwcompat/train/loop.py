@@ -28,7 +28,7 @@ from hwcompat.errors import HwcompatError, InputError
 from hwcompat.fsutil import Terminated, atomic_dir, atomic_write_json, atomic_write_text
 from hwcompat.data import metrics
 from hwcompat.probe import malloc
-from hwcompat.train import batching, checkpoint, distributed, objectives
+from hwcompat.train import batching, checkpoint, diskspace, distributed, objectives
 from hwcompat.train import trackers as trackers_mod
 from hwcompat.train.distributed import Dist, log
 from hwcompat.train.model import load_model
@@ -65,6 +65,8 @@ class Recipe:
     tokens: int = 0
     last_loss: float = float("nan")
     trackers: Any = field(default_factory=lambda: trackers_mod.Trackers())  # report_to (writer process only)
+    reserve: Any = None  # one checkpoint's disk, claimed at the start (diskspace.Reserve; writer process only)
+    step: int = 0  # the last completed step, for what a stop says
 
     @property
     def cfg(self):
@@ -101,11 +103,34 @@ def run(run_dir: Path, resume: bool = False, signals: Signals | None = None) -> 
             code = finish(r, signals)
         distributed.close(dist)
         return code
+    except _Full as exc:  # a record in the first or the final eval
+        raise _saved_on_full(r, r.step, exc.what) from None
+    except (MemoryError, OSError, RuntimeError) as exc:
+        if r is None and diskspace.memory_exhausted(exc):  # the model or the data did not fit while loading
+            raise diskspace.HostMemoryExhausted(diskspace.memory_message(
+                run_dir, 0, 0, "loading the data and the model", "nothing was trained yet", exc)) from None
+        if r is None or not (diskspace.memory_exhausted(exc) or diskspace.disk_full(exc)):
+            raise
+        raise _exhausted(r, exc, "the stop's own writes" if signals.received else "training") from None
     finally:
         if r is not None:
             r.trackers.close()  # flushed on every way out: a signal, an error, the end
+            if r.reserve is not None:
+                r.reserve.release()
         if owned:
             signals.restore()
+
+
+def _exhausted(r: Recipe, exc: BaseException, phase: str) -> HwcompatError:
+    """Memory or disk ran out outside the step loop's own handling: what ran out, where, what is kept."""
+    ck = checkpoint.latest(r.run_dir)
+    kept = f"kept: the checkpoint of step {ck.name.removeprefix(checkpoint.PREFIX).lstrip('0') or 0}" if ck else (
+        "no checkpoint was written yet")
+    if diskspace.memory_exhausted(exc):
+        return diskspace.HostMemoryExhausted(diskspace.memory_message(r.run_dir, r.step, r.total_steps, phase, kept,
+                                                                      exc))
+    return diskspace.DiskFull(diskspace.stopped_message(r.run_dir, r.step, r.total_steps, phase, kept,
+                                                        checkpoint.size_estimate(r.model)))
 
 
 def _identity(spec: RunSpec) -> dict[str, str]:
@@ -152,6 +177,9 @@ def setup(spec: RunSpec, run_dir: Path, dist: Dist, resume: bool) -> Recipe:
     r = Recipe(spec, run_dir, dist, device, objective, model, None, tokenizer, optimizer, scheduler, scaler, mode,
                per_rank, total)
     _restore(r, resume)  # before DDP: its construction broadcasts rank 0's weights to the group
+    r.step = r.start_step
+    if dist.writer:  # a nearly full disk is said now, before the first step (diskspace.py)
+        r.reserve = diskspace.Reserve(run_dir, checkpoint.size_estimate(model))
     r.engine = _engine(model, objective, dist, device)
     if dist.writer and cfg.report_to:
         # recorded before the libraries write (some create their folder at the first log): the launcher refused
@@ -380,6 +408,7 @@ def train(r: Recipe, signals: Signals) -> int:
             r.scheduler.step()
             r.optimizer.zero_grad(set_to_none=True)
             step, r.last_loss = step + 1, loss
+            r.step = step
             r.train_seconds = time.time() - t_loop
             if step == 1:
                 _first_step_peak(r)
@@ -397,6 +426,10 @@ def train(r: Recipe, signals: Signals) -> int:
                 _save(r, step)
     except torch.OutOfMemoryError:
         raise HwcompatError(oom_advice(r.cfg, r.spec.profile, step)) from None
+    except (OSError, RuntimeError, _Full) as exc:
+        if not (isinstance(exc, _Full) or diskspace.disk_full(exc)):
+            raise
+        raise _saved_on_full(r, step, getattr(exc, "what", "a checkpoint")) from None
     finally:
         bar.close()
     r.train_seconds = time.time() - t_loop
@@ -447,7 +480,7 @@ def _autocast(r: Recipe):
 def _log_step(r: Recipe, bar, step: int, loss: float, grad_norm: float, epoch: int) -> None:
     tps = r.tokens * r.dist.world / max(r.train_seconds, 1e-9)
     if r.dist.writer:
-        _append_jsonl(r.metrics_path, {"step": step, "kind": "train", "loss": loss,
+        _record(r, {"step": step, "kind": "train", "loss": loss,
                                        "lr": r.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                                        "epoch": epoch, "tokens_per_s": tps, "tokens": r.tokens * r.dist.world,
                                        "train_seconds": r.train_seconds, "memory_bytes": _memory_now(r)})
@@ -495,7 +528,7 @@ def _interrupted(r: Recipe, step: int, signals: Signals, rng: dict[str, Any] | N
 def evaluate(r: Recipe, step: int, with_tasks: bool) -> dict[str, Any]:
     """The objective's metrics now, appended to metrics.jsonl and the run's history (writers only)."""
     rec: dict[str, Any] = {"step": step, "kind": "eval", **r.objective.evaluate(r.model, with_tasks)}
-    _append_jsonl(r.metrics_path, rec)
+    _record(r, rec)
     r.history["eval"].append(rec)
     r.trackers.log(step, {f"eval/{k.removeprefix('eval_')}": v for k, v in _scores(rec).items()})
     log(r.dist, f"eval @ step {step}: loss {rec.get('eval_loss', float('nan')):.4f} {metrics.headline(rec)}")
@@ -505,6 +538,43 @@ def evaluate(r: Recipe, step: int, with_tasks: bool) -> dict[str, Any]:
 def _scores(rec: dict[str, Any]) -> dict[str, Any]:
     """An eval record's metrics, without its bookkeeping (step, kind, row count)."""
     return {k: v for k, v in rec.items() if k not in ("step", "kind", "n")}
+
+
+class _Full(Exception):
+    """A metrics line that could not be written for lack of disk, written after all into the reserve's space:
+    the loop saves a checkpoint there too and stops."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(what)
+        self.what = what
+
+
+def _record(r: Recipe, record: dict[str, Any]) -> None:
+    try:
+        _append_jsonl(r.metrics_path, record)
+    except OSError as exc:
+        if not diskspace.disk_full(exc) or r.reserve is None or not r.reserve.release():
+            raise
+        _append_jsonl(r.metrics_path, record)  # the line goes in; then the run stops with a checkpoint
+        raise _Full(f"{r.metrics_path.name} (step {record['step']}'s record)") from None
+
+
+def _saved_on_full(r: Recipe, step: int, what: str) -> HwcompatError:
+    """The disk filled at ``step``: the reserve's space takes the checkpoint of the steps done so far."""
+    if r.reserve is not None:
+        r.reserve.release()
+    try:
+        path = _save(r, step)
+        kept = f"kept: every step up to {step}, in the checkpoint {path} (written into the space reserved at the start)"
+    except (OSError, RuntimeError) as exc:
+        if not diskspace.disk_full(exc):
+            raise
+        ck = checkpoint.latest(r.run_dir)
+        kept = f"kept: the checkpoint {ck}; the steps after it are lost" if ck else "no checkpoint could be written"
+    if r.dist.writer:
+        write_report(r.run_dir, lambda m: log(r.dist, m))
+    return diskspace.DiskFull(diskspace.stopped_message(r.run_dir, step, r.total_steps, what, kept,
+                                                        checkpoint.size_estimate(r.model)))
 
 
 def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
@@ -530,9 +600,14 @@ def finish(r: Recipe, signals: Signals) -> int:
             final = evaluate(r, r.total_steps, with_tasks=True)
     except Terminated:
         return _interrupted(r, r.total_steps, signals, during="the final eval")
-    with atomic_dir(r.run_dir / "adapter") as tmp:
-        r.model.save_pretrained(str(tmp), safe_serialization=True)
-        r.tokenizer.save_pretrained(str(tmp))
+    try:
+        with atomic_dir(r.run_dir / "adapter") as tmp:
+            r.model.save_pretrained(str(tmp), safe_serialization=True)
+            r.tokenizer.save_pretrained(str(tmp))
+    except (OSError, RuntimeError) as exc:
+        if not diskspace.disk_full(exc):
+            raise
+        raise _saved_on_full(r, r.total_steps, "the adapter (the resume evaluates and writes it again)") from None
     record_written(r.run_dir, "adapter")
     summary = _summary(r, final)
     summary["regressed"] = metrics.regressions(summary["eval_before"], final, r.cfg.regression_tolerance)
