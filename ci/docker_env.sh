@@ -55,6 +55,11 @@ quantize_const() {  # read without importing hwcompat (not installed yet when th
 ast.literal_eval(n.value) for n in t.body if isinstance(n, ast.Assign) and getattr(n.targets[0], 'id', '') == sys.argv[1]))" "$1"
 }
 
+image_extras() {  # read without importing hwcompat
+  python3 -c "import ast; t = ast.parse(open('hwcompat/images.py').read()); print(next(ast.literal_eval(n.value)
+for n in t.body if isinstance(n, ast.Assign) and getattr(n.targets[0], 'id', '') == 'IMAGE_EXTRAS'))"
+}
+
 llama_wheel() {
   local dir="$CACHE/llama"
   if compgen -G "$dir/llama_cpp_python-*.whl" >/dev/null; then echo "$dir"; return; fi
@@ -69,11 +74,12 @@ wheels() {
   local wh="$CACHE/wheelhouse" llama
   mkdir -p "$wh"
   llama=$(llama_wheel)
-  # torch first and pinned (the CPU build); then everything hwcompat[train,gguf] needs, and the build backend.
+  # torch first and pinned (the CPU build); then everything the images' extras need (hwcompat/images.py
+  # IMAGE_EXTRAS), and the build backend.
   # One resolve, so the pinned CPU torch satisfies hwcompat's torch requirement (no CUDA wheels pulled);
   # llama-cpp-python comes from the wheel built above (pip prefers a wheel to the sdist).
   python3 -m pip download -q -d "$wh" --find-links "$llama" --only-binary llama-cpp-python torch==2.13.0 \
-    ".[train,gguf]" hatchling 2>&1 | grep -v "is ignored" || true
+    ".[$(image_extras)]" hatchling 2>&1 | grep -v "is ignored" || true
   rm -f "$wh"/hwcompat-*.whl
   find wheelhouse -name '*.whl' -delete
   ln "$wh"/*.whl wheelhouse/ 2>/dev/null || cp "$wh"/*.whl wheelhouse/

@@ -63,6 +63,10 @@ def specs() -> dict[str, ImageSpec]:
     return out
 
 
+#: The extras every image carries: what the README says a run can use (k-quants, Parquet/Arrow data, report_to's four
+#: trackers), so a container run never meets an install line it cannot act on. ci/docker_env.sh's wheelhouse matches.
+IMAGE_EXTRAS = "train,gguf,data,track"
+
 TEMPLATE = """\
 # Rendered by `hwcompat images render` from {sources} — edit the profile, not this file.
 # Build (from the repository root):
@@ -72,7 +76,7 @@ TEMPLATE = """\
 
 ARG BASE_IMAGE={base}
 
-# --- builder: a venv with torch ({build}) and hwcompat[train,gguf]; the wheelhouse stays in this stage ---
+# --- builder: a venv with torch ({build}) and hwcompat[{extras}]; the wheelhouse stays in this stage ---
 FROM ${{BASE_IMAGE}} AS builder
 ARG TORCH_INDEX_URL={index_url}
 ARG TORCH_SPEC="{torch_spec}"
@@ -103,8 +107,8 @@ COPY profiles/ /src/profiles/
 COPY catalog/ /src/catalog/
 RUN if compgen -G "/tmp/wheelhouse/*.whl" >/dev/null; then src=(--no-index --find-links /tmp/wheelhouse); \\
     else src=(); fi \\
-    && CMAKE_ARGS="{llama_cmake}" /opt/hwcompat/bin/pip install "${{src[@]}}" "/src[train,gguf]" \\
-    && /opt/hwcompat/bin/python -c "import torch, transformers, peft, llama_cpp, hwcompat"
+    && CMAKE_ARGS="{llama_cmake}" /opt/hwcompat/bin/pip install "${{src[@]}}" "/src[{extras}]" \\
+    && /opt/hwcompat/bin/python -c "import torch, transformers, peft, llama_cpp, pyarrow, tensorboard, mlflow, wandb, trackio, hwcompat"
 
 # --- the image: base + venv, a non-root user, documented volumes ---
 FROM ${{BASE_IMAGE}}
@@ -164,7 +168,7 @@ def render(spec: ImageSpec) -> str:
         env_lines=env_lines, titles="; ".join(p.title for p in spec.profiles), version=__version__,
         profile_names=",".join(p.name for p in spec.profiles),
         run_hint=RUN_HINTS[first.vendor].format(tag=spec.tag), llama_cmake=PORTABLE_CMAKE_ARGS,
-        packages=_packages_step(first.image.packages))
+        packages=_packages_step(first.image.packages), extras=IMAGE_EXTRAS)
 
 
 def _packages_step(packages: tuple[str, ...]) -> str:

@@ -128,6 +128,25 @@ def test_train_in_image_writes_adapter_as_non_root(images, tmp_path, tiny_model)
     assert json.loads((out / "run" / "summary.json").read_text())["profile_env_applied"] is True
 
 
+def test_image_trains_from_parquet_with_tensorboard(images, tmp_path, tiny_model):
+    """#35: the images carry what the README says a run can use (hwcompat.images.IMAGE_EXTRAS): Parquet data (the
+    data extra) and report_to (the track extra) train in the CPU image instead of ending at an install line."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tests.train.conftest import task_rows
+
+    data, out = _train_dir(tmp_path, tiny_model, report_to=["tensorboard"], train_data=["/data/train.parquet"],
+                           eval_data=["/data/eval.parquet"])
+    for name, seed in (("train", 1), ("eval", 2)):
+        pq.write_table(pa.Table.from_pylist(task_rows(64 if name == "train" else 8, seed)), data / f"{name}.parquet")
+        (data / f"{name}.parquet").chmod(0o644)
+    res = _run("hwcompat:cpu", "train", "/data/config.yaml", volumes=[f"{data}:/data:ro", f"{out}:/output"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "(Parquet, prompt/completion)" in res.stderr and "tensorboard: /output/run/tensorboard" in res.stderr
+    assert list((out / "run" / "tensorboard").glob("events.out.tfevents.*"))
+
+
 def test_image_carries_llama_cpp_for_k_quants_and_verify(images, tmp_path, tiny_model):
     """hwcompat[gguf] is in the images (the wheelhouse's portable build): llama.cpp's quantizer makes a q4_k_m, and
     --verify runs the GGUF in llama.cpp, inside the CPU image as its non-root user."""
