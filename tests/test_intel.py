@@ -33,8 +33,8 @@ def _pci(root: Path, bus: str, device: str, driver: str | None, bar_bytes: int, 
 
 
 def test_sysfs_probe_reads_arc_cards_and_skips_the_igpu(tmp_path):
-    _pci(tmp_path, "0000:03:00.0", "e20b", "xe", 12 << 30)          # B580, resizable BAR on
-    _pci(tmp_path, "0000:04:00.0", "56a0", "i915", 256 << 20)       # A770, BAR window only: the table's 16 GiB
+    _pci(tmp_path, "0000:03:00.0", "e20b", "xe", 16 << 30)          # B580, resizable BAR on: a 16 GiB BAR
+    _pci(tmp_path, "0000:04:00.0", "56a0", "i915", 16 << 30)        # A770 16 GB, resizable BAR: the BAR is a size
     _pci(tmp_path, "0000:00:02.0", "7d55", "i915", 256 << 20)       # an integrated GPU
     assert "intel" in gpu_vendors(tmp_path)
     readings, problems = intel.probe(tmp_path)
@@ -42,6 +42,29 @@ def test_sysfs_probe_reads_arc_cards_and_skips_the_igpu(tmp_path):
     assert [(r.name, r.xe_arch, r.memory_bytes, r.driver_version, r.pci_bus_id) for r in readings] == [
         ("Intel Arc B580 Graphics", "xe2-hpg", 12 << 30, "xe", "0000:03:00.0"),
         ("Intel Arc A770 Graphics", "xe-hpg", 16 << 30, "i915", "0000:04:00.0")]
+
+
+@pytest.mark.parametrize("did,bar,tiles,expected,note", [
+    # #36.1: a BAR is a power of two; the card's memory is not (old value: the BAR)
+    ("e20b", 16 << 30, None, 12 << 30, None),                   # B580 (12 GB) behind a 16 GiB BAR: board size
+    ("e20c", 16 << 30, None, 10 << 30, None),                   # B570 (10 GB)
+    ("e211", 32 << 30, None, 24 << 30, None),                   # Arc Pro B60 (24 GB)
+    ("56a5", 8 << 30, None, 6 << 30, None),                     # A380 (6 GB)
+    ("e20b", 16 << 30, ["0x300000000"], 12 << 30, None),        # xe's own tile count wins
+    ("e223", 32 << 30, ["0x400000000", "0x400000000"], 32 << 30, None),  # two tiles, an unnamed BMG ID
+    ("56a0", 8 << 30, None, 8 << 30, None),                     # A770 8 GB: the BAR is one of its sizes
+    ("56a0", 256 << 20, None, 8 << 30, "is sold with 8 GiB or 16 GiB"),  # no resizable BAR: the smaller, said
+    ("56c1", 16 << 30, None, 16 << 30, "a power of two that may exceed the card's"),  # unknown board: said
+])
+def test_intel_memory_is_the_boards_not_the_bar(tmp_path, did, bar, tiles, expected, note):
+    _pci(tmp_path, "0000:03:00.0", did, "xe" if tiles else "i915", bar)
+    dev = tmp_path / "sys/bus/pci/devices/0000:03:00.0"
+    for i, t in enumerate(tiles or []):
+        (dev / f"tile{i}").mkdir()
+        (dev / f"tile{i}" / "physical_vram_size_bytes").write_text(t + "\n")
+    readings, problems = intel.probe(tmp_path)
+    assert readings[0].memory_bytes == expected
+    assert (note is None and problems == []) or (note and note in problems[0]), problems
 
 
 def test_a_card_without_a_driver_is_said(tmp_path):
