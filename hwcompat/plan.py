@@ -262,6 +262,7 @@ class Host:
     pcie_generation: int | None = None
     pcie_width: int | None = None
     peak_tflops: float | None = None  # the card's dense peak in the run's dtype; None: step time not estimated
+    unified: bool = False  # the card's memory is this host's RAM: the training process's host side shares it
 
 
 @dataclass(frozen=True)
@@ -406,8 +407,11 @@ def estimate(shape: ModelShape, inp: PlanInput, dtype: str, attention: str, vend
     bd.update(_activation_terms(shape, inp, db, attention, notes))
     allocated = sum(bd.values())
     bd["runtime_overhead"] = RUNTIME_CONTEXT.get(vendor, 0) + int(ALLOCATOR_SLACK * allocated)
+    host = host or Host()
+    if host.unified:
+        _unified_terms(bd, notes)
     peak = sum(bd.values())
-    stream = stream_terms(shape, inp, db, host or Host()) if inp.offload == "layers" else None
+    stream = stream_terms(shape, inp, db, host) if inp.offload == "layers" else None
     if stream is not None and not stream.host_fits:
         notes.append(f"offload=layers needs {stream.host_bytes / GIB:.1f} GiB of host RAM (the base is loaded there, "
                      f"then pinned); this host has {stream.host_ram_bytes / GIB:.1f} GiB: host RAM is the limit")
@@ -420,6 +424,20 @@ def estimate(shape: ModelShape, inp: PlanInput, dtype: str, attention: str, vend
 
 #: Host RAM a training process needs besides the weights (Python, torch, tokenizer, data), bytes.
 HOST_RUNTIME = int(1.5 * GIB)
+
+
+def _unified_terms(bd: dict[str, int], notes: list[str]) -> None:
+    """A unified-memory device (GB10, Jetson, an APU) has one pool: the card's plan and the host's share it, so
+    the training process's host side is a term of the same peak, and so is the load's: transformers reads the
+    weights into host memory and the move to the device copies them, both in the one pool for a moment."""
+    bd["host_process"] = HOST_RUNTIME
+    load_extra = bd.get("base_weights", 0)
+    train_side = sum(v for k, v in bd.items() if k != "host_process") - bd.get("base_weights", 0)
+    if load_extra > train_side:  # the load's moment is the peak: two copies of the base at once
+        bd["load_copy"] = load_extra - train_side
+    notes.append("unified memory: the device's memory is this host's RAM, so the host process "
+                 f"({HOST_RUNTIME / GIB:.1f} GiB) and the load's second copy of the base are counted in the same "
+                 "pool; offload=layers cannot help here")
 
 
 def stream_terms(shape: ModelShape, inp: PlanInput, db: int, host: Host) -> Stream:
@@ -469,7 +487,7 @@ def host_for(device, cpu_ram_bytes: int | None, dtype: str) -> Host:
     """A resolved device's link and speed, and the host's RAM, as the planner's ``Host``."""
     r = device.reading
     return Host(ram_bytes=cpu_ram_bytes, pcie_generation=r.pcie_generation, pcie_width=r.pcie_width,
-                peak_tflops=peak_tflops(r.name, dtype))
+                peak_tflops=peak_tflops(r.name, dtype), unified=r.unified_memory)
 
 
 @dataclass(frozen=True)
@@ -482,11 +500,11 @@ class MemoryChoice:
     changed: str = ""  # '' when the run is as configured
 
 
-def decide_offload(shape: ModelShape, inp: PlanInput, setting: str, run, may_checkpoint: bool = True
-                   ) -> MemoryChoice:
+def decide_offload(shape: ModelShape, inp: PlanInput, setting: str, run, may_checkpoint: bool = True,
+                   may_stream: bool = True) -> MemoryChoice:
     """``offload: auto`` takes the cheapest change that fits, in ``--suggest``'s order: gradient checkpointing
     (recomputes activations on the card) before streaming (recomputes them too, and copies every layer over PCIe
-    twice per micro-step). ``may_checkpoint`` is False when the user wrote ``gradient_checkpointing: false``: then
+    twice per micro-step; never on a unified-memory device, ``may_stream``). ``may_checkpoint`` is False when the user wrote ``gradient_checkpointing: false``: then
     neither is chosen (streaming implies checkpointing) and the run is refused with the suggestion instead.
 
     ``run(PlanInput) -> Plan`` estimates on the card."""
@@ -498,7 +516,8 @@ def decide_offload(shape: ModelShape, inp: PlanInput, setting: str, run, may_che
         if checkpointed.fits:
             return MemoryChoice("none", True, checkpointed, "gradient_checkpointing=true (offload: auto): the resident "
                                 "run does not fit without it and does with it, which is cheaper than streaming")
-    if inp.method != "lora" or (setting == "auto" and not inp.gradient_checkpointing and not may_checkpoint):
+    if inp.method != "lora" or not may_stream or (setting == "auto" and not inp.gradient_checkpointing
+                                                  and not may_checkpoint):
         return MemoryChoice("none", inp.gradient_checkpointing, resident)
     streamed = run(replace(inp, offload="layers"))
     if setting == "layers" or streamed.fits:

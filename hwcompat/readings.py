@@ -71,6 +71,7 @@ class DeviceReading:
     pcie_width: int | None = None  # current PCIe link width (lanes)
     cpu_cores: int | None = None  # CPU only: logical cores this process may use
     cpu_flags: tuple[str, ...] = ()  # CPU only: ISA flags that matter for training (avx2, avx512_bf16, amx_bf16 …)
+    unified_memory: bool = False  # the GPU's memory is the host's RAM (GB10, Jetson, Strix Halo, APUs): one pool
     source: str = ""  # which probe produced it: nvml | amdsmi | sysfs | cpuinfo | catalog:NAME | file:PATH
     emulated: bool = False  # True when it came from --emulate / --emulate-file, not from hardware
 

@@ -23,6 +23,10 @@ def _cap(d) -> str:
     return r.arch + (f"→{r.gfx_target_effective}" if shifted else "")
 
 
+def _memory(r) -> str:
+    return gib(r.memory_bytes) + (" unified" if r.unified_memory else "")
+
+
 def printable(text: str) -> str:
     """A name a driver reported, safe on a terminal: control characters (an escape sequence) shown as \\xNN."""
     return "".join(c if 32 <= ord(c) and not 0x7f <= ord(c) < 0xa0 else f"\\x{ord(c):02x}" for c in text)
@@ -36,7 +40,7 @@ def render_table(plan, explain: bool = False) -> str:
         status = "ok" if d.supported and not d.problems else ("unsupported" if not d.supported else "warning")
         # evidence: "verified" only when a real-card selftest result backs the profile, "path-verified" when a
         # bigger card ran its code path under the family's memory (both from committed bench/results/ files)
-        rows.append([str(pos), printable(d.reading.name), d.arch or "-", _cap(d), gib(d.reading.memory_bytes),
+        rows.append([str(pos), printable(d.reading.name), d.arch or "-", _cap(d), _memory(d.reading),
                      p.dtype if p else "-", p.attention if p else "-", p.compile_backend if p else "-",
                      p.image if p else "-", p.evidence if p else "-", status])
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]

@@ -81,7 +81,7 @@ def make_plan(shape, device, loaded, inp, with_suggestions: bool, host_ram: int 
     def run(i):
         return planner.estimate(shape, i, prof.dtype, prof.attention, device.reading.vendor, memory, quant_ok, host)
 
-    choice = memory_choice(loaded, shape, inp, run, device.reading.vendor)
+    choice = memory_choice(loaded, shape, inp, run, device.reading.vendor, device.reading.unified_memory)
     result = choice.plan
     if choice.changed:
         result.notes.append(f"`hwcompat train` changes: {choice.changed}")

@@ -401,15 +401,18 @@ def check_memory_limit(cfg, device: ResolvedDevice, cpu_emulation: bool) -> None
     device_memory(cfg, device)
 
 
-def memory_choice(loaded: LoadedConfig, shape, inp, run, vendor: str):
+def memory_choice(loaded: LoadedConfig, shape, inp, run, vendor: str, unified: bool = False):
     """`offload: auto` as train and plan both decide it; a ``gradient_checkpointing`` the user wrote is kept."""
     from hwcompat import plan as planner
 
     cfg = loaded.config
     if vendor == "cpu" and cfg.offload != "layers":  # the host's RAM is the device's: nothing to stream to
         return planner.MemoryChoice("none", cfg.gradient_checkpointing, run(inp))
+    if unified and cfg.offload == "layers":
+        raise InputError("offload=layers: this device's memory is the host's RAM (unified memory), so streaming "
+                         "layers from one to the other saves nothing; set offload=none (or auto)")
     written = loaded.origins.get("gradient_checkpointing", ORIGIN_DEFAULT) != ORIGIN_DEFAULT
-    return planner.decide_offload(shape, inp, cfg.offload, run, may_checkpoint=not written)
+    return planner.decide_offload(shape, inp, cfg.offload, run, may_checkpoint=not written, may_stream=not unified)
 
 
 def check_plan(loaded: LoadedConfig, device: ResolvedDevice, profile: ResolvedProfile,
@@ -435,7 +438,7 @@ def check_plan(loaded: LoadedConfig, device: ResolvedDevice, profile: ResolvedPr
         return planner.estimate(shape, inp, profile.dtype, profile.attention, vendor, memory, quant_ok, host)
 
     inp = planner.plan_input(cfg, logit_fraction=logit_fraction)
-    choice = memory_choice(loaded, shape, inp, run, vendor)
+    choice = memory_choice(loaded, shape, inp, run, vendor, device.reading.unified_memory)
     offload, result = choice.offload, choice.plan
     loaded.planned_peak_bytes = result.peak_bytes
     loaded.planned_allocated_bytes = result.peak_bytes - result.breakdown["runtime_overhead"]

@@ -124,6 +124,9 @@ def parse_reading(entry: Any, where: str, source: str = "") -> DeviceReading:
             if not isinstance(value, str):
                 hint = f" (write it quoted: \"{value}\")" if key == "compute_capability" else ""
                 raise InputError(f"{where}: field {excerpt(key)}: expected a string, got {excerpt(value)}{hint}")
+        elif key == "unified_memory":
+            if not isinstance(value, bool):
+                raise InputError(f"{where}: field 'unified_memory': expected true or false, got {excerpt(value)}")
         elif key == "cpu_flags":
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise InputError(f"{where}: field 'cpu_flags': expected a list of strings, got {excerpt(value)}")

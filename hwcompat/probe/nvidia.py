@@ -50,7 +50,7 @@ def probe(nvml: ModuleType | None = None, sys_root: str | Path = "/",
         count = nvml.nvmlDeviceGetCount()
         for i in range(count):
             try:
-                readings.append(_reading(nvml, i, _text(driver) if driver else None, runtime))
+                readings.append(_reading(nvml, i, _text(driver) if driver else None, runtime, sys_root))
             except Exception as exc:
                 problems.append(f"NVIDIA device {i}: NVML could not read it ({one_line(_text(exc))}); "
                                 "a GPU that fell off the bus needs a reboot or `nvidia-smi -r`")
@@ -83,10 +83,41 @@ def _opt(fn, *args):
         return None
 
 
-def _reading(nvml: ModuleType, i: int, driver: str | None, runtime: str | None) -> DeviceReading:
+#: NVML's NVML_ERROR_NOT_SUPPORTED (nvml.h): what nvmlDeviceGetMemoryInfo returns on a unified-memory GPU.
+NOT_SUPPORTED = 3
+
+
+def _memory(nvml: ModuleType, h, sys_root: str | Path) -> tuple[int, bool]:
+    """(bytes, unified). DGX Spark's GB10 has no memory of its own: NVML answers NOT_SUPPORTED (NVIDIA's DGX
+    Spark known issues; nvitop#208) and the GPU uses the host's RAM, so MemTotal is its memory (as gpud PR #1170
+    and nvtop PR #411 read it). Any other failure is a card in trouble, said by the caller."""
+    try:
+        return int(nvml.nvmlDeviceGetMemoryInfo(h).total), False
+    except Exception as exc:
+        if getattr(exc, "value", None) != NOT_SUPPORTED:
+            raise
+    total = mem_total(sys_root)
+    if not total:
+        raise RuntimeError("NVML has no memory reading (a unified-memory GPU) and /proc/meminfo gives no MemTotal")
+    return total, True
+
+
+def mem_total(sys_root: str | Path = "/") -> int:
+    """The host's MemTotal from /proc/meminfo, bytes; 0 when it cannot be read."""
+    try:
+        for line in (Path(sys_root) / "proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def _reading(nvml: ModuleType, i: int, driver: str | None, runtime: str | None,
+             sys_root: str | Path = "/") -> DeviceReading:
     h = nvml.nvmlDeviceGetHandleByIndex(i)
     major, minor = nvml.nvmlDeviceGetCudaComputeCapability(h)
-    mem = nvml.nvmlDeviceGetMemoryInfo(h)
+    memory, unified = _memory(nvml, h, sys_root)
     pci = _opt(nvml.nvmlDeviceGetPciInfo, h)
     bus = _text(pci.busId).lower() if pci is not None else None
     if bus and bus.count(":") == 2 and len(bus.split(":")[0]) == 8:
@@ -97,7 +128,8 @@ def _reading(nvml: ModuleType, i: int, driver: str | None, runtime: str | None) 
         vendor="nvidia",
         index=i,
         name=_text(nvml.nvmlDeviceGetName(h)),
-        memory_bytes=int(mem.total),
+        memory_bytes=memory,
+        unified_memory=unified,
         compute_capability=f"{major}.{minor}",
         pci_bus_id=bus,
         uuid=_text(uuid) if uuid else None,
