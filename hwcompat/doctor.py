@@ -276,6 +276,22 @@ def _package_findings(p, stack: Stack, environ: Mapping[str, str], add) -> None:
             "(fragmentation OOMs on long runs)", f"export PYTORCH_CUDA_ALLOC_CONF={want_alloc}")
 
 
+#: transformers from which ``from_pretrained(dtype=...)`` is honoured (transformers PR #39782, in 4.56): before it
+#: the keyword was ``torch_dtype``, ``dtype`` was ignored and the weights loaded in fp32, twice the planned memory.
+#: pyproject's requirement says the same (tests/test_doctor.py keeps the two equal).
+TRANSFORMERS_FLOOR = "4.56"
+
+
+def _transformers_finding(stack: Stack) -> Finding | None:
+    if stack.transformers is None:
+        return None
+    if _vt(stack.transformers)[:2] < _vt(TRANSFORMERS_FLOOR)[:2]:
+        return Finding("error", "transformers", f"transformers {stack.transformers} ignores from_pretrained(dtype=…) "
+                       f"(honoured from {TRANSFORMERS_FLOOR}, transformers PR #39782): weights would load in fp32, "
+                       "twice the planned memory", f"pip install 'transformers>={TRANSFORMERS_FLOOR}'")
+    return Finding("ok", "transformers", f"transformers {stack.transformers} >= {TRANSFORMERS_FLOOR}")
+
+
 def diagnose(plan: HostPlan, stack: Stack, environ: Mapping[str, str], shm_bytes: int | None = None,
              in_container: bool = False, intel: IntelHost | None = None) -> list[Finding]:
     """All findings for this host; any 'error' means training is blocked."""
@@ -290,6 +306,9 @@ def diagnose(plan: HostPlan, stack: Stack, environ: Mapping[str, str], shm_bytes
                  else f"XPU (SYCL {stack.torch_xpu})" if stack.torch_xpu else "CPU")
         out.append(Finding("ok", "torch", f"torch {stack.torch_version}: {build} build"
                            + (f"; kernels: {' '.join(stack.arch_list)}" if stack.arch_list else "")))
+    tf = _transformers_finding(stack)
+    if tf is not None:
+        out.append(tf)
     for pos, d in enumerate(plan.devices):
         if d.reading.vendor == "cpu":
             if not has_gpu and stack.torch_version:

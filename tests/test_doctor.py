@@ -146,3 +146,24 @@ def test_doctor_never_touches_a_device():
             "print(torch.cuda.is_initialized() if hasattr(torch.cuda, 'is_initialized') else False)")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.stdout.strip() == "False", res.stderr
+
+
+# --- #36.11: the transformers floor -----------------------------------------------------------------------------
+
+def test_transformers_before_4_56_is_an_error_and_pyproject_says_the_same_floor():
+    import tomllib
+    from pathlib import Path
+
+    from packaging.requirements import Requirement
+
+    from hwcompat import doctor
+
+    old = doctor._transformers_finding(doctor.Stack(transformers="4.46.3"))
+    assert old.severity == "error" and "ignores from_pretrained(dtype=" in old.message
+    assert Requirement(old.fix.split(" ", 2)[2].strip("'")).specifier.contains("4.56.0")
+    assert doctor._transformers_finding(doctor.Stack(transformers="4.56.0")).severity == "ok"
+    assert doctor._transformers_finding(doctor.Stack(transformers="5.25.0")).severity == "ok"
+    deps = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    reqs = [Requirement(r) for r in deps["optional-dependencies"]["train"]]
+    spec = next(r.specifier for r in reqs if r.name == "transformers")
+    assert str(spec) == f">={doctor.TRANSFORMERS_FLOOR}"  # one floor, said in both places
