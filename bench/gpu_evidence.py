@@ -9,6 +9,7 @@ and a step the budget has no room left for is recorded as skipped. Every step wr
 (default ``bench/results/``; with ``--smoke`` ``bench/results/smoke/``, which git ignores):
 
   detect / doctor    what the probes and the stack checks say about this real card
+  numerics           the numerics check before the first step, alone: this card's kernels against float64
   selftest           `hwcompat selftest`: the shipped LoRA recipe through `hwcompat train` with the card's profile
                      (turns that profile's evidence to `verified`)
   recipe             bench/recipe_gpu.py: SFT stopped by SIGTERM and resumed, then DPO from its adapter
@@ -130,6 +131,9 @@ STEPS: tuple[Step, ...] = (
     Step("doctor", ("doctor-{card}.json",), 60, 10, 3,
          lambda c: _hw(c, "doctor", "--json", *(["--emulate", SMOKE_CARD] if c.smoke else [])),
          stdout_file="doctor-{card}.json"),
+    # the numerics check before the first step (#36), alone: this card's kernels against float64 on the CPU
+    Step("numerics", ("numerics-{card}.txt",), 60, 10, 8, lambda c: _hw(c, "doctor", "--numerics"),
+         stdout_file="numerics-{card}.txt"),
     Step("selftest", ("selftest-{profile}-{card}.json",), 150, 50, 49,
          lambda c: _selftest(c, "selftest-{profile}-{card}.json", "--steps", "5" if c.smoke else "30")),
     Step("recipe", ("recipe-gpu-{card}.json",), 180, 75, 96, lambda c: _bench(c, "recipe_gpu.py", "recipe-gpu-{card}.json")),

@@ -92,6 +92,8 @@ class TrainConfig:
     # GPU: use at most this much of the card (torch's per-process memory fraction) and plan for that much;
     # rehearse a smaller card on a bigger one, or leave room for another job. 0: the whole card
     memory_limit_gib: float = 0.0
+    # a GPU's kernels checked against float64 on the CPU before the first step (train/numerics.py; seconds)
+    numerics_check: bool = True
     # --- after training -------------------------------------------------------------------------
     # experiment trackers, any of tensorboard | trackio | mlflow | wandb, each offline in the run folder unless your
     # environment points it elsewhere (hwcompat[track]); [] : none

@@ -157,6 +157,11 @@ def setup(spec: RunSpec, run_dir: Path, dist: Dist, resume: bool) -> Recipe:
     objective = objectives.create(cfg.method, cfg, profile, device)
     tokenizer = _tokenizer(cfg)
     objective.load(tokenizer, lambda m: log(dist, m))  # data checks and tokenisation, before the model loads
+    if device.type != "cpu" and cfg.numerics_check:  # every rank its own card, before the model takes its memory
+        from hwcompat.train import numerics
+
+        numerics.check(device, profile.dtype, profile.attention, cfg.model, f"{spec.device.name} ({device})",
+                       lambda m: log(dist, m))
     model = load_model(cfg, profile, device)
     streamer = getattr(model, "hwcompat_streamer", None)
     # compiling through the streamer's per-layer autograd Function would only add graph breaks
