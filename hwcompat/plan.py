@@ -363,6 +363,16 @@ def _weight_terms(shape: ModelShape, inp: PlanInput, db: int, quant_ok: bool, no
     return bd
 
 
+#: The planner's name for SDPA where the card has no fused kernel: its math kernel holds the scores as eager does.
+SDPA_MATH = "sdpa-math"
+
+
+def planned_attention(attention: str, hardware: dict[str, Any]) -> str:
+    """The attention the planner counts: the profile's choice, with SDPA on a card without a fused SDPA kernel
+    (RDNA1/2, MI100, Alchemist: ``hardware.fused_sdpa: false`` in its profile) counted as its math kernel."""
+    return SDPA_MATH if attention == "sdpa" and not hardware.get("fused_sdpa", True) else attention
+
+
 def _activation_terms(shape: ModelShape, inp: PlanInput, db: int, attention: str, notes: list[str]
                       ) -> dict[str, int]:
     """Saved activations (per layer, or one layer's worth plus checkpoints), attention scores, logits."""
@@ -376,10 +386,12 @@ def _activation_terms(shape: ModelShape, inp: PlanInput, db: int, attention: str
         bd["activations"] = tokens * (shape.layers * shape.hidden * act_db + per_layer)
     else:
         bd["activations"] = tokens * shape.layers * per_layer
-    if attention == "eager":
+    if attention in ("eager", SDPA_MATH):
         layers_holding = 1 if inp.gradient_checkpointing else shape.layers
         bd["attention_scores"] = b * shape.heads * t * t * act_db * 2 * layers_holding
-        notes.append("eager attention materialises the S^2 score matrix; sdpa or flash-attention avoid it")
+        notes.append("eager attention materialises the S^2 score matrix; sdpa or flash-attention avoid it"
+                     if attention == "eager" else "SDPA runs its math kernel on this card (no fused kernel: the "
+                     "profile's hardware.fused_sdpa), which materialises the S^2 score matrix as eager does")
     else:
         bd["attention_scores"] = 0
     bd["logits"] = logit_chunk_bytes(shape, tokens * min(1.0, max(0.0, inp.logit_fraction)), act_db)

@@ -66,6 +66,9 @@ class Hardware:
     flash_attention_2: bool
     triton: bool
     source: str = ""
+    # SDPA has a fused (flash / memory-efficient) kernel here; false: its math kernel, which materialises the
+    # b x h x s^2 scores as eager attention does (the planner counts them)
+    fused_sdpa: bool = True
 
 
 @dataclass(frozen=True)
@@ -315,8 +318,8 @@ def _match(ctx: _Ctx, where: str, raw: Any, vendor: str) -> Match:
 
 
 def _hardware(ctx: _Ctx, where: str, raw: Any, partial: bool) -> Any:
-    allowed = {"bf16", "fp16", "flash_attention_2", "triton", "source"}
-    _keys(ctx, where, raw, allowed, set() if partial else allowed - {"source"})
+    allowed = {"bf16", "fp16", "flash_attention_2", "triton", "source", "fused_sdpa"}
+    _keys(ctx, where, raw, allowed, set() if partial else allowed - {"source", "fused_sdpa"})
     out: dict[str, Any] = {}
     for key, value in raw.items():
         if key == "fp16":

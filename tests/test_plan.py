@@ -475,7 +475,8 @@ def test_suggest_combines_changes_with_a_shorter_sequence(qwen7b, capsys):
     s = json.loads(capsys.readouterr().out)["suggestions"]
     fits = [x for x in s if x["fits"]]
     assert fits and all("max_seq_len" in x["settings"] for x in fits)
-    assert fits[0]["settings"] == {"offload": "layers", "max_seq_len": 3392}
+    # 3392 before #36.6: SDPA on RDNA2 is its math kernel, whose S^2 scores (one layer, checkpointed) now count
+    assert fits[0]["settings"] == {"offload": "layers", "max_seq_len": 2176}
     assert not any({"offload", "gradient_checkpointing"} <= set(x["settings"]) for x in fits)  # streaming implies it
     assert all(x["settings"]["max_seq_len"] >= P.MIN_SUGGESTED_SEQ for x in fits)
 
@@ -500,3 +501,20 @@ def test_memory_limit_plans_the_smaller_card_and_is_refused_where_nothing_enforc
     cpu = ["train", str(tmp_path / "c.yaml"), "--emulate", "rtx4090", "--cpu-emulation", "memory_limit_gib=16"]
     assert main(cpu) == 2
     assert "nothing enforces it" in capsys.readouterr().err
+
+
+# --- #36.6: SDPA's math kernel holds the S^2 scores -------------------------------------------------------------
+
+@pytest.mark.parametrize("card,math_kernel", [("rx6600", True), ("a770", True), ("rtx4090", False), ("b580", False)])
+def test_sdpa_without_a_fused_kernel_counts_the_scores(qwen7b, capsys, card, math_kernel):
+    """Old value: 0 for every sdpa card; the profiles of RDNA1/2, MI100 and Alchemist say SDPA runs its math
+    kernel there (hardware.fused_sdpa: false, with its source), which holds b x h x s^2 scores per layer."""
+    assert main(["plan", "--model", qwen7b, "--emulate", card, "--seq-len", "2048", "--batch-size", "1",
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    shape = P.load_shape(qwen7b)
+    db = P.DTYPE_BYTES[out["dtype"]]
+    holding = 1 if out["inputs"]["gradient_checkpointing"] else shape.layers  # a checkpointed run: one layer's
+    expected = shape.heads * 2048 * 2048 * db * 2 * holding if math_kernel else 0
+    assert out["breakdown"]["attention_scores"] == expected
+    assert out["attention"] == ("sdpa-math" if math_kernel else "sdpa")

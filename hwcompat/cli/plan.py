@@ -79,7 +79,8 @@ def make_plan(shape, device, loaded, inp, with_suggestions: bool, host_ram: int 
     memory = device_memory(loaded.config, device)
 
     def run(i):
-        return planner.estimate(shape, i, prof.dtype, prof.attention, device.reading.vendor, memory, quant_ok, host)
+        return planner.estimate(shape, i, prof.dtype, planner.planned_attention(prof.attention, prof.hardware),
+                                device.reading.vendor, memory, quant_ok, host)
 
     choice = memory_choice(loaded, shape, inp, run, device.reading.vendor, device.reading.unified_memory)
     result = choice.plan

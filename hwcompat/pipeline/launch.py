@@ -435,7 +435,8 @@ def check_plan(loaded: LoadedConfig, device: ResolvedDevice, profile: ResolvedPr
     memory = device_memory(cfg, device)
 
     def run(inp):
-        return planner.estimate(shape, inp, profile.dtype, profile.attention, vendor, memory, quant_ok, host)
+        return planner.estimate(shape, inp, profile.dtype, planner.planned_attention(profile.attention,
+                                profile.hardware), vendor, memory, quant_ok, host)
 
     inp = planner.plan_input(cfg, logit_fraction=logit_fraction)
     choice = memory_choice(loaded, shape, inp, run, vendor, device.reading.unified_memory)

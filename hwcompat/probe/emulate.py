@@ -94,6 +94,31 @@ def _check_consistent(values: dict[str, Any], vendor: str, where: str) -> None:
                              "the ID of the card you mean")
 
 
+def _typed(key: str, value: Any, where: str) -> Any:
+    """One field's value, checked against its type (and converted: a float, a tuple of flags)."""
+    if key in _INT_FIELDS:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise InputError(f"{where}: field {excerpt(key)}: expected an integer, got {excerpt(value)}")
+        if value < 0:
+            raise InputError(f"{where}: field {excerpt(key)}: must not be negative, got {value}")
+    elif key in _FLOAT_FIELDS:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise InputError(f"{where}: field {excerpt(key)}: expected a number, got {excerpt(value)}")
+        value = float(value)
+    elif key in _STR_FIELDS:
+        if not isinstance(value, str):
+            hint = f" (write it quoted: \"{value}\")" if key == "compute_capability" else ""
+            raise InputError(f"{where}: field {excerpt(key)}: expected a string, got {excerpt(value)}{hint}")
+    elif key == "unified_memory":
+        if not isinstance(value, bool):
+            raise InputError(f"{where}: field 'unified_memory': expected true or false, got {excerpt(value)}")
+    elif key == "cpu_flags":
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise InputError(f"{where}: field 'cpu_flags': expected a list of strings, got {excerpt(value)}")
+        value = tuple(value)
+    return value
+
+
 def parse_reading(entry: Any, where: str, source: str = "") -> DeviceReading:
     """Validate one raw reading (a mapping) and build the dataclass."""
     if not isinstance(entry, dict):
@@ -109,29 +134,7 @@ def parse_reading(entry: Any, where: str, source: str = "") -> DeviceReading:
     vendor = entry["vendor"]
     if vendor not in VENDORS:
         raise InputError(f"{where}: field 'vendor': unknown vendor {excerpt(vendor)}; use one of {', '.join(VENDORS)}")
-    values: dict[str, Any] = {}
-    for key, value in entry.items():
-        if key in _INT_FIELDS:
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise InputError(f"{where}: field {excerpt(key)}: expected an integer, got {excerpt(value)}")
-            if value < 0:
-                raise InputError(f"{where}: field {excerpt(key)}: must not be negative, got {value}")
-        elif key in _FLOAT_FIELDS:
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise InputError(f"{where}: field {excerpt(key)}: expected a number, got {excerpt(value)}")
-            value = float(value)
-        elif key in _STR_FIELDS:
-            if not isinstance(value, str):
-                hint = f" (write it quoted: \"{value}\")" if key == "compute_capability" else ""
-                raise InputError(f"{where}: field {excerpt(key)}: expected a string, got {excerpt(value)}{hint}")
-        elif key == "unified_memory":
-            if not isinstance(value, bool):
-                raise InputError(f"{where}: field 'unified_memory': expected true or false, got {excerpt(value)}")
-        elif key == "cpu_flags":
-            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                raise InputError(f"{where}: field 'cpu_flags': expected a list of strings, got {excerpt(value)}")
-            value = tuple(value)
-        values[key] = value
+    values = {key: _typed(key, value, where) for key, value in entry.items()}
     _check_consistent(values, vendor, where)
     cc = values.get("compute_capability")
     if vendor == "nvidia" and cc is None:
