@@ -298,6 +298,7 @@ class Plan:
     notes: list[str]
     suggestions: list[dict[str, Any]] = field(default_factory=list)
     stream: Stream | None = None
+    max_allocation: int = 0  # the card's single-allocation limit the plan was checked against (0: none)
 
     @property
     def headroom_bytes(self) -> int:
@@ -367,6 +368,11 @@ def _weight_terms(shape: ModelShape, inp: PlanInput, db: int, quant_ok: bool, no
 SDPA_MATH = "sdpa-math"
 
 
+def max_allocation(hardware: dict[str, Any]) -> int:
+    """The card's single-allocation limit in bytes from its profile's hardware facts (0: none)."""
+    return int(float(hardware.get("max_allocation_gib") or 0) * GIB)
+
+
 def planned_attention(attention: str, hardware: dict[str, Any]) -> str:
     """The attention the planner counts: the profile's choice, with SDPA on a card without a fused SDPA kernel
     (RDNA1/2, MI100, Alchemist: ``hardware.fused_sdpa: false`` in its profile) counted as its math kernel."""
@@ -405,8 +411,27 @@ def logit_chunk_bytes(shape: ModelShape, response_rows: float, act_db: int) -> i
     return rows * shape.vocab * per
 
 
+def _single_allocation_ok(shape: ModelShape, inp: PlanInput, db: int, bd: dict[str, int], limit: int,
+                          notes: list[str]) -> bool:
+    """On a card whose runtime caps one allocation (Alchemist: 4 GiB), the largest single tensors must fit under
+    it: the embedding (and an untied head) in the run's dtype, the loss's logit chunk, one layer's attention
+    scores where they are materialised."""
+    if not limit:
+        return True
+    per_layer_scores = bd.get("attention_scores", 0) // max(1, shape.layers if not inp.gradient_checkpointing else 1)
+    largest = {"the embedding": shape.vocab * shape.hidden * db, "the loss's logit chunk": bd.get("logits", 0),
+               "one layer's attention scores": per_layer_scores}
+    what, size = max(largest.items(), key=lambda kv: kv[1])
+    if size <= limit:
+        return True
+    notes.append(f"{what} is one {size / GIB:.1f} GiB allocation, over this card's {limit / GIB:.0f} GiB limit for "
+                 "a single allocation: a shorter max_seq_len or micro_batch_size (scores, logits), or a model with a "
+                 "smaller vocabulary x hidden size")
+    return False
+
+
 def estimate(shape: ModelShape, inp: PlanInput, dtype: str, attention: str, vendor: str, device_bytes: int,
-             quant_ok: bool = True, host: Host | None = None) -> Plan:
+             quant_ok: bool = True, host: Host | None = None, max_allocation: int = 0) -> Plan:
     """The pure estimate; raises InputError for combinations the profile cannot run."""
     inp = _checked(inp)
     notes: list[str] = []
@@ -429,9 +454,11 @@ def estimate(shape: ModelShape, inp: PlanInput, dtype: str, attention: str, vend
                      f"then pinned); this host has {stream.host_ram_bytes / GIB:.1f} GiB: host RAM is the limit")
     lora = inp.method in ("lora", "qlora")
     trainable = shape.lora_params(inp.lora_rank, inp.lora_targets) if lora else shape.params()
-    return Plan(fits=peak <= device_bytes and (stream is None or stream.host_fits), peak_bytes=peak,
+    single_ok = _single_allocation_ok(shape, inp, db, bd, max_allocation, notes)
+    return Plan(fits=peak <= device_bytes and (stream is None or stream.host_fits) and single_ok, peak_bytes=peak,
                 device_bytes=device_bytes, breakdown=bd, inputs=inp, dtype=dtype, attention=attention,
-                params=shape.params(), trainable_params=trainable, notes=notes, stream=stream)
+                params=shape.params(), trainable_params=trainable, notes=notes, stream=stream,
+                max_allocation=max_allocation)
 
 
 #: Host RAM a training process needs besides the weights (Python, torch, tokenizer, data), bytes.
@@ -620,7 +647,8 @@ def suggest(shape: ModelShape, plan: Plan, vendor: str, quant_ok: bool, optim8_o
     inp = plan.inputs
 
     def run(new: PlanInput) -> Plan:
-        return estimate(shape, new, plan.dtype, plan.attention, vendor, plan.device_bytes, quant_ok, host)
+        return estimate(shape, new, plan.dtype, plan.attention, vendor, plan.device_bytes, quant_ok, host,
+                        plan.max_allocation)
 
     out: list[dict[str, Any]] = []
     if plan.fits:

@@ -69,6 +69,8 @@ class Hardware:
     # SDPA has a fused (flash / memory-efficient) kernel here; false: its math kernel, which materialises the
     # b x h x s^2 scores as eager attention does (the planner counts them)
     fused_sdpa: bool = True
+    # the most bytes one allocation may take on this card (Alchemist: 4 GiB, intel/compute-runtime#627); 0: no limit
+    max_allocation_gib: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -318,14 +320,18 @@ def _match(ctx: _Ctx, where: str, raw: Any, vendor: str) -> Match:
 
 
 def _hardware(ctx: _Ctx, where: str, raw: Any, partial: bool) -> Any:
-    allowed = {"bf16", "fp16", "flash_attention_2", "triton", "source", "fused_sdpa"}
-    _keys(ctx, where, raw, allowed, set() if partial else allowed - {"source", "fused_sdpa"})
+    allowed = {"bf16", "fp16", "flash_attention_2", "triton", "source", "fused_sdpa", "max_allocation_gib"}
+    _keys(ctx, where, raw, allowed, set() if partial else allowed - {"source", "fused_sdpa", "max_allocation_gib"})
     out: dict[str, Any] = {}
     for key, value in raw.items():
         if key == "fp16":
             out[key] = _enum(ctx, f"{where}.fp16", value, Fp16Rate)
         elif key == "source":
             out[key] = _str(ctx, f"{where}.source", value)
+        elif key == "max_allocation_gib":
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ctx.fail(f"{where}.{key}", f"expected a number of GiB >= 0, got {value!r}")
+            out[key] = float(value)
         else:
             out[key] = _bool(ctx, f"{where}.{key}", value)
     return out if partial else Hardware(**out)

@@ -205,3 +205,30 @@ def test_apple_silicon_is_named_with_a_reason():
     (note,) = apple_silicon("Darwin", "arm64")
     assert "Apple silicon" in note and "MPS" in note and "mlx-lm" in note
     assert apple_silicon("Linux", "x86_64") == [] and apple_silicon("Darwin", "x86_64") == []
+
+
+# --- #36.8: Alchemist's floor and its 4 GiB single allocation ---------------------------------------------------
+
+def test_alchemist_needs_torch_2_10_and_plans_under_its_single_allocation_limit(tmp_path, capsys):
+    """Old values: torch >= 2.8 (no FP64 emulation before 2.10 on a card without FP64) and no limit on one
+    allocation (the compute runtime caps it at 4 GiB on Alchemist)."""
+    from hwcompat import plan as P
+    from hwcompat.cli import main
+    from hwcompat.profiles import load_profiles
+
+    alchemist = load_profiles()["alchemist"]
+    assert alchemist.torch.min_version == "2.10" and alchemist.hardware.max_allocation_gib == 4
+    # Llama 3 8B: a 128256 x 4096 embedding in bf16 is 1 GiB; a 152064 x 8192 one (Qwen2-72B-like) is 2.3 GiB,
+    # in fp32 4.6 GiB: the single-allocation check names it
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "qwen2", "hidden_size": 8192, "intermediate_size": 29568, "num_hidden_layers": 2,
+        "num_attention_heads": 64, "num_key_value_heads": 8, "vocab_size": 152064, "tie_word_embeddings": False,
+        "max_position_embeddings": 4096}))
+    shape = P.load_shape(str(tmp_path))
+    limited = P.estimate(shape, P.PlanInput(seq_len=256), "float32", "sdpa", "intel", 1 << 40, max_allocation=4 * P.GIB)
+    free = P.estimate(shape, P.PlanInput(seq_len=256), "float32", "sdpa", "intel", 1 << 40)
+    assert free.fits and not limited.fits
+    assert any("the embedding is one 4.6 GiB allocation, over this card's 4 GiB limit" in n for n in limited.notes)
+    assert main(["plan", "--model", str(tmp_path), "--emulate", "a770", "--seq-len", "256", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["attention"] == "sdpa-math"

@@ -80,7 +80,7 @@ def make_plan(shape, device, loaded, inp, with_suggestions: bool, host_ram: int 
 
     def run(i):
         return planner.estimate(shape, i, prof.dtype, planner.planned_attention(prof.attention, prof.hardware),
-                                device.reading.vendor, memory, quant_ok, host)
+                                device.reading.vendor, memory, quant_ok, host, planner.max_allocation(prof.hardware))
 
     choice = memory_choice(loaded, shape, inp, run, device.reading.vendor, device.reading.unified_memory)
     result = choice.plan

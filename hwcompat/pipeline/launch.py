@@ -436,7 +436,8 @@ def check_plan(loaded: LoadedConfig, device: ResolvedDevice, profile: ResolvedPr
 
     def run(inp):
         return planner.estimate(shape, inp, profile.dtype, planner.planned_attention(profile.attention,
-                                profile.hardware), vendor, memory, quant_ok, host)
+                                profile.hardware), vendor, memory, quant_ok, host,
+                                planner.max_allocation(profile.hardware))
 
     inp = planner.plan_input(cfg, logit_fraction=logit_fraction)
     choice = memory_choice(loaded, shape, inp, run, vendor, device.reading.unified_memory)
