@@ -318,3 +318,18 @@ def test_detect_reports_p40_with_pypi_torch_without_importing_torch(tmp_path):
     assert hit, p40["problems"]
     reqs, index = _pip_parts(re.search(r"(pip install .*?--index-url \S+)", hit[0]).group(1))
     assert index == "https://download.pytorch.org/whl/cu126" and reqs[0].specifier.contains("2.14.0")
+
+
+def test_gfx906_runs_only_on_the_rocm63_wheels():
+    """#36.9: ROCm >= 6.4's rocBLAS has no gfx906 library (ROCm/TheRock#1844), so the wheel rows from rocm6.4 on
+    no longer claim gfx906 (old value: every rocm6.2.4-7.2 row), and the vega20 profile installs rocm6.3 torch <= 2.9."""
+    import yaml
+
+    from hwcompat.datafiles import data_dir
+    from hwcompat.profiles import load_profiles
+
+    rows = {r["build"]: r for r in yaml.safe_load((data_dir("catalog") / "wheels.yaml").read_text())["rocm"]}
+    assert "gfx906" in rows["rocm6.3"]["targets"]
+    assert all("gfx906" not in rows[b]["targets"] for b in ("rocm6.4", "rocm7.0", "rocm7.1", "rocm7.2"))
+    vega = load_profiles()["vega20"]
+    assert (vega.torch.build, vega.torch.max_version, vega.dtype.value) == ("rocm6.3", "2.9", "float16")

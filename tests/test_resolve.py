@@ -39,6 +39,9 @@ ROWS = [
     ("rx7900xt", "rdna3", "bfloat16", "sdpa", "inductor", True, {}),  # gfx1100: AOTriton's flag only where experimental
     ("rx7900xtx", "rdna3", "bfloat16", "sdpa", "inductor", True, {}),
     ("rx9070xt", "rdna4", "bfloat16", "sdpa", "inductor", True, {}),  # gfx1201
+    # #36.9: gfx906 was refused as "no PyTorch ROCm wheel"; the rocm6.3 wheels (torch <= 2.9) run it
+    ("mi50", "vega20", "float16", "sdpa", "eager", True, {"TORCHDYNAMO_DISABLE": "1"}),
+    ("radeon-vii", "vega20", "float16", "sdpa", "eager", True, {"TORCHDYNAMO_DISABLE": "1"}),
     ("mi100", "cdna1", "bfloat16", "sdpa", "eager", True, {"TORCHDYNAMO_DISABLE": "1"}),  # no AOTriton for gfx908
     ("mi250", "cdna2", "bfloat16", "sdpa", "inductor", True, {}),
     ("mi300x", "cdna3", "bfloat16", "sdpa", "inductor", True, {}),
