@@ -38,7 +38,9 @@ def test_sysfs_probe_reads_arc_cards_and_skips_the_igpu(tmp_path):
     _pci(tmp_path, "0000:00:02.0", "7d55", "i915", 256 << 20)       # an integrated GPU
     assert "intel" in gpu_vendors(tmp_path)
     readings, problems = intel.probe(tmp_path)
-    assert problems == []
+    # #36.12: the iGPU was dropped silently; it is named, as found and not a training target
+    assert problems == ["Intel GPU 0000:00:02.0 (0x7d55) found: an integrated GPU, not a training target (it shares "
+                        "the host's RAM and bandwidth; hwcompat trains on a discrete Arc card or the CPU)"]
     assert [(r.name, r.xe_arch, r.memory_bytes, r.driver_version, r.pci_bus_id) for r in readings] == [
         ("Intel Arc B580 Graphics", "xe2-hpg", 12 << 30, "xe", "0000:03:00.0"),
         ("Intel Arc A770 Graphics", "xe-hpg", 16 << 30, "i915", "0000:04:00.0")]
@@ -232,3 +234,27 @@ def test_alchemist_needs_torch_2_10_and_plans_under_its_single_allocation_limit(
     assert main(["plan", "--model", str(tmp_path), "--emulate", "a770", "--seq-len", "256", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["attention"] == "sdpa-math"
+
+
+def test_intel_ids_and_the_runtime_each_image_installs():
+    """#36.2 / #36.12: compute-runtime lists no 0x56AF (old: in the DG2 list); the BMG-G31 IDs (Arc Pro B65/B70)
+    have a name and 32 GB (old: none); and every Intel image's base installs a compute runtime new enough for its
+    generation (old: Battlemage on Ubuntu 24.04, runtime 23.43 < 24.48: the image saw no Battlemage card)."""
+    from hwcompat.images import specs
+
+    t = intel.table()
+    assert intel.generation("56af") is None
+    assert t["cards"]["e221"] == {"name": "Intel Arc Pro B65/B70 (BMG-G31)", "memory_gib": 32}
+    rt = t["compute_runtime"]
+
+    def v(x):
+        return tuple(int(p) for p in x.split("."))
+
+    for family in ("alchemist", "battlemage"):
+        spec = specs()[family]
+        installed = rt["distributions"][spec.base]
+        arch = spec.profiles[0].match.xe_archs[0]
+        assert v(installed) >= v(rt["minimum"][arch]), (family, spec.base, installed)
+        if family == "battlemage":
+            assert all(v(installed) >= v(m) for m in rt["minimum_ids"].values())  # BMG-G31 too
+    assert specs()["battlemage"].base == "ubuntu:26.04"

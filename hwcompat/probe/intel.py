@@ -108,8 +108,10 @@ def probe(sys_root: str | Path = "/") -> tuple[list[DeviceReading], list[str]]:
             continue
         did = (_read(dev / "device") or "").lower().removeprefix("0x")
         arch = generation(did)
-        if arch is None:
-            continue  # an integrated GPU
+        if arch is None:  # an integrated GPU (Meteor, Arrow, Lunar, Panther Lake …): named, not a target
+            problems.append(f"Intel GPU {dev.name} (0x{did}) found: an integrated GPU, not a training target (it "
+                            "shares the host's RAM and bandwidth; hwcompat trains on a discrete Arc card or the CPU)")
+            continue
         card = table()["cards"].get(did, {})
         driver = os.path.basename(os.readlink(dev / "driver")) if (dev / "driver").is_symlink() else None
         if driver is None:
