@@ -38,6 +38,8 @@ SETS: dict[str, str] = {
     "CUDA_VISIBLE_DEVICES": "pin the training process to the chosen NVIDIA device(s)",
     "HIP_VISIBLE_DEVICES": "pin the training process to the chosen AMD device(s)",
     "ZE_AFFINITY_MASK": "pin the training process to the chosen Intel device(s) (Level Zero's device mask)",
+    "ZE_ENABLE_PCI_ID_DEVICE_ORDER": "1 makes Level Zero number devices in PCI order, the order detect's Intel "
+                                     "indices count (the iGPU included)",
     "SYCL_CACHE_PERSISTENT": "1 keeps JIT-compiled SYCL kernels on disk (Intel XPU): later runs skip compiling them",
     "TORCHDYNAMO_DISABLE": "1 turns torch.compile into a no-op; needed where Triton cannot run (CC < 7.0)",
     "HSA_OVERRIDE_GFX_VERSION": "run a gfx target the ROCm wheels lack as a close one they have",

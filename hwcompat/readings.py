@@ -44,6 +44,16 @@ class VendorFacts:
     visibility: str | None
     torch_device: str
 
+    def pin(self, indices: list[int]) -> dict[str, str]:
+        """The variables that pin a process to these devices (empty for the CPU). Level Zero's mask counts every
+        Intel GPU, the iGPU too, in the order ZE_ENABLE_PCI_ID_DEVICE_ORDER=1 makes PCI order, as detect counts."""
+        if self.visibility is None:
+            return {}
+        out = {self.visibility: ",".join(str(i) for i in indices)}
+        if self.visibility == "ZE_AFFINITY_MASK":
+            out["ZE_ENABLE_PCI_ID_DEVICE_ORDER"] = "1"
+        return out
+
 
 VENDOR_FACTS = {"nvidia": VendorFacts("CUDA_VISIBLE_DEVICES", "cuda"), "amd": VendorFacts("HIP_VISIBLE_DEVICES", "cuda"),
                 "intel": VendorFacts("ZE_AFFINITY_MASK", "xpu"), "cpu": VendorFacts(None, "cpu")}

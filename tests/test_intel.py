@@ -258,3 +258,23 @@ def test_intel_ids_and_the_runtime_each_image_installs():
         if family == "battlemage":
             assert all(v(installed) >= v(m) for m in rt["minimum_ids"].values())  # BMG-G31 too
     assert specs()["battlemage"].base == "ubuntu:26.04"
+
+
+def test_an_intel_index_is_level_zeros_with_the_igpu_counted(tmp_path):
+    """#36.12: ZE_AFFINITY_MASK takes Level Zero's numbers, which count the iGPU too (pytorch PR #178496); old
+    value: the discrete cards' own count, so a host with an iGPU at 00:02.0 pinned the wrong device."""
+    from dataclasses import replace
+
+    from hwcompat.pipeline.launch import child_env
+    from hwcompat.profiles import load_profiles
+    from hwcompat.readings import HostReading
+    from hwcompat.resolve import resolve_host
+    from hwcompat.software import Software
+
+    _pci(tmp_path, "0000:00:02.0", "7d55", "i915", 256 << 20)     # the iGPU: Level Zero's device 0
+    _pci(tmp_path, "0000:03:00.0", "e20b", "xe", 16 << 30)         # the B580: Level Zero's device 1
+    (b580,), _ = intel.probe(tmp_path)
+    assert b580.index == 1
+    plan = resolve_host(HostReading((b580,)), load_profiles(), Software())
+    env = child_env(plan.devices[0].profile, plan.devices[0], None)
+    assert env["ZE_AFFINITY_MASK"] == "1" and env["ZE_ENABLE_PCI_ID_DEVICE_ORDER"] == "1"

@@ -10,7 +10,6 @@ import re
 import shlex
 
 from hwcompat.cli.common import add_device_options, plan_from_args, select_device
-from hwcompat.envvars import VISIBILITY
 from hwcompat.errors import HwcompatError, InputError
 
 
@@ -30,8 +29,8 @@ def profile_env(plan, device_spec: str | None) -> dict[str, str]:
     if d.profile is None:
         raise HwcompatError(f"{d.reading.name}: no profile to apply: {'; '.join(d.problems)}")
     env = dict(d.profile.env)
-    if device_spec is not None and d.reading.vendor in VISIBILITY:
-        env[VISIBILITY[d.reading.vendor]] = str(d.reading.index)
+    if device_spec is not None:
+        env.update(d.reading.facts.pin([d.reading.index]))
     return env
 
 

@@ -315,9 +315,8 @@ def child_env(profile: ResolvedProfile, device: ResolvedDevice, group: list[int]
     env = dict(os.environ)
     env.update(profile.env)
     env["HF_HUB_OFFLINE"] = "0" if online else "1"  # nothing reaches the network unless the user asked for a hub id
-    var = VISIBILITY.get(device.reading.vendor)
-    if var and not device.reading.emulated:
-        env[var] = ",".join(str(i) for i in (group or [device.reading.index]))
+    if not device.reading.emulated:
+        env.update(device.reading.facts.pin(group or [device.reading.index]))
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
 

@@ -103,9 +103,11 @@ def probe(sys_root: str | Path = "/") -> tuple[list[DeviceReading], list[str]]:
         devices = sorted((root / "sys/bus/pci/devices").iterdir())
     except OSError:
         return [], []
+    ze_index = -1  # Level Zero numbers every Intel GPU, the iGPU too, in PCI order (ZE_ENABLE_PCI_ID_DEVICE_ORDER)
     for dev in devices:
         if _read(dev / "vendor") != INTEL or not (_read(dev / "class") or "").startswith("0x03"):
             continue
+        ze_index += 1
         did = (_read(dev / "device") or "").lower().removeprefix("0x")
         arch = generation(did)
         if arch is None:  # an integrated GPU (Meteor, Arrow, Lunar, Panther Lake …): named, not a target
@@ -121,7 +123,7 @@ def probe(sys_root: str | Path = "/") -> tuple[list[DeviceReading], list[str]]:
         if note:
             problems.append(note)
         readings.append(DeviceReading(
-            vendor="intel", index=len(readings), name=card.get("name") or f"Intel Arc (0x{did})",
+            vendor="intel", index=ze_index, name=card.get("name") or f"Intel Arc (0x{did})",
             memory_bytes=memory, xe_arch=arch, pci_device_id=did, pci_bus_id=dev.name.lower(),
             driver_version=driver, source="sysfs"))
     return readings, problems
