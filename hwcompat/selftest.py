@@ -84,15 +84,30 @@ class SelftestResult:
         return asdict(self)
 
 
+def device_peak(device: ResolvedDevice, prof) -> tuple[str, float | None]:
+    """(the card, its dense peak in the profile's dtype) for MFU: this card's own row in catalog/throughput.yaml,
+    else the profile's representative card only when this is that card; else none (an RTX 5090 or a GB10 measured
+    against a B200's peak was off 10-50x)."""
+    from hwcompat.plan import peak_tflops
+
+    name = device.reading.name
+    own = peak_tflops(name, prof.dtype)
+    if own:
+        return name, own
+    if prof.peak_card and prof.peak_card in name:
+        return prof.peak_card, prof.peak_tflops.get(prof.dtype)
+    return "", None
+
+
 def run_selftest(device: ResolvedDevice, opts: SelftestOptions, fix_hint: str = "") -> SelftestResult:
     """Write the model and data, train them with `hwcompat train`, and judge what the run wrote."""
     prof = device.profile
     assert prof is not None
     on_gpu = device.reading.vendor != "cpu" and "--cpu-emulation" not in opts.train_args
+    card, peak = device_peak(device, prof) if on_gpu else ("", None)  # CPU emulation: not the card
     res = SelftestResult(device=device.reading.name, profile=prof.name, dtype=prof.dtype, attention=prof.attention,
-                         compile_backend=prof.compile_backend, passed=False, checks=[], peak_card=prof.peak_card,
-                         peak_tflops=prof.peak_tflops.get(prof.dtype) if on_gpu else None,  # CPU: not the card
-                         memory_limit_gib=opts.memory_limit_gib)
+                         compile_backend=prof.compile_backend, passed=False, checks=[], peak_card=card,
+                         peak_tflops=peak, memory_limit_gib=opts.memory_limit_gib)
     work = opts.keep or Path(tempfile.mkdtemp(prefix="hwcompat-selftest-"))
     try:
         config = write_inputs(work, on_gpu, opts)

@@ -13,7 +13,7 @@ from hwcompat.profiles import load_profile, load_profiles, parse_profile
 from hwcompat.readings import parse_cc
 
 FAMILIES = {"maxwell", "pascal", "volta", "turing", "ampere", "ada", "hopper", "blackwell", "rdna1", "rdna2", "rdna3",
-            "rdna4", "vega20", "cdna1", "cdna2", "cdna3", "alchemist", "battlemage", "cpu"}
+            "rdna4", "vega20", "cdna1", "cdna2", "cdna3", "cdna4", "alchemist", "battlemage", "cpu"}
 
 
 def test_all_families_present():

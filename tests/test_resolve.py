@@ -45,6 +45,7 @@ ROWS = [
     ("mi100", "cdna1", "bfloat16", "sdpa", "eager", True, {"TORCHDYNAMO_DISABLE": "1"}),  # no AOTriton for gfx908
     ("mi250", "cdna2", "bfloat16", "sdpa", "inductor", True, {}),
     ("mi300x", "cdna3", "bfloat16", "sdpa", "inductor", True, {}),
+    ("mi355x", "cdna4", "bfloat16", "sdpa", "inductor", True, {}),  # #36.12: gfx950 is CDNA4 (was cdna3's)
     ("a380", "alchemist", "bfloat16", "sdpa", "eager", True, {"SYCL_CACHE_PERSISTENT": "1"}),  # Intel Xe-HPG
     ("a770", "alchemist", "bfloat16", "sdpa", "eager", True, {"SYCL_CACHE_PERSISTENT": "1"}),
     ("b580", "battlemage", "bfloat16", "sdpa", "eager", True, {"SYCL_CACHE_PERSISTENT": "1"}),  # Intel Xe2-HPG

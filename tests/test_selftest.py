@@ -97,3 +97,29 @@ def test_selftest_gpu(run_cli, tmp_path):
     assert res.returncode == 0 and data["passed"], res.stdout + res.stderr
     assert data["mfu"] is None or 0 < data["mfu"] < 1
     assert {c["name"]: c["ok"] for c in data["checks"]}["memory"] is True
+
+
+@pytest.mark.parametrize("card,profile,peak_card,peak", [
+    ("rtx5090", "blackwell", "NVIDIA GeForce RTX 5090", 209.5),  # old: B200's 2250, an MFU 10x too low
+    ("b200", "blackwell", "NVIDIA B200", 2250.0),
+    ("mi355x", "cdna4", "AMD Instinct MI355X", 2516.6),          # old: cdna3's MI300X 1307.4
+    ("mi300x", "cdna3", "AMD Instinct MI300X", 1307.4),
+])
+def test_mfu_is_against_this_cards_own_peak(card, profile, peak_card, peak):
+    """#36.12: per-device peaks (catalog/throughput.yaml); a card with no row gets no MFU, not another card's."""
+    from dataclasses import replace
+
+    from hwcompat.probe.emulate import from_catalog
+    from hwcompat.profiles import load_profiles
+    from hwcompat.readings import HostReading
+    from hwcompat.resolve import resolve_host
+    from hwcompat.selftest import device_peak
+    from hwcompat.software import Software
+
+    plan = resolve_host(HostReading(tuple(from_catalog([card]))), load_profiles(), Software())
+    d = plan.devices[0]
+    assert d.profile.name == profile
+    assert device_peak(d, d.profile) == (peak_card, peak)
+    gb10 = replace(d.reading, name="NVIDIA GB10") if profile == "blackwell" else None
+    if gb10 is not None:
+        assert device_peak(replace(d, reading=gb10), d.profile) == ("", None)
