@@ -164,7 +164,7 @@ def test_native_device_packages_are_read_from_metadata(tmp_path):
 @pytest.mark.parametrize("gfx,supported,word", [
     ("gfx1010", True, "rdna1"), ("gfx1011", True, "rdna1"), ("gfx1012", True, "rdna1"),
     ("gfx1150", True, "rdna3"), ("gfx1151", True, "rdna3"), ("gfx1152", True, "rdna3"), ("gfx1153", True, "rdna3"),
-    ("gfx1154", False, "rdna3"), ("gfx950", True, "cdna3"),
+    ("gfx1154", False, "rdna3"), ("gfx950", True, "cdna4"),
 ])
 def test_newer_and_older_amd_targets_resolve_from_the_facts(gfx, supported, word):
     d = resolve_device(_amd(gfx), PROFILES, Software())
@@ -333,3 +333,15 @@ def test_gfx906_runs_only_on_the_rocm63_wheels():
     assert all("gfx906" not in rows[b]["targets"] for b in ("rocm6.4", "rocm7.0", "rocm7.1", "rocm7.2"))
     vega = load_profiles()["vega20"]
     assert (vega.torch.build, vega.torch.max_version, vega.dtype.value) == ("rocm6.3", "2.9", "float16")
+
+
+def test_a_current_amd_torch_is_known():
+    """#36.10: torch 2.14 is on pytorch.org with ROCm 7.14 only; old: no row, so detect called it unknown, and the
+    rocm7.2 row claimed 2.14."""
+    from hwcompat.compat import lookup
+
+    targets, source = lookup("2.14.0+rocm7.14.0", None, "7.14.25431")
+    assert targets and {"gfx1103", "gfx950", "gfx1201"} <= set(targets) and "gfx906" not in targets
+    assert "PR #194367" in source
+    assert lookup("2.14.0+rocm7.2", None, "7.2.1")[0] is None
+    assert lookup("2.13.0+rocm7.2", None, "7.2.1")[0]

@@ -132,8 +132,13 @@ def test_known_bad_targets():
     d = resolve_device(parse_reading({"vendor": "amd", "name": "APU", "gfx_target": "gfx1103",
                                       "memory_bytes": 1 << 30}, "t"), PROFILES, NO_FA)
     assert d.supported and "HSA_OVERRIDE_GFX_VERSION" not in d.profile.env
+    # #36.10: gfx1103 is in the pytorch.org rocm7.14 wheels (torch 2.14, pytorch PR #194367); old: AMD's only
     assert any("hang" in c for c in d.profile.caveats) and d.profile.torch_install.startswith(
-        "pip install 'torch[device-gfx1103]>=2.12' --index-url https://repo.amd.com/rocm/whl-multi-arch/")
+        "pip install 'torch>=2.14' --index-url https://download.pytorch.org/whl/rocm7.14")
+    d = resolve_device(parse_reading({"vendor": "amd", "name": "APU", "gfx_target": "gfx1152",
+                                      "memory_bytes": 1 << 30}, "t"), PROFILES, NO_FA)
+    assert d.profile.torch_install.startswith(
+        "pip install 'torch[device-gfx1152]>=2.12' --index-url https://repo.amd.com/rocm/whl-multi-arch/")
 
 
 def test_kepler_message():
