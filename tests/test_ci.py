@@ -74,13 +74,15 @@ def test_summary_table_reads_selftest_and_matrix_results(tmp_path):
 
 
 def test_verified_evidence_only_from_committed_real_results():
-    """A profile says `evidence: verified` exactly when bench/results has a passing real selftest for it."""
+    """A profile says `evidence: verified` exactly when bench/results has a passing real selftest for it whose
+    recipe is the shipped trainer (#36 §3: a file from an older loop, without a recipe, proves nothing now)."""
     from hwcompat.profiles import load_profiles
 
     real = set()
     for f in (ROOT / "bench" / "results").glob("selftest-*.json"):
         data = json.loads(f.read_text())
-        if data.get("passed") and not data.get("emulated", False):
+        if data.get("passed") and not data.get("emulated", False) and str(data.get("recipe", "")).startswith(
+                "hwcompat train"):
             real.add(data["profile"])
     for name, p in load_profiles().items():
         assert (p.evidence.value == "verified") == (name in real), name

@@ -4,6 +4,7 @@ import itertools
 import subprocess
 import sys
 import zipfile
+from pathlib import Path
 
 import pytest
 
@@ -130,3 +131,25 @@ def test_path_verified_evidence_carries_its_card_limit_date_and_source():
     assert p.evidence.value == "path-verified"
     assert p.evidence_note == ("NVIDIA H100 80GB HBM3 under a 16 GiB limit, 2026-12-02 "
                                "(bench/results/path-volta-nvidia-h100-80gb-hbm3.json)")
+
+
+def test_verified_evidence_rests_on_a_selftest_of_the_shipped_trainer():
+    """#36 §3: `verified` only where a committed real-card selftest file of that profile passed through the shipped
+    trainer (its recipe is `hwcompat train`); old: hopper was verified by a file from an older loop (no recipe).
+    The README names exactly those profiles, with their files' own figures."""
+    import json
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    verified = sorted(name for name, p in load_profiles().items() if p.evidence.value == "verified")
+    assert verified == ["cpu"]
+    for name in verified:
+        files = sorted((root / "bench" / "results").glob(f"selftest-{name}-*.json"))
+        proofs = [json.loads(f.read_text()) for f in files]
+        good = [d for d in proofs if d.get("passed") and str(d.get("recipe", "")).startswith("hwcompat train")
+                and not d.get("emulated")]
+        assert good, f"{name}: evidence verified, but no selftest file of the shipped trainer backs it"
+        assert f"**{name}**" in readme
+    hopper = json.loads((root / "bench/results/selftest-hopper-nvidia-h100-80gb-hbm3.json").read_text())
+    assert "recipe" not in hopper and load_profiles()["hopper"].evidence.value == "emulated"
+    assert f"{hopper['achieved_tflops']:.1f} TFLOP/s, MFU {hopper['mfu']:.3f}" in readme.replace("\n", " ")
