@@ -207,6 +207,15 @@ def _first_gpu(ctx_py: str, smoke: bool) -> dict | None:
     return next((d for d in data["devices"] if d["vendor"] != "cpu"), None)
 
 
+def all_skipped(summary: dict, smoke: bool) -> str:
+    """On a card, gpu tests that all skipped prove nothing (torch did not see the GPU): a failure, said so. With
+    --smoke on the CPU they skip by design."""
+    ran = summary.get("tests", 0) - summary.get("skipped", 0)
+    if smoke or ran > 0:
+        return ""
+    return f"every gpu test skipped ({summary.get('skipped', 0)} of {summary.get('tests', 0)}): torch saw no GPU"
+
+
 def pytest_summary(xml_path: Path) -> dict:
     """The junit XML of the gpu-marked tests as {tests, failures, errors, skipped, cases}."""
     try:
@@ -274,8 +283,12 @@ def main() -> int:
         steps.append(run_step(step, ctx, args.budget_s - (time.monotonic() - start)))
         if step.name == "gpu-tests":
             xml = out / f".gpu-tests-{ctx.card}.xml"
-            ctx.file("gpu-tests-{card}.json").write_text(json.dumps(pytest_summary(xml), indent=2) + "\n")
+            summary = pytest_summary(xml)
+            ctx.file("gpu-tests-{card}.json").write_text(json.dumps(summary, indent=2) + "\n")
             xml.unlink(missing_ok=True)
+            why = all_skipped(summary, ctx.smoke)
+            if why and steps[-1].get("exit_code") == 0:
+                steps[-1] |= {"exit_code": 1, "note": why}
     report = {"benchmark": "gpu_evidence", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "device": gpu["name"], "profile": ctx.profile, "driver": gpu["reading"].get("driver_version"),
               "smoke": args.smoke, "budget_s": args.budget_s, "seconds": round(time.monotonic() - start, 1),

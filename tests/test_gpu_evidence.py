@@ -134,3 +134,11 @@ def test_pytest_summary_reads_junit_and_names_a_missing_file(tmp_path):
     s = gpu_evidence.pytest_summary(xml)
     assert (s["tests"], s["failures"]) == (2, 1) and s["cases"][1]["outcome"] == "failure"
     assert gpu_evidence.pytest_summary(tmp_path / "none.xml")["errors"] == 1
+
+
+def test_a_gpu_run_whose_tests_all_skip_fails():
+    """#36 §3: 0 ran of 12 on a card is torch not seeing the GPU, not a pass; on the CPU (--smoke) skips are expected."""
+    assert gpu_evidence.all_skipped({"tests": 12, "skipped": 12}, smoke=False).startswith("every gpu test skipped")
+    assert gpu_evidence.all_skipped({"tests": 12, "skipped": 12}, smoke=True) == ""
+    assert gpu_evidence.all_skipped({"tests": 12, "skipped": 3}, smoke=False) == ""
+    assert gpu_evidence.all_skipped({"tests": 0, "skipped": 0}, smoke=False) != ""
