@@ -91,7 +91,9 @@ def test_two_runs_compared_overlay_their_curves_and_sit_side_by_side(two_runs, t
     plots = _checked(out, tmp_path, "compare.png")
     assert plots == {"train loss": 2, "eval loss": 2, "tokens/s": 2, "memory (peak so far)": 2}
     html = out.read_text()
-    assert html.count("<th>run</th>") == 2 and "exact_match" in html and "regressed" in html
+    # two folders named run: distinct columns, each with its parent (#35: two "run" columns could not be told apart)
+    names = [f"{p.name} ({p.parent.name}/{p.name})" for p in map(lambda x: x.resolve(), two_runs)]
+    assert all(f"<th>{n}</th>" in html for n in names) and "exact_match" in html and "regressed" in html
 
 
 @needs_chromium

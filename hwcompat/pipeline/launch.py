@@ -18,6 +18,7 @@ from typing import Any
 
 from hwcompat import __version__
 from hwcompat.envvars import VISIBILITY  # noqa: F401 (one table for the launcher, env and selftest)
+from hwcompat.readings import VENDOR_FACTS
 from hwcompat.errors import HwcompatError, InputError
 from hwcompat.fsutil import atomic_write_json
 from hwcompat.resolve import HostPlan, Overrides, ResolvedDevice, ResolvedProfile, resolve_device
@@ -316,7 +317,7 @@ def child_env(profile: ResolvedProfile, device: ResolvedDevice, group: list[int]
     env.update(profile.env)
     env["HF_HUB_OFFLINE"] = "0" if online else "1"  # nothing reaches the network unless the user asked for a hub id
     if not device.reading.emulated:
-        env.update(device.reading.facts.pin(group or [device.reading.index]))
+        env.update(VENDOR_FACTS[device.reading.vendor].pin(group or [device.reading.index]))
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
 
