@@ -9,7 +9,6 @@ and a step the budget has no room left for is recorded as skipped. Every step wr
 (default ``bench/results/``; with ``--smoke`` ``bench/results/smoke/``, which git ignores):
 
   detect / doctor    what the probes and the stack checks say about this real card
-  numerics           the numerics check before the first step, alone: this card's kernels against float64
   selftest           `hwcompat selftest`: the shipped LoRA recipe through `hwcompat train` with the card's profile
                      (turns that profile's evidence to `verified`)
   recipe             bench/recipe_gpu.py: SFT stopped by SIGTERM and resumed, then DPO from its adapter
@@ -131,9 +130,6 @@ STEPS: tuple[Step, ...] = (
     Step("doctor", ("doctor-{card}.json",), 60, 10, 3,
          lambda c: _hw(c, "doctor", "--json", *(["--emulate", SMOKE_CARD] if c.smoke else [])),
          stdout_file="doctor-{card}.json"),
-    # the numerics check before the first step (#36), alone: this card's kernels against float64 on the CPU
-    Step("numerics", ("numerics-{card}.txt",), 60, 10, 8, lambda c: _hw(c, "doctor", "--numerics"),
-         stdout_file="numerics-{card}.txt"),
     Step("selftest", ("selftest-{profile}-{card}.json",), 150, 50, 49,
          lambda c: _selftest(c, "selftest-{profile}-{card}.json", "--steps", "5" if c.smoke else "30")),
     Step("recipe", ("recipe-gpu-{card}.json",), 180, 75, 96, lambda c: _bench(c, "recipe_gpu.py", "recipe-gpu-{card}.json")),
@@ -144,7 +140,9 @@ STEPS: tuple[Step, ...] = (
     Step("train", ("train-gpu-{card}.json",), 150, 80, 20,
          lambda c: _bench(c, "train.py", "train-gpu-{card}.json", "--gpu", "--steps", "6" if c.smoke else "12")),
     Step("plan", ("plan-gpu-{card}.json",), 120, 30, 2, lambda c: _bench(c, "plan_gpu.py", "plan-gpu-{card}.json")),
-    Step("gpu-tests", ("gpu-tests-{card}.json",), 120, 35, 5,  # the selftest ran above: not again
+    # the selftest ran above: not again; tests/train/test_gpu_loop.py is one `hwcompat train` (+14 s): the numerics
+    # check before its first step (#36), bf16 autocast and memory_limit_gib; every train above runs the check too
+    Step("gpu-tests", ("gpu-tests-{card}.json",), 120, 49, 5,
          lambda c: [c.py, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider",
                     "--deselect", "tests/test_selftest.py::test_selftest_gpu",
                     f"--junitxml={c.out / f'.gpu-tests-{c.card}.xml'}"]),

@@ -1,0 +1,30 @@
+"""#36 §3: the loop on the lent card, through `hwcompat train` (skipped without a GPU; bench/gpu_evidence.sh runs it,
+and a run where every gpu test skipped fails there): the numerics check before the first step, the profile's
+dtype under autocast, and memory_limit_gib holding. fp16 with the GradScaler (path-volta), layer streaming
+(stream) and the other families' code paths (path-*) are gpu_evidence.sh's own steps."""
+
+import json
+import math
+
+import pytest
+
+from tests.train.conftest import make_config
+
+pytestmark = [pytest.mark.gpu, pytest.mark.slow]
+
+
+def test_the_numerics_check_runs_first_and_the_step_holds_its_memory_limit(tmp_path, tiny_model, task_files,
+                                                                            run_cli):
+    config = make_config(tmp_path, tiny_model, *task_files, max_steps=6, eval_metrics="none", eval_at_start=False,
+                         memory_limit_gib=2)
+    res = run_cli("train", str(config), timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "numerics: 5 checks" in res.stderr and "match the float64 reference" in res.stderr
+    assert res.stderr.index("numerics: ") < res.stderr.index("step 1/6")
+    run = tmp_path / "run"
+    losses = [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+              if r["kind"] == "train"]
+    assert len(losses) == 6 and all(math.isfinite(x) for x in losses), losses
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["peak_memory_bytes"] <= 2 * 2**30 and summary["profile_env_applied"]
+    assert summary["dtype"] == json.loads((run / "profile.json").read_text())["dtype"]
