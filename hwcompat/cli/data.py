@@ -10,15 +10,15 @@ from hwcompat.train.objectives import OBJECTIVES
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("data", help="check training data (JSONL)")
+    p = sub.add_parser("data", help="check training data (JSONL, gzip, CSV/TSV, Parquet, Arrow, save_to_disk folders)")
     dsub = p.add_subparsers(dest="data_command", metavar="check")
     dsub.required = True
-    c = dsub.add_parser("check", help="check JSONL files: encoding, NUL bytes, JSON, fields, roles, duplicates",
+    c = dsub.add_parser("check", help="check data files: encoding, NUL bytes, JSON, fields, roles, duplicates",
                         description="Exit 0 when the files can be trained on, 1 when any row has an error.")
     c.add_argument("files", nargs="+", metavar="FILE",
-                   help="JSONL training data: prompt/completion, messages (chat) or alpaca rows; with --method dpo "
-                        "preference pairs. Also ShareGPT conversations, and gzip JSONL (.gz), CSV/TSV, Parquet, Arrow "
-                        "or a datasets save_to_disk folder. Without --tokenizer only the text checks run")
+                   help="training data: prompt/completion, messages (chat), ShareGPT or alpaca rows (with --method "
+                        "dpo preference pairs) in JSONL, gzip (.jsonl.gz, .csv.gz, .tsv.gz), CSV/TSV, Parquet, Arrow or "
+                        "a datasets save_to_disk folder. Without --tokenizer only the text checks run")
     c.add_argument("--eval", nargs="*", default=[], metavar="FILE", help="eval files (checked for leakage)")
     c.add_argument("--format", choices=DATA_FORMATS, default="auto")
     c.add_argument("--columns", metavar="MAPPING", default="",

@@ -22,11 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(paths) != 1:
         print("usage: python -m hwcompat.pipeline.worker RUN_DIR [--resume]", file=sys.stderr)
         return 2
-    import logging
-
-    # bitsandbytes' CPU backend warns on import (peft imports it whenever it is installed) that an optional
-    # 4-bit kernel package is missing; hwcompat never runs 4-bit on the CPU, so the line is noise to the user.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    quiet_library_loggers()
     from hwcompat.train.loop import SecondInterrupt, run
     from hwcompat.train.stopping import Signals
 
@@ -57,6 +53,19 @@ def main(argv: list[str] | None = None) -> int:
         return getattr(exc, "exit_code", 130)
     finally:
         signals.restore()
+
+
+#: Library loggers whose lines are noise on every run: bitsandbytes' CPU backend warns on import (peft imports it
+#: whenever it is installed) that an optional 4-bit kernel package is missing, and the `kernels` package says it
+#: skips a publisher trust check because the trainer is offline (HF_HUB_OFFLINE=1, by design): neither is the user's.
+QUIET_LOGGERS = ("bitsandbytes.backends.cpu.ops", "kernels")
+
+
+def quiet_library_loggers() -> None:
+    import logging
+
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def export_after_training(run_dir: Path, signals) -> int:

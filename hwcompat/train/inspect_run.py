@@ -267,9 +267,9 @@ def _task_eval(args, spec, model, tokenizer, device) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import logging
+    from hwcompat.pipeline.worker import quiet_library_loggers
 
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)  # see worker.py
+    quiet_library_loggers()
     ap = argparse.ArgumentParser(prog="python -m hwcompat.train.inspect_run")
     ap.add_argument("what", choices=("generate", "eval"))
     ap.add_argument("run_dir")

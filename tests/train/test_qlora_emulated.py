@@ -16,6 +16,7 @@ def test_qlora_trains_under_cpu_emulation(tmp_path, tiny_model, task_files, run_
                       eval_at_start=False)
     res = run_cli("train", str(cfg), "--emulate", "rtx4090", "--cpu-emulation", timeout=600)
     assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert "Skipping publisher trust check" not in res.stderr  # #40 §5: the kernels package's line on every run
     run = tmp_path / "run"
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
     spec = json.loads((run / "run.json").read_text())
