@@ -95,3 +95,27 @@ def test_two_links_to_distinct_runs_get_distinct_columns(tmp_path, run_cli):
     res = run_cli("report", str(tmp_path / "p" / "latest"), str(tmp_path / "q" / "latest"), "--out", str(out))
     assert res.returncode == 0, res.stderr[-2000:]
     assert "<th>latest (run1)</th><th>latest (run2)</th>" in out.read_text()
+
+
+def test_a_stopped_run_shows_no_after_and_no_guard_verdict(tmp_path, run_cli):
+    """#40 §3: a stopped run's page showed the step-0 eval as "after" with "ok — no metric fell"."""
+    metrics = [{"kind": "eval", "step": 0, "eval_loss": 2.0, "exact_match": 0.1},
+               {"kind": "train", "step": 1, "loss": 1.5, "lr": 2e-4}]
+    run = _run(tmp_path / "run", summary=False, metrics=metrics)
+    out = tmp_path / "r.html"
+    assert run_cli("report", str(run), "--out", str(out)).returncode == 0
+    page = out.read_text()
+    assert "no metric fell" not in page and "no after yet, so no guard verdict" in page
+    assert "<td>exact_match</td><td>0.1000</td><td>-</td><td>-</td>" in page
+    metrics.append({"kind": "eval", "step": 4, "eval_loss": 1.0, "exact_match": 0.5})
+    run = _run(tmp_path / "run2", summary=False, metrics=metrics)
+    assert run_cli("report", str(run), "--out", str(tmp_path / "r2.html")).returncode == 0
+    page = (tmp_path / "r2.html").read_text()
+    assert "<th>step 4</th>" in page and "the latest eval (step 4) is shown" in page
+
+
+def test_plots_start_at_zero():
+    from hwcompat.train.report import Series, chart
+
+    svg = chart("learning rate", [Series("lr", [(1, 0.000172), (2, 0.0002)], "#000")])
+    assert 'text-anchor="end">0</text>' in svg and 'text-anchor="end">0.000172</text>' not in svg

@@ -169,6 +169,7 @@ def chart(title: str, series: list[Series], marks: list[int] | None = None, unit
         return f'<figure class="plot empty" data-title="{_e(title)}"><figcaption>{_e(title)}: no data yet</figcaption></figure>'
     x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)
     y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)
+    y0 = min(0.0, y0)  # from zero: a learning rate of 0.000172-0.0002 must not look like a fall to nothing
     x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + abs(y0) * 0.1 + 1e-9)
 
     def sx(x: float) -> float:
@@ -250,19 +251,33 @@ def _fmt(v: Any) -> str:
 
 
 def metrics_table(run: Run) -> str:
+    """Before and after, with the guard's verdict. A run that stopped has no after: its latest eval past step 0
+    is shown as that (no guard verdict on it), and a run stopped before any such eval shows before only."""
     before, after = run.summary.get("eval_before") or {}, run.summary.get("eval_after") or {}
-    if not after and run.evals:
-        before, after = (run.evals[0] if run.evals[0]["step"] == 0 else {}), run.evals[-1]
-    keys = [k for k in SCORES if k in after]
+    head = "after"
+    if not run.summary and run.evals:
+        before = run.evals[0] if run.evals[0]["step"] == 0 else {}
+        later = [e for e in run.evals if e["step"] > 0]
+        after, head = (later[-1], f"step {later[-1]['step']}") if later else ({}, "after")
+    keys = [k for k in SCORES if k in after or k in before]
     regressed = {x["metric"] for x in run.summary.get("regressed", [])}
-    rows = [[k, _fmt(before.get(k)), _fmt(after.get(k)),
-             Markup('<b class="bad">regressed</b>' if k in regressed else '<span class="ok">ok</span>')]
-            for k in keys]
+    finished = bool(run.summary)
+
+    def guard(k: str) -> Any:
+        if not finished:
+            return "-"
+        return Markup('<b class="bad">regressed</b>' if k in regressed else '<span class="ok">ok</span>')
+
+    rows = [[k, _fmt(before.get(k)), _fmt(after.get(k)), guard(k)] for k in keys]
     tol = (run.spec.get("config") or {}).get("regression_tolerance")
-    verdict = ("no metric fell" if not regressed else f"{len(regressed)} metric(s) fell") + (
-        f" by more than {tol:g} points (regression_tolerance)" if isinstance(tol, (int, float)) else "")
+    if finished:
+        verdict = ("no metric fell" if not regressed else f"{len(regressed)} metric(s) fell") + (
+            f" by more than {tol:g} points (regression_tolerance)" if isinstance(tol, (int, float)) else "")
+    else:
+        verdict = (f"{run.status}: no after yet, so no guard verdict"
+                   + (f"; the latest eval ({head}) is shown" if head != "after" else ""))
     return f"<h2>Task metrics, before and after</h2><p class=\"verdict\">{_e(verdict)}</p>" + _table(
-        ["metric", "before", "after", "guard"], rows, "metrics")
+        ["metric", "before", head, "guard"], rows, "metrics")
 
 
 def hardware_table(run: Run) -> str:
