@@ -67,6 +67,9 @@ class Recipe:
     trackers: Any = field(default_factory=lambda: trackers_mod.Trackers())  # report_to (writer process only)
     reserve: Any = None  # one checkpoint's disk, claimed at the start (diskspace.Reserve; writer process only)
     step: int = 0  # the last completed step, for what a stop says
+    step_tokens: int = 0  # this process's tokens at the last completed step (a stop mid-step drops the rest)
+    step_seconds: float = 0.0  # this process's training seconds at that step
+    prior: dict[str, float] = field(default_factory=dict)  # the run's totals before this process (a resume)
 
     @property
     def cfg(self):
@@ -304,6 +307,10 @@ def _restore(r: Recipe, resume: bool) -> None:
                          f"{r.total_steps} in all; a resume never moves a run backwards (raise epochs or "
                          "max_steps, or start a new run)")
     r.history = state.get("history", r.history)
+    prior = r.history.get("totals")
+    if prior:  # the run so far: this process's counts add to it (a resumed run's summary is the whole run's)
+        r.prior = {k: prior.get(k, 0) for k in TOTALS}
+        r.history["totals"] = {**prior, "sessions": [*prior.get("sessions", []), r.start_step]}
     if r.dist.writer and r.metrics_path.exists():
         _trim_metrics(r)
     if r.dist.writer:
@@ -415,6 +422,7 @@ def train(r: Recipe, signals: Signals) -> int:
             step, r.last_loss = step + 1, loss
             r.step = step
             r.train_seconds = time.time() - t_loop
+            r.step_tokens, r.step_seconds = r.tokens, r.train_seconds
             if step == 1:
                 _first_step_peak(r)
             _log_step(r, bar, step, loss, grad_norm, epoch)
@@ -483,21 +491,23 @@ def _autocast(r: Recipe):
 
 
 def _log_step(r: Recipe, bar, step: int, loss: float, grad_norm: float, epoch: int) -> None:
-    tps = r.tokens * r.dist.world / max(r.train_seconds, 1e-9)
+    t = totals(r)
+    tps = t["tokens"] / max(t["train_seconds"], 1e-9)
     if r.dist.writer:
         _record(r, {"step": step, "kind": "train", "loss": loss,
                                        "lr": r.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                                       "epoch": epoch, "tokens_per_s": tps, "tokens": r.tokens * r.dist.world,
-                                       "train_seconds": r.train_seconds, "memory_bytes": _memory_now(r)})
+                                       "epoch": epoch, "tokens_per_s": tps, "tokens": t["tokens"],
+                                       "train_seconds": t["train_seconds"], "memory_bytes": t["peak_memory_bytes"]})
     bar.update(1, loss=f"{loss:.4f}", tok_s=f"{tps:,.0f}")
     r.trackers.log(step, {"train/loss": loss, "train/learning_rate": r.scheduler.get_last_lr()[0],
                           "train/grad_norm": grad_norm, "train/tokens_per_s": tps, "train/epoch": epoch,
-                          "train/memory_gib": _memory_now(r) / 2**30})  # the device's peak, or max RSS on a CPU
+                          "train/memory_gib": t["peak_memory_bytes"] / 2**30})  # the device's peak, or max RSS
 
 
 def _save(r: Recipe, step: int, rng: dict[str, Any] | None = None) -> Path | None:
     """Every machine's writer keeps its own checkpoint (the replicas are identical); then the group waits."""
     path = None
+    r.history["totals"] = totals(r) | {"sessions": r.history.get("totals", {}).get("sessions", [])}
     if r.dist.writer:
         path = checkpoint.save(r.run_dir, step, r.model, r.optimizer, r.scheduler, r.scaler,
                                {"history": r.history, "total_steps": r.total_steps}, r.cfg.keep_checkpoints, rng=rng)
@@ -648,15 +658,16 @@ def _summary(r: Recipe, final: dict[str, Any]) -> dict[str, Any]:
     from hwcompat import __version__
 
     p = r.spec.profile
+    t = totals(r, finished=True)
     first = r.history["eval"][0] if r.history["eval"] and r.history["eval"][0]["step"] == 0 else {}
     backend = accelerator(r.device.type)
     return {
         "steps": r.total_steps, "total_steps": r.total_steps, "objective": r.objective.name,
         "train_rows": len(r.objective.train), "eval_rows": len(r.objective.evals),
         "final_train_loss": r.last_loss, "eval_before": first, "eval_after": final,
-        "tokens_per_s": r.tokens * r.dist.world / max(r.train_seconds, 1e-9), "train_seconds": r.train_seconds,
-        "wall_seconds": time.time() - r.t_start,
-        "peak_memory_bytes": backend.max_memory_allocated() if backend else _rss_peak_bytes(),
+        "tokens_per_s": t["tokens"] / max(t["train_seconds"], 1e-9), "train_seconds": t["train_seconds"],
+        "wall_seconds": t["wall_seconds"], "resumes": len(r.history.get("totals", {}).get("sessions", [])),
+        "peak_memory_bytes": t["peak_memory_bytes"],
         "peak_memory_kind": f"torch.{r.device.type}.max_memory_allocated" if backend else "process max RSS",
         "cpu_allocator": malloc.in_use() if r.device.type == "cpu" else None,  # what the process really ran on
         "first_step_peak_bytes": r.history.get("first_step_peak_bytes"),  # GPU: its largest micro-batch's peak
@@ -682,6 +693,22 @@ def write_report(run_dir: Path, say) -> None:
         say(f"warning: {run_dir / 'report.html'} was not written ({exc}); `hwcompat report {run_dir}` rebuilds it")
         return
     say(f"report: {path}")
+
+
+TOTALS = ("tokens", "train_seconds", "wall_seconds", "peak_memory_bytes")
+
+
+def totals(r: Recipe, finished: bool = False) -> dict[str, float]:
+    """The whole run's counts: those before a resume (``r.prior``, kept in the checkpoint's history) plus this
+    process's up to its last completed step (or now, when ``finished``), so a resumed run's speed, time and peak
+    are the run's, not its last part's, and the memory curve does not drop at the resume."""
+    p = r.prior
+    tokens = r.tokens if finished else r.step_tokens
+    seconds = r.train_seconds if finished else r.step_seconds
+    return {"tokens": p.get("tokens", 0) + tokens * r.dist.world,
+            "train_seconds": p.get("train_seconds", 0.0) + seconds,
+            "wall_seconds": p.get("wall_seconds", 0.0) + (time.time() - r.t_start),
+            "peak_memory_bytes": max(int(p.get("peak_memory_bytes", 0)), _memory_now(r))}
 
 
 def _memory_now(r: Recipe) -> int:
