@@ -22,6 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     if len(paths) != 1:
         print("usage: python -m hwcompat.pipeline.worker RUN_DIR [--resume]", file=sys.stderr)
         return 2
+    from hwcompat.train.library_logs import quiet_library_loggers
+
     quiet_library_loggers()
     from hwcompat.train.loop import SecondInterrupt, run
     from hwcompat.train.stopping import Signals
@@ -53,19 +55,6 @@ def main(argv: list[str] | None = None) -> int:
         return getattr(exc, "exit_code", 130)
     finally:
         signals.restore()
-
-
-#: Library loggers whose lines are noise on every run: bitsandbytes' CPU backend warns on import (peft imports it
-#: whenever it is installed) that an optional 4-bit kernel package is missing, and the `kernels` package says it
-#: skips a publisher trust check because the trainer is offline (HF_HUB_OFFLINE=1, by design): neither is the user's.
-QUIET_LOGGERS = ("bitsandbytes.backends.cpu.ops", "kernels")
-
-
-def quiet_library_loggers() -> None:
-    import logging
-
-    for name in QUIET_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def export_after_training(run_dir: Path, signals) -> int:

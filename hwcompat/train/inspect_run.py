@@ -267,7 +267,7 @@ def _task_eval(args, spec, model, tokenizer, device) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from hwcompat.pipeline.worker import quiet_library_loggers
+    from hwcompat.train.library_logs import quiet_library_loggers
 
     quiet_library_loggers()
     ap = argparse.ArgumentParser(prog="python -m hwcompat.train.inspect_run")
