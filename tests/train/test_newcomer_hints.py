@@ -26,7 +26,9 @@ def test_data_check_help_says_what_file_is_and_that_token_checks_need_a_tokenize
     res = run_cli("data", "check", "--help")
     text = " ".join(res.stdout.split())
     assert res.returncode == 0
-    assert "FILE JSONL training data: prompt/completion, messages (chat) or alpaca rows" in text
+    assert ("FILE training data: prompt/completion, messages (chat), ShareGPT or alpaca rows (with --method dpo "
+            "preference pairs) in JSONL, gzip (.jsonl.gz, .csv.gz, .tsv.gz), CSV/TSV, Parquet, Arrow or a datasets "
+            "save_to_disk folder") in text  # #40 §5: not "JSONL" only
     assert "Without --tokenizer only the text checks run" in text
 
 
