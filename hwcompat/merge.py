@@ -247,7 +247,7 @@ def _merge_shard(src: Path, dst: Path, names: list[str], adapter: Adapter, lora:
 
 
 def _write_model_files(tmp: Path, base: Path, base_cfg: dict[str, Any], adapter: Adapter, dtype: str, merged: int,
-                       weight_map: dict[str, str] | None) -> None:
+                       weight_map: dict[str, str] | None, flags: list[str]) -> None:
     """Beside the weights: the shard index, config.json in the new dtype, the tokenizer that trained, a record."""
     if weight_map is not None:
         index = json.loads((base / "model.safetensors.index.json").read_text())
@@ -266,14 +266,52 @@ def _write_model_files(tmp: Path, base: Path, base_cfg: dict[str, Any], adapter:
     (tmp / "hwcompat_merge.json").write_text(json.dumps({
         "adapter": str(adapter.path), "base": str(base), "dtype": dtype, "merged_tensors": merged,
         "lora_r": adapter.config["r"], "lora_alpha": adapter.config["lora_alpha"],
-        "use_rslora": bool(adapter.config.get("use_rslora"))}, indent=2))
+        "use_rslora": bool(adapter.config.get("use_rslora")), "regressed": flags}, indent=2))
+
+
+def guard_flags(adapter_path: str | Path) -> list[str]:
+    """The metrics the run's regression guard flagged (summary.json ``regressed``), for a run folder or its
+    adapter/; [] for anything else. A flagged model is worse than its base on the user's own task."""
+    p = Path(adapter_path)
+    run = p if (p / "summary.json").is_file() else p.parent if p.name == "adapter" else None
+    if run is None or not (run / "summary.json").is_file():
+        return []
+    try:
+        regressed = read_json_object(run / "summary.json", "summary").get("regressed") or []
+    except InputError:
+        return []
+    return [f"{x.get('metric')} {x.get('before', '?')} -> {x.get('after', '?')}" for x in regressed
+            if isinstance(x, dict)]
+
+
+def merged_flags(model: str | Path) -> list[str]:
+    """The guard's flags a merged folder carries (hwcompat_merge.json ``regressed``, written by a forced merge)."""
+    record = Path(model) / "hwcompat_merge.json"
+    if not record.is_file():
+        return []
+    try:
+        flags = read_json_object(record, "merge record").get("regressed") or []
+    except InputError:
+        return []
+    return [str(f) for f in flags]
+
+
+def refuse_flagged(flags: list[str], what: str, force: bool) -> None:
+    if flags and not force:
+        raise InputError(f"{what}: the run's regression guard flagged it ({'; '.join(flags)}): it is worse than its "
+                         "base on your task, so shipping it would ship that. Fix the data and train again, or pass "
+                         "--force to go on anyway (nothing was written)")
 
 
 def merge(adapter_path: str | Path, base: str | Path, out: str | Path, dtype: str | None = None,
-          device: str = "cpu", force: bool = False, log=print) -> Path:
-    """Stream-merge; returns the output folder. Raises InputError before writing on any mismatch."""
+          device: str = "cpu", force: bool = False, log=print, allow_flagged: bool | None = None) -> Path:
+    """Stream-merge; returns the output folder. Raises InputError before writing on any mismatch, and for a run
+    the regression guard flagged unless ``allow_flagged`` (default: ``force``; the merged folder records the
+    flags, so its export asks again)."""
     import torch
 
+    flags = guard_flags(adapter_path)
+    refuse_flagged(flags, f"merge {adapter_path}", force if allow_flagged is None else allow_flagged)
     adapter = load_adapter(find_adapter(adapter_path))
     base, out = Path(base), Path(out)
     _check_out(out)
@@ -298,7 +336,8 @@ def merge(adapter_path: str | Path, base: str | Path, out: str | Path, dtype: st
             merged += _merge_shard(base / shard, tmp / shard, names, adapter, lora, dtype, dev)
             weight_map.update({n: shard for n in names})
             log(f"merged {shard}")
-        _write_model_files(tmp, base, base_cfg, adapter, dtype, merged, weight_map if len(shards) > 1 else None)
+        _write_model_files(tmp, base, base_cfg, adapter, dtype, merged, weight_map if len(shards) > 1 else None,
+                           flags)
         if merged != len(lora):  # inside the temp folder: an incomplete merge is never renamed into place
             raise HwcompatError(f"merged {merged} of {len(lora)} adapter tensors; nothing was written")
     return out

@@ -181,3 +181,27 @@ def test_an_adapter_for_a_deeper_model_names_the_missing_weight(tmp_path, base):
         merge(adapter, base, tmp_path / "merged", force=True, log=lambda m: None)
     assert f"layers.{layers}." in str(e.value) and "the base model does not have" in str(e.value)
     assert not (tmp_path / "merged").exists()
+
+
+def test_a_run_the_guard_flagged_asks_for_force_to_merge_and_to_export(tmp_path, base, run_cli):
+    """#40 §4: only `train --export` stopped for a flagged run; `merge` and `export` now say so and ask for --force,
+    and a forced merge records the flags so its export asks again."""
+    run = tmp_path / "run"
+    _adapter(base, run / "adapter")
+    (run / "run.json").write_text(json.dumps({"config": {"model": str(base)}}))
+    (run / "summary.json").write_text(json.dumps({"steps": 2, "regressed": [
+        {"metric": "exact_match", "before": 0.5, "after": 0.2}]}))
+    res = run_cli("merge", str(run), "--out", str(tmp_path / "m"))
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert "regression guard flagged it (exact_match 0.5 -> 0.2)" in res.stderr and "--force" in res.stderr
+    assert not (tmp_path / "m").exists()
+    assert run_cli("merge", str(run / "adapter"), "--base", str(base), "--out", str(tmp_path / "m")).returncode == 2
+    res = run_cli("merge", str(run), "--out", str(tmp_path / "m"), "--force")
+    assert res.returncode == 0, res.stderr
+    assert json.loads((tmp_path / "m" / "hwcompat_merge.json").read_text())["regressed"] == [
+        "exact_match 0.5 -> 0.2"]
+    gguf = tmp_path / "m.gguf"
+    res = run_cli("export", str(tmp_path / "m"), "--gguf", str(gguf), "--no-verify")
+    assert res.returncode == 2 and "regression guard flagged it" in res.stderr and not gguf.exists()
+    res = run_cli("export", str(tmp_path / "m"), "--gguf", str(gguf), "--no-verify", "--force")
+    assert res.returncode == 0 and gguf.is_file(), res.stderr

@@ -20,6 +20,8 @@ def add_parser(sub) -> None:
     p.add_argument("--tag", metavar="NAME:VERSION", help="with --ollama: print the `ollama create NAME:VERSION` command "
                                                           "and the `ollama cp … NAME:latest` that promotes it")
     p.add_argument("--overwrite", action="store_true", help="replace an existing GGUF / Modelfile")
+    p.add_argument("--force", action="store_true", help="export a model merged from a run its regression guard "
+                                                         "flagged (worse than its base on your task)")
     v = p.add_argument_group("verify in llama.cpp (needs hwcompat[gguf]; on by default when it is installed)")
     v.add_argument("--verify", action=argparse.BooleanOptionalAction, default=None,
                    help="load the GGUF in llama.cpp and compare tokenization, next-token distributions and greedy "
@@ -33,7 +35,7 @@ def add_parser(sub) -> None:
 def options(args: argparse.Namespace) -> ExportOptions:
     return ExportOptions(gguf=Path(args.gguf), qtype=args.type, ollama=args.ollama, temperature=args.temperature,
                          system=args.system, tag=args.tag, overwrite=args.overwrite, verify=args.verify,
-                         data=args.data, verify_rows=args.verify_rows)
+                         data=args.data, verify_rows=args.verify_rows, force=args.force)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -19,7 +19,8 @@ def add_parser(sub) -> None:
     p.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     p.add_argument("--dtype", choices=[d.value for d in Dtype], help="default: the base's dtype")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda to compute the deltas on a GPU")
-    p.add_argument("--force", action="store_true", help="merge even if the adapter names another base model")
+    p.add_argument("--force", action="store_true", help="merge even if the adapter names another base model, or "
+                                                         "its run's regression guard flagged it")
     p.set_defaults(func=run)
 
 

@@ -34,6 +34,7 @@ class ExportOptions:
     verify: bool | None = None  # None: verify when llama.cpp (hwcompat[gguf]) is installed
     data: str | None = None  # SFT rows to verify on (default: the bundled general prompts)
     verify_rows: int = 8
+    force: bool = False  # export a model merged from a run its regression guard flagged
 
 
 def _modelfile(opts: ExportOptions) -> Path:
@@ -135,6 +136,9 @@ def export_model(model: Path, opts: ExportOptions, say: Say = print, on_written:
     from hwcompat.export.gguf import export_gguf
 
     _check_distinct(opts, model)
+    from hwcompat.merge import merged_flags, refuse_flagged
+
+    refuse_flagged(merged_flags(model), f"export {model}", opts.force)
     verify = preflight(opts)
     res = export_gguf(model, opts.gguf, opts.qtype, overwrite=opts.overwrite)
     on_written(res.path)
@@ -236,7 +240,7 @@ def export_run(run_dir: Path, cfg, say: Say) -> int:
     refuse_foreign(run_dir, EXPORTS)  # checked at the start too; a file may have appeared since
     merged = run_dir / "merged"
     shutil.rmtree(merged, ignore_errors=True)  # ours (the ledger says so), from an earlier export
-    merge(run_dir / "adapter", cfg.model, merged, log=lambda m: None)
+    merge(run_dir / "adapter", cfg.model, merged, log=lambda m: None, allow_flagged=cfg.force)
     record_written(run_dir, "merged")
     say(f"merged: {merged}")
     return export_model(merged, run_export_options(run_dir, cfg), say, lambda p: record_written(run_dir, p.name))
