@@ -11,6 +11,7 @@ itself (``torch.cuda.get_arch_list()``) and passes that list in. Either way the 
 from __future__ import annotations
 
 import importlib.util
+import platform
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -132,9 +133,13 @@ def installed(find_spec: Callable = importlib.util.find_spec) -> InstalledTorch 
 
 # --- the wheel table ----------------------------------------------------------------------------------
 
-def _mm(text: str) -> tuple[int, int]:
+def major_minor(text: str) -> tuple[int, int]:
+    """"13.2.1" -> (13, 2); ValueError when it is not a version."""
     major, minor = str(text).split(".")[:2]
     return int(major), int(minor)
+
+
+_mm = major_minor
 
 
 @lru_cache(maxsize=1)
@@ -142,8 +147,20 @@ def wheel_table() -> dict:
     return load_packaged_yaml(data_dir("catalog") / "wheels.yaml", "wheel table")
 
 
-def lookup(version: str, cuda: str | None, hip: str | None,
-           device_packages: tuple[str, ...] = ()) -> tuple[tuple[str, ...] | None, str]:
+def host_machine(machine: str | None = None) -> str:
+    """``x86_64`` or ``aarch64``: which wheel lists apply (macOS calls its ARM ``arm64``)."""
+    m = (machine or platform.machine()).lower()
+    return "aarch64" if m in ("aarch64", "arm64") else "x86_64"
+
+
+def _cuda_rows(machine: str | None = None) -> list[dict]:
+    """The CUDA rows for this host's architecture: aarch64 wheels carry other targets than x86_64's."""
+    table = wheel_table()
+    return table.get("cuda_aarch64", []) if host_machine(machine) == "aarch64" else table["cuda"]
+
+
+def lookup(version: str, cuda: str | None, hip: str | None, device_packages: tuple[str, ...] = (),
+           machine: str | None = None) -> tuple[tuple[str, ...] | None, str]:
     """Compiled targets of this (release, runtime) per the wheel table: (targets or None, source)."""
     if device_packages:
         return device_packages, f"installed {AMD_DEVICE_PACKAGE}* packages (AMD multi-arch wheels)"
@@ -152,11 +169,12 @@ def lookup(version: str, cuda: str | None, hip: str | None,
         return None, ""
     release = (int(m.group(1)), int(m.group(2)))
     runtime = _mm(cuda or hip)
-    for row in wheel_table()["cuda" if cuda else "rocm"]:
+    for row in _cuda_rows(machine) if cuda else wheel_table()["rocm"]:
         rng = row["torch"]
         if _mm(row["runtime"]) == runtime and _mm(rng["min"]) <= release <= _mm(rng["max"]):
-            return tuple(row["targets"]), f"wheel table: {row['build']} for torch {rng['min']}-{rng['max']} " \
-                                          f"({row['source']})"
+            where = " (linux aarch64)" if cuda and host_machine(machine) == "aarch64" else ""
+            return tuple(row["targets"]), f"wheel table: {row['build']}{where} for torch {rng['min']}-" \
+                                          f"{rng['max']} ({row['source']})"
     return None, ""
 
 
@@ -181,14 +199,20 @@ def last_wheels_for(cc: Capability | str) -> tuple[str, str] | None:
     return (best[1], best[2]) if best else None
 
 
-def family_targets(build: str, release: tuple[int, int]) -> tuple[str, ...] | None:
-    """Targets of wheel family ``build`` (e.g. "cu126") at ``release``; None when the table has no row."""
-    for kind in ("cuda", "rocm"):
-        for row in wheel_table()[kind]:
+def family_row(build: str, release: tuple[int, int], machine: str | None = None) -> dict | None:
+    """The wheel-table row of family ``build`` (e.g. "cu126") at ``release`` on ``machine`` (default: this host's)."""
+    for rows in (_cuda_rows(machine), wheel_table()["rocm"]):
+        for row in rows:
             rng = row["torch"]
             if row["build"] == build and _mm(rng["min"]) <= release <= _mm(rng["max"]):
-                return tuple(row["targets"])
+                return row
     return None
+
+
+def family_targets(build: str, release: tuple[int, int], machine: str | None = None) -> tuple[str, ...] | None:
+    """Targets of wheel family ``build`` at ``release``; None when the table has no row."""
+    row = family_row(build, release, machine)
+    return tuple(row["targets"]) if row else None
 
 
 # --- the verdict --------------------------------------------------------------------------------------
@@ -215,11 +239,25 @@ def is_tegra(cc: Capability | str | None) -> bool:
     return bool(cc) and Capability.of(cc).sm in tegra_targets()
 
 
-def covers_nvidia(targets: Iterable[str], cc: Capability | str) -> bool:
+def tegra_unified(cc: Capability | str | None, cuda: str | None) -> bool:
+    """True when a CUDA ``cuda`` build treats this Tegra part as an ordinary SBSA GPU (Orin, Thor from CUDA 13.2:
+    torch 2.15's DEVICE_REQUIREMENT_POST_JETSON_SBSA_UNIFICATION); catalog/wheels.yaml ``tegra``."""
+    table = wheel_table().get("tegra", {})
+    start = table.get("unified_from_cuda")
+    if not (cc and cuda and start) or Capability.of(cc).sm not in table.get("unified", ()):
+        return False
+    try:
+        return _mm(cuda) >= _mm(start)
+    except ValueError:
+        return False
+
+
+def covers_nvidia(targets: Iterable[str], cc: Capability | str, cuda: str | None = None) -> bool:
     """A cubin of the same major and a minor <= the card's, or PTX at or below the card (JIT). A Tegra part
-    (Jetson) runs only a cubin built for itself: torch excludes it from the same-major rule."""
+    (Jetson) runs only a cubin built for itself (torch excludes it from the same-major rule) unless the build's
+    CUDA (``cuda``) is one where Jetson and SBSA are unified."""
     major, minor = Capability.of(cc)
-    tegra = is_tegra(cc)
+    tegra = is_tegra(cc) and not tegra_unified(cc, cuda)
     for a in targets:
         kind, _, num = a.partition("_")
         num = num.rstrip("af")  # sm_90a / sm_100f are arch-specific variants of sm_90 / sm_100
@@ -253,7 +291,7 @@ def kernel_problem(torch: InstalledTorch, vendor: str, cc: Capability | str | No
         return f"{torch.describe()} cannot use an Intel GPU (it needs torch's XPU build)"
     if torch.targets is None:
         return None
-    if vendor == "nvidia" and cc and not covers_nvidia(torch.targets, cc):
+    if vendor == "nvidia" and cc and not covers_nvidia(torch.targets, cc, torch.cuda):
         return (f"{torch.describe()} has no kernels for {Capability.of(cc).sm} (it has "
                 f"{_span(torch.targets, 'sm_')}): training fails with 'no kernel image is available for "
                 "execution on the device'")

@@ -48,6 +48,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from hwcompat import compat
 from hwcompat.choices import DTYPE_BYTES, MODEL_FAMILIES, OPTIMIZERS, families_text
 from hwcompat.errors import InputError, excerpt
 
@@ -526,7 +527,8 @@ def host_for(device, cpu_ram_bytes: int | None, dtype: str) -> Host:
     """A resolved device's link and speed, and the host's RAM, as the planner's ``Host``."""
     r = device.reading
     return Host(ram_bytes=cpu_ram_bytes, pcie_generation=r.pcie_generation, pcie_width=r.pcie_width,
-                peak_tflops=peak_tflops(r.name, dtype), unified=r.unified_memory)
+                peak_tflops=peak_tflops(r.name, dtype),
+                unified=r.unified_memory or compat.is_tegra(r.capability))
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 
-from hwcompat import envvars
+from hwcompat import compat, envvars
 from hwcompat.choices import Attention, CompileBackend, Dtype
 from hwcompat.datafiles import data_dir
 from hwcompat.errors import ProfileError
@@ -120,6 +120,7 @@ class Match:
     cc_max: tuple[int, int] | None = None
     gfx_targets: tuple[str, ...] = ()
     xe_archs: tuple[str, ...] = ()  # Intel: Xe generations (readings.XE_ARCHS)
+    tegra: bool = False  # NVIDIA: matches Jetson (Tegra) parts only; a desktop range never matches one
 
     def covers(self, vendor: str, cc: Capability | str | None, gfx: str | None, xe: str | None = None) -> bool:
         if vendor != self.vendor:
@@ -129,14 +130,15 @@ class Match:
         if vendor == "nvidia":
             if cc is None or self.cc_min is None or self.cc_max is None:
                 return False
-            return self.cc_min <= Capability.of(cc) <= self.cc_max
+            return self.cc_min <= Capability.of(cc) <= self.cc_max and compat.is_tegra(cc) == self.tegra
         if vendor == "amd":
             return gfx is not None and gfx in self.gfx_targets
         return True
 
     def describe(self) -> str:
         if self.vendor == "nvidia" and self.cc_min and self.cc_max:
-            return f"compute capability {self.cc_min[0]}.{self.cc_min[1]}–{self.cc_max[0]}.{self.cc_max[1]}"
+            span = f"compute capability {self.cc_min[0]}.{self.cc_min[1]}–{self.cc_max[0]}.{self.cc_max[1]}"
+            return span + (", Jetson (Tegra) parts" if self.tegra else "")
         if self.vendor == "amd":
             return "gfx targets " + ", ".join(self.gfx_targets)
         if self.vendor == "intel":
@@ -293,7 +295,10 @@ def _choice(ctx: _Ctx, where: str, raw: Any, kind: type[enum.Enum] | None) -> Ch
 
 def _match(ctx: _Ctx, where: str, raw: Any, vendor: str) -> Match:
     if vendor == "nvidia":
-        _keys(ctx, where, raw, {"compute_capability"}, {"compute_capability"})
+        _keys(ctx, where, raw, {"compute_capability", "tegra"}, {"compute_capability"})
+        tegra = raw.get("tegra", False)
+        if not isinstance(tegra, bool):
+            raise ctx.fail(f"{where}.tegra", f"expected true or false, got {tegra!r}")
         cc = _keys(ctx, f"{where}.compute_capability", raw["compute_capability"], {"min", "max"}, {"min", "max"})
         try:
             lo, hi = Capability.of(cc["min"]), Capability.of(cc["max"])
@@ -301,7 +306,7 @@ def _match(ctx: _Ctx, where: str, raw: Any, vendor: str) -> Match:
             raise ctx.fail(f"{where}.compute_capability", str(exc)) from None
         if lo > hi:
             raise ctx.fail(f"{where}.compute_capability", "min is above max")
-        return Match(vendor, cc_min=lo, cc_max=hi)
+        return Match(vendor, cc_min=lo, cc_max=hi, tegra=tegra)
     if vendor == "amd":
         _keys(ctx, where, raw, {"gfx_targets"}, {"gfx_targets"})
         targets = raw["gfx_targets"]

@@ -179,6 +179,27 @@ def _tegra_reason(r: DeviceReading) -> str:
             f"part; {table.get('source', 'torch/cuda/__init__.py')}). To train there, {table.get('advice', '')}")
 
 
+def _tegra_problems(r: DeviceReading, p: Profile) -> list[str]:
+    """A Jetson runs the profile's aarch64 wheel only where that wheel's cubins apply at the CUDA its JetPack
+    gives: Thor's own sm_110 on any CUDA 13 driver, Orin's sm_80 only from the unification (CUDA 13.2). The
+    older one is refused (that torch has no kernels for it there); an unknown CUDA version is said."""
+    if r.vendor != "nvidia" or not compat.is_tegra(r.capability) or not p.torch.min_version:
+        return []
+    row = compat.family_row(p.torch.build, compat.major_minor(p.torch.min_version), machine="aarch64") or {}
+    runtime = row.get("runtime", "0.0")
+    if r.runtime_version and compat.major_minor(r.runtime_version) < compat.major_minor(runtime):
+        runtime = r.runtime_version  # the device's CUDA decides what its driver runs
+    if r.runtime_version and compat.covers_nvidia(row.get("targets", ()), r.capability, runtime):
+        return []
+    need = compat.wheel_table().get("tegra", {}).get("unified_from_cuda", "")
+    fix = (f"the {p.name} profile needs JetPack 7.2 (CUDA {need}), where PyPI's aarch64 torch runs this GPU "
+           "(catalog/wheels.yaml tegra); upgrade JetPack (older JetPack: NVIDIA's own torch for Jetson, which "
+           "hwcompat does not train with)")
+    if not r.runtime_version:
+        return [f"note: {r.name}'s CUDA version is unknown; {fix}"]
+    return [f"{r.name} ({r.arch}): its driver supports CUDA {r.runtime_version}; {fix}"]
+
+
 def _unsupported_reason(r: DeviceReading) -> str:
     if r.vendor == "nvidia":
         cc = r.capability or Capability(0, 0)
@@ -411,9 +432,9 @@ def resolve_device(reading: DeviceReading, profiles: dict[str, Profile], softwar
     override the hardware cannot honour."""
     label = _device_label(reading)
     forced = overrides.profile if apply_overrides else None
-    if reading.vendor == "nvidia" and compat.is_tegra(reading.capability) and not forced:
-        return ResolvedDevice(reading, None, False, [_tegra_reason(reading)], None)
     chosen, why, problems = _choose(reading, profiles, forced)
+    if chosen is None and reading.vendor == "nvidia" and compat.is_tegra(reading.capability):
+        return ResolvedDevice(reading, None, False, [_tegra_reason(reading)], None)
     if chosen is None:
         return ResolvedDevice(reading, None, False, [_unsupported_reason(reading)], None)
     p = chosen.for_device(reading.vendor, reading.capability, reading.gfx_target, reading.xe_arch)
@@ -430,7 +451,9 @@ def resolve_device(reading: DeviceReading, profiles: dict[str, Profile], softwar
     env, env_problems = _environment(reading, p, sets, software, reasons)
     quant = _quantization(reading, p, env, reasons)
     _build_reasons(p, reasons)
-    problems += env_problems + _torch_problems(reading, p, software, env)
+    tegra = _tegra_problems(reading, p)
+    supported = supported and not (tegra and not tegra[0].startswith("note:"))
+    problems += env_problems + tegra + _torch_problems(reading, p, software, env)
     resolved = ResolvedProfile(
         name=p.name, dtype=dtype, attention=attention, compile_backend=compile_backend, env=env,
         quantization=quant, torch_build=p.torch.build, torch_index_url=p.torch.index_url,

@@ -150,21 +150,21 @@ def test_desktop_cubins_do_not_cover_tegra_parts(cc, desktop, desktop_card):
     assert compat.covers_nvidia(desktop, desktop_card)  # the same-major rule still holds for desktop cards
 
 
-def test_a_jetson_orin_is_refused_with_the_jetpack_advice(tmp_path):
+def test_a_jetson_xavier_is_refused_with_the_jetpack_advice(tmp_path):
+    """Orin and Thor train from JetPack 7.2 (the jetson profile, tests/test_jetson.py); Xavier never can."""
+    import json
     import subprocess
     import sys
 
-    readings = tmp_path / "orin.yaml"
-    readings.write_text('- {vendor: nvidia, name: "Orin (nvgpu)", memory_bytes: 34359738368, '
-                        'compute_capability: "8.7"}\n')
+    readings = tmp_path / "xavier.yaml"
+    readings.write_text('- {vendor: nvidia, name: "Xavier (nvgpu)", memory_bytes: 34359738368, '
+                        'compute_capability: "7.2"}\n')
     res = subprocess.run([sys.executable, "-m", "hwcompat", "detect", "--emulate-file", str(readings), "--json"],
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
-    import json
-
-    orin = json.loads(res.stdout)["devices"][0]
-    assert orin["supported"] is False and orin["profile"] is None
-    assert "JetPack" in orin["problems"][0] and "expandable_segments off" in orin["problems"][0]
+    xavier = json.loads(res.stdout)["devices"][0]
+    assert xavier["supported"] is False and xavier["profile"] is None
+    assert "JetPack" in xavier["problems"][0] and "expandable_segments off" in xavier["problems"][0]
     assert "whl/cu13" not in res.stdout
 
 

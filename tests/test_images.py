@@ -20,7 +20,7 @@ def test_committed_dockerfiles_equal_the_render():
 
 def test_every_family_has_an_image():
     assert set(specs()) == {"maxwell", "pascal", "volta", "turing", "ampere", "ada", "hopper", "blackwell",
-                            "rdna1", "rdna2", "rdna3", "rdna4", "vega20", "cdna", "alchemist", "battlemage", "cpu"}
+                            "rdna1", "rdna2", "rdna3", "rdna4", "vega20", "cdna", "alchemist", "battlemage", "jetson", "cpu"}
     assert [p.name for p in specs()["cdna"].profiles] == ["cdna1", "cdna2", "cdna3", "cdna4"]  # one image, said so
 
 

@@ -14,7 +14,7 @@ from hwcompat.profiles import load_profile, load_profiles, parse_profile
 from hwcompat.readings import parse_cc
 
 FAMILIES = {"maxwell", "pascal", "volta", "turing", "ampere", "ada", "hopper", "blackwell", "rdna1", "rdna2", "rdna3",
-            "rdna4", "vega20", "cdna1", "cdna2", "cdna3", "cdna4", "alchemist", "battlemage", "cpu"}
+            "rdna4", "vega20", "cdna1", "cdna2", "cdna3", "cdna4", "alchemist", "battlemage", "jetson", "cpu"}
 
 
 def test_all_families_present():
@@ -33,16 +33,18 @@ def test_profile_loads_and_every_choice_is_sourced(path):
 
 def test_no_two_profiles_cover_the_same_capability():
     profiles = list(load_profiles().values())
-    nvidia = [p for p in profiles if p.vendor == "nvidia"]
-    for a, b in itertools.combinations(nvidia, 2):
-        assert a.match.cc_max < b.match.cc_min or b.match.cc_max < a.match.cc_min, (a.name, b.name)
+    for tegra in (False, True):  # a Jetson and a desktop card of one capability are different devices
+        nvidia = [p for p in profiles if p.vendor == "nvidia" and p.match.tegra is tegra]
+        for a, b in itertools.combinations(nvidia, 2):
+            assert a.match.cc_max < b.match.cc_min or b.match.cc_max < a.match.cc_min, (a.name, b.name)
     amd = [p for p in profiles if p.vendor == "amd"]
     for a, b in itertools.combinations(amd, 2):
         assert not set(a.match.gfx_targets) & set(b.match.gfx_targets), (a.name, b.name)
 
 
 def test_nvidia_ranges_are_contiguous_from_maxwell():
-    ranges = sorted((p.match.cc_min, p.match.cc_max) for p in load_profiles().values() if p.vendor == "nvidia")
+    ranges = sorted((p.match.cc_min, p.match.cc_max) for p in load_profiles().values()
+                    if p.vendor == "nvidia" and not p.match.tegra)
     assert ranges[0][0] == parse_cc("5.0")
 
 

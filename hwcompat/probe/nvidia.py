@@ -32,13 +32,15 @@ def probe(nvml: ModuleType | None = None, sys_root: str | Path = "/",
             return [], []
         nvml, error = _bind()
         if nvml is None:
-            return [], [f"NVIDIA GPU present but NVML cannot be loaded ({error}): is the NVIDIA driver installed? "
+            return [], [_tegra_without_nvml(sys_root) or
+                        f"NVIDIA GPU present but NVML cannot be loaded ({error}): is the NVIDIA driver installed? "
                         "(nvidia-smi should list the card; `pip install nvidia-ml-py` for the fallback binding)"]
     try:
         nvml.nvmlInit()
     except Exception as exc:  # NVMLError subclasses are generated at run time
         if present or (present is None and "nvidia" in gpu_vendors(sys_root)):
-            return [], [f"NVIDIA GPU present but NVML failed to start ({one_line(_text(exc))}): "
+            return [], [_tegra_without_nvml(sys_root) or
+                        f"NVIDIA GPU present but NVML failed to start ({one_line(_text(exc))}): "
                         "is the NVIDIA driver installed and loaded? (nvidia-smi should list the card)"]
         return [], []
     readings: list[DeviceReading] = []
@@ -62,6 +64,20 @@ def probe(nvml: ModuleType | None = None, sys_root: str | Path = "/",
         except Exception:  # shutting down a half-started NVML is best effort
             pass
     return readings, problems
+
+
+def _tegra_without_nvml(sys_root: str | Path) -> str | None:
+    """A Jetson on JetPack 6 or older has no NVML (its GPU is nvgpu, not the PCI driver): say which L4T release it
+    runs and what hwcompat needs, rather than "is the driver installed?"."""
+    try:
+        first = (Path(sys_root) / "etc/nv_tegra_release").read_text(errors="replace").splitlines()[0]
+    except (OSError, IndexError):
+        return None
+    release = first.lstrip("# ").split(",")[0].strip() or "unknown"
+    return (f"NVIDIA Jetson found (L4T {release}, /etc/nv_tegra_release) but no NVML: JetPack 6 and older "
+            "have none. hwcompat trains Jetson Orin and Thor from JetPack 7.2 (CUDA 13.2, the jetson profile; "
+            "catalog/wheels.yaml tegra); on older JetPack use NVIDIA's torch for Jetson, or "
+            "`hwcompat detect --emulate-file` to see the plan for the upgraded board")
 
 
 def _bind() -> tuple[ModuleType | object | None, str | None]:

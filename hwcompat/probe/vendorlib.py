@@ -18,7 +18,9 @@ from types import ModuleType
 
 PCI_VENDORS = {"0x10de": "nvidia", "0x1002": "amd", "0x8086": "intel"}
 #: Driver nodes that mean "this vendor's GPU is here" where the PCI bus is not visible (WSL2, some containers).
-DRIVER_NODES = {"nvidia": ("dev/nvidiactl", "dev/dxg", "proc/driver/nvidia/version"),
+#: A Jetson's GPU is not on the PCI bus: L4T's release file and nvgpu's control node say it is there.
+DRIVER_NODES = {"nvidia": ("dev/nvidiactl", "dev/dxg", "proc/driver/nvidia/version", "etc/nv_tegra_release",
+                           "dev/nvhost-ctrl-gpu"),
                 "amd": ("sys/class/kfd/kfd/topology/nodes", "dev/kfd")}
 
 
