@@ -1,7 +1,8 @@
 """#36 §3: the loop on the lent card, through `hwcompat train` (skipped without a GPU; bench/gpu_evidence.sh runs it,
 and a run where every gpu test skipped fails there): the numerics check before the first step, the profile's
 dtype under autocast, and memory_limit_gib holding. fp16 with the GradScaler (path-volta), layer streaming
-(stream) and the other families' code paths (path-*) are gpu_evidence.sh's own steps."""
+(stream) and the other families' code paths (path-*) are gpu_evidence.sh's own steps; QLoRA through `hwcompat
+train` is here (stream's qlora engine is the bench's own loop)."""
 
 import json
 import math
@@ -28,3 +29,20 @@ def test_the_numerics_check_runs_first_and_the_step_holds_its_memory_limit(tmp_p
     summary = json.loads((run / "summary.json").read_text())
     assert summary["peak_memory_bytes"] <= 2 * 2**30 and summary["profile_env_applied"]
     assert summary["dtype"] == json.loads((run / "profile.json").read_text())["dtype"]
+
+
+def test_qlora_trains_through_hwcompat_train_on_the_card(tmp_path, tiny_model, task_files, run_cli):
+    """#36 §3: QLoRA through the shipped trainer on the card (bitsandbytes' CUDA NF4 kernels), not a bench's own
+    loop: the base's linear layers load as Linear4bit, the adapter trains and is written."""
+    pytest.importorskip("bitsandbytes")
+    config = make_config(tmp_path, tiny_model, *task_files, max_steps=4, qlora=True, eval_metrics="none",
+                         eval_at_start=False)
+    res = run_cli("train", str(config), timeout=600)
+    assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    run = tmp_path / "run"
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    spec = json.loads((run / "run.json").read_text())
+    assert spec["config"]["qlora"] is True and not spec.get("cpu_emulation")
+    losses = [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+              if r["kind"] == "train"]
+    assert len(losses) == 4 and all(math.isfinite(x) for x in losses), losses
