@@ -44,6 +44,9 @@ OFFLOAD = ("auto", "none", "layers")
 CPU_ALLOCATORS = ("auto", "tcmalloc", "system")
 CHAT_TEMPLATE = ("auto", "true", "false")
 EXPORTS = ("none", "gguf")
+SCALE_REWARDS = ("group", "batch", "none")  # grpo: TRL's scale_rewards
+LOSS_TYPES = ("dapo", "grpo", "dr_grpo")  # grpo: TRL's loss_type (its default first)
+IS_LEVELS = ("token", "sequence")  # grpo: TRL's importance_sampling_level (sequence = GSPO)
 
 
 @dataclass(frozen=True)

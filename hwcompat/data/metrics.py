@@ -93,6 +93,34 @@ def score(predictions: list[str], references: list[str], kind: str = "auto") -> 
     return out
 
 
+def row_score(name: str, prediction: str, reference: str | None) -> float:
+    """One row's value of a task metric, in [0, 1]: what ``score`` averages, per row (a GRPO reward, a row of
+    ``eval --predictions``). ``json_valid`` needs no reference; the others score 0 without one."""
+    if name == "json_valid":
+        return float(isinstance(_parse_json(prediction), dict))
+    if reference is None:
+        return 0.0
+    if name == "exact_match":
+        return float(_norm(prediction) == _norm(reference))
+    if name in ("accuracy", "label_accuracy"):
+        return float(_norm(prediction).lower() == _norm(reference).lower())
+    if name in ("field_f1", "field_precision", "field_recall"):
+        pred = _parse_json(prediction)
+        pp = _pairs(pred) if isinstance(pred, dict) else set()
+        rr = _pairs(_parse_json(reference))
+        tp = len(pp & rr)
+        prec = tp / len(pp) if pp else 0.0
+        rec = tp / len(rr) if rr else 0.0
+        return {"field_precision": prec, "field_recall": rec}.get(
+            name, 2 * prec * rec / (prec + rec) if prec + rec else 0.0)
+    raise KeyError(name)
+
+
+#: The task metrics a row can be scored on (``row_score``), the built-in GRPO rewards.
+ROW_METRICS = ("exact_match", "label_accuracy", "accuracy", "json_valid", "field_f1", "field_precision",
+               "field_recall")
+
+
 def headline(metrics: dict[str, float]) -> str:
     """The one number users look for first."""
     for key in ("field_f1", "accuracy", "exact_match"):

@@ -19,8 +19,9 @@ import yaml
 
 from hwcompat.errors import InputError, excerpt
 from hwcompat.choices import EXPORT_TYPES
-from hwcompat.choices import (BATCHING, CHAT_TEMPLATE, CPU_ALLOCATORS, DATA_FORMATS, EXPORTS, METRICS, OFFLOAD, OPTIMIZERS,
-                              OVERLONG, SCHEDULES, TRACKERS, Attention, CompileBackend, Dtype)
+from hwcompat.choices import (BATCHING, CHAT_TEMPLATE, CPU_ALLOCATORS, DATA_FORMATS, EXPORTS, IS_LEVELS, LOSS_TYPES,
+                              METRICS, OFFLOAD, OPTIMIZERS, OVERLONG, SCALE_REWARDS, SCHEDULES, TRACKERS, Attention,
+                              CompileBackend, Dtype)
 from hwcompat.train.objectives import OBJECTIVES
 from hwcompat.yamlfile import load_yaml
 
@@ -46,10 +47,29 @@ class TrainConfig:
     system_prompt: str | None = None  # prepended as a system message when a row has none
     max_seq_len: int = 1024  # tokens per example, prompt + response
     overlong: str = "truncate"  # truncate | drop: what to do with longer rows (always reported)
-    method: str = "sft"  # what is learned: sft (response tokens of prompt/response rows) | dpo (preference pairs)
-    beta: float = 0.1  # dpo: how far from the reference (the model before training) the policy may move
+    # what is learned: sft (response tokens of prompt/response rows) | dpo (preference pairs) | grpo (rewards)
+    method: str = "sft"
+    # how far from the reference (the model before training) the policy may move; dpo: 0.1 unless set, grpo: the
+    # KL penalty's weight, 0.0 unless set (TRL's default: no reference pass)
+    beta: float | None = None
     rpo_alpha: float = 0.0  # dpo: weight of the chosen answer's NLL added to the loss (keeps its likelihood up)
     init_adapter: str | None = None  # start from this LoRA adapter (e.g. an SFT run's adapter/); dpo's reference
+    # --- grpo: reinforcement learning on your own metric (TRL's GRPOConfig names and defaults) -----------------
+    # built-in task metrics scored against the row's answer (field_f1, json_valid, exact_match, label_accuracy …)
+    # or your function module:function (module.py beside the config, or importable); see train/rewards.py
+    rewards: list[str] = field(default_factory=list)
+    reward_weights: list[float] = field(default_factory=list)  # one per reward; empty: all 1.0
+    num_generations: int = 8  # completions sampled per prompt (G); micro_batch_size counts completions
+    max_completion_length: int = 512  # new tokens per completion at most
+    temperature: float = 1.0  # sampling temperature of the rollouts
+    top_p: float = 1.0  # nucleus sampling of the rollouts (1.0: off)
+    epsilon: float = 0.2  # the clipping range's lower side (1 - epsilon)
+    epsilon_high: float | None = None  # its upper side (1 + epsilon_high); None: epsilon (DAPO's clip-higher: 0.28)
+    num_iterations: int = 1  # optimizer steps per generation (on-policy: 1)
+    scale_rewards: str = "group"  # group | batch | none: the advantages' divisor (Dr. GRPO: none)
+    loss_type: str = "dapo"  # dapo | grpo | dr_grpo: how token losses are averaged
+    importance_sampling_level: str = "token"  # token | sequence (GSPO)
+    mask_truncated_completions: bool = False  # completions cut at max_completion_length get no loss (DAPO)
     regression_tolerance: float = 2.0  # points a task metric may drop (before -> after) before the run is flagged
     # --- LoRA / QLoRA ------------------------------------------------------------------------
     lora_r: int = 16
@@ -130,7 +150,8 @@ CHOICES = {"data_format": DATA_FORMATS, "lr_schedule": SCHEDULES, "eval_metrics"
            "batching": BATCHING, "offload": OFFLOAD, "cpu_allocator": CPU_ALLOCATORS, "chat_template": CHAT_TEMPLATE,
            "dtype": tuple(d.value for d in Dtype), "attention": tuple(a.value for a in Attention),
            "compile_backend": tuple(c.value for c in CompileBackend), "export": EXPORTS,
-           "export_type": EXPORT_TYPES, "method": OBJECTIVES,
+           "export_type": EXPORT_TYPES, "method": OBJECTIVES, "scale_rewards": SCALE_REWARDS, "loss_type": LOSS_TYPES,
+           "importance_sampling_level": IS_LEVELS,
            "optimizer": OPTIMIZERS}  # the hardware and export vocabularies are defined once, imported here
 
 
@@ -198,8 +219,10 @@ def _coerce(key: str, value: Any, kind: Any, where: str, from_text: bool) -> Any
     if origin is list:
         if from_text:
             value = _text_list(key, str(value), where)
-        elif isinstance(value, str):
+        elif isinstance(value, (str, int, float)) and not isinstance(value, bool):
             value = [value]
+        if args == (float,):
+            return _numbers(key, value, where)
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise InputError(f"{where}: {key}: expected a list of strings, got {excerpt(value)}")
         return value
@@ -241,6 +264,29 @@ def _coerce(key: str, value: Any, kind: Any, where: str, from_text: bool) -> Any
     return value
 
 
+def _numbers(key: str, value: Any, where: str) -> list[float]:
+    """A list of finite numbers (``reward_weights: [1.0, 0.5]``, or ``reward_weights=1,0.5``)."""
+    import math
+
+    try:
+        if not isinstance(value, list) or any(isinstance(v, bool) for v in value):
+            raise ValueError
+        out = [float(v) for v in value]
+    except (TypeError, ValueError):
+        raise InputError(f"{where}: {key}: expected a list of numbers, e.g. {key}=[1.0,0.5], got "
+                         f"{excerpt(value)}") from None
+    if not all(math.isfinite(v) for v in out):
+        raise InputError(f"{where}: {key}: every value must be a finite number, got {excerpt(value)}")
+    return out
+
+
+def effective_beta(cfg: "TrainConfig") -> float:
+    """``beta`` as the method reads it: the user's value, else DPO's 0.1 or GRPO's 0.0 (TRL's defaults)."""
+    if cfg.beta is not None:
+        return cfg.beta
+    return 0.0 if cfg.method == "grpo" else 0.1
+
+
 def _unknown(key: Any, where: str) -> InputError:
     names = list(_fields())
     near = difflib.get_close_matches(key, names, n=1, cutoff=0.5) if isinstance(key, str) else []
@@ -265,7 +311,9 @@ RANGES: dict[str, str] = {
     "epochs": "[0, 10000]", "max_steps": "[0, 1e8]", "eval_fraction": "(0, 1)", "warmup_ratio": "[0, 1)",
     "weight_decay": "[0, 10]", "max_grad_norm": "(0, 1e6]", "keep_checkpoints": "[1, 10000]",
     "eval_every": "[0, 1e8]", "checkpoint_every": "[0, 1e8]", "eval_max_rows": "[1, 1e7]",
-    "eval_max_new_tokens": "[0, 1048576]", "beta": "(0, 100]", "rpo_alpha": "[0, 100]", "regression_tolerance": "[0, 100]",
+    "eval_max_new_tokens": "[0, 1048576]", "beta": "[0, 100]", "num_generations": "[1, 4096]",
+    "max_completion_length": "[1, 1048576]", "temperature": "(0, 100]", "top_p": "(0, 1]", "epsilon": "[0, 1]",
+    "epsilon_high": "[0, 100]", "num_iterations": "[1, 1024]", "rpo_alpha": "[0, 100]", "regression_tolerance": "[0, 100]",
     "offload_prefetch": "[1, 16]", "num_threads": "[0, 4096]", "memory_limit_gib": "[0, 1e6]", "seed": "[0, 4294967295]",
 }
 _RANGE_HINT = {"max_grad_norm": " (the clipping threshold: 0 would zero every update, a negative one would run "
@@ -318,6 +366,8 @@ def _validate(cfg: TrainConfig, where: str, origins: dict[str, str] | None = Non
     for key, interval in RANGES.items():
         where = at(key)
         value = getattr(cfg, key)
+        if value is None:  # an optional key left unset (beta, epsilon_high): its default applies
+            continue
         if isinstance(value, float) and not math.isfinite(value):
             raise InputError(f"{where}: {key} must be a finite number, got {value}")
         if not inside(value, interval):
@@ -333,6 +383,9 @@ def _validate(cfg: TrainConfig, where: str, origins: dict[str, str] | None = Non
     where = file_where
     if not (cfg.epochs > 0 or cfg.max_steps > 0):
         raise InputError(f"{where}: set epochs > 0 or max_steps > 0")
+    if cfg.method == "dpo" and effective_beta(cfg) == 0:
+        raise InputError(f"{where}: beta=0 with method dpo: the loss would not depend on the model (DPO's beta "
+                         "scales every log-ratio); use a beta in (0, 100], e.g. 0.1")
     if cfg.offload == "layers" and cfg.qlora:
         raise InputError(f"{where}: offload=layers streams a plain LoRA base from host memory; a 4-bit QLoRA base "
                          "is already small: set offload=none with qlora=true (or qlora=false to stream)")
@@ -377,6 +430,10 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None,
             local = key == "output_dir" or (p.parent / val).exists() if val else False
             if origins[key] == ORIGIN_FILE and val and not Path(val).is_absolute() and local:
                 setattr(cfg, key, os.path.abspath(p.parent / val))
+        if origins["rewards"] == ORIGIN_FILE:  # a reward module beside the config travels with it
+            from hwcompat.train.rewards import local_spec
+
+            cfg.rewards = [local_spec(v, p.parent) for v in cfg.rewards]
         for key in ("train_data", "eval_data"):
             if origins[key] == ORIGIN_FILE:
                 setattr(cfg, key, [os.path.abspath(p.parent / v) if not Path(v).is_absolute() else v

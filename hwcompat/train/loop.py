@@ -34,6 +34,7 @@ from hwcompat.train.distributed import Dist, log
 from hwcompat.train.model import load_model
 from hwcompat.train.optim import make_optimizer
 from hwcompat.train.objectives.sft import ResponseLoss, evaluate_loss, generate, task_metrics  # noqa: F401 (API)
+from hwcompat.train.rewards import RewardError
 from hwcompat.train.rundir import record_written
 from hwcompat.train.spec import RunSpec, load_spec
 from hwcompat.train.stopping import (NONFINITE_STEPS, SecondInterrupt, Signals,  # noqa: F401 (worker's API)
@@ -171,7 +172,7 @@ def setup(spec: RunSpec, run_dir: Path, dist: Dist, resume: bool) -> Recipe:
     objective.bind(model, "eager" if streamer else profile.compile_backend)
     mode = batching.resolve_batching(cfg.batching, profile.attention, getattr(objective, "auto_batching", None))
     _log_model(dist, spec, model, mode)
-    per_rank = len(batching.plan_batches(objective.lengths(), cfg.micro_batch_size, mode, cfg.seed)) // dist.world
+    per_rank = len(batching.plan_batches(objective.lengths(), _items(objective, cfg), mode, cfg.seed)) // dist.world
     if per_rank == 0:
         raise InputError(f"{len(objective.lengths())} training rows are too few for "
                          f"micro_batch_size={cfg.micro_batch_size} on {dist.world} process(es)")
@@ -196,6 +197,11 @@ def setup(spec: RunSpec, run_dir: Path, dist: Dist, resume: bool) -> Recipe:
         r.trackers = trackers_mod.Trackers.open(cfg.report_to, run_dir, _tracked_params(spec), r.start_step,
                                                 lambda m: log(dist, m))
     return r
+
+
+def _items(objective, cfg) -> int:
+    """Rows per micro-batch: the config's, or the objective's own count (GRPO: prompts, micro_batch_size / G)."""
+    return getattr(objective, "micro_batch", cfg.micro_batch_size)
 
 
 def _tracked_params(spec: RunSpec) -> dict[str, Any]:
@@ -383,9 +389,11 @@ def micro_batches(r: Recipe, start_micro: int):
     while True:
         epoch, pos = divmod(m, r.per_rank)
         if epoch != planned:
-            plan = batching.plan_batches(lengths, r.cfg.micro_batch_size, r.mode, r.cfg.seed + epoch,
+            plan = batching.plan_batches(lengths, _items(r.objective, r.cfg), r.mode, r.cfg.seed + epoch,
                                          largest_first=_first_window(r) if epoch == 0 else 0)
             mine, planned = plan[r.dist.rank::r.dist.world][:r.per_rank], epoch
+        if hasattr(r.objective, "seek"):  # an objective that samples (GRPO) seeds it from the batch's place
+            r.objective.seek(m, r.dist.rank)
         yield epoch, r.objective.collate(mine[pos], r.mode, r.tokenizer.pad_token_id)
         m += 1
 
@@ -410,7 +418,10 @@ def train(r: Recipe, signals: Signals) -> int:
     try:
         while step < r.total_steps:
             rng_at_step = checkpoint.rng_state()  # a stop inside this step resumes from here, bit for bit
-            out = _step(r, stream, signals)
+            try:
+                out = _step(r, stream, signals)
+            except RewardError as exc:  # the user's reward failed on a rollout: keep what was trained, then say it
+                raise _kept(r, step, rng_at_step, exc) from None
             if isinstance(out, int):  # signalled inside the step: the partial step is dropped
                 return _interrupted(r, step, signals, rng_at_step, mid_step=out)
             loss, grad_norm, epoch, overflow = out
@@ -493,15 +504,19 @@ def _autocast(r: Recipe):
 def _log_step(r: Recipe, bar, step: int, loss: float, grad_norm: float, epoch: int) -> None:
     t = totals(r)
     tps = t["tokens"] / max(t["train_seconds"], 1e-9)
+    extra = r.objective.step_metrics() if hasattr(r.objective, "step_metrics") else {}  # GRPO: rewards, lengths
     if r.dist.writer:
         _record(r, {"step": step, "kind": "train", "loss": loss,
                                        "lr": r.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                                        "epoch": epoch, "tokens_per_s": tps, "tokens": t["tokens"],
-                                       "train_seconds": t["train_seconds"], "memory_bytes": t["peak_memory_bytes"]})
-    bar.update(1, loss=f"{loss:.4f}", tok_s=f"{tps:,.0f}")
+                                       "train_seconds": t["train_seconds"], "memory_bytes": t["peak_memory_bytes"],
+                                       **extra})
+    bar.update(1, loss=f"{loss:.4f}", tok_s=f"{tps:,.0f}", **({"reward": f"{extra['reward']:.3f}"} if
+                                                               "reward" in extra else {}))
     r.trackers.log(step, {"train/loss": loss, "train/learning_rate": r.scheduler.get_last_lr()[0],
                           "train/grad_norm": grad_norm, "train/tokens_per_s": tps, "train/epoch": epoch,
-                          "train/memory_gib": t["peak_memory_bytes"] / 2**30})  # the device's peak, or max RSS
+                          "train/memory_gib": t["peak_memory_bytes"] / 2**30,  # the device's peak, or max RSS
+                          **{f"train/{k}": v for k, v in extra.items()}})
 
 
 def _save(r: Recipe, step: int, rng: dict[str, Any] | None = None) -> Path | None:
@@ -513,6 +528,15 @@ def _save(r: Recipe, step: int, rng: dict[str, Any] | None = None) -> Path | Non
                                {"history": r.history, "total_steps": r.total_steps}, r.cfg.keep_checkpoints, rng=rng)
     distributed.barrier(r.dist)
     return path
+
+
+def _kept(r: Recipe, step: int, rng: dict[str, Any], exc: Exception) -> InputError:
+    """An input error inside a step (a reward function): the steps done are saved, the error says how to go on."""
+    path = _save(r, step, rng)
+    if r.dist.writer:
+        write_report(r.run_dir, lambda m: log(r.dist, m))
+    return type(exc)(f"{exc}\nkept: the checkpoint of step {step}/{r.total_steps} ({path}); after the fix, resume "
+                     f"with: hwcompat train {r.run_dir / 'config.yaml'} --resume")
 
 
 def _at_once(r: Recipe, signals: Signals):
@@ -546,7 +570,9 @@ def evaluate(r: Recipe, step: int, with_tasks: bool) -> dict[str, Any]:
     _record(r, rec)
     r.history["eval"].append(rec)
     r.trackers.log(step, {f"eval/{k.removeprefix('eval_')}": v for k, v in _scores(rec).items()})
-    log(r.dist, f"eval @ step {step}: loss {rec.get('eval_loss', float('nan')):.4f} {metrics.headline(rec)}")
+    loss = f"loss {rec['eval_loss']:.4f} " if "eval_loss" in rec else ""
+    reward = f"reward {rec['reward']:.3f} " if "reward" in rec else ""
+    log(r.dist, f"eval @ step {step}: {loss}{reward}{metrics.headline(rec)}")
     return rec
 
 
@@ -733,8 +759,11 @@ def _summary_text(s: dict[str, Any], run_dir: Path) -> str:
     before, after = s["eval_before"], s["eval_after"]
     lines = [f"done: {s['steps']} steps in {s['train_seconds']:.1f}s, {s['tokens_per_s']:,.0f} tokens/s, "
              f"peak memory {s['peak_memory_bytes'] / 2**30:.2f} GiB"]
-    keys = [k for k in ("eval_loss", "reward_accuracy", "reward_margin", "exact_match", "accuracy", "json_valid",
-                        "field_precision", "field_recall", "field_f1") if k in after]
+    keys = [k for k in ("eval_loss", "reward_accuracy", "reward_margin", "reward", "exact_match", "accuracy",
+                        "json_valid", "field_precision", "field_recall", "field_f1") if k in after]
+    if "reward" in keys:  # GRPO: each reward beside the total
+        at = keys.index("reward") + 1
+        keys[at:at] = sorted(k for k in after if k.startswith("reward_") and k not in keys)
     if keys:
         lines.append(f"{'metric':16} {'before':>8} {'after':>8}")
         for k in keys:

@@ -12,7 +12,7 @@ import importlib
 from typing import Any, NamedTuple, Protocol
 
 #: objective name -> "module:class" under this package. The config's `method:` accepts these keys.
-REGISTRY = {"sft": "sft:SFT", "dpo": "dpo:DPO"}
+REGISTRY = {"sft": "sft:SFT", "dpo": "dpo:DPO", "grpo": "grpo:GRPO"}
 OBJECTIVES = tuple(REGISTRY)
 
 
@@ -76,3 +76,34 @@ def head_split(model) -> HeadSplit | None:
     scale = getattr(cfg, "logit_scale", None) or None
     cap = getattr(cfg, "final_logit_softcapping", None) or None
     return HeadSplit(base, base.model, base.lm_head, scale, cap)
+
+
+def starting_weights(model, init_adapter: str | None):
+    """The trainable weights as loaded (before any step, before a resume's checkpoint) when the run starts from
+    ``init_adapter``: the reference is base + that adapter; None without one (the reference is the bare base)."""
+    if not init_adapter:
+        return None
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def as_reference(model, start):
+    """The reference model, one copy of the base: the adapter disabled, or (``start``: init_adapter) the adapter's
+    starting weights swapped in by pointer. DPO's and GRPO's KL reference alike."""
+    import contextlib
+
+    if start is None:
+        return model.disable_adapter()
+
+    @contextlib.contextmanager
+    def swapped():
+        params = {n: p for n, p in model.named_parameters() if n in start}
+        live = {n: p.data for n, p in params.items()}
+        for n, p in params.items():
+            p.data = start[n].to(p.device)
+        try:
+            yield
+        finally:
+            for n, p in params.items():
+                p.data = live[n]
+
+    return swapped()

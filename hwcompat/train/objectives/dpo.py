@@ -27,12 +27,12 @@ from typing import Any
 
 from hwcompat.resolve import ResolvedProfile
 from hwcompat.train import batching, prefix
-from hwcompat.train.config import TrainConfig
+from hwcompat.train.config import TrainConfig, effective_beta
 from hwcompat.data.rows import Report
 from hwcompat.train.model import autocast
 from hwcompat.data.pairs import load_pairs
 from hwcompat.data.sources import location
-from hwcompat.train.objectives import head_split
+from hwcompat.train.objectives import as_reference, head_split, starting_weights
 from hwcompat.train.objectives.linear_logps import target_logps
 
 
@@ -144,8 +144,7 @@ class DPO:
         if compile_backend == "inductor" and self.fast:
             self.decoder = torch.compile(self.decoder)
         # init_adapter: the reference is base + the adapter as loaded now (before a resume's checkpoint): keep it
-        self.start = ({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-                      if self.cfg.init_adapter else None)
+        self.start = starting_weights(model, self.cfg.init_adapter)
         self.ref = {k: torch.full((len(d), 2), float("nan"), dtype=torch.float64)
                     for k, d in (("train", self.train), ("eval", self.evals))}
 
@@ -192,8 +191,9 @@ class DPO:
         logps = self.sequence_logps(batch)
         n = batch["n_target"]
         ref = ref[batch["index"]].to(logps.device, logps.dtype)
-        chosen = self.cfg.beta * (logps[:n] - ref[:, 0])
-        rejected = self.cfg.beta * (logps[n:] - ref[:, 1])
+        beta = effective_beta(self.cfg)
+        chosen = beta * (logps[:n] - ref[:, 0])
+        rejected = beta * (logps[n:] - ref[:, 1])
         losses = -F.logsigmoid(chosen - rejected)
         if self.cfg.rpo_alpha:  # + the chosen answer's per-token NLL (RPO), so its likelihood cannot sink
             tokens = batch["chosen_tokens"].to(logps.device)
@@ -217,24 +217,7 @@ class DPO:
 
     def _as_reference(self):
         """The reference model: the adapter disabled, or (init_adapter) its starting weights swapped in."""
-        import contextlib
-
-        if self.start is None:
-            return self.model.disable_adapter()
-
-        @contextlib.contextmanager
-        def swapped():
-            params = {n: p for n, p in self.model.named_parameters() if n in self.start}
-            live = {n: p.data for n, p in params.items()}
-            for n, p in params.items():
-                p.data = self.start[n].to(p.device)
-            try:
-                yield
-            finally:
-                for n, p in params.items():
-                    p.data = live[n]
-
-        return swapped()
+        return as_reference(self.model, self.start)
 
     def loss(self, batch: dict[str, Any], n_items: float):
         losses, _, _, _ = self._terms(batch, self.ref["train"])

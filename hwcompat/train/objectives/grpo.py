@@ -1,0 +1,385 @@
+"""Group relative policy optimisation (Shao et al. 2024, DeepSeekMath) on rewards you can verify: your task metric.
+
+Each prompt's ``num_generations`` (G) completions are sampled from the model being trained (``rollout.py``: one
+prefill, the KV cache expanded G ways), scored by the rewards (``rewards.py``: built-in task metrics against the
+row's answer, or your function), and each completion's advantage is its reward against its group's::
+
+    A_i = (r_i - mean(r_group)) / (std(r_group) + 1e-4)        scale_rewards: group (batch: the batch's std; none: 1)
+
+The loss is PPO's clipped surrogate per completion token, with TRL's names and defaults (``loss_type`` dapo)::
+
+    w_t = exp(logp_t - logp_old_t)                 importance_sampling_level: token
+    w   = exp(mean_t(logp_t - logp_old_t))         sequence (GSPO, Zheng et al. 2025)
+    l_t = -min(w A, clip(w, 1 - epsilon, 1 + epsilon_high) A) + beta * KL_t,
+    KL_t = exp(ref_t - logp_t) - (ref_t - logp_t) - 1          (k3, Schulman 2020; only when beta > 0)
+
+    grpo:    mean over completions of (sum_t l_t / |o_i|)
+    dapo:    sum over every token / the tokens of the whole accumulation window (Yu et al. 2025)
+    dr_grpo: sum over every token / (completions x max_completion_length) (Liu et al. 2025)
+
+With one optimizer step per generation (``num_iterations: 1``, on-policy) logp_old is logp detached: w = 1 and the
+gradient is the policy gradient. The rollout happens in ``collate``, before the accumulation window's first
+forward, so DAPO's token count is known before any loss; each prompt's group stays in one micro-batch (one rank).
+Log-probabilities run through the chunked head (``linear_logps``): never a ``[rows x completion x vocab]`` tensor.
+The reference, where beta > 0, is the base with the adapter disabled (or ``init_adapter``'s starting weights), as
+for DPO: no second copy of the model.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from hwcompat.data.rows import Report, read_prompts, split_eval
+from hwcompat.data.chat import render_prompt_ids, uses_chat_template
+from hwcompat.errors import InputError
+from hwcompat.resolve import ResolvedProfile
+from hwcompat.train import rewards as rewards_mod
+from hwcompat.train import rollout
+from hwcompat.train.config import TrainConfig, effective_beta
+from hwcompat.train.model import autocast
+from hwcompat.train.objectives import as_reference, head_split, starting_weights
+from hwcompat.train.objectives.linear_logps import target_logps
+
+
+@dataclass(frozen=True)
+class Prompt:
+    ids: list[int]
+    text: str  # the conversation as the reward functions see it (the last user turn)
+    reference: str | None  # the row's answer, None for a prompt-only row
+    where: str  # file:line
+    messages: tuple = ()
+
+
+def check_settings(cfg: TrainConfig, where: str = "config") -> list[rewards_mod.Reward]:
+    """What cannot work is refused before anything loads: a G of 1 (every advantage is 0), a micro-batch that
+    does not hold whole groups, rewards that do not resolve."""
+    g = cfg.num_generations
+    if g < 2:
+        raise InputError(f"{where}: num_generations={g}: GRPO compares each completion with its group's others; "
+                         "with one there is nothing to compare (every advantage is 0). Use 2 or more (TRL: 8)")
+    if cfg.micro_batch_size % g:
+        raise InputError(f"{where}: micro_batch_size={cfg.micro_batch_size} counts completions and must hold whole "
+                         f"groups of num_generations={g}: use a multiple of {g}, e.g. micro_batch_size={g}")
+    if cfg.num_iterations != 1:
+        raise InputError(f"{where}: num_iterations={cfg.num_iterations}: hwcompat's GRPO is on-policy (one optimizer "
+                         "step per generation, TRL's default); set num_iterations=1")
+    if cfg.max_completion_length >= cfg.max_seq_len:
+        raise InputError(f"{where}: max_completion_length={cfg.max_completion_length} leaves no room for the prompt "
+                         f"in max_seq_len={cfg.max_seq_len}; raise max_seq_len or lower max_completion_length")
+    return rewards_mod.resolve(cfg.rewards, cfg.reward_weights, where)
+
+
+def read(cfg: TrainConfig, report: Report) -> tuple[list, list]:
+    """(train, eval) prompt rows: (conversation, reference or None, file:line), each file read once."""
+    train = [r for f in cfg.train_data for r in read_prompts(f, report, columns=cfg.columns)]
+    evals = [r for f in cfg.eval_data for r in read_prompts(f, report, columns=cfg.columns)]
+    if not cfg.eval_data and not report.errors:
+        train, evals = split_eval(train, cfg.eval_fraction, cfg.seed)
+    if not train and not report.errors:
+        report.error("train data: no prompts left after the eval split")
+    return train, evals
+
+
+def advantages(rewards, group: int, scale: str):
+    """Each completion's reward against its group's (TRL's formula, its 1e-4 and its unbiased std)."""
+    grouped = rewards.view(-1, group)
+    mean = grouped.mean(dim=1).repeat_interleave(group)
+    if scale == "none":
+        return rewards - mean
+    std = (grouped.std(dim=1).repeat_interleave(group) if scale == "group"
+           else rewards.std().expand_as(rewards) if rewards.numel() > 1 else rewards.new_zeros(rewards.shape))
+    return (rewards - mean) / (std + 1e-4)
+
+
+def token_losses(logp, old, ref, adv, mask, cfg: TrainConfig):
+    """Per-token losses ``[rows x tokens]`` and the importance weights (see the module docstring)."""
+    import torch
+
+    log_ratio = logp - old
+    if cfg.importance_sampling_level == "sequence":
+        log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+    w = torch.exp(log_ratio)
+    high = cfg.epsilon if cfg.epsilon_high is None else cfg.epsilon_high
+    a = adv.unsqueeze(-1)
+    losses = -torch.min(w * a, torch.clamp(w, 1 - cfg.epsilon, 1 + high) * a)
+    beta = effective_beta(cfg)
+    if beta:
+        losses = losses + beta * torch_kl(ref, logp)
+    return losses.expand_as(logp), w
+
+
+def reduce(losses, mask, cfg: TrainConfig):
+    """The batch's summed loss, before dividing by the window's count (``n_target``: completions or tokens)."""
+    masked = losses * mask
+    if cfg.loss_type == "grpo":
+        return (masked.sum(-1) / mask.sum(-1).clamp(min=1.0)).sum()
+    if cfg.loss_type == "dr_grpo":
+        return masked.sum() / cfg.max_completion_length
+    return masked.sum()  # dapo: / the window's completion tokens
+
+
+class GRPO:
+    """Prompt rows and rewards; eval reports each reward and the task metrics of greedy answers."""
+
+    name = "grpo"
+    auto_batching = "padded"  # random order, as TRL samples prompts
+
+    def __init__(self, cfg: TrainConfig, profile: ResolvedProfile, device):
+        self.cfg, self.profile, self.device = cfg, profile, device
+        self.rewards = check_settings(cfg)
+        self.train: list[Prompt] = []
+        self.evals: list[Prompt] = []
+        self.micro_batch = cfg.micro_batch_size // cfg.num_generations  # prompts per micro-batch
+        self.position, self.rank = 0, 0
+        self.stats: list[dict[str, Any]] = []
+
+    @staticmethod
+    def check(cfg: TrainConfig) -> tuple[str, float]:
+        check_settings(cfg)
+        report = Report()
+        train, _ = read(cfg, report)
+        if report.errors:
+            raise report.failure()
+        longest = max((sum(len(c) for _, c in conv) for conv, _, _ in train), default=1)
+        share = cfg.max_completion_length * 4 / max(1, longest + cfg.max_completion_length * 4)  # ~4 chars a token
+        return report.render(), min(1.0, share * 1.25 + 0.02)
+
+    def load(self, tokenizer, log) -> None:
+        report = Report()
+        train, evals = read(self.cfg, report)
+        if report.errors:
+            raise report.failure()
+        self.tokenizer = tokenizer
+        self.chat = uses_chat_template(tokenizer, self.cfg.chat_template)
+        self.train = self._tokenize(train, report, "train")
+        self.evals = self._tokenize(evals, report, "eval")
+        if report.errors or not self.train:
+            raise report.failure() if report.errors else InputError("train data: no prompts")
+        if report.warnings:
+            log(report.render())
+
+    def _tokenize(self, rows, report: Report, split: str) -> list[Prompt]:
+        cfg = self.cfg
+        room = cfg.max_seq_len - cfg.max_completion_length
+        out = []
+        for conv, reference, where in rows:
+            msgs = tuple(conv)
+            if cfg.system_prompt and not any(r == "system" for r, _ in msgs):
+                msgs = (("system", cfg.system_prompt), *msgs)
+            ids = render_prompt_ids(self.tokenizer, (*msgs, ("assistant", "")), self.chat)
+            if len(ids) > room:
+                if cfg.overlong == "drop":
+                    report.warn(f"{split} prompts over max_seq_len - max_completion_length = {room} tokens, dropped",
+                                where)
+                    continue
+                report.warn(f"{split} prompts over max_seq_len - max_completion_length = {room} tokens, their "
+                            "start cut", where)
+                ids = ids[-room:]
+            text = next((c for r, c in reversed(msgs) if r == "user"), "")
+            out.append(Prompt(ids, text, reference, where, msgs))
+        return out
+
+    def lengths(self) -> list[int]:
+        return [len(p.ids) + self.cfg.max_completion_length for p in self.train]
+
+    def seek(self, position: int, rank: int) -> None:
+        """The micro-batch about to be collated: its place in the run seeds its sampling (rollout.seed_for)."""
+        self.position, self.rank = position, rank
+
+    def bind(self, model, compile_backend: str) -> None:
+        import torch
+
+        self.model = model
+        self.split = head_split(model)
+        self.decoder = self.split.decoder if self.split else None
+        if compile_backend == "inductor" and self.split is not None:
+            self.decoder = torch.compile(self.decoder)
+        self.start = starting_weights(model, self.cfg.init_adapter)
+        self.eos = rollout.eos_ids(model, self.tokenizer)
+
+    # --- rollout: generate, score, advantages ------------------------------------------------------------------
+
+    def collate(self, indices: list[int], mode: str, pad_id: int, data=None) -> dict[str, Any]:
+        """Sample G completions of each prompt, score them, and return the loss's tensors (``n_target``: the
+        completions, or for dapo their tokens)."""
+        import torch
+
+        cfg, prompts = self.cfg, [(self.train if data is None else data)[i] for i in indices]
+        t0 = time.perf_counter()
+        out = self._sample(prompts, cfg.num_generations, cfg.temperature, cfg.top_p,
+                           rollout.seed_for(cfg.seed, self.position, self.rank))
+        g = cfg.num_generations
+        texts = [self.tokenizer.decode(c, skip_special_tokens=True).strip() for c in out.completions]
+        per_reward = rewards_mod.score(self.rewards, [p.text for p in prompts for _ in range(g)], texts,
+                                       [p.reference for p in prompts for _ in range(g)],
+                                       [p.where for p in prompts for _ in range(g)])
+        values = torch.tensor(per_reward, dtype=torch.float32)  # [rewards x completions]
+        weights = torch.tensor([r.weight for r in self.rewards], dtype=torch.float32)
+        total = (values * weights.unsqueeze(-1)).sum(0)
+        batch = self._tensors(prompts, out, pad_id)
+        batch["advantages"] = advantages(total, g, cfg.scale_rewards)
+        if effective_beta(cfg):
+            batch["ref_logps"] = self._reference_logps(batch)
+        self._note(values, total, out, batch, time.perf_counter() - t0)
+        return batch
+
+    def _sample(self, prompts: list[Prompt], g: int, temperature: float, top_p: float, seed: int):
+        import torch
+
+        was = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad(), autocast(self.device, self.profile.dtype):
+                return rollout.generate(self.model, [p.ids for p in prompts], g, self.cfg.max_completion_length,
+                                        temperature, top_p, self.eos, self.tokenizer.pad_token_id, seed)
+        finally:
+            self.model.train(was)
+
+    def _tensors(self, prompts: list[Prompt], out: rollout.Rollout, pad_id: int) -> dict[str, Any]:
+        """Rows ``[left-padded prompt | completion, right-padded]`` and the completion tokens' loss mask."""
+        import torch
+
+        g = self.cfg.num_generations
+        width = max(len(p.ids) for p in prompts)
+        longest = max(1, max(len(c) for c in out.completions))
+        rows = len(out.completions)
+        ids = torch.full((rows, width + longest), pad_id, dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        loss_mask = torch.zeros((rows, longest), dtype=torch.float32)
+        for j, comp in enumerate(out.completions):
+            p = prompts[j // g].ids
+            ids[j, width - len(p):width] = torch.tensor(p, dtype=torch.long)
+            ids[j, width:width + len(comp)] = torch.tensor(comp, dtype=torch.long)
+            attn[j, width - len(p):width + len(comp)] = 1
+            if out.ended[j] or not self.cfg.mask_truncated_completions:
+                loss_mask[j, :len(comp)] = 1.0
+        tokens = int(loss_mask.sum())
+        return {"input_ids": ids, "attention_mask": attn, "position_ids": (attn.cumsum(-1) - 1).clamp(min=0),
+                "prompt_width": width, "loss_mask": loss_mask,
+                "n_target": tokens if self.cfg.loss_type == "dapo" else rows, "n_tokens": int(attn.sum())}
+
+    def _note(self, values, total, out: rollout.Rollout, batch: dict[str, Any], seconds: float) -> None:
+        lengths = [len(c) for c in out.completions]
+        g = self.cfg.num_generations
+        self.stats.append({"values": values, "total": total, "lengths": lengths, "ended": list(out.ended),
+                           "group_std": total.view(-1, g).std(dim=1).mean().item(), "rollout_s": seconds})
+
+    # --- the loss ------------------------------------------------------------------------------------------------
+
+    def token_logps(self, batch: dict[str, Any]):
+        """log p(completion token) per position, ``[rows x completion]`` (0 where masked); the chunked head."""
+        import torch
+
+        ids, attn, pos = (batch[k].to(self.device) for k in ("input_ids", "attention_mask", "position_ids"))
+        mask = batch["loss_mask"].to(self.device)
+        width = batch["prompt_width"]
+        targets = ids[:, width:]
+        keep = mask > 0
+        if self.split is not None:
+            hidden = self.decoder(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False)
+            h = hidden.last_hidden_state[:, width - 1:-1]
+            s = self.split
+            flat = target_logps(s.head, h[keep], targets[keep], s.scale, s.cap)
+        else:  # no .model / .lm_head split: the model's own logits, only at completion positions
+            logits = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False,
+                                logits_to_keep=targets.shape[1] + 1).logits[:, :-1]
+            flat = logits[keep].float().log_softmax(-1).gather(-1, targets[keep].unsqueeze(-1)).squeeze(-1)
+        out = torch.zeros(mask.shape, dtype=flat.dtype, device=flat.device)
+        out[keep] = flat
+        return out
+
+    def _reference_logps(self, batch: dict[str, Any]):
+        import torch
+
+        was = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad(), autocast(self.device, self.profile.dtype), as_reference(self.model, self.start):
+                return self.token_logps(batch).cpu()
+        finally:
+            self.model.train(was)
+
+    def loss(self, batch: dict[str, Any], n_items: float):
+        import torch
+
+        logp = self.token_logps(batch)
+        mask = batch["loss_mask"].to(logp.device)
+        adv = batch["advantages"].to(logp.device)
+        ref = batch["ref_logps"].to(logp.device) if "ref_logps" in batch else None
+        losses, w = token_losses(logp, logp.detach(), ref, adv, mask, self.cfg)
+        with torch.no_grad():
+            self._note_loss(logp, ref, adv, mask, w)
+        return reduce(losses, mask, self.cfg) / n_items
+
+    def _note_loss(self, logp, ref, adv, mask, w) -> None:
+        cfg = self.cfg
+        high = cfg.epsilon if cfg.epsilon_high is None else cfg.epsilon_high
+        a = adv.unsqueeze(-1)
+        clipped = (((w < 1 - cfg.epsilon) & (a < 0)) | ((w > 1 + high) & (a > 0))).float().expand_as(mask)
+        n = mask.sum().clamp(min=1.0)
+        note = {"clip_ratio": float((clipped * mask).sum() / n)}
+        if ref is not None:
+            kl = torch_kl(ref, logp)
+            note["kl"] = float((kl * mask).sum() / n)
+        if self.stats:
+            self.stats[-1].update(note)
+
+    def step_metrics(self) -> dict[str, float]:
+        """This step's rollout and loss figures, for metrics.jsonl and the trackers (this process's micro-batches)."""
+        import torch
+
+        stats, self.stats = self.stats, []
+        if not stats:
+            return {}
+        values = torch.cat([s["values"] for s in stats], dim=1)
+        total = torch.cat([s["total"] for s in stats])
+        lengths = [n for s in stats for n in s["lengths"]]
+        ended = [e for s in stats for e in s["ended"]]
+        out = {"reward": total.mean().item(), "reward_std": sum(s["group_std"] for s in stats) / len(stats),
+               "completions": float(len(lengths)), "completion_length": sum(lengths) / len(lengths),
+               "completion_length_max": float(max(lengths)), "truncated_share": 1 - sum(ended) / len(ended),
+               "rollout_seconds": sum(s["rollout_s"] for s in stats)}
+        for r, row in zip(self.rewards, values):
+            key = rewards_mod.short(r.name)
+            out[f"rewards/{key}/mean"], out[f"rewards/{key}/std"] = row.mean().item(), row.std().item()
+        for key in ("clip_ratio", "kl"):
+            seen = [s[key] for s in stats if key in s]
+            if seen:
+                out[key] = sum(seen) / len(seen)
+        return out
+
+    # --- eval ------------------------------------------------------------------------------------------------
+
+    def evaluate(self, model, with_tasks: bool) -> dict[str, float]:
+        """Greedy answers to the eval prompts, scored by every reward and (where rows have answers) the task
+        metrics; GRPO has no eval loss."""
+        from hwcompat.data import metrics
+        from hwcompat.train.objectives.sft import generate
+
+        rows = self.evals[:self.cfg.eval_max_rows]
+        if not rows or not with_tasks:
+            return {}
+        preds = generate(model, self.tokenizer, [p.ids for p in rows], self.cfg.max_completion_length, self.device,
+                         self.profile.dtype)
+        per_reward = rewards_mod.score(self.rewards, [p.text for p in rows], preds, [p.reference for p in rows],
+                                       [p.where for p in rows])
+        out: dict[str, float] = {}
+        total = [0.0] * len(rows)
+        for r, values in zip(self.rewards, per_reward):
+            out[f"reward_{rewards_mod.short(r.name)}"] = sum(values) / len(values)
+            total = [t + r.weight * v for t, v in zip(total, values)]
+        out["reward"] = sum(total) / len(total)
+        answered = [(p, a) for p, a in zip(preds, rows) if a.reference is not None]
+        if answered and self.cfg.eval_metrics != "none":
+            out.update(metrics.score([p for p, _ in answered], [a.reference for _, a in answered],
+                                     self.cfg.eval_metrics))
+        return out
+
+
+def torch_kl(ref, logp):
+    """The k3 estimator of KL(pi || ref) per token (Schulman 2020), as TRL computes it."""
+    import torch
+
+    return torch.exp(ref - logp) - (ref - logp) - 1

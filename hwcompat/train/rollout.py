@@ -1,0 +1,126 @@
+"""GRPO's rollouts with the model being trained: no vLLM, each prompt prefilled once, its KV cache expanded G ways.
+
+TRL without vLLM calls ``model.generate()`` on G copies of each prompt, so every prompt is prefilled G times; vLLM
+avoids it but needs compute capability 7.5 (no V100, Pascal or Maxwell) and lists no RX 6600. Here a micro-batch's
+P prompts (left-padded) are prefilled once, the cache is repeated G ways (``DynamicCache.batch_repeat_interleave``)
+and the P x G rows decode together; a row that ends (an end-of-sequence token) leaves the batch
+(``batch_select_indices``), so late steps cost only the rows still running. Only the last position's logits are
+ever computed (``logits_to_keep=1``): ``[rows x vocab]`` at a time, never ``[rows x completion x vocab]``.
+
+Sampling is the exponential race: ``argmax_i p_i / E_i`` with ``E_i ~ Exp(1)`` draws ``i`` with probability ``p_i``
+(temperature and top-p applied to ``p`` first). The noise of token t is drawn for all P x G rows from one generator
+seeded by the run's seed and the micro-batch's position, whichever rows are still running, so a row's tokens do not
+depend on the others (a KV-expanded rollout equals G separate ones with the same noise, tested) and a resumed run
+samples exactly what the uninterrupted one did: no sampling state needs saving beyond the step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class Rollout:
+    """P prompts x G completions; completion ``j`` belongs to prompt ``j // G``."""
+
+    completions: list[list[int]]  # the sampled tokens, the end-of-sequence token included where one came
+    ended: list[bool]  # False: cut at max_completion_length (truncated)
+
+
+def seed_for(seed: int, position: int, rank: int = 0) -> int:
+    """The sampling seed of one micro-batch: the run's seed, the micro-batch's place in the run, the process."""
+    return (seed * 1_000_003 + position * 7919 + rank * 104_729) % (2**63 - 1)
+
+
+def pick(logits, noise, temperature: float, top_p: float):
+    """One token per row from ``[rows x vocab]`` logits and Exp(1) ``noise`` of the same shape."""
+    import torch
+
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        ordered, order = probs.sort(dim=-1, descending=True)
+        outside = ordered.cumsum(-1) - ordered > top_p  # keep the smallest head whose mass reaches top_p
+        probs = probs.scatter(-1, order, ordered.masked_fill(outside, 0.0))
+    return (probs / noise).argmax(dim=-1)
+
+
+def _left_padded(prompts: list[list[int]], pad_id: int, device):
+    import torch
+
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, width - len(p):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def generate(model, prompts: list[list[int]], num_generations: int, max_new_tokens: int, temperature: float,
+             top_p: float, eos_ids: set[int], pad_id: int, seed: int) -> Rollout:
+    """Sample ``num_generations`` completions of each prompt (call under ``torch.no_grad`` and the profile's
+    autocast, the model in eval mode)."""
+    import torch
+
+    device = next(model.parameters()).device
+    kw = _cache_keyword(model)
+    ids, mask = _left_padded(prompts, pad_id, device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+    cache, logits = _cache(out), out.logits[:, -1]
+    rows = len(prompts) * num_generations
+    if num_generations > 1:
+        cache.batch_repeat_interleave(num_generations)
+        logits = logits.repeat_interleave(num_generations, dim=0)
+        mask = mask.repeat_interleave(num_generations, dim=0)
+        positions = positions.repeat_interleave(num_generations, dim=0)
+    position = positions[:, -1]
+    generator = torch.Generator(device=device).manual_seed(seed)
+    eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=device)
+    active = torch.arange(rows, device=device)
+    tokens: list[list[int]] = [[] for _ in range(rows)]
+    ended = [False] * rows
+    for t in range(max_new_tokens):
+        noise = torch.empty((rows, logits.shape[-1]), device=device, dtype=torch.float32).exponential_(
+            generator=generator)
+        nxt = pick(logits, noise[active], temperature, top_p)
+        done = torch.isin(nxt, eos)
+        for row, tok, d in zip(active.tolist(), nxt.tolist(), done.tolist()):
+            tokens[row].append(tok)
+            ended[row] = d
+        if t == max_new_tokens - 1 or bool(done.all()):
+            break
+        if bool(done.any()):  # finished rows leave the batch: the rest decode without them
+            keep = (~done).nonzero().squeeze(-1)
+            cache.batch_select_indices(keep)
+            active, nxt, mask, position = active[keep], nxt[keep], mask[keep], position[keep]
+        mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+        position = position + 1
+        out = model(input_ids=nxt.unsqueeze(-1), attention_mask=mask, position_ids=position.unsqueeze(-1),
+                    use_cache=True, logits_to_keep=1, **{kw: cache})
+        cache, logits = _cache(out), out.logits[:, -1]
+    return Rollout(tokens, ended)
+
+
+def _cache_keyword(model) -> str:
+    """transformers renamed ``past_key_values`` to ``cache`` (5.x; the old name warns, then goes in 5.40)."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def _cache(out):
+    return out["cache"] if "cache" in out else out["past_key_values"]
+
+
+def eos_ids(model, tokenizer) -> set[int]:
+    """Every token that ends an answer: the generation config's (chat models list their end-of-turn token) and the
+    tokenizer's."""
+    ids: set[int] = set()
+    for source in (getattr(getattr(model, "generation_config", None), "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(source, int):
+            ids.add(source)
+        elif isinstance(source, (list, tuple)):
+            ids.update(int(x) for x in source)
+    return ids

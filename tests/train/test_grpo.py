@@ -1,0 +1,329 @@
+"""#37: GRPO on your own metric. The loss types and importance-sampling levels against the papers' formulas on
+hand-made tensors, the advantages, the chunked log-probabilities against one pass, the KV-expanded rollout against
+G separate generations, the rewards' errors, and `hwcompat train` end to end: a reward that rises, a bad reward
+refused before loading or stopped with its checkpoint kept, SIGTERM + resume bit-identical."""
+
+import json
+import math
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from hwcompat.errors import InputError
+from hwcompat.train.config import TrainConfig
+from tests.train.conftest import make_config
+
+torch = pytest.importorskip("torch")
+
+
+# --- the loss, against the formulas ------------------------------------------------------------------------
+
+LOGP = [[-1.0, -2.0, -0.5, 0.0], [-0.3, -0.9, 0.0, 0.0], [-2.0, -0.1, -1.5, -0.7]]
+OLD = [[-1.1, -1.5, -0.9, 0.0], [-0.3, -1.4, 0.0, 0.0], [-1.6, -0.1, -1.0, -0.2]]
+REF = [[-1.2, -1.9, -0.4, 0.0], [-0.5, -0.8, 0.0, 0.0], [-1.9, -0.3, -1.2, -0.9]]
+MASK = [[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]]
+ADV = [0.7, -1.2, 0.4]
+
+
+def _expected(cfg, level):
+    """The clipped surrogate (+ beta k3 KL) per token, computed with Python floats from the papers' formulas."""
+    high = cfg.epsilon if cfg.epsilon_high is None else cfg.epsilon_high
+    rows = []
+    for lp, old, ref, m, a in zip(LOGP, OLD, REF, MASK, ADV):
+        n = sum(m)
+        seq = sum((x - o) * k for x, o, k in zip(lp, old, m)) / n  # GSPO: the length-normalised log-ratio
+        row = []
+        for x, o, r, k in zip(lp, old, ref, m):
+            w = math.exp(seq if level == "sequence" else x - o)
+            clipped = min(max(w, 1 - cfg.epsilon), 1 + high)
+            loss = -min(w * a, clipped * a)
+            if cfg.beta:
+                loss += cfg.beta * (math.exp(r - x) - (r - x) - 1)
+            row.append(loss * k)
+        rows.append(row)
+    return rows
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "dr_grpo"])
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("beta,high", [(0.0, None), (0.04, 0.28)])
+def test_each_loss_type_and_level_equals_the_formula(loss_type, level, beta, high):
+    from hwcompat.train.objectives.grpo import reduce, token_losses
+
+    cfg = TrainConfig(method="grpo", loss_type=loss_type, importance_sampling_level=level, beta=beta,
+                      epsilon=0.2, epsilon_high=high, max_completion_length=6)
+    t = lambda x: torch.tensor(x, dtype=torch.float64)  # noqa: E731
+    losses, _ = token_losses(t(LOGP), t(OLD), t(REF), t(ADV), t(MASK), cfg)
+    got = reduce(losses, t(MASK), cfg).item()
+    rows = _expected(cfg, level)
+    if loss_type == "grpo":  # Shao et al.: each completion's mean over its tokens, summed (÷ completions later)
+        want = sum(sum(r) / sum(m) for r, m in zip(rows, MASK))
+    elif loss_type == "dr_grpo":  # Liu et al.: every token, ÷ the completion budget (and completions later)
+        want = sum(map(sum, rows)) / cfg.max_completion_length
+    else:  # DAPO: every token (÷ the window's tokens later)
+        want = sum(map(sum, rows))
+    assert got == pytest.approx(want, rel=1e-12)
+
+
+def test_on_policy_the_loss_gradient_is_the_policy_gradient():
+    """num_iterations=1: old = logp detached, so w = 1 and d loss / d logp = -A per token (dapo, beta 0)."""
+    from hwcompat.train.objectives.grpo import reduce, token_losses
+
+    cfg = TrainConfig(method="grpo")
+    logp = torch.tensor(LOGP, dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor(MASK, dtype=torch.float64)
+    losses, w = token_losses(logp, logp.detach(), None, torch.tensor(ADV, dtype=torch.float64), mask, cfg)
+    reduce(losses, mask, cfg).backward()
+    assert torch.equal(w, torch.ones_like(w))
+    assert torch.allclose(logp.grad, -torch.tensor(ADV, dtype=torch.float64).unsqueeze(-1) * mask)
+
+
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+def test_advantages_are_each_reward_against_its_group(scale):
+    from hwcompat.train.objectives.grpo import advantages
+
+    r = [1.0, 0.0, 0.5, 0.5, 0.2, 0.9, 0.1, 0.4]
+    got = advantages(torch.tensor(r, dtype=torch.float64), 4, scale).tolist()
+    want = []
+    for g in (r[:4], r[4:]):
+        mean = statistics.mean(g)
+        std = {"group": statistics.stdev(g), "batch": statistics.stdev(r), "none": None}[scale]
+        want += [(x - mean) / (std + 1e-4) if std is not None else x - mean for x in g]
+    assert got == pytest.approx(want, rel=1e-9)
+
+
+# --- log-probabilities and rollouts on a real (tiny) model ------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny():
+    from hwcompat.train.tiny import build_model, build_tokenizer
+
+    tok = build_tokenizer([f"What color is the {w}? red green blue" for w in ("sky", "grass", "apple")] * 5,
+                          chat_template=False)
+    return tok, build_model(tok, hidden=64, layers=2).eval()
+
+
+def _objective(tok, model, **cfg):
+    from hwcompat.train.objectives.grpo import GRPO
+
+    config = TrainConfig(method="grpo", rewards=["exact_match"], micro_batch_size=8, num_generations=4,
+                         max_completion_length=10, max_seq_len=64, **cfg)
+    obj = GRPO(config, SimpleNamespace(dtype="float32"), torch.device("cpu"))
+    obj.tokenizer = tok
+    obj.bind(model, "eager")
+    return obj
+
+
+def test_chunked_completion_logps_equal_one_pass(tiny):
+    from hwcompat.train import rollout
+    from hwcompat.train.objectives.grpo import Prompt
+
+    tok, model = tiny
+    obj = _objective(tok, model)
+    prompts = [Prompt(tok.encode("What color is the sky?"), "", None, "x:1"), Prompt(tok.encode("apple"), "", None,
+                                                                                        "x:2")]
+    out = rollout.generate(model, [p.ids for p in prompts], 4, 10, 1.0, 1.0, obj.eos, tok.pad_token_id, 7)
+    batch = obj._tensors(prompts, out, tok.pad_token_id)
+    with torch.no_grad():
+        got = obj.token_logps(batch)
+        ids, width = batch["input_ids"], batch["prompt_width"]
+        logits = model(input_ids=ids, attention_mask=batch["attention_mask"],
+                       position_ids=batch["position_ids"]).logits.float()
+        want = logits[:, width - 1:-1].log_softmax(-1).gather(-1, ids[:, width:].unsqueeze(-1)).squeeze(-1)
+    mask = batch["loss_mask"] > 0
+    assert mask.sum() == sum(len(c) for c in out.completions)
+    assert torch.allclose(got[mask], want[mask], atol=1e-5) and (got[~mask] == 0).all()
+
+
+def test_the_kv_expanded_rollout_equals_g_separate_generations(tiny):
+    """One prefill, the cache repeated G ways, rows leaving as they end: the same tokens as generating each
+    completion alone (no cache, no padding) with the same noise row."""
+    from hwcompat.train import rollout
+
+    tok, model = tiny
+    prompts = [tok.encode("What color is the sky?"), tok.encode("grass")]
+    eos = {tok.eos_token_id, tok.encode("?")[0]}  # a common token as a second end: rows end at different steps
+    g, steps, seed = 4, 12, 11
+    with torch.no_grad():
+        out = rollout.generate(model, prompts, g, steps, 0.9, 0.95, eos, tok.pad_token_id, seed)
+    assert any(out.ended) and not all(out.ended)  # some rows left the batch early
+
+    def alone(row):
+        gen = torch.Generator().manual_seed(seed)
+        ids, toks = list(prompts[row // g]), []
+        for _ in range(steps):
+            noise = torch.empty((len(prompts) * g, model.config.vocab_size)).exponential_(generator=gen)
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([ids])).logits[:, -1]
+            nxt = rollout.pick(logits, noise[row:row + 1], 0.9, 0.95).item()
+            toks.append(nxt)
+            ids.append(nxt)
+            if nxt in eos:
+                break
+        return toks
+
+    assert [alone(j) for j in range(len(prompts) * g)] == out.completions
+
+
+def test_sampling_follows_temperature_and_top_p():
+    from hwcompat.train.rollout import pick
+
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).expand(20000, 4)
+    gen = torch.Generator().manual_seed(0)
+    drawn = pick(logits, torch.empty(20000, 4).exponential_(generator=gen), 1.0, 1.0)
+    freq = torch.bincount(drawn, minlength=4).float() / 20000
+    assert torch.allclose(freq, torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.015)
+    nucleus = pick(logits, torch.empty(20000, 4).exponential_(generator=gen), 1.0, 0.7)
+    assert set(nucleus.tolist()) == {0, 1}  # 0.5 + 0.3 reaches 0.7: the tail is never drawn
+
+
+# --- rewards ------------------------------------------------------------------------------------------------
+
+def test_built_in_rewards_score_each_row():
+    from hwcompat.train import rewards
+
+    rs = rewards.resolve(["field_f1", "json_valid", "exact_match", "label_accuracy"], [1.0, 0.5, 1.0, 1.0])
+    out = rewards.score(rs, ["p", "p"], ['{"a": 1, "b": 2}', "nope"], ['{"a": 1, "b": 3}', "Nope"], ["f:1", "f:2"])
+    assert out == [[0.5, 0.0], [1.0, 0.0], [0.0, 0.0], [0.0, 1.0]]
+
+
+@pytest.mark.parametrize("body,says", [
+    ("raise ValueError('boom')", "reward rw.py:bad raised ValueError: boom (on the completions of data.jsonl:3"),
+    ("return [1.0]", "returned 1 value(s) for 2 completions (of data.jsonl:3, data.jsonl:4)"),
+    ("return [1.0, float('nan')]", "returned nan for completion 1 of data.jsonl:4"),
+    ("return [float('inf'), 1.0]", "returned inf for completion 0 of data.jsonl:3"),
+    ("return ['a', 1.0]", "returned 'a' for completion 0 of data.jsonl:3: expected a float"),
+])
+def test_a_bad_reward_function_is_named_with_its_row(tmp_path, body, says):
+    from hwcompat.train import rewards
+
+    (tmp_path / "rw.py").write_text(f"def bad(prompts, completions, references, **kw):\n    {body}\n")
+    (r,) = rewards.resolve([rewards.local_spec("rw:bad", tmp_path)], [])
+    r = rewards.Reward("rw.py:bad", 1.0, r.fn)
+    with pytest.raises(rewards.RewardError) as e:
+        rewards.score([r], ["p", "q"], ["a", "b"], [None, None], ["data.jsonl:3", "data.jsonl:4"])
+    assert says in str(e.value)
+
+
+@pytest.mark.parametrize("settings,says", [
+    ({"num_generations": 1}, "num_generations=1: GRPO compares each completion with its group's others"),
+    ({"micro_batch_size": 6, "num_generations": 4}, "use a multiple of 4"),
+    ({"rewards": []}, "method grpo needs at least one reward"),
+    ({"rewards": ["field_f2"]}, "'field_f2' is not a built-in reward"),
+    ({"rewards": ["nosuchmodule:fn"]}, "importing nosuchmodule failed"),
+    ({"rewards": ["json_valid", "exact_match"], "reward_weights": [1.0]}, "reward_weights has 1 value(s) for 2"),
+    ({"num_iterations": 2}, "set num_iterations=1"),
+])
+def test_what_cannot_work_is_refused_before_loading(tmp_path, tiny_model, task_files, settings, says):
+    base = {"method": "grpo", "rewards": ["exact_match"], "micro_batch_size": 8, "num_generations": 4,
+            "max_completion_length": 8}
+    cfg = make_config(tmp_path, tiny_model, *task_files, **{**base, **settings})
+    res = _train(cfg)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert says in res.stderr and not (tmp_path / "run").exists()
+
+
+def test_beta_zero_is_refused_for_dpo_only():
+    from hwcompat.train.config import load_config
+
+    with pytest.raises(InputError, match="beta=0 with method dpo"):
+        load_config(None, ["model=m", "train_data=t.jsonl", "method=dpo", "beta=0"])
+    assert load_config(None, ["model=m", "train_data=t.jsonl", "method=grpo", "beta=0"]).config.beta == 0
+
+
+# --- end to end ---------------------------------------------------------------------------------------------
+
+SHORT = "def short(prompts, completions, references, **kwargs):\n{sleep}    return [-len(c) / 40.0 for c in completions]\n"
+
+
+def _train(*args, env=None, timeout=600):
+    full = {k: v for k, v in os.environ.items() if not k.startswith("HWCOMPAT_")}
+    full.update(env or {})
+    return subprocess.run([sys.executable, "-m", "hwcompat", "train", *map(str, args)], capture_output=True,
+                          text=True, env=full, timeout=timeout)
+
+
+def _grpo_config(tmp_path, tiny_model, task_files, sleep="", **extra):
+    (tmp_path / "my_rewards.py").write_text(SHORT.format(sleep=sleep))
+    settings = {"method": "grpo", "rewards": ["my_rewards:short", "exact_match"], "reward_weights": [1.0, 0.5],
+                "micro_batch_size": 16, "num_generations": 8, "max_completion_length": 12, "eval_max_rows": 8,
+                "max_steps": 20}
+    return make_config(tmp_path, tiny_model, *task_files, **{**settings, **extra})
+
+
+def _train_records(run):
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"train"' in x]
+
+
+def test_grpo_learns_a_reward_end_to_end(tmp_path, tiny_model, task_files):
+    """A user reward the tiny model can learn (shorter answers): the mean reward rises, every figure is logged."""
+    cfg = _grpo_config(tmp_path, tiny_model, task_files, max_steps=24)
+    res = _train(cfg)
+    assert res.returncode == 0, res.stderr[-3000:]
+    run = tmp_path / "run"
+    recs = _train_records(run)
+    assert len(recs) == 24
+    first, last = (statistics.mean(r["reward"] for r in part) for part in (recs[:4], recs[-4:]))
+    assert last > first + 0.05, (first, last)
+    for key in ("rewards/short/mean", "rewards/short/std", "rewards/exact_match/mean", "reward_std",
+                "completion_length", "completion_length_max", "truncated_share", "clip_ratio", "completions"):
+        assert key in recs[0], key
+    assert recs[0]["completions"] == 16.0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["objective"] == "grpo" and summary["eval_after"]["reward"] > summary["eval_before"]["reward"]
+    assert "reward_short" in summary["eval_after"] and "accuracy" in summary["eval_after"]
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    assert "reward" in res.stderr  # the progress line and the eval lines say it
+
+
+def test_a_reward_that_fails_mid_run_keeps_the_checkpoint_and_resume_goes_on(tmp_path, tiny_model, task_files):
+    cfg = _grpo_config(tmp_path, tiny_model, task_files, max_steps=6)
+    (tmp_path / "my_rewards.py").write_text(
+        "import os\nCALLS = [0]\ndef short(prompts, completions, references, **kwargs):\n"
+        "    CALLS[0] += 1\n    if CALLS[0] == 4:\n        raise KeyError('field')\n"
+        "    return [-len(c) / 40.0 for c in completions]\n")
+    res = _train(cfg, "eval_at_start=false")
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert "reward " in res.stderr and "short raised KeyError: 'field'" in res.stderr
+    assert "train.jsonl:" in res.stderr  # the rows it failed on
+    assert "kept: the checkpoint of step 3/6" in res.stderr and "--resume" in res.stderr
+    (tmp_path / "my_rewards.py").write_text(SHORT.format(sleep=""))
+    res = _train(tmp_path / "run" / "config.yaml", "--resume")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "at step 3/6" in res.stderr and json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 6
+
+
+def test_sigterm_and_resume_are_bit_identical(tmp_path, tiny_model, task_files):
+    """A SIGTERM while rewards are being computed: the resumed run samples the same completions and ends with the
+    same adapter, bit for bit, as one that was never stopped (dropout on: its RNG is restored too)."""
+    from safetensors.torch import load_file
+
+    runs = {}
+    for name, sleep in (("a", ""), ("b", "    import time; time.sleep(0.15)\n")):
+        (tmp_path / name).mkdir()
+        runs[name] = _grpo_config(tmp_path / name, tiny_model, task_files, sleep=sleep, max_steps=10,
+                                  lora_dropout=0.1, eval_at_start=False, eval_metrics="none")
+    assert _train(runs["a"]).returncode == 0
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HWCOMPAT_")}
+    proc = subprocess.Popen([sys.executable, "-m", "hwcompat", "train", str(runs["b"])], stderr=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, env=env)
+    metrics = tmp_path / "b" / "run" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err[-2000:]
+    res = _train(tmp_path / "b" / "run" / "config.yaml", "--resume")
+    assert res.returncode == 0, res.stderr[-3000:]
+    wa = load_file(str(tmp_path / "a" / "run" / "adapter" / "adapter_model.safetensors"))
+    wb = load_file(str(tmp_path / "b" / "run" / "adapter" / "adapter_model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    ra, rb = (_train_records(tmp_path / n / "run") for n in ("a", "b"))
+    assert [r["reward"] for r in ra] == [r["reward"] for r in rb]  # the same completions were sampled
