@@ -120,25 +120,34 @@ def _objective(tok, model, **cfg):
     return obj
 
 
-def test_chunked_completion_logps_equal_one_pass(tiny):
+@pytest.mark.parametrize("share", [False, True], ids=["a row per completion", "a row per prompt"])
+def test_chunked_completion_logps_equal_one_pass(tiny, share):
+    """The loss's log-probabilities (chunked head; the prompt computed once per group with the 4-D mask, or G
+    times) equal log_softmax of the model's own full logits in padded rows."""
     from hwcompat.train import rollout
     from hwcompat.train.objectives.grpo import Prompt
 
     tok, model = tiny
     obj = _objective(tok, model)
-    prompts = [Prompt(tok.encode("What color is the sky?"), "", None, "x:1"), Prompt(tok.encode("apple"), "", None,
-                                                                                        "x:2")]
+    prompts = [Prompt(tok.encode("What color is the sky? red green blue"), "", None, "x:1"),
+               Prompt(tok.encode("apple"), "", None, "x:2")]
     out = rollout.generate(model, [p.ids for p in prompts], 4, 10, 1.0, 1.0, obj.eos, tok.pad_token_id, 7)
+    obj.can_share = False
+    padded = obj._tensors(prompts, out, tok.pad_token_id)
+    obj.can_share = share
     batch = obj._tensors(prompts, out, tok.pad_token_id)
+    assert ("segments" in batch) is share
     with torch.no_grad():
         got = obj.token_logps(batch)
-        ids, width = batch["input_ids"], batch["prompt_width"]
-        logits = model(input_ids=ids, attention_mask=batch["attention_mask"],
-                       position_ids=batch["position_ids"]).logits.float()
+        ids, width = padded["input_ids"], padded["prompt_width"]
+        logits = model(input_ids=ids, attention_mask=padded["attention_mask"],
+                       position_ids=padded["position_ids"]).logits.float()
         want = logits[:, width - 1:-1].log_softmax(-1).gather(-1, ids[:, width:].unsqueeze(-1)).squeeze(-1)
     mask = batch["loss_mask"] > 0
     assert mask.sum() == sum(len(c) for c in out.completions)
     assert torch.allclose(got[mask], want[mask], atol=1e-5) and (got[~mask] == 0).all()
+    if share:  # the prompt once per group: fewer tokens through the model than G padded rows
+        assert batch["n_tokens"] < padded["n_tokens"]
 
 
 def test_the_kv_expanded_rollout_equals_g_separate_generations(tiny):
@@ -148,8 +157,8 @@ def test_the_kv_expanded_rollout_equals_g_separate_generations(tiny):
 
     tok, model = tiny
     prompts = [tok.encode("What color is the sky?"), tok.encode("grass")]
-    eos = {tok.eos_token_id, tok.encode("?")[0]}  # a common token as a second end: rows end at different steps
-    g, steps, seed = 4, 12, 11
+    eos = {tok.eos_token_id, *tok.encode(" is")}  # common tokens as ends: rows end at different steps
+    g, steps, seed = 4, 12, 12
     with torch.no_grad():
         out = rollout.generate(model, prompts, g, steps, 0.9, 0.95, eos, tok.pad_token_id, seed)
     assert any(out.ended) and not all(out.ended)  # some rows left the batch early
@@ -158,10 +167,10 @@ def test_the_kv_expanded_rollout_equals_g_separate_generations(tiny):
         gen = torch.Generator().manual_seed(seed)
         ids, toks = list(prompts[row // g]), []
         for _ in range(steps):
-            noise = torch.empty((len(prompts) * g, model.config.vocab_size)).exponential_(generator=gen)
+            uniform = torch.rand(len(prompts) * g, dtype=torch.float64, generator=gen)
             with torch.no_grad():
                 logits = model(input_ids=torch.tensor([ids])).logits[:, -1]
-            nxt = rollout.pick(logits, noise[row:row + 1], 0.9, 0.95).item()
+            nxt = rollout.pick(logits, uniform[row:row + 1], 0.9, 0.95).item()
             toks.append(nxt)
             ids.append(nxt)
             if nxt in eos:
@@ -171,16 +180,46 @@ def test_the_kv_expanded_rollout_equals_g_separate_generations(tiny):
     assert [alone(j) for j in range(len(prompts) * g)] == out.completions
 
 
+def test_merged_rollout_weights_sample_the_same_and_leave_the_base_untouched(tiny):
+    """CPU rollouts run through base + adapter merged into one weight (a copy, swapped by pointer): the same tokens
+    as through the adapter, and afterwards every base weight is the very same tensor, bit for bit."""
+    from peft import LoraConfig, get_peft_model
+
+    from hwcompat.train import rollout
+
+    tok, base = tiny
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0))
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.05)  # a trained-looking adapter (B = 0 would make the merge a no-op)
+    before = {n: (p.data_ptr(), p.detach().clone()) for n, p in model.named_parameters() if "lora" not in n}
+    prompts = [tok.encode("What color is the sky?"), tok.encode("grass")]
+    with torch.no_grad():
+        plain = rollout.generate(model, prompts, 4, 10, 1.0, 1.0, {tok.eos_token_id}, tok.pad_token_id, 5)
+        with rollout.merged(model):
+            fused = rollout.generate(model, prompts, 4, 10, 1.0, 1.0, {tok.eos_token_id}, tok.pad_token_id, 5)
+    assert fused.completions == plain.completions
+    for n, p in model.named_parameters():
+        if n in before:
+            assert p.data_ptr() == before[n][0] and torch.equal(p, before[n][1]), n
+    model.unload()  # the module-scoped tiny model goes back to being a plain model
+
+
 def test_sampling_follows_temperature_and_top_p():
     from hwcompat.train.rollout import pick
 
-    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).expand(20000, 4)
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05, 0.0]])).expand(20000, 5)
     gen = torch.Generator().manual_seed(0)
-    drawn = pick(logits, torch.empty(20000, 4).exponential_(generator=gen), 1.0, 1.0)
-    freq = torch.bincount(drawn, minlength=4).float() / 20000
-    assert torch.allclose(freq, torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.015)
-    nucleus = pick(logits, torch.empty(20000, 4).exponential_(generator=gen), 1.0, 0.7)
+    drawn = pick(logits, torch.rand(20000, generator=gen), 1.0, 1.0)
+    freq = torch.bincount(drawn, minlength=5).float() / 20000
+    assert torch.allclose(freq, torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0]), atol=0.015)
+    hot = torch.softmax(torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05])) / 2.0, -1)  # temperature 2 flattens
+    warm = torch.bincount(pick(logits[:, :4], torch.rand(20000, generator=gen), 2.0, 1.0), minlength=4) / 20000
+    assert torch.allclose(warm.float(), hot.float(), atol=0.015)
+    nucleus = pick(logits, torch.rand(20000, generator=gen), 1.0, 0.7)
     assert set(nucleus.tolist()) == {0, 1}  # 0.5 + 0.3 reaches 0.7: the tail is never drawn
+    edges = pick(logits[:2], torch.tensor([0.0, 1.0]), 1.0, 1.0)
+    assert edges.tolist() == [0, 3]  # u = 0 and u = 1 land on tokens that have mass, never the zero-mass last
 
 
 # --- rewards ------------------------------------------------------------------------------------------------

@@ -35,12 +35,17 @@ from hwcompat.data.rows import Report, read_prompts, split_eval
 from hwcompat.data.chat import render_prompt_ids, uses_chat_template
 from hwcompat.errors import InputError
 from hwcompat.resolve import ResolvedProfile
+from hwcompat.train import prefix
 from hwcompat.train import rewards as rewards_mod
 from hwcompat.train import rollout
 from hwcompat.train.config import TrainConfig, effective_beta
 from hwcompat.train.model import autocast
 from hwcompat.train.objectives import as_reference, head_split, starting_weights
 from hwcompat.train.objectives.linear_logps import target_logps
+
+
+#: The longest prompt-sharing row (prompt + its G completions): its L x L mask and attention stay bounded.
+SHARED_MAX = 4096
 
 
 @dataclass(frozen=True)
@@ -198,6 +203,11 @@ class GRPO:
             self.decoder = torch.compile(self.decoder)
         self.start = starting_weights(model, self.cfg.init_adapter)
         self.eos = rollout.eos_ids(model, self.tokenizer)
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.base_config, self.attention = base.config, base.config._attn_implementation
+        self.can_share = self.split is not None
+        self.mask_dtype = base.get_input_embeddings().weight.dtype
+        self.additive = self.attention == "eager"  # eager adds the mask to the scores
 
     # --- rollout: generate, score, advantages ------------------------------------------------------------------
 
@@ -231,34 +241,99 @@ class GRPO:
         was = self.model.training
         self.model.eval()
         try:
-            with torch.no_grad(), autocast(self.device, self.profile.dtype):
+            with torch.no_grad(), autocast(self.device, self.profile.dtype), self._rollout_weights():
                 return rollout.generate(self.model, [p.ids for p in prompts], g, self.cfg.max_completion_length,
                                         temperature, top_p, self.eos, self.tokenizer.pad_token_id, seed)
         finally:
             self.model.train(was)
 
+    def _rollout_weights(self):
+        """On the CPU, rollouts run through base + adapter merged (``rollout.merged``: a quarter of a CPU
+        rollout's time is the adapters' extra products); on a card the copy would cost the base's size again."""
+        import contextlib
+
+        if self.device.type != "cpu" or getattr(self.model, "hwcompat_streamer", None) is not None:
+            return contextlib.nullcontext()
+        return rollout.merged(self.model)
+
     def _tensors(self, prompts: list[Prompt], out: rollout.Rollout, pad_id: int) -> dict[str, Any]:
-        """Rows ``[left-padded prompt | completion, right-padded]`` and the completion tokens' loss mask."""
+        """The loss's inputs: one row per prompt holding its G completions (``_shared``) where the attention
+        kernel takes that mask and it is cheaper, else one row per completion (``_padded``); and the completion
+        tokens' loss mask ``[completions x longest]``."""
+        import torch
+
+        longest = max(1, max(len(c) for c in out.completions))
+        rows = len(out.completions)
+        loss_mask = torch.zeros((rows, longest), dtype=torch.float32)
+        for j, comp in enumerate(out.completions):
+            if out.ended[j] or not self.cfg.mask_truncated_completions:
+                loss_mask[j, :len(comp)] = 1.0
+        shared = self._shared(prompts, out, pad_id, loss_mask) if self.share_prompts(prompts, out) else None
+        batch = shared or self._padded(prompts, out, pad_id, longest)
+        tokens = int(loss_mask.sum())
+        batch.update(loss_mask=loss_mask, n_target=tokens if self.cfg.loss_type == "dapo" else rows)
+        return batch
+
+    def share_prompts(self, prompts: list[Prompt], out: rollout.Rollout) -> bool:
+        """One row per prompt when the model takes a 4-D mask (prefix.supported) and it computes fewer tokens
+        than G padded rows; the row (and the L x L mask) is capped at SHARED_MAX tokens."""
+        if not self.can_share:
+            return False
+        g = self.cfg.num_generations
+        rows = [len(p.ids) + sum(len(c) for c in out.completions[i * g:(i + 1) * g]) for i, p in enumerate(prompts)]
+        padded = len(out.completions) * (max(len(p.ids) for p in prompts) + max(len(c) for c in out.completions))
+        return (max(rows) <= SHARED_MAX and len(prompts) * max(rows) < padded
+                and prefix.supported(self.base_config, self.attention, max(rows)))
+
+    def _padded(self, prompts: list[Prompt], out: rollout.Rollout, pad_id: int, longest: int) -> dict[str, Any]:
+        """Rows ``[left-padded prompt | completion, right-padded]``: each prompt computed G times."""
         import torch
 
         g = self.cfg.num_generations
         width = max(len(p.ids) for p in prompts)
-        longest = max(1, max(len(c) for c in out.completions))
-        rows = len(out.completions)
-        ids = torch.full((rows, width + longest), pad_id, dtype=torch.long)
+        ids = torch.full((len(out.completions), width + longest), pad_id, dtype=torch.long)
         attn = torch.zeros_like(ids)
-        loss_mask = torch.zeros((rows, longest), dtype=torch.float32)
         for j, comp in enumerate(out.completions):
             p = prompts[j // g].ids
             ids[j, width - len(p):width] = torch.tensor(p, dtype=torch.long)
             ids[j, width:width + len(comp)] = torch.tensor(comp, dtype=torch.long)
             attn[j, width - len(p):width + len(comp)] = 1
-            if out.ended[j] or not self.cfg.mask_truncated_completions:
-                loss_mask[j, :len(comp)] = 1.0
-        tokens = int(loss_mask.sum())
         return {"input_ids": ids, "attention_mask": attn, "position_ids": (attn.cumsum(-1) - 1).clamp(min=0),
-                "prompt_width": width, "loss_mask": loss_mask,
-                "n_target": tokens if self.cfg.loss_type == "dapo" else rows, "n_tokens": int(attn.sum())}
+                "prompt_width": width, "n_tokens": int(attn.sum())}
+
+    def _shared(self, prompts: list[Prompt], out: rollout.Rollout, pad_id: int, loss_mask) -> dict[str, Any]:
+        """Rows ``[prompt][completion 1]…[completion G]``: positions restart after the prompt for each completion
+        and a 4-D mask lets each see the prompt and itself only (``prefix.py``, as DPO's pairs), so every completion
+        token gets exactly the logits of its own padded row while the prompt is computed once, not G times."""
+        import torch
+
+        g = self.cfg.num_generations
+        lengths = [len(p.ids) + sum(len(c) for c in out.completions[i * g:(i + 1) * g]) for i, p in enumerate(prompts)]
+        width = max(lengths)
+        ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+        positions = torch.zeros_like(ids)
+        segments = torch.full_like(ids, prefix.PAD_SEGMENT)
+        src, target, dest = [], [], []
+        longest = loss_mask.shape[1]
+        for i, p in enumerate(prompts):
+            n = len(p.ids)
+            ids[i, :n], positions[i, :n], segments[i, :n] = torch.tensor(p.ids), torch.arange(n), prefix.PREFIX
+            at = n
+            for k in range(g):
+                j = i * g + k
+                comp = out.completions[j]
+                ids[i, at:at + len(comp)] = torch.tensor(comp, dtype=torch.long)
+                positions[i, at:at + len(comp)] = torch.arange(n, n + len(comp))
+                segments[i, at:at + len(comp)] = k + 1
+                for t in range(len(comp)):
+                    if loss_mask[j, t] > 0:  # token t is predicted by the prompt's last position, or its own previous
+                        src.append(i * width + (n - 1 if t == 0 else at + t - 1))
+                        target.append(comp[t])
+                        dest.append(j * longest + t)
+                at += len(comp)
+        return {"input_ids": ids, "position_ids": positions, "segments": segments, "src": torch.tensor(src),
+                "target": torch.tensor(target, dtype=torch.long), "dest": torch.tensor(dest),
+                "n_tokens": sum(lengths)}
 
     def _note(self, values, total, out: rollout.Rollout, batch: dict[str, Any], seconds: float) -> None:
         lengths = [len(c) for c in out.completions]
@@ -272,6 +347,8 @@ class GRPO:
         """log p(completion token) per position, ``[rows x completion]`` (0 where masked); the chunked head."""
         import torch
 
+        if "segments" in batch:
+            return self._shared_logps(batch)
         ids, attn, pos = (batch[k].to(self.device) for k in ("input_ids", "attention_mask", "position_ids"))
         mask = batch["loss_mask"].to(self.device)
         width = batch["prompt_width"]
@@ -289,6 +366,19 @@ class GRPO:
         out = torch.zeros(mask.shape, dtype=flat.dtype, device=flat.device)
         out[keep] = flat
         return out
+
+    def _shared_logps(self, batch: dict[str, Any]):
+        import torch
+
+        ids, pos, segments, src, target, dest = (batch[k].to(self.device) for k in (
+            "input_ids", "position_ids", "segments", "src", "target", "dest"))
+        mask = prefix.attention_mask(segments, self.mask_dtype, self.additive)
+        hidden = self.decoder(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
+        s = self.split
+        flat = target_logps(s.head, hidden.reshape(-1, hidden.shape[-1])[src], target, s.scale, s.cap)
+        shape = batch["loss_mask"].shape
+        return torch.zeros(shape[0] * shape[1], dtype=flat.dtype, device=flat.device).index_put(
+            (dest,), flat).view(shape)
 
     def _reference_logps(self, batch: dict[str, Any]):
         import torch
