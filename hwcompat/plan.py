@@ -251,6 +251,8 @@ class PlanInput:
     # Share of positions that need logits. A plain causal-LM forward computes them everywhere (1.0);
     # hwcompat's trainer only at response tokens, so `train` passes its data's worst-case share.
     logit_fraction: float = 1.0
+    generations: int = 0  # grpo: completions per prompt (G); 0: not a GRPO run. batch_size counts completions
+    completion_len: int = 0  # grpo: max_completion_length (the rollout's new tokens per row)
     offload: str = "none"  # none | layers (train/stream.py); "auto" is decided by decide_offload, never estimated
     prefetch: int = 1  # offload=layers: device slots = prefetch + 1
 
@@ -402,7 +404,23 @@ def _activation_terms(shape: ModelShape, inp: PlanInput, db: int, attention: str
     else:
         bd["attention_scores"] = 0
     bd["logits"] = logit_chunk_bytes(shape, tokens * min(1.0, max(0.0, inp.logit_fraction)), act_db)
+    if inp.generations:
+        rollout = rollout_bytes(shape, inp, act_db)
+        bd["rollout"] = max(0, rollout - sum(bd.values()))
+        notes.append(f"grpo: the rollout (no gradients) holds the KV cache of {inp.batch_size} rows x {inp.seq_len} "
+                     f"tokens and one token's logits per row, {rollout / GIB:.2f} GiB, before the loss's activations "
+                     "exist; 'rollout' is what it needs beyond them (0 when the training side is the larger)")
     return bd
+
+
+def rollout_bytes(shape: ModelShape, inp: PlanInput, act_db: int) -> int:
+    """GRPO's generation (train/rollout.py): every row's KV cache at full length, the prompts' cache once more while
+    it is expanded G ways, and the sampling of one token per row (its logits, float64 softmax and cumulative sum)."""
+    per_token = shape.layers * 2 * shape.kv_heads * shape.head_dim * act_db
+    rows = inp.batch_size
+    prompt = max(0, inp.seq_len - inp.completion_len)
+    cache = rows * inp.seq_len * per_token + (rows // max(1, inp.generations)) * prompt * per_token
+    return cache + rows * shape.vocab * (act_db + 16)
 
 
 def logit_chunk_bytes(shape: ModelShape, response_rows: float, act_db: int) -> int:
@@ -557,8 +575,8 @@ def decide_offload(shape: ModelShape, inp: PlanInput, setting: str, run, may_che
         if checkpointed.fits:
             return MemoryChoice("none", True, checkpointed, "gradient_checkpointing=true (offload: auto): the resident "
                                 "run does not fit without it and does with it, which is cheaper than streaming")
-    if inp.method != "lora" or not may_stream or (setting == "auto" and not inp.gradient_checkpointing
-                                                  and not may_checkpoint):
+    no_stream = inp.method != "lora" or not may_stream or inp.generations  # grpo: rollouts are not streamed
+    if no_stream or (setting == "auto" and not inp.gradient_checkpointing and not may_checkpoint):
         return MemoryChoice("none", inp.gradient_checkpointing, resident)
     streamed = run(replace(inp, offload="layers"))
     if setting == "layers" or streamed.fits:
@@ -588,10 +606,16 @@ def _candidates(inp: PlanInput, quant_ok: bool, optim8_ok: bool, can_stream: boo
     out = []
     if not inp.gradient_checkpointing:
         out.append(({"gradient_checkpointing": True}, replace(inp, gradient_checkpointing=True), ""))
-    if inp.batch_size > 1:
-        out.append(({"micro_batch_size": 1, "gradient_accumulation": inp.batch_size}, replace(inp, batch_size=1),
-                    "same effective batch"))
-    if can_stream and inp.method == "lora" and inp.offload == "none":  # same numbers, unlike QLoRA; slower step
+    group = max(1, inp.generations)  # grpo: a micro-batch holds whole groups of G completions
+    if inp.batch_size > group:
+        out.append(({"micro_batch_size": group, "gradient_accumulation": inp.batch_size // group},
+                    replace(inp, batch_size=group), "same effective batch" + (", one prompt's G completions per "
+                                                                             "micro-batch" if inp.generations else "")))
+    if inp.generations and inp.completion_len > 64:
+        half = inp.completion_len // 2
+        out.append(({"max_completion_length": half, "max_seq_len": inp.seq_len - half},
+                    replace(inp, completion_len=half, seq_len=inp.seq_len - half), "shorter completions"))
+    if can_stream and inp.method == "lora" and inp.offload == "none" and not inp.generations:  # slower step
         out.append(({"offload": "layers"}, replace(inp, offload="layers"),
                     "stream the frozen base from host RAM, one layer at a time"))
     if inp.method == "lora" and quant_ok:
@@ -611,7 +635,7 @@ def _with_shorter_sequences(combined, seq_len: int, run) -> list[dict[str, Any]]
     for settings, new in combined:
         if run(new).fits:
             continue
-        seq = _round(_largest(lambda v: run(replace(new, seq_len=v)).fits, 64, seq_len))
+        seq = _round(_largest(lambda v: run(replace(new, seq_len=v)).fits, 64 + new.completion_len, seq_len))
         if seq and (seq >= MIN_SUGGESTED_SEQ or not settings):
             out.append(_fix({**settings, "max_seq_len": seq}, run(replace(new, seq_len=seq))))
     return out
@@ -639,6 +663,27 @@ def _minimal(out: list[dict[str, Any]], seq_len: int) -> list[dict[str, Any]]:
     return keep
 
 
+def _largest_settings(shape: ModelShape, inp: PlanInput, run) -> list[dict[str, Any]]:
+    """A plan that fits: the longest max_seq_len, the largest micro_batch_size (whole GRPO groups) and, for GRPO,
+    the longest completions that still fit."""
+    seq = _round(_largest(lambda v: run(replace(inp, seq_len=v)).fits, inp.seq_len, shape.max_positions),
+                 inp.seq_len)
+    group = max(1, inp.generations)
+    batch = _largest(lambda v: run(replace(inp, batch_size=v * group)).fits, inp.batch_size // group, 1024)
+    batch = batch * group if batch else batch
+    per = f", {batch // group} prompt(s) x num_generations={group}" if inp.generations and batch else ""
+    largest = [_fix({"max_seq_len": seq}, run(replace(inp, seq_len=seq)),
+                    f"largest at micro_batch_size={inp.batch_size}"),
+               _fix({"micro_batch_size": batch}, run(replace(inp, batch_size=batch)),
+                    f"largest at max_seq_len={inp.seq_len}{per}")]
+    if inp.generations and seq:  # the completion budget the longest sequence leaves, prompts unchanged
+        longest = inp.completion_len + seq - inp.seq_len
+        largest.append(_fix({"max_completion_length": longest, "max_seq_len": seq},
+                            run(replace(inp, seq_len=seq, completion_len=longest)),
+                            f"largest completions at micro_batch_size={inp.batch_size}"))
+    return largest
+
+
 def suggest(shape: ModelShape, plan: Plan, vendor: str, quant_ok: bool, optim8_ok: bool = False,
             host: Host | None = None) -> list[dict[str, Any]]:
     """If it does not fit: the cheapest changes that make it fit. If it fits: the largest seq / batch.
@@ -654,12 +699,7 @@ def suggest(shape: ModelShape, plan: Plan, vendor: str, quant_ok: bool, optim8_o
 
     out: list[dict[str, Any]] = []
     if plan.fits:
-        seq = _round(_largest(lambda v: run(replace(inp, seq_len=v)).fits, inp.seq_len, shape.max_positions),
-                     inp.seq_len)
-        batch = _largest(lambda v: run(replace(inp, batch_size=v)).fits, inp.batch_size, 1024)
-        return [_fix({"max_seq_len": seq}, run(replace(inp, seq_len=seq)), f"largest at micro_batch_size={inp.batch_size}"),
-                _fix({"micro_batch_size": batch}, run(replace(inp, batch_size=batch)),
-                     f"largest at max_seq_len={inp.seq_len}")]
+        return _largest_settings(shape, inp, run)
     candidates = _candidates(inp, quant_ok, optim8_ok, can_stream=vendor != "cpu")
     out += [_fix(settings, run(new), note) for settings, new, note in candidates]
     combined: list[tuple[dict[str, Any], PlanInput]] = [({}, inp)] + [(s_, new) for s_, new, _ in candidates]
@@ -700,6 +740,8 @@ def plan_input(cfg, method: str | None = None, logit_fraction: float = 1.0) -> P
                      gradient_checkpointing=cfg.gradient_checkpointing, optimizer=cfg.optimizer,
                      lora_dropout=cfg.lora_dropout > 0, logit_fraction=logit_fraction,
                      sequences_per_row=2 if cfg.method == "dpo" else 1,
+                     generations=cfg.num_generations if cfg.method == "grpo" else 0,
+                     completion_len=cfg.max_completion_length if cfg.method == "grpo" else 0,
                      offload="layers" if cfg.offload == "layers" else "none", prefetch=cfg.offload_prefetch)
 
 

@@ -18,7 +18,7 @@ def add_parser(sub) -> None:
                                     "without a config that names one)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="`hwcompat train` config keys, e.g. max_seq_len=2048 micro_batch_size=4 optimizer=adamw_8bit")
-    p.add_argument("--method", choices=("lora", "qlora", "full", "dpo"),
+    p.add_argument("--method", choices=("lora", "qlora", "full", "dpo", "grpo"),
                    help="dpo: LoRA preference tuning (= method=dpo; with qlora=true for an NF4 base)")
     p.add_argument("--seq-len", "--max-seq-len", dest="seq_len", type=int, help="= max_seq_len (train's default)")
     p.add_argument("--batch-size", "--micro-batch-size", dest="batch_size", type=int,
@@ -56,8 +56,8 @@ def train_config(args: argparse.Namespace):
     flags = [f"{key}={str(v).lower() if isinstance(v, bool) else v}" for attr, key in FLAG_KEYS.items()
              if (v := getattr(args, attr)) is not None]
     method = args.method
-    if method in ("dpo", "qlora"):
-        flags.append("method=dpo" if method == "dpo" else "qlora=true")
+    if method in ("dpo", "grpo", "qlora"):
+        flags.append("qlora=true" if method == "qlora" else f"method={method}")
     if not path and not args.model and not any(i.startswith("model=") for i in items):
         raise InputError("plan: which model? Give --model PATH (a folder with config.json) or a train config")
     from hwcompat.cli.demo import named_model

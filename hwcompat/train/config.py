@@ -287,6 +287,29 @@ def effective_beta(cfg: "TrainConfig") -> float:
     return 0.0 if cfg.method == "grpo" else 0.1
 
 
+def grpo_problem(cfg: "TrainConfig") -> str | None:
+    """What cannot work in a GRPO config, said before anything loads (train and plan alike): a G of 1 (every
+    advantage is 0), a micro-batch that does not hold whole groups, no room for the prompt."""
+    g = cfg.num_generations
+    if g < 2:
+        return (f"num_generations={g}: GRPO compares each completion with its group's others; with one there is "
+                "nothing to compare (every advantage is 0). Use 2 or more (TRL: 8)")
+    if cfg.micro_batch_size % g:
+        return (f"micro_batch_size={cfg.micro_batch_size} counts completions and must hold whole groups of "
+                f"num_generations={g}: use a multiple of {g}, e.g. micro_batch_size={g}")
+    if cfg.num_iterations != 1:
+        return (f"num_iterations={cfg.num_iterations}: hwcompat's GRPO is on-policy (one optimizer step per "
+                "generation, TRL's default); set num_iterations=1")
+    if cfg.max_completion_length >= cfg.max_seq_len:
+        return (f"max_completion_length={cfg.max_completion_length} leaves no room for the prompt in "
+                f"max_seq_len={cfg.max_seq_len}; raise max_seq_len or lower max_completion_length")
+    if cfg.offload == "layers":
+        return ("offload=layers with method grpo: rollouts through streamed layers are not supported yet; set "
+                "offload=none (or auto), or lower micro_batch_size / max_completion_length (`hwcompat plan "
+                "--suggest`)")
+    return None
+
+
 def _unknown(key: Any, where: str) -> InputError:
     names = list(_fields())
     near = difflib.get_close_matches(key, names, n=1, cutoff=0.5) if isinstance(key, str) else []
@@ -383,6 +406,8 @@ def _validate(cfg: TrainConfig, where: str, origins: dict[str, str] | None = Non
     where = file_where
     if not (cfg.epochs > 0 or cfg.max_steps > 0):
         raise InputError(f"{where}: set epochs > 0 or max_steps > 0")
+    if cfg.method == "grpo" and grpo_problem(cfg):
+        raise InputError(f"{where}: {grpo_problem(cfg)}")
     if cfg.method == "dpo" and effective_beta(cfg) == 0:
         raise InputError(f"{where}: beta=0 with method dpo: the loss would not depend on the model (DPO's beta "
                          "scales every log-ratio); use a beta in (0, 100], e.g. 0.1")

@@ -366,3 +366,52 @@ def test_sigterm_and_resume_are_bit_identical(tmp_path, tiny_model, task_files):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     ra, rb = (_train_records(tmp_path / n / "run") for n in ("a", "b"))
     assert [r["reward"] for r in ra] == [r["reward"] for r in rb]  # the same completions were sampled
+
+
+# --- the planner knows GRPO ---------------------------------------------------------------------------------
+
+QWEN3_4B = {"model_type": "qwen3", "hidden_size": 2560, "intermediate_size": 9728, "num_hidden_layers": 36,
+            "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936,
+            "tie_word_embeddings": True, "max_position_embeddings": 40960}
+
+
+def test_the_rollout_term_is_the_kv_cache_and_one_tokens_sampling():
+    from hwcompat import plan as P
+
+    shape = P.shape_from_config(QWEN3_4B, "test")
+    inp = P.PlanInput(seq_len=1536, batch_size=16, generations=8, completion_len=1024)
+    per_token = 36 * 2 * 8 * 128 * 2  # layers x (K, V) x kv heads x head dim x bf16
+    want = 16 * 1536 * per_token + 2 * 512 * per_token + 16 * 151936 * (2 + 16)
+    assert P.rollout_bytes(shape, inp, 2) == want
+    plan = P.estimate(shape, inp, "bfloat16", "sdpa", "nvidia", 24 * 2**30)
+    training = sum(v for k, v in plan.breakdown.items() if k in ("base_weights", "adapter_weights", "gradients",
+                                                                  "optimizer_states", "activations",
+                                                                  "attention_scores", "logits"))
+    assert plan.breakdown["rollout"] == max(0, want - training)
+    assert any("grpo: the rollout" in n for n in plan.notes)
+
+
+def test_plan_grpo_suggests_whole_groups_and_shorter_completions(tmp_path, capsys):
+    from hwcompat.cli import main
+
+    (tmp_path / "config.json").write_text(json.dumps(QWEN3_4B))
+    args = ["plan", "--model", str(tmp_path), "--emulate", "rx6600", "--method", "grpo", "--suggest", "--json",
+            "micro_batch_size=16", "num_generations=8", "max_completion_length=1024", "max_seq_len=1536",
+            "gradient_checkpointing=false"]
+    assert main(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert not out["fits"]
+    changes = [s["settings"] for s in out["suggestions"]]
+    assert {"micro_batch_size": 8, "gradient_accumulation": 2} in changes  # one prompt's group per micro-batch
+    assert any(c.get("max_completion_length") == 512 for c in changes)
+    assert not any("offload" in c for c in changes)  # rollouts are not streamed
+    assert all(c.get("micro_batch_size", 8) % 8 == 0 for c in changes)
+
+
+def test_plan_refuses_a_micro_batch_of_partial_groups(tmp_path, capsys):
+    from hwcompat.cli import main
+
+    (tmp_path / "config.json").write_text(json.dumps(QWEN3_4B))
+    assert main(["plan", "--model", str(tmp_path), "--emulate", "rx6600", "--method", "grpo", "micro_batch_size=4",
+                 "num_generations=8"]) == 2
+    assert "must hold whole groups of num_generations=8" in capsys.readouterr().err

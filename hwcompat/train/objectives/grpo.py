@@ -58,21 +58,8 @@ class Prompt:
 
 
 def check_settings(cfg: TrainConfig, where: str = "config") -> list[rewards_mod.Reward]:
-    """What cannot work is refused before anything loads: a G of 1 (every advantage is 0), a micro-batch that
-    does not hold whole groups, rewards that do not resolve."""
-    g = cfg.num_generations
-    if g < 2:
-        raise InputError(f"{where}: num_generations={g}: GRPO compares each completion with its group's others; "
-                         "with one there is nothing to compare (every advantage is 0). Use 2 or more (TRL: 8)")
-    if cfg.micro_batch_size % g:
-        raise InputError(f"{where}: micro_batch_size={cfg.micro_batch_size} counts completions and must hold whole "
-                         f"groups of num_generations={g}: use a multiple of {g}, e.g. micro_batch_size={g}")
-    if cfg.num_iterations != 1:
-        raise InputError(f"{where}: num_iterations={cfg.num_iterations}: hwcompat's GRPO is on-policy (one optimizer "
-                         "step per generation, TRL's default); set num_iterations=1")
-    if cfg.max_completion_length >= cfg.max_seq_len:
-        raise InputError(f"{where}: max_completion_length={cfg.max_completion_length} leaves no room for the prompt "
-                         f"in max_seq_len={cfg.max_seq_len}; raise max_seq_len or lower max_completion_length")
+    """The rewards, resolved before anything loads (the group and length rules are the config's own:
+    ``config.grpo_problem``)."""
     return rewards_mod.resolve(cfg.rewards, cfg.reward_weights, where)
 
 
