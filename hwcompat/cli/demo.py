@@ -55,12 +55,33 @@ DPO_CONFIG = {
 }
 
 
+#: The third stage (`hwcompat demo --grpo`): GRPO from the SFT demo's adapter on the same task's prompts, rewarded by
+#: the task's own metrics against each row's answer (field F1 and JSON validity); no pairs, no labels beyond the answers.
+GRPO_CONFIG = {
+    "method": "grpo",
+    "train_data": [str(DATA / "train.jsonl")],
+    "eval_data": [str(DATA / "eval.jsonl")],
+    "rewards": ["field_f1", "json_valid"],
+    # measured from the SFT demo adapter (2-core CPU, 3 min): field F1 0.789 -> 0.811, exact match 0.400 -> 0.525,
+    # precision 0.682 -> 0.737; with G=4 / 16 steps / lr 1e-4 exact match fell to 0.325 (the guard flagged it)
+    "num_generations": 8,
+    "micro_batch_size": 16,  # completions: 2 prompts x 8
+    "max_completion_length": 64,  # the task's answers are 20-50 tokens; the SFT model ends them itself
+    "temperature": 1.0,
+    "max_steps": 24,
+    "learning_rate": 5e-5,
+    "output_dir": "runs/demo-grpo",
+}
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("demo", help="fine-tune the bundled small model on bundled data (offline, a few minutes)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override demo config keys, e.g. max_steps=10")
     p.add_argument("--tiny", action="store_true", help="skip the real model; use a tiny one built from a config")
     p.add_argument("--dpo", action="store_true", help="the second stage: DPO from the SFT demo's adapter (run "
                                                      "`hwcompat demo` first) on bundled preference pairs")
+    p.add_argument("--grpo", action="store_true", help="the third stage: GRPO from the SFT demo's adapter, rewarded "
+                                                       "by field F1 and JSON validity (run `hwcompat demo` first)")
     p.add_argument("--print-model", action="store_true",
                    help="print the demo model's folder (prepared first if needed) and exit; a config may name it as "
                         f"model: {DEMO_MODEL} (or {TINY_MODEL} with --tiny)")
@@ -141,28 +162,34 @@ def run(args: argparse.Namespace) -> int:
             print(f"demo: FALLBACK: could not prepare the real model ({exc}); training a tiny model built from "
                   "a config instead, so the numbers below say nothing about quality", file=sys.stderr)
             base["model"] = _tiny_model()
-    if args.dpo:
-        base = _dpo_stage(base)
+    if args.dpo and args.grpo:
+        from hwcompat.errors import InputError
+
+        raise InputError("demo: --dpo and --grpo are two stages, each from the SFT demo's adapter: run one at a time")
+    if args.dpo or args.grpo:
+        base = _after_sft(base, DPO_CONFIG if args.dpo else GRPO_CONFIG)
     loaded = load_config(None, args.overrides, base=base)
     if not args.resume and _demo_owns(loaded.config.output_dir):
         args.overwrite = True  # the demo's own run folder is ours to replace; anything else is the user's
     return launch(args, loaded)
 
 
-def _dpo_stage(sft: dict) -> dict:
-    """The DPO demo config: the SFT demo run's model and adapter, the bundled pairs."""
+def _after_sft(sft: dict, stage: dict) -> dict:
+    """The DPO or GRPO demo config: the SFT demo run's model and adapter, the stage's data and settings."""
     import json
 
     from hwcompat.errors import InputError
 
+    name = stage["method"].upper()
     run = Path(os.path.abspath(sft["output_dir"]))
     if not (run / "adapter" / "adapter_model.safetensors").exists():
-        raise InputError(f"demo --dpo starts from the SFT demo's adapter, and {run / 'adapter'} does not exist yet: "
-                         "run `hwcompat demo` first (same options), then `hwcompat demo --dpo`")
+        raise InputError(f"demo --{stage['method']} starts from the SFT demo's adapter, and {run / 'adapter'} does not "
+                         f"exist yet: run `hwcompat demo` first (same options), then `hwcompat demo "
+                         f"--{stage['method']}`")
     model = json.loads((run / "run.json").read_text())["config"]["model"]
-    print(f"demo: DPO stage from {run / 'adapter'} on bundled preference pairs; 'before' is the SFT model",
-          file=sys.stderr)
-    return {**sft, **DPO_CONFIG, "model": model, "init_adapter": str(run / "adapter")}
+    data = "bundled preference pairs" if stage["method"] == "dpo" else "the task's prompts, rewarded by its metrics"
+    print(f"demo: {name} stage from {run / 'adapter'} on {data}; 'before' is the SFT model", file=sys.stderr)
+    return {**sft, **stage, "model": model, "init_adapter": str(run / "adapter")}
 
 
 def _demo_owns(output_dir: str) -> bool:
