@@ -1,7 +1,7 @@
 """GRPO speed, memory and reward: `hwcompat train method=grpo` vs TRL's GRPOTrainer, alternating, one run.
 
     python bench/grpo.py [--steps 8] [--prompts 2] [--generations 4] [--completion 96] [--rounds 2]
-                         [--out bench/results/grpo.json] [--trl-python PY]
+                         [--init-adapter runs/demo/adapter] [--lr 2e-5] [--out bench/results/grpo.json]
 
 Same model (SmolLM2-135M-Instruct from the demo's package), same prompts (the demo's extraction task, its
 answers as references), same G, completion length, rewards (field F1 + JSON validity, hwcompat's row metrics on
@@ -30,7 +30,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "hwcompat" / "demo" / "data"
-SETTINGS = {"lora_r": 16, "lora_alpha": 32, "lr": 2e-5, "max_len": 512, "temperature": 1.0}
+SETTINGS = {"lora_r": 16, "lora_alpha": 32, "lr": 2e-5, "max_len": 512, "temperature": 1.0}  # lr: --lr
 TCMALLOC = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
 ENGINES = ("hwcompat", "trl GRPOTrainer")
 
@@ -59,10 +59,11 @@ def run_hwcompat(model: str, train: Path, evals: Path, args, tmp: Path, bf16: bo
            "rewards": ["field_f1", "json_valid"], "num_generations": args.generations,
            "micro_batch_size": args.generations * args.prompts, "max_completion_length": args.completion,
            "temperature": SETTINGS["temperature"], "lora_r": SETTINGS["lora_r"], "lora_alpha": SETTINGS["lora_alpha"],
-           "lora_dropout": 0.0, "learning_rate": SETTINGS["lr"], "max_seq_len": SETTINGS["max_len"],
+           "lora_dropout": 0.0, "max_seq_len": SETTINGS["max_len"],
            "max_steps": args.steps, "warmup_ratio": 0.0, "lr_schedule": "constant", "eval_at_start": False,
            "eval_max_rows": args.eval_prompts, "output_dir": str(out), "seed": args.seed,
-           "dtype": "bfloat16" if bf16 else "float32"}
+           "dtype": "bfloat16" if bf16 else "float32", "learning_rate": args.lr,
+           **({"init_adapter": args.init_adapter} if args.init_adapter else {})}
     (tmp / "hw.yaml").write_text(yaml.safe_dump(cfg))
     res = subprocess.run([sys.executable, "-m", "hwcompat", "train", str(tmp / "hw.yaml"), "--overwrite"],
                          capture_output=True, text=True, cwd=ROOT)
@@ -106,6 +107,9 @@ TRL_SCRIPT = textwrap.dedent('''
                      dataloader_num_workers=0, gradient_accumulation_steps=1)
     peft = LoraConfig(r=a["r"], lora_alpha=a["alpha"], lora_dropout=0.0, target_modules="all-linear",
                       task_type="CAUSAL_LM")
+    if a["adapter"]:  # from an SFT adapter, trained further (as hwcompat's init_adapter)
+        from peft import PeftModel
+        model, peft = PeftModel.from_pretrained(model, a["adapter"], is_trainable=True), None
     trainer = GRPOTrainer(model=model, args=cfg, reward_funcs=[field_f1, json_valid],
                           train_dataset=Dataset.from_list(rows(a["train"])), processing_class=tok, peft_config=peft)
     out = trainer.train()
@@ -133,7 +137,8 @@ TRL_SCRIPT = textwrap.dedent('''
 
 def run_trl(python: str, model: str, train: Path, evals: Path, args, tmp: Path, bf16: bool) -> dict:
     a = {"model": model, "train": str(train), "eval": str(evals), "batch": args.generations * args.prompts,
-         "g": args.generations, "completion": args.completion, "lr": SETTINGS["lr"], "steps": args.steps,
+         "g": args.generations, "completion": args.completion, "lr": args.lr, "steps": args.steps,
+         "adapter": args.init_adapter,
          "temperature": SETTINGS["temperature"], "r": SETTINGS["lora_r"], "alpha": SETTINGS["lora_alpha"],
          "out": str(tmp / "trl"), "seed": args.seed, "bf16": bf16}
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
@@ -170,6 +175,9 @@ def main() -> int:
     ap.add_argument("--eval-prompts", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=2, help="alternating rounds per engine")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--lr", type=float, default=SETTINGS["lr"])
+    ap.add_argument("--init-adapter", help="start both from this LoRA adapter (e.g. runs/demo/adapter, the SFT "
+                                           "demo's: the demo's GRPO stage, where answers end and are scored)")
     ap.add_argument("--trl-python", default=sys.executable)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "grpo.json"))
     args = ap.parse_args()

@@ -89,6 +89,24 @@ def test_demo_dpo_stage_starts_from_the_sft_adapter(tmp_path, cache_dir):
     assert spec["config"]["init_adapter"] == str(tmp_path / "runs" / "demo" / "adapter")
 
 
+@pytest.mark.slow
+def test_demo_grpo_stage_starts_from_the_sft_adapter(tmp_path, cache_dir):
+    """#37: the third stage, rewarded by the task's metrics against each row's answer."""
+    res = _demo_in(tmp_path, cache_dir, "--grpo")
+    assert res.returncode == 2 and "run `hwcompat demo` first" in res.stderr
+    assert _demo_in(tmp_path, cache_dir, "max_steps=2").returncode == 0
+    res = _demo_in(tmp_path, cache_dir, "--grpo", "max_steps=2", "max_completion_length=8", "num_generations=2",
+                   "micro_batch_size=4")
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((tmp_path / "runs" / "demo-grpo" / "summary.json").read_text())
+    assert summary["objective"] == "grpo" and summary["steps"] == 2
+    assert {"reward", "reward_field_f1", "reward_json_valid", "field_f1"} <= set(summary["eval_after"])
+    spec = json.loads((tmp_path / "runs" / "demo-grpo" / "run.json").read_text())
+    assert spec["config"]["init_adapter"] == str(tmp_path / "runs" / "demo" / "adapter")
+    assert spec["config"]["rewards"] == ["field_f1", "json_valid"]
+    assert _demo_in(tmp_path, cache_dir, "--grpo", "--dpo").returncode == 2
+
+
 def _cli(cache_dir, *args, cwd=None):
     env = {k: v for k, v in os.environ.items() if not k.startswith("HWCOMPAT_")}
     env["HWCOMPAT_CACHE_DIR"] = str(cache_dir)

@@ -33,6 +33,14 @@ def add_parsers(sub) -> None:
     e.add_argument("--general", action="store_true",
                    help="forgetting: KL of the adapted model from its base on 100 bundled general prompts, and the "
                         "base's own answers' likelihood under both (kept in summary.json)")
+    e.add_argument("--predictions", metavar="OUT.jsonl",
+                   help="write each --data row's prompt, reference, the model's answer and its metrics")
+    e.add_argument("--pairs", metavar="OUT.jsonl",
+                   help="write DPO preference pairs from --data: chosen = the reference, rejected = the model's "
+                        "wrong answer, or for a row it gets right its likeliest wrong sample (diverse pairs)")
+    e.add_argument("--samples", type=int, default=4, help="--pairs: answers sampled per right row (default 4)")
+    e.add_argument("--seed", type=int, default=0, help="--pairs: the sampling seed")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing --predictions / --pairs file")
     e.set_defaults(func=run_eval)
 
 
@@ -78,4 +86,26 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.data and not Path(args.data).exists():
         raise InputError(f"--data {args.data}: not found")
     tail = (["--data", args.data] if args.data else []) + (["--general"] if args.general else [])
+    tail += _outputs(args)
     return _exec(["eval", args.run_dir, *tail], args.run_dir)
+
+
+def _outputs(args: argparse.Namespace) -> list[str]:
+    """--predictions / --pairs: need --data, two different files, none replaced without --overwrite."""
+    named = [(flag, getattr(args, flag)) for flag in ("predictions", "pairs") if getattr(args, flag)]
+    if not named:
+        return []
+    if not args.data:
+        raise InputError(f"eval --{named[0][0]}: give --data FILE, the rows to answer")
+    if args.samples < 1:
+        raise InputError("eval --samples: at least 1")
+    paths = [Path(p).resolve() for _, p in named]
+    if len(set(paths)) < len(paths) or Path(args.data).resolve() in paths:
+        raise InputError("eval: --predictions, --pairs and --data must be three different files")
+    for flag, path in named:
+        if os.path.lexists(path) and not args.overwrite:
+            raise InputError(f"eval --{flag} {path}: the file exists; pass --overwrite to replace it, or another name")
+        if not Path(path).resolve().parent.is_dir():
+            raise InputError(f"eval --{flag} {path}: its folder does not exist")
+    return [a for flag, p in named for a in (f"--{flag}", str(Path(p).resolve()))] + [
+        "--samples", str(args.samples), "--seed", str(args.seed)]

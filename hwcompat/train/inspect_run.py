@@ -182,6 +182,8 @@ def evaluate(args) -> int:
         _summary(Path(args.run_dir))  # a damaged summary.json is said before the compute, not after it
     spec, model, tokenizer, device = _load(Path(args.run_dir))
     out: dict = {}
+    if args.data and (args.predictions or args.pairs):
+        out.update(_mistakes(args, spec, model, tokenizer, device))
     if args.data:
         out.update(_task_eval(args, spec, model, tokenizer, device))
     if args.general:
@@ -242,6 +244,60 @@ def _summary(run_dir: Path) -> dict | None:
                          "to rebuild it, or move it away to evaluate without recording.)") from None
 
 
+def _mistakes(args, spec, model, tokenizer, device) -> dict:
+    """--predictions: each row's answer and metrics; --pairs: preference pairs from the model's mistakes and, for
+    rows it gets right, its most likely wrong sample (train/mistakes.py). Both written atomically."""
+    import torch
+
+    from hwcompat.data.chat import render_prompt_ids, uses_chat_template
+    from hwcompat.data.rows import Report, read_prompts
+    from hwcompat.fsutil import atomic_write_text
+    from hwcompat.train import mistakes
+    from hwcompat.train.model import autocast
+    from hwcompat.train.objectives.sft import generate as greedy
+
+    cfg, report = spec.config, Report()
+    rows = [mistakes.Row(tuple(m), ref, where) for m, ref, where in read_prompts(args.data, report,
+                                                                               columns=cfg.columns)]
+    if report.errors:
+        raise DataError(f"--data {args.data}: data checks failed; nothing was evaluated\n{report.render()}")
+    chat = uses_chat_template(tokenizer, cfg.chat_template)
+    ids = [render_prompt_ids(tokenizer, (*r.messages, ("assistant", "")), chat) for r in rows]
+    refs = [r.reference for r in rows if r.reference is not None]
+    kind = cfg.eval_metrics if cfg.eval_metrics in mistakes.ROW_KEYS else metrics_kind(refs)
+    max_new = cfg.eval_max_new_tokens or max((len(tokenizer.encode(x, add_special_tokens=False)) for x in refs),
+                                             default=112) + 16
+    answers = greedy(model, tokenizer, ids, max_new, device, spec.profile.dtype)
+    out = {"predictions": mistakes.predictions(rows, answers, kind)}
+    if args.pairs:
+        good = [i for i, p in enumerate(out["predictions"]) if p["correct"]]
+        with autocast(device, spec.profile.dtype):
+            sampled = mistakes.sample_answers(model, tokenizer, [ids[i] for i in good], args.samples, max_new, device,
+                                              args.seed)
+        found = mistakes.confusable(rows, answers, kind, dict(zip(good, sampled)))
+        out["pairs"] = mistakes.pairs(rows, answers, kind, found)
+    right = sum(1 for p in out["predictions"] if p["correct"])
+    said = {"predictions": len(out["predictions"]), "right": right}
+    for flag, key in ((args.predictions, "predictions"), (args.pairs, "pairs")):
+        if flag:
+            atomic_write_text(Path(flag), "".join(json.dumps(r) + "\n" for r in out[key]))
+            said[f"{key}_file"] = flag
+    if args.pairs:
+        said["pairs"] = len(out["pairs"])
+        said["pairs_from_mistakes"] = sum(p["source"] == "mistake" for p in out["pairs"])
+    print(f"{len(rows)} rows, {right} right ({kind} task)" + (
+        f"; {said['pairs']} pairs ({said['pairs_from_mistakes']} from mistakes, the rest from right rows' likeliest "
+        f"wrong sample of {args.samples}) -> {args.pairs}" if args.pairs else "") + (
+        f"; predictions -> {args.predictions}" if args.predictions else ""), file=sys.stderr)
+    return {"mistakes": said}
+
+
+def metrics_kind(references: list[str]) -> str:
+    from hwcompat.data.metrics import detect_kind
+
+    return detect_kind(references) if references else "exact"
+
+
 def _task_eval(args, spec, model, tokenizer, device) -> dict:
     from hwcompat.train.objectives import create
 
@@ -277,6 +333,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--file")
     ap.add_argument("--data")
     ap.add_argument("--general", action="store_true")
+    ap.add_argument("--predictions")
+    ap.add_argument("--pairs")
+    ap.add_argument("--samples", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--top-p", type=float, default=1.0)

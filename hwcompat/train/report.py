@@ -21,7 +21,7 @@ from hwcompat.errors import InputError
 
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
 W, H, PAD = 560, 220, 56  # one plot's size and margin, in SVG units
-SCORES = ("eval_loss", "reward_accuracy", "reward_margin", "exact_match", "accuracy", "json_valid",
+SCORES = ("eval_loss", "reward_accuracy", "reward_margin", "reward", "exact_match", "accuracy", "json_valid",
           "field_precision", "field_recall", "field_f1")
 
 
@@ -225,12 +225,29 @@ def run_charts(run: Run) -> list[str]:
                for i, k in enumerate(("reward_accuracy", "reward_margin")) if _points(run.evals, k)]
     if rewards:
         out.append(chart("DPO rewards (eval)", rewards, run.resumes))
+    out += grpo_charts(run)
     out.append(chart("learning rate", [Series("lr", _points(run.train, "lr"), c0)], run.resumes))
     out.append(chart("tokens/s", [Series("tokens/s", _points(run.train, "tokens_per_s"), c0)], run.resumes))
     out.append(chart("memory (peak so far)", [Series(run.summary.get("peak_memory_kind", "memory"),
                                                      _points(run.train, "memory_bytes", 2**-30), c0)],
                      run.resumes, " GiB"))
     return out
+
+
+def grpo_charts(run: Run) -> list[str]:
+    """GRPO: the total reward per step (train) and at each eval, each reward's mean, the completions' lengths."""
+    train = _points(run.train, "reward")
+    if not train:
+        return []
+    names = sorted({k.split("/")[1] for r in run.train for k in r if k.startswith("rewards/") and k.endswith("/mean")})
+    each = [Series(n, _points(run.train, f"rewards/{n}/mean"), COLORS[(i + 2) % len(COLORS)])
+            for i, n in enumerate(names)]
+    return [chart("GRPO reward", [Series("train (sampled)", train, COLORS[0]),
+                                  Series("eval (greedy)", _points(run.evals, "reward"), COLORS[1], dots=True)] + each,
+                  run.resumes),
+            chart("completion length (tokens)", [Series("mean", _points(run.train, "completion_length"), COLORS[0]),
+                                                 Series("max", _points(run.train, "completion_length_max"),
+                                                        COLORS[1])], run.resumes)]
 
 
 # --- tables ------------------------------------------------------------------------------------------------------
@@ -260,6 +277,7 @@ def metrics_table(run: Run) -> str:
         later = [e for e in run.evals if e["step"] > 0]
         after, head = (later[-1], f"step {later[-1]['step']}") if later else ({}, "after")
     keys = [k for k in SCORES if k in after or k in before]
+    keys += sorted(k for k in {**before, **after} if k.startswith("reward_") and k not in keys)  # GRPO's rewards
     regressed = {x["metric"] for x in run.summary.get("regressed", [])}
     finished = bool(run.summary)
 
@@ -347,7 +365,8 @@ def render_run(run: Run) -> str:
 
 
 #: What each method's eval_loss measures: two methods' losses are different quantities, never one row or curve.
-LOSS_MEANING = {"sft": "token NLL of the answers", "dpo": "DPO sigmoid loss of the pairs"}
+LOSS_MEANING = {"sft": "token NLL of the answers", "dpo": "DPO sigmoid loss of the pairs",
+                "grpo": "GRPO clipped surrogate (about 0 on-policy: the reward curves are its progress)"}
 
 
 def labels(runs: list[Run]) -> list[str]:

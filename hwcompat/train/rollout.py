@@ -36,10 +36,11 @@ def seed_for(seed: int, position: int, rank: int = 0) -> int:
 
 def pick(logits, uniform, temperature: float, top_p: float):
     """One token per row from ``[rows x vocab]`` logits and one U(0, 1) number per row: the inverse of the
-    row's cumulative distribution (temperature and top-p applied first), in float64."""
+    row's cumulative distribution (temperature and top-p applied first), in the uniforms' dtype (float64 on the
+    CPU; float32 on a card, where float64 is slow or, on Arc A-series, emulated)."""
     import torch
 
-    probs = torch.softmax(logits.double() / temperature, dim=-1)
+    probs = torch.softmax(logits.to(uniform.dtype) / temperature, dim=-1)
     if top_p < 1.0:
         ordered, order = probs.sort(dim=-1, descending=True)
         outside = ordered.cumsum(-1) - ordered > top_p  # keep the smallest head whose mass reaches top_p
@@ -48,7 +49,7 @@ def pick(logits, uniform, temperature: float, top_p: float):
     total = cdf[:, -1]
     # strictly below the total, and the right side: the first cdf above u is a token with mass (one of
     # probability 0 has its left neighbour's cdf), so a zero-probability token is never drawn
-    u = torch.minimum(uniform.double() * total, torch.nextafter(total, torch.zeros_like(total)))
+    u = torch.minimum(uniform * total, torch.nextafter(total, torch.zeros_like(total)))
     return torch.searchsorted(cdf, u.unsqueeze(-1), right=True).squeeze(-1)
 
 
@@ -84,12 +85,13 @@ def generate(model, prompts: list[list[int]], num_generations: int, max_new_toke
         positions = positions.repeat_interleave(num_generations, dim=0)
     position = positions[:, -1]
     generator = torch.Generator(device=device).manual_seed(seed)
+    precision = torch.float64 if device.type == "cpu" else torch.float32
     eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=device)
     active = torch.arange(rows, device=device)
     tokens: list[list[int]] = [[] for _ in range(rows)]
     ended = [False] * rows
     for t in range(max_new_tokens):
-        uniform = torch.rand(rows, device=device, dtype=torch.float64, generator=generator)
+        uniform = torch.rand(rows, device=device, dtype=precision, generator=generator)
         nxt = pick(logits, uniform[active], temperature, top_p)
         done = torch.isin(nxt, eos)
         for row, tok, d in zip(active.tolist(), nxt.tolist(), done.tolist()):

@@ -46,3 +46,19 @@ def test_qlora_trains_through_hwcompat_train_on_the_card(tmp_path, tiny_model, t
     losses = [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
               if r["kind"] == "train"]
     assert len(losses) == 4 and all(math.isfinite(x) for x in losses), losses
+
+
+def test_grpo_rollouts_and_loss_run_on_the_card(tmp_path, tiny_model, task_files, run_cli):
+    """#37: GRPO through `hwcompat train` on the card: the rollout's sampling generator lives on the device, the
+    KV-expanded generation and the prefix-shared loss run under the profile's dtype."""
+    (tmp_path / "my_rewards.py").write_text("def short(prompts, completions, references, **kw):\n"
+                                           "    return [-len(c) / 40.0 for c in completions]\n")
+    config = make_config(tmp_path, tiny_model, *task_files, method="grpo", rewards=["my_rewards:short"],
+                         num_generations=4, micro_batch_size=8, max_completion_length=12, max_steps=4,
+                         eval_metrics="none", eval_at_start=False)
+    res = run_cli("train", str(config), timeout=600)
+    assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    recs = [r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+            if r["kind"] == "train"]
+    assert len(recs) == 4 and all(r["completions"] == 8 and math.isfinite(r["loss"]) for r in recs)
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()

@@ -415,3 +415,24 @@ def test_plan_refuses_a_micro_batch_of_partial_groups(tmp_path, capsys):
     assert main(["plan", "--model", str(tmp_path), "--emulate", "rx6600", "--method", "grpo", "micro_batch_size=4",
                  "num_generations=8"]) == 2
     assert "must hold whole groups of num_generations=8" in capsys.readouterr().err
+
+
+def test_the_report_draws_the_rewards_and_lengths(tmp_path):
+    """report.html of a GRPO run: the reward per step and at each eval, each reward, completion lengths, and the
+    rewards in the before/after table."""
+    from hwcompat.train.report import load_run, render_run
+
+    run = tmp_path / "run"
+    run.mkdir()
+    recs = [{"step": s, "kind": "train", "loss": 0.0, "lr": 1e-5, "reward": 0.1 * s, "rewards/field_f1/mean": 0.05 * s,
+             "rewards/json_valid/mean": 1.0, "completion_length": 30.0 + s, "completion_length_max": 64.0,
+             "tokens_per_s": 10.0, "memory_bytes": 1} for s in range(1, 5)]
+    recs += [{"step": 0, "kind": "eval", "reward": 0.2, "reward_field_f1": 0.1}, {"step": 4, "kind": "eval",
+                                                                                 "reward": 0.6, "reward_field_f1": 0.4}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    (run / "run.json").write_text(json.dumps({"config": {"method": "grpo"}}))
+    (run / "summary.json").write_text(json.dumps({"eval_before": recs[-2], "eval_after": recs[-1], "regressed": []}))
+    page = render_run(load_run(run))
+    for text in ("GRPO reward", "train (sampled)", "eval (greedy)", "field_f1", "json_valid",
+                 "completion length (tokens)", "reward_field_f1"):
+        assert text in page, text
