@@ -86,7 +86,7 @@ class TrainConfig:
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    micro_batch_size: int = 4  # examples per forward pass
+    micro_batch_size: int = 4  # examples per forward pass (grpo: completions, default num_generations)
     gradient_accumulation: int = 1
     batching: str = "auto"  # auto | packed | length_grouped | padded (see batching.py)
     gradient_checkpointing: bool = False
@@ -463,6 +463,9 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None,
             if origins[key] == ORIGIN_FILE:
                 setattr(cfg, key, [os.path.abspath(p.parent / v) if not Path(v).is_absolute() else v
                                    for v in getattr(cfg, key)])
+    if cfg.method == "grpo" and origins["micro_batch_size"] == ORIGIN_DEFAULT:
+        cfg.micro_batch_size = cfg.num_generations  # a micro-batch counts completions: one prompt's group
+        origins["micro_batch_size"] = "default (grpo: num_generations)"
     _validate(cfg, f"config {p}" if p else "config", origins)
     if not cfg.model:
         raise InputError("config: model: missing; set model: /path/to/model in the YAML or model=PATH")

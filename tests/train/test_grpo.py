@@ -273,7 +273,10 @@ def test_beta_zero_is_refused_for_dpo_only():
 
     with pytest.raises(InputError, match="beta=0 with method dpo"):
         load_config(None, ["model=m", "train_data=t.jsonl", "method=dpo", "beta=0"])
-    assert load_config(None, ["model=m", "train_data=t.jsonl", "method=grpo", "beta=0"]).config.beta == 0
+    grpo = load_config(None, ["model=m", "train_data=t.jsonl", "method=grpo", "beta=0"])
+    assert grpo.config.beta == 0
+    # a micro-batch counts completions: left unset it holds one prompt's group (TRL's 8 with G 8), said as such
+    assert grpo.config.micro_batch_size == 8 and grpo.origins["micro_batch_size"].startswith("default (grpo")
 
 
 # --- end to end ---------------------------------------------------------------------------------------------
