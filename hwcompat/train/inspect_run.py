@@ -314,12 +314,17 @@ def _task_eval(args, spec, model, tokenizer, device) -> dict:
         raise DataError(f"--data {args.data}: data checks failed; nothing was evaluated\n{text}") from None
     with model.disable_adapter():
         objective.bind(model, "eager")  # a DPO reference is the base
-        base = objective.evaluate(model, with_tasks=True)
-    adapted = objective.evaluate(model, with_tasks=True)
+        base = _numbers(objective.evaluate(model, with_tasks=True))
+    adapted = _numbers(objective.evaluate(model, with_tasks=True))
     print(f"{'metric':16} {'base':>8} {'adapted':>8}", file=sys.stderr)
     for k in (k for k in adapted if k != "n"):
         print(f"{k:16} {base.get(k, float('nan')):8.3f} {adapted[k]:8.3f}", file=sys.stderr)
     return {"data": args.data, "base": base, "adapted": adapted}
+
+
+def _numbers(metrics: dict) -> dict:
+    """The metrics of an eval (GRPO's also carry sampled completions, which belong to the run's report)."""
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -567,7 +567,10 @@ def _interrupted(r: Recipe, step: int, signals: Signals, rng: dict[str, Any] | N
 def evaluate(r: Recipe, step: int, with_tasks: bool) -> dict[str, Any]:
     """The objective's metrics now, appended to metrics.jsonl and the run's history (writers only)."""
     rec: dict[str, Any] = {"step": step, "kind": "eval", **r.objective.evaluate(r.model, with_tasks)}
+    samples = rec.pop("samples", None)  # GRPO: sampled completions with their rewards, a record of their own
     _record(r, rec)
+    if samples:
+        _record(r, {"step": step, "kind": "samples", "samples": samples})
     r.history["eval"].append(rec)
     r.trackers.log(step, {f"eval/{k.removeprefix('eval_')}": v for k, v in _scores(rec).items()})
     loss = f"loss {rec['eval_loss']:.4f} " if "eval_loss" in rec else ""

@@ -36,6 +36,7 @@ class Run:
     summary: dict[str, Any] = field(default_factory=dict)
     spec: dict[str, Any] = field(default_factory=dict)
     export: dict[str, Any] = field(default_factory=dict)
+    samples: list[dict[str, Any]] = field(default_factory=list)  # GRPO: sampled completions at each eval
 
     @property
     def name(self) -> str:
@@ -65,6 +66,8 @@ def load_run(path: str | Path) -> Run:
             run.evals.append(line)
         elif kind == "resume":
             run.resumes.append(line["step"])
+        elif kind == "samples" and isinstance(line.get("samples"), list):
+            run.samples.append(line)
     return run
 
 
@@ -252,6 +255,22 @@ def grpo_charts(run: Run) -> list[str]:
 
 # --- tables ------------------------------------------------------------------------------------------------------
 
+def samples_table(run: Run) -> str:
+    """GRPO: a few eval prompts with their G sampled completions and rewards, at the first and the last eval."""
+    if not run.samples:
+        return ""
+    shown = [run.samples[0]] + ([run.samples[-1]] if len(run.samples) > 1 else [])
+    rows = []
+    for rec in shown:
+        for s in rec["samples"][:4]:
+            if not isinstance(s, dict):
+                continue
+            for c, r in zip(s.get("completions", [])[:8], s.get("rewards", [])[:8]):
+                rows.append([rec.get("step", "?"), str(s.get("prompt", ""))[-160:], str(c)[:240], _fmt(r)])
+    return "<h2>Sampled completions (GRPO)</h2>" + _table(["step", "prompt (end)", "completion", "reward"], rows)
+
+
+
 def _table(head: list[str], rows: list[list[Any]], cls: str = "") -> str:
     th = "".join(f"<th>{_e(h)}</th>" for h in head)
     trs = "".join("<tr>" + "".join(f"<td>{c if isinstance(c, Markup) else _e(c)}</td>" for c in r) + "</tr>"
@@ -360,7 +379,7 @@ def render_run(run: Run) -> str:
            f"{cfg.get('model', '?')} · LoRA r={cfg.get('lora_r', '?')}"
            + (f" · resumed at step {', '.join(map(str, run.resumes))}" if run.resumes else ""))
     body = (f'<h2>Curves</h2><div class="plots">{"".join(run_charts(run))}</div>' + metrics_table(run)
-            + hardware_table(run) + export_table(run))
+            + samples_table(run) + hardware_table(run) + export_table(run))
     return _page(f"hwcompat run: {run.name}", sub, body)
 
 

@@ -322,6 +322,15 @@ def test_grpo_learns_a_reward_end_to_end(tmp_path, tiny_model, task_files):
     assert "reward_short" in summary["eval_after"] and "accuracy" in summary["eval_after"]
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
     assert "reward" in res.stderr  # the progress line and the eval lines say it
+    samples = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"samples"' in x]
+    assert [s["step"] for s in samples] == [0, 24] and len(samples[0]["samples"]) == 2
+    assert all(len(s["completions"]) == 8 == len(s["rewards"]) for s in samples[-1]["samples"])
+    page = (run / "report.html").read_text()
+    assert "Sampled completions (GRPO)" in page and "GRPO reward" in page
+    evaluated = subprocess.run([sys.executable, "-m", "hwcompat", "eval", str(run), "--data", str(task_files[1])],
+                               capture_output=True, text=True, timeout=600)
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    assert "reward_short" in json.loads(evaluated.stdout)["adapted"]
 
 
 def test_a_reward_that_fails_mid_run_keeps_the_checkpoint_and_resume_goes_on(tmp_path, tiny_model, task_files):
@@ -439,3 +448,27 @@ def test_the_report_draws_the_rewards_and_lengths(tmp_path):
     for text in ("GRPO reward", "train (sampled)", "eval (greedy)", "field_f1", "json_valid",
                  "completion length (tokens)", "reward_field_f1"):
         assert text in page, text
+
+
+def test_grpo_under_ddp_keeps_each_group_on_one_rank(tmp_path, tiny_model, task_files):
+    """Two CPU processes (torchrun + DDP): each rank samples whole groups for its own prompts (a group's G
+    completions are one micro-batch), the loss's gradients are averaged, the adapter is written once."""
+    cfg = _grpo_config(tmp_path, tiny_model, task_files, max_steps=3, eval_at_start=False, eval_metrics="none",
+                       micro_batch_size=8, num_generations=4)
+    res = _train(cfg, "--devices", "2")
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 3 and summary["objective"] == "grpo"
+    recs = _train_records(tmp_path / "run")
+    assert len(recs) == 3 and all(r["completions"] == 8.0 for r in recs)  # the writer's own rank's groups
+
+
+@pytest.mark.slow
+def test_grpo_with_a_4bit_base_under_cpu_emulation(tmp_path, tiny_model, task_files):
+    """QLoRA: rollouts through the NF4 base keep the adapter path (a 4-bit base is never merged)."""
+    pytest.importorskip("bitsandbytes")
+    cfg = _grpo_config(tmp_path, tiny_model, task_files, max_steps=2, qlora=True, eval_at_start=False,
+                       eval_metrics="none", micro_batch_size=8, num_generations=4, max_completion_length=6)
+    res = _train(cfg, "--emulate", "rtx4090", "--cpu-emulation")
+    assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert len(_train_records(tmp_path / "run")) == 2

@@ -44,6 +44,9 @@ from hwcompat.train.objectives import as_reference, head_split, starting_weights
 from hwcompat.train.objectives.linear_logps import target_logps
 
 
+#: Eval prompts whose G sampled completions each eval records (report.html shows them with their rewards).
+SAMPLED_PROMPTS = 2
+
 #: The longest prompt-sharing row (prompt + its G completions): its L x L mask and attention stay bounded.
 SHARED_MAX = 4096
 
@@ -452,7 +455,19 @@ class GRPO:
         if answered and self.cfg.eval_metrics != "none":
             out.update(metrics.score([p for p, _ in answered], [a.reference for _, a in answered],
                                      self.cfg.eval_metrics))
+        out["samples"] = self._samples(rows[:SAMPLED_PROMPTS])
         return out
+
+    def _samples(self, rows: list[Prompt]) -> list[dict[str, Any]]:
+        """A few eval prompts' G sampled completions and total rewards, as the run samples them (report.html)."""
+        g = self.cfg.num_generations
+        got = self._sample(rows, g, self.cfg.temperature, self.cfg.top_p, rollout.seed_for(self.cfg.seed, -1))
+        texts = [self.tokenizer.decode(c, skip_special_tokens=True).strip() for c in got.completions]
+        per = rewards_mod.score(self.rewards, [p.text for p in rows for _ in range(g)], texts,
+                                [p.reference for p in rows for _ in range(g)], [p.where for p in rows for _ in range(g)])
+        totals = [sum(r.weight * v[j] for r, v in zip(self.rewards, per)) for j in range(len(texts))]
+        return [{"prompt": p.text, "reference": p.reference, "completions": texts[i * g:(i + 1) * g],
+                 "rewards": totals[i * g:(i + 1) * g]} for i, p in enumerate(rows)]
 
 
 def torch_kl(ref, logp):
