@@ -95,6 +95,23 @@ def all_sum(dist: Dist, value: float, device) -> float:
     return t.item()
 
 
+def all_average(dist: Dist, values: dict[str, float], device, summed: tuple[str, ...] = (),
+                maxed: tuple[str, ...] = ()) -> dict[str, float]:
+    """Every rank's figures, in two collectives: the mean across ranks, the total for ``summed`` keys, the largest
+    for ``maxed`` ones (every rank holds the same keys: one objective, one config)."""
+    if dist.world == 1 or not values:
+        return values
+    import torch
+
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    top = t.clone()
+    torch.distributed.all_reduce(t)
+    torch.distributed.all_reduce(top, op=torch.distributed.ReduceOp.MAX)
+    return {k: top[i].item() if k in maxed else t[i].item() / (1 if k in summed else dist.world)
+            for i, k in enumerate(keys)}
+
+
 def any_rank(dist: Dist, flag: bool, device) -> bool:
     """True on every rank when it is true on any (a stop must be agreed, or one rank would wait forever)."""
     return all_sum(dist, 1.0 if flag else 0.0, device) > 0

@@ -505,6 +505,8 @@ def _log_step(r: Recipe, bar, step: int, loss: float, grad_norm: float, epoch: i
     t = totals(r)
     tps = t["tokens"] / max(t["train_seconds"], 1e-9)
     extra = r.objective.step_metrics() if hasattr(r.objective, "step_metrics") else {}  # GRPO: rewards, lengths
+    extra = distributed.all_average(r.dist, extra, r.device, summed=("completions",),
+                                    maxed=("completion_length_max",))  # the whole group's step, not rank 0's
     if r.dist.writer:
         _record(r, {"step": step, "kind": "train", "loss": loss,
                                        "lr": r.scheduler.get_last_lr()[0], "grad_norm": grad_norm,

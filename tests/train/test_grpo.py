@@ -460,7 +460,7 @@ def test_grpo_under_ddp_keeps_each_group_on_one_rank(tmp_path, tiny_model, task_
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 3 and summary["objective"] == "grpo"
     recs = _train_records(tmp_path / "run")
-    assert len(recs) == 3 and all(r["completions"] == 8.0 for r in recs)  # the writer's own rank's groups
+    assert len(recs) == 3 and all(r["completions"] == 16.0 for r in recs)  # both ranks' groups, not rank 0's
 
 
 @pytest.mark.slow
