@@ -25,7 +25,8 @@ def add_parser(sub) -> None:
                    help="the file's columns as the format's fields, as the config's columns: key, e.g. "
                         "'{prompt: question, completion: answer}'")
     c.add_argument("--method", choices=OBJECTIVES, default="sft",
-                   help="dpo: the files hold preference pairs (prompt, chosen, rejected), checked as `train` does")
+                   help="dpo: the files hold preference pairs (prompt, chosen, rejected), checked as `train` does; "
+                        "grpo: prompt rows, their answer optional (the rewards' reference)")
     c.add_argument("--tokenizer", metavar="DIR", help="also run the token-level checks (over-long rows, rows left "
                                                        "with no response tokens, length outliers) with this tokenizer")
     c.add_argument("--max-seq-len", type=int, default=1024,
@@ -51,6 +52,11 @@ def run(args: argparse.Namespace) -> int:
     report = Report()
     if args.method == "dpo":
         _pair_checks(args, report)
+    elif args.method == "grpo":  # prompt rows; an answer, where a row has one, is the rewards' reference
+        from hwcompat.data.rows import read_prompts
+
+        for f in [*args.files, *args.eval]:
+            report.counts.setdefault(str(f), len(read_prompts(f, report, columns=args.columns)))
     else:
         train = [e for f in args.files for e in read_jsonl(f, args.format, report, max_seq_len=args.max_seq_len,
                                                            columns=args.columns)]

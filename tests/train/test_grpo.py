@@ -472,3 +472,14 @@ def test_grpo_with_a_4bit_base_under_cpu_emulation(tmp_path, tiny_model, task_fi
     res = _train(cfg, "--emulate", "rtx4090", "--cpu-emulation")
     assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr[-3000:]
     assert len(_train_records(tmp_path / "run")) == 2
+
+
+def test_data_check_reads_prompt_rows_for_grpo(tmp_path, run_cli):
+    data = tmp_path / "prompts.jsonl"
+    data.write_text('{"prompt": "What color is the sky?"}\n{"prompt": "x", "completion": "y"}\n')
+    res = run_cli("data", "check", str(data), "--method", "grpo")
+    assert res.returncode == 0 and "ok: no errors" in res.stdout, res.stderr
+    assert run_cli("data", "check", str(data)).returncode == 1  # for SFT the answer is required
+    data.write_text('{"prompt": "a\\u0000b"}\n')
+    bad = run_cli("data", "check", str(data), "--method", "grpo")
+    assert bad.returncode == 1 and f"{data}:1: prompt: NUL character" in bad.stderr
