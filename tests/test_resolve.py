@@ -30,6 +30,9 @@ ROWS = [
     ("rtx4090", "ada", "bfloat16", "sdpa", "inductor", True, {}),
     ("l4", "ada", "bfloat16", "sdpa", "inductor", True, {}),
     ("h100", "hopper", "bfloat16", "sdpa", "inductor", True, {}),
+    # Jetson (JetPack 7.2, CUDA 13.2): the jetson profile, never the desktop ampere / blackwell (#36.5)
+    ("orin", "jetson", "bfloat16", "sdpa", "eager", True, {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:False"}),
+    ("thor", "jetson", "bfloat16", "sdpa", "eager", True, {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:False"}),
     ("b200", "blackwell", "bfloat16", "sdpa", "inductor", True, {}),  # sm_100
     ("rtx5090", "blackwell", "bfloat16", "sdpa", "inductor", True, {}),  # sm_120
     ("rx6600", "rdna2", "float16", "sdpa", "eager", True, {"HSA_OVERRIDE_GFX_VERSION": "10.3.0"}),  # gfx1032 not in wheels
