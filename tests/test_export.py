@@ -239,3 +239,18 @@ def test_a_tokenizer_llama_cpp_would_read_differently_is_refused(tmp_path, model
     r = run_cli("export", str(src), "--gguf", str(tmp_path / "o.gguf"), "--no-verify")
     assert r.returncode == 2 and f"tokenizer is {model['type']}" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "o.gguf").exists()
+
+
+def test_a_failed_verification_says_what_next_in_order():
+    """#40 §2: a failed q4_k_m said only that it failed; now the larger k-quants with their sizes, a verdict on more
+    rows (and the user's own), then --no-verify."""
+    from hwcompat.export.verify import next_steps
+
+    steps = next_steps("q4_k_m", 98_000_000, 8, None, "model.gguf.verify.json")
+    assert steps[0] == ("a larger type: --type q5_k_m (about 0.11 GB), --type q6_k (about 0.13 GB); this q4_k_m "
+                        "is 0.10 GB")
+    assert steps[1].startswith("a verdict on more positions: --verify-rows 32 --data YOUR_EVAL.jsonl (now 8 rows")
+    assert steps[2] == "keep this file as it is: --no-verify (its figures: model.gguf.verify.json)"
+    assert next_steps("q8_0", 1, 64, "e.jsonl", "f")[0].startswith("a larger type: --type f16")
+    assert "--verify-rows 256 (now 64" in next_steps("q8_0", 1, 64, "e.jsonl", "f")[1]
+    assert len(next_steps("f32", 1, 8, None, "f")) == 2  # nothing larger than f32

@@ -142,6 +142,8 @@ def test_verify_failure_is_exit_1_with_the_first_mismatch(llama_cpp, trained, tm
     assert r.returncode == 1, r.stderr
     assert "error: --verify failed: next-token distributions differ: mean KL" in r.stderr
     assert "Traceback" not in r.stderr
+    # what next, in order (#40 §2): f16 steps up to f32, then more rows, then --no-verify
+    assert "next, in order:\n  1. a larger type: --type f32" in r.stderr and "3. keep this file" in r.stderr
     assert out.exists() and not (tmp_path / "model.Modelfile").exists()
     assert json.loads((tmp_path / "model.export.json").read_text())["passed"] is False
 

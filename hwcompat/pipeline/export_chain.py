@@ -198,7 +198,7 @@ def _write_modelfile(model: Path, gguf: Path, opts: ExportOptions, say: Say) -> 
 
 def _verified(model: Path, res, opts: ExportOptions, say: Say) -> bool:
     """Verify the written GGUF; its figures go beside it. False (and the first failure shown) when it fails."""
-    from hwcompat.export.verify import verify
+    from hwcompat.export.verify import next_steps, verify
     from hwcompat.fsutil import atomic_write_json
 
     verdict = verify(model, res.path, res.qtype, opts.data, opts.verify_rows,
@@ -220,6 +220,8 @@ def _verified(model: Path, res, opts: ExportOptions, say: Say) -> bool:
               + (f" (and {len(verdict.failures) - 1} more)" if len(verdict.failures) > 1 else "")
               + f"\nthe GGUF is kept for inspection; figures in {_report(res.path)}. Not writing a Modelfile.",
               file=sys.stderr)
+        steps = next_steps(res.qtype, res.path.stat().st_size, opts.verify_rows, opts.data, str(_report(res.path)))
+        print("next, in order:\n" + "\n".join(f"  {i}. {s}" for i, s in enumerate(steps, 1)), file=sys.stderr)
         return False
     say(f"wrote {_report(res.path)}")
     return True
