@@ -270,10 +270,10 @@ def _write_model_files(tmp: Path, base: Path, base_cfg: dict[str, Any], adapter:
 
 
 def guard_flags(adapter_path: str | Path) -> list[str]:
-    """The metrics the run's regression guard flagged (summary.json ``regressed``), for a run folder or its
-    adapter/; [] for anything else. A flagged model is worse than its base on the user's own task."""
+    """The metrics the run's regression guard flagged (summary.json ``regressed``), for a run folder, its
+    adapter/ or a full fine-tune's model/; [] for anything else. A flagged model is worse than its base on the user's own task."""
     p = Path(adapter_path)
-    run = p if (p / "summary.json").is_file() else p.parent if p.name == "adapter" else None
+    run = p if (p / "summary.json").is_file() else p.parent if p.name in ("adapter", "model") else None
     if run is None or not (run / "summary.json").is_file():
         return []
     try:

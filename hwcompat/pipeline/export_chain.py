@@ -136,9 +136,10 @@ def export_model(model: Path, opts: ExportOptions, say: Say = print, on_written:
     from hwcompat.export.gguf import export_gguf
 
     _check_distinct(opts, model)
-    from hwcompat.merge import merged_flags, refuse_flagged
+    from hwcompat.merge import guard_flags, merged_flags, refuse_flagged
 
-    refuse_flagged(merged_flags(model), f"export {model}", opts.force)
+    # a merged folder carries its flags; a full fine-tune's model/ is the run's own output, flagged in its summary
+    refuse_flagged(merged_flags(model) or guard_flags(model), f"export {model}", opts.force)
     verify = preflight(opts)
     res = export_gguf(model, opts.gguf, opts.qtype, overwrite=opts.overwrite)
     on_written(res.path)
@@ -231,7 +232,8 @@ def run_export_options(run_dir: Path, cfg) -> ExportOptions:
     """A run's export: its own outputs (replaced freely: the ledger says they are ours), verified on its SFT
     eval rows when llama.cpp is installed."""
     data = cfg.eval_data[0] if cfg.method == "sft" and cfg.eval_data else None
-    return ExportOptions(gguf=run_dir / "model.gguf", qtype=cfg.export_type, ollama=True, overwrite=True, data=data)
+    return ExportOptions(gguf=run_dir / "model.gguf", qtype=cfg.export_type, ollama=True, overwrite=True, data=data,
+                         force=cfg.force)
 
 
 def export_run(run_dir: Path, cfg, say: Say) -> int:
@@ -240,6 +242,9 @@ def export_run(run_dir: Path, cfg, say: Say) -> int:
     from hwcompat.train.rundir import EXPORTS, record_written, refuse_foreign
 
     refuse_foreign(run_dir, EXPORTS)  # checked at the start too; a file may have appeared since
+    if cfg.finetune == "full":  # a whole model already: nothing to merge (export_model asks the guard)
+        return export_model(run_dir / "model", run_export_options(run_dir, cfg), say,
+                            lambda p: record_written(run_dir, p.name))
     merged = run_dir / "merged"
     shutil.rmtree(merged, ignore_errors=True)  # ours (the ledger says so), from an earlier export
     merge(run_dir / "adapter", cfg.model, merged, log=lambda m: None, allow_flagged=cfg.force)

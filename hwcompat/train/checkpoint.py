@@ -93,12 +93,20 @@ def save(run_dir: Path, step: int, model, optimizer, scheduler, scaler, state: d
     return target
 
 
+def named_weights(model) -> dict[str, Any]:
+    """What a checkpoint keeps, by name: a mapping given as is (a full fine-tune's host masters), else a module's
+    trainable parameters."""
+    if isinstance(model, dict):
+        return model
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
 def size_estimate(model) -> int:
-    """Bytes one checkpoint takes at most: the trainable weights, AdamW's two moments in fp32 beside them, and
-    a MiB for the RNG, the schedule and state.json; a tenth more for the filesystem's own blocks."""
-    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    weights = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    return int((weights + 8 * n + (1 << 20)) * 1.1)
+    """Bytes one checkpoint takes at most: the trainable weights in fp32 (LoRA adapters and full fine-tuning's
+    masters alike), AdamW's two fp32 moments beside them, and a MiB for the RNG, the schedule and state.json; a
+    tenth more for the filesystem's own blocks."""
+    n = sum(p.numel() for p in named_weights(model).values())
+    return int((12 * n + (1 << 20)) * 1.1)
 
 
 def _write(target: Path, model, optimizer, scheduler, scaler, state: dict[str, Any], step: int,
@@ -107,7 +115,7 @@ def _write(target: Path, model, optimizer, scheduler, scaler, state: dict[str, A
     from safetensors.torch import save_file
 
     with atomic_dir(target) as tmp:
-        trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+        trainable = {n: p.detach().cpu().contiguous() for n, p in named_weights(model).items()}
         save_file(trainable, str(tmp / "trainable.safetensors"))
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None}, tmp / "optim.pt")
@@ -124,7 +132,7 @@ def load(path: Path, model, optimizer, scheduler, scaler) -> dict[str, Any]:
     from hwcompat.errors import InputError
 
     weights = load_file(str(path / "trainable.safetensors"))
-    params = dict(model.named_parameters())
+    params = named_weights(model) if isinstance(model, dict) else dict(model.named_parameters())
     missing = [n for n in weights if n not in params]
     if missing:
         raise InputError(f"checkpoint {path} does not match this model/LoRA config (e.g. {missing[0]}); "

@@ -20,7 +20,8 @@ import yaml
 from hwcompat.errors import InputError, excerpt
 from hwcompat.choices import EXPORT_TYPES
 from hwcompat.choices import (BATCHING, CHAT_TEMPLATE, CPU_ALLOCATORS, DATA_FORMATS, EXPORTS, IS_LEVELS, LOSS_TYPES,
-                              METRICS, OFFLOAD, OPTIMIZERS, OVERLONG, SCALE_REWARDS, SCHEDULES, TRACKERS, Attention,
+                              METRICS, OFFLOAD, OPTIMIZERS,
+                              FINETUNE, OPTIMIZER_OFFLOAD, OVERLONG, SCALE_REWARDS, SCHEDULES, TRACKERS, Attention,
                               CompileBackend, Dtype)
 from hwcompat.train.objectives import OBJECTIVES
 from hwcompat.yamlfile import load_yaml
@@ -71,6 +72,16 @@ class TrainConfig:
     importance_sampling_level: str = "token"  # token | sequence (GSPO)
     mask_truncated_completions: bool = False  # completions cut at max_completion_length get no loss (DAPO)
     regression_tolerance: float = 2.0  # points a task metric may drop (before -> after) before the run is flagged
+    # --- what trains -------------------------------------------------------------------------
+    # lora: adapters on a frozen base (output adapter/) | full: every weight (or those `trainable` names), fp32
+    # master weights and AdamW (output model/: a whole model folder, no merge step)
+    finetune: str = "lora"
+    # finetune=full: parameter-name patterns that train (fnmatch, e.g. ["*.mlp.*", "model.layers.1?.*"]); []: all
+    trainable: list[str] = field(default_factory=list)
+    # finetune=full: where the fp32 master weights, gradients and AdamW state live. host: in host RAM, the card
+    # holds a working copy in the profile's dtype (train/host_optim.py); auto: host only when the plan says the
+    # resident run does not fit on the card and the offloaded one does
+    optimizer_offload: str = "auto"  # auto | none | host
     # --- LoRA / QLoRA ------------------------------------------------------------------------
     lora_r: int = 16
     lora_alpha: int = 32
@@ -151,7 +162,8 @@ CHOICES = {"data_format": DATA_FORMATS, "lr_schedule": SCHEDULES, "eval_metrics"
            "dtype": tuple(d.value for d in Dtype), "attention": tuple(a.value for a in Attention),
            "compile_backend": tuple(c.value for c in CompileBackend), "export": EXPORTS,
            "export_type": EXPORT_TYPES, "method": OBJECTIVES, "scale_rewards": SCALE_REWARDS, "loss_type": LOSS_TYPES,
-           "importance_sampling_level": IS_LEVELS,
+           "importance_sampling_level": IS_LEVELS, "finetune": FINETUNE,
+           "optimizer_offload": OPTIMIZER_OFFLOAD,
            "optimizer": OPTIMIZERS}  # the hardware and export vocabularies are defined once, imported here
 
 
@@ -178,7 +190,8 @@ def _text_list(key: str, text: str, where: str) -> list[str]:
 
 
 #: Two values of each list key, for the examples its errors give.
-LIST_EXAMPLES = {"report_to": ("tensorboard", "mlflow"), "lora_target_modules": ("q_proj", "v_proj")}
+LIST_EXAMPLES = {"report_to": ("tensorboard", "mlflow"), "lora_target_modules": ("q_proj", "v_proj"),
+                 "trainable": ("*.mlp.*", "lm_head.*")}
 
 
 #: The fields a ``columns`` mapping may fill: every row format's keys (SFT and preference pairs).
@@ -310,6 +323,32 @@ def grpo_problem(cfg: "TrainConfig") -> str | None:
     return None
 
 
+def full_problem(cfg: "TrainConfig") -> str | None:
+    """What cannot go with finetune (said before anything loads): LoRA-only knobs on a full run, host offload on a
+    LoRA run, the combinations not built yet."""
+    if cfg.finetune == "lora":
+        if cfg.optimizer_offload == "host":
+            return ("optimizer_offload=host keeps a full fine-tune's fp32 master weights and AdamW state in host RAM; "
+                    "a LoRA run's optimizer state is a few MB: set finetune=full, or optimizer_offload=auto")
+        if cfg.trainable:
+            return ("trainable= selects the weights a full fine-tune trains; with finetune=lora use "
+                    "lora_target_modules, or set finetune=full")
+        return None
+    if cfg.qlora:
+        return ("finetune=full with qlora=true: a 4-bit base cannot be trained weight by weight; set qlora=false "
+                "(optimizer_offload=host keeps the optimizer in host RAM instead)")
+    if cfg.init_adapter:
+        return ("finetune=full with init_adapter: merge the adapter first (hwcompat merge RUN --out FOLDER) and set "
+                "model= to the merged folder")
+    if cfg.offload == "layers":
+        return ("offload=layers streams a frozen LoRA base; a full fine-tune streams no layers yet: use "
+                "optimizer_offload=host (the card then holds the working weights in the profile's dtype only)")
+    if cfg.optimizer_offload == "host" and cfg.optimizer != "adamw":
+        return (f"optimizer_offload=host steps torch's AdamW on the CPU; optimizer={cfg.optimizer} runs on the card: "
+                "set optimizer=adamw, or optimizer_offload=none")
+    return None
+
+
 def _unknown(key: Any, where: str) -> InputError:
     names = list(_fields())
     near = difflib.get_close_matches(key, names, n=1, cutoff=0.5) if isinstance(key, str) else []
@@ -411,6 +450,8 @@ def _validate(cfg: TrainConfig, where: str, origins: dict[str, str] | None = Non
     if cfg.method == "dpo" and effective_beta(cfg) == 0:
         raise InputError(f"{where}: beta=0 with method dpo: the loss would not depend on the model (DPO's beta "
                          "scales every log-ratio); use a beta in (0, 100], e.g. 0.1")
+    if full_problem(cfg):
+        raise InputError(f"{where}: {full_problem(cfg)}")
     if cfg.offload == "layers" and cfg.qlora:
         raise InputError(f"{where}: offload=layers streams a plain LoRA base from host memory; a 4-bit QLoRA base "
                          "is already small: set offload=none with qlora=true (or qlora=false to stream)")

@@ -77,6 +77,11 @@ class Recipe:
         return self.spec.config
 
     @property
+    def host(self):
+        """The host-RAM optimizer side of a full fine-tune (train/host_optim.py), or None."""
+        return getattr(self.model, "hwcompat_host", None)
+
+    @property
     def metrics_path(self) -> Path:
         return self.run_dir / "metrics.jsonl"
 
@@ -134,7 +139,7 @@ def _exhausted(r: Recipe, exc: BaseException, phase: str) -> HwcompatError:
         return diskspace.HostMemoryExhausted(diskspace.memory_message(r.run_dir, r.step, r.total_steps, phase, kept,
                                                                       exc))
     return diskspace.DiskFull(diskspace.stopped_message(r.run_dir, r.step, r.total_steps, phase, kept,
-                                                        checkpoint.size_estimate(r.model)))
+                                                        checkpoint.size_estimate(weights(r))))
 
 
 def _identity(spec: RunSpec) -> dict[str, str]:
@@ -178,8 +183,13 @@ def setup(spec: RunSpec, run_dir: Path, dist: Dist, resume: bool) -> Recipe:
                          f"micro_batch_size={cfg.micro_batch_size} on {dist.world} process(es)")
     steps_per_epoch = max(1, per_rank // cfg.gradient_accumulation)
     total = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * steps_per_epoch))
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(cfg.optimizer, trainable, cfg.learning_rate, cfg.weight_decay, profile)
+    host = getattr(model, "hwcompat_host", None)
+    if host is not None and dist.world > 1:
+        raise InputError(f"optimizer_offload=host runs on one process; this run has {dist.world}: set "
+                         "optimizer_offload=none (each card then holds its optimizer), or train on one device")
+    trainable = host.masters if host else [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(cfg.optimizer, trainable, cfg.learning_rate, cfg.weight_decay, profile,
+                               fused_cpu=cfg.finetune == "full")
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(cfg.lr_schedule, int(cfg.warmup_ratio * total), total))
     scaler = torch.amp.GradScaler(device.type, enabled=profile.dtype == "float16")  # a no-op unless fp16
@@ -188,7 +198,7 @@ def setup(spec: RunSpec, run_dir: Path, dist: Dist, resume: bool) -> Recipe:
     _restore(r, resume)  # before DDP: its construction broadcasts rank 0's weights to the group
     r.step = r.start_step
     if dist.writer:  # a nearly full disk is said now, before the first step (diskspace.py)
-        r.reserve = diskspace.Reserve(run_dir, checkpoint.size_estimate(model))
+        r.reserve = diskspace.Reserve(run_dir, checkpoint.size_estimate(weights(r)))
     r.engine = _engine(model, objective, dist, device)
     if dist.writer and cfg.report_to:
         # recorded before the libraries write (some create their folder at the first log): the launcher refused
@@ -274,9 +284,18 @@ def _log_model(dist: Dist, spec: RunSpec, model, mode: str) -> None:
     n_total = sum(p.numel() for p in model.parameters())
     p, cfg = spec.profile, spec.config
     log(dist, f"model: {cfg.model} | {p.dtype} | attention {p.attention} | compile {p.compile_backend} | "
-              f"batching {mode} | LoRA r={cfg.lora_r} trains {n_trainable:,} of {n_total:,} parameters"
+              f"batching {mode} | {_what_trains(cfg, model)} trains {n_trainable:,} of {n_total:,} parameters"
               f"{f' | {dist.world} processes on {dist.nnodes} machine(s), DDP' if dist.world > 1 else ''}"
               f"{_stream_note(model)}")
+
+
+def _what_trains(cfg, model) -> str:
+    if cfg.finetune != "full":
+        return f"LoRA r={cfg.lora_r}"
+    host = getattr(model, "hwcompat_host", None)
+    where = (f"fp32 masters + AdamW in host RAM ({host.host_bytes() / 2**30:.2f} GiB), the card a working copy"
+             if host else "fp32 weights + AdamW resident")
+    return f"full fine-tune ({where})"
 
 
 def _stream_note(model) -> str:
@@ -333,7 +352,10 @@ def _load_checkpoint(r: Recipe) -> tuple[Path, dict[str, Any]]:
         why = checkpoint.problem(ck)
         if why is None:
             try:
-                return ck, checkpoint.load(ck, r.model, r.optimizer, r.scheduler, r.scaler)
+                state = checkpoint.load(ck, weights(r), r.optimizer, r.scheduler, r.scaler)
+                if r.host is not None:  # the restored masters become the card's working copy
+                    r.host.push()
+                return ck, state
             except InputError:
                 raise  # the checkpoint is sound but belongs to other settings: said as it is
             except (OSError, RuntimeError, ValueError, KeyError, TypeError, EOFError, pickle.UnpicklingError) as exc:
@@ -482,17 +504,34 @@ def _step(r: Recipe, stream, signals: Signals):
             with _autocast(r):
                 loss = r.engine(b, max(1.0, n_target) / r.dist.world)
             r.scaler.scale(loss).backward()
+        if r.host is not None:  # this micro-batch's gradients, all on the host in fp32
+            r.host.flush()
         loss_sum += loss.detach().float().item()
         r.tokens += b["n_tokens"]
     loss_sum = distributed.all_sum(r.dist, loss_sum, r.device)
-    trainable = [p for p in r.model.parameters() if p.requires_grad]
     r.scaler.unscale_(r.optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, r.cfg.max_grad_norm).item()
+    grad_norm = torch.nn.utils.clip_grad_norm_(stepped(r), r.cfg.max_grad_norm).item()
     scale = r.scaler.get_scale()
     r.scaler.step(r.optimizer)
     r.scaler.update()
+    if r.host is not None:  # the stepped masters become the card's working copy
+        r.host.push()
     overflow = r.scaler.is_enabled() and r.scaler.get_scale() < scale  # fp16 overflow: the step was skipped, by design
     return loss_sum, grad_norm, epoch, overflow
+
+
+def stepped(r: Recipe) -> list:
+    """The tensors the optimizer steps: the host masters (optimizer_offload: host), else the trainable parameters."""
+    if r.host is not None:
+        return r.host.masters
+    return [p for p in r.model.parameters() if p.requires_grad]
+
+
+def weights(r: Recipe) -> dict[str, Any]:
+    """What a checkpoint keeps of the model, by parameter name: the fp32 masters, wherever they live."""
+    if r.host is not None:
+        return r.host.named_masters()
+    return {n: p for n, p in r.model.named_parameters() if p.requires_grad}
 
 
 def _autocast(r: Recipe):
@@ -526,7 +565,7 @@ def _save(r: Recipe, step: int, rng: dict[str, Any] | None = None) -> Path | Non
     path = None
     r.history["totals"] = totals(r) | {"sessions": r.history.get("totals", {}).get("sessions", [])}
     if r.dist.writer:
-        path = checkpoint.save(r.run_dir, step, r.model, r.optimizer, r.scheduler, r.scaler,
+        path = checkpoint.save(r.run_dir, step, weights(r), r.optimizer, r.scheduler, r.scaler,
                                {"history": r.history, "total_steps": r.total_steps}, r.cfg.keep_checkpoints, rng=rng)
     distributed.barrier(r.dist)
     return path
@@ -620,7 +659,7 @@ def _saved_on_full(r: Recipe, step: int, what: str) -> HwcompatError:
     if r.dist.writer:
         write_report(r.run_dir, lambda m: log(r.dist, m))
     return diskspace.DiskFull(diskspace.stopped_message(r.run_dir, step, r.total_steps, what, kept,
-                                                        checkpoint.size_estimate(r.model)))
+                                                        checkpoint.size_estimate(weights(r))))
 
 
 def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
@@ -646,15 +685,19 @@ def finish(r: Recipe, signals: Signals) -> int:
             final = evaluate(r, r.total_steps, with_tasks=True)
     except Terminated:
         return _interrupted(r, r.total_steps, signals, during="the final eval")
+    out = output_name(r.cfg)
     try:
-        with atomic_dir(r.run_dir / "adapter") as tmp:
-            r.model.save_pretrained(str(tmp), safe_serialization=True)
+        with atomic_dir(r.run_dir / out) as tmp:
+            if r.cfg.finetune == "full":
+                _save_full(r, tmp)
+            else:
+                r.model.save_pretrained(str(tmp), safe_serialization=True)
             r.tokenizer.save_pretrained(str(tmp))
     except (OSError, RuntimeError) as exc:
         if not diskspace.disk_full(exc):
             raise
-        raise _saved_on_full(r, r.total_steps, "the adapter (the resume evaluates and writes it again)") from None
-    record_written(r.run_dir, "adapter")
+        raise _saved_on_full(r, r.total_steps, f"the {out} (the resume evaluates and writes it again)") from None
+    record_written(r.run_dir, out)
     summary = _summary(r, final)
     summary["regressed"] = metrics.regressions(summary["eval_before"], final, r.cfg.regression_tolerance)
     atomic_write_json(r.run_dir / "summary.json", summary)
@@ -672,6 +715,35 @@ def finish(r: Recipe, signals: Signals) -> int:
                     + ("; the export was not started" if r.cfg.export == "gguf" else ""))
         return signals.exit_code()
     return 0
+
+
+def output_name(cfg) -> str:
+    """The run's trained weights: ``adapter/`` (LoRA) or ``model/`` (a full fine-tune: a whole model folder)."""
+    return "model" if cfg.finetune == "full" else "adapter"
+
+
+def _save_full(r: Recipe, folder: Path) -> None:
+    """A full fine-tune as a model folder transformers loads as is (sharded safetensors, config, generation
+    config), in the dtype its source folder stores; the weights are the fp32 masters (on the host when offloaded),
+    tied weights kept as one tensor."""
+    import torch
+
+    host = r.host
+    dtype = getattr(torch, getattr(r.model, "hwcompat_source_dtype", "float32"))
+    masters = {w.data_ptr(): m for w, m in zip(host.working, host.masters)} if host else {}
+    cast: dict[int, Any] = {}
+    state = {}
+    for name, t in r.model.state_dict().items():
+        src = masters.get(t.data_ptr(), t)
+        if src.data_ptr() not in cast:
+            cast[src.data_ptr()] = src.detach().to("cpu", dtype).contiguous()
+        state[name] = cast[src.data_ptr()]
+    saved = r.model.config.dtype
+    r.model.config.dtype = dtype
+    try:
+        r.model.save_pretrained(str(folder), state_dict=state, safe_serialization=True, max_shard_size="2GB")
+    finally:
+        r.model.config.dtype = saved
 
 
 def _first_step_peak(r: Recipe) -> None:
@@ -694,6 +766,8 @@ def _summary(r: Recipe, final: dict[str, Any]) -> dict[str, Any]:
     backend = accelerator(r.device.type)
     return {
         "steps": r.total_steps, "total_steps": r.total_steps, "objective": r.objective.name,
+        "finetune": r.cfg.finetune, "output": output_name(r.cfg),
+        "optimizer_offload": "host" if r.host is not None else "none",
         "train_rows": len(r.objective.train), "eval_rows": len(r.objective.evals),
         "final_train_loss": r.last_loss, "eval_before": first, "eval_after": final,
         "tokens_per_s": t["tokens"] / max(t["train_seconds"], 1e-9), "train_seconds": t["train_seconds"],
@@ -775,5 +849,6 @@ def _summary_text(s: dict[str, Any], run_dir: Path) -> str:
             b = before.get(k)
             shown = "-" if b is None else f"{b:.3f}"
             lines.append(f"{k:16} {shown:>8} {after[k]:8.3f}")
-    lines.append(f"adapter: {run_dir / 'adapter'}")
+    out = s.get("output", "adapter")
+    lines.append(f"{out}: {run_dir / out}")
     return "\n".join(lines)

@@ -11,7 +11,10 @@ from hwcompat.train.config import TrainConfig
 
 
 def load_model(cfg: TrainConfig, profile: ResolvedProfile, device):
-    """Base model in the profile's dtype and attention kernel, LoRA on top (adapters in fp32)."""
+    """Base model in the profile's dtype and attention kernel, LoRA on top (adapters in fp32); or, with
+    ``finetune: full``, the model itself to train (``full_model``)."""
+    if cfg.finetune == "full":
+        return full_model(cfg, profile, device)
     import warnings
 
     import torch
@@ -51,6 +54,70 @@ def load_model(cfg: TrainConfig, profile: ResolvedProfile, device):
 
         stream.install(model, device, cfg.offload_prefetch)
     return model
+
+
+def full_model(cfg: TrainConfig, profile: ResolvedProfile, device):
+    """A full fine-tune's model: loaded in fp32, the master weights. Resident, they train on the card under the
+    profile's autocast (torch AMP: fp32 weights, gradients and AdamW state, fp16/bf16 compute); with
+    ``optimizer_offload: host`` they stay in host RAM and the card gets a working copy in the profile's dtype
+    (train/host_optim.py). Weights not named by ``trainable`` are frozen (kept in the profile's dtype)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if Path(cfg.model).exists():
+        from hwcompat.hfload import check_folder
+
+        check_folder(cfg.model, "model", cfg.trust_remote_code)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32,
+                                                     attn_implementation=profile.attention,
+                                                     trust_remote_code=cfg.trust_remote_code, use_safetensors=True)
+    except OSError as exc:
+        raise InputError(f"model {cfg.model}: cannot load it ({str(exc).splitlines()[0]}); "
+                         "point model= at a local folder with config.json and weights") from None
+    model.hwcompat_source_dtype = source_dtype(cfg.model)
+    model.config.use_cache = False
+    frozen_dtype = getattr(torch, profile.dtype)
+    for p in _select(model, cfg.trainable):
+        p.requires_grad_(False)
+        p.data = p.data.to(frozen_dtype)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    if cfg.optimizer_offload == "host":
+        from hwcompat.train import host_optim
+
+        host_optim.install(model, device, frozen_dtype)
+    model.to(device)  # the rest (frozen weights, buffers); the working copy is there already
+    return model
+
+
+def _select(model, patterns: list[str]) -> list:
+    """The parameters ``trainable`` does not name (all train when it is empty); a pattern naming nothing is an
+    error, since a typo would otherwise train nothing or everything silently."""
+    import fnmatch
+
+    if not patterns:
+        return []
+    names = [n for n, _ in model.named_parameters()]
+    for pat in patterns:
+        if not any(fnmatch.fnmatchcase(n, pat) for n in names):
+            raise InputError(f"trainable: {pat!r} names no parameter of {type(model).__name__} (e.g. {names[0]}, "
+                             f"{names[len(names) // 2]}); patterns are fnmatch-style over parameter names")
+    return [p for n, p in model.named_parameters() if not any(fnmatch.fnmatchcase(n, pat) for pat in patterns)]
+
+
+def source_dtype(model: str) -> str:
+    """The dtype the model's own folder stores (config.json ``dtype`` / ``torch_dtype``): a full fine-tune is saved
+    in it, as the model it started from."""
+    import json
+
+    try:
+        conf = json.loads((Path(model) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "float32"
+    dtype = conf.get("dtype") or conf.get("torch_dtype") if isinstance(conf, dict) else None
+    return dtype if dtype in ("float32", "float16", "bfloat16") else "float32"
 
 
 def streaming(cfg: TrainConfig) -> bool:

@@ -21,12 +21,17 @@ def check_supported(name: str, profile: ResolvedProfile, where: str = "optimizer
                          f"({profile.reasons.get('quantization.optim8bit', 'not supported')}); use optimizer=adamw")
 
 
-def make_optimizer(name: str, params, lr: float, weight_decay: float, profile: ResolvedProfile):
+def make_optimizer(name: str, params, lr: float, weight_decay: float, profile: ResolvedProfile,
+                   fused_cpu: bool = False):
+    """``fused_cpu``: a full fine-tune's parameters on the CPU (the CPU recipe, or host masters) step with torch's
+    fused CPU AdamW, its vectorised kernel; both paths use the same one, so they agree to the bit."""
     import torch
 
     check_supported(name, profile)
     if name not in EIGHT_BIT:
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        params = list(params)
+        fused = fused_cpu and all(p.device.type == "cpu" for p in params)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **({"fused": True} if fused else {}))
     try:
         import bitsandbytes.optim as bnb_optim
     except ImportError:

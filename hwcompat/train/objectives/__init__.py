@@ -78,10 +78,11 @@ def head_split(model) -> HeadSplit | None:
     return HeadSplit(base, base.model, base.lm_head, scale, cap)
 
 
-def starting_weights(model, init_adapter: str | None):
+def starting_weights(model, init_adapter: str | None, full: bool = False):
     """The trainable weights as loaded (before any step, before a resume's checkpoint) when the run starts from
-    ``init_adapter``: the reference is base + that adapter; None without one (the reference is the bare base)."""
-    if not init_adapter:
+    ``init_adapter`` (the reference is base + that adapter) or is a full fine-tune that needs a reference (``full``:
+    a frozen copy of the trained weights as the card holds them); None otherwise (the reference is the bare base)."""
+    if not (init_adapter or full):
         return None
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 

@@ -144,9 +144,21 @@ class DPO:
         if compile_backend == "inductor" and self.fast:
             self.decoder = torch.compile(self.decoder)
         # init_adapter: the reference is base + the adapter as loaded now (before a resume's checkpoint): keep it
-        self.start = starting_weights(model, self.cfg.init_adapter)
+        self.start = starting_weights(model, self.cfg.init_adapter) if self.cfg.finetune != "full" else None
         self.ref = {k: torch.full((len(d), 2), float("nan"), dtype=torch.float64)
                     for k, d in (("train", self.train), ("eval", self.evals))}
+        if self.cfg.finetune == "full":
+            self._fill_all()
+
+    def _fill_all(self) -> None:
+        """A full fine-tune has no adapter to switch off: every row's reference log-probabilities are computed now,
+        from the model as loaded (before any step, and before a resume's checkpoint replaces the weights), so no
+        frozen copy of the model is kept. One forward pass over the data without gradients, at every (re)start."""
+        for key, data in (("train", self.train), ("eval", self.evals)):
+            for s in range(0, len(data), self.cfg.micro_batch_size):
+                idx = list(range(s, min(len(data), s + self.cfg.micro_batch_size)))
+                with autocast(self.device, self.profile.dtype):
+                    self._fill(self.collate(idx, "padded", self._pad(), data), self.ref[key])
 
     def _pad(self) -> int:
         return self.tokenizer.pad_token_id
@@ -217,6 +229,10 @@ class DPO:
 
     def _as_reference(self):
         """The reference model: the adapter disabled, or (init_adapter) its starting weights swapped in."""
+        if self.cfg.finetune == "full":  # only while _fill_all runs, on the weights as loaded
+            import contextlib
+
+            return contextlib.nullcontext()
         return as_reference(self.model, self.start)
 
     def loss(self, batch: dict[str, Any], n_items: float):

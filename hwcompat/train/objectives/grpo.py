@@ -191,7 +191,8 @@ class GRPO:
         self.decoder = self.split.decoder if self.split else None
         if compile_backend == "inductor" and self.split is not None:
             self.decoder = torch.compile(self.decoder)
-        self.start = starting_weights(model, self.cfg.init_adapter)
+        self.start = starting_weights(model, self.cfg.init_adapter, full=self.cfg.finetune == "full" and
+                                      effective_beta(self.cfg) > 0)
         self.eos = rollout.eos_ids(model, self.tokenizer)
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.base_config, self.attention = base.config, base.config._attn_implementation
