@@ -76,7 +76,8 @@ class TrainConfig:
     # lora: adapters on a frozen base (output adapter/) | full: every weight (or those `trainable` names), fp32
     # master weights and AdamW (output model/: a whole model folder, no merge step)
     finetune: str = "lora"
-    # finetune=full: parameter-name patterns that train (fnmatch, e.g. ["*.mlp.*", "model.layers.1?.*"]); []: all
+    # finetune=full: parameter-name patterns that train (fnmatch, e.g. ["model.layers.1?.*", "*.mlp.*"]: quote a
+    # pattern that starts with * in YAML); []: all
     trainable: list[str] = field(default_factory=list)
     # finetune=full: where the fp32 master weights, gradients and AdamW state live. host: in host RAM, the card
     # holds a working copy in the profile's dtype (train/host_optim.py); auto: host only when the plan says the
@@ -191,7 +192,7 @@ def _text_list(key: str, text: str, where: str) -> list[str]:
 
 #: Two values of each list key, for the examples its errors give.
 LIST_EXAMPLES = {"report_to": ("tensorboard", "mlflow"), "lora_target_modules": ("q_proj", "v_proj"),
-                 "trainable": ("*.mlp.*", "lm_head.*")}
+                 "trainable": ("model.layers.1?.*", "lm_head.weight")}
 
 
 #: The fields a ``columns`` mapping may fill: every row format's keys (SFT and preference pairs).

@@ -738,12 +738,17 @@ def _save_full(r: Recipe, folder: Path) -> None:
         if src.data_ptr() not in cast:
             cast[src.data_ptr()] = src.detach().to("cpu", dtype).contiguous()
         state[name] = cast[src.data_ptr()]
-    saved = r.model.config.dtype
-    r.model.config.dtype = dtype
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a bar per save of a few seconds is noise beside the run's own lines
     try:
         r.model.save_pretrained(str(folder), state_dict=state, safe_serialization=True, max_shard_size="2GB")
     finally:
-        r.model.config.dtype = saved
+        hf_logging.enable_progress_bar()
+    conf = folder / "config.json"  # transformers writes the trained module's dtype (fp32): say the weights' own
+    data = json.loads(conf.read_text(encoding="utf-8"))
+    data["dtype"] = str(dtype).removeprefix("torch.")
+    conf.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
 def _first_step_peak(r: Recipe) -> None:

@@ -1,0 +1,218 @@
+"""finetune: full and optimizer_offload: host (#38), on CPU with a tiny Llama.
+
+Proven equal first: the resident full recipe against a plain torch/transformers loop written here, then the
+host-offloaded recipe against the resident one (fp32: to the bit, since both step torch's fused CPU AdamW on the
+same fp32 gradients; see train/host_optim.py), with gradient accumulation, clipping that acts, DPO and a resume.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.train.conftest import make_config, sigterm_site, write_jsonl
+
+#: Settings every equivalence run shares: clipping that bites (max_grad_norm well under the raw norms),
+#: accumulation over two micro-batches, a schedule that moves.
+EQ = dict(finetune="full", learning_rate=0.003, max_steps=6, gradient_accumulation=2, max_grad_norm=0.3,
+          micro_batch_size=4, eval_at_start=False, eval_metrics="none", batching="padded", warmup_ratio=0.2,
+          lr_schedule="cosine", weight_decay=0.01)
+
+
+def _train(*args, env=None, timeout=300):
+    full = {k: v for k, v in os.environ.items() if not k.startswith("HWCOMPAT_")}
+    full.update(env or {})
+    return subprocess.run([sys.executable, "-m", "hwcompat", "train", *map(str, args)], capture_output=True,
+                          text=True, env=full, timeout=timeout)
+
+
+def _weights(run):
+    from safetensors.torch import load_file
+
+    return load_file(str(run / "model" / "model.safetensors"))
+
+
+def _losses(run):
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [(x["step"], x["loss"], x["grad_norm"]) for x in rows if x["kind"] == "train"]
+
+
+def _run(tmp_path, name, model, train, evals, **extra):
+    folder = tmp_path / name
+    folder.mkdir()
+    cfg = make_config(folder, model, train, evals, **{**EQ, **extra})
+    res = _train(cfg)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return folder / "run", res
+
+
+def _same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and bool((a[k] == b[k]).all()), k
+
+
+def test_host_offload_equals_resident_to_the_bit(tmp_path, tiny_model, task_files):
+    resident, res_a = _run(tmp_path, "a", tiny_model, *task_files)
+    offloaded, res_b = _run(tmp_path, "b", tiny_model, *task_files, optimizer_offload="host")
+    assert "fp32 weights + AdamW resident" in res_a.stderr
+    assert "fp32 masters + AdamW in host RAM" in res_b.stderr
+    la, lb = _losses(resident), _losses(offloaded)
+    assert la == lb and len(la) == 6
+    assert any(g > EQ["max_grad_norm"] for _, _, g in la)  # clipping acted on the steps compared
+    _same(_weights(resident), _weights(offloaded))
+    base = _weights_of(tiny_model)
+    assert any(not bool((base[k] == v).all()) for k, v in _weights(resident).items())  # it trained
+    s = json.loads((offloaded / "summary.json").read_text())
+    assert s["finetune"] == "full" and s["output"] == "model" and s["optimizer_offload"] == "host"
+
+
+def _weights_of(model_dir):
+    from safetensors.torch import load_file
+
+    return load_file(str(model_dir / "model.safetensors"))
+
+
+def test_resident_full_equals_a_plain_torch_loop(tmp_path, tiny_model, task_files):
+    """The recipe's full fine-tune is the textbook loop: the same batches through a plain transformers forward,
+    summed token cross-entropy over the window's token count, clip_grad_norm_, AdamW, LambdaLR."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from hwcompat.train import distributed, loop
+    from hwcompat.train.spec import load_spec
+    from tests.train.conftest import prepare_run
+
+    ours, _ = _run(tmp_path, "a", tiny_model, *task_files)
+    folder = tmp_path / "b"
+    folder.mkdir()
+    run_dir = prepare_run(make_config(folder, tiny_model, *task_files, **EQ))
+    r = loop.setup(load_spec(run_dir / "run.json"), run_dir, distributed.init("cpu"), resume=False)
+    stream = loop.micro_batches(r, 0)
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32, trust_remote_code=False)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=EQ["learning_rate"], weight_decay=EQ["weight_decay"])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, loop.lr_lambda("cosine", int(0.2 * 6), 6))
+    torch.manual_seed(42)
+    losses = []
+    for _ in range(EQ["max_steps"]):
+        window = [next(stream)[1] for _ in range(EQ["gradient_accumulation"])]
+        n = sum(b["n_target"] for b in window)
+        total = 0.0
+        for b in window:
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
+            ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                                                   b["labels"][:, 1:].reshape(-1), ignore_index=-100,
+                                                   reduction="sum")
+            (ce / n).backward()
+            total += (ce / n).item()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), EQ["max_grad_norm"])
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(total)
+    ours_losses = [loss for _, loss, _ in _losses(ours)]
+    assert all(math.isclose(a, b, rel_tol=1e-5) for a, b in zip(ours_losses, losses)), (ours_losses, losses)
+    theirs = {n: p.detach() for n, p in model.named_parameters()}
+    mine = _weights(ours)
+    # float tolerance, not bits: the plain loop's full-vocabulary logits and ours (the head on response rows only,
+    # a chunk at a time: linear_logps) sum the same terms in another order, and fused vs single-tensor AdamW differ
+    # in the last bit
+    for k, v in theirs.items():
+        assert (mine[k] - v).abs().max().item() <= 1e-6, k
+
+
+def test_resume_in_the_middle_of_an_offloaded_run_is_bit_identical(tmp_path, tiny_model, task_files):
+    whole, _ = _run(tmp_path, "a", tiny_model, *task_files, optimizer_offload="host", max_steps=8)
+    folder = tmp_path / "b"
+    folder.mkdir()
+    cfg = make_config(folder, tiny_model, *task_files, **{**EQ, "optimizer_offload": "host", "max_steps": 8})
+    env = {"PYTHONPATH": str(sigterm_site(tmp_path / "site")), "TEST_SIGTERM_AT_STEP": "3"}
+    res = _train(cfg, env=env)
+    assert res.returncode == 143, res.stderr[-2000:]
+    run = folder / "run"
+    (ck,) = (run / "checkpoints").iterdir()
+    from safetensors.torch import load_file
+
+    kept = load_file(str(ck / "trainable.safetensors"))
+    assert all(t.dtype.is_floating_point and t.dtype.itemsize == 4 for t in kept.values())  # the fp32 masters
+    res = _train(run / "config.yaml", "--resume")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "at step 3/8" in res.stderr
+    _same(_weights(whole), _weights(run))
+    assert _losses(whole) == _losses(run)
+
+
+def _pairs(n, seed):
+    import random
+
+    from tests.train.conftest import COLORS
+
+    rng = random.Random(seed)
+    items, colours = sorted(COLORS), sorted(set(COLORS.values()))
+    rows = []
+    for _ in range(n):
+        item = rng.choice(items)
+        wrong = rng.choice([c for c in colours if c != COLORS[item]])
+        rows.append({"prompt": f"What color is the {item}?", "chosen": COLORS[item], "rejected": wrong})
+    return rows
+
+
+def test_full_dpo_offloaded_equals_resident_and_its_reference_is_the_start(tmp_path, tiny_model):
+    train = write_jsonl(tmp_path / "pairs.jsonl", _pairs(48, 1))
+    evals = write_jsonl(tmp_path / "pairs_eval.jsonl", _pairs(12, 2))
+    extra = dict(method="dpo", learning_rate=5e-4, eval_at_start=True, max_steps=4)
+    resident, _ = _run(tmp_path, "a", tiny_model, train, evals, **extra)
+    offloaded, _ = _run(tmp_path, "b", tiny_model, train, evals, optimizer_offload="host", **extra)
+    _same(_weights(resident), _weights(offloaded))
+    assert _losses(resident) == _losses(offloaded)
+    s = json.loads((resident / "summary.json").read_text())
+    # the reference is the model as loaded: before the first step every log-ratio is 0, the loss is log 2
+    assert s["eval_before"]["reward_margin"] == 0.0
+    assert math.isclose(s["eval_before"]["eval_loss"], math.log(2), rel_tol=1e-6)  # float32 logsigmoid
+    losses = [loss for _, loss, _ in _losses(resident)]
+    assert math.isclose(losses[0], math.log(2), rel_tol=1e-6)  # step 1: the policy is still its reference
+    assert min(losses[1:]) < math.log(2) - 0.05  # and then it learns the preferences
+
+
+def test_trainable_patterns_train_only_what_they_name(tmp_path, tiny_model, task_files):
+    run, res = _run(tmp_path, "a", tiny_model, *task_files, trainable=["*.mlp.*"], max_steps=3)
+    base, out = _weights_of(tiny_model), _weights(run)
+    changed = {k for k in base if not bool((base[k] == out[k]).all())}
+    assert changed and all(".mlp." in k for k in changed), changed
+    assert "trains" in res.stderr
+
+
+@pytest.mark.parametrize("settings, says", [
+    (["trainable=model.layers.9.*"], "names no parameter"),
+    (["trainable=[*.mlp.*]"], "trainable=[model.layers.1?.*,lm_head.weight]"),  # YAML's alias star: advice that runs
+    (["qlora=true"], "a 4-bit base cannot be trained"),
+    (["optimizer_offload=host", "finetune=lora"], "set finetune=full"),
+    (["offload=layers"], "use optimizer_offload=host"),
+    (["optimizer_offload=host", "optimizer=adamw_8bit"], "set optimizer=adamw"),
+])
+def test_full_settings_that_cannot_work_are_refused_clearly(tmp_path, tiny_model, task_files, settings, says):
+    cfg = make_config(tmp_path, tiny_model, *task_files, **EQ)
+    res = _train(cfg, *settings)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert says in res.stderr and "Traceback" not in res.stderr
+
+
+def test_full_model_folder_loads_in_transformers_and_keeps_the_source_dtype(tmp_path, tiny_model, task_files):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    src = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.bfloat16).save_pretrained(str(src))
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (tiny_model / f).exists():
+            (src / f).write_bytes((tiny_model / f).read_bytes())
+    run, _ = _run(tmp_path, "a", src, *task_files, max_steps=2, optimizer_offload="host")
+    loaded = AutoModelForCausalLM.from_pretrained(str(run / "model"), dtype="auto", trust_remote_code=False)
+    assert loaded.dtype == torch.bfloat16
+    assert {t.dtype for t in _weights(run).values()} == {torch.bfloat16}
+    assert json.loads((run / "model" / "config.json").read_text())["dtype"] == "bfloat16"
+    assert (run / "model" / "tokenizer.json").exists()
