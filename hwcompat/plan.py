@@ -255,6 +255,7 @@ class PlanInput:
     completion_len: int = 0  # grpo: max_completion_length (the rollout's new tokens per row)
     offload: str = "none"  # none | layers (train/stream.py); "auto" is decided by decide_offload, never estimated
     prefetch: int = 1  # offload=layers: device slots = prefetch + 1
+    optimizer_offload: str = "none"  # full: none | host (train/host_optim.py); "auto": decide_offload
 
 
 @dataclass(frozen=True)
@@ -288,6 +289,22 @@ class Stream:
 
 
 @dataclass(frozen=True)
+class HostOptimizer:
+    """The host side of ``optimizer_offload: host`` (train/host_optim.py): RAM and the copies of one step."""
+
+    host_bytes: int  # fp32 masters, fp32 gradients, AdamW's two moments, pinned staging, the process
+    host_ram_bytes: int | None
+    bytes_per_step: int  # device -> host gradients (each micro-step) + host -> device weights (once)
+    link: str
+    copy_seconds: float  # per optimizer step, at the link's rate (gradient copies overlap backward)
+    largest_params: int  # the largest model whose host side fits this host's RAM (0: unknown)
+
+    @property
+    def host_fits(self) -> bool:
+        return self.host_ram_bytes is None or self.host_bytes <= self.host_ram_bytes
+
+
+@dataclass(frozen=True)
 class Plan:
     fits: bool
     peak_bytes: int
@@ -302,6 +319,7 @@ class Plan:
     suggestions: list[dict[str, Any]] = field(default_factory=list)
     stream: Stream | None = None
     max_allocation: int = 0  # the card's single-allocation limit the plan was checked against (0: none)
+    host_optimizer: HostOptimizer | None = None
 
     @property
     def headroom_bytes(self) -> int:
@@ -312,7 +330,9 @@ class Plan:
                 "headroom_bytes": self.headroom_bytes, "breakdown": self.breakdown, "suggestions": self.suggestions,
                 "dtype": self.dtype, "attention": self.attention, "params": self.params,
                 "trainable_params": self.trainable_params, "inputs": self.inputs.__dict__, "notes": self.notes,
-                "stream": None if self.stream is None else {**self.stream.__dict__, "host_fits": self.stream.host_fits}}
+                "stream": None if self.stream is None else {**self.stream.__dict__, "host_fits": self.stream.host_fits},
+                "host_optimizer": None if self.host_optimizer is None else {
+                    **self.host_optimizer.__dict__, "host_fits": self.host_optimizer.host_fits}}
 
 
 def activation_elems_per_token_layer(s: ModelShape, rank: int, lora: bool, dropout: bool) -> int:
@@ -338,6 +358,8 @@ def _checked(inp: PlanInput) -> PlanInput:
     streamed = inp.offload == "layers"
     if streamed and inp.method != "lora":
         raise InputError(f"offload=layers streams a frozen LoRA base; it does not apply to {inp.method}")
+    if inp.optimizer_offload == "host" and inp.method != "full":
+        raise InputError(f"optimizer_offload=host applies to a full fine-tune, not to {inp.method}")
     if inp.optimizer not in OPTIMIZERS:
         raise InputError(f"optimizer={inp.optimizer}: use one of {', '.join(OPTIMIZERS)}")
     return replace(inp, gradient_checkpointing=True) if streamed else inp
@@ -355,16 +377,51 @@ def _weight_terms(shape: ModelShape, inp: PlanInput, db: int, quant_ok: bool, no
     elif inp.offload == "layers":
         bd["base_weights"] = shape.resident_params() * db
         bd["streamed_slots"] = (inp.prefetch + 1) * shape.layer_params() * db
+    elif inp.method == "full":
+        return _full_terms(shape, inp, db)
     else:
         bd["base_weights"] = shape.params() * db
-    lora = inp.method in ("lora", "qlora")
-    trainable = shape.lora_params(inp.lora_rank, inp.lora_targets) if lora else shape.params()
-    bd["adapter_weights"] = trainable * 4 if lora else 0
-    # full fine-tuning: gradients in the weight dtype; LoRA: fp32 adapter gradients
-    bd["gradients"] = trainable * (4 if lora else db)
-    sizes = shape.lora_tensor_sizes(inp.lora_rank, inp.lora_targets) if lora else shape.tensor_sizes()
-    bd["optimizer_states"] = optimizer_state_bytes(inp.optimizer, sizes)
+    trainable = shape.lora_params(inp.lora_rank, inp.lora_targets)
+    bd["adapter_weights"] = trainable * 4
+    bd["gradients"] = trainable * 4  # fp32 adapter gradients
+    bd["optimizer_states"] = optimizer_state_bytes(inp.optimizer, shape.lora_tensor_sizes(inp.lora_rank,
+                                                                                          inp.lora_targets))
     return bd
+
+
+#: optimizer_offload=host: device gradients in flight to the host before the oldest copy is waited for
+#: (train/host_optim.py IN_FLIGHT_BYTES).
+HOST_GRAD_IN_FLIGHT = 256 << 20
+
+
+def _full_terms(shape: ModelShape, inp: PlanInput, db: int) -> dict[str, int]:
+    """A full fine-tune's card side. Resident (torch AMP): fp32 weights, fp32 gradients, the optimizer's states,
+    and in a half dtype the copy of every weight autocast casts and backward keeps. Offloaded: the working copy in
+    the profile's dtype, and the gradients on their way to the host (at most the in-flight bound plus the largest
+    tensor); the optimizer's side is the host's (``host_optimizer_terms``)."""
+    n = shape.params()
+    if inp.optimizer_offload == "host":
+        largest = max(shape.tensor_sizes())
+        return {"base_weights": n * db, "gradients": min(n * db, HOST_GRAD_IN_FLIGHT + largest * db),
+                "optimizer_states": 0}
+    return {"base_weights": n * 4, "autocast_copies": n * db if db != 4 else 0, "gradients": n * 4,
+            "optimizer_states": optimizer_state_bytes(inp.optimizer, shape.tensor_sizes())}
+
+
+def host_optimizer_terms(shape: ModelShape, inp: PlanInput, db: int, host: Host, vendor: str) -> HostOptimizer:
+    """Host RAM and copies of ``optimizer_offload: host``: 16 bytes per parameter (fp32 master, fp32 gradient,
+    AdamW's two moments), the pinned staging a CUDA card's gradients land in (its dtype), the process; each step
+    moves every gradient down once per micro-step and every weight up once."""
+    n = shape.params()
+    staging = n * db if vendor == "nvidia" else 0
+    per_param = 16 + (db if vendor == "nvidia" else 0)
+    gen, width, rate = _link(host)
+    moved = n * db * (1 + 1)
+    ram = host.ram_bytes
+    largest = max(0, (ram - HOST_RUNTIME) // per_param) if ram else 0
+    return HostOptimizer(host_bytes=16 * n + staging + HOST_RUNTIME, host_ram_bytes=ram, bytes_per_step=moved,
+                         link=f"PCIe {gen}.0 x{width}{'' if host.pcie_generation else ' (assumed)'}",
+                         copy_seconds=moved / rate, largest_params=largest)
 
 
 #: The planner's name for SDPA where the card has no fused kernel: its math kernel holds the scores as eager does.
@@ -471,13 +528,20 @@ def estimate(shape: ModelShape, inp: PlanInput, dtype: str, attention: str, vend
     if stream is not None and not stream.host_fits:
         notes.append(f"offload=layers needs {stream.host_bytes / GIB:.1f} GiB of host RAM (the base is loaded there, "
                      f"then pinned); this host has {stream.host_ram_bytes / GIB:.1f} GiB: host RAM is the limit")
+    hosted = host_optimizer_terms(shape, inp, db, host, vendor) if inp.optimizer_offload == "host" else None
+    if hosted is not None and not hosted.host_fits:
+        notes.append(f"optimizer_offload=host needs {hosted.host_bytes / GIB:.1f} GiB of host RAM (16 bytes per "
+                     f"parameter: fp32 master, gradient and AdamW's two moments); this host has "
+                     f"{hosted.host_ram_bytes / GIB:.1f} GiB, enough for about {hosted.largest_params / 1e9:.1f}B "
+                     "parameters: host RAM is the limit")
     lora = inp.method in ("lora", "qlora")
     trainable = shape.lora_params(inp.lora_rank, inp.lora_targets) if lora else shape.params()
     single_ok = _single_allocation_ok(shape, inp, db, bd, max_allocation, notes)
-    return Plan(fits=peak <= device_bytes and (stream is None or stream.host_fits) and single_ok, peak_bytes=peak,
+    host_ok = (stream is None or stream.host_fits) and (hosted is None or hosted.host_fits)
+    return Plan(fits=peak <= device_bytes and host_ok and single_ok, peak_bytes=peak,
                 device_bytes=device_bytes, breakdown=bd, inputs=inp, dtype=dtype, attention=attention,
                 params=shape.params(), trainable_params=trainable, notes=notes, stream=stream,
-                max_allocation=max_allocation)
+                max_allocation=max_allocation, host_optimizer=hosted)
 
 
 #: Host RAM a training process needs besides the weights (Python, torch, tokenizer, data), bytes.
@@ -501,10 +565,7 @@ def _unified_terms(bd: dict[str, int], notes: list[str]) -> None:
 def stream_terms(shape: ModelShape, inp: PlanInput, db: int, host: Host) -> Stream:
     """Host RAM, bytes moved and the step-time estimate of a streamed micro-step (see module docstring)."""
     table = throughput_table()
-    gen = host.pcie_generation or table["pcie_default"]["generation"]
-    width = host.pcie_width or table["pcie_default"]["width"]
-    lane = table["pcie"][gen]
-    rate = lane["gt_per_s"] * 1e9 * lane["encoding"] * width / 8 * table["pcie_efficiency"]
+    gen, width, rate = _link(host)
     layer = shape.layer_params() * db
     moved = 2 * shape.layers * layer
     tokens = inp.batch_size * inp.sequences_per_row * inp.seq_len
@@ -517,6 +578,15 @@ def stream_terms(shape: ModelShape, inp: PlanInput, db: int, host: Host) -> Stre
                   host_ram_bytes=host.ram_bytes, bytes_per_micro_step=moved, link_bytes_per_s=rate,
                   link=f"PCIe {gen}.0 x{width}{'' if host.pcie_generation else ' (assumed)'}", copy_seconds=copy,
                   compute_seconds=compute, step_seconds=None if compute is None else max(compute, copy))
+
+
+def _link(host: Host) -> tuple[int, int, float]:
+    """(PCIe generation, width, effective pinned bytes/s) of the card's link; the catalog's default when unread."""
+    table = throughput_table()
+    gen = host.pcie_generation or table["pcie_default"]["generation"]
+    width = host.pcie_width or table["pcie_default"]["width"]
+    lane = table["pcie"][gen]
+    return gen, width, lane["gt_per_s"] * 1e9 * lane["encoding"] * width / 8 * table["pcie_efficiency"]
 
 
 _THROUGHPUT: dict[str, Any] = {}
@@ -557,16 +627,20 @@ class MemoryChoice:
     gradient_checkpointing: bool
     plan: Plan
     changed: str = ""  # '' when the run is as configured
+    optimizer_offload: str = "none"  # full fine-tuning: none | host
 
 
 def decide_offload(shape: ModelShape, inp: PlanInput, setting: str, run, may_checkpoint: bool = True,
-                   may_stream: bool = True) -> MemoryChoice:
+                   may_stream: bool = True, optimizer_offload: str = "none") -> MemoryChoice:
     """``offload: auto`` takes the cheapest change that fits, in ``--suggest``'s order: gradient checkpointing
     (recomputes activations on the card) before streaming (recomputes them too, and copies every layer over PCIe
     twice per micro-step; never on a unified-memory device, ``may_stream``). ``may_checkpoint`` is False when the user wrote ``gradient_checkpointing: false``: then
     neither is chosen (streaming implies checkpointing) and the run is refused with the suggestion instead.
 
-    ``run(PlanInput) -> Plan`` estimates on the card."""
+    ``run(PlanInput) -> Plan`` estimates on the card. A full fine-tune's choice is ``optimizer_offload``'s
+    (``decide_optimizer_offload``)."""
+    if inp.method == "full":
+        return decide_optimizer_offload(inp, optimizer_offload, run, may_checkpoint)
     resident = run(replace(inp, offload="none"))
     if setting == "none" or (setting == "auto" and resident.fits):
         return MemoryChoice("none", inp.gradient_checkpointing, resident)
@@ -586,6 +660,34 @@ def decide_offload(shape: ModelShape, inp: PlanInput, setting: str, run, may_che
             why += "; each layer is recomputed in backward (gradient checkpointing implied)"
         return MemoryChoice("layers", inp.gradient_checkpointing, streamed, why)
     return MemoryChoice("none", inp.gradient_checkpointing, resident)
+
+
+def decide_optimizer_offload(inp: PlanInput, setting: str, run, may_checkpoint: bool = True) -> MemoryChoice:
+    """``optimizer_offload: auto`` for a full fine-tune, cheapest first: resident; resident with gradient
+    checkpointing; the optimizer in host RAM (a host -> device copy of every weight per step, the AdamW step on
+    the CPU); the same with checkpointing. ``none`` / ``host`` are planned as written."""
+    ckpt = inp.gradient_checkpointing
+    resident = run(replace(inp, optimizer_offload="none"))
+    if setting == "none" or (setting == "auto" and resident.fits):
+        return MemoryChoice("none", ckpt, resident)
+    if setting == "host":
+        return MemoryChoice("none", ckpt, run(replace(inp, optimizer_offload="host")), optimizer_offload="host")
+    tries = [(ckpt, "none")] + ([(True, "none")] if not ckpt and may_checkpoint else [])
+    tries += [(ckpt, "host")] + ([(True, "host")] if not ckpt and may_checkpoint else [])
+    for gc, where in tries[1:]:
+        p = run(replace(inp, gradient_checkpointing=gc, optimizer_offload=where))
+        if p.fits:
+            why = [] if gc == ckpt else ["gradient_checkpointing=true"]
+            if where == "host":
+                why.append(f"optimizer_offload=host (the fp32 masters and AdamW state in "
+                           f"{p.host_optimizer.host_bytes / GIB:.1f} GiB of host RAM)")
+            return MemoryChoice("none", gc, p, " and ".join(why) + " (optimizer_offload: auto): the resident full "
+                                "fine-tune does not fit" + ("" if where == "none" else ", the offloaded one does"),
+                                optimizer_offload=where)
+    hosted = run(replace(inp, gradient_checkpointing=ckpt or may_checkpoint, optimizer_offload="host"))
+    if hosted.peak_bytes <= hosted.device_bytes and setting == "auto":  # the card would hold it; the host does not
+        resident.notes.extend(n for n in hosted.notes if n.startswith("optimizer_offload=host"))
+    return MemoryChoice("none", ckpt, resident)
 
 
 #: PlanInput field -> the `hwcompat train` config key it is (suggestions speak the config's language).
@@ -735,14 +837,16 @@ def suggest(shape: ModelShape, plan: Plan, vendor: str, quant_ok: bool, optim8_o
 
 def plan_input(cfg, method: str | None = None, logit_fraction: float = 1.0) -> PlanInput:
     """The planner's input from a `hwcompat train` config (TrainConfig): one function, so the two agree."""
-    return PlanInput(method=method or ("qlora" if cfg.qlora else "lora"), seq_len=cfg.max_seq_len,
+    full = cfg.finetune == "full"
+    return PlanInput(method=method or ("full" if full else "qlora" if cfg.qlora else "lora"), seq_len=cfg.max_seq_len,
                      batch_size=cfg.micro_batch_size, lora_rank=cfg.lora_r, lora_targets=list(cfg.lora_target_modules),
                      gradient_checkpointing=cfg.gradient_checkpointing, optimizer=cfg.optimizer,
                      lora_dropout=cfg.lora_dropout > 0, logit_fraction=logit_fraction,
                      sequences_per_row=2 if cfg.method == "dpo" else 1,
                      generations=cfg.num_generations if cfg.method == "grpo" else 0,
                      completion_len=cfg.max_completion_length if cfg.method == "grpo" else 0,
-                     offload="layers" if cfg.offload == "layers" else "none", prefetch=cfg.offload_prefetch)
+                     offload="layers" if cfg.offload == "layers" else "none", prefetch=cfg.offload_prefetch,
+                     optimizer_offload="host" if full and cfg.optimizer_offload == "host" else "none")
 
 
 def _largest(ok, lo: int, hi: int) -> int | None:

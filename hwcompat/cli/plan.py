@@ -31,6 +31,9 @@ def add_parser(sub) -> None:
     p.add_argument("--response-fraction", type=float, metavar="F",
                    help="share of tokens that are response (hwcompat's trainer computes logits only there); "
                         "default: the config's data's largest share, else 1.0 = the worst case")
+    p.add_argument("--host-ram-gib", type=float, metavar="GIB",
+                   help="plan for a host with this much RAM (offload=layers, optimizer_offload=host); default: "
+                        "this host's")
     p.add_argument("--device", metavar="N", help="device position from `hwcompat detect` (default: first GPU)")
     p.add_argument("--suggest", action="store_true", help="say what does fit (or the cheapest change that fits)")
     p.add_argument("--json", action="store_true")
@@ -56,16 +59,14 @@ def train_config(args: argparse.Namespace):
     flags = [f"{key}={str(v).lower() if isinstance(v, bool) else v}" for attr, key in FLAG_KEYS.items()
              if (v := getattr(args, attr)) is not None]
     method = args.method
-    if method in ("dpo", "grpo", "qlora"):
-        flags.append("qlora=true" if method == "qlora" else f"method={method}")
+    if method in ("dpo", "grpo", "qlora", "full"):
+        flags.append({"qlora": "qlora=true", "full": "finetune=full"}.get(method, f"method={method}"))
     if not path and not args.model and not any(i.startswith("model=") for i in items):
         raise InputError("plan: which model? Give --model PATH (a folder with config.json) or a train config")
     from hwcompat.cli.demo import named_model
 
     loaded = named_model(load_config(path, flags + items, require_data=False), prepare=False)
-    if method not in (None, "full"):
-        method = None
-    return loaded, method
+    return loaded, None  # the method is a config setting now (finetune, qlora, method)
 
 
 def make_plan(shape, device, loaded, inp, with_suggestions: bool, host_ram: int | None = None):
@@ -108,6 +109,15 @@ def render_stream(st) -> list[str]:
             f"(~{st.link_bytes_per_s / 1e9:.1f} GB/s): {step}"]
 
 
+def render_host_optimizer(ho) -> list[str]:
+    """optimizer_offload=host's host side: RAM (and whether this host has it), the copies of one step."""
+    ram = (f" of {gib(ho.host_ram_bytes)}" + ("" if ho.host_fits else
+                                                f" -> host RAM is the limit (about {ho.largest_params / 1e9:.1f}B "
+                                                "parameters fit)") if ho.host_ram_bytes else "")
+    return [f"optimizer_offload=host: host RAM {gib(ho.host_bytes)}{ram} (fp32 masters, gradients, AdamW moments)",
+            f"  moves {gib(ho.bytes_per_step)} per step over {ho.link} (~{ho.copy_seconds:.1f} s of copies)"]
+
+
 def render(result, shape, device, model: str) -> str:
     prof = device.profile
     inp = result.inputs
@@ -115,7 +125,8 @@ def render(result, shape, device, model: str) -> str:
              f"{f' r={inp.lora_rank}' if inp.method != 'full' else ''} trains {result.trainable_params:,}",
              f"on {device.reading.name} ({prof.name}: {prof.dtype}, attention {prof.attention}), "
              f"seq_len {inp.seq_len} x micro-batch {inp.batch_size}, gradient checkpointing "
-             f"{'on' if inp.gradient_checkpointing else 'off'}, optimizer {inp.optimizer}, offload {inp.offload}", ""]
+             f"{'on' if inp.gradient_checkpointing else 'off'}, optimizer {inp.optimizer}, offload {inp.offload}"
+             f"{', optimizer_offload ' + inp.optimizer_offload if inp.method == 'full' else ''}", ""]
     for k, v in result.breakdown.items():
         lines.append(f"  {k:20} {gib(v):>11}")
     verdict = "fits" if result.fits else f"does NOT fit (short by {gib(-result.headroom_bytes)})"
@@ -124,6 +135,8 @@ def render(result, shape, device, model: str) -> str:
     lines.append("")
     if result.stream is not None:
         lines += render_stream(result.stream)
+    if result.host_optimizer is not None:
+        lines += render_host_optimizer(result.host_optimizer)
     lines.append(f"dtype {prof.dtype}: {prof.reasons['dtype']}")
     lines += [f"note: {n}" for n in result.notes]
     if result.suggestions:
@@ -135,7 +148,7 @@ def render(result, shape, device, model: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from hwcompat import plan as planner
-    from hwcompat.errors import HwcompatError
+    from hwcompat.errors import HwcompatError, InputError
     from hwcompat.pipeline.launch import training_device
 
     loaded, method = train_config(args)
@@ -153,7 +166,12 @@ def run(args: argparse.Namespace) -> int:
 
             fraction = check_data(loaded)[1]
     inp = planner.plan_input(cfg, method=method, logit_fraction=fraction)
-    result = make_plan(shape, device, loaded, inp, args.suggest, host.host_ram_bytes)
+    ram = host.host_ram_bytes
+    if args.host_ram_gib is not None:
+        if not 0 < args.host_ram_gib < 1e6:
+            raise InputError(f"--host-ram-gib {args.host_ram_gib:g}: give the host's RAM in GiB, e.g. 64")
+        ram = int(args.host_ram_gib * 2**30)
+    result = make_plan(shape, device, loaded, inp, args.suggest, ram)
     if args.json:
         print_json(result.to_dict())
     else:

@@ -407,12 +407,15 @@ def memory_choice(loaded: LoadedConfig, shape, inp, run, vendor: str, unified: b
 
     cfg = loaded.config
     if vendor == "cpu" and cfg.offload != "layers":  # the host's RAM is the device's: nothing to stream to
-        return planner.MemoryChoice("none", cfg.gradient_checkpointing, run(inp))
+        hosted = "host" if cfg.optimizer_offload == "host" else "none"  # written: plumbing a CPU test can run
+        return planner.MemoryChoice("none", cfg.gradient_checkpointing, run(replace(inp, optimizer_offload=hosted)),
+                                    optimizer_offload=hosted)
     if unified and cfg.offload == "layers":
         raise InputError("offload=layers: this device's memory is the host's RAM (unified memory), so streaming "
                          "layers from one to the other saves nothing; set offload=none (or auto)")
     written = loaded.origins.get("gradient_checkpointing", ORIGIN_DEFAULT) != ORIGIN_DEFAULT
-    return planner.decide_offload(shape, inp, cfg.offload, run, may_checkpoint=not written, may_stream=not unified)
+    return planner.decide_offload(shape, inp, cfg.offload, run, may_checkpoint=not written, may_stream=not unified,
+                                  optimizer_offload=cfg.optimizer_offload)
 
 
 def check_plan(loaded: LoadedConfig, device: ResolvedDevice, profile: ResolvedProfile,
@@ -447,10 +450,17 @@ def check_plan(loaded: LoadedConfig, device: ResolvedDevice, profile: ResolvedPr
     if choice.gradient_checkpointing != cfg.gradient_checkpointing:
         cfg.gradient_checkpointing = choice.gradient_checkpointing
         loaded.origins["gradient_checkpointing"] = "plan (offload: auto)"
+    if cfg.finetune == "full" and choice.optimizer_offload != cfg.optimizer_offload:
+        cfg.optimizer_offload = choice.optimizer_offload  # the run's spec carries the decision, never "auto"
+        loaded.origins["optimizer_offload"] = "plan (optimizer_offload: auto)"
     note = (f"plan: peak {result.peak_bytes / planner.GIB:.2f} GiB of {result.device_bytes / planner.GIB:.1f} GiB "
             f"(worst case: every micro-batch {cfg.max_seq_len} tokens long)")
     if choice.changed:
         note += f"; changed: {choice.changed}"
+    if result.host_optimizer is not None:
+        ho = result.host_optimizer
+        note += (f"; optimizer_offload=host: {ho.host_bytes / planner.GIB:.1f} GiB host RAM, "
+                 f"{ho.bytes_per_step / planner.GIB:.1f} GiB copied per step over {ho.link}")
     if offload == "layers" and result.stream is not None:
         st = result.stream
         note += (f"; offload=layers: {st.host_bytes / planner.GIB:.1f} GiB pinned host RAM, "
