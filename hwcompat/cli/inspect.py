@@ -51,8 +51,11 @@ def _exec(args: list[str], run_dir: str) -> int:
     if not (run / "run.json").exists():
         raise InputError(f"{run}: not a run folder (no run.json); give the output_dir of a `hwcompat train` run")
     spec = load_spec(run / "run.json")
-    if not (run / "adapter" / "adapter_model.safetensors").exists():
-        raise InputError(f"{run}: no adapter/ yet (the run has not finished); train it to the end first")
+    full = spec.config.finetune == "full"
+    if not ((run / "model" / "config.json").exists() if full else (run / "adapter" / "adapter_model.safetensors"
+                                                                   ).exists()):
+        raise InputError(f"{run}: no {'model' if full else 'adapter'}/ yet (the run has not finished); train it to "
+                         "the end first")
     env = {**os.environ, **spec.profile.env, "HF_HUB_OFFLINE": "1"}
     env.setdefault("PYTHONUNBUFFERED", "1")
     sys.stdout.flush()

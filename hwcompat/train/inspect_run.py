@@ -30,6 +30,8 @@ def _load(run_dir: Path):
     from hwcompat.train.spec import load_spec
 
     spec = load_spec(run_dir / "run.json")
+    if spec.config.finetune == "full":
+        return _load_full(run_dir, spec)
     adapter = run_dir / "adapter"
     if not (adapter / "adapter_model.safetensors").exists():
         raise InputError(f"{run_dir}: no adapter/ yet (the run has not finished); train it to the end first")
@@ -53,6 +55,74 @@ def _load(run_dir: Path):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return spec, model, tokenizer, device
+
+
+def _device(spec):
+    import torch
+
+    from hwcompat.train.loop import accelerator
+
+    backend = accelerator(spec.device.kind)
+    return torch.device(spec.device.kind if backend is not None and backend.is_available() else "cpu")
+
+
+def _load_full(run_dir: Path, spec):
+    """A full fine-tune's model/ in the run's dtype; its ``disable_adapter()`` swaps the run's base weights in (the
+    comparisons eval makes, base against trained, are the LoRA run's)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from hwcompat import hfload
+    from hwcompat.hfload import check_folder
+
+    folder = run_dir / "model"
+    if not (folder / "config.json").is_file():
+        raise InputError(f"{run_dir}: no model/ yet (the run has not finished); train it to the end first")
+    check_folder(str(folder), "model", spec.config.trust_remote_code)
+    dtype = getattr(torch, spec.profile.dtype)
+    device = _device(spec)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, attn_implementation=spec.profile.attention,
+                                                 trust_remote_code=spec.config.trust_remote_code,
+                                                 use_safetensors=True).to(device).eval()
+    model.disable_adapter = lambda: _base_weights(model, spec.config.model, dtype, device)
+    tokenizer = hfload.tokenizer(folder, "model", trust_remote_code=spec.config.trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return spec, model, tokenizer, device
+
+
+_BASE: dict[str, dict] = {}
+
+
+def _base_weights(model, base: str, dtype, device):
+    """The run's starting weights swapped into ``model`` by pointer (loaded once, kept for later swaps)."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def swapped():
+        if base not in _BASE:
+            if not (Path(base) / "config.json").is_file():
+                raise InputError(f"the run's base model {base} is gone (no config.json there); comparing with the "
+                                 "base needs it: put the model back at that path")
+            from safetensors.torch import load_file
+
+            weights = {}
+            for f in sorted(Path(base).glob("*.safetensors")):
+                weights.update(load_file(str(f)))
+            _BASE[base] = weights
+        params = dict(model.named_parameters())
+        live = {n: p.data for n, p in params.items()}
+        for n, p in params.items():
+            src = _BASE[base].get(n, _BASE[base].get("model.embed_tokens.weight") if n == "lm_head.weight" else None)
+            if src is not None:
+                p.data = src.to(device, dtype)
+        try:
+            yield
+        finally:
+            for n, p in params.items():
+                p.data = live[n]
+
+    return swapped()
 
 
 def _prompts(args) -> list[list[tuple[str, str]]]:

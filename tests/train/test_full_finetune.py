@@ -216,3 +216,33 @@ def test_full_model_folder_loads_in_transformers_and_keeps_the_source_dtype(tmp_
     assert {t.dtype for t in _weights(run).values()} == {torch.bfloat16}
     assert json.loads((run / "model" / "config.json").read_text())["dtype"] == "bfloat16"
     assert (run / "model" / "tokenizer.json").exists()
+
+
+def test_full_run_exports_to_gguf_without_a_merge(tmp_path, tiny_model, task_files):
+    import gguf
+    import numpy as np
+
+    run, res = _run(tmp_path, "a", tiny_model, *task_files, max_steps=2, export="gguf", export_type="f32")
+    assert not (run / "merged").exists() and (run / "model.gguf").exists()
+    assert "FROM ./model.gguf" in (run / "model.Modelfile").read_text()
+    reader = gguf.GGUFReader(str(run / "model.gguf"))
+    embd = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    trained = _weights(run)["model.embed_tokens.weight"].numpy()
+    assert np.array_equal(np.asarray(embd.data).reshape(trained.shape), trained)  # the trained weights, as written
+
+
+def test_eval_and_generate_read_a_full_run_and_compare_it_with_its_base(tmp_path, tiny_model, task_files):
+    run, _ = _run(tmp_path, "a", tiny_model, *task_files, max_steps=20, eval_at_start=True, eval_metrics="auto",
+                  gradient_accumulation=1, learning_rate=0.002)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HWCOMPAT_")}
+    res = subprocess.run([sys.executable, "-m", "hwcompat", "eval", str(run), "--data", str(task_files[1])],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = json.loads(res.stdout)
+    s = json.loads((run / "summary.json").read_text())
+    # the base is the run's starting model (its weights swapped in), the adapted one the model/ folder
+    assert math.isclose(out["base"]["eval_loss"], s["eval_before"]["eval_loss"], rel_tol=1e-5)
+    assert math.isclose(out["adapted"]["eval_loss"], s["eval_after"]["eval_loss"], rel_tol=1e-5)
+    res = subprocess.run([sys.executable, "-m", "hwcompat", "generate", str(run), "What color is the lemon?"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0 and res.stdout.strip(), res.stderr[-2000:]

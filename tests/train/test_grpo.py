@@ -483,3 +483,23 @@ def test_data_check_reads_prompt_rows_for_grpo(tmp_path, run_cli):
     data.write_text('{"prompt": "a\\u0000b"}\n')
     bad = run_cli("data", "check", str(data), "--method", "grpo")
     assert bad.returncode == 1 and f"{data}:1: prompt: NUL character" in bad.stderr
+
+
+def test_grpo_full_fine_tune_with_a_kl_reference_offloaded_equals_resident(tmp_path, tiny_model, task_files):
+    """finetune: full under GRPO (#38): with beta > 0 the reference is a frozen copy of the starting weights (no
+    adapter to switch off), the KL is 0 at the first step, and the host-offloaded run equals the resident one."""
+    from safetensors.torch import load_file
+
+    runs = []
+    for name, extra in (("a", {}), ("b", {"optimizer_offload": "host"})):
+        folder = tmp_path / name
+        folder.mkdir()
+        cfg = _grpo_config(folder, tiny_model, task_files, finetune="full", beta=0.05, learning_rate=1e-3,
+                           max_steps=3, eval_at_start=False, eval_metrics="none", **extra)
+        res = _train(cfg)
+        assert res.returncode == 0, res.stderr[-3000:]
+        runs.append(folder / "run")
+    a, b = (load_file(str(r / "model" / "model.safetensors")) for r in runs)
+    assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)
+    recs = _train_records(runs[0])
+    assert recs[0]["kl"] == 0.0 and recs[-1]["kl"] > 0  # the reference is the start, and the policy leaves it
