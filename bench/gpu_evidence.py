@@ -137,14 +137,15 @@ STEPS: tuple[Step, ...] = (
     Step("stream", ("stream-gpu-{card}.json",), 180, 90, 17,
          lambda c: _bench(c, "stream_gpu.py", "stream-gpu-{card}.json",
                           *([] if c.smoke else ["--cases", "8b-fp32,14b-bf16", "--engines", "streamed,qlora"]))),
-    # 8 steps (was 12, 80 s): the QLoRA and GRPO gpu tests below needed the 27 s
-    Step("train", ("train-gpu-{card}.json",), 150, 53, 20,
-         lambda c: _bench(c, "train.py", "train-gpu-{card}.json", "--gpu", "--steps", "6" if c.smoke else "8")),
+    # 6 steps (was 12, 80 s; then 8, 53 s): the QLoRA, GRPO and full-offload gpu tests below needed the time
+    Step("train", ("train-gpu-{card}.json",), 150, 39, 20,
+         lambda c: _bench(c, "train.py", "train-gpu-{card}.json", "--gpu", "--steps", "6")),
     Step("plan", ("plan-gpu-{card}.json",), 120, 30, 2, lambda c: _bench(c, "plan_gpu.py", "plan-gpu-{card}.json")),
-    # the selftest ran above: not again; tests/train/test_gpu_loop.py is three `hwcompat train` runs (+14 s each,
+    # the selftest ran above: not again; tests/train/test_gpu_loop.py is five `hwcompat train` runs (+14 s each,
     # estimated): the numerics check before the first step (#36), bf16 autocast and memory_limit_gib; QLoRA through
-    # the shipped trainer; GRPO's rollouts and loss (#37). Every train above runs the check too
-    Step("gpu-tests", ("gpu-tests-{card}.json",), 120, 76, 5,
+    # the shipped trainer; GRPO's rollouts and loss (#37); a full fine-tune resident and host-offloaded (#38).
+    # Every train above runs the check too
+    Step("gpu-tests", ("gpu-tests-{card}.json",), 120, 90, 5,
          lambda c: [c.py, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider",
                     "--deselect", "tests/test_selftest.py::test_selftest_gpu",
                     f"--junitxml={c.out / f'.gpu-tests-{c.card}.xml'}"]),

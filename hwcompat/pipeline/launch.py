@@ -114,7 +114,8 @@ def prepare_run_dir(loaded: LoadedConfig, profile: ResolvedProfile, device: Reso
     cfg = loaded.config.to_dict()
     from hwcompat.train.trackers import run_folders
 
-    outputs = (RECORDS + RESULTS + (EXPORTS if loaded.config.export == "gguf" else ())
+    outputs = (RECORDS + RESULTS + (("model",) if loaded.config.finetune == "full" else ())
+               + (EXPORTS if loaded.config.export == "gguf" else ())
                + run_folders(loaded.config.report_to, Path(os.path.abspath(loaded.config.output_dir)),
                              os.environ))
     run = open_run_dir(loaded.config.output_dir, cfg, resume, overwrite, outputs)

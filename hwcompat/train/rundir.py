@@ -221,7 +221,8 @@ def open_run_dir(output_dir: str, new_config: dict[str, Any], resume: bool, over
         if stale:
             out.notes.append(f"removed leftovers of an interrupted write: {', '.join(sorted(stale))}")
         ck_step, end_step = _checkpoint_step(run_dir), _finished_step(run_dir)
-        finished = (run_dir / "adapter").is_dir() or end_step is not None
+        finished = ((run_dir / "adapter").is_dir() or ((run_dir / "model").is_dir() and "model" in written(run_dir))
+                    or end_step is not None)
         if resume and ck_step is None and finished:
             raise InputError(f"--resume: the run in {run_dir} finished (step {end_step}) and kept no checkpoint to "
                              "go on from (checkpoint_every=0 keeps one only on an interrupt); start a new run in "

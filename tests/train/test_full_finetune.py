@@ -246,3 +246,17 @@ def test_eval_and_generate_read_a_full_run_and_compare_it_with_its_base(tmp_path
     res = subprocess.run([sys.executable, "-m", "hwcompat", "generate", str(run), "What color is the lemon?"],
                          capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0 and res.stdout.strip(), res.stderr[-2000:]
+
+
+def test_a_users_model_folder_in_output_dir_is_never_replaced(tmp_path, tiny_model, task_files):
+    folder = tmp_path / "a"
+    folder.mkdir()
+    cfg = make_config(folder, tiny_model, *task_files, **{**EQ, "max_steps": 1})
+    mine = folder / "run" / "model"
+    mine.mkdir(parents=True)
+    (mine / "notes.txt").write_text("mine")
+    res = _train(cfg)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert "model" in res.stderr and (mine / "notes.txt").read_text() == "mine"
+    res = _train(cfg, "--overwrite")
+    assert res.returncode == 2 and (mine / "notes.txt").read_text() == "mine"  # not ours: never deleted

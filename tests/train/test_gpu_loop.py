@@ -62,3 +62,24 @@ def test_grpo_rollouts_and_loss_run_on_the_card(tmp_path, tiny_model, task_files
             if r["kind"] == "train"]
     assert len(recs) == 4 and all(r["completions"] == 8 and math.isfinite(r["loss"]) for r in recs)
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_full_fine_tune_offloaded_to_host_ram_trains_on_the_card(tmp_path, tiny_model, task_files, run_cli):
+    """#38: optimizer_offload=host on the card: pinned fp32 masters, gradients copied down by the hooks while
+    backward runs, the working copy in the profile's dtype; its losses track the resident AMP run's (not to the
+    bit: the offloaded gradients are the working dtype's, the resident ones fp32)."""
+    losses = {}
+    for offload in ("none", "host"):
+        folder = tmp_path / offload
+        folder.mkdir()
+        config = make_config(folder, tiny_model, *task_files, finetune="full", optimizer_offload=offload,
+                             learning_rate=1e-3, max_steps=6, gradient_accumulation=2, eval_metrics="none",
+                             eval_at_start=False)
+        res = run_cli("train", str(config), timeout=600)
+        assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr[-3000:]
+        run = folder / "run"
+        assert json.loads((run / "summary.json").read_text())["optimizer_offload"] == offload
+        losses[offload] = [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+                           if r["kind"] == "train"]
+    assert all(math.isfinite(x) for x in losses["host"])
+    assert all(abs(a - b) <= 0.05 * abs(a) + 0.05 for a, b in zip(losses["none"], losses["host"])), losses
