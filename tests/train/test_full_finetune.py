@@ -260,3 +260,36 @@ def test_a_users_model_folder_in_output_dir_is_never_replaced(tmp_path, tiny_mod
     assert "model" in res.stderr and (mine / "notes.txt").read_text() == "mine"
     res = _train(cfg, "--overwrite")
     assert res.returncode == 2 and (mine / "notes.txt").read_text() == "mine"  # not ours: never deleted
+
+
+def test_two_ddp_processes_equal_one_with_twice_the_accumulation(tmp_path, tiny_model, task_files):
+    """A resident full fine-tune under DDP (gloo on CPU): two processes = one process with 2x the accumulation (the
+    batch plan gives each step the same block of micro-batches either way), to float precision (the all-reduce sums
+    in another order)."""
+    one, _ = _run(tmp_path, "a", tiny_model, *task_files, max_steps=3, gradient_accumulation=2)
+    folder = tmp_path / "b"
+    folder.mkdir()
+    cfg = make_config(folder, tiny_model, *task_files, **{**EQ, "max_steps": 3, "gradient_accumulation": 1})
+    res = _train(cfg, "--devices", "2")
+    assert res.returncode == 0, res.stderr[-3000:]
+    a, b = _weights(one), _weights(folder / "run")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+    res = _train(cfg, "--devices", "2", "optimizer_offload=host", "output_dir=" + str(folder / "run2"))
+    assert res.returncode == 2 and "optimizer_offload=host runs on one process" in res.stderr, res.stderr[-2000:]
+
+
+def test_fp16_profile_offloaded_steps_through_the_grad_scaler(tmp_path, tiny_model, task_files):
+    """A Volta's fp16 profile (emulated on the CPU): fp16 working copy, fp32 host masters, the GradScaler unscaling
+    host gradients and skipping a step on overflow; the scaler's state is in the checkpoint."""
+    import torch
+
+    folder = tmp_path / "a"
+    folder.mkdir()
+    cfg = make_config(folder, tiny_model, *task_files, **{**EQ, "optimizer_offload": "host", "max_steps": 4})
+    res = _train(cfg, "--emulate", "v100", "--cpu-emulation", "checkpoint_every=2", timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    run = folder / "run"
+    assert json.loads((run / "summary.json").read_text())["dtype"] == "float16"
+    assert all(math.isfinite(loss) for _, loss, _ in _losses(run))
+    optim = torch.load(run / "checkpoints" / "step-0000002" / "optim.pt", weights_only=True)
+    assert optim["scaler"] is not None and optim["scaler"]["scale"] > 0
