@@ -356,7 +356,10 @@ def _checked(inp: PlanInput) -> PlanInput:
     if inp.method not in ("lora", "qlora", "full"):
         raise InputError(f"--method {inp.method}: use lora, qlora or full")
     streamed = inp.offload == "layers"
-    if streamed and inp.method != "lora":
+    if streamed and inp.method == "full" and inp.optimizer_offload != "host":
+        raise InputError("offload=layers with a full fine-tune streams the working copy of a model whose optimizer "
+                         "lives in host RAM: set optimizer_offload=host too")
+    if streamed and inp.method not in ("lora", "full"):
         raise InputError(f"offload=layers streams a frozen LoRA base; it does not apply to {inp.method}")
     if inp.optimizer_offload == "host" and inp.method != "full":
         raise InputError(f"optimizer_offload=host applies to a full fine-tune, not to {inp.method}")
@@ -402,8 +405,12 @@ def _full_terms(shape: ModelShape, inp: PlanInput, db: int) -> dict[str, int]:
     n = shape.params()
     if inp.optimizer_offload == "host":
         largest = max(shape.tensor_sizes())
-        return {"base_weights": n * db, "gradients": min(n * db, HOST_GRAD_IN_FLIGHT + largest * db),
-                "optimizer_states": 0}
+        grads = min(n * db, HOST_GRAD_IN_FLIGHT + largest * db)
+        if inp.offload == "layers":  # the layers' working copy visits the card in prefetch + 1 slots
+            return {"base_weights": shape.resident_params() * db,
+                    "streamed_slots": (inp.prefetch + 1) * shape.layer_params() * db, "gradients": grads,
+                    "optimizer_states": 0}
+        return {"base_weights": n * db, "gradients": grads, "optimizer_states": 0}
     return {"base_weights": n * 4, "autocast_copies": n * db if db != 4 else 0, "gradients": n * 4,
             "optimizer_states": optimizer_state_bytes(inp.optimizer, shape.tensor_sizes())}
 
@@ -414,12 +421,13 @@ def host_optimizer_terms(shape: ModelShape, inp: PlanInput, db: int, host: Host,
     moves every gradient down once per micro-step and every weight up once."""
     n = shape.params()
     staging = n * db if vendor == "nvidia" else 0
-    per_param = 16 + (db if vendor == "nvidia" else 0)
+    pinned = shape.layers * shape.layer_params() * db if inp.offload == "layers" else 0  # the streamed working copy
+    per_param = 16 + (db if vendor == "nvidia" else 0) + (db if inp.offload == "layers" else 0)
     gen, width, rate = _link(host)
     moved = n * db * (1 + 1)
     ram = host.ram_bytes
     largest = max(0, (ram - HOST_RUNTIME) // per_param) if ram else 0
-    return HostOptimizer(host_bytes=16 * n + staging + HOST_RUNTIME, host_ram_bytes=ram, bytes_per_step=moved,
+    return HostOptimizer(host_bytes=16 * n + staging + pinned + HOST_RUNTIME, host_ram_bytes=ram, bytes_per_step=moved,
                          link=f"PCIe {gen}.0 x{width}{'' if host.pcie_generation else ' (assumed)'}",
                          copy_seconds=moved / rate, largest_params=largest)
 
@@ -524,7 +532,9 @@ def estimate(shape: ModelShape, inp: PlanInput, dtype: str, attention: str, vend
     if host.unified:
         _unified_terms(bd, notes)
     peak = sum(bd.values())
-    stream = stream_terms(shape, inp, db, host) if inp.offload == "layers" else None
+    # a full fine-tune's streamed copy is counted in its host optimizer's RAM (one figure for the host)
+    stream = stream_terms(shape, inp, db, replace(host, ram_bytes=None) if inp.method == "full" else host) if (
+        inp.offload == "layers") else None
     if stream is not None and not stream.host_fits:
         notes.append(f"offload=layers needs {stream.host_bytes / GIB:.1f} GiB of host RAM (the base is loaded there, "
                      f"then pinned); this host has {stream.host_ram_bytes / GIB:.1f} GiB: host RAM is the limit")
@@ -570,8 +580,10 @@ def stream_terms(shape: ModelShape, inp: PlanInput, db: int, host: Host) -> Stre
     moved = 2 * shape.layers * layer
     tokens = inp.batch_size * inp.sequences_per_row * inp.seq_len
     # forward, recompute and the input-gradient GEMMs: 3 x 2 FLOPs per parameter per token (the frozen base
-    # has no weight gradient; attention's own FLOPs and the adapters are left out: small at these lengths)
-    compute = (6 * shape.params() * tokens / (host.peak_tflops * 1e12 * table["sustained_fraction"])
+    # has no weight gradient; attention's own FLOPs and the adapters are left out: small at these lengths); a
+    # full fine-tune's weight gradients add 2 more
+    flops = 8 if inp.method == "full" else 6
+    compute = (flops * shape.params() * tokens / (host.peak_tflops * 1e12 * table["sustained_fraction"])
                if host.peak_tflops else None)
     copy = moved / rate
     return Stream(layer_bytes=layer, host_bytes=shape.params() * db + layer + HOST_RUNTIME,
@@ -640,7 +652,8 @@ def decide_offload(shape: ModelShape, inp: PlanInput, setting: str, run, may_che
     ``run(PlanInput) -> Plan`` estimates on the card. A full fine-tune's choice is ``optimizer_offload``'s
     (``decide_optimizer_offload``)."""
     if inp.method == "full":
-        return decide_optimizer_offload(inp, optimizer_offload, run, may_checkpoint)
+        return decide_optimizer_offload(inp, optimizer_offload, run, may_checkpoint,
+                                        may_stream and setting != "none")
     resident = run(replace(inp, offload="none"))
     if setting == "none" or (setting == "auto" and resident.fits):
         return MemoryChoice("none", inp.gradient_checkpointing, resident)
@@ -662,26 +675,30 @@ def decide_offload(shape: ModelShape, inp: PlanInput, setting: str, run, may_che
     return MemoryChoice("none", inp.gradient_checkpointing, resident)
 
 
-def decide_optimizer_offload(inp: PlanInput, setting: str, run, may_checkpoint: bool = True) -> MemoryChoice:
+def decide_optimizer_offload(inp: PlanInput, setting: str, run, may_checkpoint: bool = True,
+                             may_stream: bool = True) -> MemoryChoice:
     """``optimizer_offload: auto`` for a full fine-tune, cheapest first: resident; resident with gradient
     checkpointing; the optimizer in host RAM (a host -> device copy of every weight per step, the AdamW step on
     the CPU); the same with checkpointing. ``none`` / ``host`` are planned as written."""
     ckpt = inp.gradient_checkpointing
-    resident = run(replace(inp, optimizer_offload="none"))
+    if setting == "host":  # with offload=layers written beside it: streamed as written
+        return MemoryChoice(inp.offload, ckpt, run(replace(inp, optimizer_offload="host")), optimizer_offload="host")
+    resident = run(replace(inp, optimizer_offload="none", offload="none"))
     if setting == "none" or (setting == "auto" and resident.fits):
         return MemoryChoice("none", ckpt, resident)
-    if setting == "host":
-        return MemoryChoice("none", ckpt, run(replace(inp, optimizer_offload="host")), optimizer_offload="host")
-    tries = [(ckpt, "none")] + ([(True, "none")] if not ckpt and may_checkpoint else [])
-    tries += [(ckpt, "host")] + ([(True, "host")] if not ckpt and may_checkpoint else [])
-    for gc, where in tries[1:]:
-        p = run(replace(inp, gradient_checkpointing=gc, optimizer_offload=where))
+    tries = [(ckpt, "none", "none")] + ([(True, "none", "none")] if not ckpt and may_checkpoint else [])
+    tries += [(ckpt, "host", "none")] + ([(True, "host", "none")] if not ckpt and may_checkpoint else [])
+    tries += [(True, "host", "layers")] if may_stream and (ckpt or may_checkpoint) else []
+    for gc, where, layers in tries[1:]:
+        p = run(replace(inp, gradient_checkpointing=gc, optimizer_offload=where, offload=layers))
         if p.fits:
-            why = [] if gc == ckpt else ["gradient_checkpointing=true"]
+            why = [] if gc == ckpt or layers == "layers" else ["gradient_checkpointing=true"]
             if where == "host":
                 why.append(f"optimizer_offload=host (the fp32 masters and AdamW state in "
                            f"{p.host_optimizer.host_bytes / GIB:.1f} GiB of host RAM)")
-            return MemoryChoice("none", gc, p, " and ".join(why) + " (optimizer_offload: auto): the resident full "
+            if layers == "layers":
+                why.append("offload=layers (the working copy streamed a layer at a time)")
+            return MemoryChoice(layers, gc, p, " and ".join(why) + " (optimizer_offload: auto): the resident full "
                                 "fine-tune does not fit" + ("" if where == "none" else ", the offloaded one does"),
                                 optimizer_offload=where)
     hosted = run(replace(inp, gradient_checkpointing=ckpt or may_checkpoint, optimizer_offload="host"))

@@ -107,3 +107,41 @@ def test_qwen3_4b_full_on_a_24_gb_card_is_offloaded_and_says_the_host_ram(qwen3_
     assert main(["plan", "--model", qwen3_4b, "--emulate", "rtx4090", "--method", "full", "--host-ram-gib", "32"]) == 0
     text = capsys.readouterr().out
     assert "does NOT fit" in text and "host RAM is the limit" in text and "about 1.8B parameters" in text  # (32 - 1.5) GiB / 18 B
+
+
+def test_streamed_host_offload_terms(tmp_path):
+    """offload=layers with optimizer_offload=host: the card holds the embeddings, head and norms plus prefetch + 1
+    layers of the working copy; the host holds that copy too (pinned), beside the 16 bytes a parameter."""
+    shape = _shape(tmp_path)
+    n = shape.params()
+    inp = P.PlanInput(method="full", optimizer_offload="host", offload="layers", prefetch=1)
+    plan = P.estimate(shape, inp, "bfloat16", "sdpa", "nvidia", 80 << 30, host=P.Host(ram_bytes=64 << 30))
+    bd = plan.breakdown
+    assert bd["base_weights"] == 2 * shape.resident_params() and bd["streamed_slots"] == 2 * 2 * shape.layer_params()
+    assert plan.inputs.gradient_checkpointing  # each layer recomputed in backward
+    pinned = shape.layers * shape.layer_params() * 2
+    assert plan.host_optimizer.host_bytes == 16 * n + 2 * n + pinned + P.HOST_RUNTIME
+    assert plan.stream is not None and plan.stream.host_ram_bytes is None  # one host figure: the optimizer's
+    with pytest.raises(P.InputError, match="set optimizer_offload=host too"):
+        P.estimate(shape, P.PlanInput(method="full", offload="layers"), "bfloat16", "sdpa", "nvidia", 80 << 30)
+
+
+def test_auto_streams_the_working_copy_when_even_the_offloaded_copy_does_not_fit(tmp_path):
+    shape = P.shape_from_config(QWEN3_4B, "qwen3-4b")
+    base = P.PlanInput(method="full", seq_len=64, batch_size=1, gradient_checkpointing=True,
+                       optimizer_offload="host")
+    hosted = P.estimate(shape, base, "bfloat16", "sdpa", "nvidia", 80 << 30).peak_bytes
+    streamed = P.estimate(shape, P.replace(base, offload="layers"), "bfloat16", "sdpa", "nvidia", 80 << 30).peak_bytes
+    assert streamed < hosted
+    card = (streamed + hosted) // 2
+
+    def run(inp):
+        return P.estimate(shape, inp, "bfloat16", "sdpa", "nvidia", card, host=P.Host(ram_bytes=128 << 30))
+
+    choice = P.decide_offload(shape, P.PlanInput(method="full", seq_len=64, batch_size=1), "auto", run,
+                              optimizer_offload="auto")  # e.g. a 4B model on an 8 GB card
+    assert (choice.offload, choice.optimizer_offload, choice.gradient_checkpointing) == ("layers", "host", True)
+    assert "offload=layers" in choice.changed and choice.plan.fits
+    no_stream = P.decide_offload(shape, P.PlanInput(method="full", seq_len=64, batch_size=1), "auto", run,
+                                 may_stream=False, optimizer_offload="auto")
+    assert not no_stream.plan.fits

@@ -341,9 +341,9 @@ def full_problem(cfg: "TrainConfig") -> str | None:
     if cfg.init_adapter:
         return ("finetune=full with init_adapter: merge the adapter first (hwcompat merge RUN --out FOLDER) and set "
                 "model= to the merged folder")
-    if cfg.offload == "layers":
-        return ("offload=layers streams a frozen LoRA base; a full fine-tune streams no layers yet: use "
-                "optimizer_offload=host (the card then holds the working weights in the profile's dtype only)")
+    if cfg.offload == "layers" and cfg.optimizer_offload != "host":
+        return ("offload=layers with finetune=full streams the working copy of a model whose fp32 masters and "
+                "optimizer live in host RAM: set optimizer_offload=host too")
     if cfg.optimizer_offload == "host" and cfg.optimizer != "adamw":
         return (f"optimizer_offload=host steps torch's AdamW on the CPU; optimizer={cfg.optimizer} runs on the card: "
                 "set optimizer=adamw, or optimizer_offload=none")

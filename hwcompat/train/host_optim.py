@@ -32,7 +32,9 @@ IN_FLIGHT_BYTES = 256 << 20
 class HostOffload:
     """The masters (fp32, pinned on CUDA) of a model's trainable parameters and the hooks that feed them."""
 
-    def __init__(self, model, device, working_dtype) -> None:
+    def __init__(self, model, device, working_dtype, on_host: set[int] | None = None) -> None:
+        """``on_host``: ids of parameters whose working copy stays in host memory (the layers train/stream.py
+        brings to the card one at a time)."""
         import torch
 
         self.device, self.cuda = device, device.type == "cuda"
@@ -42,12 +44,14 @@ class HostOffload:
         self.staging: list[Any] = []
         self.pending: list[tuple[int, Any, Any]] = []  # (index, device gradient kept alive, copy-done event)
         self.in_flight = 0
+        self.streamer = None  # set by install when the layers stream: a step's new weights invalidate its slots
         for name, p in model.named_parameters():
             if not p.requires_grad:
                 continue
             host = p.detach().to("cpu", torch.float32)
             master = torch.nn.Parameter(host.pin_memory() if self.cuda else host.clone(), requires_grad=True)
-            p.data = master.detach().to(device, working_dtype, copy=True)
+            home = torch.device("cpu") if on_host and id(p) in on_host else device
+            p.data = master.detach().to(home, working_dtype, copy=True)
             self.names.append(name)
             self.working.append(p)
             self.masters.append(master)
@@ -57,6 +61,8 @@ class HostOffload:
     def _take(self, i: int):
         def hook(p) -> None:
             g, p.grad = p.grad, None
+            if g is None:  # a streamed layer's outer node (train/stream.py): its gradient came through the recompute
+                return
             if not self.cuda:
                 self._add(i, g, owned=True)
                 return
@@ -100,6 +106,8 @@ class HostOffload:
         """The stepped masters become the card's working copy (cast to its dtype)."""
         import torch
 
+        if self.streamer is not None:  # slots prefetched with the old weights: dropped, copies in flight waited for
+            self.streamer.invalidate()
         with torch.no_grad():
             for w, m in zip(self.working, self.masters):
                 w.data.copy_(m.detach(), non_blocking=self.cuda)
@@ -114,7 +122,19 @@ class HostOffload:
         return 16 * n + staging
 
 
-def install(model, device, working_dtype) -> HostOffload:
-    host = HostOffload(model, device, working_dtype)
+def install(model, device, working_dtype, stream_layers: bool = False, prefetch: int = 1) -> HostOffload:
+    """The host side of a full fine-tune; ``stream_layers`` (offload: layers): the decoder layers' working copy
+    lives in pinned host memory too and visits the card a layer at a time (train/stream.py), so the card holds
+    the embeddings, the head and ``prefetch + 1`` layers."""
+    on_host = None
+    if stream_layers:
+        from hwcompat.train import stream
+
+        on_host = {id(p) for layer in stream.decoder_layers(model) for p in layer.parameters()}
+    host = HostOffload(model, device, working_dtype, on_host)
     model.hwcompat_host = host
+    if stream_layers:
+        from hwcompat.train import stream
+
+        host.streamer = stream.install(model, device, prefetch, trainable=True)
     return host

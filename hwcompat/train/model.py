@@ -81,14 +81,16 @@ def full_model(cfg: TrainConfig, profile: ResolvedProfile, device):
     for p in _select(model, cfg.trainable):
         p.requires_grad_(False)
         p.data = p.data.to(frozen_dtype)
-    if cfg.gradient_checkpointing:
+    streamed = streaming(cfg)
+    if cfg.gradient_checkpointing and not streamed:  # streaming recomputes each layer itself (stream.py)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     if cfg.optimizer_offload == "host":
         from hwcompat.train import host_optim
 
-        host_optim.install(model, device, frozen_dtype)
-    model.to(device)  # the rest (frozen weights, buffers); the working copy is there already
+        host_optim.install(model, device, frozen_dtype, streamed, cfg.offload_prefetch)
+    if not streamed:  # streamed, stream.install moved what does not stream
+        model.to(device)  # the rest (frozen weights, buffers); the working copy is there already
     return model
 
 

@@ -1,4 +1,7 @@
-"""Layer streaming: a LoRA run whose frozen base is larger than the card (``offload: layers``).
+"""Layer streaming: a LoRA run whose frozen base is larger than the card (``offload: layers``), or a full
+fine-tune's working copy (``offload: layers`` with ``optimizer_offload: host``: every weight of a layer streams;
+its gradient leaves the card through train/host_optim.py's hooks during the recompute's backward, and an optimizer
+step ``invalidate``s the slots prefetched with the old weights).
 
 In a LoRA step the base weights never change, need no gradient and no optimizer state. So every decoder
 layer's frozen weights live **once, in pinned host memory**, and visit the card one layer at a time: a pool
@@ -58,22 +61,25 @@ class _Slot:
 class LayerStreamer:
     """Owns the host copies of the decoder layers' frozen weights and the device slots they visit."""
 
-    def __init__(self, layers, device, prefetch: int = 1):
+    def __init__(self, layers, device, prefetch: int = 1, trainable: bool = False):
+        """``trainable``: a full fine-tune's working copy (optimizer_offload: host) streams too, every weight of
+        every layer; its gradients leave the card through host_optim's hooks, its updates arrive by ``invalidate``."""
         import torch
 
         self.device, self.prefetch, self.n = device, max(1, int(prefetch)), len(layers)
+        self.trainable = trainable
         self.cuda = device.type == "cuda"
         self.stats = StreamStats()
         self.params: list[list[tuple[Any, Any, int, int]]] = []  # per layer: (param, dtype, offset, numel)
         self.host: list[dict[Any, Any]] = []  # per layer: dtype -> flat (pinned) host tensor
         sizes: dict[Any, int] = {}
         for layer in layers:
-            frozen = [p for p in layer.parameters() if not p.requires_grad]
-            self.params.append(self._to_host(frozen))
+            streamed = [p for p in layer.parameters() if trainable or not p.requires_grad]
+            self.params.append(self._to_host(streamed))
             for dtype, flat in self.host[-1].items():
                 sizes[dtype] = max(sizes.get(dtype, 0), flat.numel())
             for p in layer.parameters():  # the adapters live on the card
-                if p.requires_grad:
+                if p.requires_grad and not trainable:
                     p.data = p.data.to(device)
         self.layer_bytes = max((sum(f.numel() * f.element_size() for f in h.values()) for h in self.host), default=0)
         self.slots = [_Slot({dt: torch.empty(n, dtype=dt, device=device) for dt, n in sizes.items()})
@@ -99,6 +105,15 @@ class LayerStreamer:
             host[dtype] = flat
         self.host.append(host)
         return out
+
+    def invalidate(self) -> None:
+        """The host copies are about to change (an optimizer step wrote them): wait for copies in flight, which
+        read them, and drop every prefetched layer, so the next use fetches the new weights."""
+        if self.cuda:
+            self.copy_stream.synchronize()
+        for slot in self.slots:
+            if not slot.busy:
+                slot.layer, slot.phase = None, None
 
     # --- the schedule ------------------------------------------------------------------------------------
 
@@ -278,11 +293,12 @@ def decoder_layers(model):
     return layers
 
 
-def install(model, device, prefetch: int = 1) -> LayerStreamer:
-    """Stream ``model``'s decoder layers (loaded on the CPU) to ``device``; everything else moves there now."""
+def install(model, device, prefetch: int = 1, trainable: bool = False) -> LayerStreamer:
+    """Stream ``model``'s decoder layers (loaded on the CPU) to ``device``; everything else moves there now.
+    ``trainable``: every weight of the layers streams (a full fine-tune's working copy), not only the frozen ones."""
     layers = decoder_layers(model)
-    streamer = LayerStreamer(list(layers), device, prefetch)
-    streamed = {id(p) for layer in layers for p in layer.parameters() if not p.requires_grad}
+    streamer = LayerStreamer(list(layers), device, prefetch, trainable)
+    streamed = {id(p) for layer in layers for p in layer.parameters() if trainable or not p.requires_grad}
     for p in model.parameters():
         if id(p) not in streamed and p.device != device:
             p.data = p.data.to(device)
