@@ -84,7 +84,7 @@ def _load_full(run_dir: Path, spec):
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, attn_implementation=spec.profile.attention,
                                                  trust_remote_code=spec.config.trust_remote_code,
                                                  use_safetensors=True).to(device).eval()
-    model.disable_adapter = lambda: _base_weights(model, spec.config.model, dtype, device)
+    model.disable_adapter = lambda: _base_weights(model, spec.config.model, dtype)
     tokenizer = hfload.tokenizer(folder, "model", trust_remote_code=spec.config.trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -94,35 +94,23 @@ def _load_full(run_dir: Path, spec):
 _BASE: dict[str, dict] = {}
 
 
-def _base_weights(model, base: str, dtype, device):
-    """The run's starting weights swapped into ``model`` by pointer (loaded once, kept for later swaps)."""
-    import contextlib
+def _base_weights(model, base: str, dtype):
+    """The run's starting weights swapped into ``model`` (read once, kept for later swaps)."""
+    from hwcompat.train.objectives import swapped_in
 
-    @contextlib.contextmanager
-    def swapped():
-        if base not in _BASE:
-            if not (Path(base) / "config.json").is_file():
-                raise InputError(f"the run's base model {base} is gone (no config.json there); comparing with the "
-                                 "base needs it: put the model back at that path")
-            from safetensors.torch import load_file
+    if base not in _BASE:
+        if not (Path(base) / "config.json").is_file():
+            raise InputError(f"the run's base model {base} is gone (no config.json there); comparing with the "
+                             "base needs it: put the model back at that path")
+        from safetensors.torch import load_file
 
-            weights = {}
-            for f in sorted(Path(base).glob("*.safetensors")):
-                weights.update(load_file(str(f)))
-            _BASE[base] = weights
-        params = dict(model.named_parameters())
-        live = {n: p.data for n, p in params.items()}
-        for n, p in params.items():
-            src = _BASE[base].get(n, _BASE[base].get("model.embed_tokens.weight") if n == "lm_head.weight" else None)
-            if src is not None:
-                p.data = src.to(device, dtype)
-        try:
-            yield
-        finally:
-            for n, p in params.items():
-                p.data = live[n]
-
-    return swapped()
+        weights = {}
+        for f in sorted(Path(base).glob("*.safetensors")):
+            weights.update(load_file(str(f)))
+        if "lm_head.weight" not in weights and "model.embed_tokens.weight" in weights:  # a tied head
+            weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
+        _BASE[base] = weights
+    return swapped_in(model, _BASE[base], dtype)
 
 
 def _prompts(args) -> list[list[tuple[str, str]]]:

@@ -90,17 +90,22 @@ def starting_weights(model, init_adapter: str | None, full: bool = False):
 def as_reference(model, start):
     """The reference model, one copy of the base: the adapter disabled, or (``start``: init_adapter) the adapter's
     starting weights swapped in by pointer. DPO's and GRPO's KL reference alike."""
-    import contextlib
-
     if start is None:
         return model.disable_adapter()
+    return swapped_in(model, start)
+
+
+def swapped_in(model, weights, dtype=None):
+    """A context in which the parameters named in ``weights`` hold those tensors (by pointer where device and
+    dtype already match), put back as they were on the way out: a reference model without a second model."""
+    import contextlib
 
     @contextlib.contextmanager
     def swapped():
-        params = {n: p for n, p in model.named_parameters() if n in start}
+        params = {n: p for n, p in model.named_parameters() if n in weights}
         live = {n: p.data for n, p in params.items()}
         for n, p in params.items():
-            p.data = start[n].to(p.device)
+            p.data = weights[n].to(p.device, dtype or weights[n].dtype)
         try:
             yield
         finally:
