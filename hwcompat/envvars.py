@@ -19,6 +19,8 @@ READS: dict[str, str] = {
     "HWCOMPAT_PROFILES_DIR": "load profiles from this folder instead of the packaged ones",
     "HWCOMPAT_ALLOW_MISMATCH": "image entrypoint: run even when the device is not the image's family",
     "HWCOMPAT_CACHE_DIR": "where converted demo models are cached (default ~/.cache/hwcompat)",
+    "HWCOMPAT_OUTPUT_ROOT": "set by the images (/output): a config's relative output_dir lands there, not on the "
+                            "read-only /data mount (hwcompat/container.py)",
     "HSA_OVERRIDE_GFX_VERSION": "ROCm: makes the runtime treat the GPU as another gfx target; read to report the effective target",
     "CUDA_VISIBLE_DEVICES": "read by doctor: a user-set mask changes which devices torch sees",
     "HIP_VISIBLE_DEVICES": "read by doctor: the ROCm counterpart of CUDA_VISIBLE_DEVICES",

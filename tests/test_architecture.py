@@ -13,7 +13,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "hwcompat"
 FLOORS = {
     0: ("hwcompat", "errors", "envvars", "choices", "readings", "datafiles", "userfile", "yamlfile", "fsutil",
         "textcheck", "sampling", "progress"),
-    1: ("probe", "compat", "software"),  # facts: what the machine has, what the wheel table says
+    1: ("probe", "compat", "software", "container"),  # facts: what the machine has, what the wheel table says,
+    # where an image reads and writes
     2: ("profiles",),
     3: ("resolve",),
     4: ("plan", "plancache", "data", "weights", "hfload", "fingerprint", "doctor", "demo", "entrypoint"),

