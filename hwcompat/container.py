@@ -21,6 +21,8 @@ from hwcompat import envvars
 from hwcompat.errors import InputError
 
 DATA, OUTPUT, CACHE = "/data", "/output", "/cache"
+#: A named volume for /cache: the demo model is prepared once, not in every container
+CACHE_VOLUME = "hwcompat-cache"
 #: Config keys that name a file or folder to read: mounted read-only at the same path when outside /data.
 READ_KEYS = ("model", "tokenizer", "init_adapter", "train_data", "eval_data")
 #: Commands that write a run (the entrypoint checks the output mount before them).
@@ -95,17 +97,19 @@ def _groups(*nodes: str, default: str) -> tuple[str, ...]:
 
 
 def docker_run(tag: str, vendor: str, command: list[str], config: Path | None, output: Path,
-               reads: list[str] = (), uid: int | None = None, gid: int | None = None) -> list[str]:
+               reads: list[str] = (), uid: int | None = None, gid: int | None = None,
+               name: str | None = None) -> list[str]:
     """The ``docker run`` argv: the card's devices, this user, /data (the config's folder, read-only), /output,
-    every file the config reads from outside its folder at the same path (read-only), IPC for the data loaders'
-    shared memory, no network (the trainer is offline by design), and the command."""
+    every file the config reads from outside its folder at the same path (read-only), a named volume for /cache,
+    IPC for the data loaders' shared memory, no network (the trainer is offline by design), and the command."""
     uid = os.getuid() if uid is None else uid
     gid = os.getgid() if gid is None else gid
-    argv = ["docker", "run", "--rm", "--network", "none", "--ipc=host", "--user", f"{uid}:{gid}",
+    detached = ["--detach", "--name", name] if name else []  # `docker stop NAME` checkpoints the run
+    argv = ["docker", "run", "--rm", *detached, "--network", "none", "--ipc=host", "--user", f"{uid}:{gid}",
             *Devices.for_vendor(vendor).flags]
     if config is not None:
         argv += ["-v", f"{config.parent}:{DATA}:ro"]
-    argv += ["-v", f"{output}:{OUTPUT}"]
+    argv += ["-v", f"{output}:{OUTPUT}", "-v", f"{CACHE_VOLUME}:{CACHE}"]
     for path in sorted(set(reads)):
         argv += ["-v", f"{path}:{path}:ro"]
     return argv + [tag, *command]

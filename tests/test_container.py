@@ -59,6 +59,7 @@ def test_images_run_prints_the_cards_docker_run(task, card, tag, devices):
 def test_images_run_without_a_config_runs_the_demo_on_the_cpu_image(tmp_path):
     argv, _ = _run_line("cpu", "--output", str(tmp_path / "out"))
     assert argv[-2:] == ["hwcompat:cpu", "demo"] and f"{tmp_path / 'out'}:/output" in argv
+    assert "hwcompat-cache:/cache" in argv  # the demo model prepared once, kept between containers
     assert "--gpus" not in argv and "--device=/dev/dri" not in argv
 
 

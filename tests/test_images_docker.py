@@ -182,3 +182,65 @@ def test_docker_stop_checkpoints(images, tmp_path, tiny_model):
     assert code == 143, logs[-2000:]
     assert "interrupted at step" in logs
     assert list((out / "run" / "checkpoints").glob("step-*/state.json"))
+
+
+def _readme_docker_lines():
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    block = text.split("<!-- docker-contract:", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    return [ln for ln in block.splitlines() if ln.strip()]
+
+
+def test_the_readmes_docker_commands_run_as_written(images, tmp_path, tiny_model):
+    """#40 §1: the README's container path, line for line, on the local engine: build, the printed docker run,
+    a detached training run, `docker stop` (a checkpoint, exit 143), `--resume` in a new container, the demo."""
+    import shutil
+
+    import yaml
+
+    from tests.train.conftest import task_rows, write_jsonl
+
+    lines = _readme_docker_lines()
+    assert lines[0].startswith("bash ci/docker_env.sh base && bash ci/docker_env.sh wheels")
+    ci = (REPO / ".ci" / "run").read_text()
+    assert "docker_env.sh base" in ci and "docker_env.sh wheels" in ci  # CI ran the first line before the tests
+    task = tmp_path / "task"
+    shutil.copytree(tiny_model, task / "model")
+    write_jsonl(task / "train.jsonl", task_rows(64, 1))
+    write_jsonl(task / "eval.jsonl", task_rows(8, 2))
+    (task / "config.yaml").write_text(yaml.safe_dump({
+        "model": "model", "train_data": ["train.jsonl"], "eval_data": ["eval.jsonl"], "output_dir": "runs/tickets",
+        "max_steps": 400, "micro_batch_size": 8, "eval_at_start": False, "eval_metrics": "none",
+        "learning_rate": 1e-4, "num_threads": 1}))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HWCOMPAT_")}
+    env["PATH"] = f"{os.path.dirname(sys.executable)}:{env.get('PATH', '')}"
+
+    def sh(line, timeout=1800):
+        res = subprocess.run(["bash", "-c", line], cwd=tmp_path, capture_output=True, text=True, env=env,
+                             timeout=timeout)
+        assert res.returncode == 0, f"{line}\n{res.stderr[-3000:]}"
+        return res
+
+    build, show, start, stop, resume, demo = lines[1:]
+    sh(build)
+    printed = sh(show).stdout
+    assert printed.startswith("docker run ") and "hwcompat:cpu train /data/config.yaml" in printed
+    try:
+        sh(start)
+        metrics = task / "runs" / "tickets" / "metrics.jsonl"
+        deadline = time.time() + 300
+        while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+            time.sleep(0.5)
+        sh(stop, timeout=120)
+    finally:
+        subprocess.run(["docker", "rm", "-f", "tickets"], capture_output=True)
+    checkpoints = list((task / "runs" / "tickets" / "checkpoints").glob("step-*/state.json"))
+    assert checkpoints and not (task / "runs" / "tickets" / "adapter").exists()
+    out = sh(resume)
+    assert "resumed from" in out.stderr
+    summary = json.loads((task / "runs" / "tickets" / "summary.json").read_text())
+    assert summary["steps"] == 400 and summary["resumes"] == 1
+    assert (task / "runs" / "tickets" / "adapter" / "adapter_model.safetensors").stat().st_uid == os.getuid()
+    out = sh(demo)
+    assert "allocator: tcmalloc" in out.stderr  # the CPU image carries it: no host install hint
+    assert "apt-get install" not in out.stderr and "pip install" not in out.stderr
+    assert (tmp_path / "runs" / "demo" / "adapter" / "adapter_model.safetensors").exists()

@@ -33,7 +33,9 @@ def add_parser(sub) -> None:
     rn.add_argument("--config", metavar="CONFIG.yaml", help="a `hwcompat train` config (default: run the demo)")
     rn.add_argument("--output", metavar="DIR", help="host folder mounted at /output (default: the config's folder, "
                                                     "so a relative output_dir lands where a host run puts it; the "
-                                                    "demo: ./runs)")
+                                                    "demo: this folder)")
+    rn.add_argument("--name", metavar="NAME", help="run detached as container NAME (`docker stop NAME` checkpoints "
+                                                  "the run; `docker logs -f NAME` follows it)")
     rn.add_argument("args", nargs="*", metavar="ARG", help="more arguments for the command in the image, after --")
     from hwcompat.cli.common import add_device_options
 
@@ -111,8 +113,8 @@ def run_run(args: argparse.Namespace) -> int:
         output = Path(args.output).resolve() if args.output else config.parent
     else:
         config, command = None, ["demo", *args.args]
-        output = Path(args.output or "runs").resolve()
-    argv = container.docker_run(spec.tag, spec.profiles[0].vendor, command, config, output, reads)
+        output = Path(args.output or ".").resolve()  # the demo's runs/demo lands where `hwcompat demo` puts it
+    argv = container.docker_run(spec.tag, spec.profiles[0].vendor, command, config, output, reads, name=args.name)
     print(container.shell_line(argv))
     print(f"# {spec.tag}: {output} is /output (relative output_dir lands there)"
           + (f", {config.parent} is /data (read-only)" if config else "")
