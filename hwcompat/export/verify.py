@@ -161,9 +161,34 @@ def _kl_top1(hf_logits, gguf_scores) -> tuple[list[float], list[bool]]:
     return kl.tolist(), (hf_logits.argmax(-1) == gguf_scores[:, :hf_logits.shape[-1]].argmax(-1)).tolist()
 
 
+#: One-sided 95 %: a share is "below the limit" only when its Wilson upper bound is, "at or above" only when its
+#: lower bound is; between, the verdict is inconclusive and the task metric on the user's rows decides.
+Z_95 = 1.645
+#: Positions a top-1 share needs so that its 95 % bound is this close to the limit (binomial: z^2 p(1-p) / m^2).
+TOP1_MARGIN = 0.03
+#: Prompts verification generates for at most, to reach those positions (from --data, else the general prompts).
+MAX_VERIFY_ROWS = 64
+
+
+def wilson(successes: int, n: int, z: float = Z_95) -> tuple[float, float]:
+    """The Wilson score interval of a share (its bounds at ``z``), sound at small n and near 0 or 1."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def positions_needed(limit: float, margin: float = TOP1_MARGIN, z: float = Z_95) -> int:
+    """Answer positions for a top-1 verdict whose bound is within ``margin`` of ``limit``."""
+    return math.ceil(z * z * limit * (1 - limit) / (margin * margin))
+
+
 def verify(model_dir: str | Path, gguf_path: str | Path, qtype: str, data: str | None = None, rows: int = 8,
            max_new_tokens: int = 48, progress=print) -> Verdict:
-    """Run the three checks; the verdict lists every failure (the CLI shows the first and exits 1)."""
+    """Run the three checks; the verdict lists every failure (the CLI shows the first and exits 1). ``rows`` prompts
+    at least, more (up to MAX_VERIFY_ROWS) until the answers hold ``positions_needed`` positions."""
     import torch
     from hwcompat import hfload
     from hwcompat.data import chat as render, metrics
@@ -172,7 +197,8 @@ def verify(model_dir: str | Path, gguf_path: str | Path, qtype: str, data: str |
     verdict = Verdict(str(gguf_path), qtype, asdict(limits))
     tok = hfload.tokenizer(model_dir, "model")
     chat = render.uses_chat_template(tok, "auto")
-    convs, refs = prompts_from(data, rows)
+    convs, refs = prompts_from(data, max(rows, MAX_VERIFY_ROWS))
+    needed = positions_needed(limits.min_top1)
     prompts = [render.render_prompt_ids(tok, c, chat) for c in convs]
     rendered = [render.render_prompt_text(tok, c, chat) for c in convs]
     llm = _Llama(Path(gguf_path), n_ctx=max(len(p) for p in prompts) + max_new_tokens + 8)
@@ -189,7 +215,9 @@ def verify(model_dir: str | Path, gguf_path: str | Path, qtype: str, data: str |
     stop = {t for t in (tok.eos_token_id, *_as_list(model.generation_config.eos_token_id)) if t is not None}
     kls, top1, hf_answers, gg_answers = [], [], [], []
     for i, prompt in enumerate(prompts):
-        progress(f"verify: prompt {i + 1}/{len(prompts)}")
+        if i >= rows and len(kls) >= needed:  # enough positions for a bounded verdict
+            break
+        progress(f"verify: prompt {i + 1} ({len(kls)} of {needed} answer positions)")
         answer = _hf_greedy(model, prompt, max_new_tokens, stop)
         ids = prompt + answer
         with torch.no_grad():
@@ -200,12 +228,16 @@ def verify(model_dir: str | Path, gguf_path: str | Path, qtype: str, data: str |
         top1 += t
         hf_answers.append(answer)
         gg_answers.append(llm.greedy(llm.tokenize(rendered[i]), max_new_tokens, stop))  # as Ollama: its own ids
-    verdict.distributions = {"positions": len(kls), "mean_kl": sum(kls) / len(kls),
-                             "max_kl": max(kls), "top1_agreement": sum(top1) / len(top1)}
+    verdict.distributions = {"positions": len(kls), "positions_needed": needed, "mean_kl": sum(kls) / len(kls),
+                             "max_kl": max(kls), "top1_agreement": sum(top1) / len(top1),
+                             "top1_bounds_95": list(wilson(sum(top1), len(top1)))}
+    done = len(hf_answers)
+    refs = refs[:done] if refs is not None else None
     same = sum(a == b for a, b in zip(hf_answers, gg_answers))
     decode = [tok.decode(a, skip_special_tokens=True).strip() for a in hf_answers]
     decode_gg = [tok.decode(a, skip_special_tokens=True).strip() for a in gg_answers]
-    verdict.generations = {"prompts": len(prompts), "identical": same, "identical_share": same / len(prompts),
+    verdict.generations = {"prompts": done, "identical": same, "identical_share": same / done,
+                           "identical_bounds_95": list(wilson(same, done)),
                            "first_difference": next(({"hf": a, "gguf": b} for a, b in zip(decode, decode_gg)
                                                      if a != b), None)}
     if refs is not None:
@@ -279,20 +311,46 @@ def _judge(verdict: Verdict, limits: Limits) -> None:
     if not math.isfinite(d["mean_kl"]) or d["mean_kl"] > limits.max_kl:
         verdict.failures.append(f"next-token distributions differ: mean KL {d['mean_kl']:.4f} nats over "
                                 f"{d['positions']} answer positions (limit for {verdict.qtype}: {limits.max_kl})")
-    if d["top1_agreement"] < limits.min_top1:
-        verdict.failures.append(f"top-1 token agrees at {d['top1_agreement']:.1%} of answer positions "
-                                f"(limit for {verdict.qtype}: {limits.min_top1:.0%})")
+    metric_failures = _metric_failures(verdict, limits)
+    verdict.failures += metric_failures
+    held = "metrics_hf" in g and not metric_failures  # the task metric on the user's rows was measured and held
+    low, high = d.get("top1_bounds_95") or wilson(round(d["top1_agreement"] * d["positions"]), d["positions"])
+    share = (f"top-1 token agrees at {d['top1_agreement']:.1%} of {d['positions']} answer positions (95% bounds "
+             f"{low:.1%}-{high:.1%}; limit for {verdict.qtype}: {limits.min_top1:.0%})")
+    if high < limits.min_top1:
+        verdict.failures.append(f"{share}: below the limit with 95% confidence")
+    elif low < limits.min_top1 and d["top1_agreement"] < limits.min_top1:
+        _inconclusive(verdict, share, held)
+    ilow, ihigh = g.get("identical_bounds_95") or wilson(g["identical"], g["prompts"])
     if g["identical_share"] < limits.min_identical:
         first = g["first_difference"] or {}
-        verdict.failures.append(f"{g['identical']} of {g['prompts']} greedy answers identical (limit for "
-                                f"{verdict.qtype}: {limits.min_identical:.0%}); first difference: HF "
-                                f"{first.get('hf', '')[:60]!r} vs GGUF {first.get('gguf', '')[:60]!r}")
+        same = (f"{g['identical']} of {g['prompts']} greedy answers identical (95% bounds {ilow:.0%}-{ihigh:.0%}; "
+                f"limit for {verdict.qtype}: {limits.min_identical:.0%}); first difference: HF "
+                f"{first.get('hf', '')[:60]!r} vs GGUF {first.get('gguf', '')[:60]!r}")
+        if ihigh < limits.min_identical:
+            verdict.failures.append(same)
+        else:
+            _inconclusive(verdict, same, held)
+
+
+def _inconclusive(verdict: Verdict, what: str, held: bool) -> None:
+    """A share under its limit whose 95% interval still holds the limit: the task metric on the user's own rows
+    decides where it was measured (and held); without one the verdict asks for more rows."""
+    if held:
+        verdict.notes.append(f"{what}: inconclusive at 95%, and the task metrics on your rows held: passed on them")
+    else:
+        verdict.failures.append(f"{what}: inconclusive at 95% (too few positions to tell); verify on more rows, "
+                                "or on your own rows with answers (--data), whose task metric then decides")
+
+
+def _metric_failures(verdict: Verdict, limits: Limits) -> list[str]:
+    g, out = verdict.generations, []
     for key in g.get("metrics_hf", {}):
         drop = 100 * (g["metrics_hf"][key] - g["metrics_gguf"].get(key, 0.0))
         if key in _guarded() and drop > limits.max_metric_drop:
-            verdict.failures.append(f"task metric {key}: {g['metrics_hf'][key]:.3f} (HF) -> "
-                                    f"{g['metrics_gguf'][key]:.3f} (GGUF), {drop:.1f} points lost (limit for "
-                                    f"{verdict.qtype}: {limits.max_metric_drop})")
+            out.append(f"task metric {key}: {g['metrics_hf'][key]:.3f} (HF) -> {g['metrics_gguf'][key]:.3f} (GGUF), "
+                       f"{drop:.1f} points lost (limit for {verdict.qtype}: {limits.max_metric_drop})")
+    return out
 
 
 def _guarded() -> tuple[str, ...]:
