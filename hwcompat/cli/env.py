@@ -21,6 +21,10 @@ def add_parser(sub) -> None:
     p.add_argument("--device", metavar="N", help="device position from `hwcompat detect` (or VENDOR:INDEX); "
                                                  "default: the first device")
     p.add_argument("--shell", choices=("bash", "fish", "dotenv"), default="bash")
+    p.add_argument("--install-torch", nargs="?", const="", metavar="VERSION",
+                   help="print instead the pip command that installs the torch build this machine's card needs "
+                        "(its wheel index; PyPI's wheel when that index cannot be reached), e.g. "
+                        'eval "$(hwcompat env --install-torch 2.13.0)"')
     p.set_defaults(func=run)
 
 
@@ -63,8 +67,45 @@ def format_env(env: dict[str, str], shell: str) -> str:
     return "\n".join(f"export {k}={shlex.quote(v)}" for k, v in env.items())
 
 
+def install_torch(plan, device_spec: str | None, version: str) -> str:
+    """The card's torch install, for ``eval``: its profile's wheel index (a CPU machine: the CPU build, under 200 MB,
+    not PyPI's CUDA build; then PyPI's wheel where that index is unreachable)."""
+    if device_spec is None:  # the first card with a profile, else the CPU
+        gpu = next((d for d in plan.devices if d.reading.vendor != "cpu" and d.profile is not None), None)
+        d = gpu or plan.devices[-1]
+    else:
+        _, d = select_device(plan, device_spec)
+    p = d.profile
+    if p is None:
+        raise HwcompatError(f"{d.reading.name}: no profile, so no torch build to name: {'; '.join(d.problems)}")
+    req = p.torch_install.split("'")[1]  # the profile's PEP 508 requirement (its release window, its extra)
+    if version:
+        if not re.fullmatch(r"\d+\.\d+(\.\d+)?", version):
+            raise InputError(f"--install-torch {version}: not a release version; e.g. 2.13.0")
+        if not _in_window(version, p.torch_min_version, p.torch_max_version):
+            raise InputError(f"--install-torch {version}: the {p.name} profile needs {req}; give a version in that "
+                             "window, or none for the newest")
+        req = req.split(">")[0].split("<")[0] + f"=={version}"
+    quoted = shlex.quote(req)
+    line = f"python3 -m pip install {quoted} --index-url {p.torch_index_url}"
+    # PyPI's wheel runs on any CPU (a CUDA build, several GB, but it runs): the CPU's fallback. A card's own build
+    # has no stand-in there (PyPI's lacks pre-Turing kernels, ROCm, XPU): without its index, say so and stop
+    return f"{line} || python3 -m pip install {quoted}" if d.reading.vendor == "cpu" else line
+
+
+def _mm(version: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in version.split(".")[:2])
+
+
+def _in_window(version: str, low: str | None, high: str | None) -> bool:
+    return not (low and _mm(version) < _mm(low)) and not (high and _mm(version) > _mm(high))
+
+
 def run(args: argparse.Namespace) -> int:
     plan = plan_from_args(args)
+    if args.install_torch is not None:
+        print(install_torch(plan, args.device, args.install_torch))
+        return 0
     text = format_env(profile_env(plan, args.device), args.shell)
     if text:
         print(text)
