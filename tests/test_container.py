@@ -56,6 +56,14 @@ def test_images_run_prints_the_cards_docker_run(task, card, tag, devices):
     assert "/output" in said
 
 
+def test_arguments_after_the_double_dash_go_to_the_command(task):
+    config, _ = task
+    argv, _ = _run_line("--config", str(config), "--", "--resume")
+    assert argv[-3:] == ["train", "/data/config.yaml", "--resume"]
+    argv, _ = _run_line("cpu", "--config", str(config), "--", "--resume", "max_steps=9")
+    assert argv[-4:] == ["train", "/data/config.yaml", "--resume", "max_steps=9"]
+
+
 def test_images_run_without_a_config_runs_the_demo_on_the_cpu_image(tmp_path):
     argv, _ = _run_line("cpu", "--output", str(tmp_path / "out"))
     assert argv[-2:] == ["hwcompat:cpu", "demo"] and f"{tmp_path / 'out'}:/output" in argv

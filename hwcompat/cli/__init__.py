@@ -62,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     # key=value overrides may come after options (train cfg.yaml --resume lr=1e-4): argparse leaves those here.
     if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
         args.overrides = list(args.overrides or []) + extra
+    elif extra and getattr(args, "passthrough", False):  # `images run … -- ARGS`: the image's command takes them
+        args.args = list(args.args or []) + (extra[1:] if extra[0] == "--" else extra)
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from hwcompat.progress import quiet_library_bars

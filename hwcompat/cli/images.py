@@ -40,7 +40,7 @@ def add_parser(sub) -> None:
     from hwcompat.cli.common import add_device_options
 
     add_device_options(rn)
-    rn.set_defaults(func=run_run)
+    rn.set_defaults(func=run_run, passthrough=True)
 
 
 def run_list(args: argparse.Namespace) -> int:
@@ -95,8 +95,8 @@ def run_run(args: argparse.Namespace) -> int:
     from hwcompat.images import specs
 
     all_specs = specs()
-    if args.family and "=" in args.family:  # `images run -- key=value`: the first argument, not a family
-        args.args, args.family = [args.family, *args.args], None
+    if args.family and ("=" in args.family or args.family.startswith("-")):  # `images run -- key=value` / `--resume`:
+        args.args, args.family = [args.family, *args.args], None  # the command's first argument, not a family
     family = args.family or _detected_family(args)
     if family not in all_specs:
         raise InputError(f"unknown image family {family!r}; known: {', '.join(all_specs)}")
