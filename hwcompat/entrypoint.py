@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     except HwcompatError as exc:
         print(f"hwcompat: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    family = os.environ.get("HWCOMPAT_IMAGE_FAMILY")
+    family = envvars.get("HWCOMPAT_IMAGE_FAMILY") or None
     code, msg, env = decide(plan, family, args[0], envvars.get("HWCOMPAT_ALLOW_MISMATCH") == "1")
     if not code and args[0] in container.WRITERS and container.output_root():
         why = container.unwritable(container.output_root())

@@ -18,6 +18,7 @@ READS: dict[str, str] = {
     "HWCOMPAT_PROFILE": "force this profile family for every GPU (same as --profile)",
     "HWCOMPAT_PROFILES_DIR": "load profiles from this folder instead of the packaged ones",
     "HWCOMPAT_ALLOW_MISMATCH": "image entrypoint: run even when the device is not the image's family",
+    "HWCOMPAT_IMAGE_FAMILY": "set by each image (its family): the entrypoint refuses a card of another family",
     "HWCOMPAT_CACHE_DIR": "where converted demo models are cached (default ~/.cache/hwcompat)",
     "HWCOMPAT_OUTPUT_ROOT": "set by the images (/output): a config's relative output_dir lands there, not on the "
                             "read-only /data mount (hwcompat/container.py)",

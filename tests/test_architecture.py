@@ -172,3 +172,14 @@ def test_the_checker_sees_what_it_guards():
     assert ("hwcompat.pipeline.export_chain", "hwcompat.merge") in found  # inside export_run
     assert ("hwcompat.pipeline.worker", "hwcompat.train.loop") in found  # inside main
     assert _cycle({"a": {"b"}, "b": {"a"}}) == ["a", "b", "a"]
+
+
+def test_hwcompat_variables_are_read_through_the_registry():
+    """#39 §2: every HWCOMPAT_* variable is read through envvars.get (which refuses a name without its comment),
+    never straight from os.environ."""
+    import re
+
+    raw = re.compile(r"""(os\.environ\.get|os\.getenv|os\.environ\[)\(?\s*["']HWCOMPAT_""")
+    found = [f"{path.relative_to(PACKAGE.parent)}:{n}" for path in sorted(PACKAGE.rglob("*.py"))
+             for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if raw.search(line)]
+    assert not found, f"read HWCOMPAT_* through hwcompat.envvars.get: {found}"
