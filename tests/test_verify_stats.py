@@ -40,7 +40,7 @@ def test_the_issues_case_passes_on_the_users_task_metric():
     """The user's report: q4_k_m top-1 85.0% over 20 positions (limit 90%) while exact match equalled the merged
     model's: one token decided that verdict. Now the share is inconclusive at 95% and the task metric decides."""
     v = _verdict(17, 20, metrics=({"exact_match": 0.75}, {"exact_match": 0.75}))
-    assert v.passed and any("inconclusive at 95%, and the task metrics on your rows held" in n for n in v.notes)
+    assert v.passed and any("inconclusive at 95%, and the task metrics on your rows" in n for n in v.notes)
     v = _verdict(114, 128, metrics=({"exact_match": 0.68}, {"exact_match": 0.66}))  # 89.1% over 128
     assert v.passed
 
