@@ -76,14 +76,15 @@ def rng_state() -> dict[str, Any]:
 
 
 def save(run_dir: Path, step: int, model, optimizer, scheduler, scaler, state: dict[str, Any], keep: int,
-         rng: dict[str, Any] | None = None) -> Path:
-    """``rng``: the random state to record (default: now); a stop mid-step passes the state at its start."""
+         rng: dict[str, Any] | None = None, objective: dict[str, Any] | None = None) -> Path:
+    """``rng``: the random state to record (default: now); a stop mid-step passes the state at its start.
+    ``objective``: what the objective keeps between steps (GRPO's rollouts under num_iterations), objective.pt."""
     rng = dict(rng or rng_state())
     py_state = rng.pop("python")
     target = checkpoint_dir(run_dir) / f"{PREFIX}{step:07d}"
     # a full disk raises here (OSError, or torch.save's RuntimeError); the partial folder is removed by atomic_dir
     # and the loop decides (train/diskspace.py): the reserve's space, then a clear stop
-    _write(target, model, optimizer, scheduler, scaler, state, step, rng, py_state)
+    _write(target, model, optimizer, scheduler, scaler, state, step, rng, py_state, objective)
     from hwcompat.train.rundir import record_written
 
     record_written(run_dir, checkpoint_dir(run_dir).name)
@@ -110,7 +111,7 @@ def size_estimate(model) -> int:
 
 
 def _write(target: Path, model, optimizer, scheduler, scaler, state: dict[str, Any], step: int,
-           rng: dict[str, Any], py_state) -> None:
+           rng: dict[str, Any], py_state, objective: dict[str, Any] | None = None) -> None:
     import torch
     from safetensors.torch import save_file
 
@@ -120,6 +121,8 @@ def _write(target: Path, model, optimizer, scheduler, scaler, state: dict[str, A
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None}, tmp / "optim.pt")
         torch.save(rng, tmp / "rng.pt")
+        if objective:
+            torch.save(objective, tmp / "objective.pt")
         (tmp / "state.json").write_text(json.dumps({**state, "step": step,
                                                     "python_random": [py_state[0], list(py_state[1]), py_state[2]]}))
 
@@ -152,6 +155,8 @@ def load(path: Path, model, optimizer, scheduler, scaler) -> dict[str, Any]:
     if "xpu" in rng and hasattr(torch, "xpu") and torch.xpu.is_available():
         torch.xpu.set_rng_state_all(rng["xpu"])
     state = json.loads((path / "state.json").read_text())
+    if (path / "objective.pt").is_file():
+        state["objective"] = torch.load(path / "objective.pt", weights_only=True)
     v, internal, gauss = state["python_random"]
     random.setstate((v, tuple(internal), gauss))
     return state

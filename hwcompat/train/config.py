@@ -66,7 +66,7 @@ class TrainConfig:
     top_p: float = 1.0  # nucleus sampling of the rollouts (1.0: off)
     epsilon: float = 0.2  # the clipping range's lower side (1 - epsilon)
     epsilon_high: float | None = None  # its upper side (1 + epsilon_high); None: epsilon (DAPO's clip-higher: 0.28)
-    num_iterations: int = 1  # optimizer steps per generation (on-policy: 1)
+    num_iterations: int = 1  # optimizer steps per generation (TRL's mu; 1: on-policy). > 1 reuses each rollout
     scale_rewards: str = "group"  # group | batch | none: the advantages' divisor (Dr. GRPO: none)
     loss_type: str = "dapo"  # dapo | grpo | dr_grpo: how token losses are averaged
     importance_sampling_level: str = "token"  # token | sequence (GSPO)
@@ -311,9 +311,6 @@ def grpo_problem(cfg: "TrainConfig") -> str | None:
     if cfg.micro_batch_size % g:
         return (f"micro_batch_size={cfg.micro_batch_size} counts completions and must hold whole groups of "
                 f"num_generations={g}: use a multiple of {g}, e.g. micro_batch_size={g}")
-    if cfg.num_iterations != 1:
-        return (f"num_iterations={cfg.num_iterations}: hwcompat's GRPO is on-policy (one optimizer step per "
-                "generation, TRL's default); set num_iterations=1")
     if cfg.max_completion_length >= cfg.max_seq_len:
         return (f"max_completion_length={cfg.max_completion_length} leaves no room for the prompt in "
                 f"max_seq_len={cfg.max_seq_len}; raise max_seq_len or lower max_completion_length")

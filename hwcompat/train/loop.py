@@ -181,7 +181,8 @@ def setup(spec: RunSpec, run_dir: Path, dist: Dist, resume: bool) -> Recipe:
     if per_rank == 0:
         raise InputError(f"{len(objective.lengths())} training rows are too few for "
                          f"micro_batch_size={cfg.micro_batch_size} on {dist.world} process(es)")
-    steps_per_epoch = max(1, per_rank // cfg.gradient_accumulation)
+    # GRPO's num_iterations: each generation's window is stepped on that many times
+    steps_per_epoch = max(1, per_rank // cfg.gradient_accumulation) * getattr(objective, "iterations", 1)
     total = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * steps_per_epoch))
     host = getattr(model, "hwcompat_host", None)
     if host is not None and dist.world > 1:
@@ -355,6 +356,8 @@ def _load_checkpoint(r: Recipe) -> tuple[Path, dict[str, Any]]:
                 state = checkpoint.load(ck, weights(r), r.optimizer, r.scheduler, r.scaler)
                 if r.host is not None:  # the restored masters become the card's working copy
                     r.host.push()
+                if state.get("objective") and hasattr(r.objective, "load_state"):  # GRPO's kept rollouts
+                    r.objective.load_state(state.pop("objective"))
                 return ck, state
             except InputError:
                 raise  # the checkpoint is sound but belongs to other settings: said as it is
@@ -408,14 +411,17 @@ def micro_batches(r: Recipe, start_micro: int):
     """This rank's deterministic stream of (epoch, micro-batch) from a position; one batch plan per epoch."""
     lengths = r.objective.lengths()
     m, planned, mine = start_micro, None, []
+    mu, ga = getattr(r.objective, "iterations", 1), r.cfg.gradient_accumulation
     while True:
-        epoch, pos = divmod(m, r.per_rank)
+        window, i = divmod(m, ga)  # GRPO's num_iterations: mu steps on one window of data, then the next
+        d = (window // mu) * ga + i
+        epoch, pos = divmod(d, r.per_rank)
         if epoch != planned:
             plan = batching.plan_batches(lengths, _items(r.objective, r.cfg), r.mode, r.cfg.seed + epoch,
                                          largest_first=_first_window(r) if epoch == 0 else 0)
             mine, planned = plan[r.dist.rank::r.dist.world][:r.per_rank], epoch
         if hasattr(r.objective, "seek"):  # an objective that samples (GRPO) seeds it from the batch's place
-            r.objective.seek(m, r.dist.rank)
+            r.objective.seek(d, r.dist.rank, window % mu)
         yield epoch, r.objective.collate(mine[pos], r.mode, r.tokenizer.pad_token_id)
         m += 1
 
@@ -566,7 +572,8 @@ def _save(r: Recipe, step: int, rng: dict[str, Any] | None = None) -> Path | Non
     r.history["totals"] = totals(r) | {"sessions": r.history.get("totals", {}).get("sessions", [])}
     if r.dist.writer:
         path = checkpoint.save(r.run_dir, step, weights(r), r.optimizer, r.scheduler, r.scaler,
-                               {"history": r.history, "total_steps": r.total_steps}, r.cfg.keep_checkpoints, rng=rng)
+                               {"history": r.history, "total_steps": r.total_steps}, r.cfg.keep_checkpoints, rng=rng,
+                               objective=r.objective.state() if hasattr(r.objective, "state") else None)
     distributed.barrier(r.dist)
     return path
 

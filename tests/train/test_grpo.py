@@ -257,7 +257,6 @@ def test_a_bad_reward_function_is_named_with_its_row(tmp_path, body, says):
     ({"rewards": ["field_f2"]}, "'field_f2' is not a built-in reward"),
     ({"rewards": ["nosuchmodule:fn"]}, "importing nosuchmodule failed"),
     ({"rewards": ["json_valid", "exact_match"], "reward_weights": [1.0]}, "reward_weights has 1 value(s) for 2"),
-    ({"num_iterations": 2}, "set num_iterations=1"),
 ])
 def test_what_cannot_work_is_refused_before_loading(tmp_path, tiny_model, task_files, settings, says):
     base = {"method": "grpo", "rewards": ["exact_match"], "micro_batch_size": 8, "num_generations": 4,
@@ -503,3 +502,63 @@ def test_grpo_full_fine_tune_with_a_kl_reference_offloaded_equals_resident(tmp_p
     assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)
     recs = _train_records(runs[0])
     assert recs[0]["kl"] == 0.0 and recs[-1]["kl"] > 0  # the reference is the start, and the policy leaves it
+
+
+def test_num_iterations_steps_each_rollout_mu_times_off_policy(tmp_path, tiny_model, task_files):
+    """TRL's num_iterations: each generation's rollouts serve mu optimizer steps, the ratio against the policy at
+    generation (w = 1 on the first step, not after); an epoch takes mu x the steps."""
+    cfg = _grpo_config(tmp_path, tiny_model, task_files, num_iterations=2, max_steps=6, learning_rate=5e-3,
+                       eval_at_start=False, eval_metrics="none", lora_dropout=0.0)
+    res = _train(cfg)
+    assert res.returncode == 0, res.stderr[-3000:]
+    recs = _train_records(tmp_path / "run")
+    assert len(recs) == 6
+    for a, b in zip(recs[0::2], recs[1::2]):  # the same rollout twice: the same rewards and lengths
+        assert a["reward"] == b["reward"] and a["completion_length"] == b["completion_length"]
+    assert recs[0]["reward"] != recs[2]["reward"] or recs[0]["completion_length"] != recs[2]["completion_length"]
+    assert all(r["clip_ratio"] == 0.0 for r in recs[0::2])  # at generation the policy is its own old policy
+
+
+def test_a_resume_between_a_rollouts_steps_reuses_it_to_the_bit(tmp_path, tiny_model, task_files):
+    from safetensors.torch import load_file
+
+    from tests.train.conftest import sigterm_site
+
+    extra = dict(num_iterations=2, max_steps=6, learning_rate=5e-3, eval_at_start=False, eval_metrics="none",
+                 lora_dropout=0.0)
+    whole = tmp_path / "a"
+    whole.mkdir()
+    assert _train(_grpo_config(whole, tiny_model, task_files, **extra)).returncode == 0
+    cut = tmp_path / "b"
+    cut.mkdir()
+    cfg = _grpo_config(cut, tiny_model, task_files, **extra)
+    env = {"PYTHONPATH": os.pathsep.join(p for p in (str(sigterm_site(tmp_path / "site")),
+                                                     os.environ.get("PYTHONPATH", "")) if p),
+           "TEST_SIGTERM_AT_STEP": "3"}  # step 3 is the first of the second rollout's two steps
+    res = _train(cfg, env=env)
+    assert res.returncode == 143, res.stderr[-2000:]
+    (ck,) = (cut / "run" / "checkpoints").iterdir()
+    assert (ck / "objective.pt").is_file()
+    res = _train(cut / "run" / "config.yaml", "--resume")
+    assert res.returncode == 0, res.stderr[-2000:]
+    a = load_file(str(whole / "run" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(cut / "run" / "adapter" / "adapter_model.safetensors"))
+    assert all(bool((a[k] == b[k]).all()) for k in a)
+    assert [r["loss"] for r in _train_records(whole / "run")] == [r["loss"] for r in _train_records(cut / "run")]
+
+
+def test_an_epoch_of_num_iterations_takes_mu_times_the_steps(tmp_path, tiny_model):
+    from tests.train.conftest import task_rows, write_jsonl
+
+    train = write_jsonl(tmp_path / "t.jsonl", task_rows(4, 1))  # 4 prompts, 2 a micro-batch: 2 windows an epoch
+    evals = write_jsonl(tmp_path / "e.jsonl", task_rows(2, 2))
+    steps = {}
+    for mu in (1, 3):
+        folder = tmp_path / f"mu{mu}"
+        folder.mkdir()
+        cfg = _grpo_config(folder, tiny_model, (train, evals), num_iterations=mu, max_steps=0, epochs=1,
+                           eval_at_start=False, eval_metrics="none")
+        res = _train(cfg)
+        assert res.returncode == 0, res.stderr[-2000:]
+        steps[mu] = json.loads((folder / "run" / "summary.json").read_text())["steps"]
+    assert steps == {1: 2, 3: 6}

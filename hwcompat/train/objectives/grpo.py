@@ -18,7 +18,9 @@ The loss is PPO's clipped surrogate per completion token, with TRL's names and d
     dr_grpo: sum over every token / (completions x max_completion_length) (Liu et al. 2025)
 
 With one optimizer step per generation (``num_iterations: 1``, on-policy) logp_old is logp detached: w = 1 and the
-gradient is the policy gradient. The rollout happens in ``collate``, before the accumulation window's first
+gradient is the policy gradient. With ``num_iterations: mu`` > 1 (TRL's), each window of rollouts is stepped on mu
+times: logp_old is the policy's at generation (no gradient, kept with the rollout, and in a checkpoint, so a resume
+between those steps reuses them to the bit). The rollout happens in ``collate``, before the accumulation window's first
 forward, so DAPO's token count is known before any loss; each prompt's group stays in one micro-batch (one rank).
 Log-probabilities run through the chunked head (``linear_logps``): never a ``[rows x completion x vocab]`` tensor.
 The reference, where beta > 0, is the base with the adapter disabled (or ``init_adapter``'s starting weights), as
@@ -127,8 +129,10 @@ class GRPO:
         self.train: list[Prompt] = []
         self.evals: list[Prompt] = []
         self.micro_batch = cfg.micro_batch_size // cfg.num_generations  # prompts per micro-batch
-        self.position, self.rank = 0, 0
+        self.position, self.rank, self.iteration = 0, 0, 0
         self.stats: list[dict[str, Any]] = []
+        self.iterations = cfg.num_iterations  # the recipe repeats each generation's window this many steps
+        self.rollouts: dict[int, dict[str, Any]] = {}  # num_iterations > 1: this window's rollouts, by position
 
     @staticmethod
     def check(cfg: TrainConfig) -> tuple[str, float]:
@@ -179,9 +183,17 @@ class GRPO:
     def lengths(self) -> list[int]:
         return [len(p.ids) + self.cfg.max_completion_length for p in self.train]
 
-    def seek(self, position: int, rank: int) -> None:
-        """The micro-batch about to be collated: its place in the run seeds its sampling (rollout.seed_for)."""
-        self.position, self.rank = position, rank
+    def seek(self, position: int, rank: int, iteration: int = 0) -> None:
+        """The micro-batch about to be collated: its place in the data seeds its sampling (rollout.seed_for);
+        ``iteration`` > 0 reuses that place's rollout (num_iterations)."""
+        self.position, self.rank, self.iteration = position, rank, iteration
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint keeps: the window's rollouts, so a resume between a generation's steps reuses them."""
+        return {"rollouts": self.rollouts} if self.iterations > 1 else {}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.rollouts = dict(state.get("rollouts") or {})
 
     def bind(self, model, compile_backend: str) -> None:
         import torch
@@ -207,6 +219,10 @@ class GRPO:
         completions, or for dapo their tokens)."""
         import torch
 
+        if data is None and self.iteration and self.position in self.rollouts:  # num_iterations: the same rollout
+            batch = self.rollouts[self.position]
+            self.stats.append(dict(batch["note"]))
+            return batch
         cfg, prompts = self.cfg, [(self.train if data is None else data)[i] for i in indices]
         t0 = time.perf_counter()
         out = self._sample(prompts, cfg.num_generations, cfg.temperature, cfg.top_p,
@@ -224,7 +240,32 @@ class GRPO:
         if effective_beta(cfg):
             batch["ref_logps"] = self._reference_logps(batch)
         self._note(values, total, out, batch, time.perf_counter() - t0)
+        if self.iterations > 1 and data is None:
+            self._keep(batch)
         return batch
+
+    def _keep(self, batch: dict[str, Any]) -> None:
+        """num_iterations > 1: the policy's log-probabilities now (the ratio's denominator for every reuse, TRL's
+        old_per_token_logps) and the rollout itself, kept for this window's later steps (older windows dropped)."""
+        ga = self.cfg.gradient_accumulation
+        import contextlib
+
+        batch["old_logps"] = self._no_grad_logps(batch, contextlib.nullcontext())
+        batch["note"] = {k: v for k, v in self.stats[-1].items()}
+        self.rollouts = {p: b for p, b in self.rollouts.items() if p // ga == self.position // ga}
+        self.rollouts[self.position] = batch
+
+    def _no_grad_logps(self, batch: dict[str, Any], weights):
+        """token_logps without gradients, in eval mode, with ``weights`` swapped in (the reference) or not."""
+        import torch
+
+        was = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad(), autocast(self.device, self.profile.dtype), weights:
+                return self.token_logps(batch).cpu()
+        finally:
+            self.model.train(was)
 
     def _sample(self, prompts: list[Prompt], g: int, temperature: float, top_p: float, seed: int):
         import torch
@@ -372,15 +413,7 @@ class GRPO:
             (dest,), flat).view(shape)
 
     def _reference_logps(self, batch: dict[str, Any]):
-        import torch
-
-        was = self.model.training
-        self.model.eval()
-        try:
-            with torch.no_grad(), autocast(self.device, self.profile.dtype), as_reference(self.model, self.start):
-                return self.token_logps(batch).cpu()
-        finally:
-            self.model.train(was)
+        return self._no_grad_logps(batch, as_reference(self.model, self.start))
 
     def loss(self, batch: dict[str, Any], n_items: float):
         import torch
@@ -389,7 +422,8 @@ class GRPO:
         mask = batch["loss_mask"].to(logp.device)
         adv = batch["advantages"].to(logp.device)
         ref = batch["ref_logps"].to(logp.device) if "ref_logps" in batch else None
-        losses, w = token_losses(logp, logp.detach(), ref, adv, mask, self.cfg)
+        old = batch["old_logps"].to(logp.device) if "old_logps" in batch else logp.detach()  # on-policy: w = 1
+        losses, w = token_losses(logp, old, ref, adv, mask, self.cfg)
         with torch.no_grad():
             self._note_loss(logp, ref, adv, mask, w)
         return reduce(losses, mask, self.cfg) / n_items
