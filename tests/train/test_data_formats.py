@@ -12,8 +12,20 @@ import pytest
 from hwcompat.data.pairs import read_pairs
 from hwcompat.data.rows import Report, read_jsonl
 
-pa = pytest.importorskip("pyarrow")
-import pyarrow.parquet as pq  # noqa: E402
+
+
+@pytest.fixture
+def pa():
+    """pyarrow, for the Parquet and Arrow tests only: without it they skip, the JSONL/ShareGPT/OpenAI/gzip/CSV tests
+    still run (a module-level skip hid them)."""
+    return pytest.importorskip("pyarrow")
+
+
+@pytest.fixture
+def pq(pa):
+    import pyarrow.parquet
+
+    return pyarrow.parquet
 
 QA = [{"question": f"What color is the {k}?", "answer": v} for k, v in
       [("sky", "blue"), ("grass", "green"), ("sun", "yellow"), ("apple", "red")]]
@@ -165,7 +177,7 @@ def test_tsv(tmp_path):
 
 # --- Parquet / Arrow / save_to_disk -----------------------------------------------------------------------------
 
-def test_parquet_with_chat_rows_and_a_mapping(tmp_path):
+def test_parquet_with_chat_rows_and_a_mapping(tmp_path, pq, pa):
     f = tmp_path / "chat.parquet"
     pq.write_table(pa.Table.from_pylist([{"messages": [{"role": "user", "content": q["question"]},
                                                        {"role": "assistant", "content": q["answer"]}]} for q in QA]), f)
@@ -178,7 +190,7 @@ def test_parquet_with_chat_rows_and_a_mapping(tmp_path):
     assert report.ok and [e.line for e in got] == [0, 1, 2, 3]
 
 
-def test_a_bad_parquet_row_is_located_by_row_as_dataset_indexes_it(tmp_path):
+def test_a_bad_parquet_row_is_located_by_row_as_dataset_indexes_it(tmp_path, pq, pa):
     f = tmp_path / "qa.parquet"
     pq.write_table(pa.Table.from_pylist(QA[:2] + [{"question": "Null?", "answer": None}]), f)
     _, report = _read(f, columns=MAP)
@@ -188,7 +200,7 @@ def test_a_bad_parquet_row_is_located_by_row_as_dataset_indexes_it(tmp_path):
     assert report.errors[0].startswith(f"{f}: not a readable Parquet file (")
 
 
-def _save_to_disk(folder, rows):
+def _save_to_disk(pa, folder, rows):
     """The layout datasets' save_to_disk writes (an Arrow IPC stream per shard, listed in state.json); the real
     library is used below where it is installed."""
     folder.mkdir()
@@ -202,8 +214,8 @@ def _save_to_disk(folder, rows):
     return folder
 
 
-def test_a_save_to_disk_folder_and_an_arrow_file(tmp_path):
-    folder = _save_to_disk(tmp_path / "ds", QA[:3] + [{"question": "Empty?", "answer": " "}])
+def test_a_save_to_disk_folder_and_an_arrow_file(tmp_path, pa):
+    folder = _save_to_disk(pa, tmp_path / "ds", QA[:3] + [{"question": "Empty?", "answer": " "}])
     got, report = _read(folder, columns=MAP)
     assert [e.messages[1][1] for e in got] == ["blue", "green", "yellow"]
     assert report.errors == [f"{folder}:row 3: completion: empty"]  # rows counted across the shards
@@ -223,7 +235,7 @@ def test_the_real_datasets_save_to_disk_folder(tmp_path):
     assert report.ok and [e.messages[1][1] for e in got] == [q["answer"] for q in QA]
 
 
-def test_without_pyarrow_parquet_is_a_clear_error(tmp_path, monkeypatch):
+def test_without_pyarrow_parquet_is_a_clear_error(tmp_path, monkeypatch, pq, pa):
     f = tmp_path / "qa.parquet"
     pq.write_table(pa.Table.from_pylist(QA), f)
     monkeypatch.setitem(sys.modules, "pyarrow", None)
@@ -234,7 +246,7 @@ def test_without_pyarrow_parquet_is_a_clear_error(tmp_path, monkeypatch):
 
 # --- DPO pairs in the same containers ---------------------------------------------------------------------------
 
-def test_preference_pairs_in_parquet_and_csv(tmp_path):
+def test_preference_pairs_in_parquet_and_csv(tmp_path, pq, pa):
     pairs = [{"q": "Sky?", "good": "blue", "bad": "green"}, {"q": "Sun?", "good": "yellow", "bad": "yellow"}]
     f = tmp_path / "pairs.parquet"
     pq.write_table(pa.Table.from_pylist(pairs), f)
