@@ -41,9 +41,12 @@ def test_the_catalog_lists_what_the_installed_wheel_carries():
     from importlib.metadata import version
 
     table = compat.bnb_table()
-    if version("bitsandbytes") != table["version"]:
-        pytest.skip(f"installed bitsandbytes {version('bitsandbytes')}, the table is for {table['version']}")
     folder = Path(bnb.__file__).parent
+    if version("bitsandbytes") != table["version"]:  # a stale table is a failure to fix, never a skip (#39)
+        found = {lib.stem.removeprefix("libbitsandbytes_"): sorted(_code_object_targets(lib))
+                 for lib in sorted(folder.glob("libbitsandbytes_rocm*.so"))}
+        pytest.fail(f"catalog/bitsandbytes.yaml is for bitsandbytes {table['version']}, {version('bitsandbytes')} is "
+                    f"installed: update its version and libraries to what this wheel carries: {found}")
     libs = sorted(folder.glob("libbitsandbytes_rocm*.so"))
     assert libs, "the bitsandbytes wheel has no ROCm libraries"
     for lib in libs:
