@@ -41,6 +41,8 @@ METRICS = ("auto", "exact", "json", "label", "none")
 OVERLONG = ("truncate", "drop")
 BATCHING = ("auto", "packed", "length_grouped", "padded")
 OFFLOAD = ("auto", "none", "layers")
+#: `hwcompat plan --method`: what trains (finetune / qlora) and the objectives that plan alike (method)
+PLAN_METHODS = ("lora", "qlora", "full", "dpo", "grpo")
 FINETUNE = ("lora", "full")  # what trains: LoRA adapters, or every weight (LLaMA-Factory's finetuning_type)
 OPTIMIZER_OFFLOAD = ("auto", "none", "host")  # finetune=full: fp32 master weights + AdamW state in host RAM
 CPU_ALLOCATORS = ("auto", "tcmalloc", "system")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from hwcompat.choices import DATA_FORMATS
+from hwcompat.choices import CHAT_TEMPLATE, DATA_FORMATS, OVERLONG
 from hwcompat.train.objectives import OBJECTIVES
 
 
@@ -31,8 +31,8 @@ def add_parser(sub) -> None:
                                                        "with no response tokens, length outliers) with this tokenizer")
     c.add_argument("--max-seq-len", type=int, default=1024,
                    help="the run's max_seq_len (default 1024): rows far beyond it are errors even without --tokenizer")
-    c.add_argument("--overlong", choices=("truncate", "drop"), default="truncate")
-    c.add_argument("--chat-template", choices=("auto", "true", "false"), default="auto")
+    c.add_argument("--overlong", choices=OVERLONG, default="truncate")
+    c.add_argument("--chat-template", choices=CHAT_TEMPLATE, default="auto")
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=run)
 

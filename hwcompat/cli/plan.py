@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from hwcompat.cli.common import add_device_options, gib, plan_from_args, print_json
-from hwcompat.choices import OPTIMIZERS
+from hwcompat.choices import OPTIMIZERS, PLAN_METHODS
 
 
 def add_parser(sub) -> None:
@@ -18,7 +18,7 @@ def add_parser(sub) -> None:
                                     "without a config that names one)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="`hwcompat train` config keys, e.g. max_seq_len=2048 micro_batch_size=4 optimizer=adamw_8bit")
-    p.add_argument("--method", choices=("lora", "qlora", "full", "dpo", "grpo"),
+    p.add_argument("--method", choices=PLAN_METHODS,
                    help="dpo: LoRA preference tuning (= method=dpo; with qlora=true for an NF4 base)")
     p.add_argument("--seq-len", "--max-seq-len", dest="seq_len", type=int, help="= max_seq_len (train's default)")
     p.add_argument("--batch-size", "--micro-batch-size", dest="batch_size", type=int,

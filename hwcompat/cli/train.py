@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from hwcompat.cli.common import plan_from_args
 from hwcompat.errors import InputError
-from hwcompat.choices import EXPORT_TYPES
+from hwcompat.choices import EXPORT_TYPES, EXPORTS
 from hwcompat.train.config import keys_help
 
 if TYPE_CHECKING:  # imported when called, so `hwcompat detect` stays light
@@ -33,7 +33,7 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in output_dir")
     p.add_argument("--force", action="store_true", help="run even when the plan says it will not fit or a setting "
                                                         "contradicts the hardware (same as force=true)")
-    p.add_argument("--export", choices=("gguf",), help="after training: merge and write model.gguf + Modelfile "
+    p.add_argument("--export", choices=EXPORTS[1:], help="after training: merge and write model.gguf + Modelfile "
                                                         "in the run folder (same as export=gguf)")
     p.add_argument("--type", dest="export_type", choices=EXPORT_TYPES,
                    help="with --export: the GGUF type (export_type=…; k-quants need hwcompat[gguf])")
