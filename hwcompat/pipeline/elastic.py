@@ -8,14 +8,23 @@ restart policies can tell "stopped cleanly" from "crashed". The arguments are to
 
 from __future__ import annotations
 
+import signal
 import sys
+from collections.abc import Iterable
 
 #: Worker exit codes passed through as the launcher's own.
 PASSED = {2, 130, 143}
+#: How a worker ends when torchrun closes it after a peer failed: killed by SIGTERM or, past the grace period,
+#: SIGKILL, or hwcompat's own clean exit on SIGTERM. torchrun books these as failures too.
+CLOSED = {-signal.SIGTERM, -signal.SIGKILL, 128 + signal.SIGTERM}
 
 
-def exit_code(worker_codes: set[int]) -> int:
-    return worker_codes.pop() if len(worker_codes) == 1 and worker_codes <= PASSED else 1
+def exit_code(worker_codes: Iterable[int]) -> int:
+    """The launcher's code: the workers' one agreed hwcompat code, else 1. Workers torchrun closed after a peer
+    failed are not the cause, unless every worker ended so (the launcher's own signal then reached them all)."""
+    codes = set(worker_codes)
+    cause = codes - CLOSED or codes
+    return cause.pop() if len(cause) == 1 and cause <= PASSED else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(args)
     except ChildFailedError as exc:
-        return exit_code({f.exitcode for f in exc.failures.values()})
+        return exit_code(f.exitcode for f in exc.failures.values())
     except SignalException as exc:  # this launcher was signalled; its workers were sent the same signal
         return 128 + int(exc.sigval)
     return 0

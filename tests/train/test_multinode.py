@@ -155,3 +155,12 @@ def test_torchrun_arguments_are_torchruns():
 def test_launcher_exit_code_passes_hwcompats_codes_only():
     assert exit_code({143}) == 143 and exit_code({130}) == 130 and exit_code({2}) == 2
     assert exit_code({143, 1}) == 1 and exit_code({-9}) == 1 and exit_code({1}) == 1
+
+
+def test_launcher_exit_code_ignores_the_workers_torchrun_closed():
+    """One worker exits 2 (bad input) before its peer: torchrun then closes the peer with SIGTERM and books it as a
+    failure too (-15, or 143 where hwcompat's handler caught it, -9 after the grace period). The cause is the
+    first worker's code (CI caught `exit 1` for a refused optimizer_offload=host under --devices 2)."""
+    assert exit_code([2, -15]) == 2 and exit_code([2, 143]) == 2 and exit_code([2, -9]) == 2
+    assert exit_code([1, -15]) == 1 and exit_code([2, 1, -15]) == 1 and exit_code([-11, -15]) == 1
+    assert exit_code([143, 143]) == 143 and exit_code([-15]) == 1
