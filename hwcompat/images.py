@@ -129,8 +129,8 @@ RUN if ! command -v python3 >/dev/null; then \\
     && useradd --create-home --uid 1000 --gid 1000 --groups video hwcompat \\
     && mkdir -p /data /output /cache \\
     && chown hwcompat:hwcompat /data /output /cache \\
-    && chmod 1777 /cache{packages}
-COPY --from=builder /opt/hwcompat /opt/hwcompat
+    && chmod 1777 /cache
+COPY --from=builder /opt/hwcompat /opt/hwcompat{packages}
 # DL3064: flags such as TOKENIZERS_PARALLELISM match its secret-name pattern; none of these is a secret.
 # hadolint ignore=DL3064
 ENV PATH=/opt/hwcompat/bin:$PATH \\
@@ -182,7 +182,8 @@ def render(spec: ImageSpec) -> str:
 
 
 def _packages_step(packages: tuple[str, ...]) -> str:
-    """The final stage's extra distribution packages (the vendor's user-space runtime the base lacks)."""
+    """The final stage's extra distribution packages (the vendor's user-space runtime the base lacks), after the
+    venv's COPY: families built on one base then share that multi-GB layer (CI's offline builds; disk ran out)."""
     if not packages:
         return ""
     names = " ".join(packages)

@@ -13,13 +13,14 @@ import time
 
 import pytest
 
-from hwcompat.images import OFFLINE_BASE, REPO
+from hwcompat.images import OFFLINE_BASE, REPO, specs
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 BASE = os.environ.get("HWCOMPAT_CI_BASE", OFFLINE_BASE)  # ci/docker_env.sh's BASE_TAG
-# the README's build line's arguments (its test below then reuses this build's cache; the wheelhouse makes the
-# torch index unused)
-BUILD_ARGS = [f"BASE_IMAGE={BASE}", "TORCH_SPEC=torch==2.13.0"]
+# The README's build line's arguments (its test below then reuses this build's cache). The wheelhouse makes the
+# torch index unused, so every family gets the CPU image's: one builder venv for all three images, stored once
+# (tests/test_images.py checks the Dockerfiles allow it; three venvs filled CI's disk).
+BUILD_ARGS = [f"BASE_IMAGE={BASE}", "TORCH_SPEC=torch==2.13.0", f"TORCH_INDEX_URL={specs()['cpu'].profiles[0].torch.index_url}"]
 
 
 def _unavailable(reason):
