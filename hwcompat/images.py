@@ -80,11 +80,15 @@ TEMPLATE = """\
 # Run: {run_hint}
 
 ARG BASE_IMAGE={base}
+# This family's torch build; declared before the first FROM so the stage's steps read alike in every family (the
+# layer cache keys an in-stage ARG by its text): families built with the same arguments share one venv.
+ARG TORCH_INDEX_URL={index_url}
+ARG TORCH_SPEC="{torch_spec}"
 
 # --- builder: a venv with torch ({build}) and hwcompat[{extras}]; the wheelhouse stays in this stage ---
 FROM ${{BASE_IMAGE}} AS builder
-ARG TORCH_INDEX_URL={index_url}
-ARG TORCH_SPEC="{torch_spec}"
+ARG TORCH_INDEX_URL
+ARG TORCH_SPEC
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # DL3008: python3 comes at whatever version the base image's release ships; pinning it breaks every base bump.
