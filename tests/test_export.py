@@ -249,7 +249,7 @@ def test_a_failed_verification_says_what_next_in_order():
     rows (and the user's own), then --no-verify."""
     from hwcompat.export.verify import next_steps
 
-    steps = next_steps("q4_k_m", 98_000_000, 8, None, "model.gguf.verify.json")
+    steps = next_steps("q4_k_m", 98_000_000, 8, None, "model.gguf.verify.json", weighted=True)
     assert steps[0] == ("a larger type: --type q5_k_m (about 0.11 GB), --type q6_k (about 0.13 GB); this q4_k_m "
                         "is 0.10 GB")
     assert steps[1].startswith("a verdict on more positions: --verify-rows 32 --data YOUR_EVAL.jsonl (now 8 rows")
@@ -257,3 +257,8 @@ def test_a_failed_verification_says_what_next_in_order():
     assert next_steps("q8_0", 1, 64, "e.jsonl", "f")[0].startswith("a larger type: --type f16")
     assert "--verify-rows 256 (now 64" in next_steps("q8_0", 1, 64, "e.jsonl", "f")[1]
     assert len(next_steps("f32", 1, 8, None, "f")) == 2  # nothing larger than f32
+    # a k-quant made without an importance matrix: one measured on the user's rows first (the same size)
+    first = next_steps("q4_k_m", 98_000_000, 8, None, "model.gguf.verify.json")
+    assert first[0].startswith("the same q4_k_m size, weighted by your rows' activations: --imatrix --imatrix-data")
+    assert first[1:] == steps
+    assert not next_steps("q8_0", 1, 8, None, "f")[0].startswith("the same")  # q8_0: gguf's own, no imatrix

@@ -190,9 +190,10 @@ def test_train_refuses_a_k_quant_export_it_could_not_make_before_training(tmp_pa
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "llama_cpp" else real(n, *a))
     with pytest.raises(InputError, match="llama-cpp-python"):
-        check_export(SimpleNamespace(export="gguf", export_type="q6_k"))
-    check_export(SimpleNamespace(export="gguf", export_type="q8_0"))  # the gguf package writes it: fine
-    check_export(SimpleNamespace(export="none", export_type="q6_k"))
+        check_export(SimpleNamespace(export="gguf", export_type="q6_k", export_imatrix=False, method="sft"))
+    # the gguf package writes it: fine
+    check_export(SimpleNamespace(export="gguf", export_type="q8_0", export_imatrix=False, method="sft"))
+    check_export(SimpleNamespace(export="none", export_type="q6_k", export_imatrix=False, method="sft"))
 
 
 @pytest.mark.parametrize("variant", ["as rebuilt from the GGUF", "as published"])

@@ -22,6 +22,13 @@ def add_parser(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing GGUF / Modelfile")
     p.add_argument("--force", action="store_true", help="export a model merged from a run its regression guard "
                                                          "flagged (worse than its base on your task)")
+    q = p.add_argument_group("importance matrix (k-quants and q4_0/q5_0: llama-quantize --imatrix)")
+    q.add_argument("--imatrix", nargs="?", const="", default=None, metavar="FILE.gguf",
+                   help="weight the quantization by how much each column's activations matter on your rows: without "
+                        "FILE, measured now and written as OUT.imatrix.gguf (llama.cpp's format); with FILE, one "
+                        "llama-imatrix or an earlier export wrote")
+    q.add_argument("--imatrix-data", metavar="TRAIN.jsonl", help="the rows to measure on (SFT format; default: "
+                                                                 "--data, else bundled general prompts)")
     v = p.add_argument_group("verify in llama.cpp (needs hwcompat[gguf]; on by default when it is installed)")
     v.add_argument("--verify", action=argparse.BooleanOptionalAction, default=None,
                    help="load the GGUF in llama.cpp and compare tokenization, next-token distributions and greedy "
@@ -35,7 +42,8 @@ def add_parser(sub) -> None:
 def options(args: argparse.Namespace) -> ExportOptions:
     return ExportOptions(gguf=Path(args.gguf), qtype=args.type, ollama=args.ollama, temperature=args.temperature,
                          system=args.system, tag=args.tag, overwrite=args.overwrite, verify=args.verify,
-                         data=args.data, verify_rows=args.verify_rows, force=args.force)
+                         data=args.data, verify_rows=args.verify_rows, force=args.force, imatrix=args.imatrix,
+                         imatrix_data=args.imatrix_data)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -78,12 +78,34 @@ def model_name(src: Path, cfg: dict) -> str:
 
 
 def export_gguf(model_dir: str | Path, out: str | Path, qtype: str = "f16", name: str | None = None,
-                overwrite: bool = False) -> ExportResult:
-    """Write ``out``: refused if it exists (unless ``overwrite``), locked while written, atomic."""
+                overwrite: bool = False, imatrix=None) -> ExportResult:
+    """Write ``out``: refused if it exists (unless ``overwrite``), locked while written, atomic. ``imatrix`` (an
+    ``imatrix.ImportanceMatrix``) goes to llama.cpp's quantizer with a k-quant."""
     from hwcompat.fsutil import output_target
 
     with output_target(out, "hwcompat export", overwrite) as target:
-        return _export_gguf(model_dir, target, qtype, name)
+        return _export_gguf(model_dir, target, qtype, name, imatrix)
+
+
+def weight_shapes(model_dir: str | Path) -> dict[str, tuple[int, ...]]:
+    """GGUF tensor name -> the weight's shape as stored in the safetensors (its last axis: the input columns), from
+    the headers alone."""
+    import gguf
+
+    from hwcompat.userfile import read_json_object
+    from hwcompat.weights import read_header, shard_files
+
+    src = Path(model_dir)
+    cfg = read_json_object(src / "config.json", "model config")
+    tmap = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, ARCHS[cfg["model_type"]].gguf),
+                                    int(cfg["num_hidden_layers"]))
+    out = {}
+    for f in shard_files(src):
+        for key, info in read_header(src / f).items():
+            new = tmap.get_name(key, try_suffixes=(".weight", ".bias")) if key != "__metadata__" else None
+            if new:
+                out[new] = tuple(info["shape"])
+    return out
 
 
 def _check(src: Path, qtype: str) -> dict[str, Any]:
@@ -214,7 +236,7 @@ def _write_tensors(writer, src: Path, files: list[str], plan: list[tuple], cfg: 
         writer.write_tensor_data(array.astype(np.float32))
 
 
-def _export_gguf(model_dir: str | Path, out: Path, qtype: str, name: str | None) -> ExportResult:
+def _export_gguf(model_dir: str | Path, out: Path, qtype: str, name: str | None, imatrix=None) -> ExportResult:
     import gguf
     import numpy as np
 
@@ -245,7 +267,7 @@ def _export_gguf(model_dir: str | Path, out: Path, qtype: str, name: str | None)
         final = tmp
         if qtype in LLAMA_TYPES:
             final = _temp_beside(out)
-            note = quantize(tmp, final, qtype)
+            note = quantize(tmp, final, qtype, imatrix=imatrix)
             tmp.unlink()
         user_mode(final)
         final.replace(out)

@@ -4,8 +4,8 @@ The ``gguf`` package writes f32 / f16 / bf16 / q8_0 itself but has no k-quant en
 only an encoding: llama.cpp's ``llama_model_quantize`` decides per tensor which type it gets (q4_k_m keeps
 ``attn_v`` and ``ffn_down`` of some layers at q6_k, falls back where a row is not a multiple of 256). Re-doing
 that by hand would drift from what llama.cpp and Ollama users get, so hwcompat calls it through the maintained
-binding, llama-cpp-python (the optional extra ``hwcompat[gguf]``), on a lossless GGUF of the merged weights.
-Importance matrices (``--imatrix``) are out of scope: they need calibration text and a separate pass.
+binding, llama-cpp-python (the optional extra ``hwcompat[gguf]``), on a lossless GGUF of the merged weights,
+with an importance matrix (``imatrix.py``) when one is given, through the same C array ``llama-quantize`` fills.
 """
 
 from __future__ import annotations
@@ -56,14 +56,16 @@ def quiet() -> None:
     _logger.set_verbose(False)
 
 
-def quantize(src: Path, out: Path, qtype: str, threads: int | None = None) -> str | None:
+def quantize(src: Path, out: Path, qtype: str, threads: int | None = None, imatrix=None) -> str | None:
     """``src`` (an f32/f16/bf16 GGUF) -> ``out`` in ``qtype``; the caller owns both paths (temp names, rename).
+    ``imatrix`` (an ``imatrix.ImportanceMatrix``) weights the rounding as ``llama-quantize --imatrix`` does.
     Returns llama.cpp's fallback note ("N of M tensor(s) required fallback quantization"), if it made one."""
     llama_cpp = binding(qtype)
     quiet()
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, LLAMA_TYPES[qtype])
     params.nthread = threads or os.cpu_count() or 1
+    keep = _with_imatrix(llama_cpp, params, imatrix) if imatrix is not None else None  # noqa: F841 (alive)
     with _stderr_captured() as log:  # a line per tensor from C code; kept for the error and the fallback note
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), ctypes.byref(params))
     text = log.read_text(errors="replace") if log.exists() else ""
@@ -73,6 +75,33 @@ def quantize(src: Path, out: Path, qtype: str, threads: int | None = None) -> st
                             + "\n".join(text.splitlines()[-15:]))
     return next((line.split("WARNING:", 1)[-1].strip() for line in text.splitlines() if "fallback" in line
                  and "tensor(s)" in line), None)
+
+
+def _with_imatrix(llama_cpp, params, im) -> list:
+    """Fill ``params.imatrix`` (a NULL-terminated ``llama_model_imatrix_data`` array) and the ``quantize.imatrix.*``
+    metadata llama-quantize writes; returns the buffers, which must outlive the call."""
+    import numpy as np
+
+    values = sorted(im.values().items())
+    entries = (llama_cpp.llama_model_imatrix_data * (len(values) + 1))()
+    keep: list = [entries]
+    for entry, (name, v) in zip(entries, values):
+        buf = np.ascontiguousarray(v, np.float32)
+        keep += [buf, name.encode()]
+        entry.name, entry.data, entry.size = keep[-1], buf.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), buf.size
+    meta = [("quantize.imatrix.file", im.datasets[0] if im.datasets else "hwcompat"),
+            ("quantize.imatrix.dataset", ", ".join(im.datasets)),
+            ("quantize.imatrix.entries_count", len(values)), ("quantize.imatrix.chunks_count", im.chunks)]
+    kv = (llama_cpp.llama_model_kv_override * (len(meta) + 1))()  # the last one's empty key ends the list
+    for o, (key, value) in zip(kv, meta):
+        o.key = key.encode()
+        if isinstance(value, int):
+            o.tag, o.value.val_i64 = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_INT, value
+        else:
+            o.tag, o.value.val_str = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR, value.encode()[:127]
+    params.imatrix = ctypes.cast(entries, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
+    params.kv_overrides = ctypes.cast(kv, ctypes.POINTER(llama_cpp.llama_model_kv_override))
+    return keep + [kv]
 
 
 @contextlib.contextmanager

@@ -376,17 +376,23 @@ STEP_UP = {"q4_0": ("q5_0", "q8_0"), "q5_0": ("q8_0", "f16"), "q4_k_m": ("q5_k_m
            "q5_k_m": ("q6_k", "q8_0"), "q6_k": ("q8_0", "f16"), "q8_0": ("f16",), "bf16": ("f32",), "f16": ("f32",)}
 
 
-def next_steps(qtype: str, size_bytes: int, rows: int, data: str | None, figures: str) -> list[str]:
-    """What to try after a failed verification, in order: the next larger types with their sizes (scaled from this
-    file by bits per weight), a verification on more rows (a few positions make one token decide the verdict) and
-    on the user's own data, then keeping the file unverified."""
-    from hwcompat.choices import EXPORT_TYPE_TABLE
+def next_steps(qtype: str, size_bytes: int, rows: int, data: str | None, figures: str, weighted: bool = False
+               ) -> list[str]:
+    """What to try after a failed verification, in order: for llama.cpp's quantizer without an importance matrix,
+    one measured on the user's rows (same size; bench/imatrix.py measured it turning a failing q4_k_m into a pass),
+    the next larger types with their sizes (scaled from this file by bits per weight), a verification on more rows
+    (a few positions make one token decide the verdict) and on the user's own data, then keeping it unverified."""
+    from hwcompat.choices import EXPORT_TYPE_TABLE, LLAMA_TYPES
 
     bits = EXPORT_TYPE_TABLE[qtype].bits
     larger = STEP_UP.get(qtype, ())
     sizes = ", ".join(f"--type {t} (about {size_bytes * EXPORT_TYPE_TABLE[t].bits / bits / 1e9:.2f} GB)"
                       for t in larger)
-    out = [f"a larger type: {sizes}; this {qtype} is {size_bytes / 1e9:.2f} GB"] if larger else []
+    out = []
+    if qtype in LLAMA_TYPES and not weighted:
+        out.append(f"the same {qtype} size, weighted by your rows' activations: --imatrix --imatrix-data "
+                   "YOUR_TRAIN.jsonl (llama.cpp's importance matrix, measured on the merged model)")
+    out += [f"a larger type: {sizes}; this {qtype} is {size_bytes / 1e9:.2f} GB"] if larger else []
     more = f"--verify-rows {max(rows * 4, 32)}" + ("" if data else " --data YOUR_EVAL.jsonl")
     out.append(f"a verdict on more positions: {more} (now {rows} rows: on a few positions one token decides it; "
                "your own rows make the task metrics count)")

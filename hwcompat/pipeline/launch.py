@@ -210,6 +210,12 @@ def check_export(cfg) -> None:
 
     if cfg.export == "gguf" and cfg.export_type in LLAMA_TYPES and importlib.util.find_spec("llama_cpp") is None:
         raise missing(cfg.export_type)
+    if cfg.export_imatrix and cfg.export == "gguf" and cfg.export_type not in LLAMA_TYPES:
+        raise InputError(f"export_imatrix: true weights llama.cpp's quantizer (export_type {', '.join(LLAMA_TYPES)}); "
+                         f"export_type {cfg.export_type} rounds every weight alike: set export_type or drop it")
+    if cfg.export_imatrix and cfg.method != "sft":
+        raise InputError(f"export_imatrix: true measures on SFT training rows; this run is {cfg.method}: export "
+                         "afterwards with `hwcompat export MERGED --imatrix --imatrix-data ROWS.jsonl`")
 
 
 def check_init_adapter(cfg) -> None:

@@ -132,6 +132,9 @@ class TrainConfig:
     report_to: list[str] = field(default_factory=list)
     export: str = "none"  # none | gguf: merge the adapter into the base and write model.gguf + Modelfile
     export_type: str = "f16"  # f32 | f16 | bf16 | q8_0 | q6_k | q5_k_m | q4_k_m | q5_0 | q4_0 (hwcompat[gguf])
+    # with a llama.cpp type: weight its rounding by an importance matrix measured on the training rows
+    # (model.imatrix.gguf; `hwcompat export --imatrix`)
+    export_imatrix: bool = False
     force: bool = False  # run even when a setting contradicts the hardware or the plan
 
     def to_dict(self) -> dict[str, Any]:

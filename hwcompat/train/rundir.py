@@ -31,12 +31,13 @@ from hwcompat.errors import InputError, NothingToDo
 #: Settings a resume may change: they decide how long to go on and what to do along the way, not what
 #: the checkpoint's weights, optimizer state or data order mean.
 RESUMABLE = ("epochs", "max_steps", "numerics_check", "eval_every", "eval_at_start", "eval_metrics", "eval_max_rows",
-             "eval_max_new_tokens", "checkpoint_every", "keep_checkpoints", "export", "export_type", "force", "num_threads", "output_dir", "report_to")
+             "eval_max_new_tokens", "checkpoint_every", "keep_checkpoints", "export", "export_type",
+             "export_imatrix", "force", "num_threads", "output_dir", "report_to")
 #: What a run writes in its folder: the records at the start, then the logs, checkpoints and results.
 RECORDS = ("config.yaml", "profile.json", "devices.json", "run.json")
 RESULTS = ("metrics.jsonl", "checkpoints", "adapter", "summary.json", "report.html")
 #: What ``export: gguf`` adds (the export chain's outputs in the run folder).
-EXPORTS = ("merged", "model.gguf", "model.export.json", "model.Modelfile")
+EXPORTS = ("merged", "model.gguf", "model.export.json", "model.Modelfile", "model.imatrix.gguf")
 #: The ledger of what hwcompat wrote in a run folder (see the module docstring).
 LEDGER = fsutil.LEDGER
 record_written = fsutil.record_written
