@@ -12,16 +12,15 @@ and the device's resolved profile (dtype, attention kernel, quantization):
   fp32; AdamW keeps two fp32 moments, 8-bit AdamW two 1-byte moments plus
   block constants (bitsandbytes docs; `accelerate estimate-memory` uses the
   same 4x-parameter rule of thumb for Adam training).
-- activations: the tensors each decoder layer saves for backward, per token,
-  counted module by module for the Llama block (norm inputs/outputs, q/k/v,
-  attention output, SwiGLU gate/up/act/product, LoRA's rank-r intermediates);
-  the approach of Korthikanti et al. 2022 ("Reducing Activation Recomputation",
-  sbh(34 + 5as/h) for GPT blocks) adapted to SwiGLU and GQA. Gradient
-  checkpointing keeps only each layer's input plus one layer's full set
-  during recomputation (Unsloth's VRAM notes use the same split).
-- the S^2 attention term: eager / math attention materialises the
-  probabilities (a x s x s per layer); SDPA's efficient kernels and
-  flash-attention do not.
+- activations: the tensors each decoder layer saves for backward, per token, tensor by tensor as hwcompat trains
+  (transformers' modules, peft's fp32 adapters, torch autocast): the norms' fp32 inputs, q/k/v and attention's
+  output, the MLP's gate/up/act, the inputs the trained weights need (under autocast a cast per adapter or per
+  fp32 linear), LoRA's rank-r intermediates; the approach of Korthikanti et al. 2022 ("Reducing Activation
+  Recomputation") made exact: tests/train/test_plan_activations.py measures every family's layer with autograd's
+  saved_tensors_hooks and the count must agree to the byte. Gradient checkpointing keeps only each layer's input
+  plus one layer's full set during recomputation (Unsloth's VRAM notes use the same split).
+- the S^2 attention term: eager / math attention keeps the fp32 softmax, its half cast and Gemma 2's soft-cap
+  (heads x s x s each, per layer; measured alike); SDPA's efficient kernels and flash-attention do not.
 - logits: the loss projects response positions onto the vocabulary one chunk
   of ``logit_chunk_rows(vocab)`` rows at a time (train/objectives/linear_logps.py),
   so the term is one chunk: its fp32 logits, plus the compute-dtype copy a half
@@ -101,6 +100,12 @@ class ModelShape:
     fused: bool  # Phi-3: qkv_proj and gate_up_proj are single Linear layers
     max_positions: int
     softcapped: bool = False  # Gemma 2's final_logit_softcapping: the loss keeps tanh' beside a chunk's logits
+    attn_softcapped: bool = False  # Gemma 2's attn_logit_softcapping: eager attention keeps tanh's output too
+
+    @property
+    def norms_per_layer(self) -> int:
+        """Gemma 2 wraps attention and MLP in norms on both sides ("sandwich"); the others norm before each."""
+        return 4 if self.model_type == "gemma2" else 2
 
     @property
     def q_dim(self) -> int:
@@ -203,6 +208,7 @@ def shape_from_config(cfg: dict[str, Any], where: str) -> ModelShape:
         vocab=s["vocab_size"], tied=bool(cfg.get("tie_word_embeddings", mt in ("gemma", "gemma2"))),
         qkv_bias=bool(cfg.get("attention_bias", mt == "qwen2")), qk_norm=mt == "qwen3", fused=mt == "phi3",
         max_positions=s.get("max_position_embeddings", 4096), softcapped=bool(cfg.get("final_logit_softcapping")),
+        attn_softcapped=bool(cfg.get("attn_logit_softcapping", 50.0 if mt == "gemma2" else None)),
     )
 
 
@@ -335,20 +341,66 @@ class Plan:
                     **self.host_optimizer.__dict__, "host_fits": self.host_optimizer.host_fits}}
 
 
-def activation_elems_per_token_layer(s: ModelShape, rank: int, lora: bool, dropout: bool) -> int:
-    """Elements one decoder layer saves for backward, per token (see module docstring)."""
-    h, i = s.hidden, s.intermediate
-    n = 2 * h  # input_layernorm: its input and output (the q/k/v input)
-    n += s.q_dim + 2 * s.kv_dim  # q, k (after RoPE) and v for attention backward
-    n += s.q_dim  # attention output = o_proj input
-    n += 2 * h  # post_attention_layernorm input and output (gate/up input)
-    n += 2 * i + i + i  # gate and up outputs, act(gate), act(gate)*up = down_proj input
+#: What a layer's trained weights are, for what autograd keeps: LoRA adapters (fp32) on a frozen base; a full
+#: fine-tune's fp32 masters under autocast (resident); its working copy in the compute dtype (optimizer in host RAM).
+ADAPTERS, MASTERS, WORKING_COPY = "adapters", "masters", "working copy"
+
+
+def layer_activation_bytes(s: ModelShape, rank: int, trained: str, dropout: bool, act_db: int, eager: bool = False
+                           ) -> int:
+    """Bytes one decoder layer saves for backward, per token, as hwcompat trains: transformers' modules, peft's LoRA
+    with fp32 adapters, torch autocast in ``act_db``-byte halves (4: fp32, no autocast). Every term is a tensor
+    autograd keeps (tests/train/test_plan_activations.py measures them with saved_tensors_hooks on tiny models of
+    every supported family and must agree to the byte); the S^2 score matrices are ``attention_scores``."""
+    h, i, q, kv = s.hidden, s.intermediate, s.q_dim, s.kv_dim
+    lora = trained == ADAPTERS
+    # each RMSNorm's input upcast to fp32 (HF norms compute in fp32) and its rstd; trained, also the normalized input
+    # for the weight's gradient, in the weights' dtype (Gemma's norms multiply in fp32 whatever the dtype)
+    normed = 4 if trained == MASTERS or s.model_type.startswith("gemma") else act_db
+    n = s.norms_per_layer * (h * 4 + 4 + (0 if lora else h * normed))
+    if s.qk_norm:  # Qwen3's per-head q/k norms alike (their input is a linear's output: the compute dtype)
+        n += (q + kv) * 4 + (s.heads + s.kv_heads) * 4 + (0 if lora else (q + kv) * act_db)
+    n += _attention_bytes(s, act_db, eager)
+    n += 3 * i * act_db  # the MLP's gate and up outputs and act(gate)
+    n += _linear_input_bytes(s, trained, act_db, eager)
     if lora:
-        n_lin = len(s.linears())
-        n += n_lin * rank  # each adapter's A(x), the input of B
-        if dropout:  # dropout makes a fresh copy of each adapter input (plus its mask)
-            n += sum(a for _, a, _ in s.linears())
+        n += len(s.linears()) * rank * act_db  # each adapter's A(x), the input of B
+        if dropout:  # each adapter input's dropped copy and its mask (CUDA's native_dropout: a byte per value)
+            n += sum(a for _, a, _ in s.linears()) * (act_db + 1)
     return n
+
+
+def score_bytes(s: ModelShape, act_db: int) -> int:
+    """Bytes eager attention keeps per score (each of heads x S x S per layer): the fp32 softmax output, its cast to
+    a half dtype (what multiplies v), and Gemma 2's tanh output (its soft-cap). SDPA's math kernel (a card without a
+    fused one) is counted alike; it is measured for eager only (on the CPU)."""
+    return 4 + (act_db if act_db < 4 else 0) + (act_db if s.attn_softcapped else 0)
+
+
+def _attention_bytes(s: ModelShape, act_db: int, eager: bool) -> int:
+    """What attention keeps per token: SDPA its q, k, v, output and the fp32 log-sum-exp per head; eager its q and
+    k, v repeated to every head (GQA's repeat_kv copies)."""
+    if eager:
+        return 3 * s.q_dim * act_db
+    extra = s.q_dim + s.kv_dim if s.fused else 0  # Phi-3: v is a view into qkv_proj's output, which stays whole
+    return (2 * s.q_dim + 2 * s.kv_dim + extra) * act_db + s.heads * 4
+
+
+def _linear_input_bytes(s: ModelShape, trained: str, act_db: int, eager: bool) -> int:
+    """The inputs kept for the weights' (or adapters') gradients. Where no cast intervenes (fp32, or a half working
+    copy) each distinct input once: q/k/v share theirs, gate/up theirs. A LoRA adapter under autocast casts its input
+    to fp32 and autocast back: a copy per adapter. fp32 masters under autocast keep autocast's cast of each fp32
+    input per linear, while o_proj's and down_proj's inputs come out of half ops and are kept as they are."""
+    h, i, q = s.hidden, s.intermediate, s.q_dim
+    # SDPA's output is o_proj's input in place (counted with attention) where q kept the (batch, seq, head) layout;
+    # eager's is a fresh transposed copy, and so is Phi-3's (its rotary concatenates q in head-major layout)
+    o_input = q if eager or s.fused else 0
+    if act_db == 4 or trained == WORKING_COPY:
+        return (2 * h + i + o_input) * act_db
+    if trained == ADAPTERS:
+        return sum(a for _, a, _ in s.linears()) * act_db
+    cast = sum(a for name, a, _ in s.linears() if name not in ("o_proj", "down_proj"))
+    return (cast + i + o_input) * act_db
 
 
 def _checked(inp: PlanInput) -> PlanInput:
@@ -454,15 +506,17 @@ def _activation_terms(shape: ModelShape, inp: PlanInput, db: int, attention: str
     tokens = b * t
     lora = inp.method in ("lora", "qlora")
     act_db = db if inp.method != "qlora" else (2 if db == 4 else db)
-    per_layer = activation_elems_per_token_layer(shape, inp.lora_rank, lora, inp.lora_dropout) * act_db
+    eager = attention in ("eager", SDPA_MATH)
+    trained = ADAPTERS if lora else (WORKING_COPY if inp.optimizer_offload == "host" else MASTERS)
+    per_layer = layer_activation_bytes(shape, inp.lora_rank, trained, inp.lora_dropout, act_db, eager)
     bd: dict[str, int] = {}
-    if inp.gradient_checkpointing:
-        bd["activations"] = tokens * (shape.layers * shape.hidden * act_db + per_layer)
+    if inp.gradient_checkpointing:  # each layer's input (the residual stream: fp32 with fp32 masters)
+        bd["activations"] = tokens * (shape.layers * shape.hidden * (4 if trained == MASTERS else act_db) + per_layer)
     else:
         bd["activations"] = tokens * shape.layers * per_layer
-    if attention in ("eager", SDPA_MATH):
+    if eager:
         layers_holding = 1 if inp.gradient_checkpointing else shape.layers
-        bd["attention_scores"] = b * shape.heads * t * t * act_db * 2 * layers_holding
+        bd["attention_scores"] = b * shape.heads * t * t * score_bytes(shape, act_db) * layers_holding
         notes.append("eager attention materialises the S^2 score matrix; sdpa or flash-attention avoid it"
                      if attention == "eager" else "SDPA runs its math kernel on this card (no fused kernel: the "
                      "profile's hardware.fused_sdpa), which materialises the S^2 score matrix as eager does")
