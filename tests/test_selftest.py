@@ -73,6 +73,36 @@ def test_lora_flops_count_frozen_weights_at_four_and_trained_at_six():
     assert selftest.lora_flops_per_token(cfg, 2, 32) == 4 * frozen + 6 * trained + 6 * 32 * 8
 
 
+def test_lora_flops_match_what_torch_counts_in_a_real_step():
+    """#39 §1: an independent oracle, torch.utils.flop_counter.FlopCounterMode over a real LoRA forward and backward
+    (peft, all-linear, eager attention). The matmuls are the formula's, less what autograd skips in the first layer
+    (its q/k/v input carries no gradient: no input gradient of the frozen q/k/v, none through their adapters' A);
+    eager attention computes the masked half of the scores too, so it counts twice the formula's causal figure."""
+    import torch
+    import transformers
+    from peft import LoraConfig, get_peft_model
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from hwcompat import selftest
+
+    cfg = dict(hidden_size=64, intermediate_size=176, num_hidden_layers=3, num_attention_heads=4,
+               num_key_value_heads=2, vocab_size=100)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg, attn_implementation="eager"))
+    rank, batch, seq = 4, 2, 16
+    model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0,
+                                             task_type="CAUSAL_LM"))
+    ids = torch.randint(0, 100, (batch, seq))
+    with FlopCounterMode(display=False) as counter:
+        model(input_ids=ids, labels=ids).loss.backward()
+    counts = {str(op): n / (batch * seq) for op, n in counter.get_flop_counts()["Global"].items()}
+    h, kv = 64, 32
+    attention = 6 * cfg["num_hidden_layers"] * seq * h
+    first_layer = 2 * (h * h + 2 * h * kv) + 2 * rank * h * 3
+    assert counts["aten.mm"] == selftest.lora_flops_per_token(cfg, rank, seq) - attention - first_layer
+    assert counts["aten.bmm"] == 2 * attention
+
+
 def test_model_flops_match_nemo_automodel_count():
     """#25: NeMo AutoModel's llama3_flops per token: 6 FLOPs per weight (GEMM forward, wgrad, dgrad) plus causal
     attention and the head. On a GQA-free Llama it is 6N + 6 * layers * seq * hidden, counted by hand here."""
