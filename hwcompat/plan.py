@@ -287,7 +287,8 @@ class Stream:
     link: str  # e.g. "PCIe 3.0 x16"
     copy_seconds: float  # per micro-step
     compute_seconds: float | None  # per micro-step, from the card's peak x sustained fraction
-    step_seconds: float | None  # max(compute, copy): the copies overlap compute
+    step_seconds: float | None  # max(compute, copy): the copies overlap compute (+ a GRPO rollout's copies)
+    rollout_bytes: int = 0  # GRPO: the rollout's share of bytes_per_micro_step (every layer per new token)
 
     @property
     def host_fits(self) -> bool:
@@ -639,11 +640,15 @@ def stream_terms(shape: ModelShape, inp: PlanInput, db: int, host: Host) -> Stre
     flops = 8 if inp.method == "full" else 6
     compute = (flops * shape.params() * tokens / (host.peak_tflops * 1e12 * table["sustained_fraction"])
                if host.peak_tflops else None)
+    # GRPO's rollout decodes through the streamed layers: the prompt's pass and each new token visit every layer,
+    # with nothing to overlap (a token's compute is tiny): its copies add to the step
+    rollout = (1 + inp.completion_len) * shape.layers * layer if inp.generations else 0
     copy = moved / rate
     return Stream(layer_bytes=layer, host_bytes=shape.params() * db + layer + HOST_RUNTIME,
-                  host_ram_bytes=host.ram_bytes, bytes_per_micro_step=moved, link_bytes_per_s=rate,
-                  link=f"PCIe {gen}.0 x{width}{'' if host.pcie_generation else ' (assumed)'}", copy_seconds=copy,
-                  compute_seconds=compute, step_seconds=None if compute is None else max(compute, copy))
+                  host_ram_bytes=host.ram_bytes, bytes_per_micro_step=moved + rollout, link_bytes_per_s=rate,
+                  link=f"PCIe {gen}.0 x{width}{'' if host.pcie_generation else ' (assumed)'}",
+                  copy_seconds=copy + rollout / rate, compute_seconds=compute,
+                  step_seconds=None if compute is None else max(compute, copy) + rollout / rate, rollout_bytes=rollout)
 
 
 def _link(host: Host) -> tuple[int, int, float]:
@@ -716,7 +721,7 @@ def decide_offload(shape: ModelShape, inp: PlanInput, setting: str, run, may_che
         if checkpointed.fits:
             return MemoryChoice("none", True, checkpointed, "gradient_checkpointing=true (offload: auto): the resident "
                                 "run does not fit without it and does with it, which is cheaper than streaming")
-    no_stream = inp.method != "lora" or not may_stream or inp.generations  # grpo: rollouts are not streamed
+    no_stream = inp.method != "lora" or not may_stream
     if no_stream or (setting == "auto" and not inp.gradient_checkpointing and not may_checkpoint):
         return MemoryChoice("none", inp.gradient_checkpointing, resident)
     streamed = run(replace(inp, offload="layers"))

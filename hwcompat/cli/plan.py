@@ -99,8 +99,11 @@ def make_plan(shape, device, loaded, inp, with_suggestions: bool, host_ram: int 
 
 def render_stream(st) -> list[str]:
     """The streamed terms: host RAM, bytes moved and the estimated step time."""
+    overlap = ("the training's copies overlap compute; the rollout's, "
+               f"{gib(st.rollout_bytes)} (every layer per new token), add to it" if st.rollout_bytes else
+               "copies overlap compute")
     step = (f"compute {st.compute_seconds:.1f} s, copies {st.copy_seconds:.1f} s -> ~{st.step_seconds:.1f} s per "
-            "micro-step (copies overlap compute)" if st.step_seconds is not None else
+            f"micro-step ({overlap})" if st.step_seconds is not None else
             f"copies {st.copy_seconds:.1f} s per micro-step (no peak throughput for this card in the catalog)")
     ram = (f" of {gib(st.host_ram_bytes)}" + ("" if st.host_fits else " -> host RAM is the limit")
            if st.host_ram_bytes else "")

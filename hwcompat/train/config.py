@@ -317,10 +317,6 @@ def grpo_problem(cfg: "TrainConfig") -> str | None:
     if cfg.max_completion_length >= cfg.max_seq_len:
         return (f"max_completion_length={cfg.max_completion_length} leaves no room for the prompt in "
                 f"max_seq_len={cfg.max_seq_len}; raise max_seq_len or lower max_completion_length")
-    if cfg.offload == "layers":
-        return ("offload=layers with method grpo: rollouts through streamed layers are not supported yet; set "
-                "offload=none (or auto), or lower micro_batch_size / max_completion_length (`hwcompat plan "
-                "--suggest`)")
     return None
 
 

@@ -115,6 +115,35 @@ class LayerStreamer:
             if not slot.busy:
                 slot.layer, slot.phase = None, None
 
+    @contextlib.contextmanager
+    def substituted(self, weights: dict[int, Any], key: int):
+        """Passes in this context see the layers' parameters named in ``weights`` (parameter id -> tensor) holding
+        those values: a KL reference's starting weights, which swapping ``p.data`` cannot give a streamed layer (its
+        visit binds the slot). Host copies built once per ``key`` and swapped in; prefetched slots are dropped on the
+        way in and out."""
+        if getattr(self, "_alt_key", None) != key:
+            self._alt, self._alt_key = self._host_copies(weights), key
+        self.invalidate()
+        live, self.host = self.host, self._alt
+        try:
+            yield
+        finally:
+            self.host = live
+            self.invalidate()
+
+    def _host_copies(self, weights: dict[int, Any]) -> list[dict[Any, Any]]:
+        import torch
+
+        out = []
+        for index, entries in enumerate(self.params):
+            flats = {dt: torch.empty_like(f, pin_memory=self.cuda) for dt, f in self.host[index].items()}
+            for p, dtype, off, n in entries:
+                src = weights.get(id(p))
+                flats[dtype][off:off + n].copy_(self.host[index][dtype][off:off + n] if src is None
+                                                else src.reshape(-1).to(dtype))
+            out.append(flats)
+        return out
+
     # --- the schedule ------------------------------------------------------------------------------------
 
     def _upcoming(self, index: int, phase: str, grad: bool) -> list[tuple[str, int]]:

@@ -402,6 +402,22 @@ def test_the_rollout_term_is_the_kv_cache_and_one_tokens_sampling():
     assert any("grpo: the rollout" in n for n in plan.notes)
 
 
+def test_a_streamed_rollout_moves_every_layer_per_new_token():
+    """#37 §1: with offload=layers the rollout's prompt pass and each new token visit every streamed layer; those
+    copies cannot overlap a token's tiny compute, so they add to the step the plan estimates."""
+    from hwcompat import plan as P
+
+    shape = P.shape_from_config(QWEN3_4B, "test")
+    host = P.Host(ram_bytes=None, pcie_generation=3, pcie_width=16, peak_tflops=100.0)
+    sft = P.stream_terms(shape, P.PlanInput(seq_len=1536, batch_size=16, offload="layers"), 2, host)
+    grpo = P.stream_terms(shape, P.PlanInput(seq_len=1536, batch_size=16, offload="layers", generations=8,
+                                             completion_len=1024), 2, host)
+    assert grpo.rollout_bytes == (1 + 1024) * 36 * sft.layer_bytes
+    assert grpo.bytes_per_micro_step == sft.bytes_per_micro_step + grpo.rollout_bytes
+    rollout_s = grpo.rollout_bytes / grpo.link_bytes_per_s
+    assert grpo.step_seconds == pytest.approx(max(grpo.compute_seconds, sft.copy_seconds) + rollout_s)
+
+
 def test_plan_grpo_suggests_whole_groups_and_shorter_completions(tmp_path, capsys):
     from hwcompat.cli import main
 
@@ -562,3 +578,25 @@ def test_an_epoch_of_num_iterations_takes_mu_times_the_steps(tmp_path, tiny_mode
         assert res.returncode == 0, res.stderr[-2000:]
         steps[mu] = json.loads((folder / "run" / "summary.json").read_text())["steps"]
     assert steps == {1: 2, 3: 6}
+
+
+def test_grpo_full_fine_tune_streamed_equals_resident(tmp_path, tiny_model, task_files):
+    """#37 §1 with #38: a full fine-tune's working copy streamed (offload=layers, optimizer in host RAM) under GRPO
+    with a KL reference: the rollouts and the reference pass visit the streamed layers too; the weights equal the
+    resident host-offloaded run's."""
+    from safetensors.torch import load_file
+
+    runs = []
+    for name, extra in (("a", {}), ("b", {"offload": "layers"})):
+        folder = tmp_path / name
+        folder.mkdir()
+        cfg = _grpo_config(folder, tiny_model, task_files, finetune="full", optimizer_offload="host", beta=0.05,
+                           learning_rate=1e-3, max_steps=3, eval_at_start=False, eval_metrics="none", **extra)
+        res = _train(cfg)
+        assert res.returncode == 0, res.stderr[-3000:]
+        runs.append((folder / "run", res.stderr))
+    assert "decoder layers streamed from host memory" in runs[1][1]
+    a, b = (load_file(str(r / "model" / "model.safetensors")) for r, _ in runs)
+    assert a.keys() == b.keys() and max((a[k].float() - b[k].float()).abs().max().item() for k in a) <= 1e-6
+    recs = _train_records(runs[1][0])
+    assert recs[0]["kl"] == 0.0 and recs[-1]["kl"] > 0

@@ -141,8 +141,8 @@ def _same(wa, wb, tol=1e-6):
         assert (wa[k] - wb[k]).abs().max().item() <= tol, k
 
 
-def _train_pair(tmp_path, model, data, **extra):
-    """The same run resident and streamed; returns both run folders."""
+def _train_pair(tmp_path, model, data, files=None, **extra):
+    """The same run resident and streamed (``files`` written beside each config); returns both run folders."""
     from tests.train.conftest import make_config
     from tests.train.test_train_e2e import _train
 
@@ -150,6 +150,8 @@ def _train_pair(tmp_path, model, data, **extra):
     for offload in ("none", "layers"):
         d = tmp_path / offload
         d.mkdir()
+        for name, text in (files or {}).items():
+            (d / name).write_text(text)
         cfg = make_config(d, model, *data, offload=offload, eval_at_start=False, **extra)
         res = _train(cfg)
         assert res.returncode == 0, res.stderr[-3000:]
@@ -264,3 +266,21 @@ def test_streamed_on_the_gpu_equals_resident_with_copies_on_a_side_stream(four_l
         assert streamer.stats.uses[("forward", i)] == 2 and streamer.stats.fetches[("backward", i)] == 2
     frozen = [p for layer in streamer.params for p, *_ in layer]
     assert all(p.device.type == "cpu" for p in frozen)  # between uses, the weights are the host copy
+
+
+def test_grpo_streamed_run_equals_resident_run(tmp_path, four_layer_model, task_files):
+    """#37 §1: GRPO with offload=layers: the rollouts decode through the streamed layers (no-grad visits, the
+    prefetch wrapping round to layer 0 for each new token), the loss recomputes them as SFT's does; the same
+    completions are sampled and the same adapter comes out as the resident run's."""
+    rewards = {"my_rewards.py": "def short(prompts, completions, references, **kwargs):\n"
+                                "    return [-len(c) / 40.0 for c in completions]\n"}
+    (resident, _), (streamed, log) = _train_pair(
+        tmp_path, four_layer_model, task_files, files=rewards, method="grpo", rewards=["my_rewards:short"],
+        micro_batch_size=8, num_generations=4, max_completion_length=8, max_steps=3, eval_metrics="none",
+        eval_max_rows=4, learning_rate=3e-3)
+    assert "offload=layers: 4 decoder layers streamed from host memory" in log
+    _same(_adapter(resident), _adapter(streamed))
+    recs = [[json.loads(x) for x in (r / "metrics.jsonl").read_text().splitlines() if '"train"' in x]
+            for r in (resident, streamed)]
+    assert [r["completion_length"] for r in recs[0]] == [r["completion_length"] for r in recs[1]]
+    assert [r["reward"] for r in recs[0]] == pytest.approx([r["reward"] for r in recs[1]], abs=1e-6)

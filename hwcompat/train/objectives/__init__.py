@@ -103,11 +103,15 @@ def swapped_in(model, weights, dtype=None):
     @contextlib.contextmanager
     def swapped():
         params = {n: p for n, p in model.named_parameters() if n in weights}
+        streamer = getattr(model, "hwcompat_streamer", None)  # a streamed layer's visit binds its slot instead
+        layers = (streamer.substituted({id(p): weights[n] for n, p in params.items()}, id(weights))
+                  if streamer is not None else contextlib.nullcontext())
         live = {n: p.data for n, p in params.items()}
         for n, p in params.items():
             p.data = weights[n].to(p.device, dtype or weights[n].dtype)
         try:
-            yield
+            with layers:
+                yield
         finally:
             for n, p in params.items():
                 p.data = live[n]
