@@ -2,6 +2,12 @@
 
     python bench/grpo.py [--steps 8] [--prompts 2] [--generations 4] [--completion 96] [--rounds 2]
                          [--init-adapter runs/demo/adapter] [--lr 2e-5] [--out bench/results/grpo.json]
+    python bench/grpo.py --gpu [--smoke] [--steps 4] [--out bench/results/grpo-gpu-<card>.json]
+
+``--gpu``: the same comparison on the card at hand, in bf16, on a random-weight model of Qwen2.5-0.5B's shape and
+its 151,936-token vocabulary (a tokenizer of the demo's text, ids past it decode to nothing): where full logits
+dominate TRL's memory and hwcompat's chunked log-probs do not hold them. Peak memory is each side's
+``torch.cuda.max_memory_allocated``. ``--smoke`` checks the script on the CPU with tiny shapes.
 
 Same model (SmolLM2-135M-Instruct from the demo's package), same prompts (the demo's extraction task, its
 answers as references), same G, completion length, rewards (field F1 + JSON validity, hwcompat's row metrics on
@@ -33,6 +39,11 @@ DATA = ROOT / "hwcompat" / "demo" / "data"
 SETTINGS = {"lora_r": 16, "lora_alpha": 32, "lr": 2e-5, "max_len": 512, "temperature": 1.0}  # lr: --lr
 TCMALLOC = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
 ENGINES = ("hwcompat", "trl GRPOTrainer")
+#: --gpu: Qwen2.5-0.5B's shape and vocabulary, random weights; --smoke: the script on the CPU
+GPU_SHAPE = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                 num_key_value_heads=2, vocab_size=151936)
+SMOKE_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, vocab_size=4096)
 
 
 def _prompts(path: Path, n: int) -> list[dict]:
@@ -77,7 +88,8 @@ def run_hwcompat(model: str, train: Path, evals: Path, args, tmp: Path, bf16: bo
             "seconds_per_step": seconds / len(train), "train_reward": statistics.mean(r["reward"] for r in train),
             "completion_length": statistics.mean(r["completion_length"] for r in train),
             "held_out": {k: s["eval_after"].get(k) for k in ("field_f1", "json_valid", "reward")},
-            "peak_rss_bytes": s["peak_memory_bytes"], "dtype": s["dtype"]}
+            "peak_rss_bytes": s["peak_memory_bytes"], "dtype": s["dtype"],
+            "peak_memory_bytes": s["peak_memory_bytes"] if s.get("peak_memory_kind", "").endswith("allocated") else None}
 
 
 TRL_SCRIPT = textwrap.dedent('''
@@ -103,7 +115,8 @@ TRL_SCRIPT = textwrap.dedent('''
                      max_completion_length=a["completion"], learning_rate=a["lr"], max_steps=a["steps"],
                      lr_scheduler_type="constant", warmup_steps=0, temperature=a["temperature"], beta=0.0,
                      loss_type="dapo", scale_rewards="group", num_iterations=1, use_vllm=False, report_to=[],
-                     logging_steps=1, save_strategy="no", use_cpu=True, bf16=a["bf16"], fp16=False, seed=a["seed"],
+                     logging_steps=1, save_strategy="no", use_cpu=not a["gpu"], bf16=a["bf16"], fp16=False,
+                     seed=a["seed"],
                      dataloader_num_workers=0, gradient_accumulation_steps=1)
     peft = LoraConfig(r=a["r"], lora_alpha=a["alpha"], lora_dropout=0.0, target_modules="all-linear",
                       task_type="CAUSAL_LM")
@@ -112,15 +125,18 @@ TRL_SCRIPT = textwrap.dedent('''
         model, peft = PeftModel.from_pretrained(model, a["adapter"], is_trainable=True), None
     trainer = GRPOTrainer(model=model, args=cfg, reward_funcs=[field_f1, json_valid],
                           train_dataset=Dataset.from_list(rows(a["train"])), processing_class=tok, peft_config=peft)
+    if a["gpu"]:
+        torch.cuda.reset_peak_memory_stats()
     out = trainer.train()
     logs = [h for h in trainer.state.log_history if "reward" in h]
+    gpu_peak = torch.cuda.max_memory_allocated() if a["gpu"] else None
     m = trainer.model.eval()
     preds = []
     with torch.no_grad():
         for r in rows(a["eval"]):
             ids = tok.apply_chat_template(r["prompt"], add_generation_prompt=True, return_tensors="pt",
                                           return_dict=True)
-            gen = m.generate(**ids, max_new_tokens=a["completion"], do_sample=False)
+            gen = m.generate(**ids.to(m.device), max_new_tokens=a["completion"], do_sample=False)
             preds.append(tok.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip())
     refs = [r["reference"] for r in rows(a["eval"])]
     score = metrics.score(preds, refs, "json")
@@ -131,6 +147,7 @@ TRL_SCRIPT = textwrap.dedent('''
                       "completion_length": statistics.mean(h.get("completions/mean_length", 0) for h in logs),
                       "held_out": {"field_f1": score["field_f1"], "json_valid": score["json_valid"], "reward": reward},
                       "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                      "peak_memory_bytes": gpu_peak,
                       "dtype": str(dtype).replace("torch.", "")}))
 ''')
 
@@ -140,7 +157,7 @@ def run_trl(python: str, model: str, train: Path, evals: Path, args, tmp: Path, 
          "g": args.generations, "completion": args.completion, "lr": args.lr, "steps": args.steps,
          "adapter": args.init_adapter,
          "temperature": SETTINGS["temperature"], "r": SETTINGS["lora_r"], "alpha": SETTINGS["lora_alpha"],
-         "out": str(tmp / "trl"), "seed": args.seed, "bf16": bf16}
+         "out": str(tmp / "trl"), "seed": args.seed, "bf16": bf16, "gpu": bool(getattr(args, "on_gpu", False))}
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
     if Path(TCMALLOC).exists():
         env["LD_PRELOAD"] = TCMALLOC
@@ -166,6 +183,65 @@ def _median(runs: list[dict]) -> dict:
     return ranked[len(ranked) // 2]
 
 
+def random_model(path: Path, shape: dict[str, int], texts: list[str], dtype: str) -> Path:
+    """A random-weight Llama of ``shape`` (tied head, as Qwen2.5-0.5B) with a ChatML tokenizer of ``texts``."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hwcompat.train.tiny import build_tokenizer
+
+    tok = build_tokenizer(texts, vocab_size=512, chat_template=True)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(**shape, max_position_embeddings=4096, tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    LlamaForCausalLM(cfg).to(getattr(torch, dtype)).save_pretrained(str(path), safe_serialization=True)
+    tok.save_pretrained(str(path))
+    return path
+
+
+def gpu_main(args) -> int:
+    """hwcompat vs TRL on the card, bf16, alternating, at a 151,936-token vocabulary; memory is the device's."""
+    import torch
+
+    args.on_gpu = torch.cuda.is_available() and not args.smoke
+    if not args.on_gpu and not args.smoke:
+        print("grpo --gpu: no GPU (add --smoke to check the script on the CPU)", file=sys.stderr)
+        return 2
+    shape = GPU_SHAPE if args.on_gpu else SMOKE_SHAPE
+    device = torch.cuda.get_device_name(0) if args.on_gpu else "cpu (smoke)"
+    runs: dict[str, list[dict]] = {e: [] for e in ENGINES}
+    with tempfile.TemporaryDirectory(prefix="bench-grpo-gpu-") as t:
+        tmp = Path(t)
+        train = _write(tmp / "train.jsonl", _prompts(DATA / "train.jsonl", args.steps * args.prompts))
+        evals = _write(tmp / "eval.jsonl", _prompts(DATA / "eval.jsonl", args.eval_prompts))
+        texts = [json.dumps(r) for r in map(json.loads, (DATA / "train.jsonl").read_text().splitlines())]
+        model = str(random_model(tmp / "model", shape, texts, "bfloat16" if args.on_gpu else "float32"))
+        bf16 = args.on_gpu
+        for _ in range(args.rounds):
+            runs["hwcompat"].append(run_hwcompat(model, train, evals, args, tmp, bf16))
+            runs["trl GRPOTrainer"].append(run_trl(args.trl_python, model, train, evals, args, tmp, bf16))
+    results = {k: _median(v) for k, v in runs.items()}
+    hw, trl = results["hwcompat"], results["trl GRPOTrainer"]
+    key = "peak_memory_bytes" if args.on_gpu else "peak_rss_bytes"
+    report = {"benchmark": "grpo_gpu", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "device": device, "smoke": args.smoke, "torch": torch.__version__, "shape": shape,
+              "settings": {**SETTINGS, **{k: v for k, v in vars(args).items() if k != "on_gpu"}},
+              "results": results, "runs": runs,
+              "speed_ratio_hwcompat_vs_trl": hw["completions_per_s"] / trl["completions_per_s"],
+              "memory_ratio_hwcompat_vs_trl": hw[key] / trl[key] if hw[key] and trl[key] else None}
+    slug = "smoke" if args.smoke else "".join(c if c.isalnum() else "-" for c in device.lower()).strip("-")
+    out = Path(args.out if args.out_given else ROOT / "bench" / "results" / f"grpo-gpu-{slug}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    for name, r in results.items():
+        print(f"{name:18} {r['completions_per_s']:8.2f} completions/s, {r['seconds_per_step']:6.2f} s/step, "
+              f"peak {(r[key] or 0) / 2**30:6.2f} GiB ({'device' if args.on_gpu else 'RSS'})")
+    mem = report["memory_ratio_hwcompat_vs_trl"]
+    print(f"hwcompat / TRL: {report['speed_ratio_hwcompat_vs_trl']:.2f}x completions/s (goal >= 2x)"
+          + (f", {mem:.2f}x the peak memory" if mem else "") + f"\nwrote {out}")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=8)
@@ -179,8 +255,14 @@ def main() -> int:
     ap.add_argument("--init-adapter", help="start both from this LoRA adapter (e.g. runs/demo/adapter, the SFT "
                                            "demo's: the demo's GRPO stage, where answers end and are scored)")
     ap.add_argument("--trl-python", default=sys.executable)
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "grpo.json"))
+    ap.add_argument("--out", default=None, help="default bench/results/grpo.json (--gpu: grpo-gpu-<card>.json)")
+    ap.add_argument("--gpu", action="store_true", help="the card at hand, bf16, a 151,936-token vocabulary")
+    ap.add_argument("--smoke", action="store_true", help="with --gpu: tiny shapes on the CPU (the script works)")
     args = ap.parse_args()
+    args.out_given = args.out is not None
+    if args.gpu:
+        return gpu_main(args)
+    args.out = args.out or str(ROOT / "bench" / "results" / "grpo.json")
     from hwcompat.demo.model import ensure_model
 
     model = str(ensure_model())
