@@ -142,6 +142,7 @@ def test_print_model_says_where_the_demo_model_is_and_a_config_can_name_it(tmp_p
     assert run["config"]["model"] == res.stdout.strip()
 
 
+@pytest.mark.slow
 def test_a_demo_model_not_prepared_yet_is_named_with_the_command_that_prepares_it(tmp_path):
     cache = tmp_path / "empty-cache"
     (tmp_path / "c.yaml").write_text("model: demo:tiny\n")

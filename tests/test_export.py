@@ -107,6 +107,7 @@ def test_modelfile_chatml_and_plain(model, tmp_path):
     assert detect_template(plain) == "plain"
 
 
+@pytest.mark.slow
 def test_train_export_chain(tmp_path):
     """hwcompat train ... --export gguf: train -> merge -> export in one command."""
     from hwcompat.train.tiny import write_tiny

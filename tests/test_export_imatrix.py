@@ -35,6 +35,7 @@ def measured(trained):  # noqa: F811
     return imx.collect(model, rows, name, progress=lambda m: None)
 
 
+@pytest.mark.slow
 def test_the_statistics_are_each_linear_inputs_mean_square(trained, measured):  # noqa: F811
     """Every decoder linear layer, named as in the GGUF (not output.weight: llama-imatrix's default), summed over
     every token of every row; checked against a forward hook-free recomputation for one layer."""
@@ -107,6 +108,7 @@ def test_llama_cpp_quantizes_with_it_and_the_weighted_error_falls(llama_cpp, tra
     assert errors["weighted"] < errors["plain"], errors  # 24.7 vs 25.9 here; the demo model: bench/imatrix.py
 
 
+@pytest.mark.slow
 def test_export_cli_measures_writes_and_reuses_it(llama_cpp, trained, tmp_path, run_cli):  # noqa: F811
     """`--imatrix --imatrix-data ROWS`: measured, written as OUT.imatrix.gguf, said, recorded in the report;
     `--imatrix FILE` reuses it and gives the same GGUF bytes."""

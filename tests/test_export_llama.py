@@ -82,6 +82,7 @@ def _types(path):
     return {t.tensor_type.name for t in GGUFReader(str(path)).tensors}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("qtype,ggml", [("q4_k_m", "Q4_K"), ("q6_k", "Q6_K")])
 def test_k_quants_come_from_llama_cpp_and_pass_verify(llama_cpp, trained, tmp_path, qtype, ggml):
     from hwcompat.export.gguf import export_gguf
@@ -99,6 +100,7 @@ def test_k_quants_come_from_llama_cpp_and_pass_verify(llama_cpp, trained, tmp_pa
     assert hf["exact_match"] >= 0.75 and gg["exact_match"] >= hf["exact_match"] - 0.1, (hf, gg)
 
 
+@pytest.mark.slow
 def test_export_cli_verifies_and_writes_its_figures(llama_cpp, trained, tmp_path, run_cli):
     model, data = trained
     out = tmp_path / "model.gguf"
@@ -130,6 +132,7 @@ def test_verify_catches_a_wrong_rope_permutation(llama_cpp, trained, tmp_path, m
     assert verdict.tokenization["mismatches"] == 0  # the tokenizer was fine: the weights are wrong
 
 
+@pytest.mark.slow
 def test_verify_failure_is_exit_1_with_the_first_mismatch(llama_cpp, trained, tmp_path):
     """Through the CLI, with the permutation broken in the exporting process: exit 1, the first mismatch shown,
     the GGUF kept for inspection, the figures written, no Modelfile."""
@@ -196,6 +199,7 @@ def test_train_refuses_a_k_quant_export_it_could_not_make_before_training(tmp_pa
     check_export(SimpleNamespace(export="none", export_type="q6_k", export_imatrix=False, method="sft"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["as rebuilt from the GGUF", "as published"])
 def test_llama_cpp_tokenizes_like_hf_on_a_fuzz_set(llama_cpp, tmp_path, variant):
     """The pre-tokenizer hwcompat names is the one under which llama.cpp splits text as HF does: the demo's tokenizer

@@ -27,6 +27,7 @@ def _load(out: Path, name: str) -> dict:
     return json.loads((out / name).read_text())
 
 
+@pytest.mark.slow
 def test_smoke_writes_every_file_the_real_run_writes(smoke):
     out, res = smoke
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -118,6 +119,7 @@ def test_a_path_needs_an_nvidia_card_and_bf16_silicon_for_a_bf16_family(tmp_path
     assert "NVIDIA family" in volta.needs(amd)
 
 
+@pytest.mark.slow
 def test_a_step_the_budget_has_no_room_for_is_skipped_and_a_slow_one_is_stopped(tmp_path):
     step = next(s for s in gpu_evidence.STEPS if s.name == "plan")
     assert "budget had 5 s left" in gpu_evidence.run_step(step, _ctx(tmp_path, 80.0), left_s=5)["skipped"]

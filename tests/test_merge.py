@@ -140,6 +140,7 @@ def test_interrupted_merge_leaves_nothing(tmp_path, base, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # no output, no temp folder
 
 
+@pytest.mark.slow
 def test_cli_merge_uses_the_runs_base(tmp_path, base):
     run = tmp_path / "run"
     _adapter(base, run / "adapter")
@@ -183,6 +184,7 @@ def test_an_adapter_for_a_deeper_model_names_the_missing_weight(tmp_path, base):
     assert not (tmp_path / "merged").exists()
 
 
+@pytest.mark.slow
 def test_a_run_the_guard_flagged_asks_for_force_to_merge_and_to_export(tmp_path, base, run_cli):
     """#40 §4: only `train --export` stopped for a flagged run; `merge` and `export` now say so and ask for --force,
     and a forced merge records the flags so its export asks again."""

@@ -46,6 +46,7 @@ def _cli(*args, code=None, env_extra=None, timeout=300):
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_existing_gguf_and_handwritten_modelfile_are_kept(model, tmp_path):
     out = tmp_path / "m.gguf"
     out.write_bytes(b"mine")
@@ -89,6 +90,7 @@ def test_sigterm_during_export_exits_143_and_leaves_nothing(model, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_merge_sigterm_exits_143_and_a_killed_merges_leftovers_are_removed(run_with_adapter, tmp_path):
     stale = tmp_path / ".merged.k1ll3d_x.tmp"
     stale.mkdir()
@@ -121,6 +123,7 @@ def _without_llama_cpp(monkeypatch):
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import llama_cpp -> ImportError
 
 
+@pytest.mark.slow
 def test_two_variants_exported_into_one_folder_each_get_their_own_modelfile(model, tmp_path):
     """#27 newcomer item: the fixed name `Modelfile` collided when a second variant went into the same folder."""
     for name in ("f16", "q8"):

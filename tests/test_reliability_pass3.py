@@ -94,6 +94,7 @@ def _remote_code_folder(model, tmp_path):
     return folder, marker
 
 
+@pytest.mark.slow
 def test_data_check_refuses_a_tokenizer_that_needs_its_own_code(model, tmp_path, rows):
     folder, marker = _remote_code_folder(model, tmp_path)
     # a terminal on stdin would get transformers' "run the custom code? [y/N]": answer y to prove it is never asked
@@ -121,6 +122,7 @@ def test_every_transformers_load_passes_trust_remote_code_explicitly():
     assert missing == []
 
 
+@pytest.mark.slow
 def test_a_missing_tokenizer_path_is_named_not_a_repo_id_error(tmp_path, rows):
     res = cli("data", "check", rows, "--tokenizer", tmp_path / "no-such-model")
     assert_clean_error(res, 2, "no such folder")
@@ -171,6 +173,7 @@ def test_a_gguf_name_with_a_line_break_is_refused(model, tmp_path):
     assert not out.exists() or not any(out.iterdir())
 
 
+@pytest.mark.slow
 def test_the_printed_ollama_create_is_quoted_and_the_modelfile_parses(model, tmp_path):
     import shlex
 
@@ -345,6 +348,7 @@ def trained_run(tmp_path_factory, model):
     return d / "run"
 
 
+@pytest.mark.slow
 def test_merging_into_an_already_merged_model_is_refused(trained_run, tmp_path):
     merged = tmp_path / "merged"
     assert cli("merge", trained_run, "--out", merged).returncode == 0
@@ -371,6 +375,7 @@ def test_generate_temperature_must_be_usable(trained_run, temperature):
     assert_clean_error(res, 2, "--temperature")
 
 
+@pytest.mark.slow
 def test_generate_file_rows_are_checked_like_training_rows(trained_run, tmp_path):
     path = tmp_path / "prompts.jsonl"
     path.write_text("\n".join([json.dumps({"messages": ["not an object"]}),

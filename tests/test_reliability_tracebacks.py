@@ -17,6 +17,7 @@ def _copy(model, tmp_path, name="m"):
 
 # --- tokenizers and chat templates ----------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_train_with_a_corrupt_tokenizer_json_is_a_clear_error(model, tmp_path, rows):
     tok = _copy(model, tmp_path, "tok")
     (tok / "tokenizer.json").write_text('{"version": "1.0", "model": {')
@@ -40,6 +41,7 @@ def _gemma_like(model, tmp_path):
     return tok
 
 
+@pytest.mark.slow
 def test_a_chat_template_that_raises_is_a_data_error_with_file_and_line(model, tmp_path):
     tok = _gemma_like(model, tmp_path)
     data = tmp_path / "train.jsonl"
@@ -74,6 +76,7 @@ def _adapter_copy(trained_run, tmp_path):
     return dst
 
 
+@pytest.mark.slow
 def test_init_adapter_config_that_is_a_list(trained_run, model, rows, tmp_path):
     a = _adapter_copy(trained_run, tmp_path)
     (a / "adapter_config.json").write_text("[1, 2]")
@@ -117,6 +120,7 @@ def test_eval_general_with_a_damaged_summary_is_said_before_the_compute(trained_
     assert "general prompts" not in res.stderr
 
 
+@pytest.mark.slow
 def test_generate_with_a_half_written_adapter(trained_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns(".hwcompat.lock"))
@@ -125,6 +129,7 @@ def test_generate_with_a_half_written_adapter(trained_run, tmp_path):
     assert_clean_error(cli("generate", run, "hello"), 2, "adapter_model.safetensors", "not a valid safetensors file")
 
 
+@pytest.mark.slow
 def test_generate_after_the_base_model_folder_is_gone(trained_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns(".hwcompat.lock"))

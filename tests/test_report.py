@@ -73,6 +73,7 @@ def tiny_model_module(tmp_path_factory):
     return write_tiny(tmp_path_factory.mktemp("tiny") / "model", texts, chat_template=False, hidden=64, layers=2)
 
 
+@pytest.mark.slow
 @needs_chromium
 def test_a_runs_report_loads_offline_draws_every_plot_and_marks_the_resume(two_runs, tmp_path):
     run = two_runs[0]

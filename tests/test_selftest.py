@@ -7,6 +7,7 @@ import pytest
 from hwcompat import selftest
 
 
+@pytest.mark.slow
 def test_selftest_cpu_runs_the_shipped_recipe(run_cli, tmp_path):
     """The selftest's training is `hwcompat train`: the run folder holds the recipe's own records."""
     out, keep = tmp_path / "st.json", tmp_path / "work"
@@ -27,6 +28,7 @@ def test_selftest_cpu_runs_the_shipped_recipe(run_cli, tmp_path):
     assert json.loads((run / "summary.json").read_text())["profile"] == "cpu"
 
 
+@pytest.mark.slow
 def test_selftest_emulated_profile_path_on_the_cpu(run_cli, tmp_path):
     """--emulate m40 --cpu-emulation: the Maxwell profile's choices through the launcher, no MFU against a card."""
     out = tmp_path / "st.json"

@@ -75,6 +75,7 @@ def test_damaged_safetensors_named_in_merge_export_and_train(tmp_path, model, ad
     ('{"peft_type": "LORA", "r": 4, "lora_alpha": 8, "rank_pattern": {"q_proj(": 8}}',
      "rank_pattern: 'q_proj(' is not a valid regular expression"),
 ])
+@pytest.mark.slow
 def test_every_corrupt_adapter_config_form(tmp_path, model, adapter, content, message):
     bad = _copy(adapter, tmp_path / "adapter")
     (bad / "adapter_config.json").write_text(content)

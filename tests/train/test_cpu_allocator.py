@@ -105,6 +105,7 @@ def _train(cfg, *args):
                           text=True, env=env, timeout=300)
 
 
+@pytest.mark.slow
 def test_a_real_cpu_run_trains_on_tcmalloc_and_on_the_system_malloc_when_asked(tmp_path, tiny_model, task_files):
     lib = malloc.find_tcmalloc()
     if lib is None:

@@ -56,6 +56,7 @@ def test_bytes_after_the_gzip_stream_are_refused(tmp_path):
 
 # --- 5: memory and time bounded ---------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_gunzip_streams_rows_instead_of_holding_the_file(tmp_path):
     from hwcompat.data.sources import rows
 

@@ -263,6 +263,7 @@ def test_preference_pairs_in_parquet_and_csv(tmp_path, pq, pa):
 
 # --- end to end -------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_data_check_says_the_detected_format_and_a_csv_trains(tmp_path, tiny_model, run_cli):
     from tests.train.conftest import COLORS, make_config
 

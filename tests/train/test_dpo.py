@@ -225,6 +225,7 @@ def test_pair_truncated_away_is_an_error(tmp_path, tiny_model):
     assert f"{path}:1: chosen and rejected: no answer tokens left after truncation to max_seq_len=16" in str(e.value)
 
 
+@pytest.mark.slow
 def test_dpo_run_end_to_end_on_cpu(tmp_path, tiny_model, pair_files):
     cfg = make_config(tmp_path, tiny_model, *pair_files, method="dpo", beta=0.5, max_steps=40, learning_rate=0.003,
                       micro_batch_size=8)
@@ -256,6 +257,7 @@ def test_regressions_are_measured_in_points():
     assert [g["metric"] for g in traded] == ["json_valid"]
 
 
+@pytest.mark.slow
 def test_harmful_dpo_after_sft_is_flagged_and_not_exported(tmp_path, tiny_model, task_files):
     """SFT learns the colours; a DPO stage whose training pairs prefer the wrong colour is caught by the guard."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("HWCOMPAT_")}

@@ -55,6 +55,7 @@ def _same(a, b):
         assert a[k].dtype == b[k].dtype and bool((a[k] == b[k]).all()), k
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("streamed", [False, True], ids=["host", "host+layers"])
 def test_host_offload_equals_resident_to_the_bit(tmp_path, tiny_model, task_files, streamed):
     """Offloaded (and with offload=layers, its working copy streamed a layer at a time, each layer recomputed in
@@ -84,6 +85,7 @@ def _weights_of(model_dir):
     return load_file(str(model_dir / "model.safetensors"))
 
 
+@pytest.mark.slow
 def test_resident_full_equals_a_plain_torch_loop(tmp_path, tiny_model, task_files):
     """The recipe's full fine-tune is the textbook loop: the same batches through a plain transformers forward,
     summed token cross-entropy over the window's token count, clip_grad_norm_, AdamW, LambdaLR."""
@@ -133,6 +135,7 @@ def test_resident_full_equals_a_plain_torch_loop(tmp_path, tiny_model, task_file
         assert (mine[k] - v).abs().max().item() <= 1e-6, k
 
 
+@pytest.mark.slow
 def test_resume_in_the_middle_of_an_offloaded_run_is_bit_identical(tmp_path, tiny_model, task_files):
     whole, _ = _run(tmp_path, "a", tiny_model, *task_files, optimizer_offload="host", max_steps=8)
     folder = tmp_path / "b"
@@ -169,6 +172,7 @@ def _pairs(n, seed):
     return rows
 
 
+@pytest.mark.slow
 def test_full_dpo_offloaded_equals_resident_and_its_reference_is_the_start(tmp_path, tiny_model):
     train = write_jsonl(tmp_path / "pairs.jsonl", _pairs(48, 1))
     evals = write_jsonl(tmp_path / "pairs_eval.jsonl", _pairs(12, 2))
@@ -186,6 +190,7 @@ def test_full_dpo_offloaded_equals_resident_and_its_reference_is_the_start(tmp_p
     assert min(losses[1:]) < math.log(2) - 0.05  # and then it learns the preferences
 
 
+@pytest.mark.slow
 def test_trainable_patterns_train_only_what_they_name(tmp_path, tiny_model, task_files):
     run, res = _run(tmp_path, "a", tiny_model, *task_files, trainable=["*.mlp.*"], max_steps=3)
     base, out = _weights_of(tiny_model), _weights(run)
@@ -202,6 +207,7 @@ def test_trainable_patterns_train_only_what_they_name(tmp_path, tiny_model, task
     (["offload=layers"], "set optimizer_offload=host too"),
     (["optimizer_offload=host", "optimizer=adamw_8bit"], "set optimizer=adamw"),
 ])
+@pytest.mark.slow
 def test_full_settings_that_cannot_work_are_refused_clearly(tmp_path, tiny_model, task_files, settings, says):
     cfg = make_config(tmp_path, tiny_model, *task_files, **EQ)
     res = _train(cfg, *settings)
@@ -209,6 +215,7 @@ def test_full_settings_that_cannot_work_are_refused_clearly(tmp_path, tiny_model
     assert says in res.stderr and "Traceback" not in res.stderr
 
 
+@pytest.mark.slow
 def test_full_model_folder_loads_in_transformers_and_keeps_the_source_dtype(tmp_path, tiny_model, task_files):
     import torch
     from transformers import AutoModelForCausalLM
@@ -226,6 +233,7 @@ def test_full_model_folder_loads_in_transformers_and_keeps_the_source_dtype(tmp_
     assert (run / "model" / "tokenizer.json").exists()
 
 
+@pytest.mark.slow
 def test_full_run_exports_to_gguf_without_a_merge(tmp_path, tiny_model, task_files):
     import gguf
     import numpy as np
@@ -239,6 +247,7 @@ def test_full_run_exports_to_gguf_without_a_merge(tmp_path, tiny_model, task_fil
     assert np.array_equal(np.asarray(embd.data).reshape(trained.shape), trained)  # the trained weights, as written
 
 
+@pytest.mark.slow
 def test_eval_and_generate_read_a_full_run_and_compare_it_with_its_base(tmp_path, tiny_model, task_files):
     run, _ = _run(tmp_path, "a", tiny_model, *task_files, max_steps=20, eval_at_start=True, eval_metrics="auto",
                   gradient_accumulation=1, learning_rate=0.002)
@@ -270,6 +279,7 @@ def test_a_users_model_folder_in_output_dir_is_never_replaced(tmp_path, tiny_mod
     assert res.returncode == 2 and (mine / "notes.txt").read_text() == "mine"  # not ours: never deleted
 
 
+@pytest.mark.slow
 def test_two_ddp_processes_equal_one_with_twice_the_accumulation(tmp_path, tiny_model, task_files):
     """A resident full fine-tune under DDP (gloo on CPU): two processes = one process with 2x the accumulation (the
     batch plan gives each step the same block of micro-batches either way), to float precision (the all-reduce sums
@@ -286,6 +296,7 @@ def test_two_ddp_processes_equal_one_with_twice_the_accumulation(tmp_path, tiny_
     assert res.returncode == 2 and "optimizer_offload=host runs on one process" in res.stderr, res.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_fp16_profile_offloaded_steps_through_the_grad_scaler(tmp_path, tiny_model, task_files):
     """A Volta's fp16 profile (emulated on the CPU): fp16 working copy, fp32 host masters, the GradScaler unscaling
     host gradients and skipping a step on overflow; the scaler's state is in the checkpoint."""

@@ -302,6 +302,7 @@ def _train_records(run):
     return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"train"' in x]
 
 
+@pytest.mark.slow
 def test_grpo_learns_a_reward_end_to_end(tmp_path, tiny_model, task_files):
     """A user reward the tiny model can learn (shorter answers): the mean reward rises, every figure is logged."""
     cfg = _grpo_config(tmp_path, tiny_model, task_files, max_steps=24)
@@ -332,6 +333,7 @@ def test_grpo_learns_a_reward_end_to_end(tmp_path, tiny_model, task_files):
     assert "reward_short" in json.loads(evaluated.stdout)["adapted"]
 
 
+@pytest.mark.slow
 def test_a_reward_that_fails_mid_run_keeps_the_checkpoint_and_resume_goes_on(tmp_path, tiny_model, task_files):
     cfg = _grpo_config(tmp_path, tiny_model, task_files, max_steps=6)
     (tmp_path / "my_rewards.py").write_text(
@@ -349,6 +351,7 @@ def test_a_reward_that_fails_mid_run_keeps_the_checkpoint_and_resume_goes_on(tmp
     assert "at step 3/6" in res.stderr and json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 6
 
 
+@pytest.mark.slow
 def test_sigterm_and_resume_are_bit_identical(tmp_path, tiny_model, task_files):
     """A SIGTERM while rewards are being computed: the resumed run samples the same completions and ends with the
     same adapter, bit for bit, as one that was never stopped (dropout on: its RNG is restored too)."""
@@ -465,6 +468,7 @@ def test_the_report_draws_the_rewards_and_lengths(tmp_path):
         assert text in page, text
 
 
+@pytest.mark.slow
 def test_grpo_under_ddp_keeps_each_group_on_one_rank(tmp_path, tiny_model, task_files):
     """Two CPU processes (torchrun + DDP): each rank samples whole groups for its own prompts (a group's G
     completions are one micro-batch), the loss's gradients are averaged, the adapter is written once."""
@@ -500,6 +504,7 @@ def test_data_check_reads_prompt_rows_for_grpo(tmp_path, run_cli):
     assert bad.returncode == 1 and f"{data}:1: prompt: NUL character" in bad.stderr
 
 
+@pytest.mark.slow
 def test_grpo_full_fine_tune_with_a_kl_reference_offloaded_equals_resident(tmp_path, tiny_model, task_files):
     """finetune: full under GRPO (#38): with beta > 0 the reference is a frozen copy of the starting weights (no
     adapter to switch off), the KL is 0 at the first step, and the host-offloaded run equals the resident one."""
@@ -520,6 +525,7 @@ def test_grpo_full_fine_tune_with_a_kl_reference_offloaded_equals_resident(tmp_p
     assert recs[0]["kl"] == 0.0 and recs[-1]["kl"] > 0  # the reference is the start, and the policy leaves it
 
 
+@pytest.mark.slow
 def test_num_iterations_steps_each_rollout_mu_times_off_policy(tmp_path, tiny_model, task_files):
     """TRL's num_iterations: each generation's rollouts serve mu optimizer steps, the ratio against the policy at
     generation (w = 1 on the first step, not after); an epoch takes mu x the steps."""
@@ -535,6 +541,7 @@ def test_num_iterations_steps_each_rollout_mu_times_off_policy(tmp_path, tiny_mo
     assert all(r["clip_ratio"] == 0.0 for r in recs[0::2])  # at generation the policy is its own old policy
 
 
+@pytest.mark.slow
 def test_a_resume_between_a_rollouts_steps_reuses_it_to_the_bit(tmp_path, tiny_model, task_files):
     from safetensors.torch import load_file
 
@@ -563,6 +570,7 @@ def test_a_resume_between_a_rollouts_steps_reuses_it_to_the_bit(tmp_path, tiny_m
     assert [r["loss"] for r in _train_records(whole / "run")] == [r["loss"] for r in _train_records(cut / "run")]
 
 
+@pytest.mark.slow
 def test_an_epoch_of_num_iterations_takes_mu_times_the_steps(tmp_path, tiny_model):
     from tests.train.conftest import task_rows, write_jsonl
 
@@ -580,6 +588,7 @@ def test_an_epoch_of_num_iterations_takes_mu_times_the_steps(tmp_path, tiny_mode
     assert steps == {1: 2, 3: 6}
 
 
+@pytest.mark.slow
 def test_grpo_full_fine_tune_streamed_equals_resident(tmp_path, tiny_model, task_files):
     """#37 §1 with #38: a full fine-tune's working copy streamed (offload=layers, optimizer in host RAM) under GRPO
     with a KL reference: the rollouts and the reference pass visit the streamed layers too; the weights equal the

@@ -26,6 +26,7 @@ def finished_run(tmp_path_factory, tiny_model):
     return tmp / "run", evals
 
 
+@pytest.mark.slow
 def test_generate_answers_with_the_adapter(finished_run):
     run, _ = finished_run
     res = _cli("generate", run, "What color is the lemon?", "--max-new-tokens", "4")
@@ -33,6 +34,7 @@ def test_generate_answers_with_the_adapter(finished_run):
     assert res.stdout.strip() == "yellow"
 
 
+@pytest.mark.slow
 def test_generate_from_a_file_prints_jsonl(finished_run, tmp_path):
     run, _ = finished_run
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "What color is the sky?"},
@@ -46,6 +48,7 @@ def test_generate_from_a_file_prints_jsonl(finished_run, tmp_path):
     assert rows[1]["output"] == single  # one prompt or a file: the same rendering
 
 
+@pytest.mark.slow
 def test_eval_reports_base_and_adapter_side_by_side(finished_run):
     run, evals = finished_run
     res = _cli("eval", run, "--data", evals)
@@ -71,6 +74,7 @@ def test_mistakes_are_clear(finished_run, args, message):
     assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr
 
 
+@pytest.mark.slow
 def test_eval_general_measures_forgetting_and_keeps_it(finished_run):
     run, _ = finished_run
     res = _cli("eval", run, "--general")
@@ -132,6 +136,7 @@ def _save_to_disk(folder, rows):
     return folder
 
 
+@pytest.mark.slow
 def test_eval_and_generate_read_a_save_to_disk_folder(finished_run, tmp_path):
     run, _ = finished_run
     folder = _save_to_disk(tmp_path / "ds", task_rows(6, 3))
@@ -143,6 +148,7 @@ def test_eval_and_generate_read_a_save_to_disk_folder(finished_run, tmp_path):
     assert len(res.stdout.splitlines()) == 6
 
 
+@pytest.mark.slow
 def test_an_eval_data_error_says_nothing_was_evaluated_once(finished_run, tmp_path):
     run, _ = finished_run
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "What color is the sky?", "completion": ""}])
@@ -153,6 +159,7 @@ def test_an_eval_data_error_says_nothing_was_evaluated_once(finished_run, tmp_pa
     assert res.stderr.count(f"{bad}:1: completion: empty") == 1
 
 
+@pytest.mark.slow
 def test_an_eval_row_the_run_cannot_fit_names_no_config_key(finished_run, tmp_path):
     run, _ = finished_run  # trained with max_seq_len: 64
     long = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "What color is the sky? " * 40, "completion": "blue"}])
@@ -162,6 +169,7 @@ def test_an_eval_row_the_run_cannot_fit_names_no_config_key(finished_run, tmp_pa
     assert "raise max_seq_len" not in res.stderr
 
 
+@pytest.mark.slow
 def test_generate_reads_a_file_in_the_runs_columns(tiny_model, tmp_path):
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq

@@ -3,6 +3,7 @@
 import re
 import shlex
 
+import pytest
 import yaml
 
 from hwcompat.train.config import TrainConfig
@@ -32,6 +33,7 @@ def test_data_check_help_says_what_file_is_and_that_token_checks_need_a_tokenize
     assert "Without --tokenizer only the text checks run" in text
 
 
+@pytest.mark.slow
 def test_resume_of_a_finished_run_says_so_touches_nothing_and_its_hint_trains_on(tmp_path, tiny_model, task_files,
                                                                                   run_cli):
     import json

@@ -72,6 +72,7 @@ def test_a_nan_is_caught(monkeypatch):
     assert "non-finite values (NaN or inf)" in norm.line()
 
 
+@pytest.mark.slow
 def test_doctor_numerics_runs_it_alone(run_cli):
     res = run_cli("doctor", "--numerics", timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]

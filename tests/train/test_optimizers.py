@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.train.conftest import make_config
 
 
@@ -14,6 +16,7 @@ def _train(*args):
                           env=env, timeout=300)
 
 
+@pytest.mark.slow
 def test_8bit_adamw_trains_and_learns(tmp_path, tiny_model, task_files):
     cfg = make_config(tmp_path, tiny_model, *task_files, max_steps=20, optimizer="adamw_8bit", eval_metrics="none",
                       lora_r=64)
@@ -35,6 +38,7 @@ def test_8bit_optimizer_refused_where_bitsandbytes_has_no_kernels(tmp_path, tiny
     assert "use optimizer=adamw" in res.stderr
 
 
+@pytest.mark.slow
 def test_resume_keeps_the_8bit_optimizer_state(tmp_path, tiny_model, task_files):
     cfg = make_config(tmp_path, tiny_model, *task_files, max_steps=4, checkpoint_every=2, optimizer="adamw_8bit",
                       eval_at_start=False, eval_metrics="none")

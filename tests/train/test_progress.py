@@ -11,6 +11,8 @@ import subprocess
 import sys
 import termios
 
+import pytest
+
 from hwcompat.progress import Progress, duration, quiet_library_bars
 
 
@@ -107,6 +109,7 @@ def _tiny_run(tmp_path, tiny_model, task_files):
     return make_config(tmp_path, tiny_model, *task_files, max_steps=20, eval_every=10, eval_metrics="exact")
 
 
+@pytest.mark.slow
 def test_a_redirected_training_log_has_plain_lines_and_no_bar_frames(tmp_path, tiny_model, task_files, run_cli):
     cfg = _tiny_run(tmp_path, tiny_model, task_files)
     res = run_cli("train", str(cfg), timeout=300)
@@ -118,6 +121,7 @@ def test_a_redirected_training_log_has_plain_lines_and_no_bar_frames(tmp_path, t
     assert steps == [str(n) for n in range(2, 21, 2)], res.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_on_a_terminal_the_training_draws_tqdms_bar(tmp_path, tiny_model, task_files):
     cfg = _tiny_run(tmp_path, tiny_model, task_files)
     master, slave = pty.openpty()

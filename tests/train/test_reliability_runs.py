@@ -145,6 +145,7 @@ def _files(run):
     return {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".hwcompat.lock"}
 
 
+@pytest.mark.slow
 def test_resume_with_another_process_count_is_refused(checkpointed):
     before = _files(checkpointed)
     res = _train(checkpointed / "config.yaml", "--resume", "--devices", "2")
@@ -152,6 +153,7 @@ def test_resume_with_another_process_count_is_refused(checkpointed):
     assert "--devices 1" in res.stderr and _files(checkpointed) == before
 
 
+@pytest.mark.slow
 def test_resume_after_the_data_changed_in_place_is_refused(checkpointed, task_files):
     train, _ = task_files
     with open(train, "a") as fh:
@@ -166,6 +168,7 @@ def test_resume_after_the_data_changed_in_place_is_refused(checkpointed, task_fi
     assert any(f"the content of {train}" in x for r in resumes for x in r.get("inputs_changed", []))
 
 
+@pytest.mark.slow
 def test_resume_after_the_base_weights_changed_is_refused(checkpointed, tiny_model, tmp_path):
     import json as _json
 
@@ -212,6 +215,7 @@ def test_weights_digest_samples_a_large_shard(tiny_model, tmp_path, monkeypatch)
 
 # --- 14. a damaged log or checkpoint: the file named, the last good state used ---------------------------------------
 
+@pytest.mark.slow
 def test_a_torn_metrics_line_does_not_break_resume(checkpointed):
     with open(checkpointed / "metrics.jsonl", "a") as fh:
         fh.write('{"step": 3, "kind": "tra\n\n')
@@ -225,6 +229,7 @@ def test_a_torn_metrics_line_does_not_break_resume(checkpointed):
 
 @pytest.mark.parametrize("damage", ["truncate trainable.safetensors", "empty optim.pt", "bad state.json",
                                     "missing rng.pt", "garbage optim.pt"])
+@pytest.mark.slow
 def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path, tiny_model, task_files, damage):
     cfg = make_config(tmp_path, tiny_model, *task_files, max_steps=6, checkpoint_every=2, keep_checkpoints=3,
                       eval_metrics="none", eval_at_start=False)
@@ -253,6 +258,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path, tiny
     assert json.loads((run / "summary.json").read_text())["steps"] == 6
 
 
+@pytest.mark.slow
 def test_every_checkpoint_damaged_is_a_clear_error_and_changes_nothing(checkpointed):
     (checkpointed / "checkpoints" / "step-0000002" / "state.json").write_text("{")
     before = _files(checkpointed)
@@ -263,6 +269,7 @@ def test_every_checkpoint_damaged_is_a_clear_error_and_changes_nothing(checkpoin
 
 # --- #27 (newcomer): weights follow the user's umask like every other output ------------------------------------
 
+@pytest.mark.slow
 def test_adapter_and_checkpoint_files_follow_the_umask(checkpointed):
     """safetensors writes 0600; under umask 022 every file hwcompat writes is 0644 (checked on a real run)."""
     import stat

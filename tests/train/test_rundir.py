@@ -275,6 +275,7 @@ def test_docker_stop_mid_accumulation_checkpoints_and_resume_equals_an_uninterru
 
 @pytest.mark.parametrize("sig,code,text", [(signal.SIGTERM, 143, "terminated before training started"),
                                            (signal.SIGINT, 130, "interrupted before training started")])
+@pytest.mark.slow
 def test_signals_before_the_loop_exit_with_a_message(tmp_path, tiny_model, task_files, sig, code, text):
     run_dir = prepare_run(make_config(tmp_path, tiny_model, *task_files, max_steps=2))
     code_text = f"""

@@ -73,6 +73,7 @@ L._log_step = log_step
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_signal_in_the_final_eval_saves_a_checkpoint_and_resume_finishes(tmp_path, tiny_model, task_files, sig):
     # checkpoint_every: 0 and eval_at_start: false: the final eval is the first generation of the run
@@ -95,6 +96,7 @@ def test_signal_in_the_final_eval_saves_a_checkpoint_and_resume_finishes(tmp_pat
     assert steps == [1, 2, 3, 4]
 
 
+@pytest.mark.slow
 def test_sigterm_in_a_mid_run_eval_acts_within_a_bounded_time(tmp_path, tiny_model, task_files):
     """`docker stop` gives 10 s before SIGKILL: an eval that would run on for 60 s must stop at the signal."""
     import time
@@ -116,6 +118,7 @@ def test_sigterm_in_a_mid_run_eval_acts_within_a_bounded_time(tmp_path, tiny_mod
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 6
 
 
+@pytest.mark.slow
 def test_sigterm_during_the_export_keeps_the_adapter_and_says_how_to_export(tmp_path, tiny_model, task_files):
     cfg = _config(tmp_path, tiny_model, task_files, max_steps=2, eval_metrics="none", eval_at_start=False,
                       export="gguf", export_type="f16", checkpoint_every=0)
@@ -151,6 +154,7 @@ M.merge = merge
     assert (run_dir / "model.gguf").exists() and (run_dir / "model.Modelfile").exists()
 
 
+@pytest.mark.slow
 def test_sighup_in_training_checkpoints_like_sigterm(tmp_path, tiny_model, task_files):
     cfg = _config(tmp_path, tiny_model, task_files, max_steps=6, eval_metrics="none", eval_at_start=False)
     run_dir = prepare_run(cfg)
@@ -160,6 +164,7 @@ def test_sighup_in_training_checkpoints_like_sigterm(tmp_path, tiny_model, task_
     assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step-0000003"]
 
 
+@pytest.mark.slow
 def test_nohup_keeps_sighup_ignored(tmp_path, tiny_model, task_files):
     """A run started under `nohup` (SIGHUP ignored) is not stopped by a closed terminal."""
     cfg = _config(tmp_path, tiny_model, task_files, max_steps=3, eval_metrics="none", eval_at_start=False)

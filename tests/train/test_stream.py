@@ -159,6 +159,7 @@ def _train_pair(tmp_path, model, data, files=None, **extra):
     return runs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batching", ["length_grouped", "packed"])
 def test_sft_streamed_run_equals_resident_run(tmp_path, four_layer_model, task_files, batching):
     (resident, _), (streamed, log) = _train_pair(tmp_path, four_layer_model, task_files, max_steps=6,
@@ -169,6 +170,7 @@ def test_sft_streamed_run_equals_resident_run(tmp_path, four_layer_model, task_f
     assert abs(a["eval_after"]["eval_loss"] - b["eval_after"]["eval_loss"]) < 1e-6
 
 
+@pytest.mark.slow
 def test_dpo_streamed_run_equals_resident_run(tmp_path, four_layer_model):
     from tests.train.conftest import write_jsonl
     from tests.train.test_dpo import pair_rows
@@ -181,6 +183,7 @@ def test_dpo_streamed_run_equals_resident_run(tmp_path, four_layer_model):
     assert abs(a["reward_margin"] - b["reward_margin"]) < 1e-6
 
 
+@pytest.mark.slow
 def test_streamed_resume_equals_uninterrupted(tmp_path, four_layer_model, task_files):
     from tests.train.conftest import make_config
     from tests.train.test_train_e2e import _train
@@ -220,6 +223,7 @@ def test_auto_streams_a_7b_model_on_an_emulated_m40(tmp_path):
     assert "will not fit on Tesla M40 24GB" in res.stdout and "offload=layers" in res.stdout
 
 
+@pytest.mark.slow
 def test_maxwell_profile_streams_on_the_cpu_emulation(tmp_path, tiny_model, task_files):
     """The M40's profile (fp32, no compile) with offload=layers, run on the CPU as the CI matrix does."""
     from tests.train.conftest import make_config
@@ -268,6 +272,7 @@ def test_streamed_on_the_gpu_equals_resident_with_copies_on_a_side_stream(four_l
     assert all(p.device.type == "cpu" for p in frozen)  # between uses, the weights are the host copy
 
 
+@pytest.mark.slow
 def test_grpo_streamed_run_equals_resident_run(tmp_path, four_layer_model, task_files):
     """#37 §1: GRPO with offload=layers: the rollouts decode through the streamed layers (no-grad visits, the
     prefetch wrapping round to layer 0 for each new token), the loss recomputes them as SFT's does; the same

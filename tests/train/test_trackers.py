@@ -205,6 +205,7 @@ def test_a_users_own_tracker_folder_in_output_dir_is_refused(tmp_path, tiny_mode
     assert not (tmp_path / "run" / "run.json").exists()  # refused before anything was written
 
 
+@pytest.mark.slow
 def test_a_tracker_folder_elsewhere_leaves_the_users_folder_alone(tmp_path, tiny_model, task_files, run_cli):
     """MLFLOW_TRACKING_URI set: hwcompat writes no mlruns/ in the run folder, so the user's is neither refused
     nor recorded as hwcompat's, and an --overwrite leaves it."""

@@ -20,6 +20,7 @@ def _train(*args, env=None, timeout=300):
                           text=True, env=full, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_train_learns_and_writes_a_plain_peft_adapter(tmp_path, tiny_model, task_files):
     cfg = make_config(tmp_path, tiny_model, *task_files, max_steps=100, learning_rate=0.005)
     res = _train(cfg)
@@ -54,6 +55,7 @@ print(tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
     assert res.returncode == 0, res.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_resume_matches_uninterrupted_run(tmp_path, tiny_model, task_files):
     from safetensors.torch import load_file
 
@@ -85,6 +87,7 @@ def test_resume_matches_uninterrupted_run(tmp_path, tiny_model, task_files):
     assert steps == list(range(1, 13))  # history continues without duplicates
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_and_resume_continues(tmp_path, tiny_model, task_files):
     cfg = make_config(tmp_path, tiny_model, *task_files, max_steps=1_000_000, learning_rate=1e-4,
                       eval_at_start=False)
@@ -108,6 +111,7 @@ def test_sigterm_checkpoints_and_resume_continues(tmp_path, tiny_model, task_fil
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == step + 2
 
 
+@pytest.mark.slow
 def test_ddp_two_cpu_processes(tmp_path, tiny_model, task_files):
     cfg = make_config(tmp_path, tiny_model, *task_files, max_steps=6, eval_at_start=False, eval_metrics="none")
     res = _train(cfg, "--devices", "2")
@@ -127,6 +131,7 @@ def test_bad_data_refused_before_any_model_load(tmp_path, tiny_model):
     assert not (tmp_path / "run").exists()  # nothing written
 
 
+@pytest.mark.slow
 def test_existing_run_is_not_overwritten(tmp_path, tiny_model, task_files):
     cfg = make_config(tmp_path, tiny_model, *task_files, max_steps=2, eval_at_start=False, eval_metrics="none")
     assert _train(cfg).returncode == 0
@@ -146,6 +151,7 @@ def test_missing_model_is_a_clear_error(tmp_path, task_files):
     assert res.returncode == 2 and "cannot load it" in res.stderr and "Traceback" not in res.stderr
 
 
+@pytest.mark.slow
 def test_chat_template_model_trains(tmp_path, tiny_chat_model):
     rows = [{"messages": [{"role": "user", "content": f"What color is the {k}?"},
                           {"role": "assistant", "content": v}]} for k, v in
