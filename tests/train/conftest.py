@@ -93,12 +93,25 @@ if os.environ.get("TEST_SIGTERM_AT_STEP"):
         if step == int(os.environ["TEST_SIGTERM_AT_STEP"]):
             os.kill(os.getpid(), signal.SIGTERM)  # what `docker stop` sends
     L._log_step = log_step
+if os.environ.get("TEST_SIGTERM_AT_MICRO"):  # the N-th micro-batch of the run (0-based), mid-accumulation
+    import hwcompat.train.loop as L
+    real_micro = L.micro_batches
+    def micro_batches(r, start):
+        for i, item in enumerate(real_micro(r, start)):
+            if i == int(os.environ["TEST_SIGTERM_AT_MICRO"]):
+                import time
+                with open(os.environ.get("TEST_SIGTERM_STAMP", os.devnull), "w") as f:
+                    f.write(str(time.time()))  # when the signal went: the test times the response
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield item
+    L.micro_batches = micro_batches
 """
 
 
 def sigterm_site(folder):
     """A folder for PYTHONPATH whose sitecustomize makes a real `hwcompat train` (launcher, then the worker it
-    execs) SIGTERM itself right after step TEST_SIGTERM_AT_STEP is logged."""
+    execs) SIGTERM itself right after step TEST_SIGTERM_AT_STEP is logged, or as micro-batch TEST_SIGTERM_AT_MICRO
+    comes up: a signal at a known point, not after a sleep that a fast or slow machine misses."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "sitecustomize.py").write_text(SIGTERM_SITE)
     return folder
