@@ -16,12 +16,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping
 
-import yaml
-
 from hwcompat import compat
 from hwcompat.datafiles import data_dir
 from hwcompat.readings import Capability
 from hwcompat.resolve import HostPlan, ResolvedDevice
+from hwcompat.yamlfile import load_packaged_yaml
 
 SEVERITIES = ("error", "warning", "info", "ok")
 MIN_SHM_BYTES = 1 << 30  # data-loader workers and NCCL need more than Docker's 64 MiB default
@@ -142,8 +141,8 @@ def _intel_findings(d: ResolvedDevice, stack: Stack, intel: IntelHost | None, ad
 
 @lru_cache(maxsize=1)
 def driver_floors() -> dict[str, str]:
-    with open(data_dir("catalog") / "runtimes.yaml", encoding="utf-8") as fh:
-        return {str(k): str(v) for k, v in yaml.safe_load(fh)["cuda_driver_floor"].items()}
+    table = load_packaged_yaml(data_dir("catalog") / "runtimes.yaml", "runtime table")
+    return {str(k): str(v) for k, v in table["cuda_driver_floor"].items()}
 
 
 def _vt(text: str) -> tuple[int, ...]:

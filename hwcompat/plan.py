@@ -666,11 +666,11 @@ _THROUGHPUT: dict[str, Any] = {}
 def throughput_table() -> dict[str, Any]:
     """catalog/throughput.yaml, read once (PCIe rates, peak TFLOPS by device name)."""
     if not _THROUGHPUT:
-        import yaml
+        from hwcompat.yamlfile import load_packaged_yaml
 
         from hwcompat.datafiles import data_dir
 
-        _THROUGHPUT.update(yaml.safe_load((data_dir("catalog") / "throughput.yaml").read_text()))
+        _THROUGHPUT.update(load_packaged_yaml(data_dir("catalog") / "throughput.yaml", "throughput table"))
     return _THROUGHPUT
 
 

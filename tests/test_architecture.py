@@ -183,3 +183,14 @@ def test_hwcompat_variables_are_read_through_the_registry():
     found = [f"{path.relative_to(PACKAGE.parent)}:{n}" for path in sorted(PACKAGE.rglob("*.py"))
              for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if raw.search(line)]
     assert not found, f"read HWCOMPAT_* through hwcompat.envvars.get: {found}"
+
+
+def test_packaged_data_is_read_through_one_loader():
+    """#39 §2: hwcompat's own YAML (catalogs, profiles) goes through yamlfile.load_packaged_yaml (one reader, errors
+    naming the file, memoised by content); a raw yaml.safe_load is left only in the loader itself and where the
+    config parses a value typed on the command line."""
+    allowed = {"yamlfile.py", "train/config.py"}
+    found = [str(path.relative_to(PACKAGE)) for path in sorted(PACKAGE.rglob("*.py"))
+             if "yaml.safe_load(" in path.read_text(encoding="utf-8")
+             and str(path.relative_to(PACKAGE)) not in allowed]
+    assert not found, f"read packaged YAML with hwcompat.yamlfile.load_packaged_yaml: {found}"

@@ -60,11 +60,11 @@ class VerifyFailed(HwcompatError):
 
 def limits_for(qtype: str) -> tuple[Limits, list[str]]:
     """The type's limits and the tokenization strings, from catalog/gguf_verify.yaml."""
-    import yaml
+    from hwcompat.yamlfile import load_packaged_yaml
 
     from hwcompat.datafiles import data_dir
 
-    table = yaml.safe_load((data_dir("catalog") / "gguf_verify.yaml").read_text(encoding="utf-8"))
+    table = load_packaged_yaml(data_dir("catalog") / "gguf_verify.yaml", "verification limits")
     return Limits(**table["types"][qtype]), list(table["strings"])
 
 

@@ -177,12 +177,12 @@ def pre_tokenizer_name(src: Path, tok: dict[str, Any], model_type: str) -> str:
         return shape
     import hashlib
 
-    import yaml
+    from hwcompat.yamlfile import load_packaged_yaml
     from transformers import AutoTokenizer
 
     from hwcompat.datafiles import data_dir
 
-    table = yaml.safe_load((data_dir("catalog") / "gguf_pretokenizers.yaml").read_text(encoding="utf-8"))
+    table = load_packaged_yaml(data_dir("catalog") / "gguf_pretokenizers.yaml", "pre-tokenizer table")
     try:
         ids = AutoTokenizer.from_pretrained(str(src), trust_remote_code=False).encode(table["chktxt"])
     except (OSError, ValueError) as exc:  # no loadable tokenizer here: the shape decides

@@ -263,11 +263,11 @@ def evaluate(args) -> int:
 def kl_scale(kl: float) -> str:
     """What the KL means, against figures a user already trusts (catalog/forgetting.yaml, with their sources):
     0 is the base itself; quantising the demo model moves it this much; the demo's own adapter that much."""
-    import yaml
+    from hwcompat.yamlfile import load_packaged_yaml
 
     from hwcompat.datafiles import data_dir
 
-    ref = yaml.safe_load((data_dir("catalog") / "forgetting.yaml").read_text(encoding="utf-8"))
+    ref = load_packaged_yaml(data_dir("catalog") / "forgetting.yaml", "forgetting reference")
     r, warn = ref["reference"], ref["warn_above"]
     line = (f"scale: 0 is the base itself; quantising the demo model moves it {r['q8_0']:.4f} (q8_0) and "
             f"{r['q4_k_m']:.4f} (q4_k_m); the demo's 40-step SFT adapter measures {r['demo_sft']:.4f}")
