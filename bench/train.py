@@ -9,6 +9,11 @@ counts real tokens only (no padding), over the training phase only. Both adapter
 the same token-weighted eval loss on the same eval rows. Goal: >= 2.5x TRL's tokens/s at no more peak memory
 and no worse eval loss.
 
+MFU on the CPU: each run's achieved FLOP/s (tokens/s x the LoRA count per token the GPU bench uses:
+``selftest.lora_flops_per_token``, frozen weights 4 FLOPs, trained 6, attention at the data's mean row length) over
+a peak measured in the same run: ``torch.mm`` at the model's own linear shapes (rows = a micro-batch of mean-length
+rows), in float32 and bfloat16, on the run's threads; the best shape's rate is the peak a run could reach.
+
 ``--gpu``: the same comparison on the card at hand (see ``gpu_main``): a random-weight Llama of TinyLlama's
 shape built from a config, `hwcompat train` and TRL's SFTTrainer each in bf16 and in fp16 (fp16 under a
 GradScaler, the Volta/Turing path), tokens/s after warm-up, peak device memory, and MFU counted both as NeMo
@@ -306,6 +311,49 @@ def gpu_main(args) -> int:
     return 1 if failed else 0
 
 
+def gemm_peak(config: dict, rows: int, threads: int, dtype: str, seconds: float = 1.0) -> dict:
+    """FLOP/s of ``torch.mm`` at the model's linear shapes (x[rows, in] @ W[in, out]), best of each over ~``seconds``;
+    the CPU's attainable peak for this model in ``dtype``."""
+    import time
+
+    import torch
+
+    torch.set_num_threads(threads)
+    h, i = config["hidden_size"], config["intermediate_size"]
+    kv = h * config["num_key_value_heads"] // config["num_attention_heads"]
+    shapes = {"q/o": (h, h), "k/v": (h, kv), "gate/up": (h, i), "down": (i, h)}
+    rates = {}
+    for name, (a, b) in shapes.items():
+        x, w = torch.randn(rows, a, dtype=getattr(torch, dtype)), torch.randn(a, b, dtype=getattr(torch, dtype))
+        torch.mm(x, w)  # warm-up: oneDNN picks its kernel
+        best, spent = 0.0, 0.0
+        while spent < seconds / len(shapes):
+            t = time.perf_counter()
+            torch.mm(x, w)
+            dt = time.perf_counter() - t
+            spent += dt
+            best = max(best, 2.0 * rows * a * b / dt)
+        rates[name] = best
+    return {"dtype": dtype, "rows": rows, "threads": threads, "flops_per_s_by_shape": rates,
+            "peak_flops_per_s": max(rates.values())}
+
+
+def add_mfu(report: dict, runs: dict, model: Path, args, threads: int) -> None:
+    """Each run's MFU against the GEMM peak measured here (see the module docstring)."""
+    from hwcompat import selftest
+
+    config = json.loads((Path(model) / "config.json").read_text())
+    rows_len = report.get("mean_row_tokens") or args.max_len
+    per_token = selftest.lora_flops_per_token(config, 16, int(rows_len))
+    peaks = {d: gemm_peak(config, args.batch * int(rows_len), threads, d) for d in ("float32", "bfloat16")}
+    report["gemm_peak"] = peaks
+    report["lora_flops_per_token"] = per_token
+    for r in runs.values():
+        r["achieved_flops_per_s"] = r["tokens_per_s"] * per_token
+        r["mfu_fp32_peak"] = r["achieved_flops_per_s"] / peaks["float32"]["peak_flops_per_s"]
+        r["mfu_bf16_peak"] = r["achieved_flops_per_s"] / peaks["bfloat16"]["peak_flops_per_s"]
+
+
 def eval_loss(model_dir: Path, adapter: Path, eval_file: Path, max_len: int) -> float:
     """One scorer for both adapters: token-weighted loss on response tokens."""
     import torch
@@ -410,6 +458,9 @@ def main() -> int:
               "steps": args.steps, "batch": args.batch, "max_seq_len": args.max_len, "length_spread_tokens": "30-400",
               **runs}
     hw = runs["hwcompat"]
+    summary = json.loads((tmp / "hwcompat" / "summary.json").read_text())
+    report["mean_row_tokens"] = summary["tokens_per_s"] * summary["train_seconds"] / max(1, args.steps * args.batch)
+    add_mfu(report, runs, model, args, threads)
     for other, key in (("plain_trainer", "speedup"), ("trl_sft", "speedup_vs_trl")):
         if other in runs:
             report[key] = hw["tokens_per_s"] / runs[other]["tokens_per_s"]
@@ -420,10 +471,14 @@ def main() -> int:
         report["memory_vs_trl_tcmalloc"] = hw["peak_memory_bytes"] / runs["trl_sft_tcmalloc"]["peak_memory_bytes"]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"{'':24} {'tokens/s':>10} {'train s':>9} {'eval loss':>10} {'peak GiB':>9}")
+    print(f"{'':24} {'tokens/s':>10} {'train s':>9} {'eval loss':>10} {'peak GiB':>9} {'MFU fp32':>9}")
     for name, r in runs.items():
         print(f"{name:24} {r['tokens_per_s']:10.0f} {r['train_seconds']:9.1f} {r['eval_loss']:10.4f} "
-              f"{(r.get('peak_memory_bytes') or 0) / 2**30:9.2f}")
+              f"{(r.get('peak_memory_bytes') or 0) / 2**30:9.2f} {r['mfu_fp32_peak']:9.1%}")
+    pk = report["gemm_peak"]
+    print(f"GEMM peak at the model's shapes ({pk['float32']['rows']} rows, {threads} threads): "
+          f"fp32 {pk['float32']['peak_flops_per_s'] / 1e9:.1f} GFLOP/s, bf16 {pk['bfloat16']['peak_flops_per_s'] / 1e9:.1f}; "
+          f"LoRA {report['lora_flops_per_token'] / 1e6:.1f} MFLOP per token")
     for key in ("speedup", "speedup_vs_trl", "memory_vs_trl", "speedup_vs_trl_tcmalloc", "memory_vs_trl_tcmalloc"):
         if key in report:
             print(f"{key}: {report[key]:.2f}x")
