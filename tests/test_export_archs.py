@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 
 from hwcompat.errors import InputError
-from tests.test_export_llama import llama_cpp  # noqa: F401 (the fixture: skips, or fails under HWCOMPAT_REQUIRE_LLAMA)
 
 DATA = Path(__file__).resolve().parents[1] / "hwcompat" / "demo" / "data"
 TEMPLATES = {

@@ -1,6 +1,6 @@
 """#40 §2: an importance matrix from the user's rows, in llama.cpp's format, reaching llama.cpp's quantizer.
 
-The tiny Llama of tests/test_export_llama.py (trained on a color task, rows of 256 so k-quant blocks apply); the
+The tiny Llama of tests/conftest.py's `trained` (a color task, rows of 256 so k-quant blocks apply); the
 measured figures on the demo model are bench/imatrix.py's.
 """
 
@@ -9,7 +9,6 @@ import json
 import numpy as np
 import pytest
 
-from tests.test_export_llama import llama_cpp, trained  # noqa: F401 (fixtures)
 
 
 def _tensor(path, name):
@@ -27,7 +26,7 @@ def _field(path, key):
 
 
 @pytest.fixture(scope="module")
-def measured(trained):  # noqa: F811
+def measured(trained):
     from hwcompat.export import imatrix as imx
 
     model, data = trained
@@ -36,7 +35,7 @@ def measured(trained):  # noqa: F811
 
 
 @pytest.mark.slow
-def test_the_statistics_are_each_linear_inputs_mean_square(trained, measured):  # noqa: F811
+def test_the_statistics_are_each_linear_inputs_mean_square(trained, measured):
     """Every decoder linear layer, named as in the GGUF (not output.weight: llama-imatrix's default), summed over
     every token of every row; checked against a forward hook-free recomputation for one layer."""
     import torch
@@ -79,7 +78,7 @@ def test_the_file_is_llama_cpps_imatrix_format(measured, tmp_path):
     assert all(np.array_equal(back.sums[n], measured.sums[n]) for n in measured.sums)
 
 
-def test_llama_cpp_quantizes_with_it_and_the_weighted_error_falls(llama_cpp, trained, measured, tmp_path):  # noqa: F811
+def test_llama_cpp_quantizes_with_it_and_the_weighted_error_falls(llama_cpp, trained, measured, tmp_path):
     """The matrix reaches llama_model_quantize (its quantize.imatrix.* metadata in the GGUF, as llama-quantize
     writes) and does what it is for: the activation-weighted rounding error of a Q4_K weight is lower than without
     it, while the unweighted one may rise (the precision moved to the columns that matter)."""
@@ -109,7 +108,7 @@ def test_llama_cpp_quantizes_with_it_and_the_weighted_error_falls(llama_cpp, tra
 
 
 @pytest.mark.slow
-def test_export_cli_measures_writes_and_reuses_it(llama_cpp, trained, tmp_path, run_cli):  # noqa: F811
+def test_export_cli_measures_writes_and_reuses_it(llama_cpp, trained, tmp_path, run_cli):
     """`--imatrix --imatrix-data ROWS`: measured, written as OUT.imatrix.gguf, said, recorded in the report;
     `--imatrix FILE` reuses it and gives the same GGUF bytes."""
     model, data = trained
@@ -129,7 +128,7 @@ def test_export_cli_measures_writes_and_reuses_it(llama_cpp, trained, tmp_path, 
 
 
 @pytest.mark.parametrize("case", ["f16", "foreign", "exists", "data-alone", "missing"])
-def test_imatrix_mistakes_are_refused_before_anything_is_written(llama_cpp, trained, measured, tmp_path,  # noqa: F811
+def test_imatrix_mistakes_are_refused_before_anything_is_written(llama_cpp, trained, measured, tmp_path,
                                                                    run_cli, case):
     from hwcompat.export import imatrix as imx
 

@@ -5,76 +5,12 @@ its quantizer, `export --verify`, a broken export caught, the pre-tokenizer on a
 """
 
 import json
-import os
 import random
 import sys
 
 import pytest
 
 from hwcompat.errors import InputError
-
-REQUIRE = os.environ.get("HWCOMPAT_REQUIRE_LLAMA") == "1"  # read at import: the autouse fixture clears HWCOMPAT_*
-COLORS = {"sky": "blue", "grass": "green", "sun": "yellow", "blood": "red", "snow": "white", "coal": "black",
-          "sea": "blue", "leaf": "green", "banana": "yellow", "cherry": "red", "milk": "white", "night": "black"}
-
-
-@pytest.fixture(scope="module")
-def llama_cpp():
-    try:
-        import llama_cpp
-    except ImportError:
-        if REQUIRE:
-            pytest.fail("HWCOMPAT_REQUIRE_LLAMA=1 but llama_cpp does not import")
-        pytest.skip("llama-cpp-python (hwcompat[gguf]) is not installed")
-    return llama_cpp
-
-
-def _rows(n, seed, every=False):
-    rng = random.Random(seed)
-    items = sorted(COLORS)
-    keys = (items * n)[:n] if every else [rng.choice(items) for _ in range(n)]
-    rng.shuffle(keys)
-    return [{"messages": [{"role": "user", "content": f"What color is the {k}?"},
-                          {"role": "assistant", "content": COLORS[k]}]} for k in keys]
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A tiny Llama (rows of 256: k-quant blocks apply) trained until it answers the color task: a random model's
-    near-flat logits would make quantization noise look like a verdict."""
-    import torch
-
-    from hwcompat.train.tiny import build_model, build_tokenizer
-
-    folder = tmp_path_factory.mktemp("llama") / "merged"
-    texts = [f"What color is the {k}? {v}" for k, v in COLORS.items()] * 5
-    tok = build_tokenizer(texts, chat_template=True)
-    model = build_model(tok, hidden=256, layers=2, heads=4)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    rows = [r["messages"] for r in _rows(48, 0, every=True)]
-    convs = [_ids(tok.apply_chat_template(m, tokenize=True)) for m in rows]
-    prompts = [len(_ids(tok.apply_chat_template(m[:1], tokenize=True, add_generation_prompt=True))) for m in rows]
-    for step in range(300):
-        at = (step * 8) % 48
-        batch, starts = convs[at:at + 8], prompts[at:at + 8]
-        width = max(len(c) for c in batch)
-        ids = torch.tensor([c + [tok.pad_token_id] * (width - len(c)) for c in batch])
-        labels = torch.tensor([[-100] * s + c[s:] + [-100] * (width - len(c)) for c, s in zip(batch, starts)])
-        loss = model(input_ids=ids, labels=labels).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-    assert loss.item() < 0.5, loss.item()
-    model.save_pretrained(str(folder), safe_serialization=True)
-    tok.save_pretrained(str(folder))
-    data = folder.parent / "eval.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in _rows(12, 1)))
-    return folder, data
-
-
-def _ids(encoded):
-    return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
-
 
 def _types(path):
     from gguf import GGUFReader
