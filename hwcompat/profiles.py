@@ -20,7 +20,7 @@ from hwcompat import compat, envvars
 from hwcompat.choices import Attention, CompileBackend, Dtype
 from hwcompat.datafiles import data_dir
 from hwcompat.errors import ProfileError
-from hwcompat.readings import VENDORS, XE_ARCHS, Capability, is_gfx_target
+from hwcompat.readings import TRAINING_FLAGS, VENDORS, XE_ARCHS, Capability, is_gfx_target
 from hwcompat.yamlfile import load_packaged_yaml
 
 
@@ -121,10 +121,14 @@ class Match:
     gfx_targets: tuple[str, ...] = ()
     xe_archs: tuple[str, ...] = ()  # Intel: Xe generations (readings.XE_ARCHS)
     tegra: bool = False  # NVIDIA: matches Jetson (Tegra) parts only; a desktop range never matches one
+    cpu_flags_any: tuple[str, ...] = ()  # CPU: a CPU with any of these ISA flags (readings.TRAINING_FLAGS)
 
-    def covers(self, vendor: str, cc: Capability | str | None, gfx: str | None, xe: str | None = None) -> bool:
+    def covers(self, vendor: str, cc: Capability | str | None, gfx: str | None, xe: str | None = None,
+               flags: tuple[str, ...] = ()) -> bool:
         if vendor != self.vendor:
             return False
+        if vendor == "cpu":
+            return not self.cpu_flags_any or any(f in flags for f in self.cpu_flags_any)
         if vendor == "intel":
             return xe is not None and xe in self.xe_archs
         if vendor == "nvidia":
@@ -143,6 +147,8 @@ class Match:
             return "gfx targets " + ", ".join(self.gfx_targets)
         if self.vendor == "intel":
             return "Xe generation " + ", ".join(self.xe_archs)
+        if self.cpu_flags_any:
+            return "CPUs with " + " or ".join(self.cpu_flags_any)
         return self.vendor
 
 
@@ -180,10 +186,11 @@ class Profile:
     path: str = ""
     variant_note: str | None = None
 
-    def for_device(self, vendor: str, cc: Capability | str | None, gfx: str | None, xe: str | None = None) -> "Profile":
+    def for_device(self, vendor: str, cc: Capability | str | None, gfx: str | None, xe: str | None = None,
+                   flags: tuple[str, ...] = ()) -> "Profile":
         """This profile with the first matching variant applied."""
         for v in self.variants:
-            if v.match.covers(vendor, cc, gfx, xe):
+            if v.match.covers(vendor, cc, gfx, xe, flags):
                 merged = dict(v.fields)
                 if "hardware" in merged:
                     merged["hardware"] = replace(self.hardware, **merged["hardware"])
@@ -320,8 +327,11 @@ def _match(ctx: _Ctx, where: str, raw: Any, vendor: str) -> Match:
         if not isinstance(archs, list) or not archs or not all(a in XE_ARCHS for a in archs):
             raise ctx.fail(f"{where}.xe_archs", f"expected a list of {', '.join(XE_ARCHS)}, got {archs!r}")
         return Match(vendor, xe_archs=tuple(archs))
-    _keys(ctx, where, raw or {}, set())
-    return Match(vendor)
+    _keys(ctx, where, raw or {}, {"cpu_flags_any"})
+    flags = (raw or {}).get("cpu_flags_any", [])
+    if not isinstance(flags, list) or not all(f in TRAINING_FLAGS for f in flags):
+        raise ctx.fail(f"{where}.cpu_flags_any", f"expected a list of {', '.join(TRAINING_FLAGS)}, got {flags!r}")
+    return Match(vendor, cpu_flags_any=tuple(flags))
 
 
 def _hardware(ctx: _Ctx, where: str, raw: Any, partial: bool) -> Any:

@@ -35,6 +35,11 @@ class Capability(NamedTuple):
         return f"sm_{self.major}{self.minor}"
 
 
+#: CPU ISA flags worth reporting for training, as /proc/cpuinfo names them (bf16/AMX speed up matmuls in torch's
+#: oneDNN path; profiles/cpu.yaml's variants match on them).
+TRAINING_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16",
+                  "amx_fp16", "asimd", "sve", "bf16")
+
 @dataclass(frozen=True)
 class VendorFacts:
     """What a vendor's cards need from hwcompat, in one row: the variable that pins a process to some of them

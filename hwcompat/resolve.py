@@ -17,9 +17,6 @@ from hwcompat.profiles import Attention, CompileBackend, Dtype, Fp16Rate, Profil
 from hwcompat.readings import Capability, DeviceReading, HostReading, gfx_from_override, override_from_gfx
 from hwcompat.software import Software
 
-#: CPU ISA flags that give PyTorch's CPU kernels native bf16 (oneDNN AVX512-BF16 / AMX paths).
-CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
-
 #: Oldest compute capability any current PyTorch CUDA wheel carries (cu126: sm_50).
 MIN_CUDA_CC = Capability(5, 0)
 
@@ -157,7 +154,8 @@ def _device_label(r: DeviceReading) -> str:
 def match_profile(reading: DeviceReading, profiles: dict[str, Profile]) -> Profile | None:
     """The profile whose match rule covers this reading's physical capability."""
     for p in profiles.values():
-        if p.match.covers(reading.vendor, reading.capability, reading.gfx_target, reading.xe_arch):
+        if p.match.covers(reading.vendor, reading.capability, reading.gfx_target, reading.xe_arch,
+                          reading.cpu_flags):
             return p
     return None
 
@@ -219,22 +217,21 @@ def _unsupported_reason(r: DeviceReading) -> str:
     return "no profile for this device"
 
 
-def _hardware_for(r: DeviceReading, p: Profile) -> dict[str, Any]:
+def _hardware_for(p: Profile) -> dict[str, Any]:
     hw = asdict(p.hardware)
     hw["fp16"] = p.hardware.fp16.value
-    if r.vendor == "cpu":
-        hw["bf16"] = any(f in r.cpu_flags for f in CPU_BF16_FLAGS)
     return hw
 
 
-def _check_dtype(value: str, hw: dict[str, Any], label: str, profile_choice: str) -> str:
+def _check_dtype(value: str, hw: dict[str, Any], label: str, profile_choice: str, vendor: str) -> str:
     try:
         Dtype(value)
     except ValueError:
         raise InputError(f"dtype={value}: not a dtype; use one of {', '.join(d.value for d in Dtype)}") from None
     if value == "bfloat16" and not hw["bf16"]:
+        why = hw["source"] if vendor == "cpu" else "torch may emulate it, far slower"
         raise InputError(f"dtype=bfloat16: {label} has no bf16 hardware "
-                         f"(torch may emulate it, far slower); use {profile_choice} (this profile's choice)"
+                         f"({why}); use {profile_choice} (this profile's choice)"
                          f"{' or float32' if profile_choice != 'float32' else ''}")
     if value == "float16" and hw["fp16"] == Fp16Rate.none.value:
         raise InputError(f"dtype=float16: {label} cannot train in fp16; use {profile_choice}")
@@ -356,14 +353,10 @@ def _choose(reading: DeviceReading, profiles: dict[str, Profile], forced: str | 
     return chosen, f"forced with --profile {forced}", problems
 
 
-def _dtype(reading: DeviceReading, p: Profile, hw: dict[str, Any], sets: dict[str, str], label: str
-           ) -> tuple[str, str]:
-    reason = p.dtype.reason
-    if reading.vendor == "cpu" and hw["bf16"]:
-        reason += "; this CPU has native bf16 (set dtype=bfloat16 to use it)"
+def _dtype(p: Profile, hw: dict[str, Any], sets: dict[str, str], label: str) -> tuple[str, str]:
     if "dtype" in sets:
-        return sets["dtype"], _check_dtype(sets["dtype"], hw, label, p.dtype.value)
-    return p.dtype.value, reason
+        return sets["dtype"], _check_dtype(sets["dtype"], hw, label, p.dtype.value, p.vendor)
+    return p.dtype.value, p.dtype.reason
 
 
 def _attention(p: Profile, hw: dict[str, Any], sets: dict[str, str], software: Software, label: str
@@ -437,15 +430,16 @@ def resolve_device(reading: DeviceReading, profiles: dict[str, Profile], softwar
         return ResolvedDevice(reading, None, False, [_tegra_reason(reading)], None)
     if chosen is None:
         return ResolvedDevice(reading, None, False, [_unsupported_reason(reading)], None)
-    p = chosen.for_device(reading.vendor, reading.capability, reading.gfx_target, reading.xe_arch)
+    p = chosen.for_device(reading.vendor, reading.capability, reading.gfx_target, reading.xe_arch,
+                          reading.cpu_flags)
     reasons = {"profile": why + (f"; variant: {p.variant_note}" if p.variant_note else "")}
-    hw = _hardware_for(reading, p)
+    hw = _hardware_for(p)
     supported = p.supported.value == "true"
     reasons["supported"] = p.supported.reason + (f" ({p.supported.source})" if p.supported.source else "")
     if not supported:
         problems.append(p.supported.reason)
     sets = overrides.sets if apply_overrides else {}
-    dtype, reasons["dtype"] = _dtype(reading, p, hw, sets, label)
+    dtype, reasons["dtype"] = _dtype(p, hw, sets, label)
     attention, reasons["attention"] = _attention(p, hw, sets, software, label)
     compile_backend, reasons["compile_backend"] = _compile(p, hw, sets, label)
     env, env_problems = _environment(reading, p, sets, software, reasons)

@@ -126,3 +126,18 @@ def shard_files(folder: Path) -> list[str]:
     if index.exists():
         return sorted(set(json.loads(index.read_text())["weight_map"].values()))
     return ["model.safetensors"]
+
+
+def originals(folder: Path, names: set[str]) -> dict[str, Any]:
+    """The stored tensors ``names`` of a model folder, as the file holds them (those it does not hold are left out):
+    a full fine-tune saves its frozen weights from here, since the copy it trained beside may be rounded to the
+    profile's dtype."""
+    found: dict[str, Any] = {}
+    if not folder.is_dir():
+        return found
+    for shard in shard_files(folder):
+        path = folder / shard
+        if path.exists():
+            wanted = [n for n in read_header(path) if n in names]
+            found.update(read_tensors(path, wanted))
+    return found

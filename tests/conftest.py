@@ -36,6 +36,18 @@ def run_cli():
     return _run
 
 
+@pytest.fixture(scope="session")
+def host_cpu_dtype():
+    """The dtype this machine's CPU profile picks from its own flags (#41: bf16 where the CPU has native bf16
+    dot products, else fp32): what a run here trains in by default."""
+    from hwcompat.probe import cpu
+    from hwcompat.profiles import load_profiles
+    from hwcompat.resolve import resolve_device
+    from hwcompat.software import Software
+
+    return resolve_device(cpu.probe()[0], load_profiles(), Software.with_torch("2.13.0+cpu")).profile.dtype
+
+
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch):
     for k in list(os.environ):

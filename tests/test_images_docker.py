@@ -121,14 +121,16 @@ def tiny_model(tmp_path_factory):
     return write_tiny(path, texts, chat_template=False, hidden=64, layers=2)
 
 
-def test_train_in_image_writes_adapter_as_non_root(images, tmp_path, tiny_model):
+def test_train_in_image_writes_adapter_as_non_root(images, tmp_path, tiny_model, host_cpu_dtype):
     data, out = _train_dir(tmp_path, tiny_model)
     res = _run("hwcompat:cpu", "train", "/data/config.yaml", volumes=[f"{data}:/data:ro", f"{out}:/output"])
     assert res.returncode == 0, res.stderr[-3000:]
     adapter = out / "run" / "adapter" / "adapter_model.safetensors"
     assert adapter.exists()
     assert adapter.stat().st_uid == 1000  # written by the image's non-root user
-    assert json.loads((out / "run" / "summary.json").read_text())["profile_env_applied"] is True
+    summary = json.loads((out / "run" / "summary.json").read_text())
+    assert summary["profile_env_applied"] is True
+    assert summary["dtype"] == host_cpu_dtype  # #41: the image reads the same CPU flags the host's run does
 
 
 def test_image_trains_from_parquet_with_tensorboard(images, tmp_path, tiny_model):

@@ -272,3 +272,63 @@ def test_overrides_skip_cpu_fallback_on_gpu_hosts():
     host = HostReading(devices=tuple(from_catalog(["a100", "cpu"])))
     plan = resolve_host(host, PROFILES, NO_FA, Overrides.parse(None, ["dtype=bfloat16"]))
     assert plan.devices[0].profile.dtype == "bfloat16" and plan.devices[1].profile.dtype == "float32"
+
+
+# --- the CPU's own flags pick its dtype (#41 §1) -------------------------------------------------------------------
+
+CPU_FLAG_SETS = [
+    # flags (as /proc/cpuinfo names them), dtype, bf16 allowed, what the variant note names
+    (["avx", "avx2", "fma", "f16c"], "float32", False, None),  # AVX2-only (Zen 2, Skylake client)
+    (["avx", "avx2", "fma", "avx512f"], "float32", False, None),  # AVX-512 without BF16 (Skylake-SP): emulated bf16
+    (["avx", "avx2", "avx512f", "avx512_bf16"], "bfloat16", True, "AVX512-BF16"),  # Cooper Lake, Zen 4/5
+    (["avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16"], "bfloat16", True, "AMX"),  # Sapphire Rapids
+    (["asimd", "sve", "bf16"], "float32", True, "Arm BF16"),  # Graviton 3: allowed, not the default (unmeasured)
+    (["asimd"], "float32", False, None),  # an Arm core without BF16
+]
+
+
+def _cpu(flags):
+    return parse_reading({"vendor": "cpu", "name": "Some CPU", "memory_bytes": 2**34, "cpu_cores": 8,
+                          "cpu_flags": flags}, "test")
+
+
+@pytest.mark.parametrize("flags,dtype,bf16,note", CPU_FLAG_SETS)
+def test_the_cpu_dtype_follows_its_own_flags(flags, dtype, bf16, note):
+    d = resolve_device(_cpu(flags), PROFILES, NO_FA)
+    assert d.arch == "cpu" and d.supported
+    assert d.profile.dtype == dtype and d.profile.hardware["bf16"] is bf16
+    if note:
+        assert note in d.profile.variant and note in d.profile.reasons["profile"]
+    else:
+        assert d.profile.variant is None
+    assert d.profile.reasons["dtype"]  # every choice says why
+    if dtype == "bfloat16":
+        assert "fp32 master weights" in d.profile.reasons["dtype"] and "dtype=float32" in d.profile.reasons["dtype"]
+
+
+@pytest.mark.parametrize("flags", [f for f, _, bf16, _ in CPU_FLAG_SETS if not bf16])
+def test_bf16_on_a_cpu_without_native_bf16_is_refused_with_the_measured_reason(flags):
+    with pytest.raises(InputError) as e:
+        resolve_device(_cpu(flags), PROFILES, NO_FA, Overrides.parse(None, ["dtype=bfloat16"]))
+    msg = str(e.value)
+    assert msg.startswith("dtype=bfloat16: Some CPU (cpu) has no bf16 hardware (no avx512_bf16 or amx_bf16")
+    assert "pytorch/pytorch#146508" in msg and msg.endswith("use float32 (this profile's choice)")
+
+
+@pytest.mark.parametrize("flags", [f for f, dtype, _, _ in CPU_FLAG_SETS if dtype == "bfloat16"])
+def test_float32_stays_available_where_bf16_is_the_default(flags):
+    d = resolve_device(_cpu(flags), PROFILES, NO_FA, Overrides.parse(None, ["dtype=float32"]))
+    assert d.profile.dtype == "float32" and d.profile.reasons["dtype"] == "set by the user"
+
+
+def test_a_cpu_variant_naming_an_unknown_flag_is_a_profile_error():
+    import yaml
+
+    from hwcompat.errors import ProfileError
+    from hwcompat.profiles import parse_profile
+    from hwcompat.datafiles import data_dir
+
+    raw = yaml.safe_load((data_dir("profiles") / "cpu.yaml").read_text())
+    raw["variants"][0]["match"] = {"cpu_flags_any": ["avx512bf16"]}
+    with pytest.raises(ProfileError, match=r"variants\[0\]\.match\.cpu_flags_any"):
+        parse_profile(raw, "cpu.yaml")

@@ -5,11 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from hwcompat.readings import DeviceReading
-
-#: ISA flags worth reporting for CPU training (bf16/AMX speed up matmuls in torch's oneDNN path).
-TRAINING_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16",
-                  "amx_fp16", "asimd", "sve", "bf16")
+from hwcompat.readings import TRAINING_FLAGS, DeviceReading
 
 
 def probe(sys_root: str | Path = "/") -> tuple[DeviceReading, list[str]]:

@@ -738,13 +738,13 @@ def _save_full(r: Recipe, folder: Path) -> None:
     host = r.host
     dtype = getattr(torch, getattr(r.model, "hwcompat_source_dtype", "float32"))
     masters = {w.data_ptr(): m for w, m in zip(host.working, host.masters)} if host else {}
+    sources = {**_stored_frozen(r), **masters}  # by the working tensor's address: what to save in its place
     cast: dict[int, Any] = {}
     state = {}
     for name, t in r.model.state_dict().items():
-        src = masters.get(t.data_ptr(), t)
-        if src.data_ptr() not in cast:
-            cast[src.data_ptr()] = src.detach().to("cpu", dtype).contiguous()
-        state[name] = cast[src.data_ptr()]
+        if t.data_ptr() not in cast:  # tied weights: one tensor under two names
+            cast[t.data_ptr()] = sources.get(t.data_ptr(), t).detach().to("cpu", dtype).contiguous()
+        state[name] = cast[t.data_ptr()]
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a bar per save of a few seconds is noise beside the run's own lines
@@ -756,6 +756,19 @@ def _save_full(r: Recipe, folder: Path) -> None:
     data = json.loads(conf.read_text(encoding="utf-8"))
     data["dtype"] = str(dtype).removeprefix("torch.")
     conf.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
+def _stored_frozen(r: Recipe) -> dict[int, Any]:
+    """The frozen weights (those ``trainable`` leaves out) as the source folder stores them, by the address of the
+    copy in the model: that copy is in the profile's dtype, and an fp32 source saved from a bf16 copy would come
+    out rounded although it never trained."""
+    from hwcompat import weights
+
+    source = getattr(r.model, "hwcompat_source_dtype", "float32")
+    frozen = {p.data_ptr() for p in r.model.parameters()
+              if not p.requires_grad and str(p.dtype).removeprefix("torch.") != source}  # the others are exact
+    names = {n: t.data_ptr() for n, t in r.model.state_dict().items() if t.data_ptr() in frozen}
+    return {names[n]: t for n, t in weights.originals(Path(r.cfg.model), set(names)).items()}
 
 
 def _first_step_peak(r: Recipe) -> None:

@@ -44,6 +44,22 @@ def tiny_chat_model(tmp_path_factory):
     return write_tiny(path, texts, chat_template=True, hidden=64, layers=2)
 
 
+#: A CPU reading with native bf16 (what /proc/cpuinfo shows on Zen 4 or Cooper Lake): `--emulate-file` with it
+#: resolves the cpu profile's AVX512-BF16 variant on any CI CPU, so bf16 runs are tested everywhere (#41).
+BF16_CPU = {"vendor": "cpu", "name": "Emulated AVX512-BF16 CPU", "memory_bytes": 2**34, "cpu_cores": 2,
+            "cpu_flags": ["avx", "avx2", "fma", "avx512f", "avx512_bf16"]}
+
+
+@pytest.fixture
+def bf16_cpu(tmp_path):
+    """An emulate file holding BF16_CPU."""
+    import yaml
+
+    path = tmp_path / "bf16-cpu.yaml"
+    path.write_text(yaml.safe_dump([BF16_CPU]))
+    return path
+
+
 @pytest.fixture
 def task_files(tmp_path):
     train = write_jsonl(tmp_path / "train.jsonl", task_rows(160, 1))

@@ -16,10 +16,11 @@ import pytest
 from tests.train.conftest import make_config, sigterm_site, write_jsonl
 
 #: Settings every equivalence run shares: clipping that bites (max_grad_norm well under the raw norms),
-#: accumulation over two micro-batches, a schedule that moves.
+#: accumulation over two micro-batches, a schedule that moves; fp32 whatever the CPU's default (equality to the bit
+#: is an fp32 property: in bf16 the resident run casts fp32 masters per op, the offloaded one keeps a bf16 copy).
 EQ = dict(finetune="full", learning_rate=0.003, max_steps=6, gradient_accumulation=2, max_grad_norm=0.3,
           micro_batch_size=4, eval_at_start=False, eval_metrics="none", batching="padded", warmup_ratio=0.2,
-          lr_schedule="cosine", weight_decay=0.01)
+          lr_schedule="cosine", weight_decay=0.01, dtype="float32")
 
 
 def _train(*args, env=None, timeout=300):
@@ -40,11 +41,11 @@ def _losses(run):
     return [(x["step"], x["loss"], x["grad_norm"]) for x in rows if x["kind"] == "train"]
 
 
-def _run(tmp_path, name, model, train, evals, **extra):
+def _run(tmp_path, name, model, train, evals, emulate_file=None, **extra):
     folder = tmp_path / name
     folder.mkdir()
     cfg = make_config(folder, model, train, evals, **{**EQ, **extra})
-    res = _train(cfg)
+    res = _train(cfg, *(["--emulate-file", emulate_file] if emulate_file else []))
     assert res.returncode == 0, res.stderr[-3000:]
     return folder / "run", res
 
@@ -191,11 +192,17 @@ def test_full_dpo_offloaded_equals_resident_and_its_reference_is_the_start(tmp_p
 
 
 @pytest.mark.slow
-def test_trainable_patterns_train_only_what_they_name(tmp_path, tiny_model, task_files):
-    run, res = _run(tmp_path, "a", tiny_model, *task_files, trainable=["*.mlp.*"], max_steps=3)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_trainable_patterns_train_only_what_they_name(tmp_path, tiny_model, task_files, bf16_cpu, dtype):
+    """In bf16 too: the frozen weights train beside as a bf16 copy, and model/ must hold the fp32 source's own
+    values for them (they came out rounded to bf16 before #41's fix), bit for bit."""
+    run, res = _run(tmp_path, "a", tiny_model, *task_files, trainable=["*.mlp.*"], max_steps=3, dtype=dtype,
+                    emulate_file=bf16_cpu)
+    assert json.loads((run / "summary.json").read_text())["dtype"] == dtype
     base, out = _weights_of(tiny_model), _weights(run)
     changed = {k for k in base if not bool((base[k] == out[k]).all())}
     assert changed and all(".mlp." in k for k in changed), changed
+    assert {out[k].dtype for k in out} == {base[k].dtype for k in base}
     assert "trains" in res.stderr
 
 
@@ -304,7 +311,8 @@ def test_fp16_profile_offloaded_steps_through_the_grad_scaler(tmp_path, tiny_mod
 
     folder = tmp_path / "a"
     folder.mkdir()
-    cfg = make_config(folder, tiny_model, *task_files, **{**EQ, "optimizer_offload": "host", "max_steps": 4})
+    cfg = make_config(folder, tiny_model, *task_files, **{**EQ, "optimizer_offload": "host", "max_steps": 4,
+                                                          "dtype": None})  # the profile's own: fp16
     res = _train(cfg, "--emulate", "v100", "--cpu-emulation", "checkpoint_every=2", timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     run = folder / "run"

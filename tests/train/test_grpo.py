@@ -507,7 +507,8 @@ def test_data_check_reads_prompt_rows_for_grpo(tmp_path, run_cli):
 @pytest.mark.slow
 def test_grpo_full_fine_tune_with_a_kl_reference_offloaded_equals_resident(tmp_path, tiny_model, task_files):
     """finetune: full under GRPO (#38): with beta > 0 the reference is a frozen copy of the starting weights (no
-    adapter to switch off), the KL is 0 at the first step, and the host-offloaded run equals the resident one."""
+    adapter to switch off), the KL is 0 at the first step, and the host-offloaded run equals the resident one (to
+    the bit in fp32: in bf16 the resident run casts its fp32 masters per op, the offloaded one keeps a bf16 copy)."""
     from safetensors.torch import load_file
 
     runs = []
@@ -515,7 +516,7 @@ def test_grpo_full_fine_tune_with_a_kl_reference_offloaded_equals_resident(tmp_p
         folder = tmp_path / name
         folder.mkdir()
         cfg = _grpo_config(folder, tiny_model, task_files, finetune="full", beta=0.05, learning_rate=1e-3,
-                           max_steps=3, eval_at_start=False, eval_metrics="none", **extra)
+                           max_steps=3, eval_at_start=False, eval_metrics="none", dtype="float32", **extra)
         res = _train(cfg)
         assert res.returncode == 0, res.stderr[-3000:]
         runs.append(folder / "run")

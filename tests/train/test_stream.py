@@ -276,13 +276,15 @@ def test_streamed_on_the_gpu_equals_resident_with_copies_on_a_side_stream(four_l
 def test_grpo_streamed_run_equals_resident_run(tmp_path, four_layer_model, task_files):
     """#37 §1: GRPO with offload=layers: the rollouts decode through the streamed layers (no-grad visits, the
     prefetch wrapping round to layer 0 for each new token), the loss recomputes them as SFT's does; the same
-    completions are sampled and the same adapter comes out as the resident run's."""
+    completions are sampled and the same adapter comes out as the resident run's. In fp32: the resident rollout
+    samples from weights with the adapter merged in, the streamed one through the adapter, and in bf16 the two
+    round apart enough to draw different tokens (both are the policy; SFT's pair above is equal in bf16 too)."""
     rewards = {"my_rewards.py": "def short(prompts, completions, references, **kwargs):\n"
                                 "    return [-len(c) / 40.0 for c in completions]\n"}
     (resident, _), (streamed, log) = _train_pair(
         tmp_path, four_layer_model, task_files, files=rewards, method="grpo", rewards=["my_rewards:short"],
         micro_batch_size=8, num_generations=4, max_completion_length=8, max_steps=3, eval_metrics="none",
-        eval_max_rows=4, learning_rate=3e-3)
+        eval_max_rows=4, learning_rate=3e-3, dtype="float32")
     assert "offload=layers: 4 decoder layers streamed from host memory" in log
     _same(_adapter(resident), _adapter(streamed))
     recs = [[json.loads(x) for x in (r / "metrics.jsonl").read_text().splitlines() if '"train"' in x]

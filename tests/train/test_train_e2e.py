@@ -21,7 +21,7 @@ def _train(*args, env=None, timeout=300):
 
 
 @pytest.mark.slow
-def test_train_learns_and_writes_a_plain_peft_adapter(tmp_path, tiny_model, task_files):
+def test_train_learns_and_writes_a_plain_peft_adapter(tmp_path, tiny_model, task_files, host_cpu_dtype):
     cfg = make_config(tmp_path, tiny_model, *task_files, max_steps=100, learning_rate=0.005)
     res = _train(cfg)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -30,7 +30,7 @@ def test_train_learns_and_writes_a_plain_peft_adapter(tmp_path, tiny_model, task
     before, after = summary["eval_before"], summary["eval_after"]
     assert after["eval_loss"] < before["eval_loss"] / 4
     assert after["accuracy"] >= before["accuracy"] + 0.3  # the task metric moves, not only the loss
-    assert summary["profile_env_applied"] and summary["dtype"] == "float32" and summary["steps"] == 100
+    assert summary["profile_env_applied"] and summary["dtype"] == host_cpu_dtype and summary["steps"] == 100
     assert summary["tokens_per_s"] > 0 and summary["peak_memory_bytes"] > 0
     assert summary["planned_peak_bytes"] > 0 and summary["first_step_peak_bytes"] is None  # device peak: GPU only
     for name in ("config.yaml", "profile.json", "devices.json", "metrics.jsonl", "summary.json",
@@ -38,7 +38,7 @@ def test_train_learns_and_writes_a_plain_peft_adapter(tmp_path, tiny_model, task
         assert (run / name).exists(), name
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines if x["kind"] == "train"] == list(range(1, 101))
-    assert "profile cpu (float32, sdpa, compile eager)" in res.stderr
+    assert f"profile cpu ({host_cpu_dtype}, sdpa, compile eager)" in res.stderr
     # plain PEFT loads the adapter as is and reproduces the trained model's eval behaviour
     code = f"""
 import torch
