@@ -1,12 +1,15 @@
 """DPO speed and held-out reward accuracy: `hwcompat train method=dpo` vs TRL's DPOTrainer, one run, same pairs.
 
-    python bench/dpo.py [--pairs 64] [--batch 4] [--out bench/results/dpo.json] [--trl-python PY]
+    python bench/dpo.py [--pairs 64] [--batch 4] [--out bench/results/dpo.json] [--trl-python PY] [--rounds 1]
+                        [--variants hwcompat,trl_dpo_bf16,hwcompat_fp32,trl_dpo_fp32]
 
 Same model (SmolLM2-135M-Instruct from the demo's package), same preference pairs (the demo's, conversational
 form so both apply the model's chat template), one epoch over the same ``--pairs`` training pairs, same LoRA
 (r=16, alpha=32, all linear layers, no dropout), learning rate, beta and max length; held-out reward accuracy on
 the demo's eval pairs. TRL runs with its CPU-friendly settings (precomputed reference log-probabilities, the
-adapter-disabled reference, no mixed precision). Throughput is pairs per second of training time (the same
+adapter-disabled reference), in fp32 and, as a careful user sets it on a CPU with native bf16, in bf16 with
+tcmalloc preloaded (``trl_dpo_bf16``); hwcompat runs at its defaults (the CPU profile's dtype) and in fp32. Variants
+alternate over ``--rounds`` (the list, then reversed). Throughput is pairs per second of training time (the same
 pairs on both sides, so it is proportional to tokens per second). `--trl-python` names an interpreter with
 TRL installed (e.g. a venv made with --system-site-packages), so hwcompat's own environment stays as it is.
 """
@@ -40,24 +43,26 @@ def _write(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def run_hwcompat(model: str, train: Path, evals: Path, args, tmp: Path) -> dict:
+def run_hwcompat(model: str, train: Path, evals: Path, args, tmp: Path, name: str = "hw",
+                 settings: dict | None = None) -> dict:
     import yaml
 
     steps = args.pairs // args.batch
-    cfg = {"model": model, "method": "dpo", "train_data": [str(train)], "eval_data": [str(evals)],
+    cfg = {**(settings or {}), "model": model, "method": "dpo", "train_data": [str(train)], "eval_data": [str(evals)],
            "lora_r": SETTINGS["lora_r"], "lora_alpha": SETTINGS["lora_alpha"], "lora_dropout": 0.0,
            "learning_rate": SETTINGS["lr"], "beta": SETTINGS["beta"], "max_seq_len": SETTINGS["max_len"],
            "micro_batch_size": args.batch, "max_steps": steps, "warmup_ratio": 0.0, "lr_schedule": "constant",
-           "eval_at_start": False, "eval_metrics": "none", "output_dir": str(tmp / "hw"), "seed": args.seed}
-    (tmp / "hw.yaml").write_text(yaml.safe_dump(cfg))
-    res = subprocess.run([sys.executable, "-m", "hwcompat", "train", str(tmp / "hw.yaml")], capture_output=True,
-                         text=True, cwd=ROOT)
+           "eval_at_start": False, "eval_metrics": "none", "output_dir": str(tmp / name), "seed": args.seed}
+    (tmp / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HWCOMPAT_") and k != "LD_PRELOAD"}
+    res = subprocess.run([sys.executable, "-m", "hwcompat", "train", str(tmp / f"{name}.yaml")], capture_output=True,
+                         text=True, cwd=ROOT, env=env)
     if res.returncode != 0:
         raise SystemExit(f"hwcompat failed:\n{res.stderr[-3000:]}")
-    s = json.loads((tmp / "hw" / "summary.json").read_text())
+    s = json.loads((tmp / name / "summary.json").read_text())
     return {"train_seconds": s["train_seconds"], "pairs_per_s": steps * args.batch / s["train_seconds"],
             "reward_accuracy": s["eval_after"]["reward_accuracy"], "eval_loss": s["eval_after"]["eval_loss"],
-            "peak_memory_bytes": s["peak_memory_bytes"]}
+            "peak_memory_bytes": s["peak_memory_bytes"], "dtype": s["dtype"]}
 
 
 TRL_SCRIPT = textwrap.dedent('''
@@ -71,11 +76,13 @@ TRL_SCRIPT = textwrap.dedent('''
     tok = AutoTokenizer.from_pretrained(a["model"])
     tok.pad_token = tok.pad_token or tok.eos_token
     model = AutoModelForCausalLM.from_pretrained(a["model"], dtype=torch.float32)
+    torch.set_num_threads(a["threads"])
     rows = lambda p: [json.loads(l) for l in open(p)]
     cfg = DPOConfig(output_dir=a["out"], per_device_train_batch_size=a["batch"], per_device_eval_batch_size=a["batch"],
                     num_train_epochs=1, learning_rate=a["lr"], beta=a["beta"], max_length=a["max_len"],
                     lr_scheduler_type="constant", warmup_steps=0, precompute_ref_log_probs=True, report_to=[],
-                    logging_steps=1, save_strategy="no", use_cpu=True, bf16=False, fp16=False, seed=a["seed"],
+                    logging_steps=1, save_strategy="no", use_cpu=True, bf16=a["dtype"] == "bfloat16", fp16=False,
+                    seed=a["seed"],
                     dataloader_num_workers=0)
     peft = LoraConfig(r=a["r"], lora_alpha=a["alpha"], lora_dropout=0.0, target_modules="all-linear",
                       task_type="CAUSAL_LM")
@@ -89,16 +96,51 @@ TRL_SCRIPT = textwrap.dedent('''
 ''')
 
 
-def run_trl(python: str, model: str, train: Path, evals: Path, args, tmp: Path) -> dict:
+def run_trl(python: str, model: str, train: Path, evals: Path, args, tmp: Path, name: str = "trl",
+            dtype: str = "float32", malloc: str = "system") -> dict:
+    from hwcompat.probe.malloc import QUIET, find_tcmalloc
+
     a = {"model": model, "train": str(train), "eval": str(evals), "batch": args.batch, "lr": SETTINGS["lr"],
          "beta": SETTINGS["beta"], "max_len": SETTINGS["max_len"], "r": SETTINGS["lora_r"],
-         "alpha": SETTINGS["lora_alpha"], "out": str(tmp / "trl"), "seed": args.seed}
-    res = subprocess.run([python, "-c", TRL_SCRIPT, json.dumps(a)], capture_output=True, text=True,
-                         env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+         "alpha": SETTINGS["lora_alpha"], "out": str(tmp / name), "seed": args.seed, "dtype": dtype,
+         "threads": os.cpu_count() or 1}
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"} | {"TOKENIZERS_PARALLELISM": "false"}
+    if malloc == "tcmalloc":
+        env.update({"LD_PRELOAD": str(find_tcmalloc()), **QUIET})
+    res = subprocess.run([python, "-c", TRL_SCRIPT, json.dumps(a)], capture_output=True, text=True, env=env)
     if res.returncode != 0:
         raise SystemExit(f"TRL failed:\n{res.stderr[-3000:]}")
     out = json.loads(res.stdout.strip().splitlines()[-1])
     out["pairs_per_s"] = args.pairs / out["train_seconds"]
+    out["dtype"], out["malloc"] = dtype, malloc
+    return out
+
+
+#: name -> (trainer, settings, malloc); hwcompat's settings are config keys, TRL's its dtype (issue #41 §3).
+VARIANTS = {"hwcompat": ("hwcompat", {}, "auto"), "hwcompat_fp32": ("hwcompat", {"dtype": "float32"}, "auto"),
+            "trl_dpo_bf16": ("trl", {"dtype": "bfloat16"}, "tcmalloc"),
+            "trl_dpo_fp32": ("trl", {"dtype": "float32"}, "tcmalloc"),
+            "trl_dpo": ("trl", {"dtype": "float32"}, "system")}
+DEFAULT_VARIANTS = "hwcompat,trl_dpo_bf16,hwcompat_fp32,trl_dpo_fp32"
+
+
+def run_all(names: list[str], rounds: int, model: str, train: Path, evals: Path, args, tmp: Path) -> dict:
+    """Every variant, alternating (the list, then reversed); per variant the median pairs/s, the highest memory."""
+    import statistics
+
+    runs: dict[str, list[dict]] = {n: [] for n in names}
+    for k in range(rounds):
+        for n in (names if k % 2 == 0 else names[::-1]):
+            trainer, settings, malloc = VARIANTS[n]
+            r = (run_hwcompat(model, train, evals, args, tmp, f"{n}-{k}", settings) if trainer == "hwcompat" else
+                 run_trl(args.trl_python, model, train, evals, args, tmp, f"{n}-{k}", settings["dtype"], malloc))
+            runs[n].append(r)
+            print(f"{n} round {k}: {r['pairs_per_s']:.3f} pairs/s", file=sys.stderr, flush=True)
+    out = {}
+    for n, rs in runs.items():
+        out[n] = {**rs[0], "pairs_per_s": statistics.median(r["pairs_per_s"] for r in rs),
+                  "train_seconds": statistics.median(r["train_seconds"] for r in rs),
+                  "peak_memory_bytes": max(r["peak_memory_bytes"] for r in rs), "rounds": rs}
     return out
 
 
@@ -109,8 +151,13 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0, help="both sides: LoRA init and data order")
     ap.add_argument("--trl-python", default=sys.executable)
+    ap.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"comma list of {', '.join(VARIANTS)}")
+    ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "dpo.json"))
     args = ap.parse_args()
+    names = [n.strip() for n in args.variants.split(",") if n.strip()]
+    if "hwcompat" not in names or any(n not in VARIANTS for n in names):
+        ap.error(f"--variants: hwcompat and any of {', '.join(VARIANTS)}")
     from hwcompat.demo.model import ensure_model
 
     model = str(ensure_model())
@@ -119,19 +166,29 @@ def main() -> int:
         read = lambda p: [json.loads(x) for x in p.read_text().splitlines()]  # noqa: E731
         train = _write(tmp / "train.jsonl", _conversational(read(DATA / "pairs_train.jsonl")[:args.pairs]))
         evals = _write(tmp / "eval.jsonl", _conversational(read(DATA / "pairs_eval.jsonl")[:args.eval_pairs]))
-        results = {"hwcompat": run_hwcompat(model, train, evals, args, tmp),
-                   "trl DPOTrainer": run_trl(args.trl_python, model, train, evals, args, tmp)}
-    ratio = results["hwcompat"]["pairs_per_s"] / results["trl DPOTrainer"]["pairs_per_s"]
+        results = run_all(names, args.rounds, model, train, evals, args, tmp)
+    hw = results["hwcompat"]
+    ratios = {n: {"speed": hw["pairs_per_s"] / r["pairs_per_s"],
+                  "memory": hw["peak_memory_bytes"] / r["peak_memory_bytes"]}
+              for n, r in results.items() if n != "hwcompat"}
+    trl = [n for n in results if n.startswith("trl")]
+    best = max(trl, key=lambda n: results[n]["pairs_per_s"]) if trl else None
     report = {"benchmark": "dpo", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version(),
-              "settings": {**SETTINGS, **vars(args)}, "results": results, "speed_ratio_hwcompat_vs_trl": ratio}
+              "settings": {**SETTINGS, **vars(args)}, "results": results, "ratios": ratios, "trl_best": best,
+              "speed_ratio_hwcompat_vs_trl_best": ratios[best]["speed"] if best else None,
+              "memory_ratio_hwcompat_vs_trl_best": ratios[best]["memory"] if best else None}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"{'':16} {'pairs/s':>8} {'train s':>8} {'reward acc':>10} {'eval loss':>9} {'peak RSS':>9}")
+    print(f"{'':16} {'dtype':>9} {'pairs/s':>8} {'train s':>8} {'reward acc':>10} {'eval loss':>9} {'peak RSS':>9}")
     for name, r in results.items():
-        print(f"{name:16} {r['pairs_per_s']:8.3f} {r['train_seconds']:8.1f} {r['reward_accuracy']:10.3f} "
-              f"{r['eval_loss']:9.4f} {r['peak_memory_bytes'] / 2**30:8.2f}G")
-    print(f"hwcompat / TRL speed: {ratio:.2f}x (goal >= 1.5x)\nwrote {args.out}")
+        print(f"{name:16} {r['dtype']:>9} {r['pairs_per_s']:8.3f} {r['train_seconds']:8.1f} "
+              f"{r['reward_accuracy']:10.3f} {r['eval_loss']:9.4f} {r['peak_memory_bytes'] / 2**30:8.2f}G")
+    for n, q in ratios.items():
+        print(f"hwcompat vs {n}: {q['speed']:.2f}x pairs/s, {q['memory']:.2f}x memory")
+    if best:
+        print(f"vs TRL at its best ({best}): {ratios[best]['speed']:.2f}x (goal >= 2.5x)")
+    print(f"wrote {args.out}")
     return 0
 
 

@@ -1,13 +1,17 @@
-"""Tokens/s of `hwcompat train` vs the plain transformers Trainer + PEFT script from the docs (and TRL).
+"""Tokens/s of `hwcompat train` at its defaults vs TRL's SFTTrainer at its best CPU settings (and the plain
+transformers Trainer + PEFT script from the docs).
 
-    python bench/train.py [--model smollm2|small] [--steps 20] [--batch 8] [--out bench/results/train-cpu-smollm2.json]
+    python bench/train.py [--model smollm2|small] [--steps 20] [--batch 8] [--trl-python PY] [--rounds 2]
+                          [--variants hwcompat,trl_sft_bf16,hwcompat_fp32,trl_sft_fp32] [--out FILE.json]
     python bench/train.py --gpu [--smoke] [--trl-python PY] [--out bench/results/train-gpu-<card>.json]
 
-Same model, data, max sequence length, batch size, steps, learning rate and LoRA config, run one after
-the other in this process's run. Data has a realistic length spread (prompts 30-400 tokens). Tokens/s
-counts real tokens only (no padding), over the training phase only. Both adapters are then scored by
-the same token-weighted eval loss on the same eval rows. Goal: >= 2.5x TRL's tokens/s at no more peak memory
-and no worse eval loss.
+Same model, data, max sequence length, batch size, steps, learning rate and LoRA config, each variant in its own
+process, alternating (the list, then reversed) over ``--rounds``; tokens/s is each variant's median. TRL runs as a
+careful user sets it on a CPU: completion-only loss, length-grouped sampling, tcmalloc preloaded, and bf16 where
+the CPU has native bf16 (``trl_sft_bf16``). Data has a realistic length spread (prompts 30-400 tokens). Tokens/s
+counts real tokens only (no padding), over the training phase only. Every adapter is then scored by the same
+token-weighted fp32 eval loss on the same eval rows. Goal: >= 2.5x the fastest TRL variant's tokens/s at no more
+peak memory and no worse eval loss.
 
 MFU on the CPU: each run's achieved FLOP/s (tokens/s x the LoRA count per token the GPU bench uses:
 ``selftest.lora_flops_per_token``, frozen weights 4 FLOPs, trained 6, attention at the data's mean row length) over
@@ -104,13 +108,14 @@ print(json.dumps({"train_seconds": elapsed, "real_tokens": tokens["n"],
 
 
 TRL = r'''
-# TRL's SFTTrainer at its best CPU settings: completion-only loss (prompt-completion rows), length-grouped sampling.
+# TRL's SFTTrainer at its best CPU settings: completion-only loss (prompt-completion rows), length-grouped sampling,
+# bf16 mixed precision where asked (argv 9: float32 | bfloat16; the careful user's flag on a CPU with native bf16).
 import json, resource, sys, time, torch
 from datasets import Dataset
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig, SFTTrainer
-model_dir, train_file, out, steps, batch, max_len, lr, threads = sys.argv[1:9]
+model_dir, train_file, out, steps, batch, max_len, lr, threads, dtype = sys.argv[1:10]
 torch.set_num_threads(int(threads))
 tok = AutoTokenizer.from_pretrained(model_dir)
 tok.pad_token = tok.pad_token or tok.eos_token
@@ -121,8 +126,8 @@ model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
 peft = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
 args = SFTConfig(output_dir=out, per_device_train_batch_size=int(batch), max_steps=int(steps), learning_rate=float(lr),
                  lr_scheduler_type="cosine", logging_steps=10, save_strategy="no", report_to=[], seed=42,
-                 dataloader_num_workers=0, use_cpu=True, bf16=False, fp16=False, max_length=int(max_len),
-                 completion_only_loss=True, train_sampling_strategy="group_by_length")
+                 dataloader_num_workers=0, use_cpu=True, bf16=dtype == "bfloat16", fp16=False,
+                 max_length=int(max_len), completion_only_loss=True, train_sampling_strategy="group_by_length")
 trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, peft_config=peft)
 t = time.time()
 trainer.train()
@@ -389,7 +394,8 @@ def _cpu_hwcompat(tmp: Path, name: str, cfg: dict, malloc: str, env: dict) -> di
         return {"error": f"exit {res.returncode}", "stderr_tail": res.stderr[-3000:]}
     hw = json.loads((tmp / name / "summary.json").read_text())
     return {"tokens_per_s": hw["tokens_per_s"], "train_seconds": hw["train_seconds"], "batching": hw["batching"],
-            "peak_memory_bytes": hw["peak_memory_bytes"], "cpu_allocator": hw.get("cpu_allocator")}
+            "peak_memory_bytes": hw["peak_memory_bytes"], "cpu_allocator": hw.get("cpu_allocator"),
+            "dtype": hw.get("dtype"), "attention": hw.get("attention")}
 
 
 def _cpu_script(python: str, code: str, tmp: Path, name: str, argv: list[str], malloc: str, env: dict) -> dict:
@@ -407,7 +413,80 @@ def _cpu_script(python: str, code: str, tmp: Path, name: str, argv: list[str], m
         return {"error": f"exit {res.returncode}", "stderr_tail": res.stderr[-3000:]}
     out = json.loads(res.stdout.strip().splitlines()[-1])
     return {"tokens_per_s": out["real_tokens"] / out["train_seconds"], "train_seconds": out["train_seconds"],
-            "real_tokens": out["real_tokens"], "peak_memory_bytes": out.get("peak_rss_bytes"), "malloc": malloc}
+            "real_tokens": out["real_tokens"], "peak_memory_bytes": out.get("peak_rss_bytes"), "malloc": malloc,
+            "dtype": argv[8] if len(argv) > 8 else "float32"}
+
+
+#: name -> (trainer, settings, malloc): hwcompat's settings are config keys over its defaults, a script's its dtype.
+#: TRL's variants are what a careful user sets on a CPU (issue #41 §3): completion-only loss and length grouping
+#: always, bf16 where the CPU has it, tcmalloc.
+VARIANTS = {
+    "hwcompat": ("hwcompat", {}, "auto"),  # its defaults: the profile's dtype and attention, tcmalloc where installed
+    "hwcompat_fp32": ("hwcompat", {"dtype": "float32"}, "auto"),
+    "hwcompat_sdpa": ("hwcompat", {"attention": "sdpa"}, "auto"),
+    "hwcompat_eager": ("hwcompat", {"attention": "eager"}, "auto"),
+    "hwcompat_system_malloc": ("hwcompat", {}, "system"),
+    "trl_sft_bf16": ("trl", {"dtype": "bfloat16"}, "tcmalloc"),  # TRL at its best on a CPU with native bf16
+    "trl_sft_fp32": ("trl", {"dtype": "float32"}, "tcmalloc"),
+    "trl_sft": ("trl", {"dtype": "float32"}, "system"),  # TRL as most users run it
+    "plain_trainer": ("plain", {"dtype": "float32"}, "system"),
+}
+DEFAULT_VARIANTS = "hwcompat,trl_sft_bf16,hwcompat_fp32,trl_sft_fp32"
+
+
+def run_variant(name: str, tmp: Path, args, paths: tuple[Path, Path, Path], threads: int, env: dict) -> dict:
+    """One run of one variant in its own folder (``name`` carries the round)."""
+    trainer, settings, malloc = VARIANTS[name.split("@")[0]]
+    model, train, evals = paths
+    if trainer == "hwcompat":
+        return _cpu_hwcompat(tmp, name, cfg_base(args, model, train, evals, threads) | settings, malloc, env)
+    argv = [str(model), str(train), "", str(args.steps), str(args.batch), str(args.max_len), str(args.lr),
+            str(threads), settings["dtype"]]
+    if trainer == "trl":
+        return _cpu_script(args.trl_python, TRL, tmp, name, argv, malloc, env)
+    return _cpu_script(sys.executable, PLAIN, tmp, name, argv, malloc, env)
+
+
+def alternate(names: list[str], rounds: int) -> list[str]:
+    """Run order: the list, then reversed, and so on (a noisy shared machine's drift falls on both sides)."""
+    order = []
+    for k in range(rounds):
+        order += [f"{n}@{k}" for n in (names if k % 2 == 0 else names[::-1])]
+    return order
+
+
+def merge_rounds(results: dict[str, dict]) -> dict[str, dict]:
+    """Per variant: median tokens/s over its rounds, the highest peak memory, every round's figure kept."""
+    import statistics
+
+    merged: dict[str, dict] = {}
+    for key, r in results.items():
+        merged.setdefault(key.split("@")[0], {"rounds": []})["rounds"].append(r)
+    for r in merged.values():
+        first = r["rounds"][0]
+        r.update({k: v for k, v in first.items() if k not in ("tokens_per_s", "train_seconds", "peak_memory_bytes")})
+        r["tokens_per_s"] = statistics.median(x["tokens_per_s"] for x in r["rounds"])
+        r["train_seconds"] = statistics.median(x["train_seconds"] for x in r["rounds"])
+        r["peak_memory_bytes"] = max(x.get("peak_memory_bytes") or 0 for x in r["rounds"])
+    return merged
+
+
+def compare(report: dict, runs: dict) -> None:
+    """hwcompat (its defaults) against each peer variant and against TRL's fastest: the goal's ratios."""
+    hw = runs["hwcompat"]
+    for name, r in runs.items():
+        if name != "hwcompat":
+            report.setdefault("ratios", {})[name] = {
+                "speedup": hw["tokens_per_s"] / r["tokens_per_s"],
+                "memory": hw["peak_memory_bytes"] / r["peak_memory_bytes"] if r.get("peak_memory_bytes") else None,
+                "eval_loss_delta": hw["eval_loss"] - r["eval_loss"]}
+    trl = {n: r for n, r in runs.items() if n.startswith("trl")}
+    if trl:
+        best = max(trl, key=lambda n: trl[n]["tokens_per_s"])
+        report["trl_best"] = best
+        report["speedup_vs_trl_best"] = report["ratios"][best]["speedup"]
+        report["memory_vs_trl_best"] = report["ratios"][best]["memory"]
+        report["eval_loss_vs_trl_best"] = report["ratios"][best]["eval_loss_delta"]
 
 
 def main() -> int:
@@ -424,66 +503,69 @@ def main() -> int:
     ap.add_argument("--smoke", action="store_true", help="with --gpu: tiny shapes on the CPU (the script works)")
     ap.add_argument("--trl-python", help="an interpreter with TRL installed (e.g. a venv made with "
                                          "--system-site-packages): adds TRL's SFTTrainer to the comparison")
-    ap.add_argument("--skip-plain", action="store_true", help="leave out the plain transformers Trainer")
-    ap.add_argument("--malloc-ab", action="store_true", help="also hwcompat on the system malloc and TRL on "
-                                                             "tcmalloc: what the allocator gives each side")
+    ap.add_argument("--variants", default=DEFAULT_VARIANTS,
+                    help=f"comma list of {', '.join(VARIANTS)} (default {DEFAULT_VARIANTS}; TRL's need --trl-python)")
+    ap.add_argument("--rounds", type=int, default=2, help="alternating rounds; tokens/s is each variant's median")
     args = ap.parse_args()
     if args.gpu:
         return gpu_main(args)
+    names = [n.strip() for n in args.variants.split(",") if n.strip()]
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown or "hwcompat" not in names:
+        ap.error(f"--variants: {', '.join(unknown) or 'hwcompat is missing'}; known: {', '.join(VARIANTS)}")
+    names = [n for n in names if args.trl_python or VARIANTS[n][0] != "trl"]
     args.out = args.out or str(ROOT / "bench" / "results" / "train-cpu-smollm2.json")
     threads = os.cpu_count() or 1
     tmp = Path(tempfile.mkdtemp(prefix="hwcompat-bench-"))
     train, evals = make_data(tmp, n_train=args.steps * args.batch, n_eval=48)
     model = make_model(args.model, tmp, train)
     env = {k: v for k, v in os.environ.items() if not k.startswith("HWCOMPAT_") and k != "LD_PRELOAD"}
-    argv = [str(model), str(train), "", str(args.steps), str(args.batch), str(args.max_len), str(args.lr), str(threads)]
-    runs: dict[str, dict] = {}
-    # alternating: hwcompat (its default malloc), TRL as users run it, then the other malloc of each
-    order = [("hwcompat", "auto"), ("trl_sft", "system"), ("hwcompat_system_malloc", "system"),
-             ("trl_sft_tcmalloc", "tcmalloc")] if args.malloc_ab else [("hwcompat", "auto"), ("trl_sft", "system")]
-    for name, malloc in order:
-        if name.startswith("trl") and not args.trl_python:
-            continue
-        runs[name] = (_cpu_hwcompat(tmp, name, cfg_base(args, model, train, evals, threads), malloc, env)
-                      if name.startswith("hwcompat") else _cpu_script(args.trl_python, TRL, tmp, name, argv, malloc, env))
-    if not args.skip_plain:
-        runs["plain_trainer"] = _cpu_script(sys.executable, PLAIN, tmp, "plain_trainer", argv, "system", env)
-    for name, r in runs.items():
-        if "error" in r:
-            print(f"{name}: {r['error']}\n{r.get('stderr_tail', '')}", file=sys.stderr)
+    results = {}
+    for key in alternate(names, args.rounds):
+        results[key] = run_variant(key, tmp, args, (model, train, evals), threads, env)
+        if "error" in results[key]:
+            print(f"{key}: {results[key]['error']}\n{results[key].get('stderr_tail', '')}", file=sys.stderr)
             return 1
-        r["eval_loss"] = eval_loss(model, tmp / name / "adapter", evals, args.max_len)
+        print(f"{key}: {results[key]['tokens_per_s']:.0f} tokens/s", file=sys.stderr)
+    runs = merge_rounds(results)
+    for name, r in runs.items():  # training is seeded: round 0's adapter stands for the variant
+        r["eval_loss"] = eval_loss(model, tmp / f"{name}@0" / "adapter", evals, args.max_len)
     report = {"benchmark": "train", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "device": "cpu", "machine": platform.machine(), "threads": threads, "model": args.model,
-              "steps": args.steps, "batch": args.batch, "max_seq_len": args.max_len, "length_spread_tokens": "30-400",
-              **runs}
-    hw = runs["hwcompat"]
-    summary = json.loads((tmp / "hwcompat" / "summary.json").read_text())
+              "device": "cpu", "machine": platform.machine(), "cpu_flags": _cpu_flags(), "threads": threads,
+              "model": args.model, "steps": args.steps, "batch": args.batch, "max_seq_len": args.max_len,
+              "length_spread_tokens": "30-400", "rounds": args.rounds, "order": list(results), **runs}
+    summary = json.loads((tmp / "hwcompat@0" / "summary.json").read_text())
     report["mean_row_tokens"] = summary["tokens_per_s"] * summary["train_seconds"] / max(1, args.steps * args.batch)
     add_mfu(report, runs, model, args, threads)
-    for other, key in (("plain_trainer", "speedup"), ("trl_sft", "speedup_vs_trl")):
-        if other in runs:
-            report[key] = hw["tokens_per_s"] / runs[other]["tokens_per_s"]
-    if "trl_sft" in runs:
-        report["memory_vs_trl"] = hw["peak_memory_bytes"] / runs["trl_sft"]["peak_memory_bytes"]
-    if "trl_sft_tcmalloc" in runs:  # the same malloc on both sides: what is left is the trainer
-        report["speedup_vs_trl_tcmalloc"] = hw["tokens_per_s"] / runs["trl_sft_tcmalloc"]["tokens_per_s"]
-        report["memory_vs_trl_tcmalloc"] = hw["peak_memory_bytes"] / runs["trl_sft_tcmalloc"]["peak_memory_bytes"]
+    compare(report, runs)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"{'':24} {'tokens/s':>10} {'train s':>9} {'eval loss':>10} {'peak GiB':>9} {'MFU fp32':>9}")
-    for name, r in runs.items():
-        print(f"{name:24} {r['tokens_per_s']:10.0f} {r['train_seconds']:9.1f} {r['eval_loss']:10.4f} "
-              f"{(r.get('peak_memory_bytes') or 0) / 2**30:9.2f} {r['mfu_fp32_peak']:9.1%}")
-    pk = report["gemm_peak"]
-    print(f"GEMM peak at the model's shapes ({pk['float32']['rows']} rows, {threads} threads): "
-          f"fp32 {pk['float32']['peak_flops_per_s'] / 1e9:.1f} GFLOP/s, bf16 {pk['bfloat16']['peak_flops_per_s'] / 1e9:.1f}; "
-          f"LoRA {report['lora_flops_per_token'] / 1e6:.1f} MFLOP per token")
-    for key in ("speedup", "speedup_vs_trl", "memory_vs_trl", "speedup_vs_trl_tcmalloc", "memory_vs_trl_tcmalloc"):
-        if key in report:
-            print(f"{key}: {report[key]:.2f}x")
+    print_table(report, runs, threads)
     print(f"wrote {args.out}")
     return 0
+
+
+def _cpu_flags() -> list[str]:
+    from hwcompat.probe import cpu
+
+    return list(cpu.probe()[0].cpu_flags)
+
+
+def print_table(report: dict, runs: dict, threads: int) -> None:
+    print(f"{'':24} {'dtype':>9} {'tokens/s':>10} {'eval loss':>10} {'peak GiB':>9} {'MFU fp32':>9} {'MFU bf16':>9}")
+    for name, r in runs.items():
+        print(f"{name:24} {r.get('dtype') or '?':>9} {r['tokens_per_s']:10.0f} {r['eval_loss']:10.4f} "
+              f"{(r.get('peak_memory_bytes') or 0) / 2**30:9.2f} {r['mfu_fp32_peak']:9.1%} {r['mfu_bf16_peak']:9.1%}")
+    pk = report["gemm_peak"]
+    print(f"GEMM peak at the model's shapes ({pk['float32']['rows']} rows, {threads} threads): "
+          f"fp32 {pk['float32']['peak_flops_per_s'] / 1e9:.1f} GFLOP/s, "
+          f"bf16 {pk['bfloat16']['peak_flops_per_s'] / 1e9:.1f}; "
+          f"LoRA {report['lora_flops_per_token'] / 1e6:.1f} MFLOP per token")
+    for name, ratio in report.get("ratios", {}).items():
+        mem = f", memory {ratio['memory']:.2f}x" if ratio["memory"] else ""
+        print(f"hwcompat vs {name}: {ratio['speedup']:.2f}x tokens/s{mem}, eval loss {ratio['eval_loss_delta']:+.4f}")
+    if "trl_best" in report:
+        print(f"vs TRL at its best ({report['trl_best']}): {report['speedup_vs_trl_best']:.2f}x (goal >= 2.5x)")
 
 
 if __name__ == "__main__":

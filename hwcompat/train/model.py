@@ -154,7 +154,7 @@ def _with_lora(model, cfg: TrainConfig):
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, cfg.init_adapter, is_trainable=True)
-        return _adapters_in_fp32(model)
+        return _cast_once(_adapters_in_fp32(model))
     targets = "all-linear" if cfg.lora_target_modules == ["all-linear"] else cfg.lora_target_modules
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=targets, task_type="CAUSAL_LM", bias="none")
@@ -162,7 +162,7 @@ def _with_lora(model, cfg: TrainConfig):
         model = get_peft_model(model, lora)
     except ValueError as exc:
         raise InputError(f"lora_target_modules={cfg.lora_target_modules}: {exc}") from None
-    return _adapters_in_fp32(model)
+    return _cast_once(_adapters_in_fp32(model))
 
 
 def _adapters_in_fp32(model):
@@ -173,6 +173,26 @@ def _adapters_in_fp32(model):
     for p in model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
+    return model
+
+
+def _cast_once(model):
+    """Under autocast, skip peft's cast of a LoRA layer's input to the adapter's fp32: autocast casts it straight
+    back to bf16/fp16 for the matmul, so every adapted layer copied its input twice (measured on the CPU in bf16:
+    7% of a step's time and 0.9 GiB of its peak). bf16 -> fp32 -> bf16 is exact, so the result is the same to the
+    bit. Only where the layer has no dropout: torch's bf16 dropout rounds its 1/(1-p) scale to bf16, so with
+    ``lora_dropout`` > 0 peft's fp32 path stays, as it does outside autocast (fp32 runs)."""
+    import torch
+    from peft.tuners.lora import LoraLayer
+
+    for module in model.modules():
+        if isinstance(module, LoraLayer) and all(isinstance(d, torch.nn.Identity)
+                                                 for d in module.lora_dropout.values()):
+            def cast(x, dtype, _peft=module._cast_input_dtype):
+                if x is not None and torch.is_autocast_enabled(x.device.type):
+                    return x
+                return _peft(x, dtype)
+            module._cast_input_dtype = cast
     return model
 
 
