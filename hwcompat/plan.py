@@ -363,7 +363,7 @@ def layer_activation_bytes(s: ModelShape, rank: int, trained: str, dropout: bool
         n += (q + kv) * 4 + (s.heads + s.kv_heads) * 4 + (0 if lora else (q + kv) * act_db)
     n += _attention_bytes(s, act_db, eager)
     n += 3 * i * act_db  # the MLP's gate and up outputs and act(gate)
-    n += _linear_input_bytes(s, trained, act_db, eager)
+    n += _linear_input_bytes(s, trained, act_db, eager, dropout)
     if lora:
         n += len(s.linears()) * rank * act_db  # each adapter's A(x), the input of B
         if dropout:  # each adapter input's dropped copy and its mask (CUDA's native_dropout: a byte per value)
@@ -387,16 +387,17 @@ def _attention_bytes(s: ModelShape, act_db: int, eager: bool) -> int:
     return (2 * s.q_dim + 2 * s.kv_dim + extra) * act_db + s.heads * 4
 
 
-def _linear_input_bytes(s: ModelShape, trained: str, act_db: int, eager: bool) -> int:
-    """The inputs kept for the weights' (or adapters') gradients. Where no cast intervenes (fp32, or a half working
-    copy) each distinct input once: q/k/v share theirs, gate/up theirs. A LoRA adapter under autocast casts its input
-    to fp32 and autocast back: a copy per adapter. fp32 masters under autocast keep autocast's cast of each fp32
-    input per linear, while o_proj's and down_proj's inputs come out of half ops and are kept as they are."""
+def _linear_input_bytes(s: ModelShape, trained: str, act_db: int, eager: bool, dropout: bool = False) -> int:
+    """The inputs kept for the weights' (or adapters') gradients. Where no cast intervenes (fp32, a half working
+    copy, a LoRA adapter without dropout: train/model._cast_once) each distinct input once: q/k/v share theirs,
+    gate/up theirs. A LoRA adapter with dropout under autocast casts its input to fp32 and autocast back: a copy per
+    adapter. fp32 masters under autocast keep autocast's cast of each fp32 input per linear, while o_proj's and
+    down_proj's inputs come out of half ops and are kept as they are."""
     h, i, q = s.hidden, s.intermediate, s.q_dim
     # SDPA's output is o_proj's input in place (counted with attention) where q kept the (batch, seq, head) layout;
     # eager's is a fresh transposed copy, and so is Phi-3's (its rotary concatenates q in head-major layout)
     o_input = q if eager or s.fused else 0
-    if act_db == 4 or trained == WORKING_COPY:
+    if act_db == 4 or trained == WORKING_COPY or (trained == ADAPTERS and not dropout):
         return (2 * h + i + o_input) * act_db
     if trained == ADAPTERS:
         return sum(a for _, a, _ in s.linears()) * act_db

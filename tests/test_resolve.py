@@ -332,3 +332,20 @@ def test_a_cpu_variant_naming_an_unknown_flag_is_a_profile_error():
     raw["variants"][0]["match"] = {"cpu_flags_any": ["avx512bf16"]}
     with pytest.raises(ProfileError, match=r"variants\[0\]\.match\.cpu_flags_any"):
         parse_profile(raw, "cpu.yaml")
+
+
+def test_the_bf16_reason_quotes_the_measurement_it_names():
+    """The AVX512-BF16 variant's reason cites bench/results/train-cpu-bf16.json: its figures are that file's."""
+    import json
+    import re
+    from pathlib import Path
+
+    why = resolve_device(_cpu(["avx512f", "avx512_bf16"]), PROFILES, NO_FA).profile.reasons["dtype"]
+    res = json.loads((Path(__file__).parents[1] / "bench/results/train-cpu-bf16.json").read_text())
+    bf16, fp32 = res["hwcompat"], res["hwcompat_fp32"]
+    assert (bf16["dtype"], fp32["dtype"]) == ("bfloat16", "float32")
+    speed, memory, loss16, loss32 = re.search(r"([\d.]+)x fp32's tokens/s and ([\d.]+)x its peak memory, "
+                                              r"eval loss ([\d.]+) vs ([\d.]+)", why).groups()
+    assert speed == f"{bf16['tokens_per_s'] / fp32['tokens_per_s']:.1f}"
+    assert memory == f"{bf16['peak_memory_bytes'] / fp32['peak_memory_bytes']:.2f}"
+    assert (loss16, loss32) == (f"{bf16['eval_loss']:.3f}", f"{fp32['eval_loss']:.3f}")
