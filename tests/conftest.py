@@ -1,8 +1,7 @@
+import functools
 import json
 import os
 import random
-import subprocess
-import sys
 
 import pytest
 
@@ -25,15 +24,10 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture
 def run_cli():
-    """Run `python -m hwcompat ARGS` as a real subprocess; returns CompletedProcess."""
+    """Run `python -m hwcompat ARGS` as a real subprocess (tests/cli.py); returns CompletedProcess."""
+    from tests import cli
 
-    def _run(*args, env=None, timeout=120, **kw):
-        full_env = {k: v for k, v in os.environ.items() if not k.startswith("HWCOMPAT_")}
-        full_env.update(env or {})
-        return subprocess.run([sys.executable, "-m", "hwcompat", *args], capture_output=True, text=True,
-                              env=full_env, timeout=timeout, **kw)
-
-    return _run
+    return functools.partial(cli.run, timeout=120)
 
 
 @pytest.fixture(scope="session")

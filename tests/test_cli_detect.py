@@ -4,6 +4,8 @@ import json
 
 import pytest
 
+from tests import cli
+
 from hwcompat.cli import main
 
 
@@ -171,10 +173,9 @@ def test_bad_hwcompat_emulate_names_the_variable(run_cli):
 
 def test_detect_to_a_full_disk_is_a_clear_error():
     import subprocess
-    import sys
 
     with open("/dev/full", "w") as full:
-        res = subprocess.run([sys.executable, "-m", "hwcompat", "detect", "--json"], stdout=full,
-                             stderr=subprocess.PIPE, text=True)
+        res = subprocess.run(cli.argv("detect", "--json"), stdout=full, stderr=subprocess.PIPE, text=True,
+                             env=cli.clean_env())
     assert res.returncode != 0 and "Traceback" not in res.stderr
     assert "cannot write the output" in res.stderr and "No space left" in res.stderr

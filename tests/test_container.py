@@ -3,10 +3,10 @@ output_dir lands in an image, one clear line for an unwritable output mount, and
 
 import os
 import shlex
-import subprocess
-import sys
 
 import pytest
+
+from tests import cli
 import yaml
 
 from hwcompat import container
@@ -14,8 +14,7 @@ from hwcompat.errors import InputError
 
 
 def _run_line(*args):
-    res = subprocess.run([sys.executable, "-m", "hwcompat", "images", "run", *args], capture_output=True, text=True,
-                         env={k: v for k, v in os.environ.items() if not k.startswith("HWCOMPAT_")})
+    res = cli.run("images", "run", *args)
     assert res.returncode == 0, res.stderr
     (line,) = res.stdout.strip().splitlines()
     return shlex.split(line), res.stderr

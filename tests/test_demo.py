@@ -3,10 +3,10 @@
 import argparse
 import json
 import os
-import subprocess
-import sys
 
 import pytest
+
+from tests import cli
 
 from hwcompat.cli.common import plan_from_args
 from hwcompat.cli.detect import render_table
@@ -18,11 +18,8 @@ def cache_dir(tmp_path_factory):
 
 
 def _demo(tmp_path, cache_dir, *extra):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HWCOMPAT_")}
-    env["HWCOMPAT_CACHE_DIR"] = str(cache_dir)
-    return subprocess.run([sys.executable, "-m", "hwcompat", "demo", *extra, "max_steps=2", "eval_max_rows=4",
-                           "eval_max_new_tokens=8", f"output_dir={tmp_path / 'demo'}"],
-                          capture_output=True, text=True, env=env, timeout=900)
+    return cli.run("demo", *extra, "max_steps=2", "eval_max_rows=4", "eval_max_new_tokens=8",
+                   f"output_dir={tmp_path / 'demo'}", env={"HWCOMPAT_CACHE_DIR": str(cache_dir)}, timeout=900)
 
 
 @pytest.mark.slow
@@ -73,10 +70,8 @@ def test_demo_never_replaces_a_users_run(tmp_path, cache_dir):
 
 
 def _demo_in(cwd, cache_dir, *extra):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HWCOMPAT_")}
-    env["HWCOMPAT_CACHE_DIR"] = str(cache_dir)
-    return subprocess.run([sys.executable, "-m", "hwcompat", "demo", "--tiny", *extra, "eval_max_rows=4",
-                           "eval_max_new_tokens=8"], capture_output=True, text=True, env=env, timeout=900, cwd=cwd)
+    return cli.run("demo", "--tiny", *extra, "eval_max_rows=4", "eval_max_new_tokens=8",
+                   env={"HWCOMPAT_CACHE_DIR": str(cache_dir)}, timeout=900, cwd=cwd)
 
 
 @pytest.mark.slow
@@ -114,10 +109,7 @@ def test_demo_grpo_stage_starts_from_the_sft_adapter(tmp_path, cache_dir):
 
 
 def _cli(cache_dir, *args, cwd=None):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HWCOMPAT_")}
-    env["HWCOMPAT_CACHE_DIR"] = str(cache_dir)
-    return subprocess.run([sys.executable, "-m", "hwcompat", *args], capture_output=True, text=True, env=env,
-                          timeout=600, cwd=cwd)
+    return cli.run(*args, env={"HWCOMPAT_CACHE_DIR": str(cache_dir)}, timeout=600, cwd=cwd)
 
 
 @pytest.mark.slow

@@ -3,11 +3,11 @@
 import importlib.util
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests import cli
 
 from hwcompat.errors import HwcompatError, InputError
 from hwcompat.export.gguf import export_gguf
@@ -116,9 +116,7 @@ def test_train_export_chain(tmp_path):
     base = write_tiny(tmp_path / "base", ["What color is the sky? blue"] * 20, chat_template=False)
     train = write_jsonl(tmp_path / "t.jsonl", task_rows(32, 1))
     cfg = make_config(tmp_path, base, train, train, max_steps=3, eval_metrics="none", eval_at_start=False)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HWCOMPAT_")}
-    res = subprocess.run([sys.executable, "-m", "hwcompat", "train", str(cfg), "--export", "gguf"],
-                         capture_output=True, text=True, env=env)
+    res = cli.train(cfg, "--export", "gguf")
     assert res.returncode == 0, res.stderr[-3000:]
     run = tmp_path / "run"
     assert (run / "merged" / "model.safetensors").exists() and (run / "model.gguf").exists()
@@ -133,7 +131,6 @@ def test_train_export_chain(tmp_path):
 
 
 def _umask() -> int:
-    import os
 
     old = os.umask(0)
     os.umask(old)

@@ -3,6 +3,7 @@
 import pytest
 
 from hwcompat import compat
+from tests import cli
 from tests.test_compat import _problems
 
 
@@ -153,14 +154,11 @@ def test_desktop_cubins_do_not_cover_tegra_parts(cc, desktop, desktop_card):
 def test_a_jetson_xavier_is_refused_with_the_jetpack_advice(tmp_path):
     """Orin and Thor train from JetPack 7.2 (the jetson profile, tests/test_jetson.py); Xavier never can."""
     import json
-    import subprocess
-    import sys
 
     readings = tmp_path / "xavier.yaml"
     readings.write_text('- {vendor: nvidia, name: "Xavier (nvgpu)", memory_bytes: 34359738368, '
                         'compute_capability: "7.2"}\n')
-    res = subprocess.run([sys.executable, "-m", "hwcompat", "detect", "--emulate-file", str(readings), "--json"],
-                         capture_output=True, text=True, timeout=60)
+    res = cli.run("detect", "--emulate-file", readings, "--json", timeout=60)
     assert res.returncode == 0, res.stderr
     xavier = json.loads(res.stdout)["devices"][0]
     assert xavier["supported"] is False and xavier["profile"] is None

@@ -4,16 +4,15 @@ card's wheel index (the CPU build on a CPU machine, with PyPI as its fallback; a
 import os
 import shlex
 import subprocess
-import sys
 
 import pytest
+
+from tests import cli
 from packaging.requirements import Requirement
 
 
 def _line(*args):
-    res = subprocess.run([sys.executable, "-m", "hwcompat", "env", "--install-torch", *args], capture_output=True,
-                         text=True, env={k: v for k, v in os.environ.items() if not k.startswith("HWCOMPAT_")})
-    return res
+    return cli.run("env", "--install-torch", *args)
 
 
 def _commands(line):

@@ -4,16 +4,16 @@ import json
 import os
 import shlex
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests import cli
 from packaging.requirements import Requirement
 
 from hwcompat.probe import intel
 from hwcompat.probe.vendorlib import gpu_vendors
 
-CLEAN_ENV = {k: v for k, v in os.environ.items() if not k.startswith("HWCOMPAT_")}
 
 
 def _pci(root: Path, bus: str, device: str, driver: str | None, bar_bytes: int, cls: str = "0x030000") -> None:
@@ -91,8 +91,7 @@ def test_every_generation_id_is_unique_and_every_named_card_has_a_generation():
 def test_detect_resolves_arc_cards_to_the_xpu_wheels(tmp_path, readings, profile):
     f = tmp_path / "r.yaml"
     f.write_text(f"- {readings}\n")
-    res = subprocess.run([sys.executable, "-m", "hwcompat", "detect", "--emulate-file", str(f), "--json"],
-                         capture_output=True, text=True, env=CLEAN_ENV, timeout=60)
+    res = cli.run("detect", "--emulate-file", f, "--json", timeout=60)
     assert res.returncode == 0, res.stderr
     d = json.loads(res.stdout)["devices"][0]
     assert d["supported"] and d["arch"] == profile
@@ -138,8 +137,7 @@ def test_doctor_lists_the_intel_checks(tmp_path):
 
 
 def test_doctor_emulate_shows_intel_checks_from_the_cli():
-    res = subprocess.run([sys.executable, "-m", "hwcompat", "doctor", "--emulate", "b580"], capture_output=True,
-                         text=True, env=CLEAN_ENV, timeout=120)
+    res = cli.run("doctor", "--emulate", "b580", timeout=120)
     assert "Intel Arc B580 Graphics (battlemage)" in res.stdout
     # the check ran: the loader it found, or the library it looked for and did not find
     assert ("Level Zero loader: /" in res.stdout or "the Level Zero loader (libze_loader.so.1) is not installed"
@@ -163,8 +161,7 @@ def test_the_launcher_pins_level_zero_and_env_prints_it():
                         load_profiles(), Software())
     env = child_env(plan.devices[0].profile, plan.devices[0], None)
     assert env["ZE_AFFINITY_MASK"] == "0" and env["SYCL_CACHE_PERSISTENT"] == "1"
-    res = subprocess.run([sys.executable, "-m", "hwcompat", "env", "--emulate", "b580", "--device", "0"],
-                         capture_output=True, text=True, env=CLEAN_ENV, timeout=60)
+    res = cli.run("env", "--emulate", "b580", "--device", "0", timeout=60)
     out = subprocess.run(["bash", "-c", res.stdout + '\nprintf %s "$ZE_AFFINITY_MASK"'], capture_output=True,
                          text=True)
     assert out.stdout == "0"
@@ -268,7 +265,6 @@ def test_intel_ids_and_the_runtime_each_image_installs():
 def test_an_intel_index_is_level_zeros_with_the_igpu_counted(tmp_path):
     """#36.12: ZE_AFFINITY_MASK takes Level Zero's numbers, which count the iGPU too (pytorch PR #178496); old
     value: the discrete cards' own count, so a host with an iGPU at 00:02.0 pinned the wrong device."""
-    from dataclasses import replace
 
     from hwcompat.pipeline.launch import child_env
     from hwcompat.profiles import load_profiles

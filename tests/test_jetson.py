@@ -3,8 +3,6 @@
 a jetson profile trains Orin and Thor there, and older JetPack / older Jetsons are refused with the reason."""
 
 import json
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
@@ -15,6 +13,7 @@ from hwcompat.probe import nvidia
 from hwcompat.probe.emulate import parse_reading
 from hwcompat.profiles import load_profiles
 from hwcompat.resolve import match_profile
+from tests import cli
 from tests.test_probe import fake_nvml
 
 AARCH64_215 = compat.lookup("2.15.0", "13.2", None, machine="aarch64")[0]
@@ -60,8 +59,7 @@ def test_jetson_parts_match_the_jetson_profile_only(cc, name):
 def _detect(tmp_path, entries):
     path = tmp_path / "readings.json"
     path.write_text(json.dumps(entries))
-    res = subprocess.run([sys.executable, "-m", "hwcompat", "detect", "--emulate-file", str(path), "--json"],
-                         capture_output=True, text=True, timeout=60)
+    res = cli.run("detect", "--emulate-file", path, "--json", timeout=60)
     assert res.returncode == 0, res.stderr
     return json.loads(res.stdout)["devices"]
 

@@ -1,11 +1,10 @@
 """Streaming merge equals peft's merge_and_unload; bad input is refused before anything is written."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
+
+from tests import cli
 
 from hwcompat.errors import InputError
 from hwcompat.merge import merge
@@ -145,12 +144,9 @@ def test_cli_merge_uses_the_runs_base(tmp_path, base):
     run = tmp_path / "run"
     _adapter(base, run / "adapter")
     (run / "run.json").write_text(json.dumps({"config": {"model": str(base)}}))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HWCOMPAT_")}
-    res = subprocess.run([sys.executable, "-m", "hwcompat", "merge", str(run), "--out", str(tmp_path / "m")],
-                         capture_output=True, text=True, env=env)
+    res = cli.run("merge", run, "--out", tmp_path / "m")
     assert res.returncode == 0, res.stderr
-    res = subprocess.run([sys.executable, "-m", "hwcompat", "merge", str(run), "--out", str(tmp_path / "m")],
-                         capture_output=True, text=True, env=env)
+    res = cli.run("merge", run, "--out", tmp_path / "m")
     assert res.returncode == 2 and "exists and is not empty" in res.stderr and "Traceback" not in res.stderr
 
 

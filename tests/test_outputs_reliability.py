@@ -2,12 +2,13 @@
 
 import importlib.util
 import os
-import signal
 import subprocess
 import sys
 import textwrap
 
 import pytest
+
+from tests import cli
 
 from hwcompat.fsutil import FolderLock
 
@@ -36,14 +37,12 @@ def run_with_adapter(tmp_path_factory, model):
 
 
 def _cli(*args, code=None, env_extra=None, timeout=300):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HWCOMPAT_")}
-    env.update(env_extra or {})
     if code is None:
-        cmd = [sys.executable, "-m", "hwcompat", *map(str, args)]
-    else:  # run the CLI after a patch (e.g. a SIGTERM in the middle of writing)
-        cmd = [sys.executable, "-c", textwrap.dedent(code) + f"\nimport sys\nfrom hwcompat.cli import main\n"
-                                                             f"sys.exit(main({[str(a) for a in args]!r}))"]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+        return cli.run(*args, env=env_extra, timeout=timeout)
+    # run the CLI after a patch (e.g. a SIGTERM in the middle of writing)
+    cmd = [sys.executable, "-c", textwrap.dedent(code) + f"\nimport sys\nfrom hwcompat.cli import main\n"
+                                                         f"sys.exit(main({[str(a) for a in args]!r}))"]
+    return subprocess.run(cmd, capture_output=True, text=True, env=cli.clean_env(env_extra), timeout=timeout)
 
 
 @pytest.mark.slow

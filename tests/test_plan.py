@@ -6,6 +6,8 @@ import subprocess
 import sys
 
 import pytest
+
+from tests import cli
 from dataclasses import replace
 
 from hwcompat import plan as P
@@ -153,8 +155,7 @@ def test_train_refuses_a_run_that_will_not_fit(tmp_path):
                                                  "num_key_value_heads": 8}))
     data = tmp_path / "t.jsonl"
     data.write_text('{"prompt": "p", "completion": "c"}\n' * 4)
-    res = subprocess.run([sys.executable, "-m", "hwcompat", "train", "/dev/null", f"model={big}",
-                          f"train_data={data}", f"output_dir={tmp_path / 'run'}"], capture_output=True, text=True)
+    res = cli.train("/dev/null", f"model={big}", f"train_data={data}", f"output_dir={tmp_path / 'run'}")
     assert res.returncode == 1, res.stderr
     assert "this run will not fit on" in res.stderr and "--force tries anyway" in res.stderr
     assert not (tmp_path / "run").exists()
@@ -191,15 +192,13 @@ def test_train_plans_with_its_datas_response_share(tmp_path):
 ])
 def test_impossible_shapes_are_refused_not_planned(tmp_path, field, value, message):
     (tmp_path / "config.json").write_text(json.dumps({**QWEN7B, field: value}))
-    res = subprocess.run([sys.executable, "-m", "hwcompat", "plan", "--model", str(tmp_path), "--emulate", "m40"],
-                         capture_output=True, text=True)
+    res = cli.run("plan", "--model", tmp_path, "--emulate", "m40")
     assert res.returncode == 2 and message in res.stderr and "fits" not in res.stdout, res.stderr + res.stdout
 
 
 def test_config_json_that_is_not_an_object(tmp_path):
     (tmp_path / "config.json").write_text("[1, 2]")
-    res = subprocess.run([sys.executable, "-m", "hwcompat", "plan", "--model", str(tmp_path)], capture_output=True,
-                         text=True)
+    res = cli.run("plan", "--model", tmp_path)
     assert res.returncode == 2 and "must hold a JSON object, got list" in res.stderr
 
 

@@ -7,23 +7,19 @@ resume cases are in tests/train/test_reliability_runs.py, the signal phases in t
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import textwrap
-import threading
 
 import pytest
 
+from tests import cli as hwcompat_cli
 from tests.test_outputs_reliability import TEXTS
 
-CLEAN_ENV = {k: v for k, v in os.environ.items() if not k.startswith("HWCOMPAT_")}
+CLEAN_ENV = hwcompat_cli.clean_env()
 
 
 def cli(*args, env_extra=None, timeout=120, **kw):
-    env = dict(CLEAN_ENV, **(env_extra or {}))
-    return subprocess.run([sys.executable, "-m", "hwcompat", *map(str, args)], capture_output=True, text=True,
-                          env=env, timeout=timeout, **kw)
+    return hwcompat_cli.run(*args, env=env_extra, timeout=timeout, **kw)
 
 
 def assert_clean_error(res, code=2, *texts):
@@ -281,9 +277,7 @@ def test_a_nul_in_the_system_prompt_is_refused(tmp_path, model, rows):
 
 def test_a_non_utf8_system_prompt_from_argv_is_refused(tmp_path, model, rows):
     cfg = _config(tmp_path, model, rows, "")
-    res = subprocess.run([sys.executable.encode(), b"-m", b"hwcompat", b"train", str(cfg).encode(),
-                          b"system_prompt=caf\xe9", b"--print-config"], capture_output=True, env=CLEAN_ENV,
-                         timeout=60)
+    res = cli("train", cfg, b"system_prompt=caf\xe9", b"--print-config", text=False, timeout=60)
     err = res.stderr.decode("utf-8", "replace")
     assert res.returncode == 2 and "system_prompt" in err and "Traceback" not in err, err[-2000:]
 
@@ -307,9 +301,7 @@ def test_a_range_error_from_the_command_line_names_the_command_line(tmp_path, mo
 
 def test_a_non_utf8_byte_in_output_dir_is_refused_before_training(tmp_path, model, rows):
     cfg = _config(tmp_path, model, rows, "max_steps: 1\n")
-    res = subprocess.run([sys.executable.encode(), b"-m", b"hwcompat", b"train", str(cfg).encode(),
-                          b"output_dir=" + str(tmp_path).encode() + b"/run\xff"], capture_output=True,
-                         env=CLEAN_ENV, timeout=120)
+    res = cli("train", cfg, b"output_dir=" + str(tmp_path).encode() + b"/run\xff", text=False)
     err = res.stderr.decode("utf-8", "replace")
     assert res.returncode == 2 and "not UTF-8" in err and "Traceback" not in err, err[-2000:]
     assert not any(p.name.startswith("run") for p in tmp_path.iterdir())

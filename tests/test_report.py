@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 
+from tests import cli
 from tests.browser import CHROMIUM, visit
 
 PLOTS = ("JSON.stringify([...document.querySelectorAll('figure.plot')].map(f => [f.dataset.title, "
@@ -33,19 +34,14 @@ def _checked(page, tmp_path, shot_name):
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory, tiny_model_module):
     """A run stopped by SIGTERM at step 5 and resumed to 8, and a second run with another learning rate."""
-    import subprocess
-    import sys
 
     from tests.train.conftest import make_config, sigterm_site, task_rows, write_jsonl
 
     base = tmp_path_factory.mktemp("runs")
     train, evals = write_jsonl(base / "train.jsonl", task_rows(160, 1)), write_jsonl(base / "eval.jsonl", task_rows(24, 2))
     sigterm_site(base / "site")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HWCOMPAT_")}
-
     def train_cli(*args, **extra):
-        return subprocess.run([sys.executable, "-m", "hwcompat", "train", *map(str, args)], capture_output=True,
-                              text=True, timeout=600, env={**env, **extra})
+        return cli.train(*args, timeout=600, env=extra)
 
     runs = []
     for name, lr in (("a", 0.02), ("b", 0.005)):

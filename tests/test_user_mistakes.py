@@ -2,13 +2,12 @@
 
 import errno
 import json
-import os
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests import cli
 
 from hwcompat.errors import HwcompatError, InputError
 
@@ -16,9 +15,7 @@ TEXTS = ["the quick brown fox jumps over the lazy dog"] * 20
 
 
 def _cli(*args, timeout=300):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HWCOMPAT_")}
-    return subprocess.run([sys.executable, "-m", "hwcompat", *map(str, args)], capture_output=True, text=True,
-                          env=env, timeout=timeout)
+    return cli.run(*args, timeout=timeout)
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,8 @@ them; the comma form still works, and a bad flow list is refused with the key an
 import re
 import pytest
 
+from tests import cli
+
 from hwcompat.errors import InputError
 from hwcompat.train.config import load_config
 
@@ -63,13 +65,7 @@ def test_a_flow_list_with_a_control_byte_or_deep_nesting_is_refused_in_one_line(
 
 
 def test_a_non_utf8_override_on_the_real_command_line_is_one_clear_error(run_cli, tmp_path):
-    import os
-    import subprocess
-    import sys
-
     (tmp_path / "c.yaml").write_text(BASE)
-    res = subprocess.run([sys.executable, "-m", "hwcompat", "train", str(tmp_path / "c.yaml"),
-                          b"train_data=[a.jsonl,\xffb.jsonl]", "--print-config"], capture_output=True,
-                         env={k: v for k, v in os.environ.items() if not k.startswith("HWCOMPAT_")})
+    res = cli.run("train", tmp_path / "c.yaml", b"train_data=[a.jsonl,\xffb.jsonl]", "--print-config", text=False)
     assert res.returncode == 2 and b"Traceback" not in res.stderr, res.stderr
     assert b"train_data" in res.stderr and b"is not a YAML flow list" in res.stderr

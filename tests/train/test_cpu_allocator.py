@@ -6,7 +6,6 @@ import json
 import os
 import shlex
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ import pytest
 from hwcompat.errors import InputError
 from hwcompat.pipeline.launch import cpu_allocator
 from hwcompat.probe import malloc
+from tests import cli
 from tests.train.conftest import make_config
 
 REQUIRE = os.environ.get("HWCOMPAT_REQUIRE_TCMALLOC") == "1"  # read at import: the autouse fixture clears HWCOMPAT_*
@@ -100,9 +100,8 @@ def test_in_use_reads_the_process_mappings(tmp_path):
 
 
 def _train(cfg, *args):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HWCOMPAT_") and k != "LD_PRELOAD"}
-    return subprocess.run([sys.executable, "-m", "hwcompat", "train", str(cfg), *args], capture_output=True,
-                          text=True, env=env, timeout=300)
+    env = cli.clean_env(drop=("LD_PRELOAD",))
+    return subprocess.run(cli.argv("train", cfg, *args), capture_output=True, text=True, env=env, timeout=300)
 
 
 @pytest.mark.slow

@@ -1,11 +1,10 @@
 """Data that used to crash the tokenizer or eat memory is a data error with file:line, found before tokenising."""
 
 import json
-import subprocess
-import sys
 import time
 
-import pytest
+
+from tests import cli
 
 from hwcompat.data.rows import Report, read_jsonl
 
@@ -67,6 +66,6 @@ def test_data_check_cli_flags_a_50mb_line_quickly(tmp_path):
         fh.write(_row("fine"))
         fh.write(_row("y" * 50_000_000))
     start = time.time()
-    res = subprocess.run([sys.executable, "-m", "hwcompat", "data", "check", str(f)], capture_output=True, text=True)
+    res = cli.run("data", "check", f)
     assert res.returncode == 1 and f"{f}:2: 50,000,0" in res.stderr and "far beyond max_seq_len=1024" in res.stderr
     assert time.time() - start < 30

@@ -1,15 +1,13 @@
 """DPO: the loss against the textbook formula, preference-data checks with their messages, a CPU run end to end."""
 
 import json
-import os
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
 
 from hwcompat.data.rows import Report
 from hwcompat.data.pairs import read_pairs
+from tests import cli
 from tests.train.conftest import COLORS, make_config, write_jsonl
 
 WRONG = {"red": "blue", "yellow": "green", "green": "red", "blue": "yellow"}
@@ -229,9 +227,7 @@ def test_pair_truncated_away_is_an_error(tmp_path, tiny_model):
 def test_dpo_run_end_to_end_on_cpu(tmp_path, tiny_model, pair_files):
     cfg = make_config(tmp_path, tiny_model, *pair_files, method="dpo", beta=0.5, max_steps=40, learning_rate=0.003,
                       micro_batch_size=8)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HWCOMPAT_")}
-    res = subprocess.run([sys.executable, "-m", "hwcompat", "train", str(cfg)], capture_output=True, text=True,
-                         env=env, timeout=300)
+    res = cli.run("train", cfg)
     assert res.returncode == 0, res.stderr[-3000:]
     s = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert s["objective"] == "dpo"
@@ -260,11 +256,8 @@ def test_regressions_are_measured_in_points():
 @pytest.mark.slow
 def test_harmful_dpo_after_sft_is_flagged_and_not_exported(tmp_path, tiny_model, task_files):
     """SFT learns the colours; a DPO stage whose training pairs prefer the wrong colour is caught by the guard."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HWCOMPAT_")}
-
     def train(cfg, *args):
-        return subprocess.run([sys.executable, "-m", "hwcompat", "train", str(cfg), *args], capture_output=True,
-                              text=True, env=env, timeout=400)
+        return cli.run("train", cfg, *args, timeout=400)
 
     sft_dir = tmp_path / "sft"
     sft_dir.mkdir()
@@ -294,9 +287,7 @@ def test_init_adapter_of_another_shape_is_refused(tmp_path, tiny_model, pair_fil
     (adapter / "adapter_config.json").write_text(json.dumps({"r": 8, "lora_alpha": 16, "target_modules": ["q_proj"]}))
     (adapter / "adapter_model.safetensors").write_bytes(b"")
     cfg = make_config(tmp_path, tiny_model, *pair_files, method="dpo", init_adapter=str(adapter))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HWCOMPAT_")}
-    res = subprocess.run([sys.executable, "-m", "hwcompat", "train", str(cfg)], capture_output=True, text=True, env=env,
-                         timeout=120)
+    res = cli.run("train", cfg, timeout=120)
     assert res.returncode == 2 and f"init_adapter {adapter} was trained with lora_r=8, lora_alpha=16" in res.stderr
 
 

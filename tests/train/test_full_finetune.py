@@ -7,12 +7,10 @@ same fp32 gradients; see train/host_optim.py), with gradient accumulation, clipp
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 
+from tests import cli
 from tests.train.conftest import make_config, sigterm_site, write_jsonl
 
 #: Settings every equivalence run shares: clipping that bites (max_grad_norm well under the raw norms),
@@ -24,10 +22,7 @@ EQ = dict(finetune="full", learning_rate=0.003, max_steps=6, gradient_accumulati
 
 
 def _train(*args, env=None, timeout=300):
-    full = {k: v for k, v in os.environ.items() if not k.startswith("HWCOMPAT_")}
-    full.update(env or {})
-    return subprocess.run([sys.executable, "-m", "hwcompat", "train", *map(str, args)], capture_output=True,
-                          text=True, env=full, timeout=timeout)
+    return cli.run("train", *args, env=env, timeout=timeout)
 
 
 def _weights(run):
@@ -258,17 +253,14 @@ def test_full_run_exports_to_gguf_without_a_merge(tmp_path, tiny_model, task_fil
 def test_eval_and_generate_read_a_full_run_and_compare_it_with_its_base(tmp_path, tiny_model, task_files):
     run, _ = _run(tmp_path, "a", tiny_model, *task_files, max_steps=20, eval_at_start=True, eval_metrics="auto",
                   gradient_accumulation=1, learning_rate=0.002)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HWCOMPAT_")}
-    res = subprocess.run([sys.executable, "-m", "hwcompat", "eval", str(run), "--data", str(task_files[1])],
-                         capture_output=True, text=True, env=env, timeout=300)
+    res = cli.run("eval", run, "--data", task_files[1])
     assert res.returncode == 0, res.stderr[-2000:]
     out = json.loads(res.stdout)
     s = json.loads((run / "summary.json").read_text())
     # the base is the run's starting model (its weights swapped in), the adapted one the model/ folder
     assert math.isclose(out["base"]["eval_loss"], s["eval_before"]["eval_loss"], rel_tol=1e-5)
     assert math.isclose(out["adapted"]["eval_loss"], s["eval_after"]["eval_loss"], rel_tol=1e-5)
-    res = subprocess.run([sys.executable, "-m", "hwcompat", "generate", str(run), "What color is the lemon?"],
-                         capture_output=True, text=True, env=env, timeout=300)
+    res = cli.run("generate", run, "What color is the lemon?")
     assert res.returncode == 0 and res.stdout.strip(), res.stderr[-2000:]
 
 

@@ -8,8 +8,6 @@ import math
 import os
 import signal
 import statistics
-import subprocess
-import sys
 import time
 from types import SimpleNamespace
 
@@ -17,6 +15,7 @@ import pytest
 
 from hwcompat.errors import InputError
 from hwcompat.train.config import TrainConfig
+from tests import cli
 from tests.train.conftest import make_config
 
 torch = pytest.importorskip("torch")
@@ -284,10 +283,7 @@ SHORT = "def short(prompts, completions, references, **kwargs):\n{sleep}    retu
 
 
 def _train(*args, env=None, timeout=600):
-    full = {k: v for k, v in os.environ.items() if not k.startswith("HWCOMPAT_")}
-    full.update(env or {})
-    return subprocess.run([sys.executable, "-m", "hwcompat", "train", *map(str, args)], capture_output=True,
-                          text=True, env=full, timeout=timeout)
+    return cli.run("train", *args, env=env, timeout=timeout)
 
 
 def _grpo_config(tmp_path, tiny_model, task_files, sleep="", **extra):
@@ -327,8 +323,7 @@ def test_grpo_learns_a_reward_end_to_end(tmp_path, tiny_model, task_files):
     assert all(len(s["completions"]) == 8 == len(s["rewards"]) for s in samples[-1]["samples"])
     page = (run / "report.html").read_text()
     assert "Sampled completions (GRPO)" in page and "GRPO reward" in page
-    evaluated = subprocess.run([sys.executable, "-m", "hwcompat", "eval", str(run), "--data", str(task_files[1])],
-                               capture_output=True, text=True, timeout=600)
+    evaluated = cli.run("eval", run, "--data", task_files[1], timeout=600)
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
     assert "reward_short" in json.loads(evaluated.stdout)["adapted"]
 
@@ -363,9 +358,7 @@ def test_sigterm_and_resume_are_bit_identical(tmp_path, tiny_model, task_files):
         runs[name] = _grpo_config(tmp_path / name, tiny_model, task_files, sleep=sleep, max_steps=10,
                                   lora_dropout=0.1, eval_at_start=False, eval_metrics="none")
     assert _train(runs["a"]).returncode == 0
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HWCOMPAT_")}
-    proc = subprocess.Popen([sys.executable, "-m", "hwcompat", "train", str(runs["b"])], stderr=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True, env=env)
+    proc = cli.popen("train", runs["b"])
     metrics = tmp_path / "b" / "run" / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 3):

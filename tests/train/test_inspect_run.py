@@ -1,19 +1,15 @@
 """`hwcompat generate` and `hwcompat eval` on a finished tiny run: the adapter answers, metrics side by side."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
+from tests import cli
 from tests.train.conftest import make_config, task_rows, write_jsonl
 
 
 def _cli(*args, timeout=300):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HWCOMPAT_")}
-    return subprocess.run([sys.executable, "-m", "hwcompat", *map(str, args)], capture_output=True, text=True, env=env,
-                          timeout=timeout)
+    return cli.run(*args, timeout=timeout)
 
 
 @pytest.fixture(scope="module")

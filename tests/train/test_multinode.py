@@ -7,7 +7,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 
 import pytest
@@ -15,6 +14,7 @@ import pytest
 from hwcompat.errors import InputError
 from hwcompat.pipeline.elastic import exit_code
 from hwcompat.pipeline.launch import Nodes
+from tests import cli
 from tests.train.conftest import make_config
 
 
@@ -24,17 +24,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _env():
-    return {k: v for k, v in os.environ.items() if not k.startswith("HWCOMPAT_")}
-
-
 def _start_nodes(configs, port, *extra, node_args=()):
     procs = []
     for rank, cfg in enumerate(configs):
-        args = [sys.executable, "-m", "hwcompat", "train", str(cfg), "--nnodes", str(len(configs)), "--node-rank",
-                str(rank), "--rdzv-endpoint", f"127.0.0.1:{port}", *extra, *(node_args[rank] if node_args else ())]
-        procs.append(subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
-                                      start_new_session=True))
+        procs.append(cli.popen("train", cfg, "--nnodes", len(configs), "--node-rank", rank, "--rdzv-endpoint",
+                               f"127.0.0.1:{port}", *extra, *(node_args[rank] if node_args else ()),
+                               start_new_session=True))
     return procs
 
 
@@ -77,8 +72,7 @@ def test_two_nodes_equal_one_process_with_twice_the_accumulation(tmp_path, tiny_
     single.mkdir()
     cfg = make_config(single, tiny_model, *task_files, max_steps=4, gradient_accumulation=2, eval_at_start=False,
                       eval_metrics="none", lora_dropout=0.0)
-    res = subprocess.run([sys.executable, "-m", "hwcompat", "train", str(cfg)], capture_output=True, text=True,
-                         env=_env(), timeout=300)
+    res = cli.run("train", cfg)
     assert res.returncode == 0, res.stderr[-3000:]
     ref = _adapter(single / "run")
     for rank in (0, 1):

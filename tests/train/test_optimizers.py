@@ -1,19 +1,15 @@
 """optimizer: adamw | adamw_8bit | paged_adamw_8bit — trained for real on the CPU, refused where the card has no kernels."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
+from tests import cli
 from tests.train.conftest import make_config
 
 
 def _train(*args):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HWCOMPAT_")}
-    return subprocess.run([sys.executable, "-m", "hwcompat", "train", *map(str, args)], capture_output=True, text=True,
-                          env=env, timeout=300)
+    return cli.run("train", *args)
 
 
 @pytest.mark.slow

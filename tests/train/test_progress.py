@@ -8,10 +8,11 @@ import pty
 import re
 import struct
 import subprocess
-import sys
 import termios
 
 import pytest
+
+from tests import cli
 
 from hwcompat.progress import Progress, duration, quiet_library_bars
 
@@ -126,9 +127,7 @@ def test_on_a_terminal_the_training_draws_tqdms_bar(tmp_path, tiny_model, task_f
     cfg = _tiny_run(tmp_path, tiny_model, task_files)
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 160, 0, 0))  # a terminal's size: tqdm fits to it
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HWCOMPAT_", "TQDM_"))}
-    proc = subprocess.Popen([sys.executable, "-m", "hwcompat", "train", str(cfg)], stdout=subprocess.DEVNULL,
-                            stderr=slave, env=env)
+    proc = cli.popen("train", cfg, stdout=subprocess.DEVNULL, stderr=slave, full_env=cli.clean_env(drop=("TQDM_",)))
     os.close(slave)
     chunks = []
     while True:

@@ -4,15 +4,13 @@ log or checkpoint falls back to the last good state with the file named."""
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 
 from hwcompat.errors import InputError
 from hwcompat.train.rundir import LEDGER, open_run_dir
+from tests import cli
 from tests.train.conftest import make_config
-from tests.train.test_train_e2e import _train
 
 
 def _cfg(run, **kw):
@@ -101,9 +99,7 @@ def test_output_dir_dot_never_replaces_the_users_config(tmp_path, tiny_model, ta
 
     cfg = make_config(tmp_path, tiny_model, *task_files, max_steps=2, output_dir=".")
     before = cfg.read_bytes()
-    res = subprocess.run([sys.executable, "-m", "hwcompat", "train", "config.yaml"], cwd=tmp_path,
-                         capture_output=True, text=True, timeout=300,
-                         env={k: v for k, v in os.environ.items() if not k.startswith("HWCOMPAT_")})
+    res = cli.run("train", "config.yaml", cwd=tmp_path)
     assert res.returncode == 2 and "holds config.yaml, which hwcompat did not write" in res.stderr, res.stderr[-2000:]
     assert cfg.read_bytes() == before and yaml.safe_load(before)["output_dir"] == "."
     assert not (tmp_path / "run.json").exists()
@@ -132,7 +128,7 @@ def checkpointed(tmp_path, tiny_model, task_files):
     """A 2-step run that stopped with a checkpoint at step 2 (its adapter and summary removed)."""
     cfg = make_config(tmp_path, tiny_model, *task_files, max_steps=4, checkpoint_every=2, eval_metrics="none",
                       eval_at_start=False)
-    res = _train(cfg)
+    res = cli.train(cfg)
     assert res.returncode == 0, res.stderr[-2000:]
     run = tmp_path / "run"
     shutil.rmtree(run / "adapter")
@@ -148,7 +144,7 @@ def _files(run):
 @pytest.mark.slow
 def test_resume_with_another_process_count_is_refused(checkpointed):
     before = _files(checkpointed)
-    res = _train(checkpointed / "config.yaml", "--resume", "--devices", "2")
+    res = cli.train(checkpointed / "config.yaml", "--resume", "--devices", "2")
     assert res.returncode == 2 and "the number of processes: the run was trained with 1" in res.stderr, res.stderr
     assert "--devices 1" in res.stderr and _files(checkpointed) == before
 
@@ -159,10 +155,10 @@ def test_resume_after_the_data_changed_in_place_is_refused(checkpointed, task_fi
     with open(train, "a") as fh:
         fh.write(json.dumps({"prompt": "new?", "completion": "row"}) + "\n")
     before = _files(checkpointed)
-    res = _train(checkpointed / "config.yaml", "--resume")
+    res = cli.train(checkpointed / "config.yaml", "--resume")
     assert res.returncode == 2 and f"the content of {train}" in res.stderr, res.stderr[-2000:]
     assert _files(checkpointed) == before
-    res = _train(checkpointed / "config.yaml", "--resume", "force=true")
+    res = cli.train(checkpointed / "config.yaml", "--resume", "force=true")
     assert res.returncode == 0, res.stderr[-2000:]
     resumes = json.loads((checkpointed / "run.json").read_text())["resumes"]
     assert any(f"the content of {train}" in x for r in resumes for x in r.get("inputs_changed", []))
@@ -178,7 +174,7 @@ def test_resume_after_the_base_weights_changed_is_refused(checkpointed, tiny_mod
     spec = _json.loads((checkpointed / "run.json").read_text())
     spec["inputs"]["base"] = "0" * 32  # as if the weights at the path had been replaced by another model
     (checkpointed / "run.json").write_text(_json.dumps(spec))
-    res = _train(checkpointed / "config.yaml", "--resume")
+    res = cli.train(checkpointed / "config.yaml", "--resume")
     assert res.returncode == 2 and "the base model's weights or config.json changed" in res.stderr, res.stderr[-2000:]
 
 
@@ -219,7 +215,7 @@ def test_weights_digest_samples_a_large_shard(tiny_model, tmp_path, monkeypatch)
 def test_a_torn_metrics_line_does_not_break_resume(checkpointed):
     with open(checkpointed / "metrics.jsonl", "a") as fh:
         fh.write('{"step": 3, "kind": "tra\n\n')
-    res = _train(checkpointed / "config.yaml", "--resume")
+    res = cli.train(checkpointed / "config.yaml", "--resume")
     assert res.returncode == 0, res.stderr[-2000:]
     assert "dropped 2 torn or blank line(s)" in res.stderr
     steps = [json.loads(x)["step"] for x in (checkpointed / "metrics.jsonl").read_text().splitlines()
@@ -233,7 +229,7 @@ def test_a_torn_metrics_line_does_not_break_resume(checkpointed):
 def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path, tiny_model, task_files, damage):
     cfg = make_config(tmp_path, tiny_model, *task_files, max_steps=6, checkpoint_every=2, keep_checkpoints=3,
                       eval_metrics="none", eval_at_start=False)
-    assert _train(cfg).returncode == 0
+    assert cli.train(cfg).returncode == 0
     run = tmp_path / "run"
     shutil.rmtree(run / "adapter")
     (run / "summary.json").unlink()
@@ -251,7 +247,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path, tiny
         f.unlink()
     else:
         f.write_bytes(b"PK\x03\x04 not a torch file" * 10)
-    res = _train(run / "config.yaml", "--resume")
+    res = cli.train(run / "config.yaml", "--resume")
     assert res.returncode == 0, res.stderr[-2000:]
     assert "step-0000004" in res.stderr and "at step 2/6" in res.stderr, res.stderr[-2000:]
     assert "Traceback" not in res.stderr
@@ -262,7 +258,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path, tiny
 def test_every_checkpoint_damaged_is_a_clear_error_and_changes_nothing(checkpointed):
     (checkpointed / "checkpoints" / "step-0000002" / "state.json").write_text("{")
     before = _files(checkpointed)
-    res = _train(checkpointed / "config.yaml", "--resume")
+    res = cli.train(checkpointed / "config.yaml", "--resume")
     assert res.returncode == 2 and "no usable checkpoint" in res.stderr and "state.json" in res.stderr, res.stderr
     assert _files(checkpointed) == before
 
@@ -276,7 +272,7 @@ def test_adapter_and_checkpoint_files_follow_the_umask(checkpointed):
 
     old = os.umask(0o022)
     try:
-        res = _train(checkpointed / "config.yaml", "--resume")
+        res = cli.train(checkpointed / "config.yaml", "--resume")
     finally:
         os.umask(old)
     assert res.returncode == 0, res.stderr[-2000:]

@@ -14,6 +14,7 @@ from hwcompat.errors import InputError
 from hwcompat.fsutil import FolderLock, atomic_write_text, clean_stale
 from hwcompat.train.config import TrainConfig, load_config
 from hwcompat.train.rundir import open_run_dir, resume_changes
+from tests import cli
 from tests.train.conftest import make_config, prepare_run, sigterm_site
 
 
@@ -130,9 +131,7 @@ def test_folder_lock_names_its_owner_in_the_file(tmp_path):
 # --- end to end: the CLI with a tiny model ------------------------------------------------------------
 
 def _train(*args, timeout=300):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HWCOMPAT_")}
-    return subprocess.run([sys.executable, "-m", "hwcompat", "train", *map(str, args)], capture_output=True,
-                          text=True, env=env, timeout=timeout)
+    return cli.run("train", *args, timeout=timeout)
 
 
 def test_a_finished_run_resumed_from_an_older_checkpoint_cannot_go_backwards(tmp_path):
@@ -178,9 +177,7 @@ def test_refused_resume_keeps_the_run_resumable_and_changes_are_recorded(tmp_pat
 def test_two_trainings_into_one_folder(tmp_path, tiny_model, task_files):
     cfg = make_config(tmp_path, tiny_model, *task_files, max_steps=1_000_000, eval_at_start=False,
                       eval_metrics="none")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HWCOMPAT_")}
-    first = subprocess.Popen([sys.executable, "-m", "hwcompat", "train", str(cfg)], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, env=env)
+    first = cli.popen("train", cfg)
     metrics = tmp_path / "run" / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
@@ -199,7 +196,7 @@ def test_two_trainings_into_one_folder(tmp_path, tiny_model, task_files):
 # --- models: local safetensors only, no network unless asked ---------------------------------------------
 
 def test_model_checks_before_any_load(tmp_path):
-    from hwcompat.pipeline.launch import check_model, child_env, is_hub_id
+    from hwcompat.pipeline.launch import check_model, is_hub_id
 
     with pytest.raises(InputError, match="no such folder. It looks like a Hugging Face Hub id"):
         check_model("HuggingFaceTB/SmolLM2-135M", allow_network=False)
@@ -245,15 +242,13 @@ def test_docker_stop_mid_accumulation_checkpoints_and_resume_equals_an_uninterru
                            eval_at_start=False, eval_metrics="none", learning_rate=0.01)
 
     assert _train(config("a")).returncode == 0
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HWCOMPAT_")}
     # micro-batch 200 of step 1's 400 (it was a 1 s sleep after the model line: a fast machine finished the step)
     stamp = tmp_path / "signalled-at"
-    env.update(PYTHONPATH=str(sigterm_site(tmp_path / "site")), TEST_SIGTERM_AT_MICRO="200",
+    env = dict(PYTHONPATH=str(sigterm_site(tmp_path / "site")), TEST_SIGTERM_AT_MICRO="200",
                TEST_SIGTERM_STAMP=str(stamp))
     log = tmp_path / "b.log"
     with open(log, "w") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "hwcompat", "train", str(config("b"))], stdout=subprocess.PIPE,
-                                stderr=err, text=True, env=env)
+        proc = cli.popen("train", config("b"), stderr=err, env=env)
         proc.wait(timeout=300)
         exited = time.time()
     text = log.read_text()

@@ -7,15 +7,14 @@ Each run is the real worker in a subprocess. The signal is sent by the process t
 """
 
 import json
-import os
 import signal
 import subprocess
 import sys
 
 import pytest
 
+from tests import cli
 from tests.train.conftest import make_config, prepare_run
-from tests.train.test_train_e2e import _train
 
 def _config(tmp_path, model, files, **extra):
     # offload decided as the CLI decides it (prepare_run skips the plan), so a resume keeps the same setting
@@ -86,7 +85,7 @@ def test_signal_in_the_final_eval_saves_a_checkpoint_and_resume_finishes(tmp_pat
     assert "Traceback" not in res.stderr
     assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step-0000004"]
     assert not (run_dir / "adapter").exists()
-    res = _train(run_dir / "config.yaml", "--resume")
+    res = cli.train(run_dir / "config.yaml", "--resume")
     assert res.returncode == 0, res.stderr[-2000:]
     assert "at step 4/4" in res.stderr
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 4
@@ -113,7 +112,7 @@ def test_sigterm_in_a_mid_run_eval_acts_within_a_bounded_time(tmp_path, tiny_mod
     evals = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()
              if json.loads(x)["kind"] == "eval"]
     assert evals == []  # the interrupted eval left no half record
-    res = _train(run_dir / "config.yaml", "--resume", "eval_metrics=none")
+    res = cli.train(run_dir / "config.yaml", "--resume", "eval_metrics=none")
     assert res.returncode == 0, res.stderr[-2000:]
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 6
 
@@ -147,9 +146,7 @@ M.merge = merge
     for cmd in cmds:
         argv = shlex.split(cmd)
         assert argv[0] == "hwcompat"
-        out = subprocess.run([sys.executable, "-m", "hwcompat", *argv[1:], "--no-verify"] if argv[1] == "export"
-                             else [sys.executable, "-m", "hwcompat", *argv[1:]], capture_output=True, text=True,
-                             timeout=300)
+        out = cli.run(*argv[1:], *(["--no-verify"] if argv[1] == "export" else []))
         assert out.returncode == 0, (cmd, out.stderr[-2000:])
     assert (run_dir / "model.gguf").exists() and (run_dir / "model.Modelfile").exists()
 

@@ -1,7 +1,6 @@
 """`hwcompat train` end to end on CPU with a tiny Llama: learning, adapter, resume, signals, DDP."""
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -10,14 +9,12 @@ import time
 
 import pytest
 
+from tests import cli
 from tests.train.conftest import make_config
 
 
 def _train(*args, env=None, timeout=300):
-    full = {k: v for k, v in os.environ.items() if not k.startswith("HWCOMPAT_")}
-    full.update(env or {})
-    return subprocess.run([sys.executable, "-m", "hwcompat", "train", *map(str, args)], capture_output=True,
-                          text=True, env=full, timeout=timeout)
+    return cli.run("train", *args, env=env, timeout=timeout)
 
 
 @pytest.mark.slow
@@ -91,9 +88,7 @@ def test_resume_matches_uninterrupted_run(tmp_path, tiny_model, task_files):
 def test_sigterm_checkpoints_and_resume_continues(tmp_path, tiny_model, task_files):
     cfg = make_config(tmp_path, tiny_model, *task_files, max_steps=1_000_000, learning_rate=1e-4,
                       eval_at_start=False)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HWCOMPAT_")}
-    proc = subprocess.Popen([sys.executable, "-m", "hwcompat", "train", str(cfg)], stderr=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True, env=env)
+    proc = cli.popen("train", cfg)
     metrics = tmp_path / "run" / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 3):
