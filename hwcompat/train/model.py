@@ -178,10 +178,11 @@ def _adapters_in_fp32(model):
 
 def _cast_once(model):
     """Under autocast, skip peft's cast of a LoRA layer's input to the adapter's fp32: autocast casts it straight
-    back to bf16/fp16 for the matmul, so every adapted layer copied its input twice (measured on the CPU in bf16:
-    7% of a step's time and 0.9 GiB of its peak). bf16 -> fp32 -> bf16 is exact, so the result is the same to the
-    bit. Only where the layer has no dropout: torch's bf16 dropout rounds its 1/(1-p) scale to bf16, so with
-    ``lora_dropout`` > 0 peft's fp32 path stays, as it does outside autocast (fp32 runs)."""
+    back to bf16/fp16 for the matmul, so every adapted layer copied its input twice and kept one copy for backward
+    (measured on the CPU in bf16: 0.86x the SFT run's peak RSS, 1.02x its tokens/s; bench/results/
+    ab-41-cast-once.json). bf16 -> fp32 -> bf16 is exact, so the result is the same to the bit. Only where the
+    layer has no dropout: torch's bf16 dropout rounds its 1/(1-p) scale to bf16, so with ``lora_dropout`` > 0
+    peft's fp32 path stays, as it does outside autocast (fp32 runs)."""
     import torch
     from peft.tuners.lora import LoraLayer
 
