@@ -136,3 +136,18 @@ def test_dpo_rewards_and_export_figures_are_on_the_page(tmp_path):
     assert "Export, verified in llama.cpp" in html and "0.0012" in html and "7/8" in html
     run.export = {"gguf": "model.gguf", "qtype": "f16", "verified": False, "passed": None, "why_not": "--no-verify"}
     assert "not verified in llama.cpp (--no-verify)" in render_run(run)
+
+
+def test_the_page_header_names_files_not_this_machines_folders_and_says_what_was_trained(tmp_path):
+    """#39 §4 / true reports: the header named every folder of the machine that ran it (the README's screenshot
+    showed /root/.cache/…) and said "LoRA r=16" of a full fine-tune."""
+    from hwcompat.train.report import Run, render_run
+
+    train = [{"step": 1, "kind": "train", "loss": 1.0, "lr": 1e-4, "tokens_per_s": 10.0, "memory_bytes": 2**30}]
+    cfg = {"method": "sft", "train_data": ["/home/ana/private/tickets.jsonl", "/srv/x/more.jsonl"],
+           "model": "/root/.cache/hwcompat/models/smollm2-135m-instruct", "lora_r": 16, "finetune": "lora"}
+    sub = render_run(Run(tmp_path, train=train, spec={"config": cfg})).split('<p class="sub">', 1)[1].split("</p>")[0]
+    assert "sft on tickets.jsonl, more.jsonl · model smollm2-135m-instruct · LoRA r=16" in sub
+    assert "/home/ana" not in sub and "/root" not in sub
+    full = render_run(Run(tmp_path, train=train, spec={"config": {**cfg, "finetune": "full"}}))
+    assert "· full fine-tune" in full and "LoRA" not in full.split("</p>")[0]

@@ -373,10 +373,17 @@ def _page(title: str, sub: str, body: str) -> str:
             f"<p class=\"sub\">{_e(sub)}</p>{body}</body></html>\n")
 
 
+def _name(path: Any) -> str:
+    """A file or folder by its own name: the page is shared, the folders of the machine that ran it are not its
+    business (config.yaml in the run folder keeps the full paths)."""
+    return Path(str(path)).name or str(path)
+
+
 def render_run(run: Run) -> str:
     cfg = run.spec.get("config") or {}
-    sub = (f"{run.status} · {cfg.get('method', 'sft')} on {', '.join(map(str, cfg.get('train_data', [])))} · model "
-           f"{cfg.get('model', '?')} · LoRA r={cfg.get('lora_r', '?')}"
+    trained = "full fine-tune" if cfg.get("finetune") == "full" else f"LoRA r={cfg.get('lora_r', '?')}"
+    sub = (f"{run.status} · {cfg.get('method', 'sft')} on {', '.join(_name(p) for p in cfg.get('train_data', []))}"
+           f" · model {_name(cfg.get('model', '?'))} · {trained}"
            + (f" · resumed at step {', '.join(map(str, run.resumes))}" if run.resumes else ""))
     body = (f'<h2>Curves</h2><div class="plots">{"".join(run_charts(run))}</div>' + metrics_table(run)
             + samples_table(run) + hardware_table(run) + export_table(run))
