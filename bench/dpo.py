@@ -144,6 +144,27 @@ def run_all(names: list[str], rounds: int, model: str, train: Path, evals: Path,
     return out
 
 
+LABELS = {"hwcompat": "hwcompat (its defaults)", "hwcompat_fp32": "hwcompat, dtype=float32",
+          "trl_dpo_bf16": "TRL `DPOTrainer`, bf16, tcmalloc", "trl_dpo_fp32": "TRL `DPOTrainer`, fp32, tcmalloc",
+          "trl_dpo": "TRL `DPOTrainer`, fp32 (its default)"}
+
+
+def markdown_table(report: dict) -> str:
+    """The result file as docs/cpu.md prints it (tests/test_docs.py compares them)."""
+    lines = ["| DPO | dtype | pairs/s (rounds) | held-out reward accuracy | eval loss | peak RSS |",
+             "|---|---|---|---|---|---|"]
+    for name, r in report["results"].items():
+        rounds = ", ".join(f"{x['pairs_per_s']:.2f}" for x in r["rounds"])
+        lines.append(f"| {LABELS[name]} | {r['dtype']} | {r['pairs_per_s']:.2f} ({rounds}) | "
+                     f"{r['reward_accuracy']:.3f} | {r['eval_loss']:.4f} | {r['peak_memory_bytes'] / 2**30:.2f} GiB |")
+    best = report.get("trl_best")
+    if best:
+        lines.append(f"\nhwcompat at its defaults against TRL at its best ({LABELS[best]}): "
+                     f"**{report['speed_ratio_hwcompat_vs_trl_best']:.2f}×** the pairs/s at "
+                     f"{report['memory_ratio_hwcompat_vs_trl_best']:.2f}× the peak RSS (goal: ≥ 2.5×).")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pairs", type=int, default=64, help="training pairs (one epoch)")
@@ -154,7 +175,11 @@ def main() -> int:
     ap.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"comma list of {', '.join(VARIANTS)}")
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "dpo.json"))
+    ap.add_argument("--table", metavar="RESULT.json", help="print a result file's markdown table (docs/cpu.md)")
     args = ap.parse_args()
+    if args.table:
+        print(markdown_table(json.loads(Path(args.table).read_text())), end="")
+        return 0
     names = [n.strip() for n in args.variants.split(",") if n.strip()]
     if "hwcompat" not in names or any(n not in VARIANTS for n in names):
         ap.error(f"--variants: hwcompat and any of {', '.join(VARIANTS)}")

@@ -506,7 +506,11 @@ def main() -> int:
     ap.add_argument("--variants", default=DEFAULT_VARIANTS,
                     help=f"comma list of {', '.join(VARIANTS)} (default {DEFAULT_VARIANTS}; TRL's need --trl-python)")
     ap.add_argument("--rounds", type=int, default=2, help="alternating rounds; tokens/s is each variant's median")
+    ap.add_argument("--table", metavar="RESULT.json", help="print a result file's markdown table (docs/cpu.md)")
     args = ap.parse_args()
+    if args.table:
+        print(markdown_table(json.loads(Path(args.table).read_text())), end="")
+        return 0
     if args.gpu:
         return gpu_main(args)
     names = [n.strip() for n in args.variants.split(",") if n.strip()]
@@ -543,6 +547,32 @@ def main() -> int:
     print_table(report, runs, threads)
     print(f"wrote {args.out}")
     return 0
+
+
+#: How docs/cpu.md names each variant (its table is this function's output: tests/test_docs.py compares them).
+LABELS = {"hwcompat": "hwcompat (its defaults)", "hwcompat_fp32": "hwcompat, dtype=float32",
+          "trl_sft_bf16": "TRL `SFTTrainer`, bf16, tcmalloc", "trl_sft_fp32": "TRL `SFTTrainer`, fp32, tcmalloc",
+          "trl_sft": "TRL `SFTTrainer`, fp32 (its default)", "plain_trainer": "transformers Trainer + PEFT",
+          "hwcompat_eager": "hwcompat, attention=eager", "hwcompat_sdpa": "hwcompat, attention=sdpa",
+          "hwcompat_system_malloc": "hwcompat, glibc malloc"}
+
+
+def markdown_table(report: dict) -> str:
+    """The result file as the docs print it: each variant's figures, then the goal's ratio."""
+    lines = ["| SFT | dtype | tokens/s (rounds) | eval loss | peak RSS | MFU (of the GEMM peak in its dtype) |",
+             "|---|---|---|---|---|---|"]
+    for name in (n for n in VARIANTS if n in report):
+        r = report[name]
+        rounds = ", ".join(f"{x['tokens_per_s']:.0f}" for x in r["rounds"])
+        lines.append(f"| {LABELS[name]} | {r['dtype']} | {r['tokens_per_s']:.0f} ({rounds}) | {r['eval_loss']:.4f} | "
+                     f"{r['peak_memory_bytes'] / 2**30:.2f} GiB | "
+                     f"{r['mfu_bf16_peak' if r['dtype'] == 'bfloat16' else 'mfu_fp32_peak']:.1%} |")
+    if report.get("trl_best"):
+        lines.append(f"\nhwcompat at its defaults against TRL at its best ({LABELS[report['trl_best']]}): "
+                     f"**{report['speedup_vs_trl_best']:.2f}×** the tokens/s at {report['memory_vs_trl_best']:.2f}× "
+                     f"the peak RSS, eval loss {report['eval_loss_vs_trl_best']:+.4f} (goal: ≥ 2.5× at no more "
+                     "memory and no worse loss).")
+    return "\n".join(lines) + "\n"
 
 
 def _cpu_flags() -> list[str]:

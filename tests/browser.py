@@ -101,3 +101,21 @@ def _collect(msg: dict, out: Visit) -> None:
         out.console_errors.append(p["entry"]["text"])
     elif method == "Network.requestWillBeSent":
         out.requests.append(p["request"]["url"])
+
+
+# --- report.html in Chromium: what the report and demo tests check ------------------------------------------------
+
+PLOTS = ("JSON.stringify([...document.querySelectorAll('figure.plot')].map(f => [f.dataset.title, "
+         "[...f.querySelectorAll('path.series')].filter(p => p.getTotalLength() > 0).length]))")
+
+REQUIRE = os.environ.get("HWCOMPAT_REQUIRE_CHROMIUM") == "1"  # read at import: the autouse fixture clears HWCOMPAT_*
+def checked_report(page, tmp_path, shot_name):
+    """Load the page in Chromium; assert it is self-contained and drew every plot; keep the screenshot."""
+    assert CHROMIUM, "HWCOMPAT_REQUIRE_CHROMIUM=1 but no chromium is installed"
+    v = visit(page.as_uri(), PLOTS)
+    assert v.console_errors == []
+    assert v.requests == [page.as_uri()]  # the file itself and nothing else: no network request
+    shot = tmp_path / shot_name
+    shot.write_bytes(v.screenshot)
+    assert v.screenshot[:8] == b"\x89PNG\r\n\x1a\n" and len(v.screenshot) > 20_000
+    return dict(v.value and json.loads(v.value))

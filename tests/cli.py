@@ -37,3 +37,21 @@ def popen(*args: Any, env: dict[str, str] | None = None, **kw: Any) -> subproces
 def train(*args: Any, **kw: Any) -> subprocess.CompletedProcess:
     """`hwcompat train ARGS` (run's keywords)."""
     return run("train", *args, **kw)
+
+
+def run_patched(*args: Any, code: str, env: dict[str, str] | None = None, timeout: float = 300
+                ) -> subprocess.CompletedProcess:
+    """`hwcompat ARGS` in a process that first runs ``code`` (a patch: e.g. a SIGTERM in the middle of a write)."""
+    import textwrap
+
+    cmd = [sys.executable, "-c", textwrap.dedent(code) + "\nimport sys\nfrom hwcompat.cli import main\n"
+                                                         f"sys.exit(main({[str(a) for a in args]!r}))"]
+    return subprocess.run(cmd, capture_output=True, text=True, env=clean_env(env), timeout=timeout)
+
+
+def assert_clean_error(res: subprocess.CompletedProcess, code: int = 2, *texts: str) -> None:
+    """The user's mistake ended as one clear message: the exit code, no traceback, and each of ``texts``."""
+    assert res.returncode == code, (res.returncode, res.stderr[-2000:])
+    assert "Traceback" not in res.stderr, res.stderr[-3000:]
+    for t in texts:
+        assert t in res.stderr, (t, res.stderr[-2000:])

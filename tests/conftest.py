@@ -112,3 +112,47 @@ def trained(tmp_path_factory):
 
 def chat_ids(encoded):
     return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+
+
+#: SmolLM2's own pre-tokenizer (tokenizer.json), as the GGUF exporter must recognise it
+SMOLLM_ORIGINAL = {"type": "Sequence", "pretokenizers": [
+    {"type": "Digits", "individual_digits": True},
+    {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}]}
+
+
+# --- the fox model: a tiny chat Llama for the export, merge and clear-error tests (a fresh one per module) --------
+
+TEXTS = ["the quick brown fox jumps over the lazy dog"] * 20
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    from hwcompat.train.tiny import write_tiny
+    return write_tiny(tmp_path_factory.mktemp("m") / "tiny", TEXTS, hidden=64, layers=2, chat_template=True)
+
+
+@pytest.fixture
+def rows(tmp_path):
+    """20 prompt/completion rows in a train.jsonl."""
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"q{i}", "completion": f"a{i}"}) + "\n" for i in range(20)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, model):
+    """A real run (2 steps) of hwcompat train on the fox model: its run.json records the base model's digest."""
+    import yaml
+
+    from tests import cli
+
+    d = tmp_path_factory.mktemp("trained")
+    data = d / "train.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"q{i}", "completion": f"a{i}"}) + "\n" for i in range(16)))
+    cfg = d / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump({"model": str(model), "train_data": [str(data)], "max_steps": 2,
+                                   "micro_batch_size": 4, "eval_metrics": "none", "eval_at_start": False,
+                                   "output_dir": str(d / "run"), "max_seq_len": 32, "num_threads": 1}))
+    res = cli.run("train", cfg, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return d / "run"

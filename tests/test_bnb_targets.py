@@ -60,7 +60,7 @@ def test_qlora_is_offered_where_the_wheel_has_kernels(card):
     """cdna1 gfx908, rdna2 gfx1030 (and gfx1031-1036 as gfx1030 or natively), rdna1 in rocm7.14: all ship."""
     from hwcompat.probe.emulate import from_catalog
     from hwcompat.resolve import resolve_device
-    from tests.test_compat import PROFILES
+    from tests.cards import PROFILES
     from hwcompat.software import Software
 
     d = resolve_device(from_catalog([card])[0], PROFILES, Software())
@@ -72,7 +72,7 @@ def test_a_target_no_library_has_is_refused():
     from hwcompat.readings import DeviceReading
     from hwcompat.resolve import resolve_device
     from hwcompat.software import Software
-    from tests.test_compat import PROFILES
+    from tests.cards import PROFILES
 
     r = DeviceReading(index=0, vendor="amd", name="Radeon 8050S", memory_bytes=16 << 30, gfx_target="gfx1154",
                       emulated=True, source="test")
@@ -87,7 +87,7 @@ def test_the_steam_deck_runs_on_amds_native_gfx1033_kernels():
     from hwcompat.readings import DeviceReading
     from hwcompat.resolve import resolve_device
     from hwcompat.software import Software
-    from tests.test_compat import PROFILES
+    from tests.cards import PROFILES
 
     r = DeviceReading(index=0, vendor="amd", name="AMD Custom GPU 0405", memory_bytes=4 << 30, gfx_target="gfx1033",
                       emulated=True, source="test")

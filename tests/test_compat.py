@@ -14,12 +14,11 @@ from packaging.requirements import Requirement
 
 from hwcompat import compat
 from hwcompat.probe.emulate import from_catalog
-from hwcompat.profiles import load_profiles
 from hwcompat.resolve import resolve_device
 from hwcompat.software import Software
+from tests.cards import PROFILES, problems as _problems, real as _real
 
 ROOT = Path(__file__).resolve().parents[1]
-PROFILES = load_profiles()
 
 # torch/version.py of the plain PyPI torch==2.13.0 wheel: no +tag, a CUDA 13.0 build.
 PYPI_2_13 = textwrap.dedent("""\
@@ -34,14 +33,6 @@ PYPI_2_13 = textwrap.dedent("""\
     rocm: Optional[str] = None
     xpu: Optional[str] = None
 """)
-
-
-def _real(name, **kw):
-    return replace(from_catalog([name])[0], emulated=False, source="nvml", **kw)
-
-
-def _problems(card, version, cuda=None, hip=None):
-    return resolve_device(_real(card), PROFILES, Software.with_torch(version, cuda, hip)).problems
 
 
 def test_version_file_is_read_as_text():
@@ -259,8 +250,8 @@ def test_every_fix_doctor_and_detect_print_parses():
 
 
 def test_readme_pip_commands_parse():
-    """Every pip command in the README's code (fenced blocks and `inline` spans)."""
-    text = (ROOT / "README.md").read_text()
+    """Every pip command in the README's and docs' code (fenced blocks and `inline` spans)."""
+    text = "\n".join(p.read_text() for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))])
     code = re.findall(r"```[a-z]*\n(.*?)```", text, re.S) + re.findall(r"`([^`\n]+)`", text)
     cmds = []
     for chunk in code:

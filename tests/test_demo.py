@@ -41,8 +41,7 @@ def test_demo_real_model(tmp_path, cache_dir):
 
 def _demo_report_in_chromium(page, tmp_path):
     """#27: the demo's report.html in a real headless Chromium: offline, no console error, every plot drawn."""
-    from tests.browser import CHROMIUM
-    from tests.test_report import REQUIRE, _checked
+    from tests.browser import CHROMIUM, REQUIRE, checked_report as _checked
 
     html = page.read_text()
     assert "field_f1" in html and "finished: 2 steps" in html

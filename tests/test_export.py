@@ -8,19 +8,11 @@ from pathlib import Path
 import pytest
 
 from tests import cli
+from tests.conftest import SMOLLM_ORIGINAL, TEXTS
 
 from hwcompat.errors import HwcompatError, InputError
 from hwcompat.export.gguf import export_gguf
 from hwcompat.export.ollama import detect_template, write_modelfile
-
-TEXTS = ["the quick brown fox jumps over the lazy dog"] * 20
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    from hwcompat.train.tiny import write_tiny
-    return write_tiny(tmp_path_factory.mktemp("m") / "tiny", TEXTS, hidden=64, layers=2, chat_template=True)
-
 
 def _compare(model_dir, gguf_path):
     import torch
@@ -162,9 +154,6 @@ def test_pre_tokenizer_is_named_by_how_the_tokenizer_splits(tmp_path, model):
 
 
 #: SmolLM2's tokenizer.json pre-tokenizer as published (before a GGUF round trip).
-SMOLLM_ORIGINAL = {"type": "Sequence", "pretokenizers": [
-    {"type": "Digits", "individual_digits": True},
-    {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}]}
 
 
 def test_ollama_tag_prints_the_versioned_release_flow(model, tmp_path, capsys):

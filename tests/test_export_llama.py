@@ -147,7 +147,7 @@ def test_llama_cpp_tokenizes_like_hf_on_a_fuzz_set(llama_cpp, tmp_path, variant)
 
     from hwcompat.demo.model import ensure_model
     from hwcompat.export.gguf import export_gguf
-    from tests.test_export import SMOLLM_ORIGINAL
+    from tests.conftest import SMOLLM_ORIGINAL
 
     src = tmp_path / "model"
     shutil.copytree(ensure_model(), src)

@@ -14,7 +14,7 @@ from hwcompat.probe.emulate import parse_reading
 from hwcompat.profiles import load_profiles
 from hwcompat.resolve import match_profile
 from tests import cli
-from tests.test_probe import fake_nvml
+from tests.fakes import fake_nvml
 
 AARCH64_215 = compat.lookup("2.15.0", "13.2", None, machine="aarch64")[0]
 

@@ -2,24 +2,13 @@
 
 import importlib.util
 import os
-import subprocess
 import sys
-import textwrap
 
 import pytest
 
 from tests import cli
 
 from hwcompat.fsutil import FolderLock
-
-TEXTS = ["the quick brown fox jumps over the lazy dog"] * 20
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    from hwcompat.train.tiny import write_tiny
-    return write_tiny(tmp_path_factory.mktemp("m") / "tiny", TEXTS, hidden=64, layers=2, chat_template=True)
-
 
 @pytest.fixture(scope="module")
 def run_with_adapter(tmp_path_factory, model):
@@ -39,10 +28,7 @@ def run_with_adapter(tmp_path_factory, model):
 def _cli(*args, code=None, env_extra=None, timeout=300):
     if code is None:
         return cli.run(*args, env=env_extra, timeout=timeout)
-    # run the CLI after a patch (e.g. a SIGTERM in the middle of writing)
-    cmd = [sys.executable, "-c", textwrap.dedent(code) + f"\nimport sys\nfrom hwcompat.cli import main\n"
-                                                         f"sys.exit(main({[str(a) for a in args]!r}))"]
-    return subprocess.run(cmd, capture_output=True, text=True, env=cli.clean_env(env_extra), timeout=timeout)
+    return cli.run_patched(*args, code=code, env=env_extra, timeout=timeout)
 
 
 @pytest.mark.slow

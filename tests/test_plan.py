@@ -4,40 +4,15 @@ import json
 import re
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
-
-from tests import cli
-from dataclasses import replace
 
 from hwcompat import plan as P
 from hwcompat.cli import main
 from hwcompat.errors import InputError
-
-# model_type -> tiny config in the real config.json vocabulary
-TINY = {
-    "llama": {"hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2, "num_attention_heads": 4,
-              "num_key_value_heads": 2, "vocab_size": 300, "tie_word_embeddings": False},
-    "mistral": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 8,
-                "num_key_value_heads": 2, "vocab_size": 250},
-    "qwen2": {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 3, "num_attention_heads": 4,
-              "num_key_value_heads": 2, "vocab_size": 320, "tie_word_embeddings": True},
-    "qwen3": {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
-              "num_key_value_heads": 2, "head_dim": 32, "vocab_size": 200, "tie_word_embeddings": True},
-    "gemma": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-              "num_key_value_heads": 1, "head_dim": 32, "vocab_size": 256},
-    "phi3": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-             "num_key_value_heads": 4, "vocab_size": 260, "tie_word_embeddings": False, "pad_token_id": 0},
-}
-
-
-def _model(model_type, tmp_path):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    cfg = AutoConfig.for_model(model_type, **TINY[model_type])
-    cfg.save_pretrained(tmp_path)
-    return AutoModelForCausalLM.from_config(cfg), json.loads((tmp_path / "config.json").read_text())
-
+from tests import cli
+from tests.shapes import QWEN3_4B, QWEN7B, TINY, tiny_model_of as _model
 
 @pytest.mark.parametrize("model_type", sorted(TINY))
 def test_parameter_and_lora_counts_are_exact(model_type, tmp_path):
@@ -85,11 +60,6 @@ def test_hub_id_from_local_cache(tmp_path, monkeypatch):
     assert P.load_shape("org/tiny").hidden == 64
     with pytest.raises(InputError, match="no config.json there"):
         P.load_shape("org/absent")
-
-
-QWEN7B = {"model_type": "qwen2", "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
-          "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064, "tie_word_embeddings": False,
-          "max_position_embeddings": 32768}
 
 
 @pytest.fixture
@@ -371,11 +341,6 @@ def test_auto_offload_streams_only_when_resident_does_not_fit_and_streamed_does(
     assert P.decide_offload(shape, inp, "none", on(24 * P.GIB, 64 * P.GIB)).offload == "none"
     asked = P.decide_offload(shape, inp, "layers", on(200 * P.GIB, 64 * P.GIB))
     assert asked.offload == "layers" and asked.changed == ""  # asked for: nothing to explain
-
-
-QWEN3_4B = {"model_type": "qwen3", "hidden_size": 2560, "intermediate_size": 9728, "num_hidden_layers": 36,
-            "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936,
-            "tie_word_embeddings": True, "max_position_embeddings": 40960}
 
 
 def test_auto_takes_checkpointing_before_streaming_and_keeps_a_setting_the_user_wrote(tmp_path):

@@ -6,7 +6,7 @@ import pytest
 
 from hwcompat import plan as P
 from hwcompat.cli import main
-from tests.test_plan import QWEN3_4B, TINY, _model
+from tests.shapes import QWEN3_4B, tiny_model_of as _model
 
 
 def _shape(tmp_path, model_type="llama"):

@@ -13,33 +13,14 @@ import sys
 import pytest
 
 from tests import cli as hwcompat_cli
-from tests.test_outputs_reliability import TEXTS
+from tests.cli import assert_clean_error
+from tests.conftest import TEXTS
 
 CLEAN_ENV = hwcompat_cli.clean_env()
 
 
 def cli(*args, env_extra=None, timeout=120, **kw):
     return hwcompat_cli.run(*args, env=env_extra, timeout=timeout, **kw)
-
-
-def assert_clean_error(res, code=2, *texts):
-    assert res.returncode == code, (res.returncode, res.stderr[-2000:])
-    assert "Traceback" not in res.stderr, res.stderr[-3000:]
-    for t in texts:
-        assert t in res.stderr, (t, res.stderr[-2000:])
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    from hwcompat.train.tiny import write_tiny
-    return write_tiny(tmp_path_factory.mktemp("m") / "tiny", TEXTS, hidden=64, layers=2, chat_template=True)
-
-
-@pytest.fixture
-def rows(tmp_path):
-    path = tmp_path / "train.jsonl"
-    path.write_text("".join(json.dumps({"prompt": f"q{i}", "completion": f"a{i}"}) + "\n" for i in range(20)))
-    return path
 
 
 # --- 1. files hwcompat writes never follow a planted link ----------------------------------------------------
@@ -323,23 +304,6 @@ def test_dpo_conversational_prompts_follow_the_sft_turn_order(tmp_path, prompt, 
 
 # --- 16. merge compares what identifies the model, not its folder's name --------------------------------------------
 
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory, model):
-    """A real run (2 steps) of hwcompat train: its run.json records the base model's digest."""
-    import yaml
-
-    d = tmp_path_factory.mktemp("trained")
-    data = d / "train.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"q{i}", "completion": f"a{i}"}) + "\n" for i in range(16)))
-    cfg = d / "cfg.yaml"
-    cfg.write_text(yaml.safe_dump({"model": str(model), "train_data": [str(data)], "max_steps": 2,
-                                   "micro_batch_size": 4, "eval_metrics": "none", "eval_at_start": False,
-                                   "output_dir": str(d / "run"), "max_seq_len": 32, "num_threads": 1}))
-    res = cli("train", cfg, timeout=300)
-    assert res.returncode == 0, res.stderr[-2000:]
-    return d / "run"
-
-
 @pytest.mark.slow
 def test_merging_into_an_already_merged_model_is_refused(trained_run, tmp_path):
     merged = tmp_path / "merged"
@@ -400,9 +364,7 @@ def test_export_data_rows_are_checked_before_the_gguf_is_written(model, tmp_path
 # --- 7. SIGHUP (a closed terminal) ends merge and export as cleanly as SIGTERM ----------------------------------------
 
 def test_sighup_during_export_exits_129_and_leaves_nothing(model, tmp_path):
-    from tests.test_outputs_reliability import _cli
-
-    res = _cli("export", model, "--gguf", tmp_path / "m.gguf", "--no-verify", code="""
+    res = hwcompat_cli.run_patched("export", model, "--gguf", tmp_path / "m.gguf", "--no-verify", code="""
         import os, signal
         # a test run under nohup passes on an ignored SIGHUP, which hwcompat keeps ignored (by design): a user's
         # terminal hangup is what this test sends, so start from the default disposition

@@ -6,7 +6,7 @@ import struct
 
 import pytest
 
-from tests.test_reliability_pass3 import assert_clean_error, cli, model, rows, trained_run  # noqa: F401 (fixtures)
+from tests.cli import assert_clean_error, run as cli
 
 
 def _copy(model, tmp_path, name="m"):

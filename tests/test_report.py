@@ -3,33 +3,15 @@ runs. Checked in a real headless Chromium: no console error, no request beyond t
 and a screenshot taken."""
 
 import json
-import os
 import shutil
 
 import pytest
 
 from tests import cli
-from tests.browser import CHROMIUM, visit
+from tests.browser import CHROMIUM, REQUIRE, checked_report as _checked, visit
 
-PLOTS = ("JSON.stringify([...document.querySelectorAll('figure.plot')].map(f => [f.dataset.title, "
-         "[...f.querySelectorAll('path.series')].filter(p => p.getTotalLength() > 0).length]))")
-
-REQUIRE = os.environ.get("HWCOMPAT_REQUIRE_CHROMIUM") == "1"  # read at import: the autouse fixture clears HWCOMPAT_*
 needs_chromium = pytest.mark.skipif(CHROMIUM is None and not REQUIRE,
                                     reason="no chromium (apt-get install chromium); .ci/run installs it")
-
-
-def _checked(page, tmp_path, shot_name):
-    """Load the page in Chromium; assert it is self-contained and drew every plot; keep the screenshot."""
-    assert CHROMIUM, "HWCOMPAT_REQUIRE_CHROMIUM=1 but no chromium is installed"
-    v = visit(page.as_uri(), PLOTS)
-    assert v.console_errors == []
-    assert v.requests == [page.as_uri()]  # the file itself and nothing else: no network request
-    shot = tmp_path / shot_name
-    shot.write_bytes(v.screenshot)
-    assert v.screenshot[:8] == b"\x89PNG\r\n\x1a\n" and len(v.screenshot) > 20_000
-    return dict(v.value and json.loads(v.value))
-
 
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory, tiny_model_module):

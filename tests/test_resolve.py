@@ -100,7 +100,7 @@ UNCATALOGUED = [
     ({"vendor": "nvidia", "name": "NVIDIA GeForce RTX 3060", "compute_capability": "8.6", "memory_bytes": 12 << 30}, "ampere", "bfloat16"),
     ({"vendor": "nvidia", "name": "NVIDIA GeForce RTX 2080 Ti", "compute_capability": "7.5", "memory_bytes": 11 << 30}, "turing", "float16"),
     # Jetson Nano (sm_53) no longer resolves to maxwell: a Tegra part is refused with the JetPack advice (#23.2,
-    # tests/test_hardware_truth3.py)
+    # tests/test_wheel_facts.py)
     ({"vendor": "amd", "name": "RX 6500 XT", "gfx_target": "gfx1034", "memory_bytes": 4 << 30}, "rdna2", "float16"),
     ({"vendor": "amd", "name": "RX 7600", "gfx_target": "gfx1102", "memory_bytes": 8 << 30}, "rdna3", "bfloat16"),
 ]

@@ -3,12 +3,10 @@ GB10's memory; the card uses the host's RAM, so detect reads MemTotal and marks 
 planner counts the host process and the load's second copy in the same pool, never streaming between them."""
 
 import json
-from types import SimpleNamespace
 
-import pytest
 
 from hwcompat.probe import nvidia
-from tests.test_probe import fake_nvml
+from tests.fakes import fake_nvml
 
 
 class NVMLError(Exception):
@@ -58,7 +56,7 @@ def test_detect_shows_a_unified_reading(tmp_path, run_cli):
 
 def test_the_plan_counts_one_pool_on_a_unified_device(tmp_path):
     from hwcompat import plan as P
-    from tests.test_plan import QWEN7B
+    from tests.shapes import QWEN7B
 
     (tmp_path / "config.json").write_text(json.dumps(QWEN7B))
     shape = P.load_shape(str(tmp_path))
@@ -79,7 +77,7 @@ def test_the_plan_counts_one_pool_on_a_unified_device(tmp_path):
 def test_offload_layers_is_refused_on_a_unified_device_and_auto_never_streams(tmp_path, run_cli):
     import yaml
 
-    from tests.test_plan import QWEN7B
+    from tests.shapes import QWEN7B
 
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text(json.dumps(QWEN7B))

@@ -11,17 +11,8 @@ from tests import cli
 
 from hwcompat.errors import HwcompatError, InputError
 
-TEXTS = ["the quick brown fox jumps over the lazy dog"] * 20
-
-
 def _cli(*args, timeout=300):
     return cli.run(*args, timeout=timeout)
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    from hwcompat.train.tiny import write_tiny
-    return write_tiny(tmp_path_factory.mktemp("m") / "tiny", TEXTS, hidden=64, layers=2, chat_template=True)
 
 
 @pytest.fixture(scope="module")

@@ -8,53 +8,7 @@ import pytest
 from hwcompat.data.rows import Report
 from hwcompat.data.pairs import read_pairs
 from tests import cli
-from tests.train.conftest import COLORS, make_config, write_jsonl
-
-WRONG = {"red": "blue", "yellow": "green", "green": "red", "blue": "yellow"}
-
-
-def pair_rows(n, seed):
-    import random
-
-    rng = random.Random(seed)
-    items = sorted(COLORS)
-    rows = []
-    for _ in range(n):
-        item = rng.choice(items)
-        rows.append({"prompt": f"What color is the {item}?", "chosen": COLORS[item], "rejected": WRONG[COLORS[item]]})
-    return rows
-
-
-@pytest.fixture
-def pair_files(tmp_path):
-    return write_jsonl(tmp_path / "pairs.jsonl", pair_rows(96, 1)), write_jsonl(tmp_path / "pairs_eval.jsonl",
-                                                                                  pair_rows(16, 2))
-
-
-def _objective(tiny_model, tmp_path, pair_files, beta=0.3, rpo_alpha=0.0):
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from hwcompat.train.config import TrainConfig
-    from hwcompat.train.objectives.dpo import DPO
-
-    cfg = TrainConfig(model=str(tiny_model), train_data=[str(pair_files[0])], eval_data=[str(pair_files[1])],
-                      method="dpo", beta=beta, max_seq_len=64, micro_batch_size=4, chat_template="false",
-                      rpo_alpha=rpo_alpha)
-    profile = SimpleNamespace(dtype="float32", name="cpu")
-    obj = DPO(cfg, profile, torch.device("cpu"))
-    tok = AutoTokenizer.from_pretrained(tiny_model)
-    tok.pad_token = tok.pad_token or tok.eos_token
-    obj.load(tok, print)
-    torch.manual_seed(0)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
-                           LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM", lora_dropout=0.0))
-    obj.bind(model, "eager")  # the reference: the model now (B = 0, so the base)
-    for n, p in model.named_parameters():
-        if "lora_B" in n:
-            torch.nn.init.normal_(p, std=0.2)  # move the policy away from the reference
-    return obj, model
+from tests.train.conftest import dpo_objective as _objective, make_config, pair_rows, write_jsonl
 
 
 @pytest.mark.parametrize("rpo_alpha", [0.0, 0.7])

@@ -192,7 +192,7 @@ def test_dpo_losses_and_gradients_equal_one_pass(small_chunks, monkeypatch, tiny
     import torch
 
     from hwcompat.train.objectives import dpo
-    from tests.train.test_dpo import _objective, pair_rows
+    from tests.train.conftest import dpo_objective as _objective, pair_rows
     from tests.train.conftest import write_jsonl
 
     files = write_jsonl(tmp_path / "p.jsonl", pair_rows(32, 1)), write_jsonl(tmp_path / "e.jsonl", pair_rows(8, 2))

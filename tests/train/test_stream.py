@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 
+from tests import cli
 from tests.train.conftest import COLORS
 
 
@@ -144,7 +145,6 @@ def _same(wa, wb, tol=1e-6):
 def _train_pair(tmp_path, model, data, files=None, **extra):
     """The same run resident and streamed (``files`` written beside each config); returns both run folders."""
     from tests.train.conftest import make_config
-    from tests.train.test_train_e2e import _train
 
     runs = []
     for offload in ("none", "layers"):
@@ -153,7 +153,7 @@ def _train_pair(tmp_path, model, data, files=None, **extra):
         for name, text in (files or {}).items():
             (d / name).write_text(text)
         cfg = make_config(d, model, *data, offload=offload, eval_at_start=False, **extra)
-        res = _train(cfg)
+        res = cli.train(cfg)
         assert res.returncode == 0, res.stderr[-3000:]
         runs.append((d / "run", res.stderr))
     return runs
@@ -173,7 +173,7 @@ def test_sft_streamed_run_equals_resident_run(tmp_path, four_layer_model, task_f
 @pytest.mark.slow
 def test_dpo_streamed_run_equals_resident_run(tmp_path, four_layer_model):
     from tests.train.conftest import write_jsonl
-    from tests.train.test_dpo import pair_rows
+    from tests.train.conftest import pair_rows
 
     data = (write_jsonl(tmp_path / "p.jsonl", pair_rows(32, 1)), write_jsonl(tmp_path / "e.jsonl", pair_rows(8, 2)))
     (resident, _), (streamed, _) = _train_pair(tmp_path, four_layer_model, data, method="dpo", max_steps=4,
@@ -186,24 +186,22 @@ def test_dpo_streamed_run_equals_resident_run(tmp_path, four_layer_model):
 @pytest.mark.slow
 def test_streamed_resume_equals_uninterrupted(tmp_path, four_layer_model, task_files):
     from tests.train.conftest import make_config
-    from tests.train.test_train_e2e import _train
 
     cfg = make_config(tmp_path, four_layer_model, *task_files, offload="layers", max_steps=8, checkpoint_every=4,
                       lora_dropout=0.1, eval_at_start=False, eval_metrics="none")
-    assert _train(cfg).returncode == 0
+    assert cli.train(cfg).returncode == 0
     run = tmp_path / "run"
     whole = _adapter(run)
     shutil.rmtree(run / "adapter")
     (run / "summary.json").unlink()
     shutil.rmtree(run / "checkpoints" / "step-0000008", ignore_errors=True)
-    res = _train(run / "config.yaml", "--resume")
+    res = cli.train(run / "config.yaml", "--resume")
     assert res.returncode == 0 and "at step 4/8" in res.stderr, res.stderr[-3000:]
     _same(whole, _adapter(run))
 
 
 def test_auto_streams_a_7b_model_on_an_emulated_m40(tmp_path):
     """The launcher's decision for a 7B fp32 model on a 24 GB Maxwell card, on a host with 64 GiB of RAM."""
-    from tests.train.test_train_e2e import _train
 
     model = tmp_path / "llama7b"
     model.mkdir()
@@ -215,11 +213,11 @@ def test_auto_streams_a_7b_model_on_an_emulated_m40(tmp_path):
     base = [f"model={model}", f"train_data={data}", "max_seq_len=2048", "micro_batch_size=1"]
     cfg = tmp_path / "c.yaml"
     cfg.write_text("{}\n")
-    res = _train(cfg, *base, "--emulate", "m40,cpu", "--print-config")
+    res = cli.train(cfg, *base, "--emulate", "m40,cpu", "--print-config")
     assert res.returncode == 0, res.stderr
     assert re.search(r'^offload +: "layers"  # plan \(offload: auto\)$', res.stdout, re.M)
     assert "27.4 GiB pinned host RAM" in res.stdout
-    res = _train(cfg, *base, "offload=none", "--emulate", "m40,cpu", "--print-config")
+    res = cli.train(cfg, *base, "offload=none", "--emulate", "m40,cpu", "--print-config")
     assert "will not fit on Tesla M40 24GB" in res.stdout and "offload=layers" in res.stdout
 
 
@@ -227,11 +225,10 @@ def test_auto_streams_a_7b_model_on_an_emulated_m40(tmp_path):
 def test_maxwell_profile_streams_on_the_cpu_emulation(tmp_path, tiny_model, task_files):
     """The M40's profile (fp32, no compile) with offload=layers, run on the CPU as the CI matrix does."""
     from tests.train.conftest import make_config
-    from tests.train.test_train_e2e import _train
 
     cfg = make_config(tmp_path, tiny_model, *task_files, offload="layers", max_steps=3, eval_at_start=False,
                       eval_metrics="none")
-    res = _train(cfg, "--emulate", "m40,cpu", "--cpu-emulation")
+    res = cli.train(cfg, "--emulate", "m40,cpu", "--cpu-emulation")
     assert res.returncode == 0, res.stderr[-3000:]
     assert "profile maxwell" in res.stderr and "offload=layers: 2 decoder layers streamed" in res.stderr
     spec = json.loads((tmp_path / "run" / "run.json").read_text())
@@ -240,9 +237,8 @@ def test_maxwell_profile_streams_on_the_cpu_emulation(tmp_path, tiny_model, task
 
 def test_offload_layers_with_several_processes_is_refused(tmp_path, tiny_model, task_files):
     from tests.train.conftest import make_config
-    from tests.train.test_train_e2e import _train
 
-    res = _train(make_config(tmp_path, tiny_model, *task_files, offload="layers"), "--devices", "2")
+    res = cli.train(make_config(tmp_path, tiny_model, *task_files, offload="layers"), "--devices", "2")
     assert res.returncode == 2 and "offload=layers streams the base to one card" in res.stderr
     assert "Traceback" not in res.stderr
 

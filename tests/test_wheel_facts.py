@@ -1,10 +1,10 @@
-"""#23, hardware truth third pass: wheel-table facts that were wrong, each checked against its corrected row."""
+"""Wheel-table, driver and profile facts that were once wrong (#23, #36), each checked against its corrected row."""
 
 import pytest
 
 from hwcompat import compat
 from tests import cli
-from tests.test_compat import _problems
+from tests.cards import PROFILES, problems as _problems
 
 
 @pytest.mark.parametrize("card", ["p40", "v100", "m40"])
@@ -35,7 +35,6 @@ def test_the_kepler_ceiling_is_the_wheel_tables():
     from hwcompat.probe.emulate import from_catalog
     from hwcompat.resolve import resolve_device
     from hwcompat.software import Software
-    from tests.test_compat import PROFILES
 
     (problem,) = resolve_device(from_catalog(["k80"])[0], PROFILES, Software.with_torch("2.13.0", "13.0")).problems
     assert "torch <= 2.7" in problem and "2.6" not in problem
@@ -105,14 +104,12 @@ def test_no_printed_fix_moves_an_old_card_past_r580_or_cuda_13():
 # --- 5, 6, 7: profile reasons that were false -------------------------------------------------------------------
 
 def _profile(name):
-    from tests.test_compat import PROFILES
 
     return PROFILES[name]
 
 
 def test_no_profile_says_triton_supports_7_0():
     """Compute capability 7.0 is torch's gate (GPUTooOldForTriton); upstream Triton lists 8.0+ (#23.6)."""
-    from tests.test_compat import PROFILES
 
     for p in PROFILES.values():
         assert "Triton supports compute capability >= 7.0" not in p.compile_backend.reason, p.name
@@ -175,7 +172,6 @@ def test_aotriton_experimental_flag_per_target(gfx, needs):
     from hwcompat.readings import DeviceReading
     from hwcompat.resolve import resolve_device
     from hwcompat.software import Software
-    from tests.test_compat import PROFILES
 
     r = DeviceReading(index=0, vendor="amd", name=f"Radeon {gfx}", memory_bytes=16 << 30, gfx_target=gfx,
                       emulated=True, source="test")
@@ -184,7 +180,6 @@ def test_aotriton_experimental_flag_per_target(gfx, needs):
 
 
 def test_rdna_profiles_do_not_credit_ck_with_rdna():
-    from tests.test_compat import PROFILES
 
     for name in ("rdna2", "rdna3", "rdna4"):
         p = PROFILES[name]
