@@ -38,8 +38,7 @@ class InstalledTorch:
 
     @property
     def release(self) -> tuple[int, int] | None:
-        m = re.match(r"^(\d+)\.(\d+)", self.version)
-        return (int(m.group(1)), int(m.group(2))) if m else None
+        return release(self.version)
 
     @property
     def kind(self) -> str:
@@ -133,10 +132,30 @@ def installed(find_spec: Callable = importlib.util.find_spec) -> InstalledTorch 
 
 # --- the wheel table ----------------------------------------------------------------------------------
 
+#: A PEP 440 version's release numbers ("v2.10.0a0+git12" -> 2, 10, 0; "550.54.14" -> 550, 54, 14): packaging.version's
+#: ``release``, without importing packaging (detect's 60 ms budget).
+_RELEASE = re.compile(r"^\s*v?(\d+(?:\.\d+)*)")
+
+
+def version_tuple(text: str | None) -> tuple[int, ...]:
+    """The release numbers of a version string, as packaging.version reads them; () when it is not one. The one
+    parser: the doctor, the resolver and the wheel table all compare versions through it (or ``release``)."""
+    m = _RELEASE.match(str(text)) if text else None
+    return tuple(int(x) for x in m.group(1).split(".")) if m else ()
+
+
+def release(text: str | None) -> tuple[int, int] | None:
+    """(major, minor) of a version string; None when it has no minor number."""
+    found = version_tuple(text)
+    return (found[0], found[1]) if len(found) >= 2 else None
+
+
 def major_minor(text: str) -> tuple[int, int]:
-    """"13.2.1" -> (13, 2); ValueError when it is not a version."""
-    major, minor = str(text).split(".")[:2]
-    return int(major), int(minor)
+    """"13.2.1" -> (13, 2); ValueError when it is not a version (the wheel table's own rows)."""
+    found = release(text)
+    if found is None:
+        raise ValueError(f"{text!r} is not a version")
+    return found
 
 
 _mm = major_minor

@@ -145,12 +145,7 @@ def driver_floors() -> dict[str, str]:
     return {str(k): str(v) for k, v in table["cuda_driver_floor"].items()}
 
 
-def _vt(text: str) -> tuple[int, ...]:
-    out = []
-    for part in str(text).split("+")[0].split("."):
-        digits = "".join(ch for ch in part if ch.isdigit())
-        out.append(int(digits) if digits else 0)
-    return tuple(out)
+_vt = compat.version_tuple  # the one version parser
 
 
 def pip_fix(d: ResolvedDevice) -> str:

@@ -267,10 +267,6 @@ def _check_compile(value: str, hw: dict[str, Any], label: str) -> str:
     return "set by the user"
 
 
-def _release(text: str | None) -> tuple[int, int] | None:
-    return tuple(int(x) for x in text.split(".")[:2]) if text else None  # type: ignore[return-value]
-
-
 def _run_target(r: DeviceReading, env: dict[str, str]) -> str | None:
     """The gfx target the ROCm runtime will run this card as: the override hwcompat sets, else the user's."""
     override = env.get("HSA_OVERRIDE_GFX_VERSION")
@@ -313,7 +309,7 @@ def _torch_problems(r: DeviceReading, p: Profile, sw: Software, env: dict[str, s
     elif t.targets is None:
         problems.append(f"note: installed {t.describe()} is not in hwcompat's wheel table (catalog/wheels.yaml), so "
                         "whether it has kernels for this card is unknown; `hwcompat doctor` asks torch itself")
-    release, cap = t.release, _release(p.torch.max_version)
+    release, cap = t.release, compat.release(p.torch.max_version)
     if release and cap and release > cap:
         problems.append(f"installed {t.describe()} is newer than {p.torch.max_version}, the last release with "
                         f"{p.name} kernels: {fix}")

@@ -336,3 +336,28 @@ def test_a_current_amd_torch_is_known():
     assert "PR #194367" in source
     assert lookup("2.14.0+rocm7.2", None, "7.2.1")[0] is None
     assert lookup("2.13.0+rocm7.2", None, "7.2.1")[0]
+
+
+VERSIONS = ["2.13.0", "2.13.0+cu130", "2.10.0a0", "2.10.0a0+git1234abc", "2.9.1+rocm6.4", "2.15.0.dev20261201+cpu",
+            "13.2.1", "6.4.43482", "2.1", "v2.12.0", "12.6"]
+
+
+@pytest.mark.parametrize("text", VERSIONS)
+def test_one_release_parser_agrees_with_packaging(text):
+    """#39 §2: the doctor, the resolver and the wheel table read a version's (major, minor) through one function,
+    which agrees with packaging.version (detect cannot afford to import packaging within its 60 ms)."""
+    from packaging.version import Version
+
+    from hwcompat import doctor, resolve
+
+    want = Version(text).release[:2]
+    assert compat.version_tuple(text) == Version(text).release
+    assert compat.release(text) == want
+    assert compat.InstalledTorch(text).release == want
+    assert compat.major_minor(text) == want
+    assert not hasattr(resolve, "_release") and doctor._vt is compat.version_tuple  # no second parser
+
+
+@pytest.mark.parametrize("text", ["", None, "cuda", "2", "two.three"])
+def test_a_release_that_is_not_a_version_is_none(text):
+    assert compat.release(text) is None
