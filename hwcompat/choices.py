@@ -10,6 +10,21 @@ import enum
 from dataclasses import dataclass
 
 
+class Vendor(str, enum.Enum):
+    """Who made the device: the probes, the profiles' ``vendor`` and every per-vendor rule speak of these."""
+
+    nvidia = "nvidia"
+    amd = "amd"
+    intel = "intel"
+    cpu = "cpu"
+
+    def __str__(self) -> str:  # printed as its value, as StrEnum does (3.11+; the package runs on 3.10)
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
 class Dtype(str, enum.Enum):
     float32 = "float32"
     float16 = "float16"

@@ -18,6 +18,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Iterable
 
+from hwcompat.choices import Vendor
 from hwcompat.datafiles import data_dir
 from hwcompat.readings import Capability
 from hwcompat.yamlfile import load_packaged_yaml
@@ -302,19 +303,19 @@ def kernel_problem(torch: InstalledTorch, vendor: str, cc: Capability | str | No
 
     ``gfx`` is the target the ROCm runtime will use (after any HSA_OVERRIDE_GFX_VERSION).
     """
-    if vendor == "nvidia" and torch.kind != "cuda":
+    if vendor == Vendor.nvidia and torch.kind != "cuda":
         return f"{torch.describe()} cannot use an NVIDIA GPU"
-    if vendor == "amd" and torch.kind != "rocm":
+    if vendor == Vendor.amd and torch.kind != "rocm":
         return f"{torch.describe()} cannot use an AMD GPU"
-    if vendor == "intel" and torch.kind != "xpu":
+    if vendor == Vendor.intel and torch.kind != "xpu":
         return f"{torch.describe()} cannot use an Intel GPU (it needs torch's XPU build)"
     if torch.targets is None:
         return None
-    if vendor == "nvidia" and cc and not covers_nvidia(torch.targets, cc, torch.cuda):
+    if vendor == Vendor.nvidia and cc and not covers_nvidia(torch.targets, cc, torch.cuda):
         return (f"{torch.describe()} has no kernels for {Capability.of(cc).sm} (it has "
                 f"{_span(torch.targets, 'sm_')}): training fails with 'no kernel image is available for "
                 "execution on the device'")
-    if vendor == "amd" and gfx and gfx not in torch.targets:
+    if vendor == Vendor.amd and gfx and gfx not in torch.targets:
         return (f"{torch.describe()} has no kernels for {gfx} (it has {_span(torch.targets, 'gfx')}): "
                 "'HIP error: invalid device function'")
     return None

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from hwcompat import envvars
+from hwcompat.choices import Vendor
 from hwcompat.errors import InputError
 
 DATA, OUTPUT, CACHE = "/data", "/output", "/cache"
@@ -70,12 +71,12 @@ class Devices:
 
     @staticmethod
     def for_vendor(vendor: str) -> "Devices":
-        if vendor == "nvidia":
+        if vendor == Vendor.nvidia:
             return Devices(("--gpus", "all"))
-        if vendor == "amd":  # ROCm: the compute node and the render nodes, with the groups that may open them
+        if vendor == Vendor.amd:  # ROCm: the compute node and the render nodes, with the groups that may open them
             return Devices(("--device=/dev/kfd", "--device=/dev/dri", *_groups("/dev/kfd", "/dev/dri/renderD128",
                                                                               default="video")))
-        if vendor == "intel":
+        if vendor == Vendor.intel:
             return Devices(("--device=/dev/dri", *_groups("/dev/dri/renderD128", default="render")))
         return Devices(())
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from hwcompat import compat
+from hwcompat.choices import Vendor
 from hwcompat.datafiles import data_dir
 from hwcompat.readings import Capability
 from hwcompat.resolve import HostPlan, ResolvedDevice
@@ -172,13 +173,13 @@ def _device_findings(pos: int, d: ResolvedDevice, stack: Stack, environ: Mapping
     if stack.torch_version is None:
         add("error", "torch", "torch is not installed", pip_fix(d))
         return out
-    if r.vendor == "nvidia":
+    if r.vendor == Vendor.nvidia:
         _nvidia_findings(d, stack, add)
-    elif r.vendor == "intel":
+    elif r.vendor == Vendor.intel:
         _intel_findings(d, stack, intel, add)
-    elif r.vendor == "amd":
+    elif r.vendor == Vendor.amd:
         _amd_findings(d, stack, environ, add)
-    if p.torch_max_version and _vt(stack.torch_version)[:2] > _vt(p.torch_max_version)[:2] and r.vendor != "cpu":
+    if p.torch_max_version and _vt(stack.torch_version)[:2] > _vt(p.torch_max_version)[:2] and r.vendor != Vendor.cpu:
         add("error", "torch_version", f"torch {stack.torch_version} is newer than {p.torch_max_version}, the last "
             f"release with {d.arch} kernels", pip_fix(d))
     _package_findings(p, stack, environ, add)
@@ -290,7 +291,7 @@ def diagnose(plan: HostPlan, stack: Stack, environ: Mapping[str, str], shm_bytes
              in_container: bool = False, intel: IntelHost | None = None) -> list[Finding]:
     """All findings for this host; any 'error' means training is blocked."""
     out: list[Finding] = []
-    has_gpu = any(d.reading.vendor != "cpu" for d in plan.devices)
+    has_gpu = any(d.reading.vendor != Vendor.cpu for d in plan.devices)
     if stack.torch_version is None:
         out.append(Finding("error", "torch", "torch is not installed",
                            "pip install torch --index-url https://download.pytorch.org/whl/cpu (CPU) or the command "
@@ -304,7 +305,7 @@ def diagnose(plan: HostPlan, stack: Stack, environ: Mapping[str, str], shm_bytes
     if tf is not None:
         out.append(tf)
     for pos, d in enumerate(plan.devices):
-        if d.reading.vendor == "cpu":
+        if d.reading.vendor == Vendor.cpu:
             if not has_gpu and stack.torch_version:
                 out.append(Finding("ok", "cpu", f"no GPU found: training runs on {d.reading.name} "
                                    f"({d.reading.cpu_cores} cores) with the cpu profile", device=pos))
@@ -315,7 +316,7 @@ def diagnose(plan: HostPlan, stack: Stack, environ: Mapping[str, str], shm_bytes
             out.append(Finding("warning", "visible_devices", f"{var}={environ[var]!r} is set: torch sees only those "
                                "devices, in that order, while `hwcompat detect` lists all of them",
                                f"unset {var} unless you meant it; `hwcompat env --device N` sets it per run"))
-    nv = [d for d in plan.devices if d.reading.vendor == "nvidia"]
+    nv = [d for d in plan.devices if d.reading.vendor == Vendor.nvidia]
     if len({d.reading.name for d in nv}) > 1 and environ.get("CUDA_DEVICE_ORDER") != "PCI_BUS_ID":
         out.append(Finding("warning", "device_order", "mixed NVIDIA cards and CUDA_DEVICE_ORDER is not PCI_BUS_ID: "
                            "CUDA numbers the fastest card first, so torch's cuda:0 may not be detect's device 0",

@@ -15,6 +15,7 @@ import os
 import sys
 
 from hwcompat import container, envvars
+from hwcompat.choices import Vendor
 
 NEEDS_GPU = {"train", "selftest", "demo"}
 SHELLS = {"shell", "bash", "sh"}
@@ -40,7 +41,7 @@ def _emulate_arg(args: list[str]) -> list[str] | None:
 
 def decide(plan, family: str | None, command: str, allow_mismatch: bool) -> tuple[int, str, dict[str, str]]:
     """(exit code or 0, message, environment to apply). Pure, for tests."""
-    gpus = [d for d in plan.devices if d.reading.vendor != "cpu"]
+    gpus = [d for d in plan.devices if d.reading.vendor != Vendor.cpu]
     cpu = plan.devices[-1]
     if family is None:
         return 0, "not in a hwcompat image (HWCOMPAT_IMAGE_FAMILY unset): no family check", {}

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hwcompat import __version__
+from hwcompat.choices import Vendor
 from hwcompat.demo.model import DISTRIBUTION, PACKAGE
 from hwcompat.errors import HwcompatError, InputError
 from hwcompat.profiles import Profile, load_profiles
@@ -212,7 +213,7 @@ def _build_failure(spec: ImageSpec, build_args: dict[str, str], error: str) -> s
         return f"building {spec.tag} failed: {error}"
     base = build_args.get("BASE_IMAGE", spec.base)
     torch = build_args.get("TORCH_SPEC", spec.torch_spec)
-    if spec.profiles[0].vendor == "cpu":
+    if spec.profiles[0].vendor == Vendor.cpu:
         how = ("build it offline from a local Debian base and a local wheelhouse (from the repository root):\n"
                "  bash ci/docker_env.sh base     # debootstrap a minimal Debian, docker import it as "
                f"{OFFLINE_BASE}\n"

@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from hwcompat import compat
-from hwcompat.choices import DTYPE_BYTES, MODEL_FAMILIES, OPTIMIZERS, families_text
+from hwcompat.choices import DTYPE_BYTES, MODEL_FAMILIES, OPTIMIZERS, Vendor, families_text
 from hwcompat.errors import InputError, excerpt
 
 GIB = 2**30
@@ -474,9 +474,9 @@ def host_optimizer_terms(shape: ModelShape, inp: PlanInput, db: int, host: Host,
     AdamW's two moments), the pinned staging a CUDA card's gradients land in (its dtype), the process; each step
     moves every gradient down once per micro-step and every weight up once."""
     n = shape.params()
-    staging = n * db if vendor == "nvidia" else 0
+    staging = n * db if vendor == Vendor.nvidia else 0
     pinned = shape.layers * shape.layer_params() * db if inp.offload == "layers" else 0  # the streamed working copy
-    per_param = 16 + (db if vendor == "nvidia" else 0) + (db if inp.offload == "layers" else 0)
+    per_param = 16 + (db if vendor == Vendor.nvidia else 0) + (db if inp.offload == "layers" else 0)
     gen, width, rate = _link(host)
     moved = n * db * (1 + 1)
     ram = host.ram_bytes
@@ -879,7 +879,7 @@ def suggest(shape: ModelShape, plan: Plan, vendor: str, quant_ok: bool, optim8_o
     out: list[dict[str, Any]] = []
     if plan.fits:
         return _largest_settings(shape, inp, run)
-    candidates = _candidates(inp, quant_ok, optim8_ok, can_stream=vendor != "cpu")
+    candidates = _candidates(inp, quant_ok, optim8_ok, can_stream=vendor != Vendor.cpu)
     out += [_fix(settings, run(new), note) for settings, new, note in candidates]
     combined: list[tuple[dict[str, Any], PlanInput]] = [({}, inp)] + [(s_, new) for s_, new, _ in candidates]
     for k in range(2, len(candidates) + 1):  # combinations of 2, 3 … changes

@@ -17,7 +17,7 @@ from typing import Any
 
 
 from hwcompat import compat, envvars
-from hwcompat.choices import Attention, CompileBackend, Dtype
+from hwcompat.choices import Attention, CompileBackend, Dtype, Vendor
 from hwcompat.datafiles import data_dir
 from hwcompat.errors import ProfileError
 from hwcompat.readings import TRAINING_FLAGS, VENDORS, XE_ARCHS, Capability, is_gfx_target
@@ -127,25 +127,25 @@ class Match:
                flags: tuple[str, ...] = ()) -> bool:
         if vendor != self.vendor:
             return False
-        if vendor == "cpu":
+        if vendor == Vendor.cpu:
             return not self.cpu_flags_any or any(f in flags for f in self.cpu_flags_any)
-        if vendor == "intel":
+        if vendor == Vendor.intel:
             return xe is not None and xe in self.xe_archs
-        if vendor == "nvidia":
+        if vendor == Vendor.nvidia:
             if cc is None or self.cc_min is None or self.cc_max is None:
                 return False
             return self.cc_min <= Capability.of(cc) <= self.cc_max and compat.is_tegra(cc) == self.tegra
-        if vendor == "amd":
+        if vendor == Vendor.amd:
             return gfx is not None and gfx in self.gfx_targets
         return True
 
     def describe(self) -> str:
-        if self.vendor == "nvidia" and self.cc_min and self.cc_max:
+        if self.vendor == Vendor.nvidia and self.cc_min and self.cc_max:
             span = f"compute capability {self.cc_min[0]}.{self.cc_min[1]}–{self.cc_max[0]}.{self.cc_max[1]}"
             return span + (", Jetson (Tegra) parts" if self.tegra else "")
-        if self.vendor == "amd":
+        if self.vendor == Vendor.amd:
             return "gfx targets " + ", ".join(self.gfx_targets)
-        if self.vendor == "intel":
+        if self.vendor == Vendor.intel:
             return "Xe generation " + ", ".join(self.xe_archs)
         if self.cpu_flags_any:
             return "CPUs with " + " or ".join(self.cpu_flags_any)
@@ -301,7 +301,7 @@ def _choice(ctx: _Ctx, where: str, raw: Any, kind: type[enum.Enum] | None) -> Ch
 
 
 def _match(ctx: _Ctx, where: str, raw: Any, vendor: str) -> Match:
-    if vendor == "nvidia":
+    if vendor == Vendor.nvidia:
         _keys(ctx, where, raw, {"compute_capability", "tegra"}, {"compute_capability"})
         tegra = raw.get("tegra", False)
         if not isinstance(tegra, bool):
@@ -314,14 +314,14 @@ def _match(ctx: _Ctx, where: str, raw: Any, vendor: str) -> Match:
         if lo > hi:
             raise ctx.fail(f"{where}.compute_capability", "min is above max")
         return Match(vendor, cc_min=lo, cc_max=hi, tegra=tegra)
-    if vendor == "amd":
+    if vendor == Vendor.amd:
         _keys(ctx, where, raw, {"gfx_targets"}, {"gfx_targets"})
         targets = raw["gfx_targets"]
         if not isinstance(targets, list) or not targets or not all(isinstance(t, str) and is_gfx_target(t)
                                                                    for t in targets):
             raise ctx.fail(f"{where}.gfx_targets", f"expected a list like [gfx1030, gfx1031], got {targets!r}")
         return Match(vendor, gfx_targets=tuple(t.lower() for t in targets))
-    if vendor == "intel":
+    if vendor == Vendor.intel:
         _keys(ctx, where, raw, {"xe_archs"}, {"xe_archs"})
         archs = raw["xe_archs"]
         if not isinstance(archs, list) or not archs or not all(a in XE_ARCHS for a in archs):

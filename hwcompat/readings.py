@@ -10,7 +10,9 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, NamedTuple
 
-VENDORS = ("nvidia", "amd", "intel", "cpu")
+from hwcompat.choices import Vendor
+
+VENDORS = tuple(v.value for v in Vendor)
 #: Intel Xe generations hwcompat knows (catalog/intel.yaml), the typed fact an Intel reading carries.
 XE_ARCHS = ("xe-hpg", "xe2-hpg")
 
@@ -102,7 +104,7 @@ class DeviceReading:
 
     @property
     def is_gpu(self) -> bool:
-        return self.vendor != "cpu"
+        return self.vendor != Vendor.cpu
 
     @property
     def facts(self) -> VendorFacts:

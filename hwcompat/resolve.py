@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from hwcompat import compat
+from hwcompat.choices import Vendor
 from hwcompat.errors import InputError
 from hwcompat.profiles import Attention, CompileBackend, Dtype, Fp16Rate, Profile
 from hwcompat.readings import Capability, DeviceReading, HostReading, gfx_from_override, override_from_gfx
@@ -124,7 +125,7 @@ class HostPlan:
     @property
     def host_ram_bytes(self) -> int | None:
         """The host's RAM: the CPU reading's memory (what streamed weights are pinned in)."""
-        cpus = [d for d in self.devices if d.reading.vendor == "cpu"]
+        cpus = [d for d in self.devices if d.reading.vendor == Vendor.cpu]
         return cpus[-1].reading.memory_bytes if cpus else None
 
     def to_dict(self) -> dict[str, Any]:
@@ -161,11 +162,11 @@ def match_profile(reading: DeviceReading, profiles: dict[str, Profile]) -> Profi
 
 
 def _why_matched(r: DeviceReading, p: Profile) -> str:
-    if r.vendor == "nvidia":
+    if r.vendor == Vendor.nvidia:
         return f"compute capability {r.compute_capability} is in {p.name}'s range ({p.match.describe()})"
-    if r.vendor == "amd":
+    if r.vendor == Vendor.amd:
         return f"physical target {r.gfx_target} is one of {p.name}'s {p.match.describe()}"
-    if r.vendor == "intel":
+    if r.vendor == Vendor.intel:
         return f"PCI device 0x{r.pci_device_id or '?'} is {r.xe_arch}, {p.name}'s {p.match.describe()}"
     return "the CPU profile covers every CPU"
 
@@ -181,7 +182,7 @@ def _tegra_problems(r: DeviceReading, p: Profile) -> list[str]:
     """A Jetson runs the profile's aarch64 wheel only where that wheel's cubins apply at the CUDA its JetPack
     gives: Thor's own sm_110 on any CUDA 13 driver, Orin's sm_80 only from the unification (CUDA 13.2). The
     older one is refused (that torch has no kernels for it there); an unknown CUDA version is said."""
-    if r.vendor != "nvidia" or not compat.is_tegra(r.capability) or not p.torch.min_version:
+    if r.vendor != Vendor.nvidia or not compat.is_tegra(r.capability) or not p.torch.min_version:
         return []
     row = compat.family_row(p.torch.build, compat.major_minor(p.torch.min_version), machine="aarch64") or {}
     runtime = row.get("runtime", "0.0")
@@ -199,7 +200,7 @@ def _tegra_problems(r: DeviceReading, p: Profile) -> list[str]:
 
 
 def _unsupported_reason(r: DeviceReading) -> str:
-    if r.vendor == "nvidia":
+    if r.vendor == Vendor.nvidia:
         cc = r.capability or Capability(0, 0)
         if cc < MIN_CUDA_CC:
             last = compat.last_wheels_for(cc)
@@ -210,7 +211,7 @@ def _unsupported_reason(r: DeviceReading) -> str:
                     "built from source")
         return (f"compute capability {r.compute_capability} is newer than every known profile; "
                 "try the closest one with --profile blackwell and report the result")
-    if r.vendor == "amd":
+    if r.vendor == Vendor.amd:
         return (f"gfx target {r.gfx_target} is not covered by any profile (no PyTorch ROCm wheel and no known "
                 "HSA_OVERRIDE_GFX_VERSION for it); train on the CPU profile, or force one with --profile "
                 "if you know its closest target")
@@ -229,7 +230,7 @@ def _check_dtype(value: str, hw: dict[str, Any], label: str, profile_choice: str
     except ValueError:
         raise InputError(f"dtype={value}: not a dtype; use one of {', '.join(d.value for d in Dtype)}") from None
     if value == "bfloat16" and not hw["bf16"]:
-        why = hw["source"] if vendor == "cpu" else "torch may emulate it, far slower"
+        why = hw["source"] if vendor == Vendor.cpu else "torch may emulate it, far slower"
         raise InputError(f"dtype=bfloat16: {label} has no bf16 hardware "
                          f"({why}); use {profile_choice} (this profile's choice)"
                          f"{' or float32' if profile_choice != 'float32' else ''}")
@@ -299,7 +300,7 @@ def _amd_quantization(r: DeviceReading, p: Profile, env: dict[str, str], reasons
 def _torch_problems(r: DeviceReading, p: Profile, sw: Software, env: dict[str, str]) -> list[str]:
     """Does the installed torch run this real device? Emulated devices are not this host's hardware."""
     t = sw.torch
-    if r.emulated or r.vendor == "cpu" or t is None:
+    if r.emulated or r.vendor == Vendor.cpu or t is None:
         return []
     fix = f"{p.torch.install_command()} (or use the {p.image.tag} image)"
     problems = []
@@ -319,7 +320,7 @@ def _torch_problems(r: DeviceReading, p: Profile, sw: Software, env: dict[str, s
 def _native_override(r: DeviceReading, sw: Software, env: dict[str, str], reasons: dict[str, str]) -> None:
     """Drop the profile's HSA_OVERRIDE_GFX_VERSION when the installed torch has the card's own kernels."""
     t = sw.torch
-    if r.emulated or r.vendor != "amd" or "HSA_OVERRIDE_GFX_VERSION" not in env or t is None or not t.targets:
+    if r.emulated or r.vendor != Vendor.amd or "HSA_OVERRIDE_GFX_VERSION" not in env or t is None or not t.targets:
         return
     if r.gfx_target in t.targets:
         del env["HSA_OVERRIDE_GFX_VERSION"]
@@ -387,7 +388,7 @@ def _environment(reading: DeviceReading, p: Profile, sets: dict[str, str], softw
 
 def _override_problems(reading: DeviceReading, env: dict[str, str]) -> list[str]:
     """An HSA_OVERRIDE_GFX_VERSION already in the shell that differs from what the card needs."""
-    if reading.vendor != "amd" or not reading.gfx_target_effective:
+    if reading.vendor != Vendor.amd or not reading.gfx_target_effective:
         return []
     wanted = env.get("HSA_OVERRIDE_GFX_VERSION")
     have = override_from_gfx(reading.gfx_target_effective)
@@ -403,7 +404,7 @@ def _override_problems(reading: DeviceReading, env: dict[str, str]) -> list[str]
 
 def _quantization(reading: DeviceReading, p: Profile, env: dict[str, str], reasons: dict[str, str]) -> list[str]:
     reasons.update({f"quantization.{k}": q.reason for k, q in p.quantization.items()})
-    if reading.vendor == "amd":
+    if reading.vendor == Vendor.amd:
         return _amd_quantization(reading, p, env, reasons)
     return [k for k, q in p.quantization.items() if q.supported]
 
@@ -422,7 +423,7 @@ def resolve_device(reading: DeviceReading, profiles: dict[str, Profile], softwar
     label = _device_label(reading)
     forced = overrides.profile if apply_overrides else None
     chosen, why, problems = _choose(reading, profiles, forced)
-    if chosen is None and reading.vendor == "nvidia" and compat.is_tegra(reading.capability):
+    if chosen is None and reading.vendor == Vendor.nvidia and compat.is_tegra(reading.capability):
         return ResolvedDevice(reading, None, False, [_tegra_reason(reading)], None)
     if chosen is None:
         return ResolvedDevice(reading, None, False, [_unsupported_reason(reading)], None)
@@ -460,13 +461,13 @@ def resolve_device(reading: DeviceReading, profiles: dict[str, Profile], softwar
 def resolve_host(host: HostReading, profiles: dict[str, Profile], software: Software,
                  overrides: Overrides = Overrides()) -> HostPlan:
     """Resolve every device. Overrides apply to the GPUs, or to the CPU when it is the only device."""
-    has_gpu = any(d.vendor != "cpu" for d in host.devices)
+    has_gpu = any(d.vendor != Vendor.cpu for d in host.devices)
     devices = [resolve_device(d, profiles, software, overrides,
-                              apply_overrides=(d.vendor != "cpu") or not has_gpu)
+                              apply_overrides=(d.vendor != Vendor.cpu) or not has_gpu)
                for d in host.devices]
     groups: dict[str, dict[str, Any]] = {}
     for pos, d in enumerate(devices):
-        if d.reading.vendor == "cpu" and has_gpu or not d.supported or d.profile is None:
+        if d.reading.vendor == Vendor.cpu and has_gpu or not d.supported or d.profile is None:
             continue
         g = groups.setdefault(d.profile.name, {"profile": d.profile.name, "image": d.profile.image,
                                                "vendor": d.reading.vendor, "devices": []})

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hwcompat.choices import Vendor
 from hwcompat.resolve import ResolvedDevice
 
 MEMORY_MARGIN = 0.25  # selftest tolerance between planned and measured peak allocation
@@ -103,7 +104,7 @@ def run_selftest(device: ResolvedDevice, opts: SelftestOptions, fix_hint: str = 
     """Write the model and data, train them with `hwcompat train`, and judge what the run wrote."""
     prof = device.profile
     assert prof is not None
-    on_gpu = device.reading.vendor != "cpu" and "--cpu-emulation" not in opts.train_args
+    on_gpu = device.reading.vendor != Vendor.cpu and "--cpu-emulation" not in opts.train_args
     card, peak = device_peak(device, prof) if on_gpu else ("", None)  # CPU emulation: not the card
     res = SelftestResult(device=device.reading.name, profile=prof.name, dtype=prof.dtype, attention=prof.attention,
                          compile_backend=prof.compile_backend, passed=False, checks=[], peak_card=card,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from hwcompat.choices import Vendor
 from hwcompat.cli.common import add_device_options, plan_from_args, print_json
 
 MARK = {"error": "ERROR", "warning": "warn ", "info": "info ", "ok": "ok   "}
@@ -34,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
         return run_numerics(args, plan)
     stack = doctor.gather_stack()
     shm, container = doctor.host_facts()
-    intel = doctor.intel_facts() if any(d.reading.vendor == "intel" for d in plan.devices) else None
+    intel = doctor.intel_facts() if any(d.reading.vendor == Vendor.intel for d in plan.devices) else None
     findings = doctor.diagnose(plan, stack, dict(os.environ), shm, container, intel)
     if args.json:
         print_json(doctor.to_dict(findings, stack))
@@ -60,7 +61,7 @@ def run_numerics(args: argparse.Namespace, plan) -> int:
     pos, device = training_device(plan, args.device)
     if device.profile is None:
         raise InputError(f"--numerics: {device.reading.name} has no profile ({'; '.join(device.problems)})")
-    if device.reading.emulated and device.reading.vendor != "cpu":
+    if device.reading.emulated and device.reading.vendor != Vendor.cpu:
         raise InputError(f"--numerics: {device.reading.name} is emulated: there is no card to compute on")
     p = device.profile
     kind = device.reading.facts.torch_device

@@ -9,6 +9,7 @@ import argparse
 import re
 import shlex
 
+from hwcompat.choices import Vendor
 from hwcompat.cli.common import add_device_options, plan_from_args, select_device
 from hwcompat.errors import HwcompatError, InputError
 
@@ -71,7 +72,7 @@ def install_torch(plan, device_spec: str | None, version: str) -> str:
     """The card's torch install, for ``eval``: its profile's wheel index (a CPU machine: the CPU build, under 200 MB,
     not PyPI's CUDA build; then PyPI's wheel where that index is unreachable)."""
     if device_spec is None:  # the first card with a profile, else the CPU
-        gpu = next((d for d in plan.devices if d.reading.vendor != "cpu" and d.profile is not None), None)
+        gpu = next((d for d in plan.devices if d.reading.vendor != Vendor.cpu and d.profile is not None), None)
         d = gpu or plan.devices[-1]
     else:
         _, d = select_device(plan, device_spec)
@@ -90,7 +91,7 @@ def install_torch(plan, device_spec: str | None, version: str) -> str:
     line = f"python3 -m pip install {quoted} --index-url {p.torch_index_url}"
     # PyPI's wheel runs on any CPU (a CUDA build, several GB, but it runs): the CPU's fallback. A card's own build
     # has no stand-in there (PyPI's lacks pre-Turing kernels, ROCm, XPU): without its index, say so and stop
-    return f"{line} || python3 -m pip install {quoted}" if d.reading.vendor == "cpu" else line
+    return f"{line} || python3 -m pip install {quoted}" if d.reading.vendor == Vendor.cpu else line
 
 
 def _mm(version: str) -> tuple[int, ...]:

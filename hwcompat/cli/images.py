@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from hwcompat.errors import HwcompatError, InputError
+from hwcompat.choices import Vendor
+from hwcompat.errors import InputError
 
 
 def add_parser(sub) -> None:
@@ -129,7 +130,7 @@ def _detected_family(args: argparse.Namespace) -> str:
     from hwcompat.cli.common import plan_from_args
 
     plan = plan_from_args(args)
-    gpu = next((d for d in plan.devices if d.reading.vendor != "cpu" and d.profile is not None), None)
+    gpu = next((d for d in plan.devices if d.reading.vendor != Vendor.cpu and d.profile is not None), None)
     return gpu.profile.image_family if gpu else "cpu"
 
 

@@ -6,6 +6,7 @@ import argparse
 from datetime import datetime, timezone
 from pathlib import Path
 
+from hwcompat.choices import Vendor
 from hwcompat.cli.common import plan_from_args, print_json
 from hwcompat.errors import InputError
 
@@ -64,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     _, device = training_device(plan, args.device)
     if device.profile is None:
         raise HwcompatError(f"{device.reading.name}: no profile to test ({'; '.join(device.problems)})")
-    if device.reading.emulated and device.reading.vendor != "cpu" and not args.cpu_emulation:
+    if device.reading.emulated and device.reading.vendor != Vendor.cpu and not args.cpu_emulation:
         raise InputError(f"{device.reading.name} is emulated: add --cpu-emulation to run its profile on the CPU")
     opts = SelftestOptions(steps=args.steps, keep=_keep(args.keep), train_args=_train_args(args),
                            memory_limit_gib=args.memory_limit)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from hwcompat.errors import DataError, InputError
+from hwcompat.errors import DataError
 from hwcompat.textcheck import text_problem
 
 ROLES = ("system", "user", "assistant")

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from hwcompat import __version__
+from hwcompat.choices import Vendor
 from hwcompat.envvars import VISIBILITY  # noqa: F401 (one table for the launcher, env and selftest)
 from hwcompat.readings import VENDOR_FACTS
 from hwcompat.errors import HwcompatError, InputError
@@ -35,7 +36,7 @@ def training_device(plan: HostPlan, spec: str | None) -> tuple[int, ResolvedDevi
     if spec is not None:
         return plan.select(spec)
     for pos, d in enumerate(plan.devices):
-        if d.reading.vendor != "cpu" and d.supported:
+        if d.reading.vendor != Vendor.cpu and d.supported:
             return pos, d
     return len(plan.devices) - 1, plan.devices[-1]
 
@@ -391,7 +392,7 @@ def _host_limit(inp, result, run) -> str:
 def device_memory(cfg, device: ResolvedDevice) -> int:
     """The memory this run may use on its card: the whole card, or ``memory_limit_gib`` of it (GPU only)."""
     card = device.reading.memory_bytes
-    if not cfg.memory_limit_gib or device.reading.vendor == "cpu":
+    if not cfg.memory_limit_gib or device.reading.vendor == Vendor.cpu:
         return card
     limit = int(cfg.memory_limit_gib * 2**30)
     if card and limit > card:
@@ -402,7 +403,7 @@ def device_memory(cfg, device: ResolvedDevice) -> int:
 
 def check_memory_limit(cfg, device: ResolvedDevice, cpu_emulation: bool) -> None:
     """A limit is enforced by the GPU's allocator; on the CPU nothing would hold the run to it, so say so."""
-    if cfg.memory_limit_gib and (device.reading.vendor == "cpu" or cpu_emulation):
+    if cfg.memory_limit_gib and (device.reading.vendor == Vendor.cpu or cpu_emulation):
         raise InputError(f"memory_limit_gib={cfg.memory_limit_gib:g} caps a GPU's memory, but this run trains on "
                          "the CPU, where nothing enforces it; set memory_limit_gib=0")
     device_memory(cfg, device)
@@ -413,7 +414,7 @@ def memory_choice(loaded: LoadedConfig, shape, inp, run, vendor: str, unified: b
     from hwcompat import plan as planner
 
     cfg = loaded.config
-    if vendor == "cpu" and cfg.offload != "layers":  # the host's RAM is the device's: nothing to stream to
+    if vendor == Vendor.cpu and cfg.offload != "layers":  # the host's RAM is the device's: nothing to stream to
         hosted = "host" if cfg.optimizer_offload == "host" else "none"  # written: plumbing a CPU test can run
         return planner.MemoryChoice("none", cfg.gradient_checkpointing, run(replace(inp, optimizer_offload=hosted)),
                                     optimizer_offload=hosted)
@@ -478,7 +479,7 @@ def check_plan(loaded: LoadedConfig, device: ResolvedDevice, profile: ResolvedPr
     fits = [s for s in planner.suggest(shape, result, vendor, quant_ok, "optim8bit" in profile.quantization, host)
             if s["fits"]]
     hint = "; ".join(s["change"] for s in fits[:3]) or "a smaller model"
-    limit = _host_limit(inp, result, run) if vendor != "cpu" and not cfg.qlora else ""
+    limit = _host_limit(inp, result, run) if vendor != Vendor.cpu and not cfg.qlora else ""
     raise HwcompatError(f"this run will not fit on {device.reading.name}: {note}. {limit + ' ' if limit else ''}"
                         f"Change: {hint} (`hwcompat plan --suggest` shows the breakdown; --force tries anyway)")
 
@@ -513,11 +514,11 @@ def process_count(opts: LaunchOptions, plan: HostPlan, pos: int, device: Resolve
         n = len(members)
     elif opts.devices.isdigit() and int(opts.devices) > 0:
         n = int(opts.devices)
-        if device.reading.vendor != "cpu" and n > len(members):
+        if device.reading.vendor != Vendor.cpu and n > len(members):
             raise InputError(f"--devices {n}: only {len(members)} identical {device.arch} device(s) here")
     else:
         raise InputError(f"--devices {opts.devices}: use 'all' or a positive number")
-    if device.reading.vendor == "cpu":
+    if device.reading.vendor == Vendor.cpu:
         return n, None
     return n, [plan.devices[i].reading.index for i in members[:n]]
 
@@ -564,7 +565,7 @@ def launch(opts: LaunchOptions, loaded: LoadedConfig, plan: HostPlan) -> int:
         verdict = decide_offload(loaded, device, profile, plan, 1.0)  # worst case: no data read
         print(render_config(loaded, profile, hw_origins, device) + (f"\n# {verdict}" if verdict else ""))
         return 0
-    if device.reading.emulated and device.reading.vendor != "cpu" and not opts.cpu_emulation:
+    if device.reading.emulated and device.reading.vendor != Vendor.cpu and not opts.cpu_emulation:
         raise InputError(f"{device.reading.name} is emulated: there is no such card to train on. "
                          "Use --print-config to see the resolved run, --cpu-emulation to run its profile on the "
                          "CPU, or drop --emulate")
@@ -578,7 +579,7 @@ def launch(opts: LaunchOptions, loaded: LoadedConfig, plan: HostPlan) -> int:
         raise InputError("offload=layers streams the base to one card; several processes would each pin their own "
                          "host copy. Train on one device (drop --devices/--nnodes) or set offload=none")
     nodes = Nodes.parse(opts.nnodes, opts.node_rank, opts.rdzv_endpoint)
-    malloc_env, note = cpu_allocator(loaded.config.cpu_allocator, device.reading.vendor == "cpu" or opts.cpu_emulation)
+    malloc_env, note = cpu_allocator(loaded.config.cpu_allocator, device.reading.vendor == Vendor.cpu or opts.cpu_emulation)
     run = prepare_run_dir(loaded, profile, device, plan, opts.resume, opts.overwrite, opts.cpu_emulation,
                           world_size=nproc * nodes.nnodes)
     _announce(run, device, profile, nproc, nodes)

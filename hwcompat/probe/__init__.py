@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Mapping
 
 from hwcompat import envvars
+from hwcompat.choices import Vendor
 from hwcompat.readings import DeviceReading, HostReading
 
 
@@ -67,8 +68,8 @@ def _emulated(emulate: list[str] | None, emulate_file: str | None, flag: str
         readings += emu.from_catalog(emulate, flag)
     if emulate_file:
         readings += emu.from_file(emulate_file)
-    cpus = [r for r in readings if r.vendor == "cpu"]
-    return _reindex([r for r in readings if r.vendor != "cpu"]), (cpus[0] if cpus else None)
+    cpus = [r for r in readings if r.vendor == Vendor.cpu]
+    return _reindex([r for r in readings if r.vendor != Vendor.cpu]), (cpus[0] if cpus else None)
 
 
 def _probe_gpus(sys_root: str | Path, env: Mapping[str, str]) -> tuple[list[DeviceReading], list[str]]:

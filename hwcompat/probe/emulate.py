@@ -12,6 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from hwcompat.choices import Vendor
 from hwcompat.datafiles import data_dir
 from hwcompat.errors import InputError, excerpt
 from hwcompat.readings import VENDORS, XE_ARCHS, DeviceReading, is_gfx_target, parse_cc
@@ -84,7 +85,7 @@ def _check_consistent(values: dict[str, Any], vendor: str, where: str) -> None:
             raise InputError(f"{where}: field {key!r}: holds control characters ({excerpt(value)}); a device "
                              "reading is plain text")
     did = values.get("pci_device_id")
-    if vendor == "intel" and did:
+    if vendor == Vendor.intel and did:
         from hwcompat.probe.intel import generation
 
         gen = generation(did)
@@ -137,7 +138,7 @@ def parse_reading(entry: Any, where: str, source: str = "") -> DeviceReading:
     values = {key: _typed(key, value, where) for key, value in entry.items()}
     _check_consistent(values, vendor, where)
     cc = values.get("compute_capability")
-    if vendor == "nvidia" and cc is None:
+    if vendor == Vendor.nvidia and cc is None:
         raise InputError(f"{where}: field 'compute_capability': missing (required for NVIDIA, e.g. \"6.1\")")
     if cc is not None:  # the reading parses it once; any vendor's entry that has one must be readable
         try:
@@ -145,7 +146,7 @@ def parse_reading(entry: Any, where: str, source: str = "") -> DeviceReading:
         except ValueError:
             raise InputError(f"{where}: field 'compute_capability': expected \"major.minor\" like \"6.1\", "
                              f"got {excerpt(cc)}") from None
-    if vendor == "amd":
+    if vendor == Vendor.amd:
         gfx = values.get("gfx_target")
         if gfx is None:
             raise InputError(f"{where}: field 'gfx_target': missing (required for AMD, e.g. \"gfx1031\")")
@@ -155,7 +156,7 @@ def parse_reading(entry: Any, where: str, source: str = "") -> DeviceReading:
                 if not is_gfx_target(values[key]):
                     raise InputError(f"{where}: field {excerpt(key)}: expected a gfx target like \"gfx1031\", "
                                      f"got {excerpt(entry[key])}")
-    if vendor == "intel" and values.get("xe_arch") not in XE_ARCHS:
+    if vendor == Vendor.intel and values.get("xe_arch") not in XE_ARCHS:
         raise InputError(f"{where}: field 'xe_arch': expected one of {', '.join(XE_ARCHS)} (Alchemist: xe-hpg, "
                          f"Battlemage: xe2-hpg), got {excerpt(values.get('xe_arch'))}")
     values.setdefault("index", 0)

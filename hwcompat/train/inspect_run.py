@@ -305,7 +305,6 @@ def _summary(run_dir: Path) -> dict | None:
 def _mistakes(args, spec, model, tokenizer, device) -> dict:
     """--predictions: each row's answer and metrics; --pairs: preference pairs from the model's mistakes and, for
     rows it gets right, its most likely wrong sample (train/mistakes.py). Both written atomically."""
-    import torch
 
     from hwcompat.data.chat import render_prompt_ids, uses_chat_template
     from hwcompat.data.rows import Report, read_prompts

@@ -147,7 +147,6 @@ def _nf4(profile: ResolvedProfile, dtype, device) -> dict[str, Any]:
 
 
 def _with_lora(model, cfg: TrainConfig):
-    import torch
     from peft import LoraConfig, get_peft_model
 
     if cfg.init_adapter:  # continue from an adapter (SFT -> DPO); the launcher checked its shape

@@ -14,6 +14,7 @@ from pathlib import Path
 from types import UnionType
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
+from hwcompat.choices import Vendor
 from hwcompat.errors import InputError, excerpt
 from hwcompat.resolve import ResolvedDevice, ResolvedProfile
 from hwcompat.train.config import TrainConfig, config_from_dict
@@ -33,7 +34,7 @@ class TrainDevice:
     @classmethod
     def choose(cls, device: ResolvedDevice, profile: ResolvedProfile, cpu_emulation: bool) -> "TrainDevice":
         gpu = profile.name != "cpu" and not cpu_emulation
-        kind = ("xpu" if device.reading.vendor == "intel" else "cuda") if gpu else "cpu"
+        kind = ("xpu" if device.reading.vendor == Vendor.intel else "cuda") if gpu else "cpu"
         return cls(kind, device.reading.vendor, device.reading.name, device.reading.emulated)
 
 
