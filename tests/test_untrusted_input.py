@@ -1,4 +1,5 @@
-"""#22, the third reliability pass: security, hangs, garbage accepted, tracebacks and misleading messages.
+"""Untrusted input (#22): planted links, a folder's own code, shell output, Modelfile injection, special files, values
+that must be refused, hangs and misleading messages.
 
 Each test reproduces one reported case through the real CLI (or the one function every path goes through) and
 asserts the message, the location and the exit code, and that nothing was written or lost. The run-folder and

@@ -1,4 +1,5 @@
-"""#22: user mistakes that were tracebacks are one clear message (what, where, the fix) and an exit code."""
+"""Loading what the user points at (tokenizers, chat templates, adapters, runs to eval, merge and export inputs): a
+mistake that was a traceback (#22) is one clear message (what, where, the fix) and an exit code."""
 
 import json
 import shutil
