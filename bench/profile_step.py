@@ -64,6 +64,9 @@ def setup(checkpointing: bool, dtype: str = "float32"):
     for p in model.parameters():  # as train/model.py loads a base for a bf16 profile: frozen in bf16, adapters fp32
         if not p.requires_grad:
             p.data = p.data.to(getattr(torch, dtype))
+    from hwcompat.train.model import _cast_once
+
+    model = _cast_once(model)  # as hwcompat trains: no fp32 round trip of a LoRA input under autocast
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id

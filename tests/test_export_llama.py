@@ -102,11 +102,11 @@ def test_k_quant_without_the_extra_says_how_to_get_it(trained, tmp_path, monkeyp
     assert not list(tmp_path.iterdir())  # nothing written
     assert str(Requirement(quantize.REQUIREMENT)) == quantize.REQUIREMENT
     assert quantize.INSTALL.endswith(f"python3 -m pip install '{quantize.REQUIREMENT}'")
-    # #40 §5: the refusal's line is the README's, verbatim, and a shell parses it (bash -n)
+    # #40 §5: the refusal's line is the docs' (docs/export.md), verbatim, and a shell parses it (bash -n)
     import subprocess
     from pathlib import Path
 
-    assert quantize.INSTALL in (Path(__file__).parents[1] / "README.md").read_text()
+    assert quantize.INSTALL in (Path(__file__).parents[1] / "docs" / "export.md").read_text()
     assert subprocess.run(["bash", "-n", "-c", quantize.INSTALL]).returncode == 0
 
 

@@ -13,11 +13,13 @@ import time
 
 import pytest
 
+from tests import cli
+
 from hwcompat.images import OFFLINE_BASE, REPO, specs
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 BASE = os.environ.get("HWCOMPAT_CI_BASE", OFFLINE_BASE)  # ci/docker_env.sh's BASE_TAG
-# The README's build line's arguments (its test below then reuses this build's cache). The wheelhouse makes the
+# docs/images.md's build line's arguments (its test below then reuses this build's cache). The wheelhouse makes the
 # torch index unused, so every family gets the CPU image's: one builder venv for all three images, stored once
 # (tests/test_images.py checks the Dockerfiles allow it; three venvs filled CI's disk).
 BUILD_ARGS = [f"BASE_IMAGE={BASE}", "TORCH_SPEC=torch==2.13.0", f"TORCH_INDEX_URL={specs()['cpu'].profiles[0].torch.index_url}"]
@@ -39,8 +41,7 @@ def images():
         _unavailable("wheelhouse/ is empty (ci/docker_env.sh wheels)")
     # One NVIDIA family, one AMD family and the CPU image, from the committed Dockerfiles.
     args = [a for kv in BUILD_ARGS for a in ("--build-arg", kv)]
-    res = subprocess.run([sys.executable, "-m", "hwcompat", "images", "build", "maxwell", "rdna2", "cpu",
-                          "--network", "none", *args], capture_output=True, text=True, timeout=1800)
+    res = cli.run("images", "build", "maxwell", "rdna2", "cpu", "--network", "none", *args, timeout=1800)
     assert res.returncode == 0, res.stderr[-4000:]
     assert "built hwcompat:maxwell" in res.stdout and "built hwcompat:rdna2" in res.stdout
     return ["hwcompat:maxwell", "hwcompat:rdna2", "hwcompat:cpu"]
@@ -134,7 +135,7 @@ def test_train_in_image_writes_adapter_as_non_root(images, tmp_path, tiny_model,
 
 
 def test_image_trains_from_parquet_with_tensorboard(images, tmp_path, tiny_model):
-    """#35: the images carry what the README says a run can use (hwcompat.images.IMAGE_EXTRAS): Parquet data (the
+    """#35: the images carry what the docs say a run can use (hwcompat.images.IMAGE_EXTRAS): Parquet data (the
     data extra) and report_to (the track extra) train in the CPU image instead of ending at an install line."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -190,14 +191,14 @@ def test_docker_stop_checkpoints(images, tmp_path, tiny_model):
 
 
 def _readme_docker_lines():
-    text = (REPO / "README.md").read_text(encoding="utf-8")
+    text = (REPO / "docs" / "images.md").read_text(encoding="utf-8")
     block = text.split("<!-- docker-contract:", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
     return [ln for ln in block.splitlines() if ln.strip()]
 
 
-def test_the_readmes_docker_commands_run_as_written(images, tmp_path, tiny_model):
-    """#40 §1: the README's container path, line for line, on the local engine: build, the printed docker run,
-    a detached training run, `docker stop` (a checkpoint, exit 143), `--resume` in a new container, the demo."""
+def test_the_documented_docker_commands_run_as_written(images, tmp_path, tiny_model):
+    """#40 §1: the documented container path (docs/images.md), line for line, on the local engine: build, the
+    printed docker run, a detached training run, `docker stop` (a checkpoint, exit 143), `--resume` in a new container, the demo."""
     import shutil
 
     import yaml

@@ -138,11 +138,11 @@ def test_path_verified_evidence_carries_its_card_limit_date_and_source():
 def test_verified_evidence_rests_on_a_selftest_of_the_shipped_trainer():
     """#36 §3: `verified` only where a committed real-card selftest file of that profile passed through the shipped
     trainer (its recipe is `hwcompat train`); old: hopper was verified by a file from an older loop (no recipe).
-    The README names exactly those profiles, with their files' own figures."""
+    docs/evidence.md names exactly those profiles, with their files' own figures."""
     import json
 
     root = Path(__file__).resolve().parents[1]
-    readme = (root / "README.md").read_text()
+    readme = (root / "docs" / "evidence.md").read_text()
     verified = sorted(name for name, p in load_profiles().items() if p.evidence.value == "verified")
     assert verified == ["cpu"]
     for name in verified:

@@ -40,7 +40,7 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--devices", metavar="all|N", help="train on all identical devices (DDP via torchrun); "
                                                       "on a CPU-only host N processes (gloo)")
     p.add_argument("--device", metavar="N", help="device position from `hwcompat detect` (default: first GPU)")
-    m = p.add_argument_group("several machines (torchrun c10d rendezvous; see the README's home lab)")
+    m = p.add_argument_group("several machines (torchrun c10d rendezvous; see docs/multi-gpu.md)")
     m.add_argument("--nnodes", type=int, metavar="N", help="machines in this run; start the same command on each")
     m.add_argument("--node-rank", type=int, metavar="R", help="this machine's number, 0 … N-1 (0 hosts the rendezvous)")
     m.add_argument("--rdzv-endpoint", metavar="HOST:PORT", help="machine 0's address and a free port, e.g. "
