@@ -122,8 +122,9 @@ def quality_table() -> str:
             "|---|---|---|---|---|---|---|---|"]
     for label, fig in (("the demo (SmolLM2-135M, entity extraction, 40 steps × 8)", demo), ("", demo["float32"])):
         a = fig["eval_after"]
-        rows.append(f"| {label} | {fig['dtype']} | {a['eval_loss']:.4f} | {a['field_f1']:.3f} | {a['exact_match']:.3f} | "
-                    f"{a['json_valid']:.3f} | {fig['tokens_per_s']} | {fig['peak_memory_gib']:.2f} GiB |")
+        rows.append(f"| {label} | {fig['dtype']} | {a['eval_loss']:.4f} | {a['field_f1']:.3f} | "
+                    f"{a['exact_match']:.3f} | {a['json_valid']:.3f} | {fig['tokens_per_s']} | "
+                    f"{fig['peak_memory_gib']:.2f} GiB |")
     for label, r in (("bench/train.py's task (20 steps × 8, prompts 30–400 tokens)", bench["hwcompat"]),
                      ("", bench["hwcompat_fp32"])):
         rows.append(f"| {label} | {r['dtype']} | {r['eval_loss']:.4f} | | | | {r['tokens_per_s']:.0f} | "

@@ -26,8 +26,8 @@ def test_the_readmes_fp32_comparison_is_the_recorded_fp32_run():
     docs/report-demo.json records it (and the bf16 block above it is the screenshot's run)."""
     fig = json.loads((ROOT / "docs" / "report-demo.json").read_text())
     readme = (ROOT / "README.md").read_text().replace("\n", " ")
-    line = re.search(r"In fp32 \(`dtype=float32`\) the same run ends at eval loss ([\d.]+), field F1 ([\d.]+) and exact "
-                     r"match ([\d.]+), at ([\d,]+) tokens/s and ([\d.]+) GiB", readme)
+    line = re.search(r"In fp32 \(`dtype=float32`\) the same run ends at eval loss ([\d.]+), field F1 ([\d.]+) "
+                     r"and exact match ([\d.]+), at ([\d,]+) tokens/s and ([\d.]+) GiB", readme)
     assert line, "the README has no fp32 comparison line"
     fp32 = fig["float32"]
     assert fig["dtype"] == "bfloat16" and fp32["dtype"] == "float32"
