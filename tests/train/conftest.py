@@ -140,15 +140,9 @@ WRONG = {"red": "blue", "yellow": "green", "green": "red", "blue": "yellow"}
 
 
 def pair_rows(n, seed):
-    import random
-
-    rng = random.Random(seed)
-    items = sorted(COLORS)
-    rows = []
-    for _ in range(n):
-        item = rng.choice(items)
-        rows.append({"prompt": f"What color is the {item}?", "chosen": COLORS[item], "rejected": WRONG[COLORS[item]]})
-    return rows
+    """task_rows' prompts with the right colour chosen and a wrong one rejected."""
+    return [{"prompt": r["prompt"], "chosen": r["completion"], "rejected": WRONG[r["completion"]]}
+            for r in task_rows(n, seed)]
 
 
 @pytest.fixture
@@ -157,8 +151,9 @@ def pair_files(tmp_path):
                                                                                   pair_rows(16, 2))
 
 
-def dpo_objective(tiny_model, tmp_path, pair_files, beta=0.3, rpo_alpha=0.0):
-    """A DPO objective bound to a LoRA model whose policy has moved away from its reference (B ~ N(0, 0.2))."""
+def dpo_objective(tiny_model, tmp_path, pair_files, beta=0.3, rpo_alpha=0.0, init_adapter=None):
+    """A DPO objective bound to a LoRA model whose policy has moved away from its reference (B ~ N(0, 0.2)); with
+    ``init_adapter`` (after SFT) the reference is that moved adapter, bound after it is set."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -168,7 +163,7 @@ def dpo_objective(tiny_model, tmp_path, pair_files, beta=0.3, rpo_alpha=0.0):
 
     cfg = TrainConfig(model=str(tiny_model), train_data=[str(pair_files[0])], eval_data=[str(pair_files[1])],
                       method="dpo", beta=beta, max_seq_len=64, micro_batch_size=4, chat_template="false",
-                      rpo_alpha=rpo_alpha)
+                      rpo_alpha=rpo_alpha, init_adapter=init_adapter)
     profile = SimpleNamespace(dtype="float32", name="cpu")
     obj = DPO(cfg, profile, torch.device("cpu"))
     tok = AutoTokenizer.from_pretrained(tiny_model)
@@ -177,8 +172,11 @@ def dpo_objective(tiny_model, tmp_path, pair_files, beta=0.3, rpo_alpha=0.0):
     torch.manual_seed(0)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
                            LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM", lora_dropout=0.0))
-    obj.bind(model, "eager")  # the reference: the model now (B = 0, so the base)
+    if init_adapter is None:
+        obj.bind(model, "eager")  # the reference: the model now (B = 0, so the base)
     for n, p in model.named_parameters():
         if "lora_B" in n:
-            torch.nn.init.normal_(p, std=0.2)  # move the policy away from the reference
+            torch.nn.init.normal_(p, std=0.2)  # move the policy away from the reference (or: the SFT adapter)
+    if init_adapter is not None:
+        obj.bind(model, "eager")  # the reference: the adapter as loaded, swapped in when it is needed
     return obj, model

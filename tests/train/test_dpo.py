@@ -73,26 +73,9 @@ def test_reference_after_sft_is_the_starting_adapter_swapped_in(tiny_model, tmp_
     """init_adapter: the reference is base + the adapter as loaded, computed lazily by swapping its starting
     weights in; the live (trained) weights are back afterwards."""
     import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from hwcompat.train.config import TrainConfig
-    from hwcompat.train.objectives.dpo import DPO
-
-    cfg = TrainConfig(model=str(tiny_model), train_data=[str(pair_files[0])], eval_data=[str(pair_files[1])],
-                      method="dpo", max_seq_len=64, micro_batch_size=4, chat_template="false", init_adapter="sft")
-    obj = DPO(cfg, SimpleNamespace(dtype="float32", name="cpu"), torch.device("cpu"))
-    tok = AutoTokenizer.from_pretrained(tiny_model)
-    tok.pad_token = tok.pad_token or tok.eos_token
-    obj.load(tok, print)
-    torch.manual_seed(0)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
-                           LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM", lora_dropout=0.0))
-    for n, p in model.named_parameters():
-        if "lora_B" in n:
-            torch.nn.init.normal_(p, std=0.2)  # the SFT adapter: not the base
-    batch = obj.collate([3], "padded", tok.pad_token_id)
-    obj.bind(model, "eager")
+    obj, model = _objective(tiny_model, tmp_path, pair_files, beta=None, init_adapter="sft")
+    batch = obj.collate([3], "padded", obj.tokenizer.pad_token_id)
     assert torch.isnan(obj.ref["train"]).all()  # nothing computed up front
     with torch.no_grad():
         at_start = obj.sequence_logps(batch)
