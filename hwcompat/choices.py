@@ -35,6 +35,7 @@ class Attention(str, enum.Enum):
     eager = "eager"
     sdpa = "sdpa"
     flash_attention_2 = "flash_attention_2"
+    cpu_bf16 = "cpu_bf16"  # hwcompat's CPU training attention (train/cpu_attention.py)
 
 
 class CompileBackend(str, enum.Enum):

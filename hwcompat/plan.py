@@ -20,7 +20,8 @@ and the device's resolved profile (dtype, attention kernel, quantization):
   saved_tensors_hooks and the count must agree to the byte. Gradient checkpointing keeps only each layer's input
   plus one layer's full set during recomputation (Unsloth's VRAM notes use the same split).
 - the S^2 attention term: eager / math attention keeps the fp32 softmax, its half cast and Gemma 2's soft-cap
-  (heads x s x s each, per layer; measured alike); SDPA's efficient kernels and flash-attention do not.
+  (heads x s x s each, per layer; measured alike); hwcompat's CPU kernel (cpu_bf16) its probabilities only, plus
+  one layer's fp32 scores for a moment; SDPA's efficient kernels and flash-attention keep none.
 - logits: the loss projects response positions onto the vocabulary one chunk
   of ``logit_chunk_rows(vocab)`` rows at a time (train/objectives/linear_logps.py),
   so the term is one chunk: its fp32 logits, plus the compute-dtype copy a half
@@ -347,8 +348,8 @@ class Plan:
 ADAPTERS, MASTERS, WORKING_COPY = "adapters", "masters", "working copy"
 
 
-def layer_activation_bytes(s: ModelShape, rank: int, trained: str, dropout: bool, act_db: int, eager: bool = False
-                           ) -> int:
+def layer_activation_bytes(s: ModelShape, rank: int, trained: str, dropout: bool, act_db: int,
+                           attention: str = "sdpa") -> int:
     """Bytes one decoder layer saves for backward, per token, as hwcompat trains: transformers' modules, peft's LoRA
     with fp32 adapters, torch autocast in ``act_db``-byte halves (4: fp32, no autocast). Every term is a tensor
     autograd keeps (tests/train/test_plan_activations.py measures them with saved_tensors_hooks on tiny models of
@@ -361,9 +362,9 @@ def layer_activation_bytes(s: ModelShape, rank: int, trained: str, dropout: bool
     n = s.norms_per_layer * (h * 4 + 4 + (0 if lora else h * normed))
     if s.qk_norm:  # Qwen3's per-head q/k norms alike (their input is a linear's output: the compute dtype)
         n += (q + kv) * 4 + (s.heads + s.kv_heads) * 4 + (0 if lora else (q + kv) * act_db)
-    n += _attention_bytes(s, act_db, eager)
+    n += _attention_bytes(s, act_db, attention)
     n += 3 * i * act_db  # the MLP's gate and up outputs and act(gate)
-    n += _linear_input_bytes(s, trained, act_db, eager, dropout)
+    n += _linear_input_bytes(s, trained, act_db, attention, dropout)
     if lora:
         n += len(s.linears()) * rank * act_db  # each adapter's A(x), the input of B
         if dropout:  # each adapter input's dropped copy and its mask (CUDA's native_dropout: a byte per value)
@@ -371,23 +372,35 @@ def layer_activation_bytes(s: ModelShape, rank: int, trained: str, dropout: bool
     return n
 
 
-def score_bytes(s: ModelShape, act_db: int) -> int:
-    """Bytes eager attention keeps per score (each of heads x S x S per layer): the fp32 softmax output, its cast to
-    a half dtype (what multiplies v), and Gemma 2's tanh output (its soft-cap). SDPA's math kernel (a card without a
-    fused one) is counted alike; it is measured for eager only (on the CPU)."""
+def score_bytes(s: ModelShape, act_db: int, attention: str = "eager") -> int:
+    """Bytes attention keeps per score (each of heads x S x S per layer). Eager: the fp32 softmax output, its cast to
+    a half dtype (what multiplies v), and Gemma 2's tanh output (its soft-cap); SDPA's math kernel (a card without a
+    fused one) is counted alike; it is measured for eager only (on the CPU). hwcompat's CPU kernel (cpu_bf16): only
+    the probabilities in the compute dtype (train/cpu_attention.py)."""
+    if attention == CPU_BF16:
+        return act_db
     return 4 + (act_db if act_db < 4 else 0) + (act_db if s.attn_softcapped else 0)
 
 
-def _attention_bytes(s: ModelShape, act_db: int, eager: bool) -> int:
+def score_transient_bytes(act_db: int, attention: str) -> int:
+    """Bytes per score one layer's cpu_bf16 kernel holds for a moment beyond what it keeps: the fp32 scores and
+    softmax beside the probabilities' cast (the backward's fp32 dP and half dS are smaller). Eager's are not counted."""
+    return 8 + (act_db if act_db < 4 else 0) if attention == CPU_BF16 else 0
+
+
+def _attention_bytes(s: ModelShape, act_db: int, attention: str) -> int:
     """What attention keeps per token: SDPA its q, k, v, output and the fp32 log-sum-exp per head; eager its q and
-    k, v repeated to every head (GQA's repeat_kv copies)."""
-    if eager:
+    k, v repeated to every head (GQA's repeat_kv copies); cpu_bf16 q, k and v in the compute dtype (contiguous copies,
+    no repeat_kv) and its output."""
+    if attention in ("eager", SDPA_MATH):
         return 3 * s.q_dim * act_db
+    if attention == CPU_BF16:
+        return (2 * s.q_dim + 2 * s.kv_dim) * act_db
     extra = s.q_dim + s.kv_dim if s.fused else 0  # Phi-3: v is a view into qkv_proj's output, which stays whole
     return (2 * s.q_dim + 2 * s.kv_dim + extra) * act_db + s.heads * 4
 
 
-def _linear_input_bytes(s: ModelShape, trained: str, act_db: int, eager: bool, dropout: bool = False) -> int:
+def _linear_input_bytes(s: ModelShape, trained: str, act_db: int, attention: str, dropout: bool = False) -> int:
     """The inputs kept for the weights' (or adapters') gradients. Where no cast intervenes (fp32, a half working
     copy, a LoRA adapter without dropout: train/model._cast_once) each distinct input once: q/k/v share theirs,
     gate/up theirs. A LoRA adapter with dropout under autocast casts its input to fp32 and autocast back: a copy per
@@ -395,8 +408,9 @@ def _linear_input_bytes(s: ModelShape, trained: str, act_db: int, eager: bool, d
     down_proj's inputs come out of half ops and are kept as they are."""
     h, i, q = s.hidden, s.intermediate, s.q_dim
     # SDPA's output is o_proj's input in place (counted with attention) where q kept the (batch, seq, head) layout;
-    # eager's is a fresh transposed copy, and so is Phi-3's (its rotary concatenates q in head-major layout)
-    o_input = q if eager or s.fused else 0
+    # eager's and cpu_bf16's is a fresh transposed copy, and so is Phi-3's (its rotary concatenates q in head-major
+    # layout)
+    o_input = q if attention in SQUARE or s.fused else 0
     if act_db == 4 or trained == WORKING_COPY or (trained == ADAPTERS and not dropout):
         return (2 * h + i + o_input) * act_db
     if trained == ADAPTERS:
@@ -488,6 +502,17 @@ def host_optimizer_terms(shape: ModelShape, inp: PlanInput, db: int, host: Host,
 
 #: The planner's name for SDPA where the card has no fused kernel: its math kernel holds the scores as eager does.
 SDPA_MATH = "sdpa-math"
+#: hwcompat's CPU training attention (train/cpu_attention.py): the bf16 probabilities kept, S^2 per layer.
+CPU_BF16 = "cpu_bf16"
+#: The attentions whose memory has an S^2 term per layer, and what the plan says of each.
+SQUARE_NOTES = {
+    "eager": "eager attention materialises the S^2 score matrix; sdpa or flash-attention avoid it",
+    SDPA_MATH: "SDPA runs its math kernel on this card (no fused kernel: the profile's hardware.fused_sdpa), which "
+               "materialises the S^2 score matrix as eager does",
+    CPU_BF16: "attention=cpu_bf16 keeps each layer's probabilities (S^2) for a faster backward; where that does not "
+              "fit, training falls back to sdpa",
+}
+SQUARE = tuple(SQUARE_NOTES)
 
 
 def max_allocation(hardware: dict[str, Any]) -> int:
@@ -508,20 +533,18 @@ def _activation_terms(shape: ModelShape, inp: PlanInput, db: int, attention: str
     tokens = b * t
     lora = inp.method in ("lora", "qlora")
     act_db = db if inp.method != "qlora" else (2 if db == 4 else db)
-    eager = attention in ("eager", SDPA_MATH)
     trained = ADAPTERS if lora else (WORKING_COPY if inp.optimizer_offload == "host" else MASTERS)
-    per_layer = layer_activation_bytes(shape, inp.lora_rank, trained, inp.lora_dropout, act_db, eager)
+    per_layer = layer_activation_bytes(shape, inp.lora_rank, trained, inp.lora_dropout, act_db, attention)
     bd: dict[str, int] = {}
     if inp.gradient_checkpointing:  # each layer's input (the residual stream: fp32 with fp32 masters)
         bd["activations"] = tokens * (shape.layers * shape.hidden * (4 if trained == MASTERS else act_db) + per_layer)
     else:
         bd["activations"] = tokens * shape.layers * per_layer
-    if eager:
+    if attention in SQUARE:
         layers_holding = 1 if inp.gradient_checkpointing else shape.layers
-        bd["attention_scores"] = b * shape.heads * t * t * score_bytes(shape, act_db) * layers_holding
-        notes.append("eager attention materialises the S^2 score matrix; sdpa or flash-attention avoid it"
-                     if attention == "eager" else "SDPA runs its math kernel on this card (no fused kernel: the "
-                     "profile's hardware.fused_sdpa), which materialises the S^2 score matrix as eager does")
+        held = score_bytes(shape, act_db, attention) * layers_holding
+        bd["attention_scores"] = b * shape.heads * t * t * (held + score_transient_bytes(act_db, attention))
+        notes.append(SQUARE_NOTES[attention])
     else:
         bd["attention_scores"] = 0
     bd["logits"] = logit_chunk_bytes(shape, tokens * min(1.0, max(0.0, inp.logit_fraction)), act_db)
@@ -578,8 +601,9 @@ def estimate(shape: ModelShape, inp: PlanInput, dtype: str, attention: str, vend
     db = DTYPE_BYTES[dtype]
     if inp.sequences_per_row == 2:
         notes.append("dpo: chosen and rejected run in one forward, counted as 2 sequences per pair (an upper bound: "
-                     "with SDPA or eager attention the shared prompt runs once); the reference log-probabilities are "
-                     "computed once per row without gradients and kept, so no reference activations are held")
+                     "with SDPA, eager or cpu_bf16 attention the shared prompt runs once); the reference "
+                     "log-probabilities are computed once per row without gradients and kept, so no reference "
+                     "activations are held")
     bd = _weight_terms(shape, inp, db, quant_ok, notes)
     bd.update(_activation_terms(shape, inp, db, attention, notes))
     allocated = sum(bd.values())

@@ -321,6 +321,24 @@ def test_float32_stays_available_where_bf16_is_the_default(flags):
     assert d.profile.dtype == "float32" and d.profile.reasons["dtype"] == "set by the user"
 
 
+@pytest.mark.parametrize("flags,dtype,_,__", CPU_FLAG_SETS)
+def test_the_cpu_attention_is_hwcompats_kernel_where_the_run_is_bf16(flags, dtype, _, __):
+    """cpu_bf16 where bf16 is the default; in float32 (the default elsewhere, or set) it pays nothing: SDPA."""
+    d = resolve_device(_cpu(flags), PROFILES, NO_FA)
+    assert d.profile.attention == ("cpu_bf16" if dtype == "bfloat16" else "sdpa")
+    if dtype == "bfloat16":
+        assert "S^2" in d.profile.reasons["attention"]
+        fp32 = resolve_device(_cpu(flags), PROFILES, NO_FA, Overrides.parse(None, ["dtype=float32"])).profile
+        assert fp32.attention == "sdpa" and "bf16 only" in fp32.reasons["attention"]
+        mine = resolve_device(_cpu(flags), PROFILES, NO_FA, Overrides.parse(None, ["attention=sdpa"])).profile
+        assert mine.attention == "sdpa" and mine.reasons["attention"] == "set by the user"
+
+
+def test_cpu_bf16_attention_on_a_gpu_is_refused():
+    with pytest.raises(InputError, match="attention=cpu_bf16 is hwcompat's attention for training on a CPU"):
+        resolve_device(from_catalog(["a100"])[0], PROFILES, NO_FA, Overrides.parse(None, ["attention=cpu_bf16"]))
+
+
 def test_a_cpu_variant_naming_an_unknown_flag_is_a_profile_error():
     import yaml
 

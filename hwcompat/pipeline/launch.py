@@ -13,11 +13,12 @@ import json
 import os
 import sys
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from hwcompat import __version__
-from hwcompat.choices import Vendor
+from hwcompat.choices import Attention, Vendor
 from hwcompat.envvars import VISIBILITY  # noqa: F401 (one table for the launcher, env and selftest)
 from hwcompat.readings import VENDOR_FACTS
 from hwcompat.errors import HwcompatError, InputError
@@ -426,6 +427,21 @@ def memory_choice(loaded: LoadedConfig, shape, inp, run, vendor: str, unified: b
                                   optimizer_offload=cfg.optimizer_offload)
 
 
+def _without_kept_scores(loaded: LoadedConfig, profile: ResolvedProfile, choice, with_sdpa):
+    """attention=cpu_bf16 keeps each layer's S^2 probabilities: where the run does not fit with them but does with
+    SDPA's flash kernel, it trains with sdpa and the config says why. An attention the user chose is kept."""
+    cfg = loaded.config
+    if choice.plan.fits or profile.attention != Attention.cpu_bf16 or cfg.attention is not None:
+        return choice
+    flash = with_sdpa()
+    if not flash.plan.fits:
+        return choice
+    cfg.attention = "sdpa"
+    loaded.origins["attention"] = ("plan (cpu_bf16's kept S^2 probabilities do not fit; with sdpa the peak is "
+                                   f"{flash.plan.peak_bytes / 2**30:.1f} GiB)")
+    return flash
+
+
 def check_plan(loaded: LoadedConfig, device: ResolvedDevice, profile: ResolvedProfile,
                logit_fraction: float = 1.0, host_ram: int | None = None) -> tuple[str | None, str]:
     """Refuse early, before any model load, when the planner says the run will not fit; decide ``offload``.
@@ -445,13 +461,14 @@ def check_plan(loaded: LoadedConfig, device: ResolvedDevice, profile: ResolvedPr
     host = planner.host_for(device, host_ram, profile.dtype)
     memory = device_memory(cfg, device)
 
-    def run(inp):
-        return planner.estimate(shape, inp, profile.dtype, planner.planned_attention(profile.attention,
-                                profile.hardware), vendor, memory, quant_ok, host,
-                                planner.max_allocation(profile.hardware))
+    def run(inp, attention=profile.attention):
+        return planner.estimate(shape, inp, profile.dtype, planner.planned_attention(attention, profile.hardware),
+                                vendor, memory, quant_ok, host, planner.max_allocation(profile.hardware))
 
     inp = planner.plan_input(cfg, logit_fraction=logit_fraction)
-    choice = memory_choice(loaded, shape, inp, run, vendor, device.reading.unified_memory)
+    choice = _without_kept_scores(loaded, profile, memory_choice(loaded, shape, inp, run, vendor,
+                                  device.reading.unified_memory),
+                                  lambda: memory_choice(loaded, shape, inp, partial(run, attention="sdpa"), vendor))
     offload, result = choice.offload, choice.plan
     loaded.planned_peak_bytes = result.peak_bytes
     loaded.planned_allocated_bytes = result.peak_bytes - result.breakdown["runtime_overhead"]
@@ -563,6 +580,9 @@ def launch(opts: LaunchOptions, loaded: LoadedConfig, plan: HostPlan) -> int:
         _say(f"warning: {w}")
     if opts.print_config:
         verdict = decide_offload(loaded, device, profile, plan, 1.0)  # worst case: no data read
+        planned = planned_profile(loaded, profile)
+        if planned is not profile:
+            profile, hw_origins = planned, {**hw_origins, "attention": loaded.origins["attention"]}
         print(render_config(loaded, profile, hw_origins, device) + (f"\n# {verdict}" if verdict else ""))
         return 0
     if device.reading.emulated and device.reading.vendor != Vendor.cpu and not opts.cpu_emulation:
@@ -574,6 +594,7 @@ def launch(opts: LaunchOptions, loaded: LoadedConfig, plan: HostPlan) -> int:
     trackers.check_settings(loaded.config.report_to, Path(os.path.abspath(loaded.config.output_dir)), os.environ,
                             opts.resume)
     preflight(loaded, device, profile, plan)
+    profile = planned_profile(loaded, profile)
     nproc, group = process_count(opts, plan, pos, device)
     if loaded.config.offload == "layers" and (nproc > 1 or (opts.nnodes or 1) > 1):
         raise InputError("offload=layers streams the base to one card; several processes would each pin their own "
@@ -590,6 +611,15 @@ def launch(opts: LaunchOptions, loaded: LoadedConfig, plan: HostPlan) -> int:
         _say(note)
     exec_worker(run, env | malloc_env, nproc, nodes)
     return 0  # not reached: exec replaced this process
+
+
+def planned_profile(loaded: LoadedConfig, profile: ResolvedProfile) -> ResolvedProfile:
+    """The profile with the plan's attention where the plan changed it (cpu_bf16's S^2 term did not fit)."""
+    cfg = loaded.config
+    if cfg.attention is None or cfg.attention == profile.attention:
+        return profile
+    return replace(profile, attention=cfg.attention,
+                   reasons={**profile.reasons, "attention": loaded.origins.get("attention", "set")})
 
 
 def preflight(loaded: LoadedConfig, device: ResolvedDevice, profile: ResolvedProfile, plan: HostPlan) -> None:

@@ -74,6 +74,7 @@ def _load_full(run_dir: Path, spec):
 
     from hwcompat import hfload
     from hwcompat.hfload import check_folder
+    from hwcompat.train import cpu_attention
 
     folder = run_dir / "model"
     if not (folder / "config.json").is_file():
@@ -81,7 +82,8 @@ def _load_full(run_dir: Path, spec):
     check_folder(str(folder), "model", spec.config.trust_remote_code)
     dtype = getattr(torch, spec.profile.dtype)
     device = _device(spec)
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, attn_implementation=spec.profile.attention,
+    attention = cpu_attention.implementation(spec.profile.attention)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, attn_implementation=attention,
                                                  trust_remote_code=spec.config.trust_remote_code,
                                                  use_safetensors=True).to(device).eval()
     model.disable_adapter = lambda: _base_weights(model, spec.config.model, dtype)

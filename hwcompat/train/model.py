@@ -7,6 +7,7 @@ from typing import Any
 
 from hwcompat.errors import InputError
 from hwcompat.resolve import ResolvedProfile
+from hwcompat.train import cpu_attention
 from hwcompat.train.config import TrainConfig
 
 
@@ -25,7 +26,7 @@ def load_model(cfg: TrainConfig, profile: ResolvedProfile, device):
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
     dtype = getattr(torch, profile.dtype)
-    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": profile.attention,
+    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": cpu_attention.implementation(profile.attention),
                               "trust_remote_code": cfg.trust_remote_code,
                               "use_safetensors": True}  # never unpickle weights (the launcher refused .bin-only)
     if cfg.qlora:
@@ -70,7 +71,8 @@ def full_model(cfg: TrainConfig, profile: ResolvedProfile, device):
         check_folder(cfg.model, "model", cfg.trust_remote_code)
     try:
         model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32,
-                                                     attn_implementation=profile.attention,
+                                                     attn_implementation=cpu_attention.implementation(
+                                                         profile.attention),
                                                      trust_remote_code=cfg.trust_remote_code, use_safetensors=True)
     except OSError as exc:
         raise InputError(f"model {cfg.model}: cannot load it ({str(exc).splitlines()[0]}); "

@@ -87,6 +87,10 @@ def _ops(device, dtype: str, attention: str, tol: float) -> list[Result]:
         scores = (qd @ kd.transpose(-1, -2)) / math.sqrt(64)
         mask = torch.ones(32, 32, dtype=torch.bool, device=device).triu(1)
         got = scores.masked_fill(mask, float("-inf")).float().softmax(-1).to(dt) @ vd
+    elif attention == "cpu_bf16":  # hwcompat's CPU kernel, on its training path (inputs that need gradients)
+        from hwcompat.train import cpu_attention
+
+        got = cpu_attention.causal(*(x.to(device, dt).requires_grad_() for x in (q, k, v))).detach()
     else:
         got = F.scaled_dot_product_attention(*(x.to(device, dt) for x in (q, k, v)), is_causal=True)
     out.append(Result(f"attention ({attention})", rel_error(got, ref), tol))
@@ -114,6 +118,8 @@ def _layer(config: dict[str, Any], device, dtype: str, attention: str, tol: floa
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from hwcompat.train import cpu_attention
+
     cfg = AutoConfig.for_model(**{**config, "num_hidden_layers": 1, "vocab_size": CANARY_VOCAB,
                                   "tie_word_embeddings": False})
     torch.manual_seed(SEED)
@@ -121,7 +127,8 @@ def _layer(config: dict[str, Any], device, dtype: str, attention: str, tol: floa
     ref = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="eager", dtype=torch.float64,
                                            trust_remote_code=False)
     dt = getattr(torch, dtype)
-    dut = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation=attention, dtype=dt,
+    dut = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation=cpu_attention.implementation(
+                                           attention), dtype=dt,
                                            trust_remote_code=False)
     assert ref.config._attn_implementation == "eager"
     dut.load_state_dict({k: v.to(dt) for k, v in ref.state_dict().items()})

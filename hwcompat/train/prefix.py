@@ -11,8 +11,9 @@ sharing, Wang et al. 2024, "Accelerating Direct Preference Optimization with Pre
 longest common token prefix with equal labels: the prompt and often the answers' common start (``{"people": [``);
 answer tokens inside it are counted for both sides, as they would be in two rows.
 
-torch's SDPA and eager attention take such a mask; flash-attention-2 does not (the objective falls back to two
-padded rows there), and a sliding window would be lost, so models with one shorter than the row fall back too.
+torch's SDPA, eager attention and hwcompat's CPU kernel (cpu_bf16) take such a mask; flash-attention-2 does not
+(the objective falls back to two padded rows there), and a sliding window would be lost, so models with one shorter
+than the row fall back too.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ from typing import Any
 from hwcompat.train.batching import IGNORE, Tokenized
 
 PAD_SEGMENT, PREFIX, CHOSEN, REJECTED = -1, 0, 1, 2
+#: The attentions that take a 4-D mask unchanged, and those of them that add it to the scores (a float mask).
+TAKES_4D_MASK = ("sdpa", "eager", "cpu_bf16")
+ADDITIVE = ("eager", "cpu_bf16")
 
 
 @dataclass(frozen=True)
@@ -84,7 +88,7 @@ def attention_mask(segments, dtype, additive: bool):
     """(rows, 1, L, L): causal, within the prefix or the query's own answer; padding sees only itself.
 
     Padding rows must see something: a row with every key masked is NaN under SDPA, and a NaN there reaches the
-    weights' gradients (0 x NaN) although no loss reads it. ``additive``: eager attention adds the mask.
+    weights' gradients (0 x NaN) although no loss reads it. ``additive``: the attention adds the mask (``ADDITIVE``).
     """
     import torch
 
@@ -102,7 +106,7 @@ def attention_mask(segments, dtype, additive: bool):
 
 def supported(model_config, attention: str, longest_row: int) -> bool:
     """Whether a 4-D mask reaches attention unchanged for this model (see the module docstring)."""
-    if attention not in ("sdpa", "eager") or getattr(model_config, "final_logit_softcapping", None):
+    if attention not in TAKES_4D_MASK or getattr(model_config, "final_logit_softcapping", None):
         return False
     window = getattr(model_config, "sliding_window", None)
     if window and getattr(model_config, "use_sliding_window", True) and window < longest_row:

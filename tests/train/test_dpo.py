@@ -246,7 +246,7 @@ def test_data_check_reads_preference_pairs(tmp_path, tiny_model, capsys):
     assert f"{long_only}:1: chosen and rejected: no answer tokens left" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("attention", ["sdpa", "eager", "cpu_bf16"])
 def test_shared_prefix_rows_equal_two_padded_rows(tiny_model, tmp_path, attention):
     """One row per pair (prompt once, 4-D mask, restarted positions) gives every answer token the log-probability and
     gradient it gets in its own padded row; answers sharing their start, one answer a token prefix of the other,
@@ -270,13 +270,16 @@ def test_shared_prefix_rows_equal_two_padded_rows(tiny_model, tmp_path, attentio
     tok.pad_token = tok.pad_token or tok.eos_token
     obj.load(tok, print)
     torch.manual_seed(0)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation=attention),
+    from hwcompat.train.cpu_attention import implementation
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation=implementation(
+        attention), trust_remote_code=False),
                            LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM", lora_dropout=0.0))
     for n, p in model.named_parameters():
         if "lora_B" in n:
             torch.nn.init.normal_(p, std=0.2)
     obj.bind(model, "eager")
-    assert obj.shared
+    assert obj.shared and obj.additive == (attention != "sdpa")
     idx = [0, 1, 2]
     shared = obj.collate(idx, "padded", tok.pad_token_id)
     assert shared["input_ids"].shape[0] == 3 and shared["n_tokens"] == sum(

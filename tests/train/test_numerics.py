@@ -14,7 +14,7 @@ CPU = torch.device("cpu")
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("attention", ["sdpa", "eager", "cpu_bf16"])
 def test_a_correct_cpu_passes_every_check(dtype, attention):
     results = N.run(CPU, dtype, attention)
     assert [r.check for r in results] == ["matmul", f"attention ({attention})", "norm", "layer forward",
@@ -38,6 +38,18 @@ def test_a_kernel_that_writes_zeros_is_caught(monkeypatch):
     msg = str(e.value)
     assert "attention (sdpa): relative error 1.00e+00 (tolerance 8e-02) FAILED" in msg
     assert "layer forward" in msg and "Change: attention=eager" in msg
+
+
+def test_hwcompats_cpu_attention_is_the_kernel_checked(monkeypatch):
+    """attention=cpu_bf16: the check runs hwcompat's own kernel (train/cpu_attention.py), on its training path."""
+    from hwcompat.train import cpu_attention
+
+    real = cpu_attention._apply
+    monkeypatch.setattr(cpu_attention, "_apply", lambda *a: torch.zeros_like(real(*a)))
+    with pytest.raises(N.NumericsError) as e:
+        N.check(CPU, "bfloat16", "cpu_bf16", None, "the CPU", log=lambda m: None)
+    msg = str(e.value)
+    assert "attention (cpu_bf16): relative error 1.00e+00" in msg and "layer forward" in msg
 
 
 class _WrongGrad(torch.autograd.Function):

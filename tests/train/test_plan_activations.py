@@ -7,7 +7,6 @@ batch sizes cancel what does not grow with the batch (weights' casts, rotary tab
 per-token bytes from the S^2 ones. The planner must agree to the byte: dropping any term it counts fails here.
 """
 
-import tempfile
 from types import SimpleNamespace
 
 import pytest
@@ -19,7 +18,11 @@ FAMILIES = {"llama": ("LlamaConfig", "LlamaForCausalLM", "sdpa"),
             "gemma": ("GemmaConfig", "GemmaForCausalLM", "sdpa"),  # norms multiply in fp32
             "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", "eager"),  # sandwich norms, soft-capped eager attention
             "phi3": ("Phi3Config", "Phi3ForCausalLM", "sdpa"),  # fused qkv and gate_up
-            "llama-eager": ("LlamaConfig", "LlamaForCausalLM", "eager")}
+            "llama-eager": ("LlamaConfig", "LlamaForCausalLM", "eager"),
+            # hwcompat's CPU kernel: GQA without repeat_kv, the probabilities kept
+            "llama-cpu_bf16": ("LlamaConfig", "LlamaForCausalLM", "cpu_bf16"),
+            "qwen3-cpu_bf16": ("Qwen3Config", "Qwen3ForCausalLM", "cpu_bf16"),
+            "phi3-cpu_bf16": ("Phi3Config", "Phi3ForCausalLM", "cpu_bf16")}
 #: GQA (4 heads, 2 kv heads), head_dim 32, every width distinct enough that a dropped term shows.
 SIZES = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=3, num_attention_heads=4,
              num_key_value_heads=2, vocab_size=256, head_dim=32, pad_token_id=0)
@@ -30,7 +33,7 @@ CASES = [("adapters", "float32"), ("adapters", "bfloat16"), ("masters", "float32
          ("working copy", "bfloat16")]
 
 
-def _load(family, trained, dtype):
+def _load(family, trained, dtype, folder):
     import torch
     import transformers
 
@@ -40,9 +43,8 @@ def _load(family, trained, dtype):
     config_cls, model_cls, attention = FAMILIES[family]
     cfg = getattr(transformers, config_cls)(**SIZES)
     torch.manual_seed(0)
-    folder = tempfile.mkdtemp(prefix="hwcompat-act-")
     getattr(transformers, model_cls)(cfg).save_pretrained(folder)
-    tc = TrainConfig(model=folder, train_data=["unused"], lora_r=RANK, lora_alpha=16, lora_dropout=0.0,
+    tc = TrainConfig(model=str(folder), train_data=["unused"], lora_r=RANK, lora_alpha=16, lora_dropout=0.0,
                      gradient_checkpointing=False, finetune="lora" if trained == "adapters" else "full",
                      optimizer_offload="host" if trained == "working copy" else "none")
     model = load_model(tc, SimpleNamespace(dtype=dtype, attention=attention), torch.device("cpu"))
@@ -87,16 +89,15 @@ def _measured(model, dtype, short=48, long=80):
 
 @pytest.mark.parametrize("trained,dtype", CASES)
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_the_planner_counts_what_autograd_saves(family, trained, dtype):
+def test_the_planner_counts_what_autograd_saves(family, trained, dtype, tmp_path):
     from hwcompat.plan import layer_activation_bytes, score_bytes, shape_from_config
 
-    model, cfg, attention = _load(family, trained, dtype)
+    model, cfg, attention = _load(family, trained, dtype, tmp_path)
     per_token, per_square = _measured(model, dtype)
     shape = shape_from_config({**cfg.to_dict(), "model_type": cfg.model_type}, "tiny")
     act_db = 4 if dtype == "float32" else 2
-    eager = attention == "eager"
-    assert per_token == layer_activation_bytes(shape, RANK, trained, False, act_db, eager), (per_token, per_square)
-    assert per_square == (shape.heads * score_bytes(shape, act_db) if eager else 0)
+    assert per_token == layer_activation_bytes(shape, RANK, trained, False, act_db, attention), (per_token, per_square)
+    assert per_square == (shape.heads * score_bytes(shape, act_db, attention) if attention != "sdpa" else 0)
 
 
 def test_the_estimate_uses_it_for_every_layer_and_the_scores(tmp_path):
@@ -109,5 +110,5 @@ def test_the_estimate_uses_it_for_every_layer_and_the_scores(tmp_path):
     shape = shape_from_config(transformers.Gemma2Config(**SIZES).to_dict(), "tiny")
     inp = PlanInput(batch_size=2, seq_len=64, lora_rank=RANK, lora_dropout=False, gradient_checkpointing=False)
     bd = _activation_terms(shape, inp, 2, "eager", [])
-    assert bd["activations"] == 3 * 2 * 64 * layer_activation_bytes(shape, RANK, "adapters", False, 2, True)
+    assert bd["activations"] == 3 * 2 * 64 * layer_activation_bytes(shape, RANK, "adapters", False, 2, "eager")
     assert bd["attention_scores"] == 3 * 2 * shape.heads * 64 * 64 * score_bytes(shape, 2)

@@ -140,7 +140,7 @@ class DPO:
         longest = max(len(c.input_ids) + len(r.input_ids) for c, r in self.train + self.evals)
         self.shared = self.fast and prefix.supported(base.config, base.config._attn_implementation, longest)
         self.mask_dtype = base.get_input_embeddings().weight.dtype
-        self.additive = base.config._attn_implementation == "eager"  # eager adds the mask to the scores
+        self.additive = base.config._attn_implementation in prefix.ADDITIVE
         if compile_backend == "inductor" and self.fast:
             self.decoder = torch.compile(self.decoder)
         # init_adapter: the reference is base + the adapter as loaded now (before a resume's checkpoint): keep it

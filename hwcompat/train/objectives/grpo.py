@@ -210,7 +210,7 @@ class GRPO:
         self.base_config, self.attention = base.config, base.config._attn_implementation
         self.can_share = self.split is not None
         self.mask_dtype = base.get_input_embeddings().weight.dtype
-        self.additive = self.attention == "eager"  # eager adds the mask to the scores
+        self.additive = self.attention in prefix.ADDITIVE
 
     # --- rollout: generate, score, advantages ------------------------------------------------------------------
 
