@@ -89,12 +89,37 @@ EXPORT_TYPES = tuple(EXPORT_TYPE_TABLE)
 LLAMA_TYPES = {t.name: t.llama_ftype for t in EXPORT_TYPE_TABLE.values() if t.llama_ftype}
 
 
-#: config.json ``model_type`` values hwcompat plans, trains and exports (Llama-style decoder blocks), with the
-#: name users call each family; the planner and the GGUF writer both take this list and this refusal.
-MODEL_FAMILIES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "gemma": "Gemma",
-                  "gemma2": "Gemma 2", "phi3": "Phi-3"}
+@dataclass(frozen=True)
+class ModelFamily:
+    """What sets one supported family apart from a plain Llama block: one row read by the planner
+    (plan.shape_from_config, the activation terms) and the GGUF exporter (export/archs.py), so the two never hold
+    different beliefs about a family. Each fact as transformers' modeling file has it (and llama.cpp's converter)."""
+
+    label: str  # how users call the family
+    ties_head: bool = False  # the output head is the token embedding (config's default; all llama.cpp reads)
+    qkv_bias: bool = False  # q/k/v projections have biases unless config.json says otherwise (Qwen2)
+    qk_norm: bool = False  # per-head RMSNorm on q and k (Qwen3)
+    fused: bool = False  # qkv_proj and gate_up_proj are single Linear layers; partial rotary, LongRoPE (Phi-3)
+    sandwich_norms: bool = False  # norms before and after attention and the MLP (Gemma 2)
+    norms_in_fp32: bool = False  # RMSNorm multiplies (1 + w) in fp32 whatever the dtype (Gemma)
+    attn_softcap: float | None = None  # attn_logit_softcapping when config.json omits it (Gemma 2: 50)
+    query_scalar: bool = False  # queries scaled by 1/sqrt(query_pre_attn_scalar) (Gemma 2)
+
+
+#: config.json ``model_type`` values hwcompat plans, trains and exports (Llama-style decoder blocks); the planner and
+#: the GGUF writer both take this table and this refusal.
+MODEL_FAMILIES = {
+    "llama": ModelFamily("Llama"),
+    "mistral": ModelFamily("Mistral"),
+    "qwen2": ModelFamily("Qwen2", qkv_bias=True),
+    "qwen3": ModelFamily("Qwen3", qk_norm=True),
+    "gemma": ModelFamily("Gemma", ties_head=True, norms_in_fp32=True),
+    "gemma2": ModelFamily("Gemma 2", ties_head=True, norms_in_fp32=True, sandwich_norms=True, attn_softcap=50.0,
+                          query_scalar=True),
+    "phi3": ModelFamily("Phi-3", fused=True),
+}
 
 
 def families_text() -> str:
     """What a refusal lists: the model types, then their families' names."""
-    return f"{', '.join(MODEL_FAMILIES)} ({', '.join(MODEL_FAMILIES.values())})"
+    return f"{', '.join(MODEL_FAMILIES)} ({', '.join(f.label for f in MODEL_FAMILIES.values())})"

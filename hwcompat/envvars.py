@@ -31,6 +31,15 @@ READS: dict[str, str] = {
     "ZE_AFFINITY_MASK": "read by doctor: Level Zero's device mask, the Intel counterpart of CUDA_VISIBLE_DEVICES",
     "LD_PRELOAD": "read by the launcher: a preload the user set is kept (a malloc of their own wins over tcmalloc)",
     "CONDA_PREFIX": "read by the launcher: an active conda env's lib/ is searched for tcmalloc",
+    "PATH": "read by the launcher's tcmalloc probe: the preload test runs `true` from the user's PATH",
+    "WORLD_SIZE": "set by torchrun: how many training processes in all (1 when unset: no process group)",
+    "LOCAL_WORLD_SIZE": "set by torchrun: processes on this machine (machines = WORLD_SIZE / LOCAL_WORLD_SIZE)",
+    "LOCAL_RANK": "set by torchrun: this process's index on its machine (0 prints bars and exports)",
+    "HF_HOME": "`hwcompat plan --model ORG/NAME`: the Hugging Face cache's root, where a hub id's config is found",
+    "HF_HUB_CACHE": "`hwcompat plan --model ORG/NAME`: the Hugging Face hub cache itself (wins over HF_HOME)",
+    "MLFLOW_EXPERIMENT_NAME": "report_to: [mlflow]: the user's experiment name (default: hwcompat)",
+    "TRACKIO_PROJECT": "report_to: [trackio]: the user's project name (default: hwcompat)",
+    "WANDB_PROJECT": "report_to: [wandb]: the user's project name (default: hwcompat)",
 }
 
 #: Variables a profile may set in the training process (validated by the profile schema).
@@ -70,9 +79,10 @@ HOST_SETS: dict[str, str] = {
 VISIBILITY: dict[str, str] = {vendor: f.visibility for vendor, f in VENDOR_FACTS.items() if f.visibility}
 
 
-def get(name: str, environ: Mapping[str, str] | None = None) -> str | None:
-    """Return a registered variable's value, or None when unset or empty."""
-    if name not in READS:
+def get(name: str, environ: Mapping[str, str] | None = None, default: str | None = None) -> str | None:
+    """Return a registered variable's value, or ``default`` when unset or empty. A variable hwcompat sets (SETS,
+    HOST_SETS) may be read back too (the trainer checks its profile environment arrived)."""
+    if name not in READS and name not in SETS and name not in HOST_SETS:
         raise KeyError(f"{name} is not in hwcompat.envvars.READS; register it with a comment first")
     value = (os.environ if environ is None else environ).get(name)
-    return value if value else None
+    return value if value else default

@@ -51,6 +51,7 @@ from typing import Any
 from hwcompat import compat
 from hwcompat.choices import DTYPE_BYTES, MODEL_FAMILIES, OPTIMIZERS, Vendor, families_text
 from hwcompat.errors import InputError, excerpt
+from hwcompat import envvars
 
 GIB = 2**30
 
@@ -106,7 +107,7 @@ class ModelShape:
     @property
     def norms_per_layer(self) -> int:
         """Gemma 2 wraps attention and MLP in norms on both sides ("sandwich"); the others norm before each."""
-        return 4 if self.model_type == "gemma2" else 2
+        return 4 if MODEL_FAMILIES[self.model_type].sandwich_norms else 2
 
     @property
     def q_dim(self) -> int:
@@ -201,15 +202,15 @@ def shape_from_config(cfg: dict[str, Any], where: str) -> ModelShape:
     if mt not in SUPPORTED:
         raise InputError(f"{where}: model_type {excerpt(mt)} is not supported by the planner; supported: "
                          f"{families_text()}")
-    s = _sizes(cfg, where)
+    s, family = _sizes(cfg, where), MODEL_FAMILIES[mt]
     heads, hidden = s["num_attention_heads"], s["hidden_size"]
     return ModelShape(
         model_type=mt, hidden=hidden, intermediate=s["intermediate_size"], layers=s["num_hidden_layers"],
         heads=heads, kv_heads=s.get("num_key_value_heads", heads), head_dim=s.get("head_dim", hidden // heads),
-        vocab=s["vocab_size"], tied=bool(cfg.get("tie_word_embeddings", mt in ("gemma", "gemma2"))),
-        qkv_bias=bool(cfg.get("attention_bias", mt == "qwen2")), qk_norm=mt == "qwen3", fused=mt == "phi3",
+        vocab=s["vocab_size"], tied=bool(cfg.get("tie_word_embeddings", family.ties_head)),
+        qkv_bias=bool(cfg.get("attention_bias", family.qkv_bias)), qk_norm=family.qk_norm, fused=family.fused,
         max_positions=s.get("max_position_embeddings", 4096), softcapped=bool(cfg.get("final_logit_softcapping")),
-        attn_softcapped=bool(cfg.get("attn_logit_softcapping", 50.0 if mt == "gemma2" else None)),
+        attn_softcapped=bool(cfg.get("attn_logit_softcapping", family.attn_softcap)),
     )
 
 
@@ -221,10 +222,8 @@ def find_config(model: str) -> Path:
     if (p / "config.json").is_file():
         return p / "config.json"
     if "/" in model and not p.exists():
-        import os
-
-        hub = Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", Path.home() / ".cache" /
-                                                                          "huggingface")) / "hub")
+        hub = Path(envvars.get("HF_HUB_CACHE") or Path(envvars.get("HF_HOME") or Path.home() / ".cache" /
+                                                       "huggingface") / "hub")
         snaps = sorted((hub / f"models--{model.replace('/', '--')}" / "snapshots").glob("*/config.json"))
         if snaps:
             return snaps[-1]
@@ -358,7 +357,7 @@ def layer_activation_bytes(s: ModelShape, rank: int, trained: str, dropout: bool
     lora = trained == ADAPTERS
     # each RMSNorm's input upcast to fp32 (HF norms compute in fp32) and its rstd; trained, also the normalized input
     # for the weight's gradient, in the weights' dtype (Gemma's norms multiply in fp32 whatever the dtype)
-    normed = 4 if trained == MASTERS or s.model_type.startswith("gemma") else act_db
+    normed = 4 if trained == MASTERS or MODEL_FAMILIES[s.model_type].norms_in_fp32 else act_db
     n = s.norms_per_layer * (h * 4 + 4 + (0 if lora else h * normed))
     if s.qk_norm:  # Qwen3's per-head q/k norms alike (their input is a linear's output: the compute dtype)
         n += (q + kv) * 4 + (s.heads + s.kv_heads) * 4 + (0 if lora else (q + kv) * act_db)

@@ -74,12 +74,12 @@ class Hardware:
 
 
 @dataclass(frozen=True)
-class Quant(Choice):
-    """Whether a quantisation kind runs on this profile: a Choice of "true" / "false" with its reason and source."""
+class Quant:
+    """Whether a quantisation kind runs on this profile, with why and where that fact comes from."""
 
-    @property
-    def supported(self) -> bool:
-        return self.value == "true"
+    supported: bool
+    reason: str
+    source: str = ""
 
 
 @dataclass(frozen=True)
@@ -375,8 +375,7 @@ def _quant(ctx: _Ctx, where: str, raw: Any, partial: bool) -> dict[str, Quant]:
         w = f"{where}.{key}"
         _keys(ctx, w, item, {"supported", "reason", "source"}, {"supported", "reason"})
         supported = _bool(ctx, f"{w}.supported", item["supported"])
-        out[key] = Quant("true" if supported else "false", _str(ctx, f"{w}.reason", item["reason"]),
-                         item.get("source", ""))
+        out[key] = Quant(supported, _str(ctx, f"{w}.reason", item["reason"]), item.get("source", ""))
     return out
 
 

@@ -174,15 +174,17 @@ def test_the_checker_sees_what_it_guards():
     assert _cycle({"a": {"b"}, "b": {"a"}}) == ["a", "b", "a"]
 
 
-def test_hwcompat_variables_are_read_through_the_registry():
-    """#39 §2: every HWCOMPAT_* variable is read through envvars.get (which refuses a name without its comment),
-    never straight from os.environ."""
+def test_environment_variables_are_read_through_the_registry():
+    """#39 §2: every variable hwcompat reads (its own HWCOMPAT_*, torchrun's, the trackers', the HF cache's) goes
+    through envvars.get, which refuses a name without its comment; never straight from os.environ. Passing the
+    whole environment on (a child's env, a mapping to probe) is not a read of a name."""
     import re
 
-    raw = re.compile(r"""(os\.environ\.get|os\.getenv|os\.environ\[)\(?\s*["']HWCOMPAT_""")
+    raw = re.compile(r"os\.environ\.get\(|os\.getenv\(|os\.environ\[")
     found = [f"{path.relative_to(PACKAGE.parent)}:{n}" for path in sorted(PACKAGE.rglob("*.py"))
+             if path.name != "envvars.py"
              for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if raw.search(line)]
-    assert not found, f"read HWCOMPAT_* through hwcompat.envvars.get: {found}"
+    assert not found, f"read environment variables through hwcompat.envvars.get: {found}"
 
 
 def test_packaged_data_is_read_through_one_loader():
@@ -194,3 +196,34 @@ def test_packaged_data_is_read_through_one_loader():
              if "yaml.safe_load(" in path.read_text(encoding="utf-8")
              and str(path.relative_to(PACKAGE)) not in allowed]
     assert not found, f"read packaged YAML with hwcompat.yamlfile.load_packaged_yaml: {found}"
+
+
+def test_model_families_are_told_apart_by_their_row_only():
+    """#39 §2: what sets a family apart (tied head, qkv bias, qk-norm, fused projections, soft-cap, fp32 norms) is
+    one choices.ModelFamily row read by the planner and the exporter; no module tests a model_type string itself."""
+    import re
+
+    raw = re.compile(r"""(model_type|\bmt)\s*(==|!=|in\s*\(|\.startswith\()""")
+    found = [f"{path.relative_to(PACKAGE.parent)}:{n}" for path in sorted(PACKAGE.rglob("*.py"))
+             for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if raw.search(line)]
+    assert not found, f"read the family's facts from choices.MODEL_FAMILIES: {found}"
+
+
+def test_the_planner_and_the_exporter_read_the_same_row(monkeypatch):
+    """Changing a family's row changes both readers (a mutant the check above cannot see)."""
+    from dataclasses import replace
+
+    from hwcompat import choices, plan
+    from hwcompat.export import archs
+
+    cfg = {"model_type": "gemma2", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+           "num_attention_heads": 4, "vocab_size": 256, "tie_word_embeddings": False}
+    assert plan.shape_from_config(cfg, "t").norms_per_layer == 4
+    import pytest
+
+    with pytest.raises(Exception, match="own output head"):
+        archs.check("m", "gemma2", cfg)
+    monkeypatch.setitem(choices.MODEL_FAMILIES, "gemma2", replace(choices.MODEL_FAMILIES["gemma2"],
+                                                                  sandwich_norms=False, ties_head=False))
+    assert plan.shape_from_config(cfg, "t").norms_per_layer == 2
+    archs.check("m", "gemma2", {**cfg, "query_pre_attn_scalar": 16})

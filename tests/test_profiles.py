@@ -27,7 +27,7 @@ def test_profile_loads_and_every_choice_is_sourced(path):
     for choice in (p.dtype, p.attention, p.compile_backend):
         assert choice.reason and choice.source, path
     assert all(e.reason and e.source for e in p.env)
-    assert all(q.source for q in p.quantization.values())
+    assert all(q.source and isinstance(q.supported, bool) for q in p.quantization.values())
     assert p.torch.source
 
 

@@ -44,10 +44,11 @@ def add_parsers(sub) -> None:
     e.set_defaults(func=run_eval)
 
 
-def _exec(args: list[str], run_dir: str) -> int:
+def _exec(request) -> int:
+    """Start the inspecting process with the run's profile environment and the checked request (one JSON value)."""
     from hwcompat.train.spec import load_spec
 
-    run = Path(run_dir)
+    run = Path(request.run_dir)
     if not (run / "run.json").exists():
         raise InputError(f"{run}: not a run folder (no run.json); give the output_dir of a `hwcompat train` run")
     spec = load_spec(run / "run.json")
@@ -60,7 +61,7 @@ def _exec(args: list[str], run_dir: str) -> int:
     env.setdefault("PYTHONUNBUFFERED", "1")
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, "-m", "hwcompat.train.inspect_run", *args], env)
+    os.execve(sys.executable, [sys.executable, "-m", "hwcompat.train.inspect_run", request.to_json()], env)
     return 0  # not reached
 
 
@@ -77,10 +78,11 @@ def run_generate(args: argparse.Namespace) -> int:
         raise InputError(f"generate: the prompt: {text_problem(args.prompt)}")
     if args.max_new_tokens < 1 or not 0 < args.top_p <= 1:
         raise InputError("generate: --max-new-tokens >= 1, --temperature >= 0 and 0 < --top-p <= 1")
-    tail = ["--prompt", args.prompt] if args.prompt is not None else ["--file", args.file]
-    return _exec(["generate", args.run_dir, *tail, "--max-new-tokens", str(args.max_new_tokens),
-                  "--temperature", str(args.temperature), "--top-p", str(args.top_p), "--seed", str(args.seed)],
-                 args.run_dir)
+    from hwcompat.train.inspect_run import Request
+
+    return _exec(Request("generate", args.run_dir, prompt=args.prompt, file=args.file,
+                         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                         seed=args.seed))
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -88,16 +90,17 @@ def run_eval(args: argparse.Namespace) -> int:
         raise InputError("eval: give --data FILE (task metrics), --general (forgetting), or both")
     if args.data and not Path(args.data).exists():
         raise InputError(f"--data {args.data}: not found")
-    tail = (["--data", args.data] if args.data else []) + (["--general"] if args.general else [])
-    tail += _outputs(args)
-    return _exec(["eval", args.run_dir, *tail], args.run_dir)
+    from hwcompat.train.inspect_run import Request
+
+    return _exec(Request("eval", args.run_dir, data=args.data, general=args.general, seed=args.seed,
+                         samples=args.samples, **_outputs(args)))
 
 
-def _outputs(args: argparse.Namespace) -> list[str]:
+def _outputs(args: argparse.Namespace) -> dict[str, str]:
     """--predictions / --pairs: need --data, two different files, none replaced without --overwrite."""
     named = [(flag, getattr(args, flag)) for flag in ("predictions", "pairs") if getattr(args, flag)]
     if not named:
-        return []
+        return {}
     if not args.data:
         raise InputError(f"eval --{named[0][0]}: give --data FILE, the rows to answer")
     if args.samples < 1:
@@ -110,5 +113,4 @@ def _outputs(args: argparse.Namespace) -> list[str]:
             raise InputError(f"eval --{flag} {path}: the file exists; pass --overwrite to replace it, or another name")
         if not Path(path).resolve().parent.is_dir():
             raise InputError(f"eval --{flag} {path}: its folder does not exist")
-    return [a for flag, p in named for a in (f"--{flag}", str(Path(p).resolve()))] + [
-        "--samples", str(args.samples), "--seed", str(args.seed)]
+    return {flag: str(Path(p).resolve()) for flag, p in named}

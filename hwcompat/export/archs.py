@@ -26,7 +26,7 @@ class Arch:
     @property
     def label(self) -> str:
         """How users call the family."""
-        return MODEL_FAMILIES[self.family]
+        return MODEL_FAMILIES[self.family].label
 
 
 ARCHS: dict[str, Arch] = {
@@ -56,7 +56,7 @@ def head_dim(cfg: dict[str, Any]) -> int:
 
 def rope_dims(model_type: str, cfg: dict[str, Any]) -> int:
     """Rotary dimensions per head: all of them, except Phi-3's partial rotary factor."""
-    if model_type == "phi3":
+    if MODEL_FAMILIES[model_type].fused:  # Phi-3's partial rotary
         return int(float(rope(cfg).get("partial_rotary_factor", 1.0)) * int(cfg["hidden_size"])) // int(
             cfg["num_attention_heads"])
     return head_dim(cfg)
@@ -67,11 +67,12 @@ def check(src, model_type: str, cfg: dict[str, Any]) -> None:
     differs: its answers would be wrong with no error (``--verify`` would catch it later; this says why)."""
     from hwcompat.errors import InputError
 
-    if model_type in ("gemma", "gemma2") and cfg.get("tie_word_embeddings") is False:
+    family = MODEL_FAMILIES[model_type]
+    if family.ties_head and cfg.get("tie_word_embeddings") is False:
         raise InputError(f"{src}: this {ARCHS[model_type].label} model has its own output head "
                          "(tie_word_embeddings false), but llama.cpp's Gemma reads the head from the token embedding; "
                          "train without a LoRA on lm_head (the Gemma default) and merge again")
-    if model_type == "gemma2":
+    if family.query_scalar:
         scalar = cfg.get("query_pre_attn_scalar")
         allowed = {head_dim(cfg), int(cfg["hidden_size"]) // int(cfg["num_attention_heads"])}
         if scalar is not None and int(scalar) not in allowed:
@@ -82,11 +83,12 @@ def check(src, model_type: str, cfg: dict[str, Any]) -> None:
 
 def write_specific(writer, model_type: str, cfg: dict[str, Any]) -> list[tuple[str, Any]]:
     """Write the family's own keys; return extra tensors (GGUF name, float32 array) it needs."""
-    if model_type == "gemma2":
+    family = MODEL_FAMILIES[model_type]
+    if family.attn_softcap is not None:  # Gemma 2: both soft-caps and its sliding window
         writer.add_attn_logit_softcapping(float(cfg.get("attn_logit_softcapping") or 0.0))
         writer.add_final_logit_softcapping(float(cfg.get("final_logit_softcapping") or 0.0))
         writer.add_sliding_window(int(cfg.get("sliding_window") or 0))
-    if model_type == "phi3":
+    if family.fused:
         return _phi3(writer, cfg)
     return []
 

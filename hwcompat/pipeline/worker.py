@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from hwcompat.errors import HwcompatError
+from hwcompat import envvars
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,7 +63,6 @@ def export_after_training(run_dir: Path, signals) -> int:
 
     Runs after the process group is closed, so a long merge never holds other ranks in a collective."""
     import json
-    import os
 
     from hwcompat.fsutil import Terminated
     from hwcompat.pipeline.export_chain import export_run
@@ -70,7 +70,7 @@ def export_after_training(run_dir: Path, signals) -> int:
     from hwcompat.train.spec import load_spec
 
     cfg = load_spec(run_dir / "run.json").config
-    if cfg.export != "gguf" or int(os.environ.get("LOCAL_RANK", "0")) != 0:
+    if cfg.export != "gguf" or int(envvars.get("LOCAL_RANK", default="0")) != 0:
         return 0
     regressed = json.loads((run_dir / "summary.json").read_text(encoding="utf-8")).get("regressed")
     if regressed and not cfg.force:

@@ -15,6 +15,8 @@ import platform
 import sys
 from pathlib import Path
 
+from hwcompat import envvars
+
 #: The library files, best first (the minimal build has no heap profiler: nothing else differs for us).
 TCMALLOC_FILES = ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4", "libtcmalloc_minimal.so", "libtcmalloc.so")
 #: How to install it, by the package manager the host has (Debian/Ubuntu, Fedora/RHEL, Arch, conda).
@@ -55,7 +57,7 @@ def loads(lib: Path) -> bool:
     if true is None:
         return True  # nothing to test with: the worker's own summary records what it ran on
     try:
-        res = subprocess.run([true], env={"LD_PRELOAD": str(lib), "PATH": os.environ.get("PATH", "")},
+        res = subprocess.run([true], env={"LD_PRELOAD": str(lib), "PATH": envvars.get("PATH", default="")},
                              capture_output=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return False
@@ -66,7 +68,7 @@ def install_hint() -> str:
     """The install command for this host's package manager (apt-get where none is recognised)."""
     import shutil
 
-    if os.environ.get("CONDA_PREFIX"):
+    if envvars.get("CONDA_PREFIX"):
         return INSTALL["conda"]
     return next((cmd for tool, cmd in INSTALL.items() if tool != "conda" and shutil.which(tool)), INSTALL["apt-get"])
 

@@ -12,11 +12,11 @@ checkpoints, metrics, evals, the adapter — so each box of a home lab holds a c
 
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import dataclass
 
 from hwcompat.errors import InputError
+from hwcompat import envvars
 
 
 @dataclass(frozen=True)
@@ -43,14 +43,14 @@ def log(dist: Dist, msg: str) -> None:
 
 def init(device_kind: str) -> Dist:
     """Join the process group torchrun set up (nccl on GPUs, gloo on the CPU); one process: no group."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = int(envvars.get("WORLD_SIZE", default="1"))
     if world <= 1:
         return Dist()
     import torch.distributed as td
 
     td.init_process_group({"cuda": "nccl", "xpu": "xccl"}.get(device_kind, "gloo"))
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
-    return Dist(td.get_rank(), td.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")),
+    local_world = int(envvars.get("LOCAL_WORLD_SIZE", default=str(world)))
+    return Dist(td.get_rank(), td.get_world_size(), int(envvars.get("LOCAL_RANK", default="0")),
                 max(1, world // max(1, local_world)))
 
 

@@ -1,23 +1,52 @@
 """Look at a finished run without training: ``generate`` (what does it answer?) and ``eval`` (how well, on any data?).
 
-    python -m hwcompat.train.inspect_run generate RUN_DIR --prompt "…" | --file prompts.jsonl [--max-new-tokens N]
-    python -m hwcompat.train.inspect_run eval RUN_DIR [--data FILE] [--general]
+    python -m hwcompat.train.inspect_run '{"what": "generate", "run_dir": "RUN", "prompt": "…", …}'
 
-Started by ``hwcompat generate`` / ``hwcompat eval`` with the run's profile environment set (so torch first
-loads here, after it), like the trainer. The base model is loaded in the run's dtype and attention kernel with
+Started by ``hwcompat generate`` / ``hwcompat eval`` (cli/inspect.py checks the flags and sends one typed
+``Request`` as JSON) with the run's profile environment set (so torch first loads here, after it), like the trainer. The base model is loaded in the run's dtype and attention kernel with
 the run's adapter on top, and prompts are rendered with the same chat-template decision as training.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
-from dataclasses import replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 from hwcompat.data import GENERAL_PROMPTS
 from hwcompat.errors import DataError, HwcompatError, InputError
+
+
+@dataclass(frozen=True)
+class Request:
+    """What ``hwcompat generate`` / ``hwcompat eval`` asked for, already checked by the CLI (cli/inspect.py): the
+    one value that crosses the exec into this process, as JSON (argparse stays in cli/)."""
+
+    what: str  # generate | eval
+    run_dir: str
+    prompt: str | None = None  # generate: one prompt, or
+    file: str | None = None  # generate: a JSONL of prompts
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0  # generate's sampling seed; eval --pairs' too
+    data: str | None = None  # eval: the rows to score
+    general: bool = False  # eval: forgetting on the bundled general prompts
+    predictions: str | None = None  # eval: where to write each row's answer (resolved path)
+    pairs: str | None = None  # eval: where to write preference pairs from the mistakes (resolved path)
+    samples: int = 4
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "Request":
+        raw = json.loads(text)
+        known = {f.name for f in fields(cls)}
+        if not isinstance(raw, dict) or set(raw) - known or raw.get("what") not in ("generate", "eval"):
+            raise InputError(f"inspect_run: not a request from `hwcompat generate` / `hwcompat eval`: {text[:200]}")
+        return cls(**raw)
 
 
 def _load(run_dir: Path):
@@ -115,7 +144,7 @@ def _base_weights(model, base: str, dtype):
     return swapped_in(model, _BASE[base], dtype)
 
 
-def _prompts(args) -> list[list[tuple[str, str]]]:
+def _prompts(args: Request, columns) -> list[list[tuple[str, str]]]:
     """--prompt text, or --file JSONL rows with "prompt" (a string) or "messages" (ending with a user turn)."""
     from hwcompat.textcheck import text_problem
     from hwcompat.data.rows import Report, read_prompts
@@ -125,26 +154,25 @@ def _prompts(args) -> list[list[tuple[str, str]]]:
             raise InputError(f"--prompt: {text_problem(args.prompt)}")
         return [[("user", args.prompt)]]
     report = Report()
-    rows = read_prompts(args.file, report, columns=args.columns)
+    rows = read_prompts(args.file, report, columns=columns)
     if report.errors:
         raise InputError(f"--file {args.file}: " + "; ".join(report.errors[:5]))
     return [list(msgs) for msgs, _, _ in rows]
 
 
-def generate(args) -> int:
+def generate(args: Request) -> int:
     import torch
 
     from hwcompat.train import batching
     from hwcompat.train.model import autocast
 
     spec, model, tokenizer, device = _load(Path(args.run_dir))
-    args.columns = spec.config.columns  # a --file in the run's own columns reads as its training data did
     chat = batching.uses_chat_template(tokenizer, spec.config.chat_template)
     torch.manual_seed(args.seed)
     from hwcompat.progress import Progress
 
     sample = args.temperature > 0
-    prompts = _prompts(args)
+    prompts = _prompts(args, spec.config.columns)  # a --file in the run's own columns reads as its training data did
     bar = Progress(len(prompts), desc="generate", unit="prompt", transient=True, enabled=len(prompts) > 1)
     for msgs in prompts:
         ids = batching.render_prompt_ids(tokenizer, msgs + [("assistant", "")], chat)
@@ -236,7 +264,7 @@ def _along_answers(model, tokenizer, prompt_ids, answers, device, batch: int) ->
     return kl, ll_base, ll_adapted, n
 
 
-def evaluate(args) -> int:
+def evaluate(args: Request) -> int:
     """The objective's metrics on a data file, adapted model and base side by side; --general: forgetting."""
     if args.general:
         _summary(Path(args.run_dir))  # a damaged summary.json is said before the compute, not after it
@@ -387,29 +415,20 @@ def _numbers(metrics: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """One argument: a ``Request`` as JSON (cli/inspect.py)."""
     from hwcompat.train.library_logs import quiet_library_loggers
 
     quiet_library_loggers()
-    ap = argparse.ArgumentParser(prog="python -m hwcompat.train.inspect_run")
-    ap.add_argument("what", choices=("generate", "eval"))
-    ap.add_argument("run_dir")
-    ap.add_argument("--prompt")
-    ap.add_argument("--file")
-    ap.add_argument("--data")
-    ap.add_argument("--general", action="store_true")
-    ap.add_argument("--predictions")
-    ap.add_argument("--pairs")
-    ap.add_argument("--samples", type=int, default=4)
-    ap.add_argument("--max-new-tokens", type=int, default=128)
-    ap.add_argument("--temperature", type=float, default=0.0)
-    ap.add_argument("--top-p", type=float, default=1.0)
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        return generate(args) if args.what == "generate" else evaluate(args)
-    except HwcompatError as exc:
+        if len(argv) != 1:
+            raise InputError("inspect_run: give one request (JSON); run it as `hwcompat generate` / `hwcompat eval`")
+        request = Request.from_json(argv[0])
+        return generate(request) if request.what == "generate" else evaluate(request)
+    except (HwcompatError, json.JSONDecodeError, TypeError) as exc:
+        code = exc.exit_code if isinstance(exc, HwcompatError) else 2
         print(f"hwcompat: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return code
 
 
 if __name__ == "__main__":

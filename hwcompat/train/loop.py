@@ -37,6 +37,7 @@ from hwcompat.train.objectives.sft import ResponseLoss, evaluate_loss, generate,
 from hwcompat.train.rewards import RewardError
 from hwcompat.train.rundir import record_written
 from hwcompat.train.spec import RunSpec, load_spec
+from hwcompat import envvars
 from hwcompat.train.stopping import (NONFINITE_STEPS, SecondInterrupt, Signals,  # noqa: F401 (worker's API)
                                      divergence_advice, oom_advice)
 
@@ -223,7 +224,7 @@ def _tracked_params(spec: RunSpec) -> dict[str, Any]:
 
 
 def _warn_missing_env(spec: RunSpec, dist: Dist) -> None:
-    missing = {k: v for k, v in spec.profile.env.items() if os.environ.get(k) != v}
+    missing = {k: v for k, v in spec.profile.env.items() if envvars.get(k) != v}
     if missing:
         log(dist, f"warning: profile environment not applied in this process: {missing}; "
                   "start training through `hwcompat train`")
@@ -804,8 +805,8 @@ def _summary(r: Recipe, final: dict[str, Any]) -> dict[str, Any]:
         "planned_peak_bytes": r.spec.planned_peak_bytes,  # the plan's, beside it
         "planned_allocated_bytes": r.spec.planned_allocated_bytes,  # the plan's allocator side (max_memory_allocated)
         "world_size": r.dist.world, "nnodes": r.dist.nnodes, "batching": r.mode,
-        "profile_env_applied": all(os.environ.get(k) == v for k, v in p.env.items()),
-        "cpu_emulation": r.spec.cpu_emulation, "profile": p.name, "env_seen": {k: os.environ.get(k) for k in p.env},
+        "profile_env_applied": all(envvars.get(k) == v for k, v in p.env.items()),
+        "cpu_emulation": r.spec.cpu_emulation, "profile": p.name, "env_seen": {k: envvars.get(k) for k in p.env},
         "dtype": p.dtype, "attention": p.attention, "compile_backend": p.compile_backend,
         "versions": {"hwcompat": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
                      "peft": peft.__version__, "python": sys.version.split()[0]},

@@ -20,6 +20,7 @@ from typing import Any, Mapping
 
 from hwcompat.choices import TRACKERS
 from hwcompat.errors import InputError
+from hwcompat import envvars
 
 #: tracker -> (the module it needs, the PyPI package that has it)
 PACKAGES = {"tensorboard": ("tensorboard", "tensorboard"), "trackio": ("trackio", "trackio"),
@@ -290,7 +291,7 @@ class _MLflow:
         import mlflow
 
         self.mlflow = mlflow
-        mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME") or PROJECT)
+        mlflow.set_experiment(envvars.get("MLFLOW_EXPERIMENT_NAME") or PROJECT)
         run = mlflow.start_run(run_id=state.get("mlflow_run_id"), run_name=run_dir.name)
         state["mlflow_run_id"] = self.run_id = run.info.run_id
         if not start_step:
@@ -316,7 +317,7 @@ class _Trackio:
 
         self.trackio = trackio
         state["trackio_run"] = state.get("trackio_run") or run_dir.name
-        self.project = os.environ.get("TRACKIO_PROJECT") or PROJECT
+        self.project = envvars.get("TRACKIO_PROJECT") or PROJECT
         self.run = trackio.init(project=self.project, name=state["trackio_run"], config=params, resume="allow",
                                 auto_log_gpu=False, auto_log_cpu=False)
 
@@ -340,12 +341,12 @@ class _WandB:
     def __init__(self, run_dir: Path, params: dict[str, Any], start_step: int, state: dict[str, Any]) -> None:
         import wandb
 
-        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT") or PROJECT, name=run_dir.name,
+        self.run = wandb.init(project=envvars.get("WANDB_PROJECT") or PROJECT, name=run_dir.name,
                               id=state.get("wandb_run_id"), resume="allow", dir=str(run_dir), config=params)
         state["wandb_run_id"] = self.run.id
 
     def where(self) -> str:
-        mode = os.environ.get("WANDB_MODE", self.run.settings.mode)
+        mode = envvars.get("WANDB_MODE", default=self.run.settings.mode)
         if mode == "disabled":
             return "disabled (WANDB_MODE=disabled): nothing is logged to W&B"
         if mode not in ("offline", "dryrun"):

@@ -184,3 +184,22 @@ def test_generate_reads_a_file_in_the_runs_columns(tiny_model, tmp_path):
     res = _cli("generate", tmp_path / "run", "--file", prompts, "--max-new-tokens", "2")
     assert res.returncode == 0, res.stderr[-2000:]
     assert json.loads(res.stdout)["prompt"] == "What color is the sky?"
+
+
+def test_the_request_crosses_the_exec_typed_and_nothing_else_is_taken():
+    """#39 §3: cli/inspect.py sends one Request as JSON; argparse stays in cli/. A stray argv is refused (exit 2),
+    without a traceback."""
+    import subprocess
+    import sys
+
+    from hwcompat.train.inspect_run import Request, main
+
+    req = Request("eval", "runs/x", data="d.jsonl", general=True, predictions="/tmp/p.jsonl", samples=3, seed=7)
+    assert Request.from_json(req.to_json()) == req
+    for argv in ([], ["eval", "runs/x", "--data", "d.jsonl"], ['{"what": "train", "run_dir": "x"}'],
+                 ['{"what": "eval", "run_dir": "x", "columns": {}}'], ["{not json"]):
+        assert main(argv) == 2, argv
+    res = subprocess.run([sys.executable, "-m", "hwcompat.train.inspect_run", "generate", "runs/x"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "run it as `hwcompat generate` / `hwcompat eval`" in res.stderr

@@ -12,6 +12,7 @@ from hwcompat.data.rows import Report, load_datasets
 from hwcompat.train.objectives import head_split
 from hwcompat.train.objectives.linear_logps import target_logps
 from hwcompat.train.model import autocast
+from hwcompat import envvars
 
 
 class ResponseLoss:
@@ -86,7 +87,6 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, de
              batch_size: int = 16) -> list[str]:
     """Greedy decoding, left-padded batches; returns the decoded continuations. A progress bar (gone when done)
     when there is more than one batch: on a CPU, generating 64 eval rows takes minutes."""
-    import os
 
     import torch
 
@@ -97,7 +97,7 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, de
     outs: list[str] = []
     starts = range(0, len(prompts), batch_size)
     bar = Progress(len(starts), desc="task metrics (generating)", unit="batch", transient=True,
-                   enabled=len(starts) > 1 and os.environ.get("LOCAL_RANK", "0") == "0")
+                   enabled=len(starts) > 1 and envvars.get("LOCAL_RANK", default="0") == "0")
     with bar, torch.no_grad(), autocast(device, dtype_name):
         for s in starts:
             for row in greedy_batch(model, prompts[s:s + batch_size], max_new_tokens, pad, device):
