@@ -1,10 +1,12 @@
 """Where a CPU LoRA step's time and memory go: the profile behind the CPU trainer's malloc choice (#25).
 
-    python bench/profile_step.py [--steps 6] [--dtype float32|bfloat16] [--out bench/results/profile-step-cpu.json]
+    python bench/profile_step.py [--steps 6] [--dtype float32|bfloat16] [--attention sdpa|cpu_bf16|eager]
+                                 [--out bench/results/profile-step-cpu.json]
 
 SmolLM2-135M (the demo's model), LoRA r=16 on every linear, hwcompat's loss (response positions only, chunked),
 length-grouped micro-batches of 8 rows from bench/train.py's data (prompts 30-400 tokens), on the CPU in fp32 or
-as hwcompat runs bf16 (the frozen base in bf16, fp32 adapters, bf16 autocast):
+as hwcompat runs bf16 (the frozen base in bf16, fp32 adapters, bf16 autocast), with the attention hwcompat's CPU
+profile picks for that dtype (sdpa in fp32, its own cpu_bf16 kernel in bf16) unless ``--attention`` names one:
 
 - ``saved``: the activations autograd keeps for backward in one forward of the longest micro-batch, by their
   last dimension (hidden 576, MLP 1536, attention head 64, sequence, LoRA rank 16): what checkpointing or a
@@ -34,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 JEMALLOC = ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2")
 
 
-def setup(checkpointing: bool, dtype: str = "float32"):
+def setup(checkpointing: bool, dtype: str = "float32", attention: str = "sdpa"):
     """The model with LoRA, hwcompat's loss, an optimizer and the shuffled length-grouped micro-batches."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -54,7 +56,10 @@ def setup(checkpointing: bool, dtype: str = "float32"):
     data.sort(key=lambda e: len(e.input_ids))
     groups = [data[i:i + 8] for i in range(0, len(data), 8)]
     random.Random(0).shuffle(groups)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    from hwcompat.train.cpu_attention import implementation
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
+                                                 attn_implementation=implementation(attention))
     model.config.use_cache = False
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -86,9 +91,9 @@ def step(loss_fn, opt, b, dtype: str = "float32") -> int:
     return int(b["attention_mask"].sum())
 
 
-def variant(name: str, steps: int, dtype: str) -> dict:
+def variant(name: str, steps: int, dtype: str, attention: str) -> dict:
     """Run in a child process: tokens/s after one warm-up step, and the process's peak RSS."""
-    _, loss_fn, opt, batches = setup(name == "checkpointing", dtype)
+    _, loss_fn, opt, batches = setup(name == "checkpointing", dtype, attention)
     seconds, tokens = 0.0, 0
     for i in range(steps):
         t = time.perf_counter()
@@ -98,12 +103,12 @@ def variant(name: str, steps: int, dtype: str) -> dict:
     return {"tokens_per_s": tokens / seconds, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
-def saved_and_ops(steps: int, dtype: str) -> dict:
+def saved_and_ops(steps: int, dtype: str, attention: str) -> dict:
     """The saved activations of the longest micro-batch's forward, by last dimension; the top operators."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    _, loss_fn, opt, batches = setup(False, dtype)
+    _, loss_fn, opt, batches = setup(False, dtype, attention)
     longest = max(batches, key=lambda b: b["input_ids"].numel())
     seen, by_dim = set(), collections.Counter()
 
@@ -129,7 +134,7 @@ def saved_and_ops(steps: int, dtype: str) -> dict:
             "ops": [{"op": e.key, "self_share": e.self_cpu_time_total / total, "calls": e.count} for e in ops]}
 
 
-def _child(name: str, steps: int, dtype: str) -> dict:
+def _child(name: str, steps: int, dtype: str, attention: str) -> dict:
     from hwcompat.probe.malloc import QUIET, find_tcmalloc
 
     env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
@@ -138,7 +143,8 @@ def _child(name: str, steps: int, dtype: str) -> dict:
         if lib is None:
             return {"skipped": f"{name} not installed"}
         env.update({"LD_PRELOAD": str(lib), **QUIET})
-    res = subprocess.run([sys.executable, __file__, "--variant", name, "--steps", str(steps), "--dtype", dtype],
+    res = subprocess.run([sys.executable, __file__, "--variant", name, "--steps", str(steps), "--dtype", dtype,
+                          "--attention", attention],
                          capture_output=True, text=True, env=env, cwd=ROOT)
     if res.returncode:
         return {"error": res.stderr[-1500:]}
@@ -150,21 +156,24 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    ap.add_argument("--attention", choices=("sdpa", "cpu_bf16", "eager"),
+                    help="default: what hwcompat's CPU profile picks for the dtype")
     ap.add_argument("--variant", help=argparse.SUPPRESS)  # the child's side
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "profile-step-cpu.json"))
     args = ap.parse_args()
+    args.attention = args.attention or ("cpu_bf16" if args.dtype == "bfloat16" else "sdpa")
     if args.variant:
-        print(json.dumps(variant(args.variant, args.steps, args.dtype)))
+        print(json.dumps(variant(args.variant, args.steps, args.dtype, args.attention)))
         return 0
     names = ("system", "tcmalloc", "jemalloc", "checkpointing")
     runs = {n: [] for n in names}
     for r in range(args.rounds):
         for n in (names if r % 2 == 0 else names[::-1]):
-            runs[n].append(_child(n, args.steps, args.dtype))
+            runs[n].append(_child(n, args.steps, args.dtype, args.attention))
             print(n, runs[n][-1], flush=True)
     report = {"benchmark": "profile_step", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "threads": os.cpu_count(), "dtype": args.dtype, "steps": args.steps, "rounds": args.rounds,
-              "variants": runs, **saved_and_ops(args.steps, args.dtype)}
+              "threads": os.cpu_count(), "dtype": args.dtype, "attention": args.attention, "steps": args.steps,
+              "rounds": args.rounds, "variants": runs, **saved_and_ops(args.steps, args.dtype, args.attention)}
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(f"saved activations of {report['longest_batch']}: {report['saved_bytes'] / 2**30:.2f} GiB")
     for dim, b in report["saved_by_last_dim"].items():
