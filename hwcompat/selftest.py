@@ -281,7 +281,8 @@ def _speed(res: SelftestResult, records: list[dict[str, Any]], run: Path) -> Non
 
 
 def _memory_check(res: SelftestResult, summary: dict[str, Any]) -> Check:
-    """The first step's allocator peak (the run's largest micro-batch) against the plan's allocator side."""
+    """The allocator peak of the run's costliest micro-batch (probed before the first step) against the plan's allocator
+    side."""
     measured, planned = summary.get("first_step_peak_bytes"), summary.get("planned_allocated_bytes")
     if not measured or not planned:
         return Check("memory", None, "the run recorded no first-step peak or no plan (planner skipped this model)")

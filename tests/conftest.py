@@ -34,12 +34,22 @@ def run_cli():
 def host_cpu_dtype():
     """The dtype this machine's CPU profile picks from its own flags (#41: bf16 where the CPU has native bf16
     dot products, else fp32): what a run here trains in by default."""
+    return _host_cpu_profile().dtype
+
+
+@pytest.fixture(scope="session")
+def host_cpu_attention():
+    """The attention this machine's CPU profile picks (#41: hwcompat's cpu_bf16 kernel where it trains in bf16)."""
+    return _host_cpu_profile().attention
+
+
+def _host_cpu_profile():
     from hwcompat.probe import cpu
     from hwcompat.profiles import load_profiles
     from hwcompat.resolve import resolve_device
     from hwcompat.software import Software
 
-    return resolve_device(cpu.probe()[0], load_profiles(), Software.with_torch("2.13.0+cpu")).profile.dtype
+    return resolve_device(cpu.probe()[0], load_profiles(), Software.with_torch("2.13.0+cpu")).profile
 
 
 @pytest.fixture(autouse=True)

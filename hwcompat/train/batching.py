@@ -124,14 +124,10 @@ def resolve_batching(setting: str, attention: str, objective_default: str | None
     return "packed" if attention == "flash_attention_2" else "length_grouped"
 
 
-def plan_batches(lengths: list[int], micro_batch: int, mode: str, seed: int, largest_first: int = 0
-                 ) -> list[list[int]]:
-    """Index lists, one per micro-batch, deterministic for (seed, lengths).
-
-    ``largest_first=N`` (the first epoch; N = processes x accumulation, the first optimizer step's window) moves
-    the N costliest micro-batches to the front, costliest first, so a run that will run out of memory does so in its
-    first step, not hours in. The order is otherwise the same shuffle, a resume recomputes the same plan, and the
-    plan does not depend on how the window is split between processes."""
+def plan_batches(lengths: list[int], micro_batch: int, mode: str, seed: int) -> list[list[int]]:
+    """Index lists, one per micro-batch, deterministic for (seed, lengths): a resume recomputes the same plan. The
+    order is the seed's shuffle only; a run's costliest micro-batch is tried before its first step instead
+    (loop.probe_memory), since moving it to the front changed what the run learned."""
     rng = random.Random(seed)
     idx = list(range(len(lengths)))
     rng.shuffle(idx)
@@ -145,7 +141,7 @@ def plan_batches(lengths: list[int], micro_batch: int, mode: str, seed: int, lar
         rng.shuffle(batches)
     else:
         batches = [idx[s:s + micro_batch] for s in range(0, len(idx), micro_batch)]
-    return _largest_first(batches, lengths, mode, largest_first) if largest_first else batches
+    return batches
 
 
 def batch_cost(batch: list[int], lengths: list[int], mode: str) -> int:
@@ -153,12 +149,6 @@ def batch_cost(batch: list[int], lengths: list[int], mode: str) -> int:
     if mode == "packed":
         return sum(lengths[i] for i in batch)
     return len(batch) * max(lengths[i] for i in batch)
-
-
-def _largest_first(batches: list[list[int]], lengths: list[int], mode: str, n: int) -> list[list[int]]:
-    front = sorted(range(len(batches)), key=lambda b: -batch_cost(batches[b], lengths, mode))[:n]  # stable
-    chosen = set(front)
-    return [batches[b] for b in front] + [b for i, b in enumerate(batches) if i not in chosen]
 
 
 def collate(items: list[Tokenized], mode: str, pad_id: int) -> dict[str, Any]:

@@ -330,7 +330,8 @@ def hardware_table(run: Run) -> str:
     rows.append(["memory: planned peak", f"{plan / gib:.2f} GiB" if plan else "-", "the plan, before the run"])
     rows.append(["memory: measured peak", f"{peak / gib:.2f} GiB" if peak else "-", s.get("peak_memory_kind", "")])
     if s.get("first_step_peak_bytes"):
-        rows.append(["memory: first step", f"{s['first_step_peak_bytes'] / gib:.2f} GiB", "its largest micro-batch"])
+        rows.append(["memory: costliest micro-batch", f"{s['first_step_peak_bytes'] / gib:.2f} GiB",
+                     "probed before the first step"])
     rows.append(["speed", f"{s['tokens_per_s']:,.0f} tokens/s" if s.get("tokens_per_s") else "-",
                  f"{s.get('train_seconds', 0):.1f} s of training" if s else ""])
     return "<h2>Hardware, profile and plan</h2>" + _table(["", "value", "why / what"], rows, "hardware")

@@ -18,7 +18,8 @@ def _train(*args, env=None, timeout=300):
 
 
 @pytest.mark.slow
-def test_train_learns_and_writes_a_plain_peft_adapter(tmp_path, tiny_model, task_files, host_cpu_dtype):
+def test_train_learns_and_writes_a_plain_peft_adapter(tmp_path, tiny_model, task_files, host_cpu_dtype,
+                                                     host_cpu_attention):
     cfg = make_config(tmp_path, tiny_model, *task_files, max_steps=100, learning_rate=0.005)
     res = _train(cfg)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -35,7 +36,7 @@ def test_train_learns_and_writes_a_plain_peft_adapter(tmp_path, tiny_model, task
         assert (run / name).exists(), name
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines if x["kind"] == "train"] == list(range(1, 101))
-    assert f"profile cpu ({host_cpu_dtype}, sdpa, compile eager)" in res.stderr
+    assert f"profile cpu ({host_cpu_dtype}, {host_cpu_attention}, compile eager)" in res.stderr
     # plain PEFT loads the adapter as is and reproduces the trained model's eval behaviour
     code = f"""
 import torch
