@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import pytest
 
+from hwcompat.choices import DTYPE_BYTES
 from hwcompat import plan as P
 from hwcompat.cli import main
 from hwcompat.errors import InputError
@@ -359,7 +360,7 @@ def test_auto_takes_checkpointing_before_streaming_and_keeps_a_setting_the_user_
     kept = P.decide_offload(shape, inp, "auto", run, may_checkpoint=False)  # the user wrote false: not changed
     assert (kept.offload, kept.gradient_checkpointing, kept.plan.fits, kept.changed) == ("none", False, False, "")
     suggestions = P.suggest(shape, kept.plan, "nvidia", quant_ok=True)
-    assert suggestions[0]["fits"] and suggestions[0]["settings"] == {"gradient_checkpointing": True}
+    assert suggestions[0].fits and suggestions[0].settings == {"gradient_checkpointing": True}
 
 
 def test_train_says_what_auto_changed_and_keeps_a_written_setting(tmp_path, capsys):
@@ -480,7 +481,7 @@ def test_sdpa_without_a_fused_kernel_counts_the_scores(qwen7b, capsys, card, mat
                  "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     shape = P.load_shape(qwen7b)
-    db = P.DTYPE_BYTES[out["dtype"]]
+    db = DTYPE_BYTES[out["dtype"]]
     holding = 1 if out["inputs"]["gradient_checkpointing"] else shape.layers  # a checkpointed run: one layer's
     # the math kernel keeps eager's scores (fp32 softmax + its half cast; measured for eager on the CPU)
     expected = shape.heads * 2048 * 2048 * P.score_bytes(shape, db) * holding if math_kernel else 0

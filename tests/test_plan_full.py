@@ -1,11 +1,13 @@
 """The planner's full fine-tuning terms (#38): resident AMP and optimizer_offload=host, exactly."""
 
 import json
+from dataclasses import replace
 
 import pytest
 
 from hwcompat import plan as P
 from hwcompat.cli import main
+from hwcompat.errors import InputError
 from tests.shapes import QWEN3_4B, tiny_model_of as _model
 
 
@@ -122,7 +124,7 @@ def test_streamed_host_offload_terms(tmp_path):
     pinned = shape.layers * shape.layer_params() * 2
     assert plan.host_optimizer.host_bytes == 16 * n + 2 * n + pinned + P.HOST_RUNTIME
     assert plan.stream is not None and plan.stream.host_ram_bytes is None  # one host figure: the optimizer's
-    with pytest.raises(P.InputError, match="set optimizer_offload=host too"):
+    with pytest.raises(InputError, match="set optimizer_offload=host too"):
         P.estimate(shape, P.PlanInput(method="full", offload="layers"), "bfloat16", "sdpa", "nvidia", 80 << 30)
 
 
@@ -131,7 +133,7 @@ def test_auto_streams_the_working_copy_when_even_the_offloaded_copy_does_not_fit
     base = P.PlanInput(method="full", seq_len=64, batch_size=1, gradient_checkpointing=True,
                        optimizer_offload="host")
     hosted = P.estimate(shape, base, "bfloat16", "sdpa", "nvidia", 80 << 30).peak_bytes
-    streamed = P.estimate(shape, P.replace(base, offload="layers"), "bfloat16", "sdpa", "nvidia", 80 << 30).peak_bytes
+    streamed = P.estimate(shape, replace(base, offload="layers"), "bfloat16", "sdpa", "nvidia", 80 << 30).peak_bytes
     assert streamed < hosted
     card = (streamed + hosted) // 2
 

@@ -145,7 +145,7 @@ def render(result, shape, device, model: str) -> str:
     if result.suggestions:
         lines.append("suggestions:")
         for s in result.suggestions:
-            lines.append(f"  {'fits ' if s['fits'] else 'still too big'}  {s['change']}  (peak {gib(s['peak_bytes'])})")
+            lines.append(f"  {'fits ' if s.fits else 'still too big'}  {s.change}  (peak {gib(s.peak_bytes)})")
     return "\n".join(lines)
 
 

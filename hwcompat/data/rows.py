@@ -97,20 +97,9 @@ class Report:
         return "\n".join(lines)
 
 
-FORMAT_NAMES = {"messages": "chat messages", "sharegpt": "ShareGPT conversations", "prompt_completion":
-                "prompt/completion", "alpaca": "alpaca instruction/output"}
-
-
 def _detect_format(row: dict) -> str | None:
-    if "messages" in row:
-        return "messages"
-    if "conversations" in row:
-        return "sharegpt"
-    if "prompt" in row or "completion" in row:
-        return "prompt_completion"
-    if "instruction" in row or "output" in row:
-        return "alpaca"
-    return None
+    """The first format (``FORMATS``, in order) whose keys the row has."""
+    return next((f.name for f in FORMATS.values() if any(k in row for k in f.keys)), None)
 
 
 def shown(value: Any, width: int = 60) -> str:
@@ -258,7 +247,8 @@ def _content_text(content: list, where: str, report: Report) -> str | None:
 def untrained_turns(row: dict, fmt: str) -> frozenset[int]:
     """The assistant turns a row marks as context only (``weight: 0`` on an OpenAI message or a ShareGPT turn, as
     Axolotl and LLaMA-Factory read it), by turn index."""
-    msgs = row.get({"messages": "messages", "sharegpt": "conversations"}.get(fmt, ""))
+    turns = FORMATS[fmt].turns_key if fmt in FORMATS else None
+    msgs = row.get(turns) if turns else None
     if not isinstance(msgs, list):
         return frozenset()
     return frozenset(i for i, m in enumerate(msgs) if isinstance(m, dict) and _weight(m) == 0)
@@ -406,7 +396,7 @@ def read_jsonl(path: str | Path, fmt: str, report: Report, system_prompt: str | 
         examples.append(Example(tuple(msgs), str(p), lineno, untrained))
     report.counts[str(p)] = len(examples)
     if seen_format:
-        report.formats[str(p)] = FORMAT_NAMES.get(seen_format, seen_format)
+        report.formats[str(p)] = FORMATS[seen_format].label if seen_format in FORMATS else seen_format
     if not examples and not any(e.startswith(f"{p}") for e in report.errors):
         report.error(f"{p}: no examples (the file is empty)")
     return examples
@@ -421,22 +411,47 @@ def too_long(msgs, max_chars: int | None, where: str, report: Report, max_seq_le
     return False
 
 
-def _row_messages(row: dict, fmt: str, where: str, report: Report) -> list[tuple[str, str]] | None:
-    """One SFT row in its format as chat turns, or None (the problem is in ``report``)."""
-    if fmt == "messages":
-        return _messages(row, where, report)
-    if fmt == "sharegpt":
-        return _sharegpt(row, where, report)
-    if fmt == "prompt_completion":
-        prompt = _text_field(row, "prompt", where, report)
-        completion = _text_field(row, "completion", where, report)
-        return [("user", prompt), ("assistant", completion)] if prompt and completion else None
-    instruction = _text_field(row, "instruction", where, report)  # alpaca
+def _prompt_completion(row: dict, where: str, report: Report) -> list[tuple[str, str]] | None:
+    prompt = _text_field(row, "prompt", where, report)
+    completion = _text_field(row, "completion", where, report)
+    return [("user", prompt), ("assistant", completion)] if prompt and completion else None
+
+
+def _alpaca(row: dict, where: str, report: Report) -> list[tuple[str, str]] | None:
+    """``instruction`` (+ ``input`` on its own paragraph) as the user turn, ``output`` as the answer."""
+    instruction = _text_field(row, "instruction", where, report)
     extra = _text_field(row, "input", where, report, required=False)
     output = _text_field(row, "output", where, report)
     if instruction and output:
         return [("user", instruction + (f"\n\n{extra}" if extra and extra.strip() else "")), ("assistant", output)]
     return None
+
+
+@dataclass(frozen=True)
+class RowFormat:
+    """One SFT data format: how a row is recognised and named, where its turns are, how it reads as chat turns."""
+
+    name: str  # the ``data_format`` value
+    label: str  # what `hwcompat data check` calls it
+    keys: tuple[str, ...]  # a row with any of these keys is this format (``FORMATS`` is checked in order)
+    read: Any  # (row, "file:line", Report) -> chat turns, or None with the problem in the report
+    turns_key: str | None = None  # the list of turns, where ``weight: 0`` marks an assistant turn context only
+    answer_key: str | None = None  # the answer field a prompt-only row leaves out
+
+
+#: The formats, in the order a row is recognised (``messages`` first: a chat row may also carry a ``prompt``).
+FORMATS = {f.name: f for f in (
+    RowFormat("messages", "chat messages", ("messages",), _messages, turns_key="messages"),
+    RowFormat("sharegpt", "ShareGPT conversations", ("conversations",), _sharegpt, turns_key="conversations"),
+    RowFormat("prompt_completion", "prompt/completion", ("prompt", "completion"), _prompt_completion,
+              answer_key="completion"),
+    RowFormat("alpaca", "alpaca instruction/output", ("instruction", "output"), _alpaca, answer_key="output"),
+)}
+
+
+def _row_messages(row: dict, fmt: str, where: str, report: Report) -> list[tuple[str, str]] | None:
+    """One SFT row in its format as chat turns, or None (the problem is in ``report``)."""
+    return FORMATS[fmt].read(row, where, report)
 
 
 #: What stands in for a missing answer while a prompt-only row goes through the strict row checks.
@@ -446,10 +461,9 @@ _NO_ANSWER = "(no answer given)"
 def _with_placeholder_answer(row: dict, fmt: str) -> tuple[dict, bool]:
     """A prompt-only row completed with a placeholder answer, so it passes through the same checks as a training
     row (roles, order, types, text); returns (row, whether it had its own answer)."""
-    if fmt == "prompt_completion" and row.get("completion") is None:
-        return {**row, "completion": _NO_ANSWER}, False
-    if fmt == "alpaca" and row.get("output") is None:
-        return {**row, "output": _NO_ANSWER}, False
+    answer = FORMATS[fmt].answer_key
+    if answer and row.get(answer) is None:
+        return {**row, answer: _NO_ANSWER}, False
     msgs = row.get("messages")
     if fmt == "messages" and isinstance(msgs, list) and msgs and isinstance(msgs[-1], dict) and (
             msgs[-1].get("role") in ("user", "system")):

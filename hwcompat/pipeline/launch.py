@@ -494,8 +494,8 @@ def check_plan(loaded: LoadedConfig, device: ResolvedDevice, profile: ResolvedPr
     if result.fits or cfg.force:
         return note + ("" if result.fits else "; does not fit, trying anyway (force)"), offload
     fits = [s for s in planner.suggest(shape, result, vendor, quant_ok, "optim8bit" in profile.quantization, host)
-            if s["fits"]]
-    hint = "; ".join(s["change"] for s in fits[:3]) or "a smaller model"
+            if s.fits]
+    hint = "; ".join(s.change for s in fits[:3]) or "a smaller model"
     limit = _host_limit(inp, result, run) if vendor != Vendor.cpu and not cfg.qlora else ""
     raise HwcompatError(f"this run will not fit on {device.reading.name}: {note}. {limit + ' ' if limit else ''}"
                         f"Change: {hint} (`hwcompat plan --suggest` shows the breakdown; --force tries anyway)")

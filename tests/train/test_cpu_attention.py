@@ -156,7 +156,8 @@ def test_the_plan_falls_back_to_sdpa_where_the_kept_probabilities_do_not_fit(run
 
 
 def test_the_plan_counts_the_kept_probabilities_and_one_layers_scores():
-    from hwcompat.plan import PlanInput, _activation_terms, shape_from_config
+    from hwcompat.plan import PlanInput, shape_from_config
+    from hwcompat.plan.estimate import _activation_terms
 
     import transformers
 

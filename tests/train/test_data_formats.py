@@ -294,3 +294,27 @@ def test_a_bad_columns_setting_is_refused(tmp_path, override, message):
     with pytest.raises(InputError) as e:
         load_config(tmp_path / "c.yaml", [override])
     assert message in str(e.value)
+
+
+@pytest.mark.parametrize("row, fmt, turns", [
+    ({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]}, "messages",
+     [("user", "Hi"), ("assistant", "Yo")]),
+    ({"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo"}]}, "sharegpt",
+     [("user", "Hi"), ("assistant", "Yo")]),
+    ({"prompt": "Hi", "completion": "Yo"}, "prompt_completion", [("user", "Hi"), ("assistant", "Yo")]),
+    ({"instruction": "Add", "input": "1 2", "output": "3"}, "alpaca", [("user", "Add\n\n1 2"), ("assistant", "3")]),
+])
+def test_every_format_is_one_row_of_the_format_table(tmp_path, row, fmt, turns):
+    """#39 §3: one RowFormat per format (recognised, named, read as turns, a prompt-only row's answer key): the same
+    rows the config's data_format vocabulary names, detected by 'auto' and read alike when named."""
+    from hwcompat.choices import DATA_FORMATS
+    from hwcompat.data import rows
+
+    assert set(rows.FORMATS) == set(DATA_FORMATS) - {"auto"}
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    for setting in ("auto", fmt):
+        report = Report()
+        got = read_jsonl(path, setting, report)
+        assert not report.errors and [list(e.messages) for e in got] == [turns], (setting, got)
+        assert report.formats[str(path)] == rows.FORMATS[fmt].label

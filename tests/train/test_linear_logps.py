@@ -9,6 +9,7 @@ import weakref
 
 import pytest
 
+from hwcompat.choices import DTYPE_BYTES
 from hwcompat import plan
 from hwcompat.train import batching
 from hwcompat.train.objectives import linear_logps
@@ -264,7 +265,7 @@ def test_the_plans_logits_term_is_what_the_loss_holds_at_its_peak(monkeypatch, t
 
     from hwcompat.train.objectives.sft import ResponseLoss
 
-    monkeypatch.setattr(plan, "LOGIT_CHUNK_BYTES", 16 * 4 * VOCAB)
+    monkeypatch.setattr(plan.shape, "LOGIT_CHUNK_BYTES", 16 * 4 * VOCAB)  # where logit_chunk_rows reads it
     model = _tiny(model_type, **extra)
     model.base_model.model.config.save_pretrained(tmp_path)
     shape = plan.load_shape(str(tmp_path))
@@ -278,7 +279,7 @@ def test_the_plans_logits_term_is_what_the_loss_holds_at_its_peak(monkeypatch, t
         with tracker.mode:
             loss = hidden_loss(batch, float(rows))
             loss.backward()
-    expected = plan.logit_chunk_bytes(shape, rows, plan.DTYPE_BYTES[dtype])
+    expected = plan.logit_chunk_bytes(shape, rows, DTYPE_BYTES[dtype])
     assert tracker.peak == expected == 16 * VOCAB * (4 + (2 if dtype == "bfloat16" else 0) + 4 * bool(extra))
     few = plan.logit_chunk_bytes(shape, 3, 4)
     assert few == 3 * VOCAB * (4 + 4 * bool(extra))  # fewer response rows than a chunk: only those

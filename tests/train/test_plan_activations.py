@@ -103,7 +103,8 @@ def test_the_planner_counts_what_autograd_saves(family, trained, dtype, tmp_path
 def test_the_estimate_uses_it_for_every_layer_and_the_scores(tmp_path):
     """The plan's activations term is layers x batch x seq x the per-layer bytes (no checkpointing), its
     attention_scores term the oracle's S^2 bytes per layer (eager)."""
-    from hwcompat.plan import PlanInput, _activation_terms, layer_activation_bytes, score_bytes, shape_from_config
+    from hwcompat.plan import PlanInput, layer_activation_bytes, score_bytes, shape_from_config
+    from hwcompat.plan.estimate import _activation_terms
 
     import transformers
 
