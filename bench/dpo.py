@@ -133,6 +133,7 @@ def run_trl(python: str, model: str, train: Path, evals: Path, args, tmp: Path, 
 
 #: name -> (trainer, settings, malloc); hwcompat's settings are config keys, TRL's its dtype (issue #41 §3).
 VARIANTS = {"hwcompat": ("hwcompat", {}, "auto"), "hwcompat_fp32": ("hwcompat", {"dtype": "float32"}, "auto"),
+            "hwcompat_sdpa": ("hwcompat", {"attention": "sdpa"}, "auto"),  # bf16 without the cpu_bf16 kernel
             "trl_dpo_bf16": ("trl", {"dtype": "bfloat16"}, "tcmalloc"),
             "trl_dpo_fp32": ("trl", {"dtype": "float32"}, "tcmalloc"),
             "trl_dpo": ("trl", {"dtype": "float32"}, "system")}
@@ -158,6 +159,7 @@ def run_all(names: list[str], rounds: int, model: str, train: Path, evals: Path,
 
 
 LABELS = {"hwcompat": "hwcompat (its defaults)", "hwcompat_fp32": "hwcompat, dtype=float32",
+          "hwcompat_sdpa": "hwcompat, attention=sdpa",
           "trl_dpo_bf16": "TRL `DPOTrainer`, bf16, tcmalloc", "trl_dpo_fp32": "TRL `DPOTrainer`, fp32, tcmalloc",
           "trl_dpo": "TRL `DPOTrainer`, fp32 (its default)"}
 

@@ -99,7 +99,8 @@ def test_the_readmes_detect_block_is_what_detect_prints(run_cli):
     assert emulated(block) == emulated(res.stdout) and len(emulated(block)) == 3
 
 
-@pytest.mark.parametrize("script, result", [("train.py", "train-cpu-bf16.json"), ("dpo.py", "dpo-cpu-bf16.json")])
+@pytest.mark.parametrize("script, result", [("train.py", "train-cpu-bf16.json"), ("dpo.py", "dpo-cpu-bf16.json"),
+                                            ("cpu_attention.py", "cpu-attention.json")])
 def test_the_cpu_pages_tables_are_the_result_files(script, result):
     """docs/cpu.md's SFT and DPO tables are what the benchmark prints from its committed result file."""
     import importlib.util

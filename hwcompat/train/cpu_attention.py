@@ -3,7 +3,7 @@
 Why our own: PyTorch's CPU flash attention runs bf16 at its fp32 rate (on an AVX512-BF16 EPYC it was 40% of a bf16
 LoRA step while the matrix products, on oneDNN's native bf16 GEMM, ran 2.8x faster than in fp32). Here the two
 products of the forward and the four of the backward are plain bf16 batched GEMMs, and the backward keeps only the
-bf16 probabilities P (2 bytes per score: the S^2 term the planner counts, ``plan.CPU_BF16_SCORE_BYTES``) instead of
+bf16 probabilities P (2 bytes per score: the S^2 term the planner counts, ``plan.score_bytes``) instead of
 recomputing them, with ``dS = P * (dP - rowsum(dO * O)) * scale`` as flash attention's backward has it. The scores
 and the softmax are fp32, as eager attention's under autocast. GQA needs no ``repeat_kv`` copy: a group's queries are
 stacked along the sequence, so one product serves every query head of a key head and the backward's sums over the
