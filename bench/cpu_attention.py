@@ -94,9 +94,13 @@ def main() -> int:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "cpu-attention.json"))
     ap.add_argument("--table", metavar="RESULT.json", help="print a result file's markdown table")
     args = ap.parse_args()
-    if args.table:
-        print(markdown_table(json.loads(Path(args.table).read_text())), end="")
-        return 0
+    report = json.loads(Path(args.table).read_text()) if args.table else measured(args)
+    print(markdown_table(report), end="")
+    return 0
+
+
+def measured(args) -> dict:
+    """A new measurement, written to ``--out``."""
     import torch
 
     from hwcompat.probe.malloc import in_use
@@ -105,9 +109,8 @@ def main() -> int:
               "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "malloc": in_use(),
               "shape": {"heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM}, "rows": measure(args.rounds)}
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(markdown_table(report), end="")
     print(f"wrote {args.out}")
-    return 0
+    return report
 
 
 if __name__ == "__main__":
