@@ -14,8 +14,10 @@ pairs on both sides, so it is proportional to tokens per second). Training time 
 hwcompat computes each training row's reference log-probabilities inside its loop (at the row's first use), TRL in
 its constructor (``_precompute_ref_logps``), outside ``train_runtime``; TRL's time for the training split's
 precompute is added to its ``train_runtime`` (both are kept in the result file: ``train_runtime``,
-``ref_precompute_seconds``). Neither side counts the held-out pairs' reference or the evaluation. `--trl-python` names an interpreter with
-TRL installed (e.g. a venv made with --system-site-packages), so hwcompat's own environment stays as it is.
+``ref_precompute_seconds``). Neither side counts the held-out pairs' reference or the evaluation. MFU: the FLOPs
+each side computes per pair (``flops_per_pair``: hwcompat's prefix-shared row counts the prompt once) at its pairs/s,
+over a GEMM peak measured in the run in its dtype. `--trl-python` names an interpreter with TRL installed (e.g. a
+venv made with --system-site-packages), so hwcompat's own environment stays as it is.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # bench.train (the GEMM peak)
 DATA = ROOT / "hwcompat" / "demo" / "data"
 SETTINGS = {"lora_r": 16, "lora_alpha": 32, "lr": 5e-4, "beta": 0.1, "max_len": 256}
 
@@ -164,14 +167,62 @@ LABELS = {"hwcompat": "hwcompat (its defaults)", "hwcompat_fp32": "hwcompat, dty
           "trl_dpo": "TRL `DPOTrainer`, fp32 (its default)"}
 
 
+def flops_per_pair(model: str, pairs: list[dict], max_len: int) -> dict:
+    """The FLOPs each side computes per training pair: each row through the LoRA policy forward and backward
+    (selftest.lora_flops_per_token: frozen weights 4 FLOPs/parameter, adapters 6, attention 6 x layers x seq x
+    hidden) and the reference forward (frozen weights 2 FLOPs/parameter, attention 2 x layers x seq x hidden). TRL's
+    rows are prompt + chosen and prompt + rejected; hwcompat's one row holds their common token prefix once
+    (prefix sharing), so it computes fewer tokens per pair, counted as such."""
+    from transformers import AutoTokenizer
+
+    from hwcompat import selftest
+
+    config = json.loads((Path(model) / "config.json").read_text())
+    tok = AutoTokenizer.from_pretrained(model, trust_remote_code=False)
+
+    def ids(messages) -> list[int]:
+        out = tok.apply_chat_template(messages, tokenize=True)
+        return list(out["input_ids"] if hasattr(out, "keys") else out)[:max_len]  # transformers 5: an encoding
+
+    two_rows, shared = 0, 0
+    for p in pairs:
+        c, r = ids(p["prompt"] + p["chosen"]), ids(p["prompt"] + p["rejected"])
+        common = next((i for i, (a, b) in enumerate(zip(c, r)) if a != b), min(len(c), len(r)))
+        two_rows, shared = two_rows + len(c) + len(r), shared + len(c) + len(r) - common
+    seq = two_rows / (2 * len(pairs))
+    frozen = selftest.lora_flops_per_token(config, 0, 0) / 4  # parameters in the frozen products
+    per_token = selftest.lora_flops_per_token(config, SETTINGS["lora_r"], int(seq)) + 2 * frozen + \
+        2 * config["num_hidden_layers"] * seq * config["hidden_size"]
+    return {"mean_row_tokens": seq, "flops_per_token": per_token, "two_rows_per_pair": per_token * two_rows /
+            len(pairs), "prefix_shared_per_pair": per_token * shared / len(pairs)}
+
+
+def add_mfu(report: dict, model: str, pairs: list[dict]) -> None:
+    """MFU of each variant: the FLOPs it computes (flops_per_pair) at its pairs/s, over a GEMM peak measured now in
+    its dtype (bench/train.py's gemm_peak, the model's projection shapes)."""
+    from bench.train import gemm_peak
+
+    count = flops_per_pair(model, pairs, SETTINGS["max_len"])
+    config = json.loads((Path(model) / "config.json").read_text())
+    rows = report["settings"]["batch"] * 2 * int(count["mean_row_tokens"])
+    peaks = {d: gemm_peak(config, rows, os.cpu_count() or 1, d) for d in ("float32", "bfloat16")}
+    report["model_flops"], report["gemm_peak"] = count, peaks
+    for name, r in report["results"].items():
+        per_pair = count["prefix_shared_per_pair" if name.startswith("hwcompat") else "two_rows_per_pair"]
+        r["achieved_flops_per_s"] = r["pairs_per_s"] * per_pair
+        r["mfu"] = r["achieved_flops_per_s"] / peaks[r["dtype"]]["peak_flops_per_s"]
+
+
 def markdown_table(report: dict) -> str:
     """The result file as docs/cpu.md prints it (tests/test_docs.py compares them)."""
-    lines = ["| DPO | dtype | pairs/s (rounds) | held-out reward accuracy | eval loss | peak RSS |",
-             "|---|---|---|---|---|---|"]
+    mfu = "mfu" in next(iter(report["results"].values()))
+    lines = ["| DPO | dtype | pairs/s (rounds) | held-out reward accuracy | eval loss | peak RSS |"
+             + (" MFU (of the GEMM peak in its dtype) |" if mfu else ""), "|---|---|---|---|---|---|" + ("---|" * mfu)]
     for name, r in report["results"].items():
         rounds = ", ".join(f"{x['pairs_per_s']:.2f}" for x in r["rounds"])
         lines.append(f"| {LABELS[name]} | {r['dtype']} | {r['pairs_per_s']:.2f} ({rounds}) | "
-                     f"{r['reward_accuracy']:.3f} | {r['eval_loss']:.4f} | {r['peak_memory_bytes'] / 2**30:.2f} GiB |")
+                     f"{r['reward_accuracy']:.3f} | {r['eval_loss']:.4f} | {r['peak_memory_bytes'] / 2**30:.2f} GiB |"
+                     + (f" {r['mfu']:.1%} |" if mfu else ""))
     best = report.get("trl_best")
     if best:
         lines.append(f"\nhwcompat at its defaults against TRL at its best ({LABELS[best]}): "
@@ -199,9 +250,20 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "dpo.json"))
     ap.add_argument("--table", metavar="RESULT.json", help="print a result file's markdown table (docs/cpu.md)")
+    ap.add_argument("--add-mfu", metavar="RESULT.json", help="add MFU to a result file (a GEMM peak measured now)")
     args = ap.parse_args()
     if args.table:
         print(markdown_table(json.loads(Path(args.table).read_text())), end="")
+        return 0
+    if args.add_mfu:  # a result file measured before MFU was counted: its pairs/s against a peak measured now
+        from hwcompat.demo.model import ensure_model
+
+        report = json.loads(Path(args.add_mfu).read_text())
+        pairs = _conversational([json.loads(x) for x in (DATA / "pairs_train.jsonl").read_text().splitlines()]
+                                [:report["settings"]["pairs"]])
+        add_mfu(report, str(ensure_model()), pairs)
+        Path(args.add_mfu).write_text(json.dumps(report, indent=2) + "\n")
+        print(markdown_table(report), end="")
         return 0
     names = [n.strip() for n in args.variants.split(",") if n.strip()]
     if "hwcompat" not in names or any(n not in VARIANTS for n in names):
@@ -226,6 +288,7 @@ def main() -> int:
               "settings": {**SETTINGS, **vars(args)}, "results": results, "ratios": ratios, "trl_best": best,
               "speed_ratio_hwcompat_vs_trl_best": ratios[best]["speed"] if best else None,
               "memory_ratio_hwcompat_vs_trl_best": ratios[best]["memory"] if best else None}
+    add_mfu(report, model, _conversational(read(DATA / "pairs_train.jsonl")[:args.pairs]))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(f"{'':16} {'dtype':>9} {'pairs/s':>8} {'train s':>8} {'reward acc':>10} {'eval loss':>9} {'peak RSS':>9}")

@@ -4,6 +4,7 @@ and a screenshot taken."""
 
 import json
 import shutil
+from html import escape as html_escape
 
 import pytest
 
@@ -57,7 +58,8 @@ def test_a_runs_report_loads_offline_draws_every_plot_and_marks_the_resume(two_r
     run = two_runs[0]
     html = (run / "report.html").read_text()
     assert "finished: 8 steps" in html and "resumed @ 5" in html and "no metric fell" in html
-    assert "the plan, before the run" in html and "SDPA has fused CPU kernels" in html  # plan and the profile's why
+    why = json.loads((run / "profile.json").read_text())["reasons"]["attention"]
+    assert "the plan, before the run" in html and html_escape(why)[:60] in html  # plan and the profile's why
     plots = _checked(run / "report.html", tmp_path, "run.png")
     assert plots == {"loss": 2, "learning rate": 1, "tokens/s": 1, "memory (peak so far)": 1}
 

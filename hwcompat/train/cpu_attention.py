@@ -9,8 +9,9 @@ and the softmax are fp32, as eager attention's under autocast. GQA needs no ``re
 stacked along the sequence, so one product serves every query head of a key head and the backward's sums over the
 group fall out of the GEMM.
 
-Without gradients (eval, generation with a KV cache) and where this kernel has no case (dropout while training, a
-soft-capped score) it hands the call to transformers' SDPA unchanged. Registered by name on first use, never at import.
+In eval mode (evaluation, generation with a KV cache) and where this kernel has no case (dropout, a soft-capped score)
+it hands the call to transformers' SDPA unchanged; a training-mode forward without gradients (a streamed layer's
+first pass, whose recompute has gradients) runs the kernel, so both passes compute the same values. Registered by name on first use, never at import.
 """
 from __future__ import annotations
 
@@ -85,8 +86,9 @@ def attention(module, query, key, value, attention_mask, scaling=None, dropout=0
     """transformers' attention-function signature: returns (output (b, s, heads, d), no weights)."""
     import torch
 
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
-    if not needs_grad or (dropout and module.training) or kwargs.get("softcap"):
+    # Eval and generation (the module in eval mode) go to SDPA; a training-mode forward without gradients (a
+    # streamed layer's first pass, GRPO's old log-probabilities) stays here, so it computes what its recompute does.
+    if not module.training or dropout or kwargs.get("softcap"):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,

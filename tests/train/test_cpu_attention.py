@@ -90,11 +90,19 @@ def test_in_bf16_it_is_no_further_from_float64_than_eager_attention(family):
     assert kernel < 0.02
 
 
-def test_without_gradients_it_is_sdpa_eval_and_generation():
+def test_in_eval_mode_it_is_sdpa_and_a_training_forward_without_gradients_is_the_kernel():
+    """Eval and generation go to SDPA (the same logits, the same greedy tokens); a training-mode forward without
+    gradients (a streamed layer's first pass) is the kernel's to the bit, as its recompute with gradients is."""
     import torch
 
-    models = _models("llama")
+    models = _models("llama", "bfloat16")
     ids, mask, _ = _batch()
+    with torch.no_grad():
+        kernel_no_grad = models["cpu_bf16"](input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(kernel_no_grad, models["cpu_bf16"](input_ids=ids, attention_mask=mask).logits.detach())
+    models = _models("llama")
+    for m in models.values():
+        m.eval()
     with torch.no_grad():
         a = models["sdpa"](input_ids=ids, attention_mask=mask).logits
         b = models["cpu_bf16"](input_ids=ids, attention_mask=mask).logits
