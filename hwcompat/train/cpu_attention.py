@@ -11,7 +11,8 @@ group fall out of the GEMM.
 
 In eval mode (evaluation, generation with a KV cache) and where this kernel has no case (dropout, a soft-capped score)
 it hands the call to transformers' SDPA unchanged; a training-mode forward without gradients (a streamed layer's
-first pass, whose recompute has gradients) runs the kernel, so both passes compute the same values. Registered by name on first use, never at import.
+first pass, whose recompute has gradients) runs the kernel, so both passes compute the same values. Registered by
+name on first use, never at import.
 """
 from __future__ import annotations
 

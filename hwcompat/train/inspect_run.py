@@ -3,8 +3,9 @@
     python -m hwcompat.train.inspect_run '{"what": "generate", "run_dir": "RUN", "prompt": "…", …}'
 
 Started by ``hwcompat generate`` / ``hwcompat eval`` (cli/inspect.py checks the flags and sends one typed
-``Request`` as JSON) with the run's profile environment set (so torch first loads here, after it), like the trainer. The base model is loaded in the run's dtype and attention kernel with
-the run's adapter on top, and prompts are rendered with the same chat-template decision as training.
+``Request`` as JSON) with the run's profile environment set (so torch first loads here, after it), like the trainer.
+The base model is loaded in the run's dtype and attention kernel with the run's adapter on top, and prompts are
+rendered with the same chat-template decision as training.
 """
 
 from __future__ import annotations
