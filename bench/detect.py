@@ -5,7 +5,7 @@
 Compares, side by side in one run, the median wall time of a fresh process for:
   hwcompat detect --json, python -m torch.utils.collect_env, accelerate env,
   and `python -c pass` (the interpreter's own start, site and .pth files included: the floor).
-Timed warm, as a user's second run is: bytecode compiled, hwcompat's plan memo filled (hwcompat.plancache).
+Timed warm, as a user's second run is: bytecode compiled, hwcompat's plan memo filled (hwcompat.cli.plancache).
 `--before DIR` adds the same command run from another checkout (e.g. a `git worktree` of the previous
 commit), for before/after figures in one run. Goal: detect <= 60 ms median, >= 10x faster than both.
 """

@@ -44,7 +44,7 @@ def measure(shape_name: str, method: str, seq: int, batch: int, gc: bool, dtype:
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from hwcompat.train.loop import ResponseLoss
+    from hwcompat.train.objectives.sft import ResponseLoss
 
     torch.cuda.empty_cache()
     cfg = LlamaConfig(**SHAPES[shape_name], max_position_embeddings=8192, tie_word_embeddings=False)

@@ -367,7 +367,7 @@ def eval_loss(model_dir: Path, adapter: Path, eval_file: Path, max_len: int) -> 
 
     from hwcompat.train import batching
     from hwcompat.data.rows import Report, read_jsonl
-    from hwcompat.train.loop import evaluate_loss
+    from hwcompat.train.objectives.sft import evaluate_loss
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     tok.pad_token = tok.pad_token or tok.eos_token

@@ -272,16 +272,15 @@ def _write_model_files(tmp: Path, base: Path, base_cfg: dict[str, Any], adapter:
 def guard_flags(adapter_path: str | Path) -> list[str]:
     """The metrics the run's regression guard flagged (summary.json ``regressed``), for a run folder, its
     adapter/ or a full fine-tune's model/; [] for anything else. A flagged model is worse than its base on the user's own task."""
+    from hwcompat import summary as summary_file
+
     p = Path(adapter_path)
-    run = p if (p / "summary.json").is_file() else p.parent if p.name in ("adapter", "model") else None
-    if run is None or not (run / "summary.json").is_file():
-        return []
+    run = p if (p / summary_file.NAME).is_file() else p.parent if p.name in ("adapter", "model") else None
     try:
-        regressed = read_json_object(run / "summary.json", "summary").get("regressed") or []
+        summary = summary_file.read(run) if run is not None else None
     except InputError:
         return []
-    return [f"{x.get('metric')} {x.get('before', '?')} -> {x.get('after', '?')}" for x in regressed
-            if isinstance(x, dict)]
+    return summary.flags() if summary is not None else []
 
 
 def merged_flags(model: str | Path) -> list[str]:

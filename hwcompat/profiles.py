@@ -21,6 +21,7 @@ from hwcompat.choices import Attention, CompileBackend, Dtype, Vendor
 from hwcompat.datafiles import data_dir
 from hwcompat.errors import ProfileError
 from hwcompat.readings import TRAINING_FLAGS, VENDORS, XE_ARCHS, Capability, is_gfx_target
+from hwcompat.textcheck import closest
 from hwcompat.yamlfile import load_packaged_yaml
 
 
@@ -237,8 +238,8 @@ def _keys(ctx: _Ctx, where: str, raw: Any, allowed: set[str] | dict[str, bool], 
         raise ctx.fail(where, f"expected a mapping, got {type(raw).__name__}")
     for key in raw:
         if key not in allowed:
-            near = _close(str(key), list(allowed), n=1)
-            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            near = closest(key, allowed)
+            hint = f" (did you mean {near!r}?)" if near else ""
             raise ctx.fail(f"{where}.{key}" if where else str(key), f"unknown key{hint}")
     for key in required:
         if key not in raw:
@@ -505,9 +506,3 @@ def load_profiles(directory: str | Path | None = None) -> dict[str, Profile]:
     d = directory or envvars.get("HWCOMPAT_PROFILES_DIR") or data_dir("profiles")
     return {p.name: p for p in _load_dir(str(Path(d).resolve()))}
 
-
-def _close(word: str, choices, n: int = 1) -> list[str]:
-    """Nearest spellings, for error messages only (difflib loads only when there is an error to explain)."""
-    import difflib
-
-    return difflib.get_close_matches(word, list(choices), n=n)

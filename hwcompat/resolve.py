@@ -17,6 +17,7 @@ from hwcompat.errors import InputError
 from hwcompat.profiles import Attention, CompileBackend, Dtype, Fp16Rate, Profile
 from hwcompat.readings import Capability, DeviceReading, HostReading, gfx_from_override, override_from_gfx
 from hwcompat.software import Software
+from hwcompat.textcheck import closest
 
 #: Oldest compute capability any current PyTorch CUDA wheel carries (cu126: sm_50).
 MIN_CUDA_CC = Capability(5, 0)
@@ -46,8 +47,8 @@ class Overrides:
             if key.startswith("env."):
                 _check_env_name(key[4:], item, allow_env or [])
             if key not in SETTABLE and not key.startswith("env."):
-                near = _close(key, SETTABLE, n=1)
-                hint = f" Did you mean {near[0]!r}?" if near else ""
+                near = closest(key, SETTABLE)
+                hint = f" Did you mean {near!r}?" if near else ""
                 raise InputError(f"--set {item!r}: unknown key {key!r}.{hint} "
                                  f"Settable: {', '.join(SETTABLE)}, env.NAME")
             out[key] = value
@@ -338,8 +339,8 @@ def _choose(reading: DeviceReading, profiles: dict[str, Profile], forced: str | 
     if not forced:
         return base, (_why_matched(reading, base) if base else ""), []
     if forced not in profiles:
-        near = _close(forced, profiles, n=1)
-        hint = f" Did you mean {near[0]!r}?" if near else ""
+        near = closest(forced, profiles)
+        hint = f" Did you mean {near!r}?" if near else ""
         raise InputError(f"unknown profile {forced!r}.{hint} Known: {', '.join(sorted(profiles))}")
     chosen = profiles[forced]
     if chosen.vendor != reading.vendor:
@@ -483,9 +484,3 @@ def resolve_host(host: HostReading, profiles: dict[str, Profile], software: Soft
         g["can_train_together"] = len(g["devices"]) > 1
     return HostPlan(host, devices, out)
 
-
-def _close(word: str, choices, n: int = 1) -> list[str]:
-    """Nearest spellings, for error messages only (difflib loads only when there is an error to explain)."""
-    import difflib
-
-    return difflib.get_close_matches(word, list(choices), n=n)

@@ -23,7 +23,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hwcompat import summary as summary_file
 from hwcompat.choices import Vendor
+from hwcompat.errors import InputError
 from hwcompat.resolve import ResolvedDevice
 
 MEMORY_MARGIN = 0.25  # selftest tolerance between planned and measured peak allocation
@@ -193,8 +195,8 @@ def _judge(res: SelftestResult, proc: subprocess.CompletedProcess, run: Path, on
                                 fix_hint if kernel else "run `hwcompat doctor`"))
         res.losses = [r["loss"] for r in records]
         return
-    res.versions = summary.get("versions", {})
-    res.dtype, res.attention, res.compile_backend = summary["dtype"], summary["attention"], summary["compile_backend"]
+    res.versions = summary.versions
+    res.dtype, res.attention, res.compile_backend = summary.dtype, summary.attention, summary.compile_backend
     res.checks.append(Check("kernels", True, f"`hwcompat train` ran {len(records)} LoRA steps in {res.dtype} with "
                                              f"{res.attention} attention, compile {res.compile_backend}"))
     res.losses = [r["loss"] for r in records]
@@ -205,7 +207,7 @@ def _judge(res: SelftestResult, proc: subprocess.CompletedProcess, run: Path, on
                       Check("memory", None, "not measured on the CPU (no allocator statistics)"))
 
 
-def _read_run(run: Path) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+def _read_run(run: Path) -> tuple[summary_file.Summary | None, list[dict[str, Any]]]:
     records = []
     try:
         for line in (run / "metrics.jsonl").read_text().splitlines():
@@ -215,8 +217,8 @@ def _read_run(run: Path) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
     except (OSError, ValueError):
         pass
     try:
-        summary = json.loads((run / "summary.json").read_text())
-    except (OSError, ValueError):
+        summary = summary_file.read(run)
+    except (OSError, InputError):
         summary = None
     return summary, records
 
@@ -280,10 +282,10 @@ def _speed(res: SelftestResult, records: list[dict[str, Any]], run: Path) -> Non
     res.mfu = res.achieved_tflops / res.peak_tflops if res.peak_tflops else None
 
 
-def _memory_check(res: SelftestResult, summary: dict[str, Any]) -> Check:
+def _memory_check(res: SelftestResult, summary: summary_file.Summary) -> Check:
     """The allocator peak of the run's costliest micro-batch (probed before the first step) against the plan's allocator
     side."""
-    measured, planned = summary.get("first_step_peak_bytes"), summary.get("planned_allocated_bytes")
+    measured, planned = summary.first_step_peak_bytes, summary.planned_allocated_bytes
     if not measured or not planned:
         return Check("memory", None, "the run recorded no first-step peak or no plan (planner skipped this model)")
     res.peak_memory_bytes, res.planned_memory_bytes = measured, planned

@@ -18,3 +18,12 @@ def text_problem(value: str, in_row: bool = False) -> str | None:
         return (f"lone surrogate \\u{ord(value[exc.start]):04x} at character {exc.start + 1}: not valid Unicode (a "
                 f"broken \\ud8xx escape, {why}); {'fix or drop the row' if in_row else 'fix it'}")
     return None
+
+
+def closest(word: object, choices, cutoff: float = 0.6) -> str | None:
+    """The nearest known spelling of a mistyped name, for "did you mean" in an error (one rule for config keys,
+    profile keys, --set keys, profile and device names; difflib loads only when there is an error to explain)."""
+    import difflib
+
+    near = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=cutoff)
+    return near[0] if near else None

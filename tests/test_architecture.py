@@ -12,12 +12,12 @@ PACKAGE = Path(__file__).resolve().parents[1] / "hwcompat"
 #: or from itself. Floor 0 is the shared base (errors, vocabularies, readings, safe file access).
 FLOORS = {
     0: ("hwcompat", "errors", "envvars", "choices", "readings", "datafiles", "userfile", "yamlfile", "fsutil",
-        "textcheck", "sampling", "progress"),
+        "textcheck", "sampling", "progress", "summary"),
     1: ("probe", "compat", "software", "container"),  # facts: what the machine has, what the wheel table says,
     # where an image reads and writes
     2: ("profiles",),
     3: ("resolve",),
-    4: ("plan", "plancache", "data", "weights", "hfload", "fingerprint", "doctor", "demo", "entrypoint"),
+    4: ("plan", "data", "weights", "hfload", "fingerprint", "doctor", "demo", "entrypoint"),
     5: ("train", "merge", "export", "images"),
     6: ("pipeline", "selftest"),
     7: ("cli",),

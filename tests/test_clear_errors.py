@@ -48,7 +48,7 @@ def test_damaged_safetensors_named_in_merge_export_and_train(tmp_path, model, ad
         assert res.returncode == 2, res.stderr[-1500:]
         assert f"{f}: not a valid safetensors file (" in res.stderr and why in res.stderr
         assert "Traceback" not in res.stderr
-    from hwcompat.pipeline.launch import check_model
+    from hwcompat.pipeline.preflight import check_model
     with pytest.raises(InputError, match="not a valid safetensors file"):
         check_model(str(bad), allow_network=False)
 

@@ -184,7 +184,7 @@ def test_a_runs_export_measures_on_its_training_rows(tmp_path):
 
     from hwcompat.errors import InputError
     from hwcompat.pipeline.export_chain import outputs, run_export_options
-    from hwcompat.pipeline.launch import check_export
+    from hwcompat.pipeline.preflight import check_export
     from hwcompat.train.config import TrainConfig
     from hwcompat.train.rundir import EXPORTS
 

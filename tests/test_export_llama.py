@@ -124,7 +124,7 @@ def test_train_refuses_a_k_quant_export_it_could_not_make_before_training(tmp_pa
     import importlib.util
     from types import SimpleNamespace
 
-    from hwcompat.pipeline.launch import check_export
+    from hwcompat.pipeline.preflight import check_export
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "llama_cpp" else real(n, *a))

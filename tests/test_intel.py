@@ -23,7 +23,7 @@ def _pci(root: Path, bus: str, device: str, driver: str | None, bar_bytes: int, 
     (dev / "device").write_text(f"0x{device}\n")
     (dev / "class").write_text(cls + "\n")
     # resource: BAR0 (registers, 16 MiB), then BAR2 (local memory window)
-    bar0 = f"0x00000000a0000000 0x00000000a0ffffff 0x0000000000040200"
+    bar0 = "0x00000000a0000000 0x00000000a0ffffff 0x0000000000040200"
     bar2 = f"0x0000006000000000 0x{0x6000000000 + bar_bytes - 1:016x} 0x000000000014220c"
     (dev / "resource").write_text("\n".join([bar0, "0x0 0x0 0x0", bar2]) + "\n")
     if driver:
@@ -153,7 +153,7 @@ def test_the_launcher_pins_level_zero_and_env_prints_it():
     from hwcompat.readings import HostReading
     from hwcompat.resolve import resolve_host
     from hwcompat.software import Software
-    from hwcompat.pipeline.launch import child_env
+    from hwcompat.pipeline.processes import child_env
     from dataclasses import replace
 
     (b580,) = from_catalog(["b580"])
@@ -266,7 +266,7 @@ def test_an_intel_index_is_level_zeros_with_the_igpu_counted(tmp_path):
     """#36.12: ZE_AFFINITY_MASK takes Level Zero's numbers, which count the iGPU too (pytorch PR #178496); old
     value: the discrete cards' own count, so a host with an iGPU at 00:02.0 pinned the wrong device."""
 
-    from hwcompat.pipeline.launch import child_env
+    from hwcompat.pipeline.processes import child_env
     from hwcompat.profiles import load_profiles
     from hwcompat.readings import HostReading
     from hwcompat.resolve import resolve_host

@@ -146,7 +146,7 @@ def test_logits_are_one_chunk_and_the_response_fraction_matters_only_below_it(qw
 
 def test_train_plans_with_its_datas_response_share(tmp_path):
     from hwcompat.train.config import load_config
-    from hwcompat.pipeline.launch import check_data
+    from hwcompat.pipeline.preflight import check_data
 
     data = tmp_path / "t.jsonl"
     data.write_text(json.dumps({"prompt": "x" * 90, "completion": "y" * 10}) + "\n")

@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import pytest
 
-from hwcompat import plancache
+from hwcompat.cli import plancache
 from hwcompat.cli import main
 from hwcompat.datafiles import data_dir
 from hwcompat.probe import probe_host

@@ -50,10 +50,10 @@ def test_real_amdsmi_import_is_silent_and_one_line():
 @needs_amdsmi
 def test_detect_json_is_json_with_real_amdsmi_and_an_amd_card_but_no_rocm(tmp_path):
     """An AMD card on the bus makes detect load amdsmi; its failure is a host problem, stdout stays JSON."""
-    res = _py(f"""
+    res = _py("""
         import sys
         from hwcompat.probe import vendorlib
-        vendorlib.gpu_vendors = lambda root="/": {{"amd"}}
+        vendorlib.gpu_vendors = lambda root="/": {"amd"}
         from hwcompat.cli import main
         sys.exit(main(["detect", "--json"]))
     """)

@@ -49,8 +49,8 @@ def plan_from_args(args: argparse.Namespace):
 
 
 def plan_dict_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """``plan_from_args(args).to_dict()``, memoised by all its inputs (``hwcompat.plancache``)."""
-    from hwcompat import plancache
+    """``plan_from_args(args).to_dict()``, memoised by all its inputs (``hwcompat.cli.plancache``)."""
+    from hwcompat.cli import plancache
 
     host, software, overrides = _read_host(args)
     return plancache.plan_dict(host, software, overrides, lambda: _resolve(host, software, overrides).to_dict())

@@ -56,7 +56,8 @@ def run_numerics(args: argparse.Namespace, plan) -> int:
     import sys
 
     from hwcompat.errors import InputError
-    from hwcompat.pipeline.launch import child_env, training_device
+    from hwcompat.pipeline.launch import training_device
+    from hwcompat.pipeline.processes import child_env
 
     pos, device = training_device(plan, args.device)
     if device.profile is None:

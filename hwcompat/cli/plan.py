@@ -72,7 +72,7 @@ def train_config(args: argparse.Namespace):
 def make_plan(shape, device, loaded, inp, with_suggestions: bool, host_ram: int | None = None):
     """The plan on ``device``; ``offload: auto`` decided here exactly as `hwcompat train` decides it."""
     from hwcompat import plan as planner
-    from hwcompat.pipeline.launch import device_memory, memory_choice
+    from hwcompat.pipeline.fit import device_memory, memory_choice
 
     prof = device.profile
     quant_ok = "nf4" in prof.quantization
@@ -165,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
     if fraction is None:
         fraction = 1.0
         if cfg.train_data:  # as `hwcompat train` plans: its data's largest response share
-            from hwcompat.pipeline.launch import check_data
+            from hwcompat.pipeline.preflight import check_data
 
             fraction = check_data(loaded)[1]
     inp = planner.plan_input(cfg, method=method, logit_fraction=fraction)

@@ -26,8 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     from hwcompat.train.library_logs import quiet_library_loggers
 
     quiet_library_loggers()
-    from hwcompat.train.loop import SecondInterrupt, run
-    from hwcompat.train.stopping import Signals
+    from hwcompat.train.loop import run
+    from hwcompat.train.stopping import SecondInterrupt, Signals
 
     # From the first line on, a signal is a clean exit with a true message: one handler for the whole life of
     # the process (load, evals, steps, adapter, export) saves what exists.
@@ -62,20 +62,19 @@ def export_after_training(run_dir: Path, signals) -> int:
     """export=gguf: the export chain on this machine's run folder, unless a task metric regressed; 0 otherwise.
 
     Runs after the process group is closed, so a long merge never holds other ranks in a collective."""
-    import json
-
+    from hwcompat import summary as summary_file
     from hwcompat.fsutil import Terminated
     from hwcompat.pipeline.export_chain import export_run
-    from hwcompat.train.loop import write_report
+    from hwcompat.train.outputs import write_report
     from hwcompat.train.spec import load_spec
 
     cfg = load_spec(run_dir / "run.json").config
     if cfg.export != "gguf" or int(envvars.get("LOCAL_RANK", default="0")) != 0:
         return 0
-    regressed = json.loads((run_dir / "summary.json").read_text(encoding="utf-8")).get("regressed")
-    if regressed and not cfg.force:
-        _say("hwcompat: error: export refused: a task metric regressed (above); the adapter is kept in "
-             f"{run_dir / 'adapter'}. Export anyway with --force (or force=true), or fix the data and train again")
+    summary = summary_file.read(run_dir)
+    if summary is not None and summary.regressed and not cfg.force:
+        _say("hwcompat: error: export refused: a task metric regressed (above); the trained weights are kept in "
+             f"{run_dir / summary.output}. Export anyway with --force (or force=true), or fix the data and train again")
         return 1
     try:
         with signals.at_once():

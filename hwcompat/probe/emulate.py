@@ -6,7 +6,6 @@ everything downstream behaves exactly as on the real card.
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import fields
 from functools import lru_cache
 from pathlib import Path
@@ -16,6 +15,7 @@ from hwcompat.choices import Vendor
 from hwcompat.datafiles import data_dir
 from hwcompat.errors import InputError, excerpt
 from hwcompat.readings import VENDORS, XE_ARCHS, DeviceReading, is_gfx_target, parse_cc
+from hwcompat.textcheck import closest
 from hwcompat.yamlfile import load_packaged_yaml, load_yaml
 
 REQUIRED = ("vendor", "name", "memory_bytes")
@@ -48,8 +48,8 @@ def from_catalog(names: list[str], flag: str = "--emulate") -> list[DeviceReadin
     for name in names:
         key = name.strip().lower()
         if key not in cat:
-            near = difflib.get_close_matches(key, cat, n=1)
-            hint = f" Did you mean {near[0]!r}?" if near else ""
+            near = closest(key, cat)
+            hint = f" Did you mean {near!r}?" if near else ""
             raise InputError(f"unknown device {excerpt(name)} for {flag}.{hint} "
                              f"Known: {', '.join(sorted(cat))}; or describe it in an --emulate-file")
         out.append(parse_reading(cat[key], where=f"catalog: {key}", source=f"catalog:{key}"))
@@ -126,8 +126,8 @@ def parse_reading(entry: Any, where: str, source: str = "") -> DeviceReading:
         raise InputError(f"{where}: expected a mapping of reading fields, got {type(entry).__name__}")
     for key in entry:
         if key not in _SETTABLE:
-            near = difflib.get_close_matches(str(key), _SETTABLE, n=1)
-            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            near = closest(key, _SETTABLE)
+            hint = f" (did you mean {near!r}?)" if near else ""
             raise InputError(f"{where}: field {excerpt(key)}: unknown field{hint}")
     for key in REQUIRED:
         if entry.get(key) in (None, ""):

@@ -59,7 +59,7 @@ def problem(ck: Path) -> str | None:
 
 def latest(run_dir: Path) -> Path | None:
     """The newest checkpoint with a state.json (what a resume starts from; ``--resume`` then passes over a
-    damaged one to the one before it, see loop._load_checkpoint)."""
+    damaged one to the one before it, see recipe._load_checkpoint)."""
     return next((ck for ck in candidates(run_dir) if (ck / "state.json").is_file()), None)
 
 

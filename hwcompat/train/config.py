@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import dataclasses
-import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
@@ -18,6 +17,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 import yaml
 
 from hwcompat.errors import InputError, excerpt
+from hwcompat.textcheck import closest
 from hwcompat.choices import EXPORT_TYPES
 from hwcompat.choices import (BATCHING, CHAT_TEMPLATE, CPU_ALLOCATORS, DATA_FORMATS, EXPORTS, IS_LEVELS, LOSS_TYPES,
                               METRICS, OFFLOAD, OPTIMIZERS,
@@ -152,7 +152,7 @@ class LoadedConfig:
     config: TrainConfig
     origins: dict[str, str]  # field -> where its value came from
     path: Path | None
-    planned_peak_bytes: int | None = None  # the launcher's plan of this config on its device (check_plan)
+    planned_peak_bytes: int | None = None  # the launcher's plan of this config on its device (pipeline/fit.py)
     planned_allocated_bytes: int | None = None  # the same without the runtime context and allocator slack
 
 
@@ -348,8 +348,8 @@ def full_problem(cfg: "TrainConfig") -> str | None:
 
 def _unknown(key: Any, where: str) -> InputError:
     names = list(_fields())
-    near = difflib.get_close_matches(key, names, n=1, cutoff=0.5) if isinstance(key, str) else []
-    hint = f"; did you mean {near[0]!r}?" if near else ""
+    near = closest(key, names, cutoff=0.5) if isinstance(key, str) else None
+    hint = f"; did you mean {near!r}?" if near else ""
     return InputError(f"{where}: unknown key {excerpt(key)}{hint} (`hwcompat train --help` lists every key)")
 
 

@@ -73,7 +73,7 @@ def _load(run_dir: Path):
                          "it: put the model back at that path, or merge the adapter into a copy of it with "
                          f"`hwcompat merge {run_dir} --base NEW_PATH --out DIR`")
     read_header(adapter / "adapter_model.safetensors")  # a half-written adapter is an error naming the file
-    from hwcompat.train.loop import accelerator
+    from hwcompat.train.model import accelerator
 
     backend = accelerator(spec.device.kind)
     device = torch.device(spec.device.kind if backend is not None and backend.is_available() else "cpu")
@@ -90,7 +90,7 @@ def _load(run_dir: Path):
 def _device(spec):
     import torch
 
-    from hwcompat.train.loop import accelerator
+    from hwcompat.train.model import accelerator
 
     backend = accelerator(spec.device.kind)
     return torch.device(spec.device.kind if backend is not None and backend.is_available() else "cpu")
@@ -311,23 +311,21 @@ def kl_scale(kl: float) -> str:
 
 def _record(run_dir: Path, general: dict) -> None:
     """summary.json carries the forgetting figures (replaced atomically)."""
-    from hwcompat.fsutil import atomic_write_json
+    import dataclasses
+
+    from hwcompat import summary as summary_file
 
     summary = _summary(run_dir)
     if summary is not None:
-        summary["forgetting"] = general
-        atomic_write_json(run_dir / "summary.json", summary)
+        summary_file.write(run_dir, dataclasses.replace(summary, forgetting=general))
 
 
-def _summary(run_dir: Path) -> dict | None:
-    """The run's summary.json (None when it has none), or an error naming it when it is damaged."""
-    from hwcompat.userfile import read_json_object
+def _summary(run_dir: Path):
+    """The run's summary (None when it has none), or an error naming it when it is damaged."""
+    from hwcompat import summary as summary_file
 
-    path = run_dir / "summary.json"
-    if not path.exists():
-        return None
     try:
-        return read_json_object(path, "summary")
+        return summary_file.read(run_dir)
     except InputError as exc:
         raise InputError(f"{exc}. (It is the run's record of its results: rerun `hwcompat train` with --overwrite "
                          "to rebuild it, or move it away to evaluate without recording.)") from None

@@ -125,7 +125,7 @@ def source_dtype(model: str) -> str:
 
 
 def streaming(cfg: TrainConfig) -> bool:
-    """The launcher resolved ``offload: auto`` to none or layers before the run started (launch.decide_offload)."""
+    """The launcher resolved ``offload: auto`` to none or layers before the run started (pipeline/fit.py, apply_plan)."""
     return cfg.offload == "layers"
 
 
@@ -207,3 +207,10 @@ def autocast(device, dtype_name: str):
     if dtype_name == "float32":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=getattr(torch, dtype_name))
+
+
+def accelerator(kind: str):
+    """torch's module for a device kind ("cuda" covers ROCm builds too); None for the CPU or a torch without it."""
+    import torch
+
+    return getattr(torch, kind, None) if kind in ("cuda", "xpu") else None

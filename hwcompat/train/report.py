@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hwcompat import summary as summary_file
 from hwcompat.errors import InputError
+from hwcompat.summary import Summary
 
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
 W, H, PAD = 560, 220, 56  # one plot's size and margin, in SVG units
@@ -33,7 +35,7 @@ class Run:
     train: list[dict[str, Any]] = field(default_factory=list)
     evals: list[dict[str, Any]] = field(default_factory=list)
     resumes: list[int] = field(default_factory=list)
-    summary: dict[str, Any] = field(default_factory=dict)
+    summary: Summary | None = None  # None: the run has not finished
     spec: dict[str, Any] = field(default_factory=dict)
     export: dict[str, Any] = field(default_factory=dict)
     samples: list[dict[str, Any]] = field(default_factory=list)  # GRPO: sampled completions at each eval
@@ -44,9 +46,9 @@ class Run:
 
     @property
     def status(self) -> str:
-        total = self.summary.get("total_steps") or (self.spec.get("config") or {}).get("max_steps")
         if self.summary:
-            return f"finished: {self.summary.get('steps', '?')} steps"
+            return f"finished: {self.summary.steps} steps"
+        total = (self.spec.get("config") or {}).get("max_steps")
         last = self.train[-1]["step"] if self.train else 0
         return f"stopped at step {last}" + (f" of {total}" if total else "") + " (resume with --resume)"
 
@@ -57,7 +59,8 @@ def load_run(path: str | Path) -> Run:
     p = Path(path)
     if not (p / "run.json").is_file():
         raise InputError(f"{p}: not a run folder (no run.json); give the output_dir of a `hwcompat train` run")
-    run = Run(p, spec=_json(p / "run.json"), summary=_json(p / "summary.json"), export=_json(p / "model.export.json"))
+    run = Run(p, spec=_json(p / "run.json"), summary=_summary(p / summary_file.NAME),
+              export=_json(p / "model.export.json"))
     for line in _lines(p / "metrics.jsonl"):
         kind = line.get("kind")
         if kind == "train":
@@ -110,6 +113,14 @@ def _json(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise InputError(_damaged(path, f"expected a JSON object, got {type(data).__name__}"))
     return _sane(data)
+
+
+def _summary(path: Path) -> Summary | None:
+    data = _json(path)
+    try:
+        return summary_file.parse(data) if data else None
+    except ValueError as exc:
+        raise InputError(_damaged(path, str(exc))) from None
 
 
 def _sane(value: Any, depth: int = 0) -> Any:
@@ -231,7 +242,7 @@ def run_charts(run: Run) -> list[str]:
     out += grpo_charts(run)
     out.append(chart("learning rate", [Series("lr", _points(run.train, "lr"), c0)], run.resumes))
     out.append(chart("tokens/s", [Series("tokens/s", _points(run.train, "tokens_per_s"), c0)], run.resumes))
-    out.append(chart("memory (peak so far)", [Series(run.summary.get("peak_memory_kind", "memory"),
+    out.append(chart("memory (peak so far)", [Series(run.summary.peak_memory_kind if run.summary else "memory",
                                                      _points(run.train, "memory_bytes", 2**-30), c0)],
                      run.resumes, " GiB"))
     return out
@@ -289,7 +300,7 @@ def _fmt(v: Any) -> str:
 def metrics_table(run: Run) -> str:
     """Before and after, with the guard's verdict. A run that stopped has no after: its latest eval past step 0
     is shown as that (no guard verdict on it), and a run stopped before any such eval shows before only."""
-    before, after = run.summary.get("eval_before") or {}, run.summary.get("eval_after") or {}
+    before, after = (run.summary.eval_before, run.summary.eval_after) if run.summary else ({}, {})
     head = "after"
     if not run.summary and run.evals:
         before = run.evals[0] if run.evals[0]["step"] == 0 else {}
@@ -297,8 +308,8 @@ def metrics_table(run: Run) -> str:
         after, head = (later[-1], f"step {later[-1]['step']}") if later else ({}, "after")
     keys = [k for k in SCORES if k in after or k in before]
     keys += sorted(k for k in {**before, **after} if k.startswith("reward_") and k not in keys)  # GRPO's rewards
-    regressed = {x["metric"] for x in run.summary.get("regressed", [])}
-    finished = bool(run.summary)
+    regressed = {x.metric for x in run.summary.regressed} if run.summary else set()
+    finished = run.summary is not None
 
     def guard(k: str) -> Any:
         if not finished:
@@ -318,22 +329,23 @@ def metrics_table(run: Run) -> str:
 
 
 def hardware_table(run: Run) -> str:
-    prof, dev, s = run.spec.get("profile") or {}, run.spec.get("device") or {}, run.summary
+    prof, dev, s = run.spec.get("profile") or {}, run.spec.get("device") or {}, run.summary or Summary()
     reasons = prof.get("reasons") or {}
     rows = [["device", dev.get("name", "?"), f"{dev.get('kind', '?')}{' (emulated)' if dev.get('emulated') else ''}"],
             ["profile", prof.get("name", "?"), reasons.get("profile", "")]]
     rows += [[k, prof.get(k, "?"), reasons.get(k, "")] for k in ("dtype", "attention", "compile_backend")]
-    if s.get("cpu_allocator"):
-        rows.append(["malloc", s["cpu_allocator"], ""])
+    if s.cpu_allocator:
+        rows.append(["malloc", s.cpu_allocator, ""])
     gib = 2**30
-    plan, peak = run.spec.get("planned_peak_bytes"), s.get("peak_memory_bytes")
+    plan, peak = run.spec.get("planned_peak_bytes"), s.peak_memory_bytes
     rows.append(["memory: planned peak", f"{plan / gib:.2f} GiB" if plan else "-", "the plan, before the run"])
-    rows.append(["memory: measured peak", f"{peak / gib:.2f} GiB" if peak else "-", s.get("peak_memory_kind", "")])
-    if s.get("first_step_peak_bytes"):
-        rows.append(["memory: costliest micro-batch", f"{s['first_step_peak_bytes'] / gib:.2f} GiB",
+    rows.append(["memory: measured peak", f"{peak / gib:.2f} GiB" if peak else "-",
+                 s.peak_memory_kind if run.summary else ""])
+    if s.first_step_peak_bytes:
+        rows.append(["memory: costliest micro-batch", f"{s.first_step_peak_bytes / gib:.2f} GiB",
                      "probed before the first step"])
-    rows.append(["speed", f"{s['tokens_per_s']:,.0f} tokens/s" if s.get("tokens_per_s") else "-",
-                 f"{s.get('train_seconds', 0):.1f} s of training" if s else ""])
+    rows.append(["speed", f"{s.tokens_per_s:,.0f} tokens/s" if s.tokens_per_s else "-",
+                 f"{s.train_seconds:.1f} s of training" if run.summary else ""])
     return "<h2>Hardware, profile and plan</h2>" + _table(["", "value", "why / what"], rows, "hardware")
 
 
@@ -435,16 +447,17 @@ def render_compare(runs: list[Run]) -> str:
     cfgs = [r.spec.get("config") or {} for r in runs]
     rows = [["model"] + [c.get("model", "?") for c in cfgs], ["method"] + [_method(r) for r in runs],
             ["train data"] + [", ".join(map(str, c.get("train_data") or [])) or "?" for c in cfgs]]
-    keys = [k for k in SCORES if any(k in (r.summary.get("eval_after") or {}) for r in runs)]
+    after = [r.summary.eval_after if r.summary else {} for r in runs]
+    keys = [k for k in SCORES if any(k in a for a in after)]
     for k in keys:
         for m in (methods if k == "eval_loss" and len(methods) > 1 else [None]):
             label = f"eval_loss ({m}: {LOSS_MEANING.get(m, m)})" if m else k
-            rows.append([label] + [_fmt((r.summary.get("eval_after") or {}).get(k)) if m in (None, _method(r))
-                                   else "-" for r in runs])
-    rows.append(["regressed"] + [", ".join(str(x.get("metric")) for x in r.summary.get("regressed") or []
-                                           if isinstance(x, dict)) or "none" if r.summary else "-" for r in runs])
-    rows.append(["tokens/s"] + [_per(r.summary.get("tokens_per_s"), "{:,.0f}") for r in runs])
-    rows.append(["peak memory"] + [_per(r.summary.get("peak_memory_bytes"), "{:.2f} GiB", 2**-30) for r in runs])
+            rows.append([label] + [_fmt(a.get(k)) if m in (None, _method(r)) else "-" for r, a in zip(runs, after)])
+    rows.append(["regressed"] + [", ".join(x.metric for x in r.summary.regressed) or "none" if r.summary else "-"
+                                 for r in runs])
+    rows.append(["tokens/s"] + [_per(r.summary and r.summary.tokens_per_s, "{:,.0f}") for r in runs])
+    rows.append(["peak memory"] + [_per(r.summary and r.summary.peak_memory_bytes, "{:.2f} GiB", 2**-30)
+                                   for r in runs])
     rows.append(["profile"] + [f"{(r.spec.get('profile') or {}).get('name', '?')} on "
                                f"{(r.spec.get('device') or {}).get('name', '?')}" for r in runs])
     rows.append(["status"] + [r.status for r in runs])
@@ -469,7 +482,7 @@ def rendered(render, runs: list[Run]) -> str:
     except (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError, RecursionError) as exc:
         why = f"{type(exc).__name__}: {str(exc)[:80]}"
     for run in runs:
-        for name, attr, empty in (("summary.json", "summary", {}), ("run.json", "spec", {}),
+        for name, attr, empty in (("summary.json", "summary", None), ("run.json", "spec", {}),
                                   ("model.export.json", "export", {}), ("metrics.jsonl", "train", []),
                                   ("metrics.jsonl", "evals", [])):
             kept = getattr(run, attr)

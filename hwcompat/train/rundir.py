@@ -103,12 +103,13 @@ def _state_step(ck: Path) -> int | None:
 
 def _finished_step(run_dir: Path) -> int | None:
     """Steps of a finished run (summary.json), which may be past its last checkpoint."""
+    from hwcompat import summary as summary_file
+
     try:
-        return int(json.loads((run_dir / "summary.json").read_text())["steps"])
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError, KeyError, TypeError):
+        summary = summary_file.read(run_dir)
+    except (OSError, InputError):
         return 0
+    return None if summary is None else summary.steps
 
 
 def recorded_config(run_dir: Path, purpose: str = "--resume") -> dict[str, Any]:

@@ -135,7 +135,7 @@ def test_response_loss_equals_the_standard_loss(tiny_model, mode):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from hwcompat.train.loop import ResponseLoss
+    from hwcompat.train.objectives.sft import ResponseLoss
 
     torch.manual_seed(0)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),

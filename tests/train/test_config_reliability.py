@@ -1,6 +1,5 @@
 """Garbage in a config is refused with a clear message (never a traceback, never a hang, never exit 0)."""
 
-import os
 import subprocess
 import sys
 import time
@@ -80,11 +79,12 @@ def test_detect_emulate_file_alias_bomb(tmp_path, run_cli):
 def test_nan_loss_stops_the_run_before_it_writes_an_adapter(tmp_path, tiny_model, task_files, monkeypatch):
     from hwcompat.errors import HwcompatError
     from hwcompat.train import loop
+    from hwcompat.train.objectives.sft import ResponseLoss
 
     run_dir = prepare_run(make_config(tmp_path, tiny_model, *task_files, max_steps=20, eval_at_start=False,
                                       eval_metrics="none"))
-    real = loop.ResponseLoss.__call__
-    monkeypatch.setattr(loop.ResponseLoss, "__call__", lambda self, *a, **k: real(self, *a, **k) * float("nan"))
+    real = ResponseLoss.__call__
+    monkeypatch.setattr(ResponseLoss, "__call__", lambda self, *a, **k: real(self, *a, **k) * float("nan"))
     with pytest.raises(HwcompatError) as e:
         loop.run(run_dir)
     assert str(e.value).startswith("training diverged: loss nan and gradient norm nan were not finite for 3 steps "

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from hwcompat.errors import InputError
-from hwcompat.pipeline.launch import cpu_allocator
+from hwcompat.pipeline.processes import cpu_allocator
 from hwcompat.probe import malloc
 from tests import cli
 from tests.train.conftest import make_config

@@ -5,8 +5,6 @@ code before it."""
 
 import gzip
 import json
-import subprocess
-import sys
 import time
 import tracemalloc
 
@@ -92,7 +90,7 @@ def test_a_tsv_cell_starting_with_a_quote_is_said_with_its_line(tmp_path):
     assert report.ok and [r.messages[0][1] for r in rows] == ['say "hi"', "quoted text"]
     assert report.warnings["TSV quoting"] == [f"{f}:3: a cell starts with a double quote and was read quote-aware, "
                                               "as pandas and datasets read TSV (its quotes removed)"]
-    assert f'(TSV read quote-aware as pandas reads it: a cell may be quoted with ", prompt/completion)' in report.render()
+    assert '(TSV read quote-aware as pandas reads it: a cell may be quoted with ", prompt/completion)' in report.render()
 
 
 @pytest.mark.parametrize("suffix,delim", [(".tsv", "\t"), (".csv", ",")])

@@ -88,7 +88,7 @@ def test_resident_full_equals_a_plain_torch_loop(tmp_path, tiny_model, task_file
     import torch
     from transformers import AutoModelForCausalLM
 
-    from hwcompat.train import distributed, loop
+    from hwcompat.train import distributed, loop, recipe
     from hwcompat.train.spec import load_spec
     from tests.train.conftest import prepare_run
 
@@ -96,12 +96,12 @@ def test_resident_full_equals_a_plain_torch_loop(tmp_path, tiny_model, task_file
     folder = tmp_path / "b"
     folder.mkdir()
     run_dir = prepare_run(make_config(folder, tiny_model, *task_files, **EQ))
-    r = loop.setup(load_spec(run_dir / "run.json"), run_dir, distributed.init("cpu"), resume=False)
+    r = recipe.setup(load_spec(run_dir / "run.json"), run_dir, distributed.init("cpu"), resume=False)
     stream = loop.micro_batches(r, 0)
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32, trust_remote_code=False)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=EQ["learning_rate"], weight_decay=EQ["weight_decay"])
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, loop.lr_lambda("cosine", int(0.2 * 6), 6))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, recipe.lr_lambda("cosine", int(0.2 * 6), 6))
     torch.manual_seed(42)
     losses = []
     for _ in range(EQ["max_steps"]):

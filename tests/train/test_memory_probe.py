@@ -26,11 +26,11 @@ class FakeCuda:
 
 
 def _recipe(tmp_path, tiny_model, task_files, **extra):
-    from hwcompat.train import distributed, loop
+    from hwcompat.train import distributed, recipe
     from hwcompat.train.spec import load_spec
 
     run_dir = prepare_run(make_config(tmp_path, tiny_model, *task_files, max_steps=4, micro_batch_size=8, **extra))
-    return loop.setup(load_spec(run_dir / "run.json"), run_dir, distributed.init("cpu"), resume=False)
+    return recipe.setup(load_spec(run_dir / "run.json"), run_dir, distributed.init("cpu"), resume=False)
 
 
 def test_the_order_is_the_seeds_shuffle_not_the_costliest_first(tmp_path, tiny_model, task_files):

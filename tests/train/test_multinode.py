@@ -13,7 +13,7 @@ import pytest
 
 from hwcompat.errors import InputError
 from hwcompat.pipeline.elastic import exit_code
-from hwcompat.pipeline.launch import Nodes
+from hwcompat.pipeline.processes import Nodes
 from tests import cli
 from tests.train.conftest import make_config
 

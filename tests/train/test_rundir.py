@@ -196,7 +196,7 @@ def test_two_trainings_into_one_folder(tmp_path, tiny_model, task_files):
 # --- models: local safetensors only, no network unless asked ---------------------------------------------
 
 def test_model_checks_before_any_load(tmp_path):
-    from hwcompat.pipeline.launch import check_model, is_hub_id
+    from hwcompat.pipeline.preflight import check_model, is_hub_id
 
     with pytest.raises(InputError, match="no such folder. It looks like a Hugging Face Hub id"):
         check_model("HuggingFaceTB/SmolLM2-135M", allow_network=False)
@@ -220,7 +220,7 @@ def test_model_checks_before_any_load(tmp_path):
 def test_trainer_environment_is_offline_unless_allowed():
     from types import SimpleNamespace
 
-    from hwcompat.pipeline.launch import child_env
+    from hwcompat.pipeline.processes import child_env
 
     dev = SimpleNamespace(reading=SimpleNamespace(vendor="cpu", emulated=False, index=0))
     profile = SimpleNamespace(env={})

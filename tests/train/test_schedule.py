@@ -10,7 +10,7 @@ import math
 
 import pytest
 
-from hwcompat.train.loop import lr_lambda
+from hwcompat.train.recipe import lr_lambda
 
 
 def _theirs(schedule, warmup, total):

@@ -40,7 +40,6 @@ def _peft(path, dropout: float, streamed: bool, prefetch: int = 1, device: str =
 
 
 def _batch(path, n=6):
-    import torch
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path)

@@ -31,6 +31,9 @@ def test_train_learns_and_writes_a_plain_peft_adapter(tmp_path, tiny_model, task
     assert summary["profile_env_applied"] and summary["dtype"] == host_cpu_dtype and summary["steps"] == 100
     assert summary["tokens_per_s"] > 0 and summary["peak_memory_bytes"] > 0
     assert summary["planned_peak_bytes"] > 0 and summary["first_step_peak_bytes"] is None  # device peak: GPU only
+    from hwcompat import summary as summary_file
+
+    assert summary_file.read(run).extra == {}  # the writer writes the schema, no key beside it
     for name in ("config.yaml", "profile.json", "devices.json", "metrics.jsonl", "summary.json",
                  "adapter/adapter_model.safetensors", "adapter/adapter_config.json", "adapter/tokenizer.json"):
         assert (run / name).exists(), name

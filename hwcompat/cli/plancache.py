@@ -21,7 +21,7 @@ from hwcompat import __version__, envvars
 from hwcompat.datafiles import data_dir
 from hwcompat.yamlfile import digest, read_cached, store_cached
 
-_PKG = Path(__file__).resolve().parent
+_PKG = Path(__file__).resolve().parents[1]  # the hwcompat package (this module lives in cli/)
 
 
 def _code_stamp(folder: str = str(_PKG), prefix: str = "") -> list[Any]:
