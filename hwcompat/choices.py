@@ -10,19 +10,29 @@ import enum
 from dataclasses import dataclass
 
 
-class Vendor(str, enum.Enum):
+class Vocabulary(str, enum.Enum):
+    """A closed vocabulary: each member equals its text (``Finetune.full == "full"``, so configs and JSON keep plain
+    strings) and prints as it, as StrEnum does (3.11+; the package runs on 3.10). The CLI's ``choices=`` and the
+    config's checks read ``values()``."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+    @classmethod
+    def values(cls) -> tuple[str, ...]:
+        return tuple(m.value for m in cls)
+
+
+class Vendor(Vocabulary):
     """Who made the device: the probes, the profiles' ``vendor`` and every per-vendor rule speak of these."""
 
     nvidia = "nvidia"
     amd = "amd"
     intel = "intel"
     cpu = "cpu"
-
-    def __str__(self) -> str:  # printed as its value, as StrEnum does (3.11+; the package runs on 3.10)
-        return self.value
-
-    def __format__(self, spec: str) -> str:
-        return format(self.value, spec)
 
 
 class Dtype(str, enum.Enum):
@@ -46,27 +56,137 @@ class CompileBackend(str, enum.Enum):
 #: Bytes per element of each training dtype (the planner's and the merge's free-space arithmetic).
 DTYPE_BYTES = {Dtype.float32.value: 4, Dtype.float16.value: 2, Dtype.bfloat16.value: 2}
 
-#: The optimizers `hwcompat train` accepts (config key ``optimizer``); their state bytes: plan.optimizer_state_bytes.
-OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
+class Optimizer(Vocabulary):
+    """Config ``optimizer``; their state bytes: plan.optimizer_state_bytes."""
 
-#: Config vocabularies of the recipe (their meaning: the field comments in train/config.py).
-TRACKERS = ("tensorboard", "trackio", "mlflow", "wandb")  # report_to: experiment trackers (train/trackers.py)
-DATA_FORMATS = ("auto", "prompt_completion", "messages", "sharegpt", "alpaca")
-SCHEDULES = ("cosine", "linear", "constant")
-METRICS = ("auto", "exact", "json", "label", "none")
+    adamw = "adamw"
+    adamw_8bit = "adamw_8bit"
+    paged_adamw_8bit = "paged_adamw_8bit"
+
+
+class Method(Vocabulary):
+    """Config ``method``: what the run learns (one objective each, train/objectives)."""
+
+    sft = "sft"
+    dpo = "dpo"
+    grpo = "grpo"
+
+
+class PlanMethod(Vocabulary):
+    """`hwcompat plan --method`: what trains (finetune, qlora) and the objectives that plan alike."""
+
+    lora = "lora"
+    qlora = "qlora"
+    full = "full"
+    dpo = "dpo"
+    grpo = "grpo"
+
+
+class Finetune(Vocabulary):
+    """What trains: LoRA adapters, or every weight (LLaMA-Factory's finetuning_type)."""
+
+    lora = "lora"
+    full = "full"
+
+
+class Offload(Vocabulary):
+    """Where the base's layers live: resident, or streamed from host memory (train/stream.py)."""
+
+    auto = "auto"
+    none = "none"
+    layers = "layers"
+
+
+class OptimizerOffload(Vocabulary):
+    """finetune=full: the fp32 master weights and AdamW state on the device, or in host RAM."""
+
+    auto = "auto"
+    none = "none"
+    host = "host"
+
+
+class Batching(Vocabulary):
+    """How rows become micro-batches (train/batching.py)."""
+
+    auto = "auto"
+    packed = "packed"
+    length_grouped = "length_grouped"
+    padded = "padded"
+
+
+class DataFormat(Vocabulary):
+    """The row formats data/rows.py reads (one RowFormat each)."""
+
+    auto = "auto"
+    prompt_completion = "prompt_completion"
+    messages = "messages"
+    sharegpt = "sharegpt"
+    alpaca = "alpaca"
+
+
+class Schedule(Vocabulary):
+    cosine = "cosine"
+    linear = "linear"
+    constant = "constant"
+
+
+class LossType(Vocabulary):
+    """grpo: TRL's loss_type (its default first)."""
+
+    dapo = "dapo"
+    grpo = "grpo"
+    dr_grpo = "dr_grpo"
+
+
+class ScaleRewards(Vocabulary):
+    """grpo: TRL's scale_rewards."""
+
+    group = "group"
+    batch = "batch"
+    none = "none"
+
+
+class ISLevel(Vocabulary):
+    """grpo: TRL's importance_sampling_level (sequence = GSPO)."""
+
+    token = "token"
+    sequence = "sequence"
+
+
+class Tracker(Vocabulary):
+    """report_to: experiment trackers (train/trackers.py)."""
+
+    tensorboard = "tensorboard"
+    trackio = "trackio"
+    mlflow = "mlflow"
+    wandb = "wandb"
+
+
+class Export(Vocabulary):
+    none = "none"
+    gguf = "gguf"
+
+
+#: The tuples the CLI's choices= and the config's checks read (the meaning of each: the field comments in
+#: train/config.py).
+OPTIMIZERS = Optimizer.values()
+OBJECTIVES = Method.values()
+PLAN_METHODS = PlanMethod.values()
+FINETUNE = Finetune.values()
+OFFLOAD = Offload.values()
+OPTIMIZER_OFFLOAD = OptimizerOffload.values()
+BATCHING = Batching.values()
+DATA_FORMATS = DataFormat.values()
+SCHEDULES = Schedule.values()
+LOSS_TYPES = LossType.values()
+SCALE_REWARDS = ScaleRewards.values()
+IS_LEVELS = ISLevel.values()
+TRACKERS = Tracker.values()
+EXPORTS = Export.values()
+METRICS = ("auto", "exact", "json", "label", "none")  # eval_metrics (data/metrics.py)
 OVERLONG = ("truncate", "drop")
-BATCHING = ("auto", "packed", "length_grouped", "padded")
-OFFLOAD = ("auto", "none", "layers")
-#: `hwcompat plan --method`: what trains (finetune / qlora) and the objectives that plan alike (method)
-PLAN_METHODS = ("lora", "qlora", "full", "dpo", "grpo")
-FINETUNE = ("lora", "full")  # what trains: LoRA adapters, or every weight (LLaMA-Factory's finetuning_type)
-OPTIMIZER_OFFLOAD = ("auto", "none", "host")  # finetune=full: fp32 master weights + AdamW state in host RAM
 CPU_ALLOCATORS = ("auto", "tcmalloc", "system")
 CHAT_TEMPLATE = ("auto", "true", "false")
-EXPORTS = ("none", "gguf")
-SCALE_REWARDS = ("group", "batch", "none")  # grpo: TRL's scale_rewards
-LOSS_TYPES = ("dapo", "grpo", "dr_grpo")  # grpo: TRL's loss_type (its default first)
-IS_LEVELS = ("token", "sequence")  # grpo: TRL's importance_sampling_level (sequence = GSPO)
 
 
 @dataclass(frozen=True)

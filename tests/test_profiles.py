@@ -105,6 +105,7 @@ def test_installed_wheel_carries_profiles_and_catalog(tmp_path):
     (wheel,) = out.glob("hwcompat-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "hwcompat/_data/profiles/maxwell.yaml" in names and "hwcompat/_data/catalog/devices.yaml" in names
+    assert "hwcompat/train/templates/report.html.j2" in names  # report.html's page
     target = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(target)
     code = ("import hwcompat, json; from hwcompat.cli import main; "

@@ -4,7 +4,7 @@ and a screenshot taken."""
 
 import json
 import shutil
-from html import escape as html_escape
+from html import unescape as html_unescape
 
 import pytest
 
@@ -59,7 +59,7 @@ def test_a_runs_report_loads_offline_draws_every_plot_and_marks_the_resume(two_r
     html = (run / "report.html").read_text()
     assert "finished: 8 steps" in html and "resumed @ 5" in html and "no metric fell" in html
     why = json.loads((run / "profile.json").read_text())["reasons"]["attention"]
-    assert "the plan, before the run" in html and html_escape(why)[:60] in html  # plan and the profile's why
+    assert "the plan, before the run" in html and why[:60] in html_unescape(html)  # plan and the profile's why
     plots = _checked(run / "report.html", tmp_path, "run.png")
     assert plots == {"loss": 2, "learning rate": 1, "tokens/s": 1, "memory (peak so far)": 1}
 

@@ -4,6 +4,7 @@ different methods apart, and never share a column name."""
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -115,7 +116,24 @@ def test_a_stopped_run_shows_no_after_and_no_guard_verdict(tmp_path, run_cli):
 
 
 def test_plots_start_at_zero():
-    from hwcompat.train.report import Series, chart
+    from hwcompat.train.charts import Series, chart
+    from hwcompat.train.report import Run, render_run
 
-    svg = chart("learning rate", [Series("lr", [(1, 0.000172), (2, 0.0002)], "#000")])
-    assert 'text-anchor="end">0</text>' in svg and 'text-anchor="end">0.000172</text>' not in svg
+    c = chart("learning rate", [Series("lr", [(1, 0.000172), (2, 0.0002)], "#000")])
+    assert c.ticks[2] == "0" and "0.000172" not in c.ticks
+    page = render_run(Run(Path("run"), train=[{"step": s, "kind": "train", "lr": lr} for s, lr in
+                                              ((1, 0.000172), (2, 0.0002))]))
+    assert 'text-anchor="end">0</text>' in page and 'text-anchor="end">0.000172</text>' not in page
+
+
+def test_what_a_run_recorded_is_text_on_the_page_never_markup():
+    """The page is a Jinja2 template with autoescaping: a prompt, a completion, a profile reason or a data file's
+    name that holds markup is shown as text (no home-made escaping left to forget)."""
+    from hwcompat.train.report import Run, render_run
+
+    evil = '<img src=x onerror="alert(1)">'
+    run = Run(Path("run"), train=[{"step": 1, "kind": "train", "loss": 1.0}],
+              spec={"config": {"train_data": [evil]}, "profile": {"name": evil, "reasons": {"dtype": evil}}},
+              samples=[{"step": 1, "samples": [{"prompt": evil, "completions": [evil], "rewards": [1.0]}]}])
+    page = render_run(run)
+    assert "<img" not in page and page.count("&lt;img src=x onerror=&#34;alert(1)&#34;&gt;") >= 4

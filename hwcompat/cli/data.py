@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from hwcompat.choices import CHAT_TEMPLATE, DATA_FORMATS, OVERLONG
-from hwcompat.train.objectives import OBJECTIVES
+from hwcompat.choices import CHAT_TEMPLATE, DATA_FORMATS, OBJECTIVES, OVERLONG, Method
 
 
 def add_parser(sub) -> None:
@@ -39,20 +38,20 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from hwcompat.errors import InputError
-    from hwcompat.train.config import RANGES, inside
+    from hwcompat.train.config_values import RANGES, inside
 
     from hwcompat.data.rows import Report, check_rows, read_jsonl
 
     if not inside(args.max_seq_len, RANGES["max_seq_len"]):  # the flag's mistake, not every row's
         raise InputError(f"--max-seq-len {args.max_seq_len}: must be in {RANGES['max_seq_len']} (tokens per example, "
                          "as the run's max_seq_len)")
-    from hwcompat.train.config import columns_mapping
+    from hwcompat.train.config_values import columns_mapping
 
     args.columns = columns_mapping("columns", args.columns, "--columns", from_text=True)
     report = Report()
-    if args.method == "dpo":
+    if args.method == Method.dpo:
         _pair_checks(args, report)
-    elif args.method == "grpo":  # prompt rows; an answer, where a row has one, is the rewards' reference
+    elif args.method == Method.grpo:  # prompt rows; an answer, where a row has one, is the rewards' reference
         from hwcompat.data.rows import read_prompts
 
         for f in [*args.files, *args.eval]:

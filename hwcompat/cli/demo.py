@@ -16,6 +16,7 @@ from pathlib import Path
 
 from hwcompat.cli.train import add_train_options, launch
 from hwcompat.demo.model import MODEL_NAME
+from hwcompat.choices import Method
 
 DATA = Path(__file__).resolve().parent.parent / "demo" / "data"
 
@@ -187,7 +188,8 @@ def _after_sft(sft: dict, stage: dict) -> dict:
                          f"exist yet: run `hwcompat demo` first (same options), then `hwcompat demo "
                          f"--{stage['method']}`")
     model = json.loads((run / "run.json").read_text())["config"]["model"]
-    data = "bundled preference pairs" if stage["method"] == "dpo" else "the task's prompts, rewarded by its metrics"
+    data = ("bundled preference pairs" if stage["method"] == Method.dpo
+            else "the task's prompts, rewarded by its metrics")
     print(f"demo: {name} stage from {run / 'adapter'} on {data}; 'before' is the SFT model", file=sys.stderr)
     return {**sft, **stage, "model": model, "init_adapter": str(run / "adapter")}
 

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from hwcompat.errors import InputError
+from hwcompat.choices import Finetune
 
 
 def add_parsers(sub) -> None:
@@ -52,7 +53,7 @@ def _exec(request) -> int:
     if not (run / "run.json").exists():
         raise InputError(f"{run}: not a run folder (no run.json); give the output_dir of a `hwcompat train` run")
     spec = load_spec(run / "run.json")
-    full = spec.config.finetune == "full"
+    full = spec.config.finetune == Finetune.full
     if not ((run / "model" / "config.json").exists() if full else (run / "adapter" / "adapter_model.safetensors"
                                                                    ).exists()):
         raise InputError(f"{run}: no {'model' if full else 'adapter'}/ yet (the run has not finished); train it to "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from hwcompat.cli.common import add_device_options, gib, plan_from_args, print_json
-from hwcompat.choices import OPTIMIZERS, PLAN_METHODS
+from hwcompat.choices import OPTIMIZERS, PLAN_METHODS, PlanMethod
 
 
 def add_parser(sub) -> None:
@@ -87,7 +87,7 @@ def make_plan(shape, device, loaded, inp, with_suggestions: bool, host_ram: int 
     result = choice.plan
     if choice.changed:
         result.notes.append(f"`hwcompat train` changes: {choice.changed}")
-    if inp.method == "qlora" and not quant_ok:
+    if inp.method == PlanMethod.qlora and not quant_ok:
         result.notes.append(f"{prof.name}: {prof.reasons.get('quantization.nf4', 'no NF4 support')}")
     if with_suggestions:
         from dataclasses import replace
@@ -125,11 +125,11 @@ def render(result, shape, device, model: str) -> str:
     prof = device.profile
     inp = result.inputs
     lines = [f"{model}: {shape.model_type}, {result.params / 1e9:.2f}B parameters; {inp.method.upper()}"
-             f"{f' r={inp.lora_rank}' if inp.method != 'full' else ''} trains {result.trainable_params:,}",
+             f"{f' r={inp.lora_rank}' if inp.method != PlanMethod.full else ''} trains {result.trainable_params:,}",
              f"on {device.reading.name} ({prof.name}: {prof.dtype}, attention {prof.attention}), "
              f"seq_len {inp.seq_len} x micro-batch {inp.batch_size}, gradient checkpointing "
              f"{'on' if inp.gradient_checkpointing else 'off'}, optimizer {inp.optimizer}, offload {inp.offload}"
-             f"{', optimizer_offload ' + inp.optimizer_offload if inp.method == 'full' else ''}", ""]
+             f"{', optimizer_offload ' + inp.optimizer_offload if inp.method == PlanMethod.full else ''}", ""]
     for k, v in result.breakdown.items():
         lines.append(f"  {k:20} {gib(v):>11}")
     verdict = "fits" if result.fits else f"does NOT fit (short by {gib(-result.headroom_bytes)})"

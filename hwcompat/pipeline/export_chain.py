@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from hwcompat.errors import InputError
+from hwcompat.choices import Finetune, Method
 
 Say = Callable[[str], None]
 
@@ -324,8 +325,8 @@ def _verified(model: Path, res, opts: ExportOptions, say: Say, imatrix: dict | N
 def run_export_options(run_dir: Path, cfg) -> ExportOptions:
     """A run's export: its own outputs (replaced freely: the ledger says they are ours), verified on its SFT
     eval rows when llama.cpp is installed."""
-    data = cfg.eval_data[0] if cfg.method == "sft" and cfg.eval_data else None
-    weighted = cfg.export_imatrix and cfg.method == "sft"  # SFT rows: what the model is trained to read
+    data = cfg.eval_data[0] if cfg.method == Method.sft and cfg.eval_data else None
+    weighted = cfg.export_imatrix and cfg.method == Method.sft  # SFT rows: what the model is trained to read
     return ExportOptions(gguf=run_dir / "model.gguf", qtype=cfg.export_type, ollama=True, overwrite=True, data=data,
                          force=cfg.force, imatrix="" if weighted else None,
                          imatrix_data=cfg.train_data[0] if weighted else None)
@@ -337,7 +338,7 @@ def export_run(run_dir: Path, cfg, say: Say) -> int:
     from hwcompat.train.rundir import EXPORTS, record_written, refuse_foreign
 
     refuse_foreign(run_dir, EXPORTS)  # checked at the start too; a file may have appeared since
-    if cfg.finetune == "full":  # a whole model already: nothing to merge (export_model asks the guard)
+    if cfg.finetune == Finetune.full:  # a whole model already: nothing to merge (export_model asks the guard)
         return export_model(run_dir / "model", run_export_options(run_dir, cfg), say,
                             lambda p: record_written(run_dir, p.name))
     merged = run_dir / "merged"

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
-from hwcompat.choices import Attention, Vendor
+from hwcompat.choices import Attention, Finetune, Offload, OptimizerOffload, Vendor
 from hwcompat.errors import HwcompatError, InputError
 from hwcompat.resolve import HostPlan, ResolvedDevice, ResolvedProfile
 from hwcompat.train.config import ORIGIN_DEFAULT, LoadedConfig
@@ -56,11 +56,12 @@ def memory_choice(loaded: LoadedConfig, shape, inp, run, vendor: str, unified: b
     from hwcompat import plan as planner
 
     cfg = loaded.config
-    if vendor == Vendor.cpu and cfg.offload != "layers":  # the host's RAM is the device's: nothing to stream to
-        hosted = "host" if cfg.optimizer_offload == "host" else "none"  # written: plumbing a CPU test can run
+    if vendor == Vendor.cpu and cfg.offload != Offload.layers:  # the host's RAM is the device's: nothing to stream to
+        # written: plumbing a CPU test can run
+        hosted = "host" if cfg.optimizer_offload == OptimizerOffload.host else "none"
         return planner.MemoryChoice("none", cfg.gradient_checkpointing, run(replace(inp, optimizer_offload=hosted)),
                                     optimizer_offload=hosted)
-    if unified and cfg.offload == "layers":
+    if unified and cfg.offload == Offload.layers:
         raise InputError("offload=layers: this device's memory is the host's RAM (unified memory), so streaming "
                          "layers from one to the other saves nothing; set offload=none (or auto)")
     written = loaded.origins.get("gradient_checkpointing", ORIGIN_DEFAULT) != ORIGIN_DEFAULT
@@ -90,8 +91,8 @@ def plan_run(loaded: LoadedConfig, device: ResolvedDevice, profile: ResolvedProf
     try:
         shape = planner.load_shape(cfg.model)
     except InputError as exc:
-        return PlanVerdict(f"plan: skipped ({exc})", decided=_offload("layers" if cfg.offload == "layers" else "none",
-                                                                      cfg))
+        kept = Offload.layers if cfg.offload == Offload.layers else Offload.none
+        return PlanVerdict(f"plan: skipped ({exc})", decided=_offload(kept.value, cfg))
     quant_ok = "nf4" in profile.quantization
     vendor = device.reading.vendor
     host = planner.host_for(device, host_ram, profile.dtype)
@@ -109,7 +110,7 @@ def plan_run(loaded: LoadedConfig, device: ResolvedDevice, profile: ResolvedProf
     decided = {**_offload(choice.offload, cfg), **({"attention": attention} if attention else {})}
     if choice.gradient_checkpointing != cfg.gradient_checkpointing:
         decided["gradient_checkpointing"] = (choice.gradient_checkpointing, "plan (offload: auto)")
-    if cfg.finetune == "full" and choice.optimizer_offload != cfg.optimizer_offload:
+    if cfg.finetune == Finetune.full and choice.optimizer_offload != cfg.optimizer_offload:
         # the run's spec carries the decision, never "auto"
         decided["optimizer_offload"] = (choice.optimizer_offload, "plan (optimizer_offload: auto)")
     note = _note(cfg, choice)
@@ -144,7 +145,7 @@ def _note(cfg, choice) -> str:
         ho = result.host_optimizer
         note += (f"; optimizer_offload=host: {ho.host_bytes / GIB:.1f} GiB host RAM, "
                  f"{ho.bytes_per_step / GIB:.1f} GiB copied per step over {ho.link}")
-    if choice.offload == "layers" and result.stream is not None:
+    if choice.offload == Offload.layers and result.stream is not None:
         st = result.stream
         note += (f"; offload=layers: {st.host_bytes / GIB:.1f} GiB pinned host RAM, "
                  f"{st.bytes_per_micro_step / GIB:.1f} GiB copied per micro-step over {st.link}")

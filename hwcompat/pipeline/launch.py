@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from hwcompat import __version__
-from hwcompat.choices import Vendor
+from hwcompat.choices import Export, Finetune, Offload, Vendor
 from hwcompat.errors import HwcompatError, InputError
 from hwcompat.fsutil import atomic_write_json
 from hwcompat.pipeline.fit import apply_plan, check_memory_limit, planned_profile
@@ -100,8 +100,8 @@ def prepare_run_dir(loaded: LoadedConfig, profile: ResolvedProfile, device: Reso
     cfg = loaded.config.to_dict()
     from hwcompat.train.trackers import run_folders
 
-    outputs = (RECORDS + RESULTS + (("model",) if loaded.config.finetune == "full" else ())
-               + (EXPORTS if loaded.config.export == "gguf" else ())
+    outputs = (RECORDS + RESULTS + (("model",) if loaded.config.finetune == Finetune.full else ())
+               + (EXPORTS if loaded.config.export == Export.gguf else ())
                + run_folders(loaded.config.report_to, Path(os.path.abspath(loaded.config.output_dir)),
                              os.environ))
     run = open_run_dir(loaded.config.output_dir, cfg, resume, overwrite, outputs)
@@ -212,7 +212,7 @@ def launch(opts: LaunchOptions, loaded: LoadedConfig, plan: HostPlan) -> int:
     preflight(loaded, device, profile, plan)
     profile = planned_profile(loaded, profile)
     nproc, group = process_count(opts.devices, plan, pos, device)
-    if loaded.config.offload == "layers" and (nproc > 1 or (opts.nnodes or 1) > 1):
+    if loaded.config.offload == Offload.layers and (nproc > 1 or (opts.nnodes or 1) > 1):
         raise InputError("offload=layers streams the base to one card; several processes would each pin their own "
                          "host copy. Train on one device (drop --devices/--nnodes) or set offload=none")
     nodes = Nodes.parse(opts.nnodes, opts.node_rank, opts.rdzv_endpoint)

@@ -15,6 +15,7 @@ from hwcompat.errors import InputError
 from hwcompat.pipeline.fit import apply_plan
 from hwcompat.resolve import HostPlan, ResolvedDevice, ResolvedProfile
 from hwcompat.train.config import LoadedConfig
+from hwcompat.choices import Export, Method
 
 
 def preflight(loaded: LoadedConfig, device: ResolvedDevice, profile: ResolvedProfile, plan: HostPlan) -> None:
@@ -88,12 +89,12 @@ def check_export(cfg) -> None:
     from hwcompat.choices import LLAMA_TYPES
     from hwcompat.export.quantize import missing
 
-    if cfg.export == "gguf" and cfg.export_type in LLAMA_TYPES and importlib.util.find_spec("llama_cpp") is None:
+    if cfg.export == Export.gguf and cfg.export_type in LLAMA_TYPES and importlib.util.find_spec("llama_cpp") is None:
         raise missing(cfg.export_type)
-    if cfg.export_imatrix and cfg.export == "gguf" and cfg.export_type not in LLAMA_TYPES:
+    if cfg.export_imatrix and cfg.export == Export.gguf and cfg.export_type not in LLAMA_TYPES:
         raise InputError(f"export_imatrix: true weights llama.cpp's quantizer (export_type {', '.join(LLAMA_TYPES)}); "
                          f"export_type {cfg.export_type} rounds every weight alike: set export_type or drop it")
-    if cfg.export_imatrix and cfg.method != "sft":
+    if cfg.export_imatrix and cfg.method != Method.sft:
         raise InputError(f"export_imatrix: true measures on SFT training rows; this run is {cfg.method}: export "
                          "afterwards with `hwcompat export MERGED --imatrix --imatrix-data ROWS.jsonl`")
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from hwcompat.errors import HwcompatError
 from hwcompat import envvars
+from hwcompat.choices import Export
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,7 +70,7 @@ def export_after_training(run_dir: Path, signals) -> int:
     from hwcompat.train.spec import load_spec
 
     cfg = load_spec(run_dir / "run.json").config
-    if cfg.export != "gguf" or int(envvars.get("LOCAL_RANK", default="0")) != 0:
+    if cfg.export != Export.gguf or int(envvars.get("LOCAL_RANK", default="0")) != 0:
         return 0
     summary = summary_file.read(run_dir)
     if summary is not None and summary.regressed and not cfg.force:

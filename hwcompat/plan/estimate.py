@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from hwcompat.choices import DTYPE_BYTES, MODEL_FAMILIES, OPTIMIZERS
+from hwcompat.choices import DTYPE_BYTES, MODEL_FAMILIES, OPTIMIZERS, Offload, OptimizerOffload, PlanMethod
 from hwcompat.errors import InputError
 from hwcompat.plan.shape import GIB, ModelShape, logit_chunk_rows
 from hwcompat.plan.inputs import Host, PlanInput
@@ -166,15 +166,15 @@ def _linear_input_bytes(s: ModelShape, trained: str, act_db: int, attention: str
 
 def _checked(inp: PlanInput) -> PlanInput:
     """The inputs the planner can plan; a streamed run always recomputes (each layer is re-fetched in backward)."""
-    if inp.method not in ("lora", "qlora", "full"):
+    if inp.method not in (PlanMethod.lora, PlanMethod.qlora, PlanMethod.full):
         raise InputError(f"--method {inp.method}: use lora, qlora or full")
-    streamed = inp.offload == "layers"
-    if streamed and inp.method == "full" and inp.optimizer_offload != "host":
+    streamed = inp.offload == Offload.layers
+    if streamed and inp.method == PlanMethod.full and inp.optimizer_offload != OptimizerOffload.host:
         raise InputError("offload=layers with a full fine-tune streams the working copy of a model whose optimizer "
                          "lives in host RAM: set optimizer_offload=host too")
-    if streamed and inp.method not in ("lora", "full"):
+    if streamed and inp.method not in (PlanMethod.lora, PlanMethod.full):
         raise InputError(f"offload=layers streams a frozen LoRA base; it does not apply to {inp.method}")
-    if inp.optimizer_offload == "host" and inp.method != "full":
+    if inp.optimizer_offload == OptimizerOffload.host and inp.method != PlanMethod.full:
         raise InputError(f"optimizer_offload=host applies to a full fine-tune, not to {inp.method}")
     if inp.optimizer not in OPTIMIZERS:
         raise InputError(f"optimizer={inp.optimizer}: use one of {', '.join(OPTIMIZERS)}")
@@ -184,16 +184,16 @@ def _checked(inp: PlanInput) -> PlanInput:
 def _weight_terms(shape: ModelShape, inp: PlanInput, db: int, quant_ok: bool, notes: list[str]) -> dict[str, int]:
     """Base weights (NF4, streamed slots or resident), the adapter, its gradients and the optimizer's states."""
     bd: dict[str, int] = {}
-    if inp.method == "qlora":
+    if inp.method == PlanMethod.qlora:
         if not quant_ok:
             notes.append("this card's profile has no NF4 support: QLoRA will fail here")
         compute = 2 if db == 4 else db  # bnb computes in fp16/bf16
         bd["base_weights"] = int(shape.linear_params() * NF4_BYTES_PER_PARAM + shape.other_params() * compute)
         bd["quant_constants"] = int(shape.linear_params() * QUANT_CONST_BYTES[True])
-    elif inp.offload == "layers":
+    elif inp.offload == Offload.layers:
         bd["base_weights"] = shape.resident_params() * db
         bd["streamed_slots"] = (inp.prefetch + 1) * shape.layer_params() * db
-    elif inp.method == "full":
+    elif inp.method == PlanMethod.full:
         return _full_terms(shape, inp, db)
     else:
         bd["base_weights"] = shape.params() * db
@@ -211,10 +211,10 @@ def _full_terms(shape: ModelShape, inp: PlanInput, db: int) -> dict[str, int]:
     the profile's dtype, and the gradients on their way to the host (at most the in-flight bound plus the largest
     tensor); the optimizer's side is the host's (``host_optimizer_terms``)."""
     n = shape.params()
-    if inp.optimizer_offload == "host":
+    if inp.optimizer_offload == OptimizerOffload.host:
         largest = max(shape.tensor_sizes())
         grads = min(n * db, HOST_GRAD_IN_FLIGHT + largest * db)
-        if inp.offload == "layers":  # the layers' working copy visits the card in prefetch + 1 slots
+        if inp.offload == Offload.layers:  # the layers' working copy visits the card in prefetch + 1 slots
             return {"base_weights": shape.resident_params() * db,
                     "streamed_slots": (inp.prefetch + 1) * shape.layer_params() * db, "gradients": grads,
                     "optimizer_states": 0}
@@ -260,9 +260,9 @@ def _activation_terms(shape: ModelShape, inp: PlanInput, db: int, attention: str
     """Saved activations (per layer, or one layer's worth plus checkpoints), attention scores, logits."""
     b, t = inp.batch_size * inp.sequences_per_row, inp.seq_len
     tokens = b * t
-    lora = inp.method in ("lora", "qlora")
-    act_db = db if inp.method != "qlora" else (2 if db == 4 else db)
-    trained = ADAPTERS if lora else (WORKING_COPY if inp.optimizer_offload == "host" else MASTERS)
+    lora = inp.method in (PlanMethod.lora, PlanMethod.qlora)
+    act_db = db if inp.method != PlanMethod.qlora else (2 if db == 4 else db)
+    trained = ADAPTERS if lora else (WORKING_COPY if inp.optimizer_offload == OptimizerOffload.host else MASTERS)
     per_layer = layer_activation_bytes(shape, inp.lora_rank, trained, inp.lora_dropout, act_db, attention)
     bd: dict[str, int] = {}
     if inp.gradient_checkpointing:  # each layer's input (the residual stream: fp32 with fp32 masters)
@@ -342,18 +342,19 @@ def estimate(shape: ModelShape, inp: PlanInput, dtype: str, attention: str, vend
         _unified_terms(bd, notes)
     peak = sum(bd.values())
     # a full fine-tune's streamed copy is counted in its host optimizer's RAM (one figure for the host)
-    stream = stream_terms(shape, inp, db, replace(host, ram_bytes=None) if inp.method == "full" else host) if (
-        inp.offload == "layers") else None
+    stream = stream_terms(shape, inp, db, replace(host, ram_bytes=None) if inp.method == PlanMethod.full else host) if (
+        inp.offload == Offload.layers) else None
     if stream is not None and not stream.host_fits:
         notes.append(f"offload=layers needs {stream.host_bytes / GIB:.1f} GiB of host RAM (the base is loaded there, "
                      f"then pinned); this host has {stream.host_ram_bytes / GIB:.1f} GiB: host RAM is the limit")
-    hosted = host_optimizer_terms(shape, inp, db, host, vendor) if inp.optimizer_offload == "host" else None
+    on_host = inp.optimizer_offload == OptimizerOffload.host
+    hosted = host_optimizer_terms(shape, inp, db, host, vendor) if on_host else None
     if hosted is not None and not hosted.host_fits:
         notes.append(f"optimizer_offload=host needs {hosted.host_bytes / GIB:.1f} GiB of host RAM (16 bytes per "
                      f"parameter: fp32 master, gradient and AdamW's two moments); this host has "
                      f"{hosted.host_ram_bytes / GIB:.1f} GiB, enough for about {hosted.largest_params / 1e9:.1f}B "
                      "parameters: host RAM is the limit")
-    lora = inp.method in ("lora", "qlora")
+    lora = inp.method in (PlanMethod.lora, PlanMethod.qlora)
     trainable = shape.lora_params(inp.lora_rank, inp.lora_targets) if lora else shape.params()
     single_ok = _single_allocation_ok(shape, inp, db, bd, max_allocation, notes)
     host_ok = (stream is None or stream.host_fits) and (hosted is None or hosted.host_fits)
@@ -387,7 +388,7 @@ def stream_terms(shape: ModelShape, inp: PlanInput, db: int, host: Host) -> Stre
     # forward, recompute and the input-gradient GEMMs: 3 x 2 FLOPs per parameter per token (the frozen base
     # has no weight gradient; attention's own FLOPs and the adapters are left out: small at these lengths); a
     # full fine-tune's weight gradients add 2 more
-    flops = 8 if inp.method == "full" else 6
+    flops = 8 if inp.method == PlanMethod.full else 6
     compute = (flops * shape.params() * tokens / (host.peak_tflops * 1e12 * table["sustained_fraction"])
                if host.peak_tflops else None)
     # GRPO's rollout decodes through the streamed layers: the prompt's pass and each new token visit every layer,

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hwcompat import compat
-from hwcompat.choices import Vendor
+from hwcompat.choices import Offload, Vendor
 from hwcompat.plan.shape import GIB, ModelShape
 from hwcompat.plan.inputs import Host, PlanInput
 
@@ -59,8 +59,9 @@ def host_optimizer_terms(shape: ModelShape, inp: PlanInput, db: int, host: Host,
     moves every gradient down once per micro-step and every weight up once."""
     n = shape.params()
     staging = n * db if vendor == Vendor.nvidia else 0
-    pinned = shape.layers * shape.layer_params() * db if inp.offload == "layers" else 0  # the streamed working copy
-    per_param = 16 + (db if vendor == Vendor.nvidia else 0) + (db if inp.offload == "layers" else 0)
+    # the streamed working copy
+    pinned = shape.layers * shape.layer_params() * db if inp.offload == Offload.layers else 0
+    per_param = 16 + (db if vendor == Vendor.nvidia else 0) + (db if inp.offload == Offload.layers else 0)
     gen, width, rate = pcie_link(host)
     moved = n * db * (1 + 1)
     ram = host.ram_bytes

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
-from hwcompat.choices import Vendor
+from hwcompat.choices import Finetune, Method, Offload, Optimizer, OptimizerOffload, PlanMethod, Vendor
 from hwcompat.errors import InputError
 from hwcompat.plan.shape import GIB, ModelShape
 from hwcompat.plan.inputs import Host, PlanInput
@@ -37,7 +37,7 @@ def decide_offload(shape: ModelShape, inp: PlanInput, setting: str, run, may_che
 
     ``run(PlanInput) -> Plan`` estimates on the card. A full fine-tune's choice is ``optimizer_offload``'s
     (``decide_optimizer_offload``)."""
-    if inp.method == "full":
+    if inp.method == PlanMethod.full:
         return decide_optimizer_offload(inp, optimizer_offload, run, may_checkpoint,
                                         may_stream and setting != "none")
     resident = run(replace(inp, offload="none"))
@@ -48,13 +48,13 @@ def decide_offload(shape: ModelShape, inp: PlanInput, setting: str, run, may_che
         if checkpointed.fits:
             return MemoryChoice("none", True, checkpointed, "gradient_checkpointing=true (offload: auto): the resident "
                                 "run does not fit without it and does with it, which is cheaper than streaming")
-    no_stream = inp.method != "lora" or not may_stream
+    no_stream = inp.method != PlanMethod.lora or not may_stream
     if no_stream or (setting == "auto" and not inp.gradient_checkpointing and not may_checkpoint):
         return MemoryChoice("none", inp.gradient_checkpointing, resident)
     streamed = run(replace(inp, offload="layers"))
-    if setting == "layers" or streamed.fits:
-        why = ("" if setting == "layers" else "offload=layers (offload: auto): the resident run does not fit, even "
-               "with gradient checkpointing, and the streamed one does")
+    if setting == Offload.layers or streamed.fits:
+        why = ("" if setting == Offload.layers else "offload=layers (offload: auto): the resident run does not fit, "
+               "even with gradient checkpointing, and the streamed one does")
         if why and not inp.gradient_checkpointing:
             why += "; each layer is recomputed in backward (gradient checkpointing implied)"
         return MemoryChoice("layers", inp.gradient_checkpointing, streamed, why)
@@ -67,7 +67,7 @@ def decide_optimizer_offload(inp: PlanInput, setting: str, run, may_checkpoint: 
     checkpointing; the optimizer in host RAM (a host -> device copy of every weight per step, the AdamW step on
     the CPU); the same with checkpointing. ``none`` / ``host`` are planned as written."""
     ckpt = inp.gradient_checkpointing
-    if setting == "host":  # with offload=layers written beside it: streamed as written
+    if setting == OptimizerOffload.host:  # with offload=layers written beside it: streamed as written
         return MemoryChoice(inp.offload, ckpt, run(replace(inp, optimizer_offload="host")), optimizer_offload="host")
     resident = run(replace(inp, optimizer_offload="none", offload="none"))
     if setting == "none" or (setting == "auto" and resident.fits):
@@ -78,11 +78,11 @@ def decide_optimizer_offload(inp: PlanInput, setting: str, run, may_checkpoint: 
     for gc, where, layers in tries[1:]:
         p = run(replace(inp, gradient_checkpointing=gc, optimizer_offload=where, offload=layers))
         if p.fits:
-            why = [] if gc == ckpt or layers == "layers" else ["gradient_checkpointing=true"]
-            if where == "host":
+            why = [] if gc == ckpt or layers == Offload.layers else ["gradient_checkpointing=true"]
+            if where == OptimizerOffload.host:
                 why.append(f"optimizer_offload=host (the fp32 masters and AdamW state in "
                            f"{p.host_optimizer.host_bytes / GIB:.1f} GiB of host RAM)")
-            if layers == "layers":
+            if layers == Offload.layers:
                 why.append("offload=layers (the working copy streamed a layer at a time)")
             return MemoryChoice(layers, gc, p, " and ".join(why) + " (optimizer_offload: auto): the resident full "
                                 "fine-tune does not fit" + ("" if where == "none" else ", the offloaded one does"),
@@ -119,15 +119,16 @@ def _candidates(inp: PlanInput, quant_ok: bool, optim8_ok: bool, can_stream: boo
         half = inp.completion_len // 2
         out.append(({"max_completion_length": half, "max_seq_len": inp.seq_len - half},
                     replace(inp, completion_len=half, seq_len=inp.seq_len - half), "shorter completions"))
-    if can_stream and inp.method == "lora" and inp.offload == "none" and not inp.generations:  # slower step
+    lora_resident = inp.method == PlanMethod.lora and inp.offload == Offload.none
+    if can_stream and lora_resident and not inp.generations:  # a slower step
         out.append(({"offload": "layers"}, replace(inp, offload="layers"),
                     "stream the frozen base from host RAM, one layer at a time"))
-    if inp.method == "lora" and quant_ok:
+    if inp.method == PlanMethod.lora and quant_ok:
         out.append(({"qlora": True}, replace(inp, method="qlora"), ""))
-    if inp.method == "full":
+    if inp.method == PlanMethod.full:
         out.append(({"qlora": False}, replace(inp, method="lora"), "LoRA instead of full fine-tuning: what "
                                                                      "hwcompat train trains"))
-    if inp.optimizer == "adamw" and optim8_ok:
+    if inp.optimizer == Optimizer.adamw and optim8_ok:
         out.append(({"optimizer": "adamw_8bit"}, replace(inp, optimizer="adamw_8bit"), ""))
     return out
 
@@ -239,16 +240,16 @@ def suggest(shape: ModelShape, plan: Plan, vendor: str, quant_ok: bool, optim8_o
 
 def plan_input(cfg, method: str | None = None, logit_fraction: float = 1.0) -> PlanInput:
     """The planner's input from a `hwcompat train` config (TrainConfig): one function, so the two agree."""
-    full = cfg.finetune == "full"
+    full = cfg.finetune == Finetune.full
     return PlanInput(method=method or ("full" if full else "qlora" if cfg.qlora else "lora"), seq_len=cfg.max_seq_len,
                      batch_size=cfg.micro_batch_size, lora_rank=cfg.lora_r, lora_targets=list(cfg.lora_target_modules),
                      gradient_checkpointing=cfg.gradient_checkpointing, optimizer=cfg.optimizer,
                      lora_dropout=cfg.lora_dropout > 0, logit_fraction=logit_fraction,
-                     sequences_per_row=2 if cfg.method == "dpo" else 1,
-                     generations=cfg.num_generations if cfg.method == "grpo" else 0,
-                     completion_len=cfg.max_completion_length if cfg.method == "grpo" else 0,
-                     offload="layers" if cfg.offload == "layers" else "none", prefetch=cfg.offload_prefetch,
-                     optimizer_offload="host" if full and cfg.optimizer_offload == "host" else "none")
+                     sequences_per_row=2 if cfg.method == Method.dpo else 1,
+                     generations=cfg.num_generations if cfg.method == Method.grpo else 0,
+                     completion_len=cfg.max_completion_length if cfg.method == Method.grpo else 0,
+                     offload="layers" if cfg.offload == Offload.layers else "none", prefetch=cfg.offload_prefetch,
+                     optimizer_offload="host" if full and cfg.optimizer_offload == OptimizerOffload.host else "none")
 
 
 def _largest(ok, lo: int, hi: int) -> int | None:

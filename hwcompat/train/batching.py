@@ -30,6 +30,7 @@ from hwcompat.data.chat import PLAIN_HEADERS, bos_ids, ids_of, template
 from hwcompat.data.chat import render_prompt_ids, render_prompt_text, uses_chat_template  # noqa: F401
 from hwcompat.data.rows import Example, Report
 from hwcompat.data.sources import location
+from hwcompat.choices import Batching
 
 IGNORE = -100
 
@@ -131,7 +132,7 @@ def plan_batches(lengths: list[int], micro_batch: int, mode: str, seed: int) -> 
     rng = random.Random(seed)
     idx = list(range(len(lengths)))
     rng.shuffle(idx)
-    if mode == "length_grouped":
+    if mode == Batching.length_grouped:
         # Sort within mega-chunks so batches are length-homogeneous but epochs still differ.
         chunk = micro_batch * 32
         grouped: list[int] = []
@@ -146,7 +147,7 @@ def plan_batches(lengths: list[int], micro_batch: int, mode: str, seed: int) -> 
 
 def batch_cost(batch: list[int], lengths: list[int], mode: str) -> int:
     """Token positions a micro-batch puts through the model: the packed window's length, else rows x the longest."""
-    if mode == "packed":
+    if mode == Batching.packed:
         return sum(lengths[i] for i in batch)
     return len(batch) * max(lengths[i] for i in batch)
 
@@ -157,7 +158,7 @@ def collate(items: list[Tokenized], mode: str, pad_id: int) -> dict[str, Any]:
 
     n_tokens = sum(len(t.input_ids) for t in items)
     n_target = sum(t.n_trainable for t in items)
-    if mode == "packed":
+    if mode == Batching.packed:
         ids = [x for t in items for x in t.input_ids]
         labels: list[int] = []
         pos: list[int] = []

@@ -12,20 +12,15 @@ import os
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_args, get_origin, get_type_hints
+from typing import Any, get_type_hints
 
 import yaml
 
 from hwcompat.errors import InputError, excerpt
 from hwcompat.textcheck import closest
-from hwcompat.choices import EXPORT_TYPES
-from hwcompat.choices import (BATCHING, CHAT_TEMPLATE, CPU_ALLOCATORS, DATA_FORMATS, EXPORTS, IS_LEVELS, LOSS_TYPES,
-                              METRICS, OFFLOAD, OPTIMIZERS,
-                              FINETUNE, OPTIMIZER_OFFLOAD, OVERLONG, SCALE_REWARDS, SCHEDULES, TRACKERS, Attention,
-                              CompileBackend, Dtype)
-from hwcompat.train.objectives import OBJECTIVES
+from hwcompat.choices import TRACKERS, Finetune, Method, Offload, Optimizer, OptimizerOffload
+from hwcompat.train.config_values import RANGE_HINT, RANGES, coerce, inside
 from hwcompat.yamlfile import load_yaml
-
 
 
 @dataclass
@@ -161,147 +156,11 @@ def _fields() -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(TrainConfig)}
 
 
-CHOICES = {"data_format": DATA_FORMATS, "lr_schedule": SCHEDULES, "eval_metrics": METRICS, "overlong": OVERLONG,
-           "batching": BATCHING, "offload": OFFLOAD, "cpu_allocator": CPU_ALLOCATORS, "chat_template": CHAT_TEMPLATE,
-           "dtype": tuple(d.value for d in Dtype), "attention": tuple(a.value for a in Attention),
-           "compile_backend": tuple(c.value for c in CompileBackend), "export": EXPORTS,
-           "export_type": EXPORT_TYPES, "method": OBJECTIVES, "scale_rewards": SCALE_REWARDS, "loss_type": LOSS_TYPES,
-           "importance_sampling_level": IS_LEVELS, "finetune": FINETUNE,
-           "optimizer_offload": OPTIMIZER_OFFLOAD,
-           "optimizer": OPTIMIZERS}  # the hardware and export vocabularies are defined once, imported here
-
-
-def _text_list(key: str, text: str, where: str) -> list[str]:
-    """A list typed on the command line: ``a,b`` or a YAML flow list ``[a.jsonl, "b c.jsonl"]`` (as Hydra and
-    torchtune users type them); either way a list of strings, never a nested value."""
-    text = text.strip()
-    a, b = LIST_EXAMPLES.get(key, ("a.jsonl", "b.jsonl"))
-    if not text.startswith("["):
-        return [v.strip() for v in text.split(",") if v.strip()]
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError as e:  # a ReaderError (a control character, a byte not UTF-8) has no .problem
-        why = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise InputError(f"{where}: {key}: {excerpt(text)} is not a YAML flow list ({why}); write "
-                         f"{key}=[{a},{b}] or {key}={a},{b} (quote the whole argument in the shell)") from None
-    except RecursionError:
-        value = None  # nested past what the parser walks: not a flat list either way
-    if not isinstance(value, list) or not all(isinstance(v, (str, int, float)) and not isinstance(v, bool)
-                                              for v in value):
-        raise InputError(f"{where}: {key}: expected a list of strings, e.g. {key}=[{a},{b}], got "
-                         f"{excerpt(text)}")
-    return [str(v) for v in value]
-
-
-#: Two values of each list key, for the examples its errors give.
-LIST_EXAMPLES = {"report_to": ("tensorboard", "mlflow"), "lora_target_modules": ("q_proj", "v_proj"),
-                 "trainable": ("model.layers.1?.*", "lm_head.weight")}
-
-
-#: The fields a ``columns`` mapping may fill: every row format's keys (SFT and preference pairs).
-ROW_FIELDS = ("prompt", "completion", "messages", "conversations", "instruction", "input", "output", "chosen",
-              "rejected")
-
-
-def columns_mapping(key: str, value: Any, where: str, from_text: bool) -> dict[str, str]:
-    """``columns``: YAML ``{prompt: question}`` in a file, or the same flow mapping on the command line."""
-    if from_text:
-        try:
-            value = yaml.safe_load(str(value)) if str(value).strip() else {}
-        except yaml.YAMLError:
-            value = str(value)
-    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) and v for k, v in
-                                              value.items()):
-        raise InputError(f"{where}: {key}: expected a mapping of field: column, e.g. {key}={{prompt: question, "
-                         f"completion: answer}}, got {excerpt(value)}")
-    unknown = [k for k in value if k not in ROW_FIELDS]
-    if unknown:
-        raise InputError(f"{where}: {key}: {', '.join(map(repr, unknown))} is not a row field; the fields are "
-                         f"{', '.join(ROW_FIELDS)} (the mapping reads field: the file's column)")
-    return dict(value)
-
-
-def _coerce(key: str, value: Any, kind: Any, where: str, from_text: bool) -> Any:
-    """Convert and type-check one value; `from_text` values came from the command line."""
-    origin = get_origin(kind)
-    args = get_args(kind)
-    optional = origin is not None and type(None) in args
-    if optional:
-        if value is None or (from_text and str(value).lower() in ("none", "null", "")):
-            return None
-        kind = next(a for a in args if a is not type(None))
-        origin = get_origin(kind)
-    if origin is dict:
-        return columns_mapping(key, value, where, from_text)
-    if origin is list:
-        if from_text:
-            value = _text_list(key, str(value), where)
-        elif isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            value = [value]
-        if args == (float,):
-            return _numbers(key, value, where)
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise InputError(f"{where}: {key}: expected a list of strings, got {excerpt(value)}")
-        return value
-    if kind is bool:
-        if from_text:
-            low = str(value).lower()
-            if low in ("true", "1", "yes", "on"):
-                return True
-            if low in ("false", "0", "no", "off"):
-                return False
-        if isinstance(value, bool):
-            return value
-        raise InputError(f"{where}: {key}: expected true or false, got {excerpt(value)}")
-    if kind is int:
-        try:
-            if isinstance(value, bool):
-                raise ValueError
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            if isinstance(value, str) and len(value.strip()) > 40:  # int('9' * 5000) is slow and no setting needs it
-                raise ValueError
-            return int(value) if not isinstance(value, str) or value.strip().lstrip("-").isdigit() else int("x")
-        except (TypeError, ValueError, OverflowError):
-            raise InputError(f"{where}: {key}: expected an integer, got {excerpt(value)}") from None
-    if kind is float:
-        try:
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        except (TypeError, ValueError, OverflowError):
-            raise InputError(f"{where}: {key}: expected a number, got {excerpt(value)}") from None
-    if kind is str:
-        if isinstance(value, (dict, list)) or value is None:
-            raise InputError(f"{where}: {key}: expected a string, got {excerpt(value)}")
-        value = str(value).lower() if isinstance(value, bool) else str(value)
-        if key in CHOICES and value not in CHOICES[key]:
-            raise InputError(f"{where}: {key}: {excerpt(value)} is not one of: {', '.join(CHOICES[key])}")
-        return value
-    return value
-
-
-def _numbers(key: str, value: Any, where: str) -> list[float]:
-    """A list of finite numbers (``reward_weights: [1.0, 0.5]``, or ``reward_weights=1,0.5``)."""
-    import math
-
-    try:
-        if not isinstance(value, list) or any(isinstance(v, bool) for v in value):
-            raise ValueError
-        out = [float(v) for v in value]
-    except (TypeError, ValueError):
-        raise InputError(f"{where}: {key}: expected a list of numbers, e.g. {key}=[1.0,0.5], got "
-                         f"{excerpt(value)}") from None
-    if not all(math.isfinite(v) for v in out):
-        raise InputError(f"{where}: {key}: every value must be a finite number, got {excerpt(value)}")
-    return out
-
-
 def effective_beta(cfg: "TrainConfig") -> float:
     """``beta`` as the method reads it: the user's value, else DPO's 0.1 or GRPO's 0.0 (TRL's defaults)."""
     if cfg.beta is not None:
         return cfg.beta
-    return 0.0 if cfg.method == "grpo" else 0.1
+    return 0.0 if cfg.method == Method.grpo else 0.1
 
 
 def grpo_problem(cfg: "TrainConfig") -> str | None:
@@ -323,8 +182,8 @@ def grpo_problem(cfg: "TrainConfig") -> str | None:
 def full_problem(cfg: "TrainConfig") -> str | None:
     """What cannot go with finetune (said before anything loads): LoRA-only knobs on a full run, host offload on a
     LoRA run, the combinations not built yet."""
-    if cfg.finetune == "lora":
-        if cfg.optimizer_offload == "host":
+    if cfg.finetune == Finetune.lora:
+        if cfg.optimizer_offload == OptimizerOffload.host:
             return ("optimizer_offload=host keeps a full fine-tune's fp32 master weights and AdamW state in host RAM; "
                     "a LoRA run's optimizer state is a few MB: set finetune=full, or optimizer_offload=auto")
         if cfg.trainable:
@@ -337,10 +196,10 @@ def full_problem(cfg: "TrainConfig") -> str | None:
     if cfg.init_adapter:
         return ("finetune=full with init_adapter: merge the adapter first (hwcompat merge RUN --out FOLDER) and set "
                 "model= to the merged folder")
-    if cfg.offload == "layers" and cfg.optimizer_offload != "host":
+    if cfg.offload == Offload.layers and cfg.optimizer_offload != OptimizerOffload.host:
         return ("offload=layers with finetune=full streams the working copy of a model whose fp32 masters and "
                 "optimizer live in host RAM: set optimizer_offload=host too")
-    if cfg.optimizer_offload == "host" and cfg.optimizer != "adamw":
+    if cfg.optimizer_offload == OptimizerOffload.host and cfg.optimizer != Optimizer.adamw:
         return (f"optimizer_offload=host steps torch's AdamW on the CPU; optimizer={cfg.optimizer} runs on the card: "
                 "set optimizer=adamw, or optimizer_offload=none")
     return None
@@ -361,29 +220,6 @@ def keys_help() -> str:
     items = [f"{name}={value!r}".replace("'", "") for name, value in defaults.items()]
     return "config keys (KEY=VALUE or YAML), with their defaults:\n" + textwrap.fill(
         ", ".join(items), width=100, initial_indent="  ", subsequent_indent="  ", break_on_hyphens=False)
-
-
-#: Numeric keys and their allowed interval, in interval notation. Every float must also be finite.
-RANGES: dict[str, str] = {
-    "lora_r": "(0, 4096]", "lora_alpha": "(0, 1e6]", "lora_dropout": "[0, 1)", "micro_batch_size": "(0, 65536]",
-    "gradient_accumulation": "(0, 1e6]", "max_seq_len": "[8, 1048576]", "learning_rate": "(0, 1]",
-    "epochs": "[0, 10000]", "max_steps": "[0, 1e8]", "eval_fraction": "(0, 1)", "warmup_ratio": "[0, 1)",
-    "weight_decay": "[0, 10]", "max_grad_norm": "(0, 1e6]", "keep_checkpoints": "[1, 10000]",
-    "eval_every": "[0, 1e8]", "checkpoint_every": "[0, 1e8]", "eval_max_rows": "[1, 1e7]",
-    "eval_max_new_tokens": "[0, 1048576]", "beta": "[0, 100]", "num_generations": "[1, 4096]",
-    "max_completion_length": "[1, 1048576]", "temperature": "(0, 100]", "top_p": "(0, 1]", "epsilon": "[0, 1]",
-    "epsilon_high": "[0, 100]", "num_iterations": "[1, 1024]", "rpo_alpha": "[0, 100]", "regression_tolerance": "[0, 100]",
-    "offload_prefetch": "[1, 16]", "num_threads": "[0, 4096]", "memory_limit_gib": "[0, 1e6]", "seed": "[0, 4294967295]",
-}
-_RANGE_HINT = {"max_grad_norm": " (the clipping threshold: 0 would zero every update, a negative one would run "
-                                "gradient ascent)",
-               "learning_rate": " (LoRA learning rates are usually 1e-5 to 1e-3)"}
-
-
-def inside(value: float, interval: str) -> bool:
-    low, high = (float(x) for x in interval[1:-1].split(","))
-    return (low <= value if interval[0] == "[" else low < value) and (value <= high if interval[-1] == "]"
-                                                                      else value < high)
 
 
 #: Settings that are paths: each must be text a file system and a JSON record can both hold.
@@ -430,7 +266,7 @@ def _validate(cfg: TrainConfig, where: str, origins: dict[str, str] | None = Non
         if isinstance(value, float) and not math.isfinite(value):
             raise InputError(f"{where}: {key} must be a finite number, got {value}")
         if not inside(value, interval):
-            raise InputError(f"{where}: {key} must be in {interval}, got {excerpt(value)}{_RANGE_HINT.get(key, '')}")
+            raise InputError(f"{where}: {key} must be in {interval}, got {excerpt(value)}{RANGE_HINT.get(key, '')}")
     if cfg.num_threads > usable_cores():
         raise InputError(f"{at('num_threads')}: num_threads={cfg.num_threads}, but this process may use "
                          f"{usable_cores()} core(s); more threads than cores make every step many times slower. "
@@ -442,14 +278,14 @@ def _validate(cfg: TrainConfig, where: str, origins: dict[str, str] | None = Non
     where = file_where
     if not (cfg.epochs > 0 or cfg.max_steps > 0):
         raise InputError(f"{where}: set epochs > 0 or max_steps > 0")
-    if cfg.method == "grpo" and grpo_problem(cfg):
+    if cfg.method == Method.grpo and grpo_problem(cfg):
         raise InputError(f"{where}: {grpo_problem(cfg)}")
-    if cfg.method == "dpo" and effective_beta(cfg) == 0:
+    if cfg.method == Method.dpo and effective_beta(cfg) == 0:
         raise InputError(f"{where}: beta=0 with method dpo: the loss would not depend on the model (DPO's beta "
                          "scales every log-ratio); use a beta in (0, 100], e.g. 0.1")
     if full_problem(cfg):
         raise InputError(f"{where}: {full_problem(cfg)}")
-    if cfg.offload == "layers" and cfg.qlora:
+    if cfg.offload == Offload.layers and cfg.qlora:
         raise InputError(f"{where}: offload=layers streams a plain LoRA base from host memory; a 4-bit QLoRA base "
                          "is already small: set offload=none with qlora=true (or qlora=false to stream)")
 
@@ -482,7 +318,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None,
         for key, value in data.items():
             if key not in kinds:
                 raise _unknown(key, where)
-            setattr(cfg, key, _coerce(key, value, kinds[key], where, from_text))
+            setattr(cfg, key, coerce(key, value, kinds[key], where, from_text))
             origins[key] = origin
     # Paths in a config file are relative to that file, so a config travels with its data.
     if p is not None:
@@ -505,7 +341,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None,
             if origins[key] == ORIGIN_FILE:
                 setattr(cfg, key, [os.path.abspath(p.parent / v) if not Path(v).is_absolute() else v
                                    for v in getattr(cfg, key)])
-    if cfg.method == "grpo" and origins["micro_batch_size"] == ORIGIN_DEFAULT:
+    if cfg.method == Method.grpo and origins["micro_batch_size"] == ORIGIN_DEFAULT:
         cfg.micro_batch_size = cfg.num_generations  # a micro-batch counts completions: one prompt's group
         origins["micro_batch_size"] = "default (grpo: num_generations)"
     _validate(cfg, f"config {p}" if p else "config", origins)
@@ -526,7 +362,7 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str], where: str = "comman
             raise InputError(f"{where}: {item!r}: expected key=value, e.g. max_seq_len=2048")
         if key not in kinds:
             raise _unknown(key, where)
-        setattr(cfg, key, _coerce(key, value.strip(), kinds[key], where, from_text=True))
+        setattr(cfg, key, coerce(key, value.strip(), kinds[key], where, from_text=True))
     _validate(cfg, where)
     return cfg
 
@@ -541,7 +377,7 @@ def config_from_dict(data: Any, where: str) -> TrainConfig:
     for key, value in data.items():
         if key not in kinds:
             raise _unknown(key, where)
-        setattr(cfg, key, _coerce(key, value, kinds[key], where, from_text=False))
+        setattr(cfg, key, coerce(key, value, kinds[key], where, from_text=False))
     _validate(cfg, where)
     return cfg
 

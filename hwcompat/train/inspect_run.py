@@ -17,6 +17,7 @@ from pathlib import Path
 
 from hwcompat.data import GENERAL_PROMPTS
 from hwcompat.errors import DataError, HwcompatError, InputError
+from hwcompat.choices import Finetune
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ def _load(run_dir: Path):
     from hwcompat.train.spec import load_spec
 
     spec = load_spec(run_dir / "run.json")
-    if spec.config.finetune == "full":
+    if spec.config.finetune == Finetune.full:
         return _load_full(run_dir, spec)
     adapter = run_dir / "adapter"
     if not (adapter / "adapter_model.safetensors").exists():

@@ -35,6 +35,7 @@ from hwcompat.train.rewards import RewardError
 from hwcompat.train.rundir import record_written
 from hwcompat.train.spec import RunSpec, load_spec
 from hwcompat.train.stopping import NONFINITE_STEPS, Signals, divergence_advice, oom_advice
+from hwcompat.choices import Export, Finetune
 
 
 def run(run_dir: Path, resume: bool = False, signals: Signals | None = None) -> int:
@@ -382,7 +383,7 @@ def finish(r: Recipe, signals: Signals) -> int:
     out = output_name(r.cfg)
     try:
         with atomic_dir(r.run_dir / out) as tmp:
-            if r.cfg.finetune == "full":
+            if r.cfg.finetune == Finetune.full:
                 save_full(r, tmp)
             else:
                 r.model.save_pretrained(str(tmp), safe_serialization=True)
@@ -405,7 +406,7 @@ def finish(r: Recipe, signals: Signals) -> int:
     write_report(r.run_dir, lambda m: log(r.dist, m))
     if signals.received is not None:
         log(r.dist, "interrupted after the run finished: the adapter and summary.json are saved"
-                    + ("; the export was not started" if r.cfg.export == "gguf" else ""))
+                    + ("; the export was not started" if r.cfg.export == Export.gguf else ""))
         return signals.exit_code()
     return 0
 

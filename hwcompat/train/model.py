@@ -9,12 +9,13 @@ from hwcompat.errors import InputError
 from hwcompat.resolve import ResolvedProfile
 from hwcompat.train import cpu_attention
 from hwcompat.train.config import TrainConfig
+from hwcompat.choices import Finetune, Offload, OptimizerOffload
 
 
 def load_model(cfg: TrainConfig, profile: ResolvedProfile, device):
     """Base model in the profile's dtype and attention kernel, LoRA on top (adapters in fp32); or, with
     ``finetune: full``, the model itself to train (``full_model``)."""
-    if cfg.finetune == "full":
+    if cfg.finetune == Finetune.full:
         return full_model(cfg, profile, device)
     import warnings
 
@@ -87,7 +88,7 @@ def full_model(cfg: TrainConfig, profile: ResolvedProfile, device):
     if cfg.gradient_checkpointing and not streamed:  # streaming recomputes each layer itself (stream.py)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    if cfg.optimizer_offload == "host":
+    if cfg.optimizer_offload == OptimizerOffload.host:
         from hwcompat.train import host_optim
 
         host_optim.install(model, device, frozen_dtype, streamed, cfg.offload_prefetch)
@@ -126,7 +127,7 @@ def source_dtype(model: str) -> str:
 
 def streaming(cfg: TrainConfig) -> bool:
     """The launcher resolved ``offload: auto`` to none or layers before the run started (pipeline/fit.py, apply_plan)."""
-    return cfg.offload == "layers"
+    return cfg.offload == Offload.layers
 
 
 def _nf4(profile: ResolvedProfile, dtype, device) -> dict[str, Any]:

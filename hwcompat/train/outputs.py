@@ -17,6 +17,7 @@ from hwcompat.probe import malloc
 from hwcompat.summary import Regression, Summary
 from hwcompat.train import records
 from hwcompat.train.model import accelerator
+from hwcompat.choices import Finetune
 
 if TYPE_CHECKING:
     from hwcompat.train.recipe import Recipe
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
 
 def output_name(cfg) -> str:
     """The run's trained weights: ``adapter/`` (LoRA) or ``model/`` (a full fine-tune: a whole model folder)."""
-    return "model" if cfg.finetune == "full" else "adapter"
+    return "model" if cfg.finetune == Finetune.full else "adapter"
 
 
 def save_full(r: Recipe, folder: Path) -> None:

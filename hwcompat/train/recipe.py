@@ -22,6 +22,7 @@ from hwcompat.train.model import accelerator, load_model
 from hwcompat.train.optim import make_optimizer
 from hwcompat.train.rundir import record_written
 from hwcompat.train.spec import RunSpec
+from hwcompat.choices import Finetune, Schedule
 
 
 @dataclass
@@ -120,7 +121,7 @@ def setup(spec: RunSpec, run_dir: Path, dist: Dist, resume: bool) -> Recipe:
                          "optimizer_offload=none (each card then holds its optimizer), or train on one device")
     trainable = host.masters if host else [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(cfg.optimizer, trainable, cfg.learning_rate, cfg.weight_decay, profile,
-                               fused_cpu=cfg.finetune == "full")
+                               fused_cpu=cfg.finetune == Finetune.full)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(cfg.lr_schedule, int(cfg.warmup_ratio * total), total))
     scaler = torch.amp.GradScaler(device.type, enabled=profile.dtype == "float16")  # a no-op unless fp16
@@ -214,7 +215,7 @@ def _log_model(dist: Dist, spec: RunSpec, model, mode: str) -> None:
 
 
 def _what_trains(cfg, model) -> str:
-    if cfg.finetune != "full":
+    if cfg.finetune != Finetune.full:
         return f"LoRA r={cfg.lora_r}"
     host = getattr(model, "hwcompat_host", None)
     where = (f"fp32 masters + AdamW in host RAM ({host.host_bytes() / 2**30:.2f} GiB), the card a working copy"
@@ -234,10 +235,10 @@ def lr_lambda(schedule: str, warmup: int, total: int):
     def f(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
-        if schedule == "constant":
+        if schedule == Schedule.constant:
             return 1.0
         progress = (step - warmup) / max(1, total - warmup)
-        if schedule == "linear":
+        if schedule == Schedule.linear:
             return max(0.0, 1.0 - progress)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
     return f

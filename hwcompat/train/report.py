@@ -3,234 +3,32 @@
 Loss curves (train and eval) with resumes marked, learning rate, tokens/s and memory over steps, task metrics
 before/after with the regression guard's verdict, DPO reward accuracy/margin, the hardware and the profile's
 choices with their reasons, the plan's predicted peak beside the measured one, and the export's ``--verify``
-figures. Plots are inline SVG drawn here: no script, no font, no request leaves the page, so it opens offline
-and in any browser years later. Reads ``metrics.jsonl``, ``summary.json``, ``run.json``, ``profile.json`` and
-``model.export.json``; a run still going (or stopped) gets a page too. No torch import here.
+figures. Plots are inline SVG (charts.py): no script, no font, no request leaves the page, so it opens offline
+and in any browser years later. The records are read by run_records.py; a run still going (or stopped) gets a page
+too. The page is templates/report.html.j2 through Jinja2, autoescaped. No torch import here.
 """
 
 from __future__ import annotations
 
-import html
-import json
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hwcompat import summary as summary_file
+from hwcompat.choices import Finetune
 from hwcompat.errors import InputError
 from hwcompat.summary import Summary
+from hwcompat.train.charts import COLORS, Chart, Series, chart
+from hwcompat.train.run_records import Run, damaged, load_run, num_or_none
 
-COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
-W, H, PAD = 560, 220, 56  # one plot's size and margin, in SVG units
 SCORES = ("eval_loss", "reward_accuracy", "reward_margin", "reward", "exact_match", "accuracy", "json_valid",
           "field_precision", "field_recall", "field_f1")
 
 
-@dataclass
-class Run:
-    """What a run folder says about itself."""
-
-    path: Path
-    train: list[dict[str, Any]] = field(default_factory=list)
-    evals: list[dict[str, Any]] = field(default_factory=list)
-    resumes: list[int] = field(default_factory=list)
-    summary: Summary | None = None  # None: the run has not finished
-    spec: dict[str, Any] = field(default_factory=dict)
-    export: dict[str, Any] = field(default_factory=dict)
-    samples: list[dict[str, Any]] = field(default_factory=list)  # GRPO: sampled completions at each eval
-
-    @property
-    def name(self) -> str:
-        return self.path.name
-
-    @property
-    def status(self) -> str:
-        if self.summary:
-            return f"finished: {self.summary.steps} steps"
-        total = (self.spec.get("config") or {}).get("max_steps")
-        last = self.train[-1]["step"] if self.train else 0
-        return f"stopped at step {last}" + (f" of {total}" if total else "") + " (resume with --resume)"
-
-
-def load_run(path: str | Path) -> Run:
-    """A run folder's records; a folder that is not a run is an InputError naming what it lacks, a damaged or
-    hand-edited record one naming the file ("FILE: damaged …"), never a traceback."""
-    p = Path(path)
-    if not (p / "run.json").is_file():
-        raise InputError(f"{p}: not a run folder (no run.json); give the output_dir of a `hwcompat train` run")
-    run = Run(p, spec=_json(p / "run.json"), summary=_summary(p / summary_file.NAME),
-              export=_json(p / "model.export.json"))
-    for line in _lines(p / "metrics.jsonl"):
-        kind = line.get("kind")
-        if kind == "train":
-            run.train.append(line)
-        elif kind == "eval":
-            run.evals.append(line)
-        elif kind == "resume":
-            run.resumes.append(line["step"])
-        elif kind == "samples" and isinstance(line.get("samples"), list):
-            run.samples.append(line)
-    return run
-
-
-#: The most bytes of one run record the report reads (metrics.jsonl of a very long run is a few MB).
-MAX_RECORD = 256 << 20
-
-
-def _text(path: Path) -> str | None:
-    """A run file's text, read as a regular file with a bound (a FIFO or /dev/zero planted there is refused, not
-    waited on); None when it is absent."""
-    import os
-
-    from hwcompat.userfile import read_regular
-
-    if not os.path.lexists(path):
-        return None
-    try:
-        return read_regular(path, "run record", limit=MAX_RECORD).decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise InputError(_damaged(path, f"not UTF-8 at byte {exc.start}")) from None
-    except InputError as exc:
-        raise InputError(_damaged(path, str(exc).removeprefix(f"run record {path}: "))) from None
-
-
-def _damaged(path: Path, why: str) -> str:
-    return (f"{path}: damaged ({why}); the report reads it as the run wrote it: restore it, or move it away to "
-            "report without it")
-
-
-def _json(path: Path) -> dict[str, Any]:
-    text = _text(path)
-    if text is None:
-        return {}
-    try:
-        data = json.loads(text)
-    except RecursionError:
-        raise InputError(_damaged(path, "nested too deeply")) from None
-    except ValueError as exc:
-        raise InputError(_damaged(path, f"not JSON: {str(exc)[:100]}")) from None
-    if not isinstance(data, dict):
-        raise InputError(_damaged(path, f"expected a JSON object, got {type(data).__name__}"))
-    return _sane(data)
-
-
-def _summary(path: Path) -> Summary | None:
-    data = _json(path)
-    try:
-        return summary_file.parse(data) if data else None
-    except ValueError as exc:
-        raise InputError(_damaged(path, str(exc))) from None
-
-
-def _sane(value: Any, depth: int = 0) -> Any:
-    """A record's values as the page can draw them: numbers finite and within float range (a hand-edited 1e999 or
-    a 400-digit integer becomes None), containers at most 32 deep."""
-    if isinstance(value, bool) or value is None or isinstance(value, str):
-        return value
-    if isinstance(value, (int, float)):
-        try:
-            return value if math.isfinite(float(value)) else None
-        except OverflowError:
-            return None
-    if depth > 32:
-        return None
-    if isinstance(value, dict):
-        return {str(k): _sane(v, depth + 1) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_sane(v, depth + 1) for v in value]
-    return None
-
-
-def _lines(path: Path) -> list[dict[str, Any]]:
-    """metrics.jsonl's records; a line cut short by a kill (the last one), or not a record, is skipped."""
-    text = _text(path)
-    if text is None:
-        return []
-    out = []
-    for line in text.splitlines():
-        try:
-            rec = _sane(json.loads(line))
-        except (ValueError, RecursionError):
-            continue
-        if isinstance(rec, dict) and _is_step(rec.get("step")):
-            out.append(rec)
-    return out
-
-
-def _is_step(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 10**12
-
-
-def _num_or_none(v: Any) -> float | None:
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
-
-
-# --- plots -------------------------------------------------------------------------------------------------------
-
-@dataclass
-class Series:
-    label: str
-    points: list[tuple[float, float]]
-    color: str
-    dots: bool = False  # eval points: few, shown as markers on the line
-
-
-def chart(title: str, series: list[Series], marks: list[int] | None = None, unit: str = "") -> str:
-    """One line chart as inline SVG: axes with min/max ticks, a legend, dashed lines at ``marks`` (resumes)."""
-    pts = [p for s in series for p in s.points if all(math.isfinite(v) for v in p)]
-    if not pts:
-        return f'<figure class="plot empty" data-title="{_e(title)}"><figcaption>{_e(title)}: no data yet</figcaption></figure>'
-    x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)
-    y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)
-    y0 = min(0.0, y0)  # from zero: a learning rate of 0.000172-0.0002 must not look like a fall to nothing
-    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + abs(y0) * 0.1 + 1e-9)
-
-    def sx(x: float) -> float:
-        return PAD + (x - x0) / (x1 - x0) * (W - 2 * PAD)
-
-    def sy(y: float) -> float:
-        return H - PAD + (y - y0) / (y1 - y0) * (2 * PAD - H)
-
-    body = [_axes(x0, x1, y0, y1, unit)]
-    body += [f'<line class="resume" x1="{sx(m):.1f}" x2="{sx(m):.1f}" y1="{PAD / 2}" y2="{H - PAD}"/>'
-             f'<text x="{sx(m) + 3:.1f}" y="{PAD / 2 + 10}" class="small">resumed @ {m}</text>'
-             for m in (marks or []) if x0 <= m <= x1]
-    for s in series:
-        good = [p for p in s.points if all(math.isfinite(v) for v in p)]
-        path = " ".join(f"{'M' if i == 0 else 'L'}{sx(x):.1f},{sy(y):.1f}" for i, (x, y) in enumerate(good))
-        body.append(f'<path class="series" d="{path}" stroke="{s.color}"/>')
-        if s.dots:
-            body += [f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3" fill="{s.color}"/>' for x, y in good]
-    legend = "".join(f'<span style="color:{s.color}">&#9632; {_e(s.label)}</span> ' for s in series)
-    return (f'<figure class="plot" data-title="{_e(title)}"><figcaption>{_e(title)} {legend}</figcaption>'
-            f'<svg viewBox="0 0 {W} {H}" width="{W}" height="{H}" role="img" aria-label="{_e(title)}">'
-            + "".join(body) + "</svg></figure>")
-
-
-def _axes(x0: float, x1: float, y0: float, y1: float, unit: str) -> str:
-    b, t = H - PAD, PAD / 2
-    return (f'<line class="axis" x1="{PAD}" y1="{b}" x2="{W - PAD}" y2="{b}"/>'
-            f'<line class="axis" x1="{PAD}" y1="{t}" x2="{PAD}" y2="{b}"/>'
-            f'<text x="{PAD}" y="{b + 16}" class="small">{_num(x0)}</text>'
-            f'<text x="{W - PAD}" y="{b + 16}" class="small" text-anchor="end">step {_num(x1)}</text>'
-            f'<text x="{PAD - 4}" y="{b}" class="small" text-anchor="end">{_num(y0)}{unit}</text>'
-            f'<text x="{PAD - 4}" y="{t + 8}" class="small" text-anchor="end">{_num(y1)}{unit}</text>')
-
-
-def _num(v: float) -> str:
-    return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}"
-
-
-def _e(text: Any) -> str:
-    return html.escape(str(text), quote=True)
-
-
 def _points(records: list[dict[str, Any]], key: str, scale: float = 1.0) -> list[tuple[float, float]]:
-    return [(r["step"], r[key] * scale) for r in records if _num_or_none(r.get(key)) is not None]
+    return [(r["step"], r[key] * scale) for r in records if num_or_none(r.get(key)) is not None]
 
 
-def run_charts(run: Run) -> list[str]:
+def run_charts(run: Run) -> list[Chart]:
     """The per-run plots: loss (train and eval), DPO rewards when there are any, learning rate, tokens/s, memory."""
     c0, c1 = COLORS[0], COLORS[1]
     out = [chart("loss", [Series("train", _points(run.train, "loss"), c0),
@@ -248,7 +46,7 @@ def run_charts(run: Run) -> list[str]:
     return out
 
 
-def grpo_charts(run: Run) -> list[str]:
+def grpo_charts(run: Run) -> list[Chart]:
     """GRPO: the total reward per step (train) and at each eval, each reward's mean, the completions' lengths."""
     train = _points(run.train, "reward")
     if not train:
@@ -266,10 +64,36 @@ def grpo_charts(run: Run) -> list[str]:
 
 # --- tables ------------------------------------------------------------------------------------------------------
 
-def samples_table(run: Run) -> str:
+@dataclass(frozen=True)
+class Table:
+    head: list[str]
+    rows: list[list[Any]]  # text cells, or a Verdict
+    cls: str = ""
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A table cell with its colour: the guard's verdict on one metric."""
+
+    text: str
+    cls: str  # bad | ok
+    tag: str = "span"
+
+
+@dataclass(frozen=True)
+class Section:
+    """One part of the page under its heading: a verdict line, a paragraph, a table."""
+
+    title: str
+    table: Table | None = None
+    verdict: str = ""
+    text: str = ""
+
+
+def samples_table(run: Run) -> list[Section]:
     """GRPO: a few eval prompts with their G sampled completions and rewards, at the first and the last eval."""
     if not run.samples:
-        return ""
+        return []
     shown = [run.samples[0]] + ([run.samples[-1]] if len(run.samples) > 1 else [])
     rows = []
     for rec in shown:
@@ -278,26 +102,14 @@ def samples_table(run: Run) -> str:
                 continue
             for c, r in zip(s.get("completions", [])[:8], s.get("rewards", [])[:8]):
                 rows.append([rec.get("step", "?"), str(s.get("prompt", ""))[-160:], str(c)[:240], _fmt(r)])
-    return "<h2>Sampled completions (GRPO)</h2>" + _table(["step", "prompt (end)", "completion", "reward"], rows)
-
-
-
-def _table(head: list[str], rows: list[list[Any]], cls: str = "") -> str:
-    th = "".join(f"<th>{_e(h)}</th>" for h in head)
-    trs = "".join("<tr>" + "".join(f"<td>{c if isinstance(c, Markup) else _e(c)}</td>" for c in r) + "</tr>"
-                  for r in rows)
-    return f'<table class="{cls}"><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>'
-
-
-class Markup(str):
-    """Text already escaped (a verdict with its colour), passed through ``_table`` as is."""
+    return [Section("Sampled completions (GRPO)", Table(["step", "prompt (end)", "completion", "reward"], rows))]
 
 
 def _fmt(v: Any) -> str:
     return f"{v:.4f}" if isinstance(v, float) else "-" if v is None else str(v)
 
 
-def metrics_table(run: Run) -> str:
+def metrics_table(run: Run) -> Section:
     """Before and after, with the guard's verdict. A run that stopped has no after: its latest eval past step 0
     is shown as that (no guard verdict on it), and a run stopped before any such eval shows before only."""
     before, after = (run.summary.eval_before, run.summary.eval_after) if run.summary else ({}, {})
@@ -314,7 +126,7 @@ def metrics_table(run: Run) -> str:
     def guard(k: str) -> Any:
         if not finished:
             return "-"
-        return Markup('<b class="bad">regressed</b>' if k in regressed else '<span class="ok">ok</span>')
+        return Verdict("regressed", "bad", "b") if k in regressed else Verdict("ok", "ok")
 
     rows = [[k, _fmt(before.get(k)), _fmt(after.get(k)), guard(k)] for k in keys]
     tol = (run.spec.get("config") or {}).get("regression_tolerance")
@@ -324,11 +136,11 @@ def metrics_table(run: Run) -> str:
     else:
         verdict = (f"{run.status}: no after yet, so no guard verdict"
                    + (f"; the latest eval ({head}) is shown" if head != "after" else ""))
-    return f"<h2>Task metrics, before and after</h2><p class=\"verdict\">{_e(verdict)}</p>" + _table(
-        ["metric", "before", head, "guard"], rows, "metrics")
+    return Section("Task metrics, before and after", Table(["metric", "before", head, "guard"], rows, "metrics"),
+                   verdict)
 
 
-def hardware_table(run: Run) -> str:
+def hardware_table(run: Run) -> Section:
     prof, dev, s = run.spec.get("profile") or {}, run.spec.get("device") or {}, run.summary or Summary()
     reasons = prof.get("reasons") or {}
     rows = [["device", dev.get("name", "?"), f"{dev.get('kind', '?')}{' (emulated)' if dev.get('emulated') else ''}"],
@@ -346,44 +158,38 @@ def hardware_table(run: Run) -> str:
                      "probed before the first step"])
     rows.append(["speed", f"{s.tokens_per_s:,.0f} tokens/s" if s.tokens_per_s else "-",
                  f"{s.train_seconds:.1f} s of training" if run.summary else ""])
-    return "<h2>Hardware, profile and plan</h2>" + _table(["", "value", "why / what"], rows, "hardware")
+    return Section("Hardware, profile and plan", Table(["", "value", "why / what"], rows, "hardware"))
 
 
-def export_table(run: Run) -> str:
+def export_table(run: Run) -> list[Section]:
     x = run.export
     if not x:
-        return ""
+        return []
     if not x.get("verified", True) or x.get("passed") is None:
-        return (f"<h2>Export</h2><p>{_e(x.get('gguf', 'model.gguf'))} ({_e(x.get('qtype', '?'))}): not verified in "
-                f"llama.cpp ({_e(x.get('why_not', ''))})</p>")
+        return [Section("Export", text=f"{x.get('gguf', 'model.gguf')} ({x.get('qtype', '?')}): not verified in "
+                                       f"llama.cpp ({x.get('why_not', '')})")]
     d, g, t = x.get("distributions") or {}, x.get("generations") or {}, x.get("tokenization") or {}
     rows = [["verdict", "PASS" if x.get("passed") else "FAIL: " + "; ".join(x.get("failures", [])[:2])],
             ["type", x.get("qtype", "?")], ["tokenization", f"{t.get('mismatches', '?')} mismatches in "
                                                             f"{t.get('strings', '?')} strings"],
             ["next-token KL (mean)", _fmt(d.get("mean_kl"))], ["top-1 agreement", _fmt(d.get("top1_agreement"))],
             ["greedy answers identical", f"{g.get('identical', '?')}/{g.get('prompts', '?')}"]]
-    return "<h2>Export, verified in llama.cpp</h2>" + _table(["", ""], rows, "export")
+    return [Section("Export, verified in llama.cpp", Table(["", ""], rows, "export"))]
 
 
 # --- pages -------------------------------------------------------------------------------------------------------
 
-CSS = """body{font:14px/1.45 system-ui,sans-serif;margin:24px auto;max-width:1180px;color:#222}
-h1{font-size:20px;margin:0 0 4px}h2{font-size:16px;margin:22px 0 6px}.sub{color:#666}
-.plots{display:flex;flex-wrap:wrap;gap:10px}.plot{margin:0;border:1px solid #ddd;padding:6px}
-figcaption{font-weight:600;font-size:13px}figcaption span{font-weight:400;margin-left:8px}
-svg .axis{stroke:#888}svg .series{fill:none;stroke-width:1.6}svg .resume{stroke:#999;stroke-dasharray:4 3}
-svg .small{font-size:10px;fill:#555}table{border-collapse:collapse;margin:4px 0}
-td,th{border:1px solid #ddd;padding:3px 8px;text-align:left;vertical-align:top}th{background:#f4f4f4}
-.bad{color:#b00}.ok{color:#070}.verdict{margin:2px 0}"""
+def _page(title: str, sub: str, charts: list[Chart], sections: list[Section], note: str = "") -> str:
+    """The page through templates/report.html.j2, autoescaped: a run's text is text, never markup."""
+    import jinja2
 
+    from hwcompat.train.charts import FRAME
 
-def _page(title: str, sub: str, body: str) -> str:
-    # a CSP that forbids every fetch: the page cannot reach a network even if a value in it tried to
-    return ("<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">"
-            "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; style-src 'unsafe-inline'; "
-            "img-src data:\">"
-            f"<title>{_e(title)}</title><style>{CSS}</style></head><body><h1>{_e(title)}</h1>"
-            f"<p class=\"sub\">{_e(sub)}</p>{body}</body></html>\n")
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(Path(__file__).parent / "templates"), autoescape=True,
+                             undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    env.tests["verdict"] = lambda c: isinstance(c, Verdict)
+    return env.get_template("report.html.j2").render(title=title, sub=sub, charts=charts, sections=sections,
+                                                     note=note, F=FRAME)
 
 
 def _name(path: Any) -> str:
@@ -394,13 +200,12 @@ def _name(path: Any) -> str:
 
 def render_run(run: Run) -> str:
     cfg = run.spec.get("config") or {}
-    trained = "full fine-tune" if cfg.get("finetune") == "full" else f"LoRA r={cfg.get('lora_r', '?')}"
+    trained = "full fine-tune" if cfg.get("finetune") == Finetune.full else f"LoRA r={cfg.get('lora_r', '?')}"
     sub = (f"{run.status} · {cfg.get('method', 'sft')} on {', '.join(_name(p) for p in cfg.get('train_data', []))}"
            f" · model {_name(cfg.get('model', '?'))} · {trained}"
            + (f" · resumed at step {', '.join(map(str, run.resumes))}" if run.resumes else ""))
-    body = (f'<h2>Curves</h2><div class="plots">{"".join(run_charts(run))}</div>' + metrics_table(run)
-            + samples_table(run) + hardware_table(run) + export_table(run))
-    return _page(f"hwcompat run: {run.name}", sub, body)
+    sections = [metrics_table(run), *samples_table(run), hardware_table(run), *export_table(run)]
+    return _page(f"hwcompat run: {run.name}", sub, run_charts(run), sections)
 
 
 #: What each method's eval_loss measures: two methods' losses are different quantities, never one row or curve.
@@ -433,7 +238,7 @@ def render_compare(runs: list[Run]) -> str:
     methods = sorted({_method(r) for r in runs})
 
     def overlay(title: str, records: str, key: str, dots: bool = False, scale: float = 1.0, unit: str = "",
-                only: str | None = None) -> str:
+                only: str | None = None) -> Chart:
         return chart(title, [Series(n, _points(getattr(r, records), key, scale), COLORS[i % len(COLORS)], dots)
                              for i, (r, n) in enumerate(zip(runs, names)) if only in (None, _method(r))], unit=unit)
 
@@ -461,15 +266,14 @@ def render_compare(runs: list[Run]) -> str:
     rows.append(["profile"] + [f"{(r.spec.get('profile') or {}).get('name', '?')} on "
                                f"{(r.spec.get('device') or {}).get('name', '?')}" for r in runs])
     rows.append(["status"] + [r.status for r in runs])
-    note = (f"<p class=\"verdict\">These runs use different methods ({', '.join(methods)}): their losses measure "
-            "different things and are shown apart; compare them by the task metrics.</p>" if len(methods) > 1 else "")
-    body = (f'{note}<h2>Curves</h2><div class="plots">{"".join(plots)}</div><h2>After training, side by side</h2>'
-            + _table(["metric"] + names, rows, "compare"))
-    return _page(f"hwcompat: {len(runs)} runs compared", " · ".join(str(r.path) for r in runs), body)
+    note = (f"These runs use different methods ({', '.join(methods)}): their losses measure different things and "
+            "are shown apart; compare them by the task metrics." if len(methods) > 1 else "")
+    return _page(f"hwcompat: {len(runs)} runs compared", " · ".join(str(r.path) for r in runs), plots,
+                 [Section("After training, side by side", Table(["metric"] + names, rows, "compare"))], note)
 
 
 def _per(value: Any, fmt: str, scale: float = 1.0) -> str:
-    v = _num_or_none(value)
+    v = num_or_none(value)
     return "-" if v is None else fmt.format(v * scale)
 
 
@@ -493,7 +297,7 @@ def rendered(render, runs: list[Run]) -> str:
                 continue
             finally:
                 setattr(run, attr, kept)
-            raise InputError(_damaged(run.path / name, f"a value of a shape hwcompat never writes; {why}"))
+            raise InputError(damaged(run.path / name, f"a value of a shape hwcompat never writes; {why}"))
     raise InputError(f"{', '.join(str(r.path) for r in runs)}: damaged run records ({why})")
 
 

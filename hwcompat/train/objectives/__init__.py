@@ -11,9 +11,10 @@ from __future__ import annotations
 import importlib
 from typing import Any, NamedTuple, Protocol
 
-#: objective name -> "module:class" under this package. The config's `method:` accepts these keys.
-REGISTRY = {"sft": "sft:SFT", "dpo": "dpo:DPO", "grpo": "grpo:GRPO"}
-OBJECTIVES = tuple(REGISTRY)
+from hwcompat.choices import Method
+
+#: objective name -> "module:class" under this package: one per member of choices.Method.
+REGISTRY = {Method.sft.value: "sft:SFT", Method.dpo.value: "dpo:DPO", Method.grpo.value: "grpo:GRPO"}
 
 
 class Objective(Protocol):

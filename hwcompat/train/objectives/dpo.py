@@ -34,6 +34,7 @@ from hwcompat.data.pairs import load_pairs
 from hwcompat.data.sources import location
 from hwcompat.train.objectives import as_reference, head_split, starting_weights
 from hwcompat.train.objectives.linear_logps import target_logps
+from hwcompat.choices import Finetune
 
 
 def _response_share(pairs) -> float:
@@ -144,10 +145,10 @@ class DPO:
         if compile_backend == "inductor" and self.fast:
             self.decoder = torch.compile(self.decoder)
         # init_adapter: the reference is base + the adapter as loaded now (before a resume's checkpoint): keep it
-        self.start = starting_weights(model, self.cfg.init_adapter) if self.cfg.finetune != "full" else None
+        self.start = starting_weights(model, self.cfg.init_adapter) if self.cfg.finetune != Finetune.full else None
         self.ref = {k: torch.full((len(d), 2), float("nan"), dtype=torch.float64)
                     for k, d in (("train", self.train), ("eval", self.evals))}
-        if self.cfg.finetune == "full":
+        if self.cfg.finetune == Finetune.full:
             self._fill_all()
 
     def _fill_all(self) -> None:
@@ -229,7 +230,7 @@ class DPO:
 
     def _as_reference(self):
         """The reference model: the adapter disabled, or (init_adapter) its starting weights swapped in."""
-        if self.cfg.finetune == "full":  # only while _fill_all runs, on the weights as loaded
+        if self.cfg.finetune == Finetune.full:  # only while _fill_all runs, on the weights as loaded
             import contextlib
 
             return contextlib.nullcontext()

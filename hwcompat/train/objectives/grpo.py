@@ -44,6 +44,7 @@ from hwcompat.train.config import TrainConfig, effective_beta
 from hwcompat.train.model import autocast
 from hwcompat.train.objectives import as_reference, head_split, starting_weights
 from hwcompat.train.objectives.linear_logps import target_logps
+from hwcompat.choices import Finetune, ISLevel, LossType
 
 
 #: Eval prompts whose G sampled completions each eval records (report.html shows them with their rewards).
@@ -95,7 +96,7 @@ def token_losses(logp, old, ref, adv, mask, cfg: TrainConfig):
     import torch
 
     log_ratio = logp - old
-    if cfg.importance_sampling_level == "sequence":
+    if cfg.importance_sampling_level == ISLevel.sequence:
         log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
     w = torch.exp(log_ratio)
     high = cfg.epsilon if cfg.epsilon_high is None else cfg.epsilon_high
@@ -110,9 +111,9 @@ def token_losses(logp, old, ref, adv, mask, cfg: TrainConfig):
 def reduce(losses, mask, cfg: TrainConfig):
     """The batch's summed loss, before dividing by the window's count (``n_target``: completions or tokens)."""
     masked = losses * mask
-    if cfg.loss_type == "grpo":
+    if cfg.loss_type == LossType.grpo:
         return (masked.sum(-1) / mask.sum(-1).clamp(min=1.0)).sum()
-    if cfg.loss_type == "dr_grpo":
+    if cfg.loss_type == LossType.dr_grpo:
         return masked.sum() / cfg.max_completion_length
     return masked.sum()  # dapo: / the window's completion tokens
 
@@ -203,7 +204,7 @@ class GRPO:
         self.decoder = self.split.decoder if self.split else None
         if compile_backend == "inductor" and self.split is not None:
             self.decoder = torch.compile(self.decoder)
-        self.start = starting_weights(model, self.cfg.init_adapter, full=self.cfg.finetune == "full" and
+        self.start = starting_weights(model, self.cfg.init_adapter, full=self.cfg.finetune == Finetune.full and
                                       effective_beta(self.cfg) > 0)
         self.eos = rollout.eos_ids(model, self.tokenizer)
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -303,7 +304,7 @@ class GRPO:
         shared = self._shared(prompts, out, pad_id, loss_mask) if self.share_prompts(prompts, out) else None
         batch = shared or self._padded(prompts, out, pad_id, longest)
         tokens = int(loss_mask.sum())
-        batch.update(loss_mask=loss_mask, n_target=tokens if self.cfg.loss_type == "dapo" else rows)
+        batch.update(loss_mask=loss_mask, n_target=tokens if self.cfg.loss_type == LossType.dapo else rows)
         return batch
 
     def share_prompts(self, prompts: list[Prompt], out: rollout.Rollout) -> bool:
