@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "hwcompat"
 #: or from itself. Floor 0 is the shared base (errors, vocabularies, readings, safe file access).
 FLOORS = {
     0: ("hwcompat", "errors", "envvars", "choices", "readings", "datafiles", "userfile", "yamlfile", "fsutil",
-        "textcheck", "sampling", "progress", "summary"),
+        "textcheck", "sampling", "progress", "summary", "schema"),
     1: ("probe", "compat", "software", "container"),  # facts: what the machine has, what the wheel table says,
     # where an image reads and writes
     2: ("profiles",),
@@ -227,3 +227,14 @@ def test_the_planner_and_the_exporter_read_the_same_row(monkeypatch):
                                                                   sandwich_norms=False, ties_head=False))
     assert plan.shape_from_config(cfg, "t").norms_per_layer == 2
     archs.check("m", "gemma2", {**cfg, "query_pre_attn_scalar": 16})
+
+
+def test_the_layout_page_names_exactly_each_floors_rooms():
+    """#39 §3: docs/layout.md's table and FLOORS above are one description of the layers, not two that drift."""
+    import re
+
+    page = (PACKAGE.parent / "docs" / "layout.md").read_text(encoding="utf-8")
+    rows = {int(m.group(1)): m.group(2) for m in re.finditer(r"^\| (\d) \| ([^|]+) \|", page, re.M)}
+    for floor, rooms in FLOORS.items():
+        named = {re.sub(r"(\.py|/)$", "", x) for x in re.findall(r"`([\w/.]+)`", rows.get(floor, ""))}
+        assert named == set(rooms) - {"hwcompat", "__main__"}, (floor, named ^ (set(rooms) - {"hwcompat", "__main__"}))

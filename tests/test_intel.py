@@ -199,7 +199,9 @@ def test_plan_for_a_b580(tmp_path):
     shape = P.load_shape(str(tmp_path))
     result = P.estimate(shape, P.PlanInput(), d.profile.dtype, d.profile.attention, "intel",
                         d.reading.memory_bytes, "nf4" in d.profile.quantization)
-    assert result.breakdown["runtime_overhead"] >= P.RUNTIME_CONTEXT["intel"]
+    # the Level Zero context is not measured on an Arc card yet: ROCm's 0.75 GiB, the larger known figure, is
+    # planned (a literal here, not the table the planner reads, so a changed table fails this test)
+    assert result.breakdown["runtime_overhead"] >= int(0.75 * 2**30)
     assert result.device_bytes == 12 << 30 and result.fits
 
 

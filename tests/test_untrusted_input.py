@@ -3,7 +3,7 @@ that must be refused, hangs and misleading messages.
 
 Each test reproduces one reported case through the real CLI (or the one function every path goes through) and
 asserts the message, the location and the exit code, and that nothing was written or lost. The run-folder and
-resume cases are in tests/train/test_reliability_runs.py, the signal phases in tests/train/test_signal_phases.py.
+resume cases are in tests/train/test_resume_and_cleanup.py, the signal phases in tests/train/test_signal_phases.py.
 """
 
 import json

@@ -11,7 +11,7 @@ from hwcompat.errors import InputError
 from hwcompat.plan.shape import GIB, ModelShape, logit_chunk_rows
 from hwcompat.plan.inputs import Host, PlanInput
 from hwcompat.plan.host import (HOST_GRAD_IN_FLIGHT, HOST_RUNTIME, HostOptimizer, Stream, host_optimizer_terms,
-                                pcie_link, throughput_table)
+                                pcie_link)
 
 
 #: Runtime context + workspaces, bytes (torch CUDA context with cuBLAS/cuDNN handles; ROCm's is larger).
@@ -380,7 +380,7 @@ def _unified_terms(bd: dict[str, int], notes: list[str]) -> None:
 
 def stream_terms(shape: ModelShape, inp: PlanInput, db: int, host: Host) -> Stream:
     """Host RAM, bytes moved and the step-time estimate of a streamed micro-step (see module docstring)."""
-    table = throughput_table()
+    table = host.throughput
     gen, width, rate = pcie_link(host)
     layer = shape.layer_params() * db
     moved = 2 * shape.layers * layer

@@ -4,12 +4,11 @@ peak throughput (``catalog/throughput.yaml``) and the host a device is planned w
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from hwcompat import compat
 from hwcompat.choices import Offload, Vendor
 from hwcompat.plan.shape import GIB, ModelShape
-from hwcompat.plan.inputs import Host, PlanInput
+from hwcompat.plan.inputs import Host, PlanInput, throughput_table
 
 
 @dataclass(frozen=True)
@@ -77,25 +76,11 @@ HOST_RUNTIME = int(1.5 * GIB)
 
 def pcie_link(host: Host) -> tuple[int, int, float]:
     """(PCIe generation, width, effective pinned bytes/s) of the card's link; the catalog's default when unread."""
-    table = throughput_table()
+    table = host.throughput
     gen = host.pcie_generation or table["pcie_default"]["generation"]
     width = host.pcie_width or table["pcie_default"]["width"]
     lane = table["pcie"][gen]
     return gen, width, lane["gt_per_s"] * 1e9 * lane["encoding"] * width / 8 * table["pcie_efficiency"]
-
-
-_THROUGHPUT: dict[str, Any] = {}
-
-
-def throughput_table() -> dict[str, Any]:
-    """catalog/throughput.yaml, read once (PCIe rates, peak TFLOPS by device name)."""
-    if not _THROUGHPUT:
-        from hwcompat.yamlfile import load_packaged_yaml
-
-        from hwcompat.datafiles import data_dir
-
-        _THROUGHPUT.update(load_packaged_yaml(data_dir("catalog") / "throughput.yaml", "throughput table"))
-    return _THROUGHPUT
 
 
 def peak_tflops(device_name: str, dtype: str) -> float | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -36,3 +37,19 @@ class Host:
     pcie_width: int | None = None
     peak_tflops: float | None = None  # the card's dense peak in the run's dtype; None: step time not estimated
     unified: bool = False  # the card's memory is this host's RAM: the training process's host side shares it
+    # catalog/throughput.yaml (PCIe rates, pinned-copy efficiency, sustained share of peak), read when the Host is
+    # made, so an estimate reads no file
+    throughput: dict[str, Any] = field(default_factory=lambda: throughput_table(), compare=False, repr=False)
+
+
+_THROUGHPUT: dict[str, Any] = {}
+
+
+def throughput_table() -> dict[str, Any]:
+    """catalog/throughput.yaml, read once (PCIe rates, peak TFLOPS by device name)."""
+    if not _THROUGHPUT:
+        from hwcompat.datafiles import data_dir
+        from hwcompat.yamlfile import load_packaged_yaml
+
+        _THROUGHPUT.update(load_packaged_yaml(data_dir("catalog") / "throughput.yaml", "throughput table"))
+    return _THROUGHPUT

@@ -11,6 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from hwcompat import schema
 from hwcompat.choices import Vendor
 from hwcompat.datafiles import data_dir
 from hwcompat.errors import InputError, excerpt
@@ -97,41 +98,25 @@ def _check_consistent(values: dict[str, Any], vendor: str, where: str) -> None:
 
 def _typed(key: str, value: Any, where: str) -> Any:
     """One field's value, checked against its type (and converted: a float, a tuple of flags)."""
-    if key in _INT_FIELDS:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise InputError(f"{where}: field {excerpt(key)}: expected an integer, got {excerpt(value)}")
-        if value < 0:
-            raise InputError(f"{where}: field {excerpt(key)}: must not be negative, got {value}")
-    elif key in _FLOAT_FIELDS:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise InputError(f"{where}: field {excerpt(key)}: expected a number, got {excerpt(value)}")
-        value = float(value)
-    elif key in _STR_FIELDS:
-        if not isinstance(value, str):
-            hint = f" (write it quoted: \"{value}\")" if key == "compute_capability" else ""
-            raise InputError(f"{where}: field {excerpt(key)}: expected a string, got {excerpt(value)}{hint}")
-    elif key == "unified_memory":
-        if not isinstance(value, bool):
-            raise InputError(f"{where}: field 'unified_memory': expected true or false, got {excerpt(value)}")
-    elif key == "cpu_flags":
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise InputError(f"{where}: field 'cpu_flags': expected a list of strings, got {excerpt(value)}")
-        value = tuple(value)
-    return value
+    kind = ("count" if key in _INT_FIELDS else "number" if key in _FLOAT_FIELDS else "string" if key in _STR_FIELDS
+            else "bool" if key == "unified_memory" else "strings" if key == "cpu_flags" else None)
+    why = schema.kind_problem(value, kind) if kind else None
+    if why:
+        hint = f" (write it quoted: \"{value}\")" if key == "compute_capability" else ""
+        raise InputError(f"{where}: field {excerpt(key)}: {why}{hint}")
+    return float(value) if kind == "number" else tuple(value) if kind == "strings" else value
 
 
 def parse_reading(entry: Any, where: str, source: str = "") -> DeviceReading:
     """Validate one raw reading (a mapping) and build the dataclass."""
     if not isinstance(entry, dict):
         raise InputError(f"{where}: expected a mapping of reading fields, got {type(entry).__name__}")
-    for key in entry:
-        if key not in _SETTABLE:
-            near = closest(key, _SETTABLE)
-            hint = f" (did you mean {near!r}?)" if near else ""
-            raise InputError(f"{where}: field {excerpt(key)}: unknown field{hint}")
-    for key in REQUIRED:
-        if entry.get(key) in (None, ""):
-            raise InputError(f"{where}: field {excerpt(key)}: missing (required: {', '.join(REQUIRED)})")
+    unknown = schema.unknown_key(entry, _SETTABLE)
+    if unknown:
+        raise InputError(f"{where}: field {excerpt(unknown[0])}: unknown field{unknown[1]}")
+    missing = schema.missing_key(entry, REQUIRED)
+    if missing:
+        raise InputError(f"{where}: field {excerpt(missing)}: missing (required: {', '.join(REQUIRED)})")
     vendor = entry["vendor"]
     if vendor not in VENDORS:
         raise InputError(f"{where}: field 'vendor': unknown vendor {excerpt(vendor)}; use one of {', '.join(VENDORS)}")

@@ -8,13 +8,12 @@ import re
 from pathlib import Path
 from typing import Any
 
-from hwcompat import envvars
+from hwcompat import envvars, schema
 from hwcompat.choices import Attention, CompileBackend, Dtype, Vendor
 from hwcompat.errors import ProfileError
 from hwcompat.profiles.model import (QUANT_KINDS, Caveat, Choice, EnvVar, Evidence, Fp16Rate, Hardware, Image, Match,
                                      Profile, Quant, TorchBuild, Variant)
 from hwcompat.readings import TRAINING_FLAGS, VENDORS, XE_ARCHS, Capability, is_gfx_target
-from hwcompat.textcheck import closest
 
 
 _TOP_KEYS = {
@@ -39,37 +38,36 @@ class _Ctx:
 def _keys(ctx: _Ctx, where: str, raw: Any, allowed: set[str] | dict[str, bool], required: set[str] = frozenset()):
     if not isinstance(raw, dict):
         raise ctx.fail(where, f"expected a mapping, got {type(raw).__name__}")
-    for key in raw:
-        if key not in allowed:
-            near = closest(key, allowed)
-            hint = f" (did you mean {near!r}?)" if near else ""
-            raise ctx.fail(f"{where}.{key}" if where else str(key), f"unknown key{hint}")
-    for key in required:
-        if key not in raw:
-            raise ctx.fail(where or "top level", f"missing required key {key!r}")
+    unknown = schema.unknown_key(raw, allowed)
+    if unknown:
+        raise ctx.fail(f"{where}.{unknown[0]}" if where else str(unknown[0]), f"unknown key{unknown[1]}")
+    missing = schema.missing_key(raw, sorted(required), empty_is_missing=False)
+    if missing:
+        raise ctx.fail(where or "top level", f"missing required key {missing!r}")
     return raw
 
 
 def _str(ctx: _Ctx, where: str, value: Any, allow_none: bool = False) -> str | None:
     if value is None and allow_none:
         return None
-    if not isinstance(value, str) or not value.strip():
-        raise ctx.fail(where, f"expected a non-empty string, got {value!r}")
+    why = schema.kind_problem(value, "text")
+    if why:
+        raise ctx.fail(where, why)
     return value
 
 
 def _bool(ctx: _Ctx, where: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ctx.fail(where, f"expected true or false, got {value!r}")
+    why = schema.kind_problem(value, "bool")
+    if why:
+        raise ctx.fail(where, why)
     return value
 
 
 def _enum(ctx: _Ctx, where: str, value: Any, kind: type[enum.Enum]):
-    try:
-        return kind(value)
-    except ValueError:
-        allowed = ", ".join(m.value for m in kind)
-        raise ctx.fail(where, f"{value!r} is not one of: {allowed}") from None
+    why = schema.choice_problem(value, [m.value for m in kind])
+    if why:
+        raise ctx.fail(where, why)
+    return kind(value)
 
 
 _PATH_KEYS = {"level", "card", "memory_limit_gib", "date", "source"}

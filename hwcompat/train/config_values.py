@@ -10,6 +10,7 @@ from typing import Any, get_args, get_origin
 
 import yaml
 
+from hwcompat import schema
 from hwcompat.choices import (BATCHING, CHAT_TEMPLATE, CPU_ALLOCATORS, DATA_FORMATS, EXPORT_TYPES, EXPORTS, FINETUNE,
                               IS_LEVELS, LOSS_TYPES, METRICS, OBJECTIVES, OFFLOAD, OPTIMIZER_OFFLOAD, OPTIMIZERS,
                               OVERLONG, SCALE_REWARDS, SCHEDULES, Attention, CompileBackend, Dtype)
@@ -96,7 +97,7 @@ def coerce(key: str, value: Any, kind: Any, where: str, from_text: bool) -> Any:
         if args == (float,):
             return _numbers(key, value, where)
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise InputError(f"{where}: {key}: expected a list of strings, got {excerpt(value)}")
+            raise InputError(f"{where}: {key}: {schema.kind_problem(value, 'strings')}")
         return value
     if kind is bool:
         if from_text:
@@ -107,7 +108,7 @@ def coerce(key: str, value: Any, kind: Any, where: str, from_text: bool) -> Any:
                 return False
         if isinstance(value, bool):
             return value
-        raise InputError(f"{where}: {key}: expected true or false, got {excerpt(value)}")
+        raise InputError(f"{where}: {key}: {schema.kind_problem(value, 'bool')}")
     if kind is int:
         try:
             if isinstance(value, bool):
@@ -118,20 +119,21 @@ def coerce(key: str, value: Any, kind: Any, where: str, from_text: bool) -> Any:
                 raise ValueError
             return int(value) if not isinstance(value, str) or value.strip().lstrip("-").isdigit() else int("x")
         except (TypeError, ValueError, OverflowError):
-            raise InputError(f"{where}: {key}: expected an integer, got {excerpt(value)}") from None
+            raise InputError(f"{where}: {key}: expected {schema.KINDS['integer']}, got {excerpt(value)}") from None
     if kind is float:
         try:
             if isinstance(value, bool):
                 raise ValueError
             return float(value)
         except (TypeError, ValueError, OverflowError):
-            raise InputError(f"{where}: {key}: expected a number, got {excerpt(value)}") from None
+            raise InputError(f"{where}: {key}: expected {schema.KINDS['number']}, got {excerpt(value)}") from None
     if kind is str:
         if isinstance(value, (dict, list)) or value is None:
-            raise InputError(f"{where}: {key}: expected a string, got {excerpt(value)}")
+            raise InputError(f"{where}: {key}: expected {schema.KINDS['string']}, got {excerpt(value)}")
         value = str(value).lower() if isinstance(value, bool) else str(value)
-        if key in CHOICES and value not in CHOICES[key]:
-            raise InputError(f"{where}: {key}: {excerpt(value)} is not one of: {', '.join(CHOICES[key])}")
+        why = schema.choice_problem(value, CHOICES[key]) if key in CHOICES else None
+        if why:
+            raise InputError(f"{where}: {key}: {why}")
         return value
     return value
 

@@ -1,0 +1,51 @@
+"""#39 §2: one set of rules for a value a user wrote (hwcompat/schema.py), read by the config, the profiles and the
+emulate files: the same mistake is said in the same words wherever it is made."""
+
+import pytest
+import yaml
+
+from hwcompat import schema
+from hwcompat.errors import InputError, ProfileError
+
+
+@pytest.mark.parametrize("value,kind,said", [
+    ("8", "integer", "expected an integer, got '8'"), (True, "integer", "expected an integer, got True"),
+    (-1, "count", "must not be negative, got -1"), (True, "number", "expected a number, got True"),
+    ("yes", "bool", "expected true or false, got 'yes'"), ("  ", "text", "expected a non-empty string, got '  '"),
+    (["a", 1], "strings", "expected a list of strings, got ['a', 1]"), ([], "mapping", "expected a mapping, got []"),
+])
+def test_each_kind_says_what_it_expected_and_what_it_got(value, kind, said):
+    assert schema.kind_problem(value, kind) == said
+
+
+@pytest.mark.parametrize("value,kind", [(8, "integer"), (0, "count"), (1.5, "number"), (2, "number"),
+                                        (False, "bool"), ("", "string"), ("x", "text"), ([], "strings"),
+                                        ({}, "mapping")])
+def test_a_value_of_its_kind_has_no_problem(value, kind):
+    assert schema.kind_problem(value, kind) is None
+
+
+def test_keys_and_choices():
+    assert schema.unknown_key({"dtyp": 1, "name": 2}, ["dtype", "name"]) == ("dtyp", " (did you mean 'dtype'?)")
+    assert schema.unknown_key({"zzz": 1}, ["dtype"]) == ("zzz", "")
+    assert schema.missing_key({"a": ""}, ["a"]) == "a" and schema.missing_key({"a": ""}, ["a"], False) is None
+    assert schema.choice_problem("fp8", ["float32", "bfloat16"]) == "'fp8' is not one of: float32, bfloat16"
+    assert schema.choice_problem("float32", ["float32"]) is None
+
+
+def test_the_three_readers_say_a_wrong_kind_in_the_same_words(tmp_path):
+    """An integer field given text: the config, an emulate file and a profile say "expected an integer"."""
+    from hwcompat.probe.emulate import parse_reading
+    from hwcompat.profiles import load_profiles, parse_profile
+    from hwcompat.train.config import config_from_dict
+
+    with pytest.raises(InputError) as config:
+        config_from_dict({"model": "m", "train_data": ["t.jsonl"], "lora_r": "eight"}, "c.yaml")
+    with pytest.raises(InputError) as reading:
+        parse_reading({"vendor": "cpu", "name": "x", "memory_bytes": "eight"}, "entry 1")
+    raw = yaml.safe_load(open(load_profiles()["cpu"].path))
+    with pytest.raises(ProfileError) as profile:
+        parse_profile({**raw, "title": 8}, load_profiles()["cpu"].path)
+    assert "lora_r: expected an integer, got 'eight'" in str(config.value)
+    assert "field 'memory_bytes': expected an integer, got 'eight'" in str(reading.value)
+    assert "title: expected a non-empty string, got 8" in str(profile.value)
