@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import Any
 
 
 class Vocabulary(str, enum.Enum):
@@ -56,115 +57,39 @@ class CompileBackend(str, enum.Enum):
 #: Bytes per element of each training dtype (the planner's and the merge's free-space arithmetic).
 DTYPE_BYTES = {Dtype.float32.value: 4, Dtype.float16.value: 2, Dtype.bfloat16.value: 2}
 
-class Optimizer(Vocabulary):
-    """Config ``optimizer``; their state bytes: plan.optimizer_state_bytes."""
-
-    adamw = "adamw"
-    adamw_8bit = "adamw_8bit"
-    paged_adamw_8bit = "paged_adamw_8bit"
+def _vocabulary(name: str, words: str) -> Any:
+    """A closed vocabulary from its words (``Finetune.full``, ``Finetune.values()``)."""
+    return Vocabulary(name, [(w, w) for w in words.split()], module=__name__, qualname=name)
 
 
-class Method(Vocabulary):
-    """Config ``method``: what the run learns (one objective each, train/objectives)."""
-
-    sft = "sft"
-    dpo = "dpo"
-    grpo = "grpo"
-
-
-class PlanMethod(Vocabulary):
-    """`hwcompat plan --method`: what trains (finetune, qlora) and the objectives that plan alike."""
-
-    lora = "lora"
-    qlora = "qlora"
-    full = "full"
-    dpo = "dpo"
-    grpo = "grpo"
-
-
-class Finetune(Vocabulary):
-    """What trains: LoRA adapters, or every weight (LLaMA-Factory's finetuning_type)."""
-
-    lora = "lora"
-    full = "full"
-
-
-class Offload(Vocabulary):
-    """Where the base's layers live: resident, or streamed from host memory (train/stream.py)."""
-
-    auto = "auto"
-    none = "none"
-    layers = "layers"
-
-
-class OptimizerOffload(Vocabulary):
-    """finetune=full: the fp32 master weights and AdamW state on the device, or in host RAM."""
-
-    auto = "auto"
-    none = "none"
-    host = "host"
-
-
-class Batching(Vocabulary):
-    """How rows become micro-batches (train/batching.py)."""
-
-    auto = "auto"
-    packed = "packed"
-    length_grouped = "length_grouped"
-    padded = "padded"
-
-
-class DataFormat(Vocabulary):
-    """The row formats data/rows.py reads (one RowFormat each)."""
-
-    auto = "auto"
-    prompt_completion = "prompt_completion"
-    messages = "messages"
-    sharegpt = "sharegpt"
-    alpaca = "alpaca"
-
-
-class Schedule(Vocabulary):
-    cosine = "cosine"
-    linear = "linear"
-    constant = "constant"
-
-
-class LossType(Vocabulary):
-    """grpo: TRL's loss_type (its default first)."""
-
-    dapo = "dapo"
-    grpo = "grpo"
-    dr_grpo = "dr_grpo"
-
-
-class ScaleRewards(Vocabulary):
-    """grpo: TRL's scale_rewards."""
-
-    group = "group"
-    batch = "batch"
-    none = "none"
-
-
-class ISLevel(Vocabulary):
-    """grpo: TRL's importance_sampling_level (sequence = GSPO)."""
-
-    token = "token"
-    sequence = "sequence"
-
-
-class Tracker(Vocabulary):
-    """report_to: experiment trackers (train/trackers.py)."""
-
-    tensorboard = "tensorboard"
-    trackio = "trackio"
-    mlflow = "mlflow"
-    wandb = "wandb"
-
-
-class Export(Vocabulary):
-    none = "none"
-    gguf = "gguf"
+#: Config ``optimizer``; their state bytes: plan.optimizer_state_bytes.
+Optimizer = _vocabulary("Optimizer", "adamw adamw_8bit paged_adamw_8bit")
+#: Config ``method``: what the run learns (one objective each, train/objectives).
+Method = _vocabulary("Method", "sft dpo grpo")
+#: `hwcompat plan --method`: what trains (finetune, qlora) and the objectives that plan alike.
+PlanMethod = _vocabulary("PlanMethod", "lora qlora full dpo grpo")
+#: What trains: LoRA adapters, or every weight (LLaMA-Factory's finetuning_type).
+Finetune = _vocabulary("Finetune", "lora full")
+#: Where the base's layers live: resident, or streamed from host memory (train/stream.py).
+Offload = _vocabulary("Offload", "auto none layers")
+#: finetune=full: the fp32 master weights and AdamW state on the device, or in host RAM.
+OptimizerOffload = _vocabulary("OptimizerOffload", "auto none host")
+#: How rows become micro-batches (train/batching.py).
+Batching = _vocabulary("Batching", "auto packed length_grouped padded")
+#: The row formats data/rows.py reads (one RowFormat each).
+DataFormat = _vocabulary("DataFormat", "auto prompt_completion messages sharegpt alpaca")
+#: lr_schedule: the learning rate after warmup.
+Schedule = _vocabulary("Schedule", "cosine linear constant")
+#: grpo: TRL's loss_type (its default first).
+LossType = _vocabulary("LossType", "dapo grpo dr_grpo")
+#: grpo: TRL's scale_rewards.
+ScaleRewards = _vocabulary("ScaleRewards", "group batch none")
+#: grpo: TRL's importance_sampling_level (sequence = GSPO).
+ISLevel = _vocabulary("ISLevel", "token sequence")
+#: report_to: experiment trackers (train/trackers.py).
+Tracker = _vocabulary("Tracker", "tensorboard trackio mlflow wandb")
+#: export: what follows training (gguf: model.gguf + Modelfile).
+Export = _vocabulary("Export", "none gguf")
 
 
 #: The tuples the CLI's choices= and the config's checks read (the meaning of each: the field comments in
