@@ -62,7 +62,7 @@ def _raw():
      "env[2].name: 'LD_PRELOAD' is not in hwcompat.envvars.SETS"),
     (lambda r: r["match"]["compute_capability"].update(min="8.0"), "match.compute_capability: min is above max"),
     (lambda r: r.pop("torch"), "top level: missing required key 'torch'"),
-    (lambda r: r["env"][0].update(value=1), "env[0].value: expected a string (quote it), got 1"),
+    (lambda r: r["env"][0].update(value=1), "env[0].value: expected a string, got 1 (quote it)"),
     (lambda r: r.update(evidence="path-verified"), "evidence: path-verified needs {level, card, memory_limit_gib"),
     (lambda r: r.update(evidence={"level": "path-verified", "card": "H100", "date": "2026-12-02", "source": "x"}),
      "evidence: missing required key 'memory_limit_gib'"),

@@ -49,3 +49,58 @@ def test_the_three_readers_say_a_wrong_kind_in_the_same_words(tmp_path):
     assert "lora_r: expected an integer, got 'eight'" in str(config.value)
     assert "field 'memory_bytes': expected an integer, got 'eight'" in str(reading.value)
     assert "title: expected a non-empty string, got 8" in str(profile.value)
+
+
+def test_the_walker_names_the_path_through_mappings_and_lists():
+    """One walker for every structure: a wrong value deep inside says where, as keys and list indices."""
+    from hwcompat.schema import Field, Problem, Shape, check
+
+    item = Shape({"name": Field("text", required=True), "size": Field("count")})
+    top = Shape({"items": Field(each=item, required=True), "opt": Field("integer", null=True)})
+    check({"items": [{"name": "a"}, {"name": "b", "size": 2}], "opt": None}, top)
+    cases = [({"items": [{"name": "a"}, {"name": "b", "size": -1}]}, "items[1].size", "must not be negative, got -1"),
+             ({"items": [{"nam": "a"}]}, "items[0].nam", "unknown key (did you mean 'name'?)"),
+             ({"items": [{}]}, "items[0]", "missing required key 'name'"),
+             ({}, "top", "missing required key 'items'"),
+             ({"items": {}}, "items", "expected a list, got {}"),
+             ({"items": [], "opt": "x"}, "opt", "expected an integer, got 'x'")]
+    for value, where, why in cases:
+        with pytest.raises(Problem) as e:
+            check(value, top)
+        assert (e.value.dotted("top"), e.value.why) == (where, why)
+    check({"items": []}, top)
+    with pytest.raises(Problem):
+        check({"items": [{"name": "a"}], "opt": None}, Shape({"items": Field(each=item), "opt": Field("integer")}))
+    assert top.loose().required() == [] and top.required() == ["items"]
+
+
+def test_blank_is_missing_where_the_shape_says_so():
+    from hwcompat.schema import Field, Problem, Shape, check
+
+    with pytest.raises(Problem, match="missing required key 'a'"):
+        check({"a": ""}, Shape({"a": Field("string", required=True)}, blank_is_missing=True))
+    with pytest.raises(Problem, match="expected a non-empty string"):
+        check({"a": ""}, Shape({"a": Field("text", required=True)}))
+
+
+def test_the_reading_table_covers_every_field_a_user_may_set():
+    """A field added to DeviceReading but not to the emulate table would be refused as unknown in every file."""
+    from dataclasses import fields
+
+    from hwcompat.probe.emulate import READING
+    from hwcompat.readings import DeviceReading
+
+    assert set(READING.fields) == {f.name for f in fields(DeviceReading)} - {"source", "emulated"}
+
+
+def test_a_profile_variant_is_walked_like_the_profile(tmp_path):
+    """The variant's overrides use the profile's own tables (loosened): a typo deep in one is named by its path."""
+    from hwcompat.profiles import load_profiles, parse_profile
+
+    path = load_profiles()["volta"].path
+    raw = yaml.safe_load(open(path))
+    raw["variants"] = [{"match": raw["match"], "note": "n", "hardware": {"bf17": True}}]
+    with pytest.raises(ProfileError, match=r"variants\[0\]\.hardware\.bf17: unknown key \(did you mean 'bf16'\?\)"):
+        parse_profile(raw, path)
+    raw["variants"] = [{"match": raw["match"], "note": "n", "hardware": {"bf16": True}}]
+    assert parse_profile(raw, path).variants[0].fields["hardware"] == {"bf16": True}

@@ -6,26 +6,44 @@ everything downstream behaves exactly as on the real card.
 
 from __future__ import annotations
 
-from dataclasses import fields
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from hwcompat import schema
 from hwcompat.choices import Vendor
 from hwcompat.datafiles import data_dir
 from hwcompat.errors import InputError, excerpt
 from hwcompat.readings import VENDORS, XE_ARCHS, DeviceReading, is_gfx_target, parse_cc
+from hwcompat.schema import Field, Problem, Shape, check
 from hwcompat.textcheck import closest
 from hwcompat.yamlfile import load_packaged_yaml, load_yaml
 
-REQUIRED = ("vendor", "name", "memory_bytes")
-_FIELDS = {f.name: f for f in fields(DeviceReading)}
-_INT_FIELDS = {"memory_bytes", "index", "pcie_generation", "pcie_width", "cpu_cores"}
-_FLOAT_FIELDS = {"power_limit_watts"}
-_STR_FIELDS = {"name", "compute_capability", "gfx_target", "gfx_target_effective", "pci_bus_id", "uuid",
-               "driver_version", "runtime_version", "xe_arch", "pci_device_id"}
-_SETTABLE = sorted(set(_FIELDS) - {"source", "emulated"})
+def _lowered(test):
+    return lambda v: None if test(v.lower()) else f"expected a gfx target like \"gfx1031\", got {excerpt(v)}"
+
+
+def _cc(value: str) -> str | None:
+    """The reading parses it once; any vendor's entry that has one must be readable."""
+    try:
+        parse_cc(value)
+    except ValueError:
+        return f"expected \"major.minor\" like \"6.1\", got {excerpt(value)}"
+    return None
+
+
+_GFX = _lowered(is_gfx_target)
+#: A reading as a user writes it: each DeviceReading field a user may set, and what it must hold.
+READING = Shape({
+    "vendor": Field(required=True, choices=VENDORS), "name": Field("string", required=True),
+    "memory_bytes": Field("count", required=True),
+    **{k: Field("count") for k in ("index", "pcie_generation", "pcie_width", "cpu_cores")},
+    "power_limit_watts": Field("number"), "unified_memory": Field("bool"), "cpu_flags": Field("strings"),
+    "compute_capability": Field("string", rule=_cc, hint=' (write it quoted: "6.1")'),
+    "gfx_target": Field("string", rule=_GFX), "gfx_target_effective": Field("string", rule=_GFX),
+    **{k: Field("string") for k in ("pci_bus_id", "uuid", "driver_version", "runtime_version", "xe_arch",
+                                    "pci_device_id")},
+}, blank_is_missing=True)
+REQUIRED = tuple(READING.required())
 
 
 def split_names(text: str) -> list[str]:
@@ -96,51 +114,24 @@ def _check_consistent(values: dict[str, Any], vendor: str, where: str) -> None:
                              "the ID of the card you mean")
 
 
-def _typed(key: str, value: Any, where: str) -> Any:
-    """One field's value, checked against its type (and converted: a float, a tuple of flags)."""
-    kind = ("count" if key in _INT_FIELDS else "number" if key in _FLOAT_FIELDS else "string" if key in _STR_FIELDS
-            else "bool" if key == "unified_memory" else "strings" if key == "cpu_flags" else None)
-    why = schema.kind_problem(value, kind) if kind else None
-    if why:
-        hint = f" (write it quoted: \"{value}\")" if key == "compute_capability" else ""
-        raise InputError(f"{where}: field {excerpt(key)}: {why}{hint}")
-    return float(value) if kind == "number" else tuple(value) if kind == "strings" else value
-
-
 def parse_reading(entry: Any, where: str, source: str = "") -> DeviceReading:
-    """Validate one raw reading (a mapping) and build the dataclass."""
+    """Validate one raw reading (a mapping) against READING and the rules between its fields; build the dataclass."""
     if not isinstance(entry, dict):
         raise InputError(f"{where}: expected a mapping of reading fields, got {type(entry).__name__}")
-    unknown = schema.unknown_key(entry, _SETTABLE)
-    if unknown:
-        raise InputError(f"{where}: field {excerpt(unknown[0])}: unknown field{unknown[1]}")
-    missing = schema.missing_key(entry, REQUIRED)
-    if missing:
-        raise InputError(f"{where}: field {excerpt(missing)}: missing (required: {', '.join(REQUIRED)})")
+    try:
+        check(entry, READING)
+    except Problem as p:
+        field = f"field {excerpt(p.path[0])}: " if p.path else ""
+        required = f" (required: {', '.join(REQUIRED)})" if not p.path else ""
+        raise InputError(f"{where}: {field}{p.why}{required}") from None
     vendor = entry["vendor"]
-    if vendor not in VENDORS:
-        raise InputError(f"{where}: field 'vendor': unknown vendor {excerpt(vendor)}; use one of {', '.join(VENDORS)}")
-    values = {key: _typed(key, value, where) for key, value in entry.items()}
+    values = {k: float(v) if k == "power_limit_watts" else tuple(v) if k == "cpu_flags" else
+              v.lower() if k.startswith("gfx_target") else v for k, v in entry.items()}
     _check_consistent(values, vendor, where)
-    cc = values.get("compute_capability")
-    if vendor == Vendor.nvidia and cc is None:
+    if vendor == Vendor.nvidia and values.get("compute_capability") is None:
         raise InputError(f"{where}: field 'compute_capability': missing (required for NVIDIA, e.g. \"6.1\")")
-    if cc is not None:  # the reading parses it once; any vendor's entry that has one must be readable
-        try:
-            parse_cc(cc)
-        except ValueError:
-            raise InputError(f"{where}: field 'compute_capability': expected \"major.minor\" like \"6.1\", "
-                             f"got {excerpt(cc)}") from None
-    if vendor == Vendor.amd:
-        gfx = values.get("gfx_target")
-        if gfx is None:
-            raise InputError(f"{where}: field 'gfx_target': missing (required for AMD, e.g. \"gfx1031\")")
-        for key in ("gfx_target", "gfx_target_effective"):
-            if key in values:
-                values[key] = values[key].lower()
-                if not is_gfx_target(values[key]):
-                    raise InputError(f"{where}: field {excerpt(key)}: expected a gfx target like \"gfx1031\", "
-                                     f"got {excerpt(entry[key])}")
+    if vendor == Vendor.amd and values.get("gfx_target") is None:
+        raise InputError(f"{where}: field 'gfx_target': missing (required for AMD, e.g. \"gfx1031\")")
     if vendor == Vendor.intel and values.get("xe_arch") not in XE_ARCHS:
         raise InputError(f"{where}: field 'xe_arch': expected one of {', '.join(XE_ARCHS)} (Alchemist: xe-hpg, "
                          f"Battlemage: xe2-hpg), got {excerpt(values.get('xe_arch'))}")

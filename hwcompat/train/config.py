@@ -8,6 +8,7 @@ This module never imports torch.
 
 from __future__ import annotations
 
+import functools
 import os
 import dataclasses
 from dataclasses import dataclass, field
@@ -19,7 +20,8 @@ import yaml
 from hwcompat.errors import InputError, excerpt
 from hwcompat.textcheck import closest
 from hwcompat.choices import TRACKERS, Finetune, Method, Offload, Optimizer, OptimizerOffload
-from hwcompat.train.config_values import RANGE_HINT, RANGES, coerce, inside
+from hwcompat.schema import Problem, check
+from hwcompat.train.config_values import RANGES, coerce, key_table
 from hwcompat.yamlfile import load_yaml
 
 
@@ -156,6 +158,12 @@ def _fields() -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(TrainConfig)}
 
 
+@functools.lru_cache(maxsize=1)
+def keys() -> Any:
+    """Every config key's Field (kind, vocabulary, interval): a schema.Shape made from TrainConfig's annotations."""
+    return key_table(_fields())
+
+
 def effective_beta(cfg: "TrainConfig") -> float:
     """``beta`` as the method reads it: the user's value, else DPO's 0.1 or GRPO's 0.0 (TRL's defaults)."""
     if cfg.beta is not None:
@@ -237,7 +245,6 @@ def usable_cores() -> int:
 def _validate(cfg: TrainConfig, where: str, origins: dict[str, str] | None = None) -> None:
     """Every numeric key finite and in its interval, paths and text sound; messages name the key, where it was
     set (the config file or the command line), the interval and the bad value."""
-    import math
 
     from hwcompat.textcheck import text_problem
 
@@ -258,15 +265,11 @@ def _validate(cfg: TrainConfig, where: str, origins: dict[str, str] | None = Non
                          "(an empty value would silently mean the current folder)")
     if cfg.system_prompt is not None and text_problem(cfg.system_prompt):
         raise InputError(f"{at('system_prompt')}: system_prompt: {text_problem(cfg.system_prompt)}")
-    for key, interval in RANGES.items():
-        where = at(key)
-        value = getattr(cfg, key)
-        if value is None:  # an optional key left unset (beta, epsilon_high): its default applies
-            continue
-        if isinstance(value, float) and not math.isfinite(value):
-            raise InputError(f"{where}: {key} must be a finite number, got {value}")
-        if not inside(value, interval):
-            raise InputError(f"{where}: {key} must be in {interval}, got {excerpt(value)}{RANGE_HINT.get(key, '')}")
+    for key in RANGES:
+        try:
+            check(getattr(cfg, key), keys().fields[key], (key,))
+        except Problem as p:
+            raise InputError(f"{at(key)}: {key}: {p.why}") from None
     if cfg.num_threads > usable_cores():
         raise InputError(f"{at('num_threads')}: num_threads={cfg.num_threads}, but this process may use "
                          f"{usable_cores()} core(s); more threads than cores make every step many times slower. "
@@ -318,7 +321,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None,
         for key, value in data.items():
             if key not in kinds:
                 raise _unknown(key, where)
-            setattr(cfg, key, coerce(key, value, kinds[key], where, from_text))
+            setattr(cfg, key, coerce(key, value, keys().fields[key], where, from_text))
             origins[key] = origin
     # Paths in a config file are relative to that file, so a config travels with its data.
     if p is not None:
@@ -362,7 +365,7 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str], where: str = "comman
             raise InputError(f"{where}: {item!r}: expected key=value, e.g. max_seq_len=2048")
         if key not in kinds:
             raise _unknown(key, where)
-        setattr(cfg, key, coerce(key, value.strip(), kinds[key], where, from_text=True))
+        setattr(cfg, key, coerce(key, value.strip(), keys().fields[key], where, from_text=True))
     _validate(cfg, where)
     return cfg
 
@@ -377,7 +380,7 @@ def config_from_dict(data: Any, where: str) -> TrainConfig:
     for key, value in data.items():
         if key not in kinds:
             raise _unknown(key, where)
-        setattr(cfg, key, coerce(key, value, kinds[key], where, from_text=False))
+        setattr(cfg, key, coerce(key, value, keys().fields[key], where, from_text=False))
     _validate(cfg, where)
     return cfg
 

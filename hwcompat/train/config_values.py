@@ -5,12 +5,13 @@ reads the same intervals and column mappings.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import lru_cache
 from typing import Any, get_args, get_origin
 
 import yaml
 
-from hwcompat import schema
+from hwcompat.schema import Field, Problem, Shape, check
 from hwcompat.choices import (BATCHING, CHAT_TEMPLATE, CPU_ALLOCATORS, DATA_FORMATS, EXPORT_TYPES, EXPORTS, FINETUNE,
                               IS_LEVELS, LOSS_TYPES, METRICS, OBJECTIVES, OFFLOAD, OPTIMIZER_OFFLOAD, OPTIMIZERS,
                               OVERLONG, SCALE_REWARDS, SCHEDULES, Attention, CompileBackend, Dtype)
@@ -77,81 +78,95 @@ def columns_mapping(key: str, value: Any, where: str, from_text: bool) -> dict[s
     return dict(value)
 
 
-def coerce(key: str, value: Any, kind: Any, where: str, from_text: bool) -> Any:
-    """Convert and type-check one value; `from_text` values came from the command line."""
-    origin = get_origin(kind)
+def key_table(kinds: dict[str, Any]) -> Shape:
+    """The config's keys as one ``schema.Shape``: each key's kind from TrainConfig's annotation, its closed
+    vocabulary (CHOICES) and its interval (RANGES) — the table the profiles and emulate files have too."""
+    return Shape({key: _field(key, kind) for key, kind in kinds.items()})
+
+
+def _field(key: str, kind: Any) -> Field:
     args = get_args(kind)
-    optional = origin is not None and type(None) in args
-    if optional:
-        if value is None or (from_text and str(value).lower() in ("none", "null", "")):
-            return None
+    null = type(None) in args
+    if null:
         kind = next(a for a in args if a is not type(None))
-        origin = get_origin(kind)
+    origin, args = get_origin(kind), get_args(kind)
+    rule = _within(RANGES[key], RANGE_HINT.get(key, "")) if key in RANGES else None
     if origin is dict:
-        return columns_mapping(key, value, where, from_text)
+        return Field("mapping", null=null)
     if origin is list:
+        return Field(each=Field("number", rule=_finite)) if args == (float,) else Field("strings", null=null)
+    name = {int: "integer", float: "number", bool: "bool", str: "string"}[kind]
+    return Field(name, choices=CHOICES.get(key), rule=rule, null=null)
+
+
+def _finite(value: float) -> str | None:
+    import math
+
+    return None if math.isfinite(value) else f"must be a finite number, got {value}"
+
+
+def _within(interval: str, hint: str):
+    """The rule of a key with an interval: finite (a float) and inside it."""
+    def rule(value: Any) -> str | None:
+        if isinstance(value, float) and _finite(value):
+            return _finite(value)
+        return None if inside(value, interval) else f"must be in {interval}, got {excerpt(value)}{hint}"
+    return rule
+
+
+def coerce(key: str, value: Any, spec: Field, where: str, from_text: bool) -> Any:
+    """Read one value (``from_text``: typed on the command line, so converted first) and check its kind and
+    vocabulary against the key's Field. Its interval is checked once the layers are merged (config._validate), so a
+    file's value that an override replaces is not refused."""
+    if spec.null and (value is None or (from_text and str(value).lower() in ("none", "null", ""))):
+        return None
+    if spec.kind == "mapping":
+        return columns_mapping(key, value, where, from_text)
+    value = _read(key, value, spec, where, from_text)
+    try:
+        check(value, replace(spec, rule=None), (key,))
+    except Problem as p:
+        raise InputError(f"{where}: {p.dotted()}: {p.why}") from None
+    return float(value) if spec.kind == "number" else value
+
+
+def _read(key: str, value: Any, spec: Field, where: str, from_text: bool) -> Any:
+    """The value converted to the key's kind where the writer's form allows (command-line text; YAML's 1e-4, which
+    it reads as a string; a whole float for an integer; one item for a list); else as written, for check to name."""
+    kind = "numbers" if spec.each is not None else spec.kind
+    if kind in ("strings", "numbers"):
         if from_text:
             value = _text_list(key, str(value), where)
         elif isinstance(value, (str, int, float)) and not isinstance(value, bool):
             value = [value]
-        if args == (float,):
-            return _numbers(key, value, where)
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise InputError(f"{where}: {key}: {schema.kind_problem(value, 'strings')}")
-        return value
-    if kind is bool:
-        if from_text:
-            low = str(value).lower()
-            if low in ("true", "1", "yes", "on"):
-                return True
-            if low in ("false", "0", "no", "off"):
-                return False
-        if isinstance(value, bool):
-            return value
-        raise InputError(f"{where}: {key}: {schema.kind_problem(value, 'bool')}")
-    if kind is int:
+        return _numbers(key, value, where) if kind == "numbers" else value
+    if kind == "bool" and from_text:
+        return {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False,
+                "off": False}.get(str(value).lower(), value)
+    if kind == "integer" and not isinstance(value, bool):
+        if isinstance(value, float) and value.is_integer() and abs(value) < 1e18:
+            return int(value)
+        text = value.strip() if isinstance(value, str) else ""
+        return int(text) if from_text and len(text) <= 40 and text.lstrip("-").isdigit() else value
+    if kind == "number" and isinstance(value, str):
         try:
-            if isinstance(value, bool):
-                raise ValueError
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            if isinstance(value, str) and len(value.strip()) > 40:  # int('9' * 5000) is slow and no setting needs it
-                raise ValueError
-            return int(value) if not isinstance(value, str) or value.strip().lstrip("-").isdigit() else int("x")
-        except (TypeError, ValueError, OverflowError):
-            raise InputError(f"{where}: {key}: expected {schema.KINDS['integer']}, got {excerpt(value)}") from None
-    if kind is float:
-        try:
-            if isinstance(value, bool):
-                raise ValueError
             return float(value)
-        except (TypeError, ValueError, OverflowError):
-            raise InputError(f"{where}: {key}: expected {schema.KINDS['number']}, got {excerpt(value)}") from None
-    if kind is str:
-        if isinstance(value, (dict, list)) or value is None:
-            raise InputError(f"{where}: {key}: expected {schema.KINDS['string']}, got {excerpt(value)}")
-        value = str(value).lower() if isinstance(value, bool) else str(value)
-        why = schema.choice_problem(value, CHOICES[key]) if key in CHOICES else None
-        if why:
-            raise InputError(f"{where}: {key}: {why}")
-        return value
+        except ValueError:
+            return value
+    if kind == "string" and isinstance(value, (bool, int, float)):
+        return str(value).lower() if isinstance(value, bool) else str(value)
     return value
 
 
 def _numbers(key: str, value: Any, where: str) -> list[float]:
-    """A list of finite numbers (``reward_weights: [1.0, 0.5]``, or ``reward_weights=1,0.5``)."""
-    import math
-
+    """A list of numbers (``reward_weights: [1.0, 0.5]``, or ``reward_weights=1,0.5``); finite is its Field's rule."""
     try:
         if not isinstance(value, list) or any(isinstance(v, bool) for v in value):
             raise ValueError
-        out = [float(v) for v in value]
+        return [float(v) for v in value]
     except (TypeError, ValueError):
         raise InputError(f"{where}: {key}: expected a list of numbers, e.g. {key}=[1.0,0.5], got "
                          f"{excerpt(value)}") from None
-    if not all(math.isfinite(v) for v in out):
-        raise InputError(f"{where}: {key}: every value must be a finite number, got {excerpt(value)}")
-    return out
 
 
 #: Numeric keys and their allowed interval, in interval notation. Every float must also be finite.
@@ -163,8 +178,9 @@ RANGES: dict[str, str] = {
     "eval_every": "[0, 1e8]", "checkpoint_every": "[0, 1e8]", "eval_max_rows": "[1, 1e7]",
     "eval_max_new_tokens": "[0, 1048576]", "beta": "[0, 100]", "num_generations": "[1, 4096]",
     "max_completion_length": "[1, 1048576]", "temperature": "(0, 100]", "top_p": "(0, 1]", "epsilon": "[0, 1]",
-    "epsilon_high": "[0, 100]", "num_iterations": "[1, 1024]", "rpo_alpha": "[0, 100]", "regression_tolerance": "[0, 100]",
-    "offload_prefetch": "[1, 16]", "num_threads": "[0, 4096]", "memory_limit_gib": "[0, 1e6]", "seed": "[0, 4294967295]",
+    "epsilon_high": "[0, 100]", "num_iterations": "[1, 1024]", "rpo_alpha": "[0, 100]",
+    "regression_tolerance": "[0, 100]", "offload_prefetch": "[1, 16]", "num_threads": "[0, 4096]",
+    "memory_limit_gib": "[0, 1e6]", "seed": "[0, 4294967295]",
 }
 
 

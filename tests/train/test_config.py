@@ -32,7 +32,7 @@ def test_origins_and_relative_paths(tmp_path):
     ("model: m\ntrain_data: [t.jsonl]\n", "qlora=maybe", "qlora: expected true or false, got 'maybe'"),
     ("model: m\ntrain_data: [t.jsonl]\ndata_format: csv\n", None,
      "data_format: 'csv' is not one of: auto, prompt_completion, messages, sharegpt, alpaca"),
-    ("model: m\ntrain_data: [t.jsonl]\n", "lora_dropout=1.5", "lora_dropout must be in [0, 1)"),
+    ("model: m\ntrain_data: [t.jsonl]\n", "lora_dropout=1.5", "lora_dropout: must be in [0, 1)"),
     ("train_data: [t.jsonl]\n", None, "model: missing"),
     ("model: m\ntrain_data: [t.jsonl\n", None, "not valid YAML"),
     ("- a\n", None, "expected a mapping of key: value, got list"),
