@@ -56,7 +56,8 @@ def main() -> int:
 
     from hwcompat.data import GENERAL_PROMPTS
     from hwcompat.train import batching
-    from hwcompat.train.inspect_run import _load, forgetting
+    from hwcompat.train.forgetting import forgetting
+    from hwcompat.train.inspect_run import _load
 
     spec, model, tokenizer, device = _load(Path(args.run))
     chat = batching.uses_chat_template(tokenizer, spec.config.chat_template)

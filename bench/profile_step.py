@@ -43,7 +43,8 @@ def setup(checkpointing: bool, dtype: str = "float32", attention: str = "sdpa"):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from bench.train import make_data
-    from hwcompat.data.rows import Report, read_jsonl
+    from hwcompat.data.problems import Report
+    from hwcompat.data.rows import read_jsonl
     from hwcompat.demo.model import ensure_model
     from hwcompat.train import batching
     from hwcompat.train.objectives.sft import ResponseLoss

@@ -366,7 +366,8 @@ def eval_loss(model_dir: Path, adapter: Path, eval_file: Path, max_len: int) -> 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from hwcompat.train import batching
-    from hwcompat.data.rows import Report, read_jsonl
+    from hwcompat.data.problems import Report
+    from hwcompat.data.rows import read_jsonl
     from hwcompat.train.objectives.sft import evaluate_loss
 
     tok = AutoTokenizer.from_pretrained(model_dir)

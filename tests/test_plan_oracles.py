@@ -77,3 +77,45 @@ def test_the_estimate_reads_no_file_once_its_inputs_are_made(tmp_path, monkeypat
     hosted = P.estimate(shape, P.PlanInput(method="full", seq_len=64, optimizer_offload="host"), "bfloat16", "sdpa",
                         "nvidia", 8 * P.GIB, host=host)
     assert streamed.stream.copy_seconds > 0 and hosted.host_optimizer.copy_seconds > 0
+
+
+@pytest.mark.parametrize("accumulation", [1, 3])
+def test_the_host_optimizer_copies_are_the_bytes_a_real_step_moves(tmp_path, accumulation):
+    """bytes_per_step against the copies a real optimizer_offload=host step makes (train/host_optim.py): every
+    gradient that leaves the working copy, counted where autograd hands it over (once per micro-step), and every
+    weight written back into the working copy, counted by a dispatch mode on copy_ into a working parameter."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from hwcompat.train.host_optim import HostOffload
+    from tests.shapes import tiny_model_of
+
+    model, _ = tiny_model_of("llama", tmp_path)
+    model = model.to(torch.bfloat16)
+    down = []
+    for p in model.parameters():  # registered first, so it sees the gradient before HostOffload takes it
+        p.register_post_accumulate_grad_hook(lambda p: down.append(p.grad.numel() * p.grad.element_size()))
+    host = HostOffload(model, torch.device("cpu"), torch.bfloat16)
+    working = {p.untyped_storage().data_ptr() for p in host.working}
+
+    class Writes(TorchDispatchMode):
+        up = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.copy_.default and args[0].untyped_storage().data_ptr() in working:
+                Writes.up += args[0].numel() * args[0].element_size()
+            return func(*args, **(kwargs or {}))
+
+    ids = torch.randint(0, model.config.vocab_size, (2, 16))
+    for _ in range(accumulation):
+        model(input_ids=ids, labels=ids).loss.backward()
+        host.flush()
+    torch.optim.AdamW(host.masters, fused=True).step()
+    with Writes():
+        host.push()
+    moved = sum(down) + Writes.up
+    inp = P.PlanInput(method="full", optimizer_offload="host", gradient_accumulation=accumulation)
+    planned = P.estimate(P.load_shape(str(tmp_path)), inp, "bfloat16", "sdpa", "nvidia", 80 << 30,
+                         host=P.Host(ram_bytes=64 << 30)).host_optimizer.bytes_per_step
+    assert Writes.up > 0 and len(down) == accumulation * len(host.working)
+    assert planned == moved, f"planned {planned:,} bytes per step, a real step moved {moved:,}"

@@ -277,7 +277,7 @@ def test_an_empty_output_dir_is_an_error(tmp_path, model, rows, value):
 
 def test_a_range_error_from_the_command_line_names_the_command_line(tmp_path, model, rows):
     res = cli("train", _config(tmp_path, model, rows, ""), "learning_rate=5", "--print-config")
-    assert_clean_error(res, 2, "command line: learning_rate must be in")
+    assert_clean_error(res, 2, "command line: learning_rate: must be in")
     assert "cfg.yaml" not in res.stderr
 
 

@@ -40,7 +40,8 @@ def run(args: argparse.Namespace) -> int:
     from hwcompat.errors import InputError
     from hwcompat.train.config_values import RANGES, inside
 
-    from hwcompat.data.rows import Report, check_rows, read_jsonl
+    from hwcompat.data.problems import Report
+    from hwcompat.data.rows import check_rows, read_jsonl
 
     if not inside(args.max_seq_len, RANGES["max_seq_len"]):  # the flag's mistake, not every row's
         raise InputError(f"--max-seq-len {args.max_seq_len}: must be in {RANGES['max_seq_len']} (tokens per example, "

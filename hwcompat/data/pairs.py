@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hwcompat.data.rows import (CHARS_PER_TOKEN_LIMIT, ROLES, Example, Report, bad_text, check_rows, clean_text,
-                                json_rows, order_problem, split_eval, too_long)
+from hwcompat.data.problems import Report, bad_text, clean_text
+from hwcompat.data.rows import CHARS_PER_TOKEN_LIMIT, check_rows, json_rows, split_eval, too_long
+from hwcompat.data.turns import ROLES, Example, order_problem
 
 
 @dataclass(frozen=True)

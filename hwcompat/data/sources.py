@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 from hwcompat.errors import InputError
 
 if TYPE_CHECKING:
-    from hwcompat.data.rows import Report
+    from hwcompat.data.problems import Report
 
 Row = tuple[int, str, dict]  # (line or row number, "file:line" / "file:row N", the row)
 MAX_GUNZIPPED = 4 << 30  # a training file decompressed past this is a mistake (or a gzip bomb), not data

@@ -72,7 +72,8 @@ def prompts_from(data: str | None, rows: int, more: int = 0) -> tuple[list[tuple
     """(conversations up to the answer, reference answers or None): ``--data`` (SFT rows), else the bundled
     general prompts (no references: identical-answer rate only). ``rows`` first (the general prompts spread over
     their kinds), then up to ``more`` in all for a verdict that needs more positions."""
-    from hwcompat.data.rows import Report, read_prompts
+    from hwcompat.data.problems import Report
+    from hwcompat.data.rows import read_prompts
 
     if data:
         report = Report()

@@ -37,7 +37,7 @@ class HostOptimizer:
 
     host_bytes: int  # fp32 masters, fp32 gradients, AdamW's two moments, pinned staging, the process
     host_ram_bytes: int | None
-    bytes_per_step: int  # device -> host gradients (each micro-step) + host -> device weights (once)
+    bytes_per_step: int  # device -> host gradients (each micro-step) + host -> device weights (once a step)
     link: str
     copy_seconds: float  # per optimizer step, at the link's rate (gradient copies overlap backward)
     largest_params: int  # the largest model whose host side fits this host's RAM (0: unknown)
@@ -62,10 +62,11 @@ def host_optimizer_terms(shape: ModelShape, inp: PlanInput, db: int, host: Host,
     pinned = shape.layers * shape.layer_params() * db if inp.offload == Offload.layers else 0
     per_param = 16 + (db if vendor == Vendor.nvidia else 0) + (db if inp.offload == Offload.layers else 0)
     gen, width, rate = pcie_link(host)
-    moved = n * db * (1 + 1)
+    moved = n * db * (inp.gradient_accumulation + 1)
     ram = host.ram_bytes
     largest = max(0, (ram - HOST_RUNTIME) // per_param) if ram else 0
-    return HostOptimizer(host_bytes=16 * n + staging + pinned + HOST_RUNTIME, host_ram_bytes=ram, bytes_per_step=moved,
+    return HostOptimizer(host_bytes=16 * n + staging + pinned + HOST_RUNTIME, host_ram_bytes=ram,
+                         bytes_per_step=moved,
                          link=f"PCIe {gen}.0 x{width}{'' if host.pcie_generation else ' (assumed)'}",
                          copy_seconds=moved / rate, largest_params=largest)
 

@@ -11,6 +11,7 @@ class PlanInput:
     method: str = "lora"  # lora | qlora | full
     seq_len: int = 2048
     batch_size: int = 1
+    gradient_accumulation: int = 1  # micro-steps per optimizer step (optimizer_offload=host copies each one's grads)
     lora_rank: int = 16
     lora_targets: list[str] = field(default_factory=lambda: ["all-linear"])
     gradient_checkpointing: bool = False

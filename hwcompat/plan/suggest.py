@@ -242,7 +242,8 @@ def plan_input(cfg, method: str | None = None, logit_fraction: float = 1.0) -> P
     """The planner's input from a `hwcompat train` config (TrainConfig): one function, so the two agree."""
     full = cfg.finetune == Finetune.full
     return PlanInput(method=method or ("full" if full else "qlora" if cfg.qlora else "lora"), seq_len=cfg.max_seq_len,
-                     batch_size=cfg.micro_batch_size, lora_rank=cfg.lora_r, lora_targets=list(cfg.lora_target_modules),
+                     batch_size=cfg.micro_batch_size, gradient_accumulation=cfg.gradient_accumulation,
+                     lora_rank=cfg.lora_r, lora_targets=list(cfg.lora_target_modules),
                      gradient_checkpointing=cfg.gradient_checkpointing, optimizer=cfg.optimizer,
                      lora_dropout=cfg.lora_dropout > 0, logit_fraction=logit_fraction,
                      sequences_per_row=2 if cfg.method == Method.dpo else 1,

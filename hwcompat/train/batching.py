@@ -28,7 +28,8 @@ from typing import Any
 from hwcompat.data.chat import PLAIN_HEADERS, bos_ids, ids_of, template
 # the recipe's rendering, re-exported so a caller that tokenises also renders through this one module
 from hwcompat.data.chat import render_prompt_ids, render_prompt_text, uses_chat_template  # noqa: F401
-from hwcompat.data.rows import Example, Report
+from hwcompat.data.problems import Report
+from hwcompat.data.turns import Example
 from hwcompat.data.sources import location
 from hwcompat.choices import Batching
 

@@ -4,7 +4,8 @@ import pytest
 
 from hwcompat.train import batching
 from hwcompat.train.batching import IGNORE
-from hwcompat.data.rows import Example, Report
+from hwcompat.data.problems import Report
+from hwcompat.data.turns import Example
 
 
 @pytest.fixture(scope="module")

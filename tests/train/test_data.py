@@ -5,7 +5,8 @@ import json
 import pytest
 
 from hwcompat.cli import main
-from hwcompat.data.rows import Report, load_datasets, read_jsonl
+from hwcompat.data.problems import Report
+from hwcompat.data.rows import load_datasets, read_jsonl
 
 GOOD = '{"prompt": "p", "completion": "c"}\n'
 

@@ -10,7 +10,8 @@ import tracemalloc
 
 import pytest
 
-from hwcompat.data.rows import Report, load_datasets, read_jsonl
+from hwcompat.data.problems import Report
+from hwcompat.data.rows import load_datasets, read_jsonl
 
 ROW = b'{"prompt": "What color is the sky?", "completion": "blue"}\n'
 

@@ -10,7 +10,8 @@ import sys
 import pytest
 
 from hwcompat.data.pairs import read_pairs
-from hwcompat.data.rows import Report, read_jsonl
+from hwcompat.data.problems import Report
+from hwcompat.data.rows import read_jsonl
 
 
 

@@ -6,7 +6,8 @@ import time
 
 from tests import cli
 
-from hwcompat.data.rows import Report, read_jsonl
+from hwcompat.data.problems import Report
+from hwcompat.data.rows import read_jsonl
 
 
 def _read(tmp_path, body: bytes, **kw):

@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from hwcompat.data.rows import Report
+from hwcompat.data.problems import Report
 from hwcompat.data.pairs import read_pairs
 from tests import cli
 from tests.train.conftest import dpo_objective as _objective, make_config, pair_rows, write_jsonl

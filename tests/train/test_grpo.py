@@ -53,7 +53,7 @@ def _expected(cfg, level):
 @pytest.mark.parametrize("level", ["token", "sequence"])
 @pytest.mark.parametrize("beta,high", [(0.0, None), (0.04, 0.28)])
 def test_each_loss_type_and_level_equals_the_formula(loss_type, level, beta, high):
-    from hwcompat.train.objectives.grpo import reduce, token_losses
+    from hwcompat.train.objectives.grpo_loss import reduce, token_losses
 
     cfg = TrainConfig(method="grpo", loss_type=loss_type, importance_sampling_level=level, beta=beta,
                       epsilon=0.2, epsilon_high=high, max_completion_length=6)
@@ -72,7 +72,7 @@ def test_each_loss_type_and_level_equals_the_formula(loss_type, level, beta, hig
 
 def test_on_policy_the_loss_gradient_is_the_policy_gradient():
     """num_iterations=1: old = logp detached, so w = 1 and d loss / d logp = -A per token (dapo, beta 0)."""
-    from hwcompat.train.objectives.grpo import reduce, token_losses
+    from hwcompat.train.objectives.grpo_loss import reduce, token_losses
 
     cfg = TrainConfig(method="grpo")
     logp = torch.tensor(LOGP, dtype=torch.float64, requires_grad=True)
@@ -85,7 +85,7 @@ def test_on_policy_the_loss_gradient_is_the_policy_gradient():
 
 @pytest.mark.parametrize("scale", ["group", "batch", "none"])
 def test_advantages_are_each_reward_against_its_group(scale):
-    from hwcompat.train.objectives.grpo import advantages
+    from hwcompat.train.objectives.grpo_loss import advantages
 
     r = [1.0, 0.0, 0.5, 0.5, 0.2, 0.9, 0.1, 0.4]
     got = advantages(torch.tensor(r, dtype=torch.float64), 4, scale).tolist()
@@ -124,7 +124,7 @@ def test_chunked_completion_logps_equal_one_pass(tiny, share):
     """The loss's log-probabilities (chunked head; the prompt computed once per group with the 4-D mask, or G
     times) equal log_softmax of the model's own full logits in padded rows."""
     from hwcompat.train import rollout
-    from hwcompat.train.objectives.grpo import Prompt
+    from hwcompat.train.objectives.grpo_rows import Prompt
 
     tok, model = tiny
     obj = _objective(tok, model)

@@ -112,7 +112,8 @@ def test_batched_forgetting_equals_the_one_prompt_at_a_time_measure(finished_run
     per-prompt loop's."""
     from hwcompat.data import GENERAL_PROMPTS
     from hwcompat.train import batching
-    from hwcompat.train.inspect_run import _load, forgetting
+    from hwcompat.train.forgetting import forgetting
+    from hwcompat.train.inspect_run import _load
 
     run, _ = finished_run
     spec, model, tokenizer, device = _load(run)

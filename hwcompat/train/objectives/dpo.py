@@ -28,7 +28,7 @@ from typing import Any
 from hwcompat.resolve import ResolvedProfile
 from hwcompat.train import batching, prefix
 from hwcompat.train.config import TrainConfig, effective_beta
-from hwcompat.data.rows import Report
+from hwcompat.data.problems import Report
 from hwcompat.train.model import autocast
 from hwcompat.data.pairs import load_pairs
 from hwcompat.data.sources import location

@@ -30,10 +30,10 @@ for DPO: no second copy of the model.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Any
 
-from hwcompat.data.rows import Report, read_prompts, split_eval
+from hwcompat.data.problems import Report
+from hwcompat.data.rows import read_prompts, split_eval
 from hwcompat.data.chat import render_prompt_ids, uses_chat_template
 from hwcompat.errors import InputError
 from hwcompat.resolve import ResolvedProfile
@@ -44,23 +44,13 @@ from hwcompat.train.config import TrainConfig, effective_beta
 from hwcompat.train.model import autocast
 from hwcompat.train.objectives import as_reference, head_split, starting_weights
 from hwcompat.train.objectives.linear_logps import target_logps
-from hwcompat.choices import Finetune, ISLevel, LossType
+from hwcompat.choices import Finetune
+from hwcompat.train.objectives.grpo_loss import advantages, reduce, token_losses, torch_kl
+from hwcompat.train.objectives.grpo_rows import Prompt, loss_inputs, shared_width
 
 
 #: Eval prompts whose G sampled completions each eval records (report.html shows them with their rewards).
 SAMPLED_PROMPTS = 2
-
-#: The longest prompt-sharing row (prompt + its G completions): its L x L mask and attention stay bounded.
-SHARED_MAX = 4096
-
-
-@dataclass(frozen=True)
-class Prompt:
-    ids: list[int]
-    text: str  # the conversation as the reward functions see it (the last user turn)
-    reference: str | None  # the row's answer, None for a prompt-only row
-    where: str  # file:line
-    messages: tuple = ()
 
 
 def check_settings(cfg: TrainConfig, where: str = "config") -> list[rewards_mod.Reward]:
@@ -78,44 +68,6 @@ def read(cfg: TrainConfig, report: Report) -> tuple[list, list]:
     if not train and not report.errors:
         report.error("train data: no prompts left after the eval split")
     return train, evals
-
-
-def advantages(rewards, group: int, scale: str):
-    """Each completion's reward against its group's (TRL's formula, its 1e-4 and its unbiased std)."""
-    grouped = rewards.view(-1, group)
-    mean = grouped.mean(dim=1).repeat_interleave(group)
-    if scale == "none":
-        return rewards - mean
-    std = (grouped.std(dim=1).repeat_interleave(group) if scale == "group"
-           else rewards.std().expand_as(rewards) if rewards.numel() > 1 else rewards.new_zeros(rewards.shape))
-    return (rewards - mean) / (std + 1e-4)
-
-
-def token_losses(logp, old, ref, adv, mask, cfg: TrainConfig):
-    """Per-token losses ``[rows x tokens]`` and the importance weights (see the module docstring)."""
-    import torch
-
-    log_ratio = logp - old
-    if cfg.importance_sampling_level == ISLevel.sequence:
-        log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
-    w = torch.exp(log_ratio)
-    high = cfg.epsilon if cfg.epsilon_high is None else cfg.epsilon_high
-    a = adv.unsqueeze(-1)
-    losses = -torch.min(w * a, torch.clamp(w, 1 - cfg.epsilon, 1 + high) * a)
-    beta = effective_beta(cfg)
-    if beta:
-        losses = losses + beta * torch_kl(ref, logp)
-    return losses.expand_as(logp), w
-
-
-def reduce(losses, mask, cfg: TrainConfig):
-    """The batch's summed loss, before dividing by the window's count (``n_target``: completions or tokens)."""
-    masked = losses * mask
-    if cfg.loss_type == LossType.grpo:
-        return (masked.sum(-1) / mask.sum(-1).clamp(min=1.0)).sum()
-    if cfg.loss_type == LossType.dr_grpo:
-        return masked.sum() / cfg.max_completion_length
-    return masked.sum()  # dapo: / the window's completion tokens
 
 
 class GRPO:
@@ -290,83 +242,12 @@ class GRPO:
         return rollout.merged(self.model)
 
     def _tensors(self, prompts: list[Prompt], out: rollout.Rollout, pad_id: int) -> dict[str, Any]:
-        """The loss's inputs: one row per prompt holding its G completions (``_shared``) where the attention
-        kernel takes that mask and it is cheaper, else one row per completion (``_padded``); and the completion
-        tokens' loss mask ``[completions x longest]``."""
-        import torch
-
-        longest = max(1, max(len(c) for c in out.completions))
-        rows = len(out.completions)
-        loss_mask = torch.zeros((rows, longest), dtype=torch.float32)
-        for j, comp in enumerate(out.completions):
-            if out.ended[j] or not self.cfg.mask_truncated_completions:
-                loss_mask[j, :len(comp)] = 1.0
-        shared = self._shared(prompts, out, pad_id, loss_mask) if self.share_prompts(prompts, out) else None
-        batch = shared or self._padded(prompts, out, pad_id, longest)
-        tokens = int(loss_mask.sum())
-        batch.update(loss_mask=loss_mask, n_target=tokens if self.cfg.loss_type == LossType.dapo else rows)
-        return batch
-
-    def share_prompts(self, prompts: list[Prompt], out: rollout.Rollout) -> bool:
-        """One row per prompt when the model takes a 4-D mask (prefix.supported) and it computes fewer tokens
-        than G padded rows; the row (and the L x L mask) is capped at SHARED_MAX tokens."""
-        if not self.can_share:
-            return False
+        """The loss's inputs (grpo_rows): one row per prompt where the model takes a 4-D mask (prefix.supported)
+        and that computes fewer tokens, else one row per completion."""
         g = self.cfg.num_generations
-        rows = [len(p.ids) + sum(len(c) for c in out.completions[i * g:(i + 1) * g]) for i, p in enumerate(prompts)]
-        padded = len(out.completions) * (max(len(p.ids) for p in prompts) + max(len(c) for c in out.completions))
-        return (max(rows) <= SHARED_MAX and len(prompts) * max(rows) < padded
-                and prefix.supported(self.base_config, self.attention, max(rows)))
-
-    def _padded(self, prompts: list[Prompt], out: rollout.Rollout, pad_id: int, longest: int) -> dict[str, Any]:
-        """Rows ``[left-padded prompt | completion, right-padded]``: each prompt computed G times."""
-        import torch
-
-        g = self.cfg.num_generations
-        width = max(len(p.ids) for p in prompts)
-        ids = torch.full((len(out.completions), width + longest), pad_id, dtype=torch.long)
-        attn = torch.zeros_like(ids)
-        for j, comp in enumerate(out.completions):
-            p = prompts[j // g].ids
-            ids[j, width - len(p):width] = torch.tensor(p, dtype=torch.long)
-            ids[j, width:width + len(comp)] = torch.tensor(comp, dtype=torch.long)
-            attn[j, width - len(p):width + len(comp)] = 1
-        return {"input_ids": ids, "attention_mask": attn, "position_ids": (attn.cumsum(-1) - 1).clamp(min=0),
-                "prompt_width": width, "n_tokens": int(attn.sum())}
-
-    def _shared(self, prompts: list[Prompt], out: rollout.Rollout, pad_id: int, loss_mask) -> dict[str, Any]:
-        """Rows ``[prompt][completion 1]…[completion G]``: positions restart after the prompt for each completion
-        and a 4-D mask lets each see the prompt and itself only (``prefix.py``, as DPO's pairs), so every completion
-        token gets exactly the logits of its own padded row while the prompt is computed once, not G times."""
-        import torch
-
-        g = self.cfg.num_generations
-        lengths = [len(p.ids) + sum(len(c) for c in out.completions[i * g:(i + 1) * g]) for i, p in enumerate(prompts)]
-        width = max(lengths)
-        ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-        positions = torch.zeros_like(ids)
-        segments = torch.full_like(ids, prefix.PAD_SEGMENT)
-        src, target, dest = [], [], []
-        longest = loss_mask.shape[1]
-        for i, p in enumerate(prompts):
-            n = len(p.ids)
-            ids[i, :n], positions[i, :n], segments[i, :n] = torch.tensor(p.ids), torch.arange(n), prefix.PREFIX
-            at = n
-            for k in range(g):
-                j = i * g + k
-                comp = out.completions[j]
-                ids[i, at:at + len(comp)] = torch.tensor(comp, dtype=torch.long)
-                positions[i, at:at + len(comp)] = torch.arange(n, n + len(comp))
-                segments[i, at:at + len(comp)] = k + 1
-                for t in range(len(comp)):
-                    if loss_mask[j, t] > 0:  # token t is predicted by the prompt's last position, or its own previous
-                        src.append(i * width + (n - 1 if t == 0 else at + t - 1))
-                        target.append(comp[t])
-                        dest.append(j * longest + t)
-                at += len(comp)
-        return {"input_ids": ids, "position_ids": positions, "segments": segments, "src": torch.tensor(src),
-                "target": torch.tensor(target, dtype=torch.long), "dest": torch.tensor(dest),
-                "n_tokens": sum(lengths)}
+        width = shared_width(prompts, out.completions, g) if self.can_share else None
+        share = width is not None and prefix.supported(self.base_config, self.attention, width)
+        return loss_inputs(prompts, out.completions, out.ended, g, pad_id, self.cfg, share)
 
     def _note(self, values, total, out: rollout.Rollout, batch: dict[str, Any], seconds: float) -> None:
         lengths = [len(c) for c in out.completions]
@@ -500,14 +381,10 @@ class GRPO:
         got = self._sample(rows, g, self.cfg.temperature, self.cfg.top_p, rollout.seed_for(self.cfg.seed, -1))
         texts = [self.tokenizer.decode(c, skip_special_tokens=True).strip() for c in got.completions]
         per = rewards_mod.score(self.rewards, [p.text for p in rows for _ in range(g)], texts,
-                                [p.reference for p in rows for _ in range(g)], [p.where for p in rows for _ in range(g)])
+                                [p.reference for p in rows for _ in range(g)],
+                                [p.where for p in rows for _ in range(g)])
         totals = [sum(r.weight * v[j] for r, v in zip(self.rewards, per)) for j in range(len(texts))]
         return [{"prompt": p.text, "reference": p.reference, "completions": texts[i * g:(i + 1) * g],
                  "rewards": totals[i * g:(i + 1) * g]} for i, p in enumerate(rows)]
 
 
-def torch_kl(ref, logp):
-    """The k3 estimator of KL(pi || ref) per token (Schulman 2020), as TRL computes it."""
-    import torch
-
-    return torch.exp(ref - logp) - (ref - logp) - 1

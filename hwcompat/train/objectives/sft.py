@@ -8,7 +8,8 @@ from hwcompat.resolve import ResolvedProfile
 from hwcompat.data import metrics
 from hwcompat.train import batching
 from hwcompat.train.config import TrainConfig
-from hwcompat.data.rows import Report, load_datasets
+from hwcompat.data.problems import Report
+from hwcompat.data.rows import load_datasets
 from hwcompat.train.objectives import head_split
 from hwcompat.train.objectives.linear_logps import target_logps
 from hwcompat.train.model import autocast
