@@ -5,7 +5,8 @@
 A refactor must not cost speed (README, "Standards"). Shared machines are noisy, so each round runs every job
 once from each revision, in alternating order (A B, then B A), and the table reports the median of each side and
 the ratio after/before. Jobs: ``sft`` (bench/train.py's data: prompts 30-400 tokens, SmolLM2-135M, 20 steps x 8),
-``dpo`` (the demo's pairs, 16 steps x 4), ``demo`` (`hwcompat demo`: its eval loss and task metrics, which a
+``dpo`` (the demo's pairs, 16 steps x 4), ``grpo`` (the demo's rows, 6 steps of 4 completions, field F1 + JSON
+validity; its eval reward must stay identical too), ``demo`` (`hwcompat demo`: its eval loss and task metrics, which a
 behaviour-preserving change must leave identical). Each revision runs from its own `git worktree` with
 PYTHONPATH pointing at it, so the installed hwcompat is not the one measured.
 """
@@ -47,6 +48,10 @@ def job_configs(tmp: Path) -> dict[str, dict]:
         "dpo": {**common, "method": "dpo", "train_data": [str(data / "pairs_train.jsonl")],
                 "eval_data": [str(data / "pairs_eval.jsonl")], "max_seq_len": 256, "max_steps": 16,
                 "learning_rate": 5e-4, "beta": 0.1, "micro_batch_size": 4, "lr_schedule": "constant"},
+        "grpo": {**common, "method": "grpo", "train_data": [str(data / "train.jsonl")],
+                 "eval_data": [str(data / "eval.jsonl")], "max_seq_len": 384, "max_steps": 6, "learning_rate": 5e-5,
+                 "num_generations": 4, "max_completion_length": 32, "rewards": ["field_f1", "json_valid"],
+                 "eval_max_rows": 8, "seed": 1},
     }
 
 
@@ -73,7 +78,7 @@ def main() -> int:
     ap.add_argument("before")
     ap.add_argument("after")
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--jobs", default="sft,dpo,demo")
+    ap.add_argument("--jobs", default="sft,dpo,grpo,demo")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "ab.json"))
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="hwcompat-ab-"))
