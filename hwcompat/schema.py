@@ -1,5 +1,6 @@
-"""One set of rules for a value a user wrote, for the three readers of user-written structure: the training config
-(train/config_values.py), the profiles (profiles/parse.py) and emulate files (probe/emulate.py).
+"""One set of rules for a value a user wrote, for every reader of written structure: the training config
+(train/config_values.py), the profiles (profiles/parse.py), emulate files (probe/emulate.py) and the run spec the
+launcher hands each worker (train/spec.py, its tables made from the dataclasses' annotations: ``shape_of``).
 
 Each reader says *where* (the file, the entry, the key path) and raises its own error type; *what* is wrong is
 said here, once, in the same words: "expected an integer, got 'x'", "'fp8' is not one of: a, b", "unknown key
@@ -8,7 +9,7 @@ said here, once, in the same words: "expected an integer, got 'x'", "'fp8' is no
 A structure is declared as data, a ``Shape`` (a table of ``Field``s: kind, required, closed choices, a further rule,
 a nested shape, a list's items), and ``check`` walks any value against it, raising one ``Problem`` with the key path.
 Rules between fields (an AMD reading needs a gfx target) stay with their reader. pydantic (64 ms to import and build
-one model here) would alone exceed detect's 60 ms budget; msgspec (12 ms) would take a quarter of it and speak in its
+one model here) would alone exceed detect's 60 ms budget; msgspec (12 ms) would take a fifth of it and speak in its
 own words ("Expected `int`, got `str` - at `$.x`"); this module costs 1 ms.
 """
 
@@ -85,6 +86,7 @@ class Field:
     each: "Shape | Field | None" = None
     null: bool = False
     hint: str = ""
+    values: "Field | None" = None  # a mapping of string keys, each value checked by this
 
 
 @dataclass(frozen=True)
@@ -137,6 +139,11 @@ def check(value: Any, spec: Shape | Field, path: tuple[str | int, ...] = ()) -> 
             raise Problem(path, f"expected a list, got {excerpt(value)}")
         for i, item in enumerate(value):
             check(item, spec.each, path + (i,))
+    if spec.values is not None:
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise Problem(path, f"expected string keys, got {excerpt(key)}")
+            check(item, spec.values, path + (key,))
 
 
 def _check_mapping(value: Any, shape: Shape, path: tuple[str | int, ...]) -> None:
@@ -152,3 +159,38 @@ def _check_mapping(value: Any, shape: Shape, path: tuple[str | int, ...]) -> Non
     for key, spec in shape.fields.items():
         if key in value:
             check(value[key], spec, path + (key,))
+
+
+_ANNOTATED = {str: "string", int: "integer", float: "number", bool: "bool"}
+
+
+def of_annotation(kind: Any) -> Field:
+    """The Field a type annotation means (``str``, ``int | None``, ``list[str]``, ``dict[str, float]``, ``Any``), for
+    records whose table is a dataclass (the run spec); an annotation it cannot say is a TypeError when the table is
+    made, so a new field's type fails the tests, not a user's run."""
+    from types import UnionType
+    from typing import Union, get_args, get_origin
+
+    origin, args = get_origin(kind), get_args(kind)
+    if kind is Any:
+        return Field()
+    if origin in (Union, UnionType) and type(None) in args and len(args) == 2:
+        return replace(of_annotation(next(a for a in args if a is not type(None))), null=True)
+    if origin is list and len(args) == 1:
+        return Field(each=of_annotation(args[0]))
+    if origin is dict and len(args) == 2 and args[0] is str:
+        return Field("mapping", values=of_annotation(args[1]))
+    if kind in _ANNOTATED:
+        return Field(_ANNOTATED[kind])
+    raise TypeError(f"no schema kind for the annotation {kind!r}")
+
+
+def shape_of(cls: type, leave_out: Iterable[str] = ()) -> Shape:
+    """A dataclass's fields as a Shape: each annotation's Field, required where the field has no default."""
+    from dataclasses import MISSING, fields
+    from typing import get_type_hints
+
+    hints = get_type_hints(cls)
+    return Shape({f.name: replace(of_annotation(hints[f.name]),
+                                  required=f.default is MISSING and f.default_factory is MISSING)
+                  for f in fields(cls) if f.name not in leave_out})

@@ -104,3 +104,38 @@ def test_a_profile_variant_is_walked_like_the_profile(tmp_path):
         parse_profile(raw, path)
     raw["variants"] = [{"match": raw["match"], "note": "n", "hardware": {"bf16": True}}]
     assert parse_profile(raw, path).variants[0].fields["hardware"] == {"bf16": True}
+
+
+def test_a_dataclass_is_its_own_table():
+    """The run spec's records (machine-written, read back in every worker) are walked by the same walker, their
+    table made from the annotations; an annotation the walker cannot say fails when the table is made."""
+    from dataclasses import dataclass, field
+    from typing import Any
+
+    from hwcompat.schema import Problem, check, shape_of
+
+    @dataclass
+    class Rec:
+        name: str
+        peaks: dict[str, float] = field(default_factory=dict)
+        tags: list[str] = field(default_factory=list)
+        limit: int | None = None
+        extra: Any = None
+
+    shape = shape_of(Rec)
+    assert shape.required() == ["name"]
+    check({"name": "x", "peaks": {"bf16": 1, "fp32": 2.5}, "tags": ["a"], "limit": None, "extra": [1]}, shape)
+    for value, where, why in [({"name": 1}, "name", "expected a string, got 1"),
+                              ({"name": "x", "peaks": {"bf16": "fast"}}, "peaks.bf16", "expected a number, got 'fast'"),
+                              ({"name": "x", "tags": "a"}, "tags", "expected a list, got 'a'"),
+                              ({"name": "x", "limit": 1.5}, "limit", "expected an integer, got 1.5")]:
+        with pytest.raises(Problem) as e:
+            check(value, shape)
+        assert (e.value.dotted(), e.value.why) == (where, why)
+
+    @dataclass
+    class Odd:
+        either: int | str
+
+    with pytest.raises(TypeError, match="no schema kind"):
+        shape_of(Odd)

@@ -9,14 +9,14 @@ once, in the launcher: the worker only binds its local rank to it.
 from __future__ import annotations
 
 import json
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import UnionType
-from typing import Any, Union, get_args, get_origin, get_type_hints
+from typing import Any
 
 from hwcompat.choices import Vendor
-from hwcompat.errors import InputError, excerpt
+from hwcompat.errors import InputError
 from hwcompat.resolve import ResolvedDevice, ResolvedProfile
+from hwcompat.schema import Problem, Shape, check, shape_of
 from hwcompat.train.config import TrainConfig, config_from_dict
 
 RESTART = "start the run again with hwcompat train CONFIG (add --overwrite to replace this folder)"
@@ -56,51 +56,20 @@ class RunSpec:
         return asdict(self)
 
 
-def _check(value: Any, kind: Any, where: str) -> None:
-    if not _fits(value, kind):
-        raise InputError(f"{where}: expected {_name(kind)}, got {excerpt(value)}; {RESTART}")
-
-
-def _name(kind: Any) -> str:
-    return getattr(kind, "__name__", None) if get_origin(kind) is None else str(kind).replace("typing.", "")
-
-
-def _fits(value: Any, kind: Any) -> bool:
-    """``value`` has the shape of the annotation ``kind`` (str, int, bool, float, None, list[...], dict[...], X | Y)."""
-    origin, args = get_origin(kind), get_args(kind)
-    if kind is Any:
-        return True
-    if origin in (Union, UnionType):
-        return any(_fits(value, a) for a in args)
-    if origin is list:
-        return isinstance(value, list) and all(_fits(v, args[0]) for v in value)
-    if origin is dict:
-        return isinstance(value, dict) and all(isinstance(k, str) and _fits(v, args[1]) for k, v in value.items())
-    if kind is type(None):
-        return value is None
-    if kind is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if kind is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, kind)
-
-
 def typed(cls: type, data: Any, where: str) -> Any:
-    """``cls(**data)`` for a flat dataclass, each field present and of its annotated type."""
+    """``cls(**data)`` for a flat dataclass, each field present and of its annotated type (schema.shape_of)."""
     if not isinstance(data, dict):
         raise InputError(f"{where}: expected a mapping, got {type(data).__name__}; {RESTART}")
-    hints = get_type_hints(cls)
-    names = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise InputError(f"{where}: unknown field {unknown[0]!r}; {RESTART}")
-    required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
-    missing = [n for n in required if n not in data]
-    if missing:
-        raise InputError(f"{where}: field {missing[0]!r} is missing; {RESTART}")
-    for key, value in data.items():
-        _check(value, hints[key], f"{where}.{key}")
+    _checked(data, shape_of(cls), where)
     return cls(**data)
+
+
+def _checked(data: dict, shape: Shape, where: str, joint: str = ".") -> None:
+    """``where`` names the record (``run.json: profile``); a problem's key path follows it after ``joint``."""
+    try:
+        check(data, shape)
+    except Problem as p:
+        raise InputError(f"{where}{joint + p.dotted() if p.path else ''}: {p.why}; {RESTART}") from None
 
 
 def load_spec(path: Path) -> RunSpec:
@@ -109,7 +78,8 @@ def load_spec(path: Path) -> RunSpec:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise InputError(f"{path}: cannot read the run's record ({str(exc)[:120]}); {RESTART}") from None
-    missing = [k for k in ("config", "profile", "device") if not isinstance(raw, dict) or not isinstance(raw.get(k), dict)]
+    missing = [k for k in ("config", "profile", "device")
+               if not isinstance(raw, dict) or not isinstance(raw.get(k), dict)]
     if missing:
         raise InputError(f"{path}: {', '.join(missing)} missing or not a mapping; {RESTART}")
     rest = {k: v for k, v in raw.items() if k not in ("config", "profile", "device")}
@@ -121,11 +91,5 @@ def load_spec(path: Path) -> RunSpec:
 
 def _rest(rest: dict[str, Any], path: Path) -> dict[str, Any]:
     """The spec's plain fields (origins, cpu_emulation, resumes, hwcompat), each checked."""
-    hints = get_type_hints(RunSpec)
-    out = {}
-    for key, value in rest.items():
-        if key not in hints or key in ("config", "profile", "device"):
-            raise InputError(f"{path}: unknown field {key!r}; {RESTART}")
-        _check(value, hints[key], f"{path}: {key}")
-        out[key] = value
-    return out
+    _checked(rest, shape_of(RunSpec, leave_out=("config", "profile", "device")), str(path), ": ")
+    return rest

@@ -26,14 +26,15 @@ def test_the_launchers_spec_loads_typed(run_json):
 
 
 @pytest.mark.parametrize("edit,message", [
-    (lambda s: s["profile"].update(data_type=s["profile"].pop("dtype")), "profile: unknown field 'data_type'"),
-    (lambda s: s["profile"].pop("attention"), "profile: field 'attention' is missing"),
-    (lambda s: s["profile"].update(env=["PYTORCH_CUDA_ALLOC_CONF"]), "profile.env: expected dict[str, str]"),
-    (lambda s: s["profile"].update(quantization="nf4"), "profile.quantization: expected list[str], got 'nf4'"),
-    (lambda s: s["device"].update(kind=7), "device.kind: expected str, got 7"),
+    (lambda s: s["profile"].update(data_type=s["profile"].pop("dtype")), "profile.data_type: unknown key"),
+    (lambda s: s["profile"].pop("attention"), "profile: missing required key 'attention'"),
+    (lambda s: s["profile"].update(env=["PYTORCH_CUDA_ALLOC_CONF"]),
+     "profile.env: expected a mapping, got ['PYTORCH_CUDA_ALLOC_CONF']"),
+    (lambda s: s["profile"].update(quantization="nf4"), "profile.quantization: expected a list, got 'nf4'"),
+    (lambda s: s["device"].update(kind=7), "device.kind: expected a string, got 7"),
     (lambda s: s.pop("device"), "device missing or not a mapping"),
-    (lambda s: s.update(cpu_emulation="yes"), "cpu_emulation: expected bool, got 'yes'"),
-    (lambda s: s.update(resume_from=3), "unknown field 'resume_from'"),
+    (lambda s: s.update(cpu_emulation="yes"), "cpu_emulation: expected true or false, got 'yes'"),
+    (lambda s: s.update(resume_from=3), "resume_from: unknown key"),
     (lambda s: s["config"].update(optimiser="adamw"), "unknown key 'optimiser'; did you mean 'optimizer'"),
     (lambda s: s["config"].update(method="ppo"), "method: 'ppo' is not one of: sft, dpo"),
 ])
